@@ -1,0 +1,209 @@
+"""One typed configuration object, built from CLI flags and NOVAINFER_* env vars.
+
+Every process (gateway, tokenizer workers, engine cores, the launcher) parses the
+same `Config`, so addresses and limits cannot drift between them. Precedence:
+CLI flag > environment variable > default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any, get_args, get_origin, get_type_hints
+
+import msgspec
+
+ENV_PREFIX = "NOVAINFER_"
+BUNDLED_MODEL = "smollm2"
+
+
+class EngineConfig(msgspec.Struct, kw_only=True):
+    model: str = BUNDLED_MODEL
+    """GGUF file, HF directory (config.json + safetensors), a config JSON (random weights), or 'smollm2'."""
+    served_model_name: str | None = None
+    tokenizer: str | None = None
+    """Tokenizer source (GGUF file or HF directory); default: the model's own, or the bundled
+    model's for a random-weight config that has none."""
+    dtype: str = "auto"
+    """auto (fp32 on CPU, bf16 on CUDA), float32, bfloat16 or float16."""
+    device: str = "auto"
+    """auto, cpu or cuda."""
+    attention_backend: str = "auto"
+    """auto (triton on CUDA, torch on CPU), torch or triton."""
+    block_size: int = 16
+    kv_cache_bytes: int = 1 << 30
+    """KV-cache budget on CPU, in bytes."""
+    gpu_memory_utilization: float = 0.90
+    """Fraction of GPU memory the engine may use in total (weights, activations, KV cache)."""
+    max_num_seqs: int = 128
+    max_num_batched_tokens: int = 1024
+    max_model_len: int | None = None
+    """Defaults to the model's context length."""
+    enable_prefix_caching: bool = True
+    num_threads: int | None = None
+    """torch CPU threads; defaults to the cores this process may run on."""
+    seed: int = 0
+    enforce_eager: bool = False
+    """Disable CUDA graphs."""
+    cache_dir: str | None = None
+    """Where slow conversions (e.g. the tokenizer built from GGUF metadata) are cached; default ~/.cache/novainfer."""
+
+
+class ServeConfig(msgspec.Struct, kw_only=True):
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    max_queued_requests: int = 512
+    """Requests in flight past which the gateway answers 429."""
+    max_body_bytes: int = 4 << 20
+    num_tokenizer_workers: int = 0
+    """0: sized to the machine."""
+    num_engines: int = 1
+    run_dir: str | None = None
+    """Where ipc:// sockets live when addresses are not given; default a fresh temp dir."""
+    gateway_addr: str | None = None
+    """The gateway's input socket (tokenizer workers push to it)."""
+    tokenizer_addrs: list[str] = []
+    """One input socket per tokenizer worker (gateway and engines push to them)."""
+    engine_addrs: list[str] = []
+    """One input socket per engine-core replica (tokenizer workers push to them)."""
+    engine_index: int = 0
+    """Which of engine_addrs this engine-core process binds."""
+    worker_index: int | None = None
+    """Run only this tokenizer worker (for compose); None runs all workers of tokenizer_addrs."""
+    heartbeat_s: float = 1.0
+    engine_timeout_s: float = 10.0
+    """No heartbeat for this long: the engine is considered dead."""
+    log_level: str = "INFO"
+
+
+class Config(msgspec.Struct, kw_only=True):
+    engine: EngineConfig = msgspec.field(default_factory=EngineConfig)
+    serve: ServeConfig = msgspec.field(default_factory=ServeConfig)
+
+    def model_name(self) -> str:
+        if self.engine.served_model_name:
+            return self.engine.served_model_name
+        if self.engine.model == BUNDLED_MODEL:
+            return "SmolLM2-135M-Instruct"
+        return os.path.basename(os.path.normpath(self.engine.model))
+
+    def with_default_addresses(self) -> Config:
+        """Fill unset socket addresses with ipc:// paths under run_dir (the one-machine default)."""
+        serve = self.serve
+        run_dir = serve.run_dir or os.path.join(
+            os.environ.get("TMPDIR", "/tmp"), f"novainfer-{os.getpid()}"
+        )
+        n_workers = serve.num_tokenizer_workers or default_tokenizer_workers()
+        return msgspec.structs.replace(
+            self,
+            serve=msgspec.structs.replace(
+                serve,
+                run_dir=run_dir,
+                num_tokenizer_workers=n_workers,
+                gateway_addr=serve.gateway_addr or f"ipc://{run_dir}/gateway",
+                tokenizer_addrs=serve.tokenizer_addrs
+                or [f"ipc://{run_dir}/tokenizer-{i}" for i in range(n_workers)],
+                engine_addrs=serve.engine_addrs
+                or [f"ipc://{run_dir}/engine-{i}" for i in range(serve.num_engines)],
+            ),
+        )
+
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def default_tokenizer_workers() -> int:
+    # The engine wants most cores on CPU; tokenization is light.
+    return max(1, min(4, available_cores() // 2))
+
+
+def _flag(section: str, name: str) -> str:
+    del section  # flags are flat: field names are unique across sections
+    return "--" + name.replace("_", "-")
+
+
+def _env(name: str) -> str:
+    return ENV_PREFIX + name.upper()
+
+
+def _sections() -> dict[str, type[msgspec.Struct]]:
+    return {"engine": EngineConfig, "serve": ServeConfig}
+
+
+def _parse_value(tp: Any, raw: str) -> Any:
+    origin = get_origin(tp)
+    args = [a for a in get_args(tp) if a is not type(None)]
+    if origin is list:
+        return [_parse_value(args[0], p.strip()) for p in raw.split(",") if p.strip()]
+    if args and origin is not list and len(args) == 1:  # Optional[X]
+        if raw.lower() in ("", "none", "null"):
+            return None
+        return _parse_value(args[0], raw)
+    if tp is bool:
+        if raw.lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"not a boolean: {raw!r}")
+    if tp is int:
+        return int(raw)
+    if tp is float:
+        return float(raw)
+    return raw
+
+
+def add_config_args(parser: argparse.ArgumentParser, exclude: Sequence[str] = ()) -> None:
+    """Add one flag per config field; defaults stay None so env vars can fill the gaps."""
+    for section, cls in _sections().items():
+        group = parser.add_argument_group(section)
+        hints = get_type_hints(cls)
+        for name in cls.__struct_fields__:
+            if name in exclude:
+                continue
+            tp = hints[name]
+            flag = _flag(section, name)
+            if tp is bool:
+                group.add_argument(
+                    flag, dest=name, default=None, action=argparse.BooleanOptionalAction,
+                    help=f"(env {_env(name)})",
+                )
+            else:
+                group.add_argument(
+                    flag, dest=name, default=None, type=str, metavar=name.upper(),
+                    help=f"(env {_env(name)})",
+                )
+
+
+def config_from_args(
+    args: argparse.Namespace | None = None, env: Mapping[str, str] | None = None
+) -> Config:
+    env = os.environ if env is None else env
+    values = vars(args) if args is not None else {}
+    sections: dict[str, Any] = {}
+    for section, cls in _sections().items():
+        hints = get_type_hints(cls)
+        kwargs: dict[str, Any] = {}
+        for name in cls.__struct_fields__:
+            raw = values.get(name)
+            if raw is None and _env(name) in env:
+                raw = env[_env(name)]
+            if raw is None:
+                continue
+            try:
+                kwargs[name] = raw if isinstance(raw, bool) else _parse_value(hints[name], raw)
+            except ValueError as e:
+                raise SystemExit(f"invalid value for {name} ({_flag(section, name)}): {e}") from e
+        sections[section] = cls(**kwargs)
+    return Config(**sections)
+
+
+def parse_config(argv: Sequence[str] | None = None, description: str = "") -> Config:
+    parser = argparse.ArgumentParser(description=description)
+    add_config_args(parser)
+    return config_from_args(parser.parse_args(argv))

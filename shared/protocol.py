@@ -1,0 +1,268 @@
+"""The wire protocol: every message that crosses a process boundary.
+
+Data flows one way: gateway -> tokenizer worker -> engine core -> tokenizer worker
+-> gateway. Each process has ONE input (a ZMQ PULL socket) and decodes it as the
+tagged union named below, so adding a message type is a change to this file only.
+Engine outputs are batched: one `EngineOutputs` per engine step per tokenizer
+worker, carrying the new tokens of every request of that worker in that step.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import msgspec
+
+# Finish reasons as the OpenAI API names them.
+FINISH_STOP = "stop"
+FINISH_LENGTH = "length"
+FINISH_ABORT = "abort"
+
+
+class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
+    max_tokens: int | None = 16
+    """None: up to the model's context length."""
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    """0 or -1: disabled."""
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    stop: list[str] = []
+    stop_token_ids: list[int] = []
+    include_stop_str_in_output: bool = False
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    logprobs: int | None = None
+    """None: no logprobs; k >= 0: the sampled token's logprob plus the top k alternatives."""
+    skip_special_tokens: bool = True
+    n: int = 1
+    """Fanned out by the frontend (gateway / offline LLM) into n engine requests."""
+
+    def validate(self) -> None:
+        """Raise ValueError naming the offending parameter."""
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise ValueError("max_tokens must be at least 1")
+        if self.temperature < 0:
+            raise ValueError("temperature must be non-negative")
+        if not 0 < self.top_p <= 1:
+            raise ValueError("top_p must be in (0, 1]")
+        if self.top_k < -1:
+            raise ValueError("top_k must be -1, 0 (disabled) or positive")
+        if not 0 <= self.min_p <= 1:
+            raise ValueError("min_p must be in [0, 1]")
+        if self.repetition_penalty <= 0:
+            raise ValueError("repetition_penalty must be positive")
+        if not -2 <= self.presence_penalty <= 2:
+            raise ValueError("presence_penalty must be in [-2, 2]")
+        if not -2 <= self.frequency_penalty <= 2:
+            raise ValueError("frequency_penalty must be in [-2, 2]")
+        if self.min_tokens < 0:
+            raise ValueError("min_tokens must be non-negative")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise ValueError("min_tokens must not exceed max_tokens")
+        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
+            raise ValueError("logprobs must be in [0, 20]")
+        if not 1 <= self.n <= 128:
+            raise ValueError("n must be in [1, 128]")
+        if any(t < 0 for t in self.stop_token_ids):
+            raise ValueError("stop_token_ids must be non-negative")
+        if any(not s for s in self.stop):
+            raise ValueError("stop strings must be non-empty")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < 1e-5
+
+
+class ChatMessage(msgspec.Struct, kw_only=True):
+    role: str
+    content: str
+
+
+# --- gateway -> tokenizer worker ---------------------------------------------------
+
+
+class GenerateRequest(msgspec.Struct, tag="generate", kw_only=True):
+    """Exactly one of prompt, prompt_token_ids, messages is set."""
+
+    request_id: str
+    sampling_params: SamplingParams
+    prompt: str | None = None
+    prompt_token_ids: list[int] | None = None
+    messages: list[ChatMessage] | None = None
+    add_generation_prompt: bool = True
+    echo: bool = False
+    """Return the prompt text in the first output (for completions' echo)."""
+    arrival_time: float = 0.0
+
+
+class AbortRequest(msgspec.Struct, tag="abort", kw_only=True):
+    """Gateway -> tokenizer worker -> engine (client cancel/disconnect), or
+    tokenizer worker -> engine (a stop string was hit)."""
+
+    request_ids: list[str]
+
+
+class TokenizeRequest(msgspec.Struct, tag="tokenize", kw_only=True):
+    """For POST /tokenize; answered with TokenizeResult, never reaches the engine."""
+
+    request_id: str
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+
+
+class DetokenizeRequest(msgspec.Struct, tag="detokenize", kw_only=True):
+    request_id: str
+    token_ids: list[int]
+
+
+# --- tokenizer worker -> engine core ------------------------------------------------
+
+
+class EngineRequest(msgspec.Struct, tag="engine_request", kw_only=True):
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+    worker: int
+    """Index into tokenizer_addrs: where this request's outputs go."""
+    eos_token_ids: list[int] = []
+    arrival_time: float = 0.0
+
+
+# --- engine core -> tokenizer worker ------------------------------------------------
+
+
+class TokenLogprob(msgspec.Struct, array_like=True):
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]
+    """The top-k alternatives (token id, logprob), most likely first."""
+
+
+class EngineOutput(msgspec.Struct, kw_only=True, omit_defaults=True):
+    request_id: str
+    new_token_ids: list[int] = []
+    finish_reason: str | None = None
+    """stop, length or abort; None while running."""
+    stop_token_id: int | None = None
+    """The EOS / stop token that finished it. It is the last of new_token_ids (it counts as
+    an output token) but its text is never emitted."""
+    logprobs: list[TokenLogprob] | None = None
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0
+    first_scheduled_time: float | None = None
+    """Wall time the request was first scheduled (queue time = this - arrival_time); set once."""
+    error: str | None = None
+    """Set when the engine rejected the request (finish_reason is then abort)."""
+    error_code: int = 400
+
+
+class EngineStats(msgspec.Struct, kw_only=True):
+    """Gauges and cumulative counters, so re-sending them is idempotent."""
+
+    engine_index: int = 0
+    timestamp: float = 0.0
+    num_running: int = 0
+    num_waiting: int = 0
+    num_preempted: int = 0
+    kv_usage: float = 0.0
+    """Fraction of KV blocks in use."""
+    num_blocks: int = 0
+    prefix_queries_total: int = 0
+    """Prompt tokens looked up in the prefix cache."""
+    prefix_hits_total: int = 0
+    """Prompt tokens found there."""
+    preemptions_total: int = 0
+    steps_total: int = 0
+    last_step_time_s: float = 0.0
+    last_batch_size: int = 0
+    last_num_batched_tokens: int = 0
+
+
+class EngineOutputs(msgspec.Struct, tag="engine_outputs", kw_only=True):
+    engine_index: int
+    outputs: list[EngineOutput]
+    stats: EngineStats | None = None
+
+
+# --- tokenizer worker -> gateway ----------------------------------------------------
+
+
+class TextLogprob(msgspec.Struct, array_like=True):
+    token: str
+    logprob: float
+    bytes: list[int]
+    top: list[tuple[str, float, list[int]]]
+
+
+class RequestDelta(msgspec.Struct, kw_only=True, omit_defaults=True):
+    request_id: str
+    text: str = ""
+    """New text since the previous delta; stop strings already removed."""
+    token_ids: list[int] = []
+    logprobs: list[TextLogprob] | None = None
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    """The stop string or stop token id that finished it."""
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0
+    """Cumulative."""
+    num_cached_tokens: int = 0
+    prompt_text: str | None = None
+    """Only in the first delta of an echo request."""
+    first_scheduled_time: float | None = None
+    error: str | None = None
+    error_code: int = 400
+
+
+class GatewayOutputs(msgspec.Struct, tag="gateway_outputs", kw_only=True):
+    worker: int
+    deltas: list[RequestDelta]
+    stats: EngineStats | None = None
+
+
+class TokenizeResult(msgspec.Struct, tag="tokenize_result", kw_only=True):
+    request_id: str
+    token_ids: list[int] = []
+    max_model_len: int = 0
+    error: str | None = None
+
+
+class DetokenizeResult(msgspec.Struct, tag="detokenize_result", kw_only=True):
+    request_id: str
+    text: str = ""
+    error: str | None = None
+
+
+class WorkerHeartbeat(msgspec.Struct, tag="worker_heartbeat", kw_only=True):
+    worker: int
+    timestamp: float
+    max_model_len: int = 0
+
+
+# --- the union each process decodes its input as -------------------------------------
+
+TokenizerInput = GenerateRequest | AbortRequest | TokenizeRequest | DetokenizeRequest | EngineOutputs
+EngineInput = EngineRequest | AbortRequest
+GatewayInput = GatewayOutputs | TokenizeResult | DetokenizeResult | WorkerHeartbeat
+
+_encoder = msgspec.msgpack.Encoder()
+
+
+def shard(key: str, n: int) -> int:
+    """Stable routing of a request id to one of n workers or engines; every process agrees."""
+    return zlib.crc32(key.encode()) % n if n > 1 else 0
+
+
+def encode(msg: msgspec.Struct) -> bytes:
+    return _encoder.encode(msg)
+
+
+def decoder(union: object) -> msgspec.msgpack.Decoder:
+    return msgspec.msgpack.Decoder(union)
