@@ -61,7 +61,7 @@ class ServeConfig(msgspec.Struct, kw_only=True):
     """0: sized to the machine."""
     num_engines: int = 1
     run_dir: str | None = None
-    """Where ipc:// sockets live when addresses are not given; default a fresh temp dir."""
+    """Where ipc:// sockets live when addresses are not given; default $TMPDIR/novainfer-PORT."""
     gateway_addr: str | None = None
     """The gateway's input socket (tokenizer workers push to it)."""
     tokenizer_addrs: list[str] = []
@@ -92,10 +92,13 @@ class Config(msgspec.Struct, kw_only=True):
     def with_default_addresses(self) -> Config:
         """Fill unset socket addresses with ipc:// paths under run_dir (the one-machine default)."""
         serve = self.serve
+        # Keyed by port, so services started separately with the same flags agree.
         run_dir = serve.run_dir or os.path.join(
-            os.environ.get("TMPDIR", "/tmp"), f"novainfer-{os.getpid()}"
+            os.environ.get("TMPDIR", "/tmp"), f"novainfer-{serve.port}"
         )
-        n_workers = serve.num_tokenizer_workers or default_tokenizer_workers()
+        n_workers = (
+            len(serve.tokenizer_addrs) or serve.num_tokenizer_workers or default_tokenizer_workers()
+        )
         return msgspec.structs.replace(
             self,
             serve=msgspec.structs.replace(
@@ -207,3 +210,33 @@ def parse_config(argv: Sequence[str] | None = None, description: str = "") -> Co
     parser = argparse.ArgumentParser(description=description)
     add_config_args(parser)
     return config_from_args(parser.parse_args(argv))
+
+
+def config_to_args(config: Config) -> list[str]:
+    """The CLI flags that rebuild `config` in a child process (the launcher passes them on)."""
+    argv: list[str] = []
+    for section, cls in _sections().items():
+        obj = getattr(config, section)
+        for name in cls.__struct_fields__:
+            value = getattr(obj, name)
+            if value == getattr(cls(), name):
+                continue
+            flag = _flag(section, name)
+            if isinstance(value, bool):
+                argv.append(flag if value else "--no-" + flag[2:])
+            elif isinstance(value, list):
+                argv += [flag, ",".join(str(v) for v in value)]
+            elif value is None:
+                argv += [flag, "none"]
+            else:
+                argv += [flag, str(value)]
+    return argv
+
+
+def setup_logging(config: Config, name: str) -> None:
+    import logging
+
+    logging.basicConfig(
+        level=config.serve.log_level.upper(),
+        format=f"%(asctime)s %(levelname)s [{name}] %(name)s: %(message)s",
+    )

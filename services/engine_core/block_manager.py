@@ -1,0 +1,188 @@
+"""Paged KV-cache block allocation with automatic prefix caching.
+
+Physical blocks are ref-counted. A FULL block whose K/V has been computed is registered
+in the prefix cache under the key (parent chain id, its token ids); the chain id of the
+first block's parent is ROOT. Keying the dict by the token tuple itself (not by a hash
+of it) means a lookup verifies the tokens on every hit, and chain ids are unique
+integers that are never reused, so neither a token-hash collision nor a recycled parent
+block can ever hand out K/V computed for a different prefix. `req.block_hashes` holds
+these chain ids, one per full cached block of the request.
+
+Block states:
+  in use     ref > 0 (may or may not be registered in the cache)
+  evictable  ref == 0, registered: kept for reuse, evicted least recently freed first
+  free       ref == 0, not registered: handed out before any evictable block
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+
+from services.engine_core.request import Request
+
+ROOT = -1
+"""Chain id of the (virtual) parent of a sequence's first block."""
+
+_Key = tuple[int, tuple[int, ...]]
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+        if num_blocks < 1 or block_size < 1:
+            raise ValueError(f"need num_blocks >= 1 and block_size >= 1, got {num_blocks}, {block_size}")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self._ref = [0] * num_blocks
+        self._key: list[_Key | None] = [None] * num_blocks
+        self._chain_id = [ROOT] * num_blocks
+        self._cache: dict[_Key, int] = {}
+        self._free: deque[int] = deque(range(num_blocks))
+        # Insertion order == order freed, so popitem(last=False) evicts the LRU block.
+        self._evictable: OrderedDict[int, None] = OrderedDict()
+        self._num_used = 0
+        self._next_chain_id = 0
+        self.prefix_queries_total = 0
+        self.prefix_hits_total = 0
+
+    # --- gauges ----------------------------------------------------------------------
+
+    @property
+    def num_free_blocks(self) -> int:
+        """Blocks that can be handed out now: free plus evictable cached ones."""
+        return self.num_blocks - self._num_used
+
+    @property
+    def num_cached_blocks(self) -> int:
+        return len(self._cache)
+
+    @property
+    def usage(self) -> float:
+        """Fraction of blocks referenced by some request."""
+        return self._num_used / self.num_blocks
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    # --- allocation ------------------------------------------------------------------
+
+    def allocate_prefix(self, req: Request) -> int:
+        """Attach the longest cached prefix of full blocks to a request that holds no blocks.
+
+        Returns the number of tokens found (and sets req.num_computed_tokens to it). The
+        whole sequence is never reported cached: the last token must run through the
+        model to produce the logits we sample from.
+        """
+        if not self.enable_prefix_caching or req.block_table or req.num_computed_tokens:
+            return 0
+        tokens = req.all_token_ids
+        bs = self.block_size
+        self.prefix_queries_total += len(tokens)
+        parent = ROOT
+        for i in range((len(tokens) - 1) // bs):
+            block = self._cache.get((parent, tuple(tokens[i * bs : (i + 1) * bs])))
+            if block is None:
+                break
+            self._take_ref(block)
+            req.block_table.append(block)
+            parent = self._chain_id[block]
+            req.block_hashes.append(parent)
+        cached = len(req.block_table) * bs
+        req.num_computed_tokens = cached
+        self.prefix_hits_total += cached
+        return cached
+
+    def undo_prefix(self, req: Request) -> None:
+        """Roll back allocate_prefix(+ allocate_slots) for a request that could not be
+        admitted after all, so retrying it next step does not count its lookup twice."""
+        self.prefix_queries_total -= req.num_tokens
+        self.prefix_hits_total -= req.num_computed_tokens
+        self.free(req)
+        req.num_computed_tokens = 0
+
+    def allocate_slots(self, req: Request, num_new_tokens: int) -> bool:
+        """Grow req.block_table to hold num_computed_tokens + num_new_tokens tokens.
+
+        All or nothing: on False nothing changed.
+        """
+        need = self.blocks_needed(req.num_computed_tokens + num_new_tokens) - len(req.block_table)
+        if need <= 0:
+            return True
+        if need > self.num_free_blocks:
+            return False
+        for _ in range(need):
+            block = self._take_fresh_block()
+            self._ref[block] = 1
+            self._num_used += 1
+            req.block_table.append(block)
+        return True
+
+    def cache_full_blocks(self, req: Request) -> None:
+        """Register the request's blocks that are now full of computed tokens."""
+        if not self.enable_prefix_caching:
+            return
+        bs = self.block_size
+        num_full = min(req.num_computed_tokens // bs, len(req.block_table))
+        parent = req.block_hashes[-1] if req.block_hashes else ROOT
+        tokens = req.all_token_ids
+        for i in range(len(req.block_hashes), num_full):
+            key = (parent, tuple(tokens[i * bs : (i + 1) * bs]))
+            existing = self._cache.get(key)
+            if existing is not None:
+                # Another request computed the same block first: keep its entry (ours
+                # stays unregistered and goes to the free list when released) and chain
+                # on from it, since that is the id a later lookup will follow.
+                parent = self._chain_id[existing]
+            else:
+                block = req.block_table[i]
+                if self._key[block] is not None:  # cannot happen: fresh blocks are unkeyed
+                    raise AssertionError(f"block {block} is already cached")
+                parent = self._next_chain_id
+                self._next_chain_id += 1
+                self._cache[key] = block
+                self._key[block] = key
+                self._chain_id[block] = parent
+            req.block_hashes.append(parent)
+
+    def free(self, req: Request) -> None:
+        # Tail first: the tail is then older in the LRU order and evicted before the
+        # head, which is the part other requests are likelier to share.
+        for block in reversed(req.block_table):
+            self._ref[block] -= 1
+            if self._ref[block] == 0:
+                self._num_used -= 1
+                if self._key[block] is not None:
+                    self._evictable[block] = None
+                else:
+                    self._free.append(block)
+        req.block_table = []
+        req.block_hashes = []
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached block (e.g. after weights changed). Blocks in use stay
+        allocated, merely unregistered; requests keep running unaffected."""
+        for block in self._cache.values():
+            self._key[block] = None
+            self._chain_id[block] = ROOT
+        self._cache.clear()
+        self._free.extend(self._evictable)
+        self._evictable.clear()
+
+    # --- internals -------------------------------------------------------------------
+
+    def _take_ref(self, block: int) -> None:
+        if self._ref[block] == 0:
+            del self._evictable[block]
+            self._num_used += 1
+        self._ref[block] += 1
+
+    def _take_fresh_block(self) -> int:
+        if self._free:
+            return self._free.popleft()
+        block, _ = self._evictable.popitem(last=False)
+        key = self._key[block]
+        assert key is not None
+        del self._cache[key]
+        self._key[block] = None
+        self._chain_id[block] = ROOT
+        return block

@@ -1,0 +1,120 @@
+"""The engine: scheduler + block manager + model runner, stepped by its caller.
+
+Used in-process by the offline `LLM` and by the engine-core process's loop.
+"""
+
+from __future__ import annotations
+
+import time
+
+from services.engine_core.block_manager import BlockManager
+from services.engine_core.model_runner import ModelRunner
+from services.engine_core.request import Request, RequestStatus
+from services.engine_core.scheduler import Scheduler
+from shared.config import EngineConfig
+from shared.protocol import FINISH_ABORT, EngineOutput, EngineStats, SamplingParams
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, engine_index: int = 0) -> None:
+        self.config = config
+        self.engine_index = engine_index
+        self.runner = ModelRunner(config)
+        self.model_config = self.runner.model_config
+        self.max_model_len = self.runner.max_model_len
+        self.block_manager = BlockManager(
+            self.runner.num_blocks, config.block_size, config.enable_prefix_caching
+        )
+        self.scheduler = Scheduler(config, self.block_manager, self.max_model_len)
+        self._steps = 0
+        self._last_step_time = 0.0
+        self._last_batch_size = 0
+        self._last_num_tokens = 0
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        sampling_params: SamplingParams,
+        eos_token_ids: list[int] | None = None,
+        arrival_time: float | None = None,
+    ) -> None:
+        """Raise ValueError (with a message for the client) if the request cannot be served."""
+        sampling_params.validate()
+        if not prompt_token_ids:
+            raise ValueError("the prompt is empty")
+        vocab = self.model_config.vocab_size
+        if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= vocab:
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        if eos_token_ids is None:
+            eos_token_ids = self.model_config.eos_token_ids
+        room = self.max_model_len - len(prompt_token_ids)
+        max_tokens = room if sampling_params.max_tokens is None else min(sampling_params.max_tokens, room)
+        req = Request(
+            request_id, prompt_token_ids, sampling_params, eos_token_ids, arrival_time,
+            max_tokens=max(max_tokens, 1),
+        )
+        self.scheduler.add_request(req)
+
+    def abort(self, request_ids: list[str]) -> list[EngineOutput]:
+        return [
+            EngineOutput(request_id=r.request_id, finish_reason=FINISH_ABORT,
+                         num_prompt_tokens=r.num_prompt_tokens,
+                         num_cached_tokens=max(r.num_cached_tokens, 0))
+            for r in self.scheduler.abort(request_ids)
+        ]
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished
+
+    def step(self) -> list[EngineOutput]:
+        """One iteration: schedule, run the model, sample, and report every request that
+        got a new token or finished."""
+        t0 = time.perf_counter()
+        batch = self.scheduler.schedule()
+        if not batch.requests:
+            return []
+        sampled, logprobs = self.runner.execute(batch)
+        self.scheduler.update(batch, sampled)
+        outputs: list[EngineOutput] = []
+        for i, req in enumerate(batch.requests):
+            token = sampled[i]
+            if token is None:
+                continue
+            first = req.num_output_tokens == 1
+            outputs.append(
+                EngineOutput(
+                    request_id=req.request_id,
+                    new_token_ids=[token],
+                    finish_reason=req.status.finish_reason,
+                    stop_token_id=req.stop_token_id if req.status is RequestStatus.FINISHED_STOPPED else None,
+                    logprobs=[logprobs[i]] if logprobs[i] is not None else None,
+                    num_prompt_tokens=req.num_prompt_tokens,
+                    num_cached_tokens=max(req.num_cached_tokens, 0),
+                    first_scheduled_time=req.first_scheduled_time if first else None,
+                )
+            )
+        self._steps += 1
+        self._last_step_time = time.perf_counter() - t0
+        self._last_batch_size = len(batch.requests)
+        self._last_num_tokens = batch.total_tokens
+        return outputs
+
+    def stats(self) -> EngineStats:
+        bm, sched = self.block_manager, self.scheduler
+        return EngineStats(
+            engine_index=self.engine_index,
+            timestamp=time.time(),
+            num_running=sched.num_running,
+            num_waiting=sched.num_waiting,
+            num_preempted=sched.num_preempted,
+            kv_usage=bm.usage,
+            num_blocks=bm.num_blocks,
+            prefix_queries_total=bm.prefix_queries_total,
+            prefix_hits_total=bm.prefix_hits_total,
+            preemptions_total=sched.preemptions_total,
+            steps_total=self._steps,
+            last_step_time_s=self._last_step_time,
+            last_batch_size=self._last_batch_size,
+            last_num_batched_tokens=self._last_num_tokens,
+        )

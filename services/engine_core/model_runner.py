@@ -1,0 +1,211 @@
+"""Turns a scheduled batch into one forward pass and sampled tokens.
+
+Owns the weights, the paged KV cache and the attention backend. The batch is
+flattened into one row per new token (see attention/base.py), so decodes and
+prefill chunks run in the same forward.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from services.engine_core.attention import AttentionMetadata, get_backend
+from services.engine_core.model_config import ModelConfig
+from services.engine_core.sampler import Sampler, SamplingBatch
+from services.engine_core.scheduler import ScheduledBatch
+from services.engine_core.weight_loader import load_model
+from shared.config import EngineConfig, available_cores
+from shared.protocol import TokenLogprob
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in _DTYPES:
+        raise ValueError(f"unknown dtype {name!r}: expected auto, {', '.join(_DTYPES)}")
+    return _DTYPES[name]
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        if self.device.type == "cpu":
+            torch.set_num_threads(config.num_threads or available_cores())
+        torch.manual_seed(config.seed)
+
+        t0 = time.perf_counter()
+        self.model, self.model_config = load_model(config, self.device, self.dtype)
+        self.load_time_s = time.perf_counter() - t0
+        mc: ModelConfig = self.model_config
+        self.max_model_len = min(config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
+        self.backend = get_backend(config.attention_backend, self.device)
+        self.block_size = config.block_size
+        self.num_blocks = self._num_kv_blocks()
+        self.kv_caches = self._allocate_kv_cache(self.num_blocks)
+        self.sampler = Sampler()
+        log.info(
+            "model %s loaded in %.2fs on %s (%s, %s attention); KV cache: %d blocks of %d tokens "
+            "(%d tokens, %.1f MiB)",
+            mc.architecture, self.load_time_s, self.device, str(self.dtype).removeprefix("torch."),
+            self.backend.name, self.num_blocks, self.block_size, self.num_blocks * self.block_size,
+            self.num_blocks * self._block_bytes() / 2**20,
+        )
+
+    # --- KV cache -------------------------------------------------------------------
+
+    def _block_bytes(self) -> int:
+        mc = self.model_config
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * mc.num_layers * self.block_size * mc.num_kv_heads * mc.head_dim * elem
+
+    def _num_kv_blocks(self) -> int:
+        if self.device.type == "cuda":
+            budget = self._cuda_kv_budget()
+        else:
+            budget = self.config.kv_cache_bytes
+        num_blocks = budget // self._block_bytes()
+        if num_blocks < 2:
+            raise ValueError(
+                f"KV-cache budget of {budget / 2**20:.1f} MiB holds {num_blocks} blocks "
+                f"({self._block_bytes() / 2**20:.2f} MiB each): raise kv_cache_bytes / gpu_memory_utilization"
+            )
+        return int(num_blocks)
+
+    def _cuda_kv_budget(self) -> int:
+        # Peak activation memory is measured by a dummy forward of a full token budget,
+        # so the cache takes what is really left under the utilisation cap.
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        n = self.config.max_num_batched_tokens
+        probe_caches = self._allocate_kv_cache(1)
+        ids = torch.zeros(n, dtype=torch.long, device=self.device)
+        md = self._dummy_metadata(n)
+        with torch.inference_mode():
+            hidden = self.model(ids, torch.zeros_like(ids), probe_caches, md, self.backend)
+            self.model.compute_logits(hidden[-min(n, self.config.max_num_seqs):])
+        torch.cuda.synchronize(self.device)
+        del probe_caches, hidden
+        peak = torch.cuda.max_memory_allocated(self.device)
+        total = torch.cuda.get_device_properties(self.device).total_memory
+        return int(total * self.config.gpu_memory_utilization - peak)
+
+    def _dummy_metadata(self, n: int) -> AttentionMetadata:
+        # One request of n tokens all written to slot 0 of block 0: enough to size activations.
+        i32 = dict(dtype=torch.int32, device=self.device)
+        return AttentionMetadata(
+            num_reqs=1, num_tokens=n,
+            query_start_loc=torch.tensor([0, n], **i32),
+            seq_lens=torch.tensor([n], **i32),
+            context_lens=torch.tensor([0], **i32),
+            block_tables=torch.zeros((1, 1), **i32),
+            slot_mapping=torch.zeros(n, dtype=torch.long, device=self.device),
+            max_query_len=n, max_seq_len=n, query_lens_cpu=[n], seq_lens_cpu=[n],
+        )
+
+    def _allocate_kv_cache(self, num_blocks: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        mc = self.model_config
+        shape = (num_blocks, self.block_size, mc.num_kv_heads, mc.head_dim)
+        return [
+            (
+                torch.zeros(shape, dtype=self.dtype, device=self.device),
+                torch.zeros(shape, dtype=self.dtype, device=self.device),
+            )
+            for _ in range(mc.num_layers)
+        ]
+
+    # --- one step -------------------------------------------------------------------
+
+    def _prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
+        bs = self.block_size
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        query_start = [0]
+        seq_lens: list[int] = []
+        context_lens: list[int] = []
+        sample_rows: list[int] = []
+        for req, n in zip(batch.requests, batch.num_new_tokens):
+            start = req.num_computed_tokens
+            end = start + n
+            input_ids.extend(req.all_token_ids[start:end])
+            positions.extend(range(start, end))
+            table = req.block_table
+            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
+            query_start.append(query_start[-1] + n)
+            seq_lens.append(end)
+            context_lens.append(start)
+            if end == req.num_tokens:
+                sample_rows.append(query_start[-1] - 1)
+        max_blocks = max(len(r.block_table) for r in batch.requests)
+        tables = [r.block_table + [0] * (max_blocks - len(r.block_table)) for r in batch.requests]
+
+        dev = self.device
+        i32 = torch.int32
+        md = AttentionMetadata(
+            num_reqs=len(batch.requests),
+            num_tokens=len(input_ids),
+            query_start_loc=torch.tensor(query_start, dtype=i32, device=dev),
+            seq_lens=torch.tensor(seq_lens, dtype=i32, device=dev),
+            context_lens=torch.tensor(context_lens, dtype=i32, device=dev),
+            block_tables=torch.tensor(tables, dtype=i32, device=dev),
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
+            max_query_len=max(batch.num_new_tokens),
+            max_seq_len=max(seq_lens),
+            query_lens_cpu=list(batch.num_new_tokens),
+            seq_lens_cpu=seq_lens,
+        )
+        ids = torch.tensor(input_ids, dtype=torch.long, device=dev)
+        pos = torch.tensor(positions, dtype=torch.long, device=dev)
+        return ids, pos, md, sample_rows
+
+    @torch.inference_mode()
+    def execute(self, batch: ScheduledBatch) -> tuple[list[int | None], list[TokenLogprob | None]]:
+        """Run one step. Returns, per request of the batch, the sampled token (None for a
+        request still in the middle of its prefill) and its logprobs if asked for."""
+        ids, pos, md, sample_rows = self._prepare(batch)
+        hidden = self.model(ids, pos, self.kv_caches, md, self.backend)
+        sampled: list[int | None] = [None] * len(batch.requests)
+        logprobs: list[TokenLogprob | None] = [None] * len(batch.requests)
+        if not sample_rows:
+            return sampled, logprobs
+
+        sampling_reqs = [i for i, (r, n) in enumerate(zip(batch.requests, batch.num_new_tokens))
+                         if r.num_computed_tokens + n == r.num_tokens]
+        reqs = [batch.requests[i] for i in sampling_reqs]
+        row_index = torch.tensor(sample_rows, dtype=torch.long, device=self.device)
+        logits = self.model.compute_logits(hidden.index_select(0, row_index))
+        sbatch = SamplingBatch.build(
+            params=[r.sampling_params for r in reqs],
+            prompt_token_ids=[r.prompt_token_ids for r in reqs],
+            output_token_ids=[r.output_token_ids for r in reqs],
+            eos_token_ids=[r.eos_token_ids for r in reqs],
+            device=self.device,
+        )
+        out = self.sampler(logits, sbatch)
+        tokens = out.token_ids.tolist()  # the one device->host copy of the step
+        lp = out.logprobs.tolist() if out.logprobs is not None else None
+        top = None
+        if out.top_logprobs is not None:
+            top = (out.top_logprobs[0].tolist(), out.top_logprobs[1].tolist())
+        for j, i in enumerate(sampling_reqs):
+            sampled[i] = tokens[j]
+            k = reqs[j].sampling_params.logprobs
+            if k is not None and lp is not None:
+                alts = list(zip(top[1][j][:k], top[0][j][:k])) if (top and k) else []
+                logprobs[i] = TokenLogprob(tokens[j], lp[j], alts)
+        return sampled, logprobs

@@ -1,0 +1,228 @@
+"""Iteration-level (continuous) batching with chunked prefill and preemption by recompute.
+
+Every step, `schedule()` picks how many new tokens each request computes within a token
+budget; the engine runs the model on that batch and hands the sampled tokens to
+`update()`. Decodes (1 token) are scheduled before prefill chunks, so a long prompt is
+spread over several steps instead of stalling the requests that are generating.
+
+Liveness: add_request only admits requests whose prompt + 1 token fits the whole cache,
+and a request finishes (length) once it would outgrow the cache, so any one request can
+always run alone. Only the newest running request is ever preempted, so the oldest one
+always advances and every request finishes in a bounded number of steps.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from services.engine_core.block_manager import BlockManager
+from services.engine_core.request import Request, RequestStatus
+from shared.config import EngineConfig
+
+
+@dataclass
+class ScheduledBatch:
+    requests: list[Request]
+    """Order = row order in the model input."""
+    num_new_tokens: list[int]
+    """Request i computes all_token_ids[num_computed_tokens : num_computed_tokens + n]."""
+    preempted: list[Request] = field(default_factory=list)
+    """Preempted during this schedule() (informational; they hold no blocks now)."""
+    sample_flags: list[bool] = field(default_factory=list)
+    """Fixed at schedule time, so samples() stays right after update() advanced the requests."""
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(self.num_new_tokens)
+
+    def samples(self, i: int) -> bool:
+        """Whether the model runner must sample a token for request i (it reaches the end
+        of its known tokens this step; other rows are non-final prefill chunks)."""
+        return self.sample_flags[i]
+
+    def __len__(self) -> int:
+        return len(self.requests)
+
+
+class Scheduler:
+    def __init__(self, config: EngineConfig, block_manager: BlockManager, max_model_len: int) -> None:
+        if config.max_num_batched_tokens < 1 or config.max_num_seqs < 1:
+            raise ValueError("max_num_batched_tokens and max_num_seqs must be at least 1")
+        self.config = config
+        self.block_manager = block_manager
+        self.max_model_len = max_model_len
+        self._cache_tokens = block_manager.num_blocks * block_manager.block_size
+        # A request stops once it has this many tokens: beyond the cache it could never run.
+        self._len_limit = min(max_model_len, self._cache_tokens)
+        self.running: list[Request] = []
+        """Oldest admission first; preemption takes from the end."""
+        self.waiting: OrderedDict[str, Request] = OrderedDict()
+        """FCFS; preempted requests go to the front. Keyed by id for O(1) abort."""
+        self._requests: dict[str, Request] = {}
+        self.num_preempted = 0
+        """Preempted requests currently waiting to resume."""
+        self.preemptions_total = 0
+
+    # --- gauges ----------------------------------------------------------------------
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        """Includes preempted requests."""
+        return len(self.waiting)
+
+    @property
+    def has_unfinished(self) -> bool:
+        return bool(self.running or self.waiting)
+
+    def get_request(self, request_id: str) -> Request | None:
+        return self._requests.get(request_id)
+
+    # --- admission -------------------------------------------------------------------
+
+    def add_request(self, req: Request) -> None:
+        n = req.num_prompt_tokens
+        if n == 0:
+            raise ValueError("the prompt must contain at least one token")
+        if n + 1 > self.max_model_len:
+            raise ValueError(
+                f"This model's maximum context length is {self.max_model_len} tokens, prompt has "
+                f"{n} tokens; the prompt plus at least 1 output token must fit"
+            )
+        if self.block_manager.blocks_needed(n + 1) > self.block_manager.num_blocks:
+            raise ValueError(
+                f"prompt has {n} tokens but the KV cache holds only {self._cache_tokens} tokens "
+                f"({self.block_manager.num_blocks} blocks of {self.block_manager.block_size}); "
+                "the prompt plus at least 1 output token must fit"
+            )
+        if req.request_id in self._requests:
+            raise ValueError(f"request id {req.request_id!r} is already in use")
+        req.status = RequestStatus.WAITING
+        self._requests[req.request_id] = req
+        self.waiting[req.request_id] = req
+
+    # --- one step --------------------------------------------------------------------
+
+    def schedule(self) -> ScheduledBatch:
+        budget = self.config.max_num_batched_tokens
+        bm = self.block_manager
+        scheduled: dict[Request, int] = {}  # insertion order = row order
+        preempted: list[Request] = []
+
+        decodes = [r for r in self.running if r.num_tokens - r.num_computed_tokens == 1]
+        prefills = [r for r in self.running if r.num_tokens - r.num_computed_tokens > 1]
+        for req in decodes + prefills:
+            if budget == 0:
+                break
+            if req.status is not RequestStatus.RUNNING:  # preempted earlier in this loop
+                continue
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            while not bm.allocate_slots(req, n):
+                victim = self.running.pop()
+                self._preempt(victim)
+                preempted.append(victim)
+                if victim in scheduled:  # a decode scheduled before this prefill chunk
+                    budget += scheduled.pop(victim)
+                if victim is req:
+                    break
+            else:
+                scheduled[req] = n
+                budget -= n
+
+        # Under memory pressure admitting more would only cause more preemption.
+        if not preempted:
+            self._admit(scheduled, budget)
+
+        reqs = list(scheduled)
+        nums = list(scheduled.values())
+        flags = [r.num_computed_tokens + n == r.num_tokens for r, n in zip(reqs, nums)]
+        return ScheduledBatch(reqs, nums, preempted, flags)
+
+    def _admit(self, scheduled: dict[Request, int], budget: int) -> None:
+        bm = self.block_manager
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            req = next(iter(self.waiting.values()))
+            cached = bm.allocate_prefix(req)  # waiting requests hold no blocks
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            if not bm.allocate_slots(req, n):
+                bm.undo_prefix(req)
+                break  # FCFS: nobody overtakes the head of the queue
+            del self.waiting[req.request_id]
+            if req.status is RequestStatus.PREEMPTED:
+                self.num_preempted -= 1
+            req.status = RequestStatus.RUNNING
+            if req.first_scheduled_time is None:
+                req.first_scheduled_time = time.time()
+                req.num_cached_tokens = min(cached, req.num_prompt_tokens)
+            self.running.append(req)
+            scheduled[req] = n
+            budget -= n
+
+    def _preempt(self, req: Request) -> None:
+        """Preemption by recompute: drop the K/V, keep the outputs, resume first."""
+        self.block_manager.free(req)
+        req.num_computed_tokens = 0
+        req.status = RequestStatus.PREEMPTED
+        self.waiting[req.request_id] = req
+        self.waiting.move_to_end(req.request_id, last=False)
+        self.num_preempted += 1
+        self.preemptions_total += 1
+
+    def update(self, batch: ScheduledBatch, sampled: list[int | None]) -> list[Request]:
+        """Apply a step's results; sampled[i] is the token sampled for request i, None for
+        rows that did not sample. Returns the requests that finished in this step."""
+        bm = self.block_manager
+        finished: list[Request] = []
+        for i, (req, n) in enumerate(zip(batch.requests, batch.num_new_tokens)):
+            if req.status is not RequestStatus.RUNNING:  # aborted since schedule()
+                continue
+            req.num_computed_tokens += n
+            bm.cache_full_blocks(req)
+            token = sampled[i]
+            if token is None or not batch.sample_flags[i]:
+                continue
+            req.append_output_token(token)
+            status = self._check_stop(req, token)
+            if status is not None:
+                req.status = status
+                bm.free(req)
+                del self._requests[req.request_id]
+                finished.append(req)
+        if finished:
+            self.running = [r for r in self.running if not r.finished]
+        return finished
+
+    def _check_stop(self, req: Request, token: int) -> RequestStatus | None:
+        sp = req.sampling_params
+        # min_tokens needs no check here: the sampler masks stop tokens below it.
+        if (token in req.eos_token_ids and not sp.ignore_eos) or token in sp.stop_token_ids:
+            req.stop_token_id = token
+            return RequestStatus.FINISHED_STOPPED
+        if req.num_output_tokens >= req.max_tokens or req.num_tokens >= self._len_limit:
+            return RequestStatus.FINISHED_LENGTH
+        return None
+
+    def abort(self, request_ids: list[str]) -> list[Request]:
+        aborted: list[Request] = []
+        drop_running = False
+        for rid in request_ids:
+            req = self._requests.pop(rid, None)
+            if req is None:
+                continue
+            if req.status is RequestStatus.RUNNING:
+                drop_running = True
+            else:
+                del self.waiting[rid]
+                if req.status is RequestStatus.PREEMPTED:
+                    self.num_preempted -= 1
+            self.block_manager.free(req)
+            req.status = RequestStatus.FINISHED_ABORTED
+            aborted.append(req)
+        if drop_running:
+            self.running = [r for r in self.running if not r.finished]
+        return aborted

@@ -1,0 +1,152 @@
+"""The engine-core process: a step loop fed by ZMQ.
+
+One PULL input (EngineRequest / AbortRequest from tokenizer workers), one PUSH per
+tokenizer worker. Each step's outputs go out as one EngineOutputs per worker that
+has requests in the step. Inputs are drained before every step, so aborts apply
+before the next forward; with nothing to do the loop blocks on the socket (no
+spinning) and wakes every heartbeat to send stats.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from collections import defaultdict
+
+import zmq
+
+from services.engine_core.engine import LLMEngine
+from shared.config import Config
+from shared.protocol import (
+    FINISH_ABORT,
+    AbortRequest,
+    EngineInput,
+    EngineOutput,
+    EngineOutputs,
+    EngineRequest,
+    decoder,
+    encode,
+)
+from shared.zmq_utils import new_context, pull_socket, push_socket
+
+log = logging.getLogger(__name__)
+
+
+class EngineCoreServer:
+    def __init__(self, config: Config) -> None:
+        serve = config.serve
+        if not serve.tokenizer_addrs or not serve.engine_addrs:
+            raise ValueError("engine core needs tokenizer_addrs and engine_addrs (see Config.with_default_addresses)")
+        self.config = config
+        self.index = serve.engine_index
+        self.engine = LLMEngine(config.engine, engine_index=self.index)
+        self.ctx = new_context()
+        self.input = pull_socket(self.ctx, serve.engine_addrs[self.index])
+        self.workers = [push_socket(self.ctx, addr) for addr in serve.tokenizer_addrs]
+        self.decoder = decoder(EngineInput)
+        self.owner: dict[str, int] = {}
+        """request id -> tokenizer worker index."""
+        self.pending: dict[int, list[EngineOutput]] = defaultdict(list)
+        self.last_sent = [0.0] * len(self.workers)
+        self.running = True
+
+    def stop(self, *_: object) -> None:
+        self.running = False
+
+    def _handle(self, raw: bytes) -> None:
+        try:
+            msg = self.decoder.decode(raw)
+        except Exception as e:  # a bad message must never take the engine down
+            log.error("dropping undecodable message: %s", e)
+            return
+        if isinstance(msg, EngineRequest):
+            if not 0 <= msg.worker < len(self.workers):
+                log.error("request %s names unknown worker %d", msg.request_id, msg.worker)
+                return
+            try:
+                self.engine.add_request(
+                    msg.request_id, msg.prompt_token_ids, msg.sampling_params,
+                    msg.eos_token_ids or None, msg.arrival_time or None,
+                )
+                self.owner[msg.request_id] = msg.worker
+            except ValueError as e:
+                self.pending[msg.worker].append(
+                    EngineOutput(request_id=msg.request_id, finish_reason=FINISH_ABORT,
+                                 num_prompt_tokens=len(msg.prompt_token_ids),
+                                 error=str(e), error_code=400)
+                )
+            except Exception as e:
+                log.exception("failed to add request %s", msg.request_id)
+                self.pending[msg.worker].append(
+                    EngineOutput(request_id=msg.request_id, finish_reason=FINISH_ABORT,
+                                 error=f"internal error: {e}", error_code=500)
+                )
+        elif isinstance(msg, AbortRequest):
+            for out in self.engine.abort(msg.request_ids):
+                self._route(out)
+
+    def _route(self, out: EngineOutput) -> None:
+        worker = self.owner.get(out.request_id)
+        if worker is None:
+            return
+        self.pending[worker].append(out)
+        if out.finish_reason is not None:
+            del self.owner[out.request_id]
+
+    def _flush(self) -> None:
+        if not self.pending:
+            return
+        stats = self.engine.stats()
+        now = time.monotonic()
+        for worker, outs in self.pending.items():
+            self.workers[worker].send(
+                encode(EngineOutputs(engine_index=self.index, outputs=outs, stats=stats)), copy=False
+            )
+            self.last_sent[worker] = now
+        self.pending.clear()
+
+    def _heartbeat(self) -> None:
+        now = time.monotonic()
+        due = [i for i, t in enumerate(self.last_sent) if now - t >= self.config.serve.heartbeat_s]
+        if not due:
+            return
+        msg = encode(EngineOutputs(engine_index=self.index, outputs=[], stats=self.engine.stats()))
+        for i in due:
+            self.workers[i].send(msg)
+            self.last_sent[i] = now
+
+    def run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.input, zmq.POLLIN)
+        heartbeat_ms = int(self.config.serve.heartbeat_s * 1000)
+        log.info("engine core %d ready on %s", self.index, self.config.serve.engine_addrs[self.index])
+        self._heartbeat()
+        while self.running:
+            timeout = 0 if self.engine.has_unfinished() else heartbeat_ms
+            if poller.poll(timeout):
+                while True:
+                    try:
+                        self._handle(self.input.recv(zmq.NOBLOCK, copy=False).buffer)
+                    except zmq.Again:
+                        break
+            if self.engine.has_unfinished():
+                try:
+                    for out in self.engine.step():
+                        self._route(out)
+                except Exception:
+                    # A failed step must not leave requests hanging: fail them all loudly.
+                    log.exception("engine step failed; aborting all requests")
+                    for out in self.engine.abort(list(self.owner)):
+                        out.error, out.error_code = "internal engine error", 500
+                        self._route(out)
+            self._flush()
+            self._heartbeat()
+        self.ctx.destroy(linger=0)
+
+
+def main(config: Config) -> None:
+    server = EngineCoreServer(config)
+    signal.signal(signal.SIGTERM, server.stop)
+    signal.signal(signal.SIGINT, server.stop)
+    server.run()

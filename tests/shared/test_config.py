@@ -1,0 +1,46 @@
+from __future__ import annotations
+
+import pytest
+
+from shared.config import Config, config_to_args, config_from_args, parse_config
+
+
+def test_cli_over_env_over_default() -> None:
+    env = {"NOVAINFER_PORT": "9001", "NOVAINFER_MAX_NUM_SEQS": "7"}
+    parser_args = ["--port", "9002"]
+    import argparse
+
+    from shared.config import add_config_args
+
+    p = argparse.ArgumentParser()
+    add_config_args(p)
+    config = config_from_args(p.parse_args(parser_args), env)
+    assert config.serve.port == 9002
+    assert config.engine.max_num_seqs == 7
+    assert config.engine.block_size == 16
+
+
+def test_roundtrip_through_args() -> None:
+    config = parse_config(
+        ["--model", "tiny-llama", "--no-enable-prefix-caching", "--tokenizer-addrs", "ipc://a,ipc://b",
+         "--max-model-len", "128", "--heartbeat-s", "0.5"]
+    )
+    assert config.engine.enable_prefix_caching is False
+    assert config.serve.tokenizer_addrs == ["ipc://a", "ipc://b"]
+    assert parse_config(config_to_args(config)) == config
+
+
+def test_default_addresses_agree_across_processes() -> None:
+    a = Config().with_default_addresses()
+    b = Config().with_default_addresses()
+    assert a == b
+    assert a.serve.tokenizer_addrs and a.serve.engine_addrs and a.serve.gateway_addr
+
+
+def test_bad_value_is_a_clear_error() -> None:
+    with pytest.raises(SystemExit, match="max_num_seqs"):
+        parse_config(["--max-num-seqs", "many"])
+
+
+def test_empty_env_means_unset() -> None:
+    assert config_from_args(None, {"NOVAINFER_API_KEY": ""}).serve.api_key is None
