@@ -176,6 +176,8 @@ class Scheduler:
     def update(self, batch: ScheduledBatch, sampled: list[int | None]) -> list[Request]:
         """Apply a step's results; sampled[i] is the token sampled for request i, None for
         rows that did not sample. Returns the requests that finished in this step."""
+        if len(sampled) != len(batch.requests):
+            raise ValueError(f"got {len(sampled)} sampled tokens for a batch of {len(batch.requests)}")
         bm = self.block_manager
         finished: list[Request] = []
         for i, (req, n) in enumerate(zip(batch.requests, batch.num_new_tokens)):

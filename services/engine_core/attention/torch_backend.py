@@ -1,6 +1,17 @@
-"""Attention in plain torch: the CPU backend and the reference for the Triton kernels."""
+"""Attention in plain torch: the CPU backend, and the reference the Triton kernels are tested against.
+
+`reference_attention` is the slow, obviously-correct definition. `TorchAttentionBackend` computes
+the same thing fast on a CPU, where a per-request loop costs more in call overhead than in math:
+the decode rows of a batch (query length 1) are gathered, padded to the longest context, into one
+buffer and go through one SDPA call per layer (one per group of similar lengths when lengths
+differ widely, so padding stays bounded); only prefill chunks (few per step) are handled one
+request at a time.
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from itertools import accumulate
 
 import torch
 import torch.nn.functional as F
@@ -8,44 +19,176 @@ import torch.nn.functional as F
 from services.engine_core.attention.base import AttentionBackend, AttentionMetadata
 
 
+def reference_attention(
+    query: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    md: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """Causal GQA attention of each request's new rows over its whole context, read token by
+    token from the paged cache, in fp32. Slow on purpose: a per-request loop with an explicit
+    softmax, so it shares no shortcut with the backends it checks."""
+    n_heads, d = query.shape[1], query.shape[2]
+    block_size, n_kv = k_cache.shape[1], k_cache.shape[2]
+    group = n_heads // n_kv
+    k_slots = k_cache.reshape(-1, n_kv, d)
+    v_slots = v_cache.reshape(-1, n_kv, d)
+    out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
+    start = 0
+    for i in range(md.num_reqs):
+        q_len, seq_len = md.query_lens_cpu[i], md.seq_lens_cpu[i]
+        pos = torch.arange(seq_len, device=query.device)
+        slots = md.block_tables[i].long()[pos // block_size] * block_size + pos % block_size
+        k = k_slots[slots].float().repeat_interleave(group, dim=1)  # [seq, heads, d]
+        v = v_slots[slots].float().repeat_interleave(group, dim=1)
+        q = query[start : start + q_len].float()
+        scores = torch.einsum("qhd,khd->hqk", q, k) * scale
+        q_pos = pos[seq_len - q_len :].unsqueeze(1)
+        scores = scores.masked_fill(pos.unsqueeze(0) > q_pos, float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        out[start : start + q_len] = torch.einsum("hqk,khd->qhd", probs, v).to(query.dtype)
+        start += q_len
+    return out
+
+
+# Padded context positions per batched decode call: bounds the gather buffer (and so memory
+# when one long request shares a batch with many short ones) at ~25 MB per K/V for SmolLM2 fp32.
+_DECODE_GROUP_TOKENS = 32768
+
+
+@dataclass
+class _DecodeGroup:
+    rows: torch.Tensor
+    """int64 [n]: the group's rows of the flattened batch."""
+    slots: torch.Tensor
+    """int64 [n * max_len]: cache slot of every context position, padded positions pointing at
+    the request's last token so the gathered K/V stay finite whatever the cache holds past a
+    request's end (a NaN there would survive a masked softmax)."""
+    valid: torch.Tensor
+    """bool [n, 1, 1, max_len]: which padded positions are real context."""
+
+
+@dataclass
+class _Plan:
+    starts: list[int]
+    decode_groups: list[_DecodeGroup]
+    prefills: list[int]
+
+
+def _context_slots(block_table: torch.Tensor, seq_lens: torch.Tensor, max_len: int, block_size: int) -> torch.Tensor:
+    """[n, max_len] flat slots of positions 0..max_len-1, clamped to each request's last token."""
+    n_blocks = -(-max_len // block_size)
+    offsets = torch.arange(block_size, device=block_table.device)
+    slots = (block_table[:, :n_blocks, None].long() * block_size + offsets).view(len(block_table), -1)
+    last = slots.gather(1, (seq_lens.long() - 1).unsqueeze(1))
+    pos = torch.arange(slots.shape[1], device=block_table.device)
+    return torch.where(pos < seq_lens.unsqueeze(1), slots, last)[:, :max_len]
+
+
+def _group_decodes(decodes: list[int], seq_lens: list[int]) -> list[list[int]]:
+    """Longest first, a new group whenever padding to the group's longest context would pass the
+    token budget or more than double a request's context."""
+    groups: list[list[int]] = []
+    for i in sorted(decodes, key=lambda i: seq_lens[i], reverse=True):
+        if groups:
+            longest = seq_lens[groups[-1][0]]
+            if (len(groups[-1]) + 1) * longest <= _DECODE_GROUP_TOKENS and 2 * seq_lens[i] >= longest:
+                groups[-1].append(i)
+                continue
+        groups.append([i])
+    return groups
+
+
 class TorchAttentionBackend(AttentionBackend):
     name = "torch"
+
+    def __init__(self) -> None:
+        # Every layer of a step sees the same metadata object: plan once per step, not per layer.
+        # The engine builds a fresh AttentionMetadata each step and never mutates one.
+        self._plan_md: AttentionMetadata | None = None
+        self._plan: _Plan | None = None
+        # Gathered K/V land in one reused buffer: a fresh multi-MB tensor per layer costs more
+        # in page faults than the gather itself.
+        self._workspace: torch.Tensor | None = None
 
     def write_kv(self, key, value, k_cache, v_cache, md: AttentionMetadata) -> None:
         n_kv, d = key.shape[1], key.shape[2]
         k_cache.view(-1, n_kv, d).index_copy_(0, md.slot_mapping, key)
         v_cache.view(-1, n_kv, d).index_copy_(0, md.slot_mapping, value)
 
+    def _make_plan(self, md: AttentionMetadata, block_size: int) -> _Plan:
+        starts = list(accumulate(md.query_lens_cpu, initial=0))
+        decodes = [i for i, q_len in enumerate(md.query_lens_cpu) if q_len == 1]
+        prefills = [i for i, q_len in enumerate(md.query_lens_cpu) if q_len > 1]
+        device = md.block_tables.device
+        groups = []
+        for reqs in _group_decodes(decodes, md.seq_lens_cpu):
+            max_len = md.seq_lens_cpu[reqs[0]]
+            req_idx = torch.tensor(reqs, device=device)
+            seq_lens = md.seq_lens[req_idx]
+            slots = _context_slots(md.block_tables[req_idx], seq_lens, max_len, block_size)
+            valid = torch.arange(max_len, device=device) < seq_lens.unsqueeze(1)
+            rows = torch.tensor([starts[i] for i in reqs], device=device)
+            groups.append(_DecodeGroup(rows, slots.reshape(-1), valid[:, None, None, :]))
+        return _Plan(starts, groups, prefills)
+
+    def _buffers(self, rows: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Two [rows, kv_heads * head_dim] views of the workspace, which grows by half again
+        when too small, so contexts growing a token per step do not reallocate it every step."""
+        need = rows * like.shape[1]
+        ws = self._workspace
+        if ws is None or ws.numel() < 2 * need or ws.dtype != like.dtype or ws.device != like.device:
+            ws = self._workspace = torch.empty(3 * need, dtype=like.dtype, device=like.device)
+        half = ws.numel() // 2
+        return ws[:need].view(rows, -1), ws[half : half + need].view(rows, -1)
+
+    def _gather(self, k_slots: torch.Tensor, v_slots: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        k_buf, v_buf = self._buffers(len(slots), k_slots)
+        return torch.index_select(k_slots, 0, slots, out=k_buf), torch.index_select(v_slots, 0, slots, out=v_buf)
+
     def forward(self, query, key, value, k_cache, v_cache, md: AttentionMetadata, scale: float):
         n_heads, d = query.shape[1], query.shape[2]
-        n_kv = k_cache.shape[2]
-        block_size = k_cache.shape[1]
-        out = torch.empty_like(query)
-        starts = md.query_start_loc.tolist()
-        for i in range(md.num_reqs):
-            q_len, seq_len = md.query_lens_cpu[i], md.seq_lens_cpu[i]
-            ctx_len = seq_len - q_len
-            q = query[starts[i] : starts[i] + q_len]
-            if ctx_len == 0:
-                k, v = key[starts[i] : starts[i] + q_len], value[starts[i] : starts[i] + q_len]
-            else:
-                n_blocks = (seq_len + block_size - 1) // block_size
-                blocks = md.block_tables[i, :n_blocks].long()
-                k = k_cache[blocks].reshape(-1, n_kv, d)[:seq_len]
-                v = v_cache[blocks].reshape(-1, n_kv, d)[:seq_len]
-            # [heads, q, d] x [heads, k, d]; causal with the query at the end of the context.
-            mask = None
-            if q_len > 1:
-                pos_q = torch.arange(ctx_len, seq_len).unsqueeze(1)
-                pos_k = torch.arange(seq_len).unsqueeze(0)
-                mask = pos_k <= pos_q
+        block_size, n_kv = k_cache.shape[1], k_cache.shape[2]
+        q_per_kv = n_heads // n_kv
+        if self._plan_md is not md:
+            self._plan, self._plan_md = self._make_plan(md, block_size), md
+        plan = self._plan
+        assert plan is not None
+        k_slots = k_cache.view(-1, n_kv * d)
+        v_slots = v_cache.view(-1, n_kv * d)
+        out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
+
+        for group in plan.decode_groups:
+            n = len(group.rows)
+            k, v = self._gather(k_slots, v_slots, group.slots)
+            # The query heads sharing a KV head become that head's "query rows": one plain SDPA
+            # per group reads each KV head once, instead of repeating K/V for GQA.
             o = F.scaled_dot_product_attention(
-                q.transpose(0, 1),
-                k.transpose(0, 1),
-                v.transpose(0, 1),
-                attn_mask=mask,
+                query.index_select(0, group.rows).view(n, n_kv, q_per_kv, d),
+                k.view(n, -1, n_kv, d).transpose(1, 2),
+                v.view(n, -1, n_kv, d).transpose(1, 2),
+                attn_mask=group.valid,
                 scale=scale,
-                enable_gqa=n_heads != n_kv,
             )
-            out[starts[i] : starts[i] + q_len] = o.transpose(0, 1)
+            out.index_copy_(0, group.rows, o.reshape(n, n_heads, d))
+
+        for i in plan.prefills:
+            rows = slice(plan.starts[i], plan.starts[i + 1])
+            q_len, seq_len = md.query_lens_cpu[i], md.seq_lens_cpu[i]
+            if seq_len == q_len:
+                # No cached context: the chunk's own K/V are the whole context.
+                k, v, mask, causal = key[rows], value[rows], None, True
+            else:
+                slots = _context_slots(md.block_tables[i : i + 1], md.seq_lens[i : i + 1], seq_len, block_size)
+                k, v = self._gather(k_slots, v_slots, slots.view(-1))
+                pos = torch.arange(seq_len, device=query.device)
+                mask, causal = pos.unsqueeze(0) <= pos[seq_len - q_len :].unsqueeze(1), False
+            # 4-D with K/V broadcast over each KV head's query heads: SDPA's CPU flash kernel takes
+            # this without copying K/V, while 3-D or enable_gqa inputs fall back to the math path.
+            k = k.view(-1, n_kv, d).transpose(0, 1)[:, None].expand(n_kv, q_per_kv, -1, d)
+            v = v.view(-1, n_kv, d).transpose(0, 1)[:, None].expand(n_kv, q_per_kv, -1, d)
+            q = query[rows].transpose(0, 1).reshape(n_kv, q_per_kv, q_len, d)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale)
+            out[rows] = o.reshape(n_heads, q_len, d).transpose(0, 1)
         return out

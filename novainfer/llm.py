@@ -1,0 +1,172 @@
+"""The offline API: `LLM(model=...).generate(prompts, SamplingParams(...))`.
+
+The engine runs in this process, stepped in a loop. Text goes through the same
+tokenizer, chat template, incremental detokenizer and stop-string handling as the
+server's tokenizer pool, so offline and served outputs are identical.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+import msgspec
+from tqdm import tqdm
+
+from services.engine_core.engine import LLMEngine
+from services.tokenizer_pool.detokenizer import RequestStream
+from services.tokenizer_pool.tokenizer import Tokenizer, load_tokenizer
+from shared.config import EngineConfig
+from shared.protocol import SamplingParams, TextLogprob
+
+Prompt = Union[str, Sequence[int]]
+Conversation = Sequence[Mapping[str, str]]
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    logprobs: list[TextLogprob] | None = None
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    num_cached_tokens: int = 0
+    error: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return all(o.finish_reason is not None for o in self.outputs)
+
+
+class LLM:
+    def __init__(self, model: str | None = None, *, config: EngineConfig | None = None, **engine_args: Any) -> None:
+        config = config or EngineConfig()
+        if model is not None:
+            engine_args["model"] = model
+        self.config = msgspec.structs.replace(config, **engine_args)
+        self.tokenizer: Tokenizer = load_tokenizer(self.config)
+        self.engine = LLMEngine(self.config)
+        self._ids = itertools.count()
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Prompts are text (tokenized with special tokens, no chat template) or token ids."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]  # type: ignore[list-item]
+        items = []
+        for p in prompts:  # type: ignore[union-attr]
+            if isinstance(p, str):
+                items.append((p, self.tokenizer.encode(p)))
+            else:
+                items.append((None, list(p)))
+        return self._run(items, sampling_params, use_tqdm)
+
+    def chat(
+        self,
+        messages: Conversation | Sequence[Conversation],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        add_generation_prompt: bool = True,
+    ) -> list[RequestOutput]:
+        """One conversation (a list of {'role', 'content'}) or a list of them, through the
+        model's own chat template."""
+        conversations = [messages] if messages and isinstance(messages[0], Mapping) else messages
+        items = []
+        for conv in conversations:  # type: ignore[union-attr]
+            text = self.tokenizer.render_chat(conv, add_generation_prompt)
+            items.append((text, self.tokenizer.apply_chat_template(conv, add_generation_prompt)))
+        return self._run(items, sampling_params, use_tqdm)
+
+    def _run(
+        self,
+        items: list[tuple[str | None, list[int]]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None,
+        use_tqdm: bool,
+    ) -> list[RequestOutput]:
+        if sampling_params is None or isinstance(sampling_params, SamplingParams):
+            params_list = [sampling_params or SamplingParams()] * len(items)
+        else:
+            params_list = list(sampling_params)
+            if len(params_list) != len(items):
+                raise ValueError("give one SamplingParams, or one per prompt")
+
+        results: list[RequestOutput] = []
+        streams: dict[str, tuple[RequestStream, CompletionOutput]] = {}
+        now = time.time()
+        try:
+            self._add_all(items, params_list, now, results, streams)
+        except Exception:
+            self.engine.abort(list(streams))  # nothing half-submitted stays in the engine
+            raise
+        self._drain(results, streams, use_tqdm)
+        return results
+
+    def _add_all(
+        self,
+        items: list[tuple[str | None, list[int]]],
+        params_list: list[SamplingParams],
+        now: float,
+        results: list[RequestOutput],
+        streams: dict[str, tuple[RequestStream, CompletionOutput]],
+    ) -> None:
+        for (text, ids), params in zip(items, params_list):
+            params.validate()
+            result = RequestOutput(str(next(self._ids)), text, ids, [])
+            results.append(result)
+            for i in range(params.n):
+                # n samples fan out into n engine requests (sharing the prompt's KV through
+                # the prefix cache); each gets its own seed so they differ.
+                child = params if params.n == 1 else msgspec.structs.replace(
+                    params, n=1, seed=None if params.seed is None else params.seed + i
+                )
+                rid = f"{result.request_id}-{i}"
+                completion = CompletionOutput(index=i)
+                result.outputs.append(completion)
+                self.engine.add_request(rid, ids, child, self.tokenizer.eos_token_ids, now)
+                streams[rid] = (
+                    RequestStream(rid, self.tokenizer, child, num_prompt_tokens=len(ids), engine=0),
+                    completion,
+                )
+
+    def _drain(
+        self,
+        results: list[RequestOutput],
+        streams: dict[str, tuple[RequestStream, CompletionOutput]],
+        use_tqdm: bool,
+    ) -> None:
+        bar = tqdm(total=len(streams), desc="generating", unit="req", disable=not use_tqdm)
+        by_id = {r.request_id: r for r in results}
+        while self.engine.has_unfinished():
+            for out in self.engine.step():
+                stream, completion = streams[out.request_id]
+                if stream.finished:
+                    continue
+                delta = stream.process(out)
+                completion.text += delta.text
+                completion.token_ids.extend(delta.token_ids)
+                if delta.logprobs is not None:
+                    completion.logprobs = (completion.logprobs or []) + delta.logprobs
+                by_id[out.request_id.rsplit("-", 1)[0]].num_cached_tokens = delta.num_cached_tokens
+                if delta.finish_reason is not None:
+                    completion.finish_reason = delta.finish_reason
+                    completion.stop_reason = delta.stop_reason
+                    bar.update(1)
+                if stream.abort_in_engine:
+                    self.engine.abort([out.request_id])
+        bar.close()

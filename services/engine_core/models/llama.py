@@ -1,0 +1,234 @@
+"""The Llama family (Llama, Qwen2, Qwen3) as one decoder-only transformer.
+
+    h = embed(tokens)
+    for each layer:  h += attn(rms_norm(h)) ;  h += mlp(rms_norm(h))
+    logits = lm_head(rms_norm(h))
+
+Qwen2 adds a bias to the q/k/v projections; Qwen3 RMS-normalises each query and key
+head before RoPE. Projections that read the same input are fused (q|k|v into one
+weight, gate|up into another) and the residual adds are folded into the output
+matmuls (addmm_), because a CPU decode step of one token is bound by reading weights
+and by per-op dispatch, not by FLOPs. Parameters are plain tensors with
+requires_grad=False, allocated uninitialised in the target dtype/device: the loader
+fills them (load_weights) and nothing here ever needs autograd.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from services.engine_core.attention.base import AttentionBackend, AttentionMetadata
+from services.engine_core.model_config import ModelConfig
+
+# HF parameter names of one layer -> (our attribute, index of the shard in a fused weight).
+_LAYER_WEIGHTS: dict[str, tuple[str, int | None]] = {
+    "input_layernorm.weight": ("attn_norm", None),
+    "self_attn.q_proj.weight": ("qkv_weight", 0),
+    "self_attn.k_proj.weight": ("qkv_weight", 1),
+    "self_attn.v_proj.weight": ("qkv_weight", 2),
+    "self_attn.q_proj.bias": ("qkv_bias", 0),
+    "self_attn.k_proj.bias": ("qkv_bias", 1),
+    "self_attn.v_proj.bias": ("qkv_bias", 2),
+    "self_attn.q_norm.weight": ("q_norm", None),
+    "self_attn.k_norm.weight": ("k_norm", None),
+    "self_attn.o_proj.weight": ("o_weight", None),
+    "post_attention_layernorm.weight": ("mlp_norm", None),
+    "mlp.gate_proj.weight": ("gate_up_weight", 0),
+    "mlp.up_proj.weight": ("gate_up_weight", 1),
+    "mlp.down_proj.weight": ("down_weight", None),
+}
+# Present in some checkpoints, derived (not learned) state: nothing to load.
+_IGNORED_WEIGHTS = re.compile(r".*rotary_emb\.inv_freq$")
+
+
+class WeightError(ValueError):
+    """A checkpoint that does not fit the model: missing, unexpected or misshapen tensors."""
+
+
+def _param(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | None) -> nn.Parameter:
+    return nn.Parameter(torch.empty(shape, dtype=dtype, device=device), requires_grad=False)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> Tensor:
+    """Per-pair rotation frequencies, float32 [head_dim / 2], as transformers computes them."""
+    d = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    s = cfg.rope_scaling
+    if s is None:
+        return inv_freq
+    # Llama 3.1: stretch low frequencies by `factor`, keep high ones, interpolate between.
+    factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+    old_len = s["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = ~(wavelen < old_len / high) * ~(wavelen > old_len / low)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate x [T, heads, head_dim] in the half-split (GPT-NeoX) layout.
+
+    cos is [T, 1, head_dim] (the half-size table repeated twice) and sin the same with its
+    first half negated, so rotate_half(x) * sin == roll(x) * sin: three ops in all, since
+    on a CPU each extra small op costs as much as the arithmetic."""
+    return (x * cos).addcmul_(x.roll(x.shape[-1] // 2, dims=-1), sin)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device | None) -> None:
+        super().__init__()
+        hidden, d = cfg.hidden_size, cfg.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, d
+        self.eps = cfg.rms_norm_eps
+        self.scale = d**-0.5
+        self.hidden_shape = (hidden,)
+        self.qk_size = (cfg.num_heads + cfg.num_kv_heads) * d
+        self.shard_sizes = {
+            "qkv_weight": (cfg.num_heads * d, cfg.num_kv_heads * d, cfg.num_kv_heads * d),
+            "qkv_bias": (cfg.num_heads * d, cfg.num_kv_heads * d, cfg.num_kv_heads * d),
+            "gate_up_weight": (cfg.intermediate_size, cfg.intermediate_size),
+        }
+        qkv_rows = sum(self.shard_sizes["qkv_weight"])
+        self.attn_norm = _param((hidden,), dtype, device)
+        self.qkv_weight = _param((qkv_rows, hidden), dtype, device)
+        self.qkv_bias = _param((qkv_rows,), dtype, device) if cfg.attention_bias else None
+        self.q_norm = _param((d,), dtype, device) if cfg.qk_norm else None
+        self.k_norm = _param((d,), dtype, device) if cfg.qk_norm else None
+        self.o_weight = _param((hidden, cfg.num_heads * d), dtype, device)
+        self.mlp_norm = _param((hidden,), dtype, device)
+        self.gate_up_weight = _param((2 * cfg.intermediate_size, hidden), dtype, device)
+        self.down_weight = _param((hidden, cfg.intermediate_size), dtype, device)
+
+    def forward(
+        self,
+        h: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        k_cache: Tensor,
+        v_cache: Tensor,
+        md: AttentionMetadata,
+        backend: AttentionBackend,
+    ) -> None:
+        """Advance the residual stream h [T, hidden] through this layer, in place."""
+        x = F.rms_norm(h, self.hidden_shape, self.attn_norm, self.eps)
+        attn = self.attention(x, cos, sin, k_cache, v_cache, md, backend)
+        h.addmm_(attn, self.o_weight.t())
+        x = F.rms_norm(h, self.hidden_shape, self.mlp_norm, self.eps)
+        gate, up = F.linear(x, self.gate_up_weight).chunk(2, dim=-1)
+        h.addmm_(F.silu(gate, inplace=True).mul_(up), self.down_weight.t())
+
+    def attention(
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        k_cache: Tensor,
+        v_cache: Tensor,
+        md: AttentionMetadata,
+        backend: AttentionBackend,
+    ) -> Tensor:
+        n, n_kv, d = self.num_heads, self.num_kv_heads, self.head_dim
+        t = x.shape[0]
+        qkv = F.linear(x, self.qkv_weight, self.qkv_bias)
+        # q and k sit side by side in qkv, so they are normalised and rotated as one tensor.
+        qk = qkv[:, : self.qk_size].view(t, n + n_kv, d)
+        v = qkv[:, self.qk_size :].view(t, n_kv, d)
+        if self.q_norm is not None:
+            qk = F.rms_norm(qk, (d,), eps=self.eps)
+            qk[:, :n] *= self.q_norm
+            qk[:, n:] *= self.k_norm
+        q, k = apply_rope(qk, cos, sin).split((n, n_kv), dim=1)
+        backend.write_kv(k, v, k_cache, v_cache, md)
+        return backend.forward(q, k, v, k_cache, v_cache, md, self.scale).reshape(t, n * d)
+
+
+class CausalLM(nn.Module):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | None = None,
+        max_positions: int | None = None,
+    ) -> None:
+        """max_positions: how many positions the RoPE table covers (default the model's context)."""
+        super().__init__()
+        self.cfg = cfg
+        self.hidden_shape = (cfg.hidden_size,)
+        self.embed = _param((cfg.vocab_size, cfg.hidden_size), dtype, device)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, dtype, device) for _ in range(cfg.num_layers))
+        self.norm = _param((cfg.hidden_size,), dtype, device)
+        self.lm_head = None if cfg.tie_word_embeddings else _param(
+            (cfg.vocab_size, cfg.hidden_size), dtype, device
+        )
+        # Angles in float32 then cast, as transformers does, so bf16 models round the same way.
+        positions = torch.arange(max_positions or cfg.max_position_embeddings, dtype=torch.float32)
+        angles = torch.outer(positions, rope_inv_freq(cfg)).to(device)
+        cos, sin = angles.cos(), angles.sin()
+        self.register_buffer("rope_cos", torch.cat((cos, cos), -1).to(dtype), persistent=False)
+        self.register_buffer("rope_sin", torch.cat((-sin, sin), -1).to(dtype), persistent=False)
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        positions: Tensor,
+        kv_caches: list[tuple[Tensor, Tensor]],
+        md: AttentionMetadata,
+        backend: AttentionBackend,
+    ) -> Tensor:
+        """input_ids, positions: int64 [T]. Returns the final-normed hidden states [T, hidden]."""
+        h = F.embedding(input_ids, self.embed)
+        cos = self.rope_cos.index_select(0, positions).unsqueeze(1)
+        sin = self.rope_sin.index_select(0, positions).unsqueeze(1)
+        for layer, (k_cache, v_cache) in zip(self.layers, kv_caches, strict=True):
+            layer(h, cos, sin, k_cache, v_cache, md, backend)
+        return F.rms_norm(h, self.hidden_shape, self.norm, self.cfg.rms_norm_eps)
+
+    def compute_logits(self, hidden: Tensor) -> Tensor:
+        """hidden [N, hidden] (rows of forward's output) -> float32 logits [N, vocab]."""
+        head = self.embed if self.lm_head is None else self.lm_head
+        return F.linear(hidden, head).float()
+
+    def weight_targets(self) -> dict[str, Tensor]:
+        """Every checkpoint tensor the model expects, by HF name, mapped to the view of our
+        parameter it fills (a row range of a fused weight, or the whole parameter)."""
+        targets = {"model.embed_tokens.weight": self.embed, "model.norm.weight": self.norm}
+        if self.lm_head is not None:
+            targets["lm_head.weight"] = self.lm_head
+        for i, layer in enumerate(self.layers):
+            for hf_name, (attr, shard) in _LAYER_WEIGHTS.items():
+                param = getattr(layer, attr)
+                if param is None:
+                    continue
+                if shard is not None:
+                    sizes = layer.shard_sizes[attr]
+                    param = param.narrow(0, sum(sizes[:shard]), sizes[shard])
+                targets[f"model.layers.{i}.{hf_name}"] = param
+        return targets
+
+    @torch.no_grad()
+    def load_weights(self, weights: Iterable[tuple[str, Tensor]]) -> None:
+        """Copy (HF name, tensor) pairs into the parameters, casting to their dtype/device.
+        Raises WeightError naming the tensor on anything unexpected, misshapen or missing."""
+        targets = self.weight_targets()
+        for name, tensor in weights:
+            if _IGNORED_WEIGHTS.match(name) or (name == "lm_head.weight" and self.lm_head is None):
+                continue  # a tied checkpoint may still store the (identical) output matrix
+            target = targets.pop(name, None)
+            if target is None:
+                raise WeightError(f"unexpected weight {name} {tuple(tensor.shape)} (or given twice)")
+            if target.shape != tensor.shape:
+                raise WeightError(
+                    f"weight {name} has shape {tuple(tensor.shape)}, expected {tuple(target.shape)}"
+                )
+            target.copy_(tensor)
+        if targets:
+            listed = ", ".join(sorted(targets)[:8]) + (", ..." if len(targets) > 8 else "")
+            raise WeightError(f"{len(targets)} weights missing from the checkpoint: {listed}")

@@ -1,0 +1,208 @@
+"""Build the model for `--model` and fill its weights: GGUF, HF safetensors, or random.
+
+Every source is turned into (HF parameter name, tensor) pairs and handed to
+CausalLM.load_weights, which owns the mapping to fused parameters and the checks.
+A GGUF file is dequantized to float32 once and cached on disk as safetensors (reading
+its metadata and dequantizing take seconds; the cache loads in a fraction of that).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import re
+from collections.abc import Iterator
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from services.engine_core.model_config import ModelConfig
+from services.engine_core.models import CausalLM, build_model
+from shared.config import EngineConfig
+from shared.model_files import ModelFiles, ModelFormat, resolve_model
+
+log = logging.getLogger(__name__)
+
+INIT_STD = 0.02
+# Past this, a float32 copy of a GGUF's weights costs more disk than re-dequantizing costs time.
+GGUF_CACHE_MAX_BYTES = 4 << 30
+_CACHE_CONFIG_KEY = "novainfer.model_config"
+
+# llama.cpp tensor names -> HF names ("{}" is the layer index).
+_GGUF_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_GGUF_LAYER_NAMES = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_q.bias": "self_attn.q_proj.bias",
+    "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_q_norm.weight": "self_attn.q_norm.weight",
+    "attn_k_norm.weight": "self_attn.k_norm.weight",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+_GGUF_LAYER_RE = re.compile(r"blk\.(\d+)\.(.+)")
+
+
+def load_model(
+    engine_config: EngineConfig, device: torch.device, dtype: torch.dtype
+) -> tuple[CausalLM, ModelConfig]:
+    files = resolve_model(engine_config.model)
+    if files.format is ModelFormat.GGUF:
+        cfg, weights = _gguf_weights(files.path, _cache_dir(engine_config))
+    else:
+        cfg = ModelConfig.from_hf_config(files.hf_config())
+        if files.format is ModelFormat.HF_DIR:
+            cfg = _with_generation_eos(cfg, files.path)
+    # The runner caps the context at the model's; the RoPE table needs no more rows.
+    max_positions = min(
+        engine_config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings
+    )
+    model = build_model(cfg, dtype=dtype, device=device, max_positions=max_positions)
+    if files.format is ModelFormat.GGUF:
+        model.load_weights(weights)
+    elif files.format is ModelFormat.HF_DIR:
+        model.load_weights(_safetensors_weights(files))
+    else:
+        init_random_weights(model, engine_config.seed)
+    return model.eval(), cfg
+
+
+@torch.no_grad()
+def init_random_weights(model: CausalLM, seed: int) -> None:
+    """Normal(0, INIT_STD) matrices, unit norms, zero biases: realistic shapes and magnitudes
+    for performance work, drawn in place in the parameters' own dtype and device."""
+    device = model.embed.device
+    gen = torch.Generator(device=device).manual_seed(seed)
+    for name, param in model.named_parameters():
+        if name.endswith("norm"):
+            param.fill_(1.0)
+        elif name.endswith("bias"):
+            param.zero_()
+        else:
+            param.normal_(0.0, INIT_STD, generator=gen)
+
+
+def _cache_dir(engine_config: EngineConfig) -> str:
+    return os.path.expanduser(engine_config.cache_dir or "~/.cache/novainfer")
+
+
+def _with_generation_eos(cfg: ModelConfig, model_dir: str) -> ModelConfig:
+    # Instruct models list their end-of-turn tokens in generation_config.json only.
+    path = os.path.join(model_dir, "generation_config.json")
+    if not os.path.isfile(path):
+        return cfg
+    with open(path) as f:
+        eos = json.load(f).get("eos_token_id")
+    extra = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    return dataclasses.replace(cfg, eos_token_ids=list(dict.fromkeys(cfg.eos_token_ids + extra)))
+
+
+def _safetensors_weights(files: ModelFiles) -> Iterator[tuple[str, torch.Tensor]]:
+    index = os.path.join(files.path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            names = sorted(set(json.load(f)["weight_map"].values()))
+    elif os.path.isfile(os.path.join(files.path, "model.safetensors")):
+        names = ["model.safetensors"]
+    else:
+        names = sorted(n for n in os.listdir(files.path) if n.endswith(".safetensors"))
+    for name in names:
+        with safe_open(os.path.join(files.path, name), framework="pt") as f:
+            for key in f.keys():
+                yield key, f.get_tensor(key)
+
+
+# --- GGUF ---------------------------------------------------------------------------
+
+
+def _gguf_weights(path: str, cache_dir: str) -> tuple[ModelConfig, Iterator[tuple[str, torch.Tensor]]]:
+    """The config and the weights (HF names, float32), from the cache when it is fresh."""
+    stat = os.stat(path)
+    key = hashlib.sha256(f"{os.path.realpath(path)}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()
+    stem = os.path.splitext(os.path.basename(path))[0]
+    cache_path = os.path.join(cache_dir, f"{stem}-{key[:16]}.safetensors")
+    if os.path.isfile(cache_path):
+        try:
+            return _read_gguf_cache(cache_path)
+        except Exception as e:  # a truncated or foreign file: rebuild it
+            log.warning("ignoring unreadable GGUF cache %s: %s", cache_path, e)
+
+    import gguf  # only the uncached path pays for it
+
+    reader = gguf.GGUFReader(path)
+    cfg = ModelConfig.from_gguf(reader)
+    weights = _dequantize_gguf(reader, cfg)
+    if sum(t.n_elements for t in reader.tensors) * 4 > GGUF_CACHE_MAX_BYTES:
+        return cfg, weights
+    tensors = dict(weights)
+    _write_gguf_cache(cache_path, cfg, tensors)
+    return cfg, iter(tensors.items())
+
+
+def _dequantize_gguf(reader: object, cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    from gguf.quants import dequantize
+
+    for t in reader.tensors:  # type: ignore[attr-defined]
+        array = dequantize(t.data, t.tensor_type)
+        # Unquantized tensors come back as read-only views of the memory-mapped file.
+        tensor = torch.from_numpy(array if array.flags.writeable else array.copy()).float()
+        name = _hf_name(t.name)
+        if cfg.architecture == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
+            heads = cfg.num_heads if name.endswith("q_proj.weight") else cfg.num_kv_heads
+            tensor = _unpermute_rope(tensor, heads)
+        yield name, tensor
+
+
+def _hf_name(gguf_name: str) -> str:
+    """The HF name of a llama.cpp tensor; an unknown one passes through, so the model's
+    load_weights reports it as unexpected under its own name."""
+    if gguf_name in _GGUF_GLOBAL_NAMES:
+        return _GGUF_GLOBAL_NAMES[gguf_name]
+    m = _GGUF_LAYER_RE.fullmatch(gguf_name)
+    if m and m.group(2) in _GGUF_LAYER_NAMES:
+        return f"model.layers.{m.group(1)}.{_GGUF_LAYER_NAMES[m.group(2)]}"
+    return gguf_name
+
+
+def _unpermute_rope(w: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Undo llama.cpp's convert_hf_to_gguf permutation of llama q/k rows (it interleaves
+    each head's two RoPE halves); the inverse is transformers' reverse_permute."""
+    half = w.shape[0] // num_heads // 2
+    return w.reshape(num_heads, half, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def _read_gguf_cache(path: str) -> tuple[ModelConfig, Iterator[tuple[str, torch.Tensor]]]:
+    f = safe_open(path, framework="pt")
+    cfg = ModelConfig.from_json(f.metadata()[_CACHE_CONFIG_KEY])
+
+    def weights() -> Iterator[tuple[str, torch.Tensor]]:
+        for key in f.keys():
+            yield key, f.get_tensor(key)
+
+    return cfg, weights()
+
+
+def _write_gguf_cache(path: str, cfg: ModelConfig, tensors: dict[str, torch.Tensor]) -> None:
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        save_file(tensors, tmp, metadata={_CACHE_CONFIG_KEY: cfg.to_json()})
+        os.replace(tmp, path)  # atomic: concurrent engines never read a half-written cache
+    except OSError as e:
+        log.warning("could not cache dequantized GGUF weights at %s: %s", path, e)
+        if os.path.exists(tmp):
+            os.remove(tmp)

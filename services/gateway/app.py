@@ -1,0 +1,176 @@
+"""The aiohttp application: routes, middlewares (metrics, errors, auth), start-up.
+
+The gateway only parses HTTP, routes messages and formats responses; tokenization and
+the model run in other processes, so the event loop never does GIL-heavy work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import importlib.metadata
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from services.gateway import serving
+from services.gateway.frontend import Frontend
+from services.gateway.metrics import GatewayMetrics
+from services.gateway.openai_api import ApiError
+from services.gateway.serving import FRONTEND, MODEL_NAME, json_response
+from shared.config import Config
+
+log = logging.getLogger(__name__)
+
+METRICS: web.AppKey[GatewayMetrics] = web.AppKey("metrics", GatewayMetrics)
+STATIC_DIR = Path(__file__).parent / "static"
+# The launcher gives the gateway 30 s to drain before it kills it.
+DRAIN_TIMEOUT_S = 25.0
+# handler_cancellation: a client that disconnects cancels its handler, whose cleanup
+# aborts the engine requests (for non-streaming requests nothing else would notice).
+RUNNER_OPTIONS: dict[str, Any] = {"handler_cancellation": True, "shutdown_timeout": DRAIN_TIMEOUT_S,
+                                  "access_log": None}
+CLIENT_CLOSED_REQUEST = 499  # nginx's code for "the client went away", used in metrics only
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("novainfer")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree without `pip install`
+        return "unknown"
+
+
+@web.middleware
+async def metrics_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    resource = request.match_info.route.resource
+    # The route template, not the path: request ids must not become label values.
+    endpoint = resource.canonical if resource is not None else "unmatched"
+    status = 500
+    try:
+        resp = await handler(request)
+        status = resp.status
+        return resp
+    except web.HTTPException as e:
+        status = e.status
+        raise
+    except asyncio.CancelledError:
+        status = CLIENT_CLOSED_REQUEST
+        raise
+    finally:
+        request.app[METRICS].count_http(endpoint, status)
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except ApiError as e:
+        return e.response()
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        # 413's text names the limit; the others' reason ("Not Found") is the message.
+        message = (e.text or e.reason) if e.status == 413 else e.reason
+        return ApiError(e.status, message).response()
+    except Exception:
+        log.exception("unhandled error in %s %s", request.method, request.path)
+        return ApiError(500, "internal server error").response()
+
+
+def _auth_middleware(api_key: str) -> Callable[..., Awaitable[web.StreamResponse]]:
+    expected = f"Bearer {api_key}".encode()
+
+    @web.middleware
+    async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
+        # /health, /metrics, /version and the chat page stay open to probes and browsers.
+        if request.path.startswith("/v1/") or request.path in ("/tokenize", "/detokenize"):
+            given = request.headers.get("Authorization", "").encode()
+            if not hmac.compare_digest(given, expected):
+                raise ApiError(401, "Incorrect or missing API key. Send it as 'Authorization: Bearer <key>'.",
+                               code="invalid_api_key")
+        return await handler(request)
+
+    return auth
+
+
+def build_app(config: Config) -> web.Application:
+    """The gateway app; its ZMQ frontend starts with the app and stops after it drained."""
+    model_name = config.model_name()
+    middlewares = [metrics_middleware, error_middleware]
+    if config.serve.api_key:
+        middlewares.append(_auth_middleware(config.serve.api_key))
+    app = web.Application(middlewares=middlewares, client_max_size=config.serve.max_body_bytes)
+    metrics = GatewayMetrics(model_name)
+    frontend = Frontend(config, metrics)
+    app[METRICS] = metrics
+    app[FRONTEND] = frontend
+    app[MODEL_NAME] = model_name
+    started = int(time.time())
+
+    async def frontend_ctx(_: web.Application) -> AsyncIterator[None]:
+        await frontend.start()
+        yield
+        await frontend.close()
+
+    async def on_shutdown(_: web.Application) -> None:
+        frontend.begin_shutdown()
+
+    app.cleanup_ctx.append(frontend_ctx)
+    app.on_shutdown.append(on_shutdown)
+
+    def model_card() -> dict[str, Any]:
+        return {"id": model_name, "object": "model", "created": started, "owned_by": "novainfer",
+                "root": config.engine.model, "max_model_len": frontend.max_model_len or None}
+
+    async def list_models(_: web.Request) -> web.Response:
+        return json_response({"object": "list", "data": [model_card()]})
+
+    async def get_model(request: web.Request) -> web.Response:
+        if request.match_info["model"] != model_name:
+            raise ApiError(404, f"The model `{request.match_info['model']}` does not exist.",
+                           param="model", code="model_not_found")
+        return json_response(model_card())
+
+    async def health(_: web.Request) -> web.Response:
+        problem = frontend.health()
+        if problem is None:
+            return json_response({"status": "ok"})
+        return json_response({"status": "unavailable", "reason": problem}, status=503)
+
+    async def metrics_endpoint(_: web.Request) -> web.Response:
+        return web.Response(body=metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def version(_: web.Request) -> web.Response:
+        return json_response({"version": _version()})
+
+    async def index(_: web.Request) -> web.FileResponse:
+        return web.FileResponse(STATIC_DIR / "index.html")
+
+    app.add_routes([
+        web.post("/v1/completions", serving.completions),
+        web.post("/v1/chat/completions", serving.chat_completions),
+        web.get("/v1/models", list_models),
+        web.get("/v1/models/{model}", get_model),
+        web.post("/v1/requests/{request_id}/cancel", serving.cancel),
+        web.post("/tokenize", serving.tokenize),
+        web.post("/detokenize", serving.detokenize),
+        web.get("/health", health),
+        web.get("/metrics", metrics_endpoint),
+        web.get("/version", version),
+        web.get("/", index),
+    ])
+    return app
+
+
+def run(config: Config) -> None:
+    app = build_app(config)
+    log.info("gateway for %s on http://%s:%d (input %s, %d tokenizer workers)", config.model_name(),
+             config.serve.host, config.serve.port, config.serve.gateway_addr, len(config.serve.tokenizer_addrs))
+    web.run_app(app, host=config.serve.host, port=config.serve.port, print=None, **RUNNER_OPTIONS)

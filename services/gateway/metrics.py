@@ -1,0 +1,160 @@
+"""Prometheus metrics of the gateway: HTTP traffic, request latencies, token counts and
+the engines' own stats (docs/metrics.md documents each one).
+
+Everything lives in a private CollectorRegistry, so several apps in one process (tests)
+do not collide. Engine stats arrive as cumulative snapshots (EngineStats), so they are
+exported by a collector that reads the latest snapshot at scrape time instead of
+prometheus Counters that would need increments.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from shared.protocol import EngineStats, RequestDelta
+
+if TYPE_CHECKING:
+    from services.gateway.frontend import ChildState
+
+PREFIX = "novainfer_"
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
+                7.5, 10.0, 20.0, 40.0, 80.0)
+ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15,
+               0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
+REQUEST_BUCKETS = (0.01, 0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0,
+                   40.0, 50.0, 60.0, 120.0, 240.0, 480.0)
+
+
+class _EngineCollector(Collector):
+    """Exports the latest EngineStats of each engine and which components are up."""
+
+    def __init__(self, model_name: str) -> None:
+        self.model_name = model_name
+        self.stats: dict[int, EngineStats] = {}
+        self.workers_up: list[bool] = []
+        self.engines_up: list[bool] = []
+
+    def collect(self) -> Iterator[Metric]:
+        labels = ["model_name", "engine"]
+        gauges = [
+            ("num_requests_running", "Requests in the engine's running batch.", "num_running"),
+            ("num_requests_waiting", "Requests queued in the engine, not yet running.", "num_waiting"),
+            ("num_requests_preempted", "Requests preempted and waiting to resume.", "num_preempted"),
+            ("kv_cache_usage_ratio", "Fraction of KV-cache blocks in use (0-1).", "kv_usage"),
+            ("kv_cache_num_blocks", "KV-cache blocks the engine has in total.", "num_blocks"),
+            ("engine_last_step_seconds", "Duration of the engine's latest step.", "last_step_time_s"),
+            ("engine_batch_size", "Requests in the engine's latest step.", "last_batch_size"),
+            ("engine_batched_tokens", "Tokens processed in the engine's latest step.",
+             "last_num_batched_tokens"),
+        ]
+        counters = [
+            ("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", "prefix_queries_total"),
+            ("prefix_cache_hits", "Prompt tokens found in the prefix cache.", "prefix_hits_total"),
+            ("num_preemptions", "Preemptions since the engine started.", "preemptions_total"),
+            ("engine_steps", "Engine steps since the engine started.", "steps_total"),
+        ]
+        snapshot = sorted(self.stats.items())
+        for name, doc, field in gauges:
+            fam = GaugeMetricFamily(PREFIX + name, doc, labels=labels)
+            for idx, st in snapshot:
+                fam.add_metric([self.model_name, str(idx)], getattr(st, field))
+            yield fam
+        for name, doc, field in counters:
+            fam = CounterMetricFamily(PREFIX + name, doc, labels=labels)
+            for idx, st in snapshot:
+                fam.add_metric([self.model_name, str(idx)], getattr(st, field))
+            yield fam
+        up = GaugeMetricFamily(PREFIX + "component_up",
+                               "1 if the component reported within engine_timeout_s, else 0.",
+                               labels=["model_name", "component", "index"])
+        for component, states in (("tokenizer_worker", self.workers_up), ("engine", self.engines_up)):
+            for i, ok in enumerate(states):
+                up.add_metric([self.model_name, component, str(i)], 1.0 if ok else 0.0)
+        yield up
+
+
+class GatewayMetrics:
+    def __init__(self, model_name: str) -> None:
+        self.registry = CollectorRegistry()
+        reg = self.registry
+        m = [model_name]
+        self.http_requests = Counter(
+            PREFIX + "http_requests", "HTTP requests answered, by endpoint and status code.",
+            ["model_name", "endpoint", "status"], registry=reg,
+        )
+        self.model_name = model_name
+        self.in_flight = Gauge(PREFIX + "requests_in_flight", "API requests being served.",
+                               ["model_name"], registry=reg).labels(*m)
+        self._finished = Counter(
+            PREFIX + "requests_finished", "Engine requests finished, by finish reason (stop, length, "
+            "abort, error).", ["model_name", "finish_reason"], registry=reg,
+        )
+        # Per-token paths use pre-bound children: no label lookup per observation.
+        self.ttft = Histogram(PREFIX + "time_to_first_token_seconds",
+                              "Arrival at the gateway to the first output token.", ["model_name"],
+                              buckets=TTFT_BUCKETS, registry=reg).labels(*m)
+        self.itl = Histogram(PREFIX + "inter_token_latency_seconds",
+                             "Time between consecutive output tokens of a request.", ["model_name"],
+                             buckets=ITL_BUCKETS, registry=reg).labels(*m)
+        self.e2e = Histogram(PREFIX + "e2e_request_latency_seconds",
+                             "Arrival at the gateway to the request's end.", ["model_name"],
+                             buckets=REQUEST_BUCKETS, registry=reg).labels(*m)
+        self.queue_time = Histogram(PREFIX + "request_queue_time_seconds",
+                                    "Arrival at the gateway to first scheduled by the engine.",
+                                    ["model_name"], buckets=REQUEST_BUCKETS, registry=reg).labels(*m)
+        self.prompt_tokens = Counter(PREFIX + "prompt_tokens", "Prompt tokens of engine requests.",
+                                     ["model_name"], registry=reg).labels(*m)
+        self.cached_prompt_tokens = Counter(
+            PREFIX + "prompt_cached_tokens", "Prompt tokens served from the prefix cache.",
+            ["model_name"], registry=reg).labels(*m)
+        self.generation_tokens = Counter(PREFIX + "generation_tokens", "Output tokens generated.",
+                                         ["model_name"], registry=reg).labels(*m)
+        self._engines = _EngineCollector(model_name)
+        reg.register(self._engines)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def count_http(self, endpoint: str, status: int) -> None:
+        self.http_requests.labels(self.model_name, endpoint, str(status)).inc()
+
+    def on_engine_stats(self, stats: EngineStats) -> None:
+        self._engines.stats[stats.engine_index] = stats
+
+    def set_component_up(self, workers: list[bool], engines: list[bool]) -> None:
+        self._engines.workers_up = workers
+        self._engines.engines_up = engines
+
+    def on_delta(self, child: ChildState, delta: RequestDelta, now: float) -> None:
+        if not child.prompt_counted and delta.num_prompt_tokens:
+            child.prompt_counted = True
+            self.prompt_tokens.inc(delta.num_prompt_tokens)
+            if delta.num_cached_tokens:
+                self.cached_prompt_tokens.inc(delta.num_cached_tokens)
+        if not child.queue_observed and delta.first_scheduled_time is not None:
+            child.queue_observed = True
+            self.queue_time.observe(max(0.0, delta.first_scheduled_time - child.arrival_wall))
+        total = delta.num_output_tokens or child.output_tokens + len(delta.token_ids)
+        new = total - child.output_tokens
+        if new <= 0:
+            return
+        child.output_tokens = total
+        self.generation_tokens.inc(new)
+        if not child.started:
+            child.started = True
+            self.ttft.observe(now - child.arrival)
+        else:
+            # Tokens that arrive together shared the gap since the previous delta.
+            gap = (now - child.last_token) / new
+            for _ in range(new):
+                self.itl.observe(gap)
+        child.last_token = now
+
+    def on_finish(self, child: ChildState, now: float, reason: str | None) -> None:
+        self.e2e.observe(now - child.arrival)
+        self._finished.labels(self.model_name, reason or "unknown").inc()

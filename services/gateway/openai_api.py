@@ -1,0 +1,295 @@
+"""OpenAI request bodies: decoding, validation, and their translation into GenerateRequests.
+
+Bodies are decoded straight into msgspec Structs, so a wrong type is reported with the
+path of the offending field; every field is optional and nullable because OpenAI
+clients send `null` for unset parameters, and unknown fields (extra_body, tools the
+model cannot use, ...) are ignored as the brief requires.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+from aiohttp import web
+
+from shared.protocol import ChatMessage, GenerateRequest, SamplingParams
+
+CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+
+
+class ApiError(Exception):
+    """An error answered as OpenAI does: {"error": {message, type, param, code}}."""
+
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
+                 type_: str | None = None, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.type = type_ or ("invalid_request_error" if status < 500 else "server_error")
+        self.headers = headers
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self) -> web.Response:
+        return web.Response(body=msgspec.json.encode(self.body()), status=self.status, headers=self.headers,
+                            content_type="application/json")
+
+
+class StreamOptions(msgspec.Struct):
+    include_usage: bool | None = None
+
+
+class _SamplingFields(msgspec.Struct, kw_only=True):
+    model: str | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    n: int | None = None
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
+    ignore_eos: bool | None = None
+    min_tokens: int | None = None
+    include_stop_str_in_output: bool | None = None
+    skip_special_tokens: bool | None = None
+    user: str | None = None
+
+
+class CompletionBody(_SamplingFields, kw_only=True):
+    prompt: Any = None
+    """str, list[str], list[int] or list[list[int]]: one msgspec union cannot hold them all."""
+    echo: bool | None = None
+    logprobs: int | None = None
+
+
+class ContentPart(msgspec.Struct):
+    type: str
+    text: str | None = None
+
+
+class Message(msgspec.Struct):
+    role: str
+    content: str | list[ContentPart] | None = None
+
+
+class ChatBody(_SamplingFields, kw_only=True):
+    messages: list[Message]
+    max_completion_tokens: int | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    add_generation_prompt: bool | None = None
+
+
+class TokenizeBody(msgspec.Struct, kw_only=True):
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[Message] | None = None
+    add_special_tokens: bool | None = None
+    add_generation_prompt: bool | None = None
+
+
+class DetokenizeBody(msgspec.Struct, kw_only=True):
+    tokens: list[int]
+    model: str | None = None
+
+
+@dataclass
+class Job:
+    """One validated generation request, fanned out into its child engine requests."""
+
+    request_id: str
+    chat: bool
+    created: int
+    model: str
+    stream: bool
+    include_usage: bool
+    n: int
+    num_prompts: int
+    echo: bool
+    logprobs: int | None
+    children: list[GenerateRequest]
+
+
+_PATH = re.compile(r"at `\$\.?([^`]*)`")
+_MISSING = re.compile(r"missing required field `([^`]*)`")
+
+
+def _error_param(message: str) -> str | None:
+    """The parameter a msgspec ValidationError is about, as a JSON path without the `$.`."""
+    path = _PATH.search(message)
+    missing = _MISSING.search(message)
+    parts = [m.group(1) for m in (path, missing) if m is not None and m.group(1)]
+    return ".".join(parts) or None
+
+
+def decode_body(body: bytes, cls: type[msgspec.Struct]) -> Any:
+    try:
+        return msgspec.json.decode(body, type=cls)
+    except msgspec.ValidationError as e:
+        raise ApiError(400, f"invalid request: {e}", param=_error_param(str(e))) from None
+    except msgspec.DecodeError as e:
+        raise ApiError(400, f"the request body is not valid JSON: {e}") from None
+
+
+def check_model(model: str | None, served: str) -> None:
+    if model is not None and model != served:
+        raise ApiError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found")
+
+
+def _stop_list(stop: str | list[str] | None) -> list[str]:
+    if stop is None:
+        return []
+    return [stop] if isinstance(stop, str) else stop
+
+
+def _sampling_params(body: _SamplingFields, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    def pick(value: Any, default: Any) -> Any:
+        return default if value is None else value
+
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=pick(body.temperature, 1.0),
+        top_p=pick(body.top_p, 1.0),
+        top_k=pick(body.top_k, 0),
+        min_p=pick(body.min_p, 0.0),
+        repetition_penalty=pick(body.repetition_penalty, 1.0),
+        presence_penalty=pick(body.presence_penalty, 0.0),
+        frequency_penalty=pick(body.frequency_penalty, 0.0),
+        seed=body.seed,
+        stop=_stop_list(body.stop),
+        stop_token_ids=pick(body.stop_token_ids, []),
+        include_stop_str_in_output=pick(body.include_stop_str_in_output, False),
+        ignore_eos=pick(body.ignore_eos, False),
+        min_tokens=pick(body.min_tokens, 0),
+        logprobs=logprobs,
+        skip_special_tokens=pick(body.skip_special_tokens, True),
+        n=pick(body.n, 1),
+    )
+
+
+def _validate(params: SamplingParams, renames: dict[str, str]) -> None:
+    try:
+        params.validate()
+    except ValueError as e:
+        message = str(e)
+        # validate() names the parameter first ("top_p must be ..."), as the wire field.
+        field = message.split(" ", 1)[0]
+        param = renames.get(field, field)
+        if param != field:
+            message = message.replace(field, param, 1)
+        raise ApiError(400, message, param=param) from None
+
+
+def _children(request_id: str, params: SamplingParams, prompts: list[dict[str, Any]]) -> list[GenerateRequest]:
+    """n children per prompt, choice index = prompt index * n + i, as OpenAI numbers choices."""
+    children = []
+    child_params = msgspec.structs.replace(params, n=1)
+    for p, prompt in enumerate(prompts):
+        for i in range(params.n):
+            index = p * params.n + i
+            sp = child_params
+            if params.seed is not None and params.n > 1:
+                sp = msgspec.structs.replace(child_params, seed=params.seed + i)
+            children.append(GenerateRequest(request_id=f"{request_id}-{index}", sampling_params=sp, **prompt))
+    return children
+
+
+def _prompts(raw: Any) -> list[dict[str, Any]]:
+    """The completions `prompt` as GenerateRequest prompt fields, one dict per prompt."""
+
+    def is_tokens(x: Any) -> bool:
+        return isinstance(x, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
+
+    if isinstance(raw, str):
+        return [{"prompt": raw}]
+    if isinstance(raw, list) and raw:
+        if all(isinstance(p, str) for p in raw):
+            return [{"prompt": p} for p in raw]
+        if is_tokens(raw):
+            return [{"prompt_token_ids": raw}]
+        if all(is_tokens(p) and p for p in raw):
+            return [{"prompt_token_ids": p} for p in raw]
+    if raw is None:
+        raise ApiError(400, "prompt is required", param="prompt")
+    raise ApiError(400, "prompt must be a string, a list of strings, a list of token ids or a list of "
+                   "token-id lists, and must not be empty", param="prompt")
+
+
+def parse_completion(body: bytes, served_model: str) -> Job:
+    req: CompletionBody = decode_body(body, CompletionBody)
+    check_model(req.model, served_model)
+    prompts = _prompts(req.prompt)
+    max_tokens = 16 if req.max_tokens is None else req.max_tokens  # OpenAI's completions default
+    params = _sampling_params(req, max_tokens, req.logprobs)
+    _validate(params, {})
+    request_id = f"cmpl-{uuid.uuid4().hex}"
+    echo = bool(req.echo)
+    children = _children(request_id, params, prompts)
+    for child in children:
+        child.echo = echo
+    return Job(request_id=request_id, chat=False, created=int(time.time()), model=served_model,
+               stream=bool(req.stream), include_usage=_include_usage(req), n=params.n,
+               num_prompts=len(prompts), echo=echo, logprobs=req.logprobs, children=children)
+
+
+def chat_messages(messages: list[Message]) -> list[ChatMessage]:
+    if not messages:
+        raise ApiError(400, "messages must not be empty", param="messages")
+    out = []
+    for i, m in enumerate(messages):
+        role = CHAT_ROLES.get(m.role)
+        if role is None:
+            raise ApiError(400, f"unsupported role {m.role!r}; use system, developer, user or assistant",
+                           param=f"messages[{i}].role")
+        if isinstance(m.content, list):
+            for part in m.content:
+                if part.type != "text" or part.text is None:
+                    raise ApiError(400, f"unsupported content part {part.type!r}; only text parts are supported",
+                                   param=f"messages[{i}].content")
+            content = "".join(part.text for part in m.content if part.text is not None)
+        else:
+            content = m.content or ""  # assistant turns may carry null content
+        out.append(ChatMessage(role=role, content=content))
+    return out
+
+
+def parse_chat(body: bytes, served_model: str) -> Job:
+    req: ChatBody = decode_body(body, ChatBody)
+    check_model(req.model, served_model)
+    messages = chat_messages(req.messages)
+    if req.top_logprobs is not None and not req.logprobs:
+        raise ApiError(400, "top_logprobs requires logprobs to be true", param="top_logprobs")
+    logprobs = (req.top_logprobs or 0) if req.logprobs else None
+    max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    params = _sampling_params(req, max_tokens, logprobs)
+    renames = {"logprobs": "top_logprobs"}
+    if req.max_completion_tokens is not None:
+        renames["max_tokens"] = "max_completion_tokens"
+    _validate(params, renames)
+    request_id = f"chatcmpl-{uuid.uuid4().hex}"
+    add_generation_prompt = True if req.add_generation_prompt is None else req.add_generation_prompt
+    children = _children(request_id, params, [{"messages": messages}])
+    for child in children:
+        child.add_generation_prompt = add_generation_prompt
+    return Job(request_id=request_id, chat=True, created=int(time.time()), model=served_model,
+               stream=bool(req.stream), include_usage=_include_usage(req), n=params.n, num_prompts=1,
+               echo=False, logprobs=logprobs, children=children)
+
+
+def _include_usage(req: _SamplingFields) -> bool:
+    return bool(req.stream and req.stream_options and req.stream_options.include_usage)

@@ -1,0 +1,135 @@
+"""The handlers that talk to the workers: generation (stream or not), tokenize, cancel.
+
+Whatever way a generation handler leaves (done, error, client gone, cancelled by
+aiohttp when the client disconnects), `Frontend.release` runs in its `finally` and
+aborts the children that have not finished, so nothing is left running in an engine
+for a client that stopped listening.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import msgspec
+from aiohttp import web
+
+from services.gateway.frontend import Frontend, Overloaded, RequestHandle, ServiceUnavailable
+from services.gateway.openai_api import (
+    ApiError,
+    DetokenizeBody,
+    Job,
+    TokenizeBody,
+    chat_messages,
+    check_model,
+    decode_body,
+    parse_chat,
+    parse_completion,
+)
+from services.gateway.responses import ResponseCollector, StreamEncoder
+from shared.protocol import DetokenizeRequest, TokenizeRequest
+
+FRONTEND: web.AppKey[Frontend] = web.AppKey("frontend", Frontend)
+MODEL_NAME: web.AppKey[str] = web.AppKey("model_name", str)
+
+SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def json_response(obj: Any, status: int = 200) -> web.Response:
+    return web.Response(body=msgspec.json.encode(obj), status=status, content_type="application/json")
+
+
+def unavailable(e: ServiceUnavailable) -> ApiError:
+    return ApiError(503, str(e), code="service_unavailable")
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    return await _generate(request, parse_completion(await request.read(), request.app[MODEL_NAME]))
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    return await _generate(request, parse_chat(await request.read(), request.app[MODEL_NAME]))
+
+
+async def _generate(request: web.Request, job: Job) -> web.StreamResponse:
+    frontend = request.app[FRONTEND]
+    try:
+        handle = frontend.submit(job.request_id, job.children)
+    except Overloaded as e:
+        raise ApiError(429, str(e), type_="requests", code="rate_limit_exceeded",
+                       headers={"Retry-After": "1"}) from None
+    except ServiceUnavailable as e:
+        raise unavailable(e) from None
+    try:
+        if job.stream:
+            return await _stream(request, job, handle)
+        collector = ResponseCollector(job)
+        while not collector.done:
+            collector.add(await handle.next_batch())
+        return json_response(collector.body())
+    finally:
+        frontend.release(handle)
+
+
+async def _stream(request: web.Request, job: Job, handle: RequestHandle) -> web.StreamResponse:
+    encoder = StreamEncoder(job)
+    # Headers wait for the first output, so a request rejected before its first token
+    # (e.g. a prompt that is too long) gets a real HTTP error, not a 200 stream.
+    payload = encoder.feed(await handle.next_batch())
+    resp = web.StreamResponse(headers={**SSE_HEADERS, "X-Request-Id": job.request_id})
+    await resp.prepare(request)
+    try:
+        while True:
+            if encoder.done:
+                payload += encoder.end()
+            await resp.write(payload)
+            if encoder.done:
+                break
+            payload = encoder.feed(await handle.next_batch())
+        await resp.write_eof()
+    except ConnectionResetError:
+        pass  # the client went away; release() aborts what is still running
+    return resp
+
+
+async def cancel(request: web.Request) -> web.Response:
+    request_id = request.match_info["request_id"]
+    if not request.app[FRONTEND].abort(request_id):
+        raise ApiError(404, f"no request {request_id!r} is in flight", param="request_id",
+                       code="request_not_found")
+    return json_response({"id": request_id, "object": "request.cancelled", "cancelled": True})
+
+
+async def tokenize(request: web.Request) -> web.Response:
+    body: TokenizeBody = decode_body(await request.read(), TokenizeBody)
+    check_model(body.model, request.app[MODEL_NAME])
+    if (body.prompt is None) == (body.messages is None):
+        raise ApiError(400, "give exactly one of prompt and messages", param="prompt")
+    req = TokenizeRequest(
+        request_id=f"tokenize-{uuid.uuid4().hex}",
+        prompt=body.prompt,
+        messages=chat_messages(body.messages) if body.messages is not None else None,
+        add_special_tokens=True if body.add_special_tokens is None else body.add_special_tokens,
+        add_generation_prompt=True if body.add_generation_prompt is None else body.add_generation_prompt,
+    )
+    try:
+        result = await request.app[FRONTEND].tokenize(req)
+    except ServiceUnavailable as e:
+        raise unavailable(e) from None
+    if result.error is not None:
+        raise ApiError(400, result.error)
+    return json_response({"count": len(result.token_ids), "max_model_len": result.max_model_len,
+                          "tokens": result.token_ids})
+
+
+async def detokenize(request: web.Request) -> web.Response:
+    body: DetokenizeBody = decode_body(await request.read(), DetokenizeBody)
+    check_model(body.model, request.app[MODEL_NAME])
+    req = DetokenizeRequest(request_id=f"detokenize-{uuid.uuid4().hex}", token_ids=body.tokens)
+    try:
+        result = await request.app[FRONTEND].detokenize(req)
+    except ServiceUnavailable as e:
+        raise unavailable(e) from None
+    if result.error is not None:
+        raise ApiError(400, result.error, param="tokens")
+    return json_response({"prompt": result.text})

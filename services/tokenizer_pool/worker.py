@@ -1,0 +1,264 @@
+"""One tokenizer worker: tokenizes requests for the engines and detokenizes their outputs.
+
+It owns a PULL input (tokenizer_addrs[index]) fed by the gateway and by every engine,
+and PUSHes to the gateway and to each engine. Everything runs in one thread: a worker
+is one core's worth of tokenization, and the pool scales by running more workers.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from collections import defaultdict
+
+import msgspec
+import zmq
+
+from services.tokenizer_pool.detokenizer import RequestStream
+from services.tokenizer_pool.tokenizer import Tokenizer, load_tokenizer
+from shared import zmq_utils
+from shared.config import Config
+from shared.protocol import (
+    FINISH_ABORT,
+    AbortRequest,
+    DetokenizeRequest,
+    DetokenizeResult,
+    EngineOutputs,
+    EngineRequest,
+    GatewayOutputs,
+    GenerateRequest,
+    RequestDelta,
+    TokenizeRequest,
+    TokenizeResult,
+    TokenizerInput,
+    WorkerHeartbeat,
+    decoder,
+    encode,
+    shard,
+)
+
+logger = logging.getLogger(__name__)
+
+# Messages handled between two heartbeat checks, so a flood cannot silence the heartbeat.
+_MAX_BATCH = 256
+
+
+class RequestError(Exception):
+    """A request the client got wrong: answered with an error delta, never fatal."""
+
+    def __init__(self, message: str, code: int = 400) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class TokenizerWorker:
+    def __init__(self, config: Config, index: int, tokenizer: Tokenizer | None = None) -> None:
+        serve = config.serve
+        if not serve.gateway_addr or not serve.engine_addrs or index >= len(serve.tokenizer_addrs):
+            raise ValueError("tokenizer worker needs gateway_addr, engine_addrs and its tokenizer_addrs entry")
+        self.index = index
+        self._heartbeat_s = serve.heartbeat_s
+        self._ctx = zmq_utils.new_context()
+        # Bind first: messages sent while the tokenizer loads wait in the socket.
+        self._input = zmq_utils.pull_socket(self._ctx, serve.tokenizer_addrs[index])
+        self._gateway = zmq_utils.push_socket(self._ctx, serve.gateway_addr)
+        self._engines = [zmq_utils.push_socket(self._ctx, a) for a in serve.engine_addrs]
+        self.tokenizer = tokenizer or load_tokenizer(config.engine)
+        self._decoder = decoder(TokenizerInput)
+        self._streams: dict[str, RequestStream] = {}
+        self._parent_pid = os.getppid()
+
+    def run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._input, zmq.POLLIN)
+        next_heartbeat = 0.0
+        try:
+            while True:
+                now = time.monotonic()
+                if now >= next_heartbeat:
+                    if os.getppid() != self._parent_pid:
+                        logger.error("tokenizer worker %d: parent died, exiting", self.index)
+                        return
+                    self._send_gateway(WorkerHeartbeat(worker=self.index, timestamp=time.time(),
+                                                       max_model_len=self.tokenizer.max_model_len))
+                    next_heartbeat = now + self._heartbeat_s
+                if not poller.poll(max(0.0, next_heartbeat - time.monotonic()) * 1000):
+                    continue
+                for _ in range(_MAX_BATCH):
+                    try:
+                        raw = self._input.recv(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    self.handle(raw)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self._ctx.destroy(linger=0)
+
+    def handle(self, raw: bytes) -> None:
+        """Handle one input message; nothing a peer sends may stop the worker."""
+        try:
+            msg = self._decoder.decode(raw)
+        except msgspec.DecodeError as e:
+            logger.warning("tokenizer worker %d: dropping undecodable message: %s", self.index, e)
+            return
+        try:
+            if isinstance(msg, EngineOutputs):
+                self._on_engine_outputs(msg)
+            elif isinstance(msg, GenerateRequest):
+                self._on_generate(msg)
+            elif isinstance(msg, AbortRequest):
+                self._abort_in_engines(msg.request_ids)
+            elif isinstance(msg, TokenizeRequest):
+                self._on_tokenize(msg)
+            elif isinstance(msg, DetokenizeRequest):
+                self._on_detokenize(msg)
+        except Exception:  # a bug for one message must not take the worker down
+            logger.exception("tokenizer worker %d: failed to handle %s", self.index, type(msg).__name__)
+
+    # --- gateway -> worker ------------------------------------------------------------
+
+    def _on_generate(self, req: GenerateRequest) -> None:
+        try:
+            if req.request_id in self._streams:
+                raise RequestError(f"request id {req.request_id!r} is already in flight")
+            req.sampling_params.validate()
+            prompt_ids, prompt_text = self._prompt(req)
+        except (RequestError, ValueError, TypeError) as e:
+            code = e.code if isinstance(e, RequestError) else 400
+            self._send_error(req.request_id, str(e), code)
+            return
+        except Exception as e:
+            logger.exception("tokenizer worker %d: request %s", self.index, req.request_id)
+            self._send_error(req.request_id, f"tokenization failed: {e}", 500)
+            return
+        engine = shard(req.request_id, len(self._engines))
+        self._streams[req.request_id] = RequestStream(
+            req.request_id, self.tokenizer, req.sampling_params, num_prompt_tokens=len(prompt_ids),
+            engine=engine, prompt_text=prompt_text if req.echo else None,
+        )
+        self._engines[engine].send(encode(EngineRequest(
+            request_id=req.request_id, prompt_token_ids=prompt_ids, sampling_params=req.sampling_params,
+            worker=self.index, eos_token_ids=self.tokenizer.eos_token_ids, arrival_time=req.arrival_time,
+        )))
+
+    def _prompt(self, req: GenerateRequest) -> tuple[list[int], str]:
+        """The prompt's token ids and its text (for echo), validated."""
+        given = [x is not None for x in (req.prompt, req.prompt_token_ids, req.messages)]
+        if sum(given) != 1:
+            raise RequestError("exactly one of prompt, prompt_token_ids and messages must be given")
+        tok = self.tokenizer
+        if req.prompt is not None:
+            if not req.prompt:
+                raise RequestError("the prompt is empty")
+            ids, text = tok.encode(req.prompt), req.prompt
+        elif req.prompt_token_ids is not None:
+            ids = req.prompt_token_ids
+            self._check_ids(ids)
+            text = tok.decode(ids, skip_special_tokens=False)
+        else:
+            if not req.messages:
+                raise RequestError("messages is empty")
+            text = tok.render_chat(req.messages, req.add_generation_prompt)
+            ids = tok.encode(text, add_special_tokens=False)
+        if not ids:
+            raise RequestError("the prompt is empty")
+        if len(ids) + 1 > tok.max_model_len:
+            raise RequestError(
+                f"This model's maximum context length is {tok.max_model_len} tokens, but the prompt "
+                f"has {len(ids)} tokens (at most {tok.max_model_len - 1} leave room for one output token)."
+            )
+        return ids, text
+
+    def _check_ids(self, ids: list[int]) -> None:
+        bad = next((t for t in ids if not 0 <= t < self.tokenizer.vocab_size), None)
+        if bad is not None:
+            raise RequestError(f"token id {bad} is out of vocabulary (size {self.tokenizer.vocab_size})")
+
+    def _on_tokenize(self, req: TokenizeRequest) -> None:
+        try:
+            if (req.prompt is None) == (req.messages is None):
+                raise RequestError("exactly one of prompt and messages must be given")
+            if req.messages is not None:
+                ids = self.tokenizer.apply_chat_template(req.messages, req.add_generation_prompt)
+            else:
+                ids = self.tokenizer.encode(req.prompt or "", req.add_special_tokens)
+            result = TokenizeResult(request_id=req.request_id, token_ids=ids,
+                                    max_model_len=self.tokenizer.max_model_len)
+        except Exception as e:  # template errors, bad input: the client's problem
+            result = TokenizeResult(request_id=req.request_id, error=str(e))
+        self._send_gateway(result)
+
+    def _on_detokenize(self, req: DetokenizeRequest) -> None:
+        try:
+            self._check_ids(req.token_ids)
+            result = DetokenizeResult(request_id=req.request_id,
+                                      text=self.tokenizer.decode(req.token_ids, skip_special_tokens=False))
+        except Exception as e:
+            result = DetokenizeResult(request_id=req.request_id, error=str(e))
+        self._send_gateway(result)
+
+    def _abort_in_engines(self, request_ids: list[str]) -> None:
+        by_engine: dict[int, list[str]] = defaultdict(list)
+        for request_id in request_ids:
+            stream = self._streams.pop(request_id, None)
+            if stream is not None:
+                by_engine[stream.engine].append(request_id)
+        for engine, ids in by_engine.items():
+            self._engines[engine].send(encode(AbortRequest(request_ids=ids)))
+
+    # --- engine -> worker -------------------------------------------------------------
+
+    def _on_engine_outputs(self, msg: EngineOutputs) -> None:
+        deltas: list[RequestDelta] = []
+        to_abort: list[str] = []
+        for out in msg.outputs:
+            stream = self._streams.get(out.request_id)
+            if stream is None:
+                continue  # aborted or stopped here; the engine had not heard yet
+            try:
+                delta = stream.process(out)
+            except Exception as e:
+                logger.exception("tokenizer worker %d: output of %s", self.index, out.request_id)
+                delta = RequestDelta(request_id=out.request_id, finish_reason=FINISH_ABORT,
+                                     error=f"detokenization failed: {e}", error_code=500)
+                stream.abort_in_engine = out.finish_reason is None  # still running in the engine
+                stream.finished = True
+            deltas.append(delta)
+            if stream.finished:
+                if stream.abort_in_engine:
+                    to_abort.append(out.request_id)
+                else:
+                    del self._streams[out.request_id]
+        self._abort_in_engines(to_abort)
+        if deltas or msg.stats is not None:
+            self._send_gateway(GatewayOutputs(worker=self.index, deltas=deltas, stats=msg.stats))
+
+    # --- sending ----------------------------------------------------------------------
+
+    def _send_error(self, request_id: str, message: str, code: int) -> None:
+        delta = RequestDelta(request_id=request_id, finish_reason=FINISH_ABORT, error=message, error_code=code)
+        self._send_gateway(GatewayOutputs(worker=self.index, deltas=[delta]))
+
+    def _send_gateway(self, msg: msgspec.Struct) -> None:
+        self._gateway.send(encode(msg))
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(0)
+
+
+def run_worker(config: Config, index: int) -> None:
+    """Process entry point (multiprocessing 'spawn' target)."""
+    logging.basicConfig(level=config.serve.log_level.upper(),
+                        format=f"%(asctime)s %(levelname)s tokenizer-{index} %(name)s: %(message)s")
+    # The pool's parent handles Ctrl-C and stops workers with SIGTERM.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    worker = TokenizerWorker(config, index)
+    logger.info("tokenizer worker %d ready on %s (max_model_len %d)", index,
+                config.serve.tokenizer_addrs[index], worker.tokenizer.max_model_len)
+    worker.run()
