@@ -11,7 +11,10 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from gguf import GGUFReader
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3")
 _HF_ARCHITECTURES = {
@@ -116,7 +119,7 @@ class ModelConfig:
         )
 
     @classmethod
-    def from_gguf(cls, reader: Any) -> ModelConfig:
+    def from_gguf(cls, reader: GGUFReader) -> ModelConfig:
         """From a gguf.GGUFReader's metadata ('{arch}.*' and 'tokenizer.ggml.*' keys)."""
 
         def get(key: str, default: Any = None) -> Any:

@@ -15,6 +15,7 @@ import logging
 import os
 import re
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import safe_open
@@ -24,6 +25,9 @@ from services.engine_core.model_config import ModelConfig
 from services.engine_core.models import CausalLM, build_model
 from shared.config import EngineConfig
 from shared.model_files import ModelFiles, ModelFormat, resolve_model
+
+if TYPE_CHECKING:
+    from gguf import GGUFReader
 
 log = logging.getLogger(__name__)
 
@@ -153,10 +157,10 @@ def _gguf_weights(path: str, cache_dir: str) -> tuple[ModelConfig, Iterator[tupl
     return cfg, iter(tensors.items())
 
 
-def _dequantize_gguf(reader: object, cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+def _dequantize_gguf(reader: GGUFReader, cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
     from gguf.quants import dequantize
 
-    for t in reader.tensors:  # type: ignore[attr-defined]
+    for t in reader.tensors:
         array = dequantize(t.data, t.tensor_type)
         # Unquantized tensors come back as read-only views of the memory-mapped file.
         tensor = torch.from_numpy(array if array.flags.writeable else array.copy()).float()

@@ -10,6 +10,7 @@ import asyncio
 import hmac
 import importlib.metadata
 import logging
+import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -169,8 +170,25 @@ def build_app(config: Config) -> web.Application:
     return app
 
 
-def run(config: Config) -> None:
-    app = build_app(config)
+async def serve(config: Config) -> None:
+    """Serve until SIGTERM/SIGINT, then drain: stop listening, let in-flight requests finish
+    (up to DRAIN_TIMEOUT_S), and only then stop the frontend.
+
+    Not web.run_app: it cancels its own task on a signal, which cuts the drain short.
+    """
+    runner = web.AppRunner(build_app(config), handle_signals=False, **RUNNER_OPTIONS)
+    await runner.setup()
+    await web.TCPSite(runner, config.serve.host, config.serve.port).start()
     log.info("gateway for %s on http://%s:%d (input %s, %d tokenizer workers)", config.model_name(),
              config.serve.host, config.serve.port, config.serve.gateway_addr, len(config.serve.tokenizer_addrs))
-    web.run_app(app, host=config.serve.host, port=config.serve.port, print=None, **RUNNER_OPTIONS)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("stopping: draining in-flight requests")
+    await runner.cleanup()
+
+
+def run(config: Config) -> None:
+    asyncio.run(serve(config))

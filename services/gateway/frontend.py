@@ -117,6 +117,7 @@ class Frontend:
         self._outputs: list[zmq.Socket] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
+        metrics.watch_components(self.components)
 
     # --- lifecycle ---------------------------------------------------------------
 
@@ -165,16 +166,20 @@ class Frontend:
                     return f"{kind} {i} has not reported for {now - t:.1f}s"
         return None
 
+    def components(self) -> list[tuple[str, int, bool]]:
+        """(component, index, up) of every worker and engine, for the metrics."""
+        now = time.monotonic()
+        return [
+            (kind, i, t is not None and now - t <= self.timeout_s)
+            for kind, seen in (("tokenizer_worker", self._worker_seen), ("engine", self._engine_seen))
+            for i, t in enumerate(seen)
+        ]
+
     async def _watchdog(self) -> None:
         interval = max(0.02, min(self.config.serve.heartbeat_s, self.timeout_s / 4))
         while True:
             await asyncio.sleep(interval)
             problem = self.health()
-            now = time.monotonic()
-            self.metrics.set_component_up(
-                [t is not None and now - t <= self.timeout_s for t in self._worker_seen],
-                [t is not None and now - t <= self.timeout_s for t in self._engine_seen],
-            )
             # Requests are only admitted while healthy, so anything in flight now was
             # routed to a component that has since gone silent: it will never answer.
             if problem is not None and self._children:

@@ -9,7 +9,7 @@ prometheus Counters that would need increments.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -36,8 +36,8 @@ class _EngineCollector(Collector):
     def __init__(self, model_name: str) -> None:
         self.model_name = model_name
         self.stats: dict[int, EngineStats] = {}
-        self.workers_up: list[bool] = []
-        self.engines_up: list[bool] = []
+        self.components: Callable[[], list[tuple[str, int, bool]]] = list
+        """(component, index, up) for each worker and engine, read at scrape time."""
 
     def collect(self) -> Iterator[Metric]:
         labels = ["model_name", "engine"]
@@ -72,9 +72,8 @@ class _EngineCollector(Collector):
         up = GaugeMetricFamily(PREFIX + "component_up",
                                "1 if the component reported within engine_timeout_s, else 0.",
                                labels=["model_name", "component", "index"])
-        for component, states in (("tokenizer_worker", self.workers_up), ("engine", self.engines_up)):
-            for i, ok in enumerate(states):
-                up.add_metric([self.model_name, component, str(i)], 1.0 if ok else 0.0)
+        for component, i, ok in self.components():
+            up.add_metric([self.model_name, component, str(i)], 1.0 if ok else 0.0)
         yield up
 
 
@@ -126,9 +125,8 @@ class GatewayMetrics:
     def on_engine_stats(self, stats: EngineStats) -> None:
         self._engines.stats[stats.engine_index] = stats
 
-    def set_component_up(self, workers: list[bool], engines: list[bool]) -> None:
-        self._engines.workers_up = workers
-        self._engines.engines_up = engines
+    def watch_components(self, components: Callable[[], list[tuple[str, int, bool]]]) -> None:
+        self._engines.components = components
 
     def on_delta(self, child: ChildState, delta: RequestDelta, now: float) -> None:
         if not child.prompt_counted and delta.num_prompt_tokens:

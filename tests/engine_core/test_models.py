@@ -9,12 +9,11 @@ two requests interleaved in the same steps.
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import os
 import random
 
 import gguf
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -185,21 +184,19 @@ def test_hf_safetensors_parity(name: str, tmp_path) -> None:
     check_against_hf(model, hf, cfg.vocab_size, tol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["tiny-qwen2", "tiny-qwen3"])
-def test_gguf_parity(name: str, tmp_path) -> None:
-    """A float32 GGUF written with llama.cpp's names and metadata keys for the arch."""
-    hf = hf_tiny_model(name, tmp_path)
-    cfg = ModelConfig.from_hf_config(resolve_model(name).hf_config())
-    to_gguf = {
-        "embed_tokens": "token_embd", "norm": "output_norm", "input_layernorm": "attn_norm",
-        "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-        "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm",
-        "self_attn.k_norm": "attn_k_norm", "post_attention_layernorm": "ffn_norm",
-        "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
-    }
-    path = str(tmp_path / f"{name}.gguf")
-    w = gguf.GGUFWriter(path, cfg.architecture)
+_TO_GGUF = {
+    "embed_tokens": "token_embd", "norm": "output_norm", "input_layernorm": "attn_norm",
+    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm",
+    "self_attn.k_norm": "attn_k_norm", "post_attention_layernorm": "ffn_norm",
+    "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+}
+
+
+def write_gguf(hf: torch.nn.Module, cfg: ModelConfig, path: str) -> None:
+    """A float32 GGUF with llama.cpp's tensor names and '{arch}.*' metadata keys."""
     arch = cfg.architecture
+    w = gguf.GGUFWriter(path, arch)
     for key, value in [
         ("block_count", cfg.num_layers), ("context_length", cfg.max_position_embeddings),
         ("embedding_length", cfg.hidden_size), ("feed_forward_length", cfg.intermediate_size),
@@ -210,28 +207,35 @@ def test_gguf_parity(name: str, tmp_path) -> None:
     w.add_float32(f"{arch}.rope.freq_base", cfg.rope_theta)
     w.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", cfg.rms_norm_eps)
     w.add_eos_token_id(cfg.eos_token_ids[0])
-    for hf_name, tensor in hf.state_dict().items():
-        if hf_name == "lm_head.weight":
+    for name, tensor in hf.state_dict().items():
+        if name == "lm_head.weight":
             if cfg.tie_word_embeddings:
                 continue
-            name_out = "output.weight"
+            gguf_name = "output.weight"
         else:
-            parts = hf_name.removeprefix("model.").split(".")
+            parts = name.removeprefix("model.").split(".")
             if parts[0] == "layers":
-                mid, suffix = ".".join(parts[2:-1]), parts[-1]
-                name_out = f"blk.{parts[1]}.{to_gguf[mid]}.{suffix}"
+                gguf_name = f"blk.{parts[1]}.{_TO_GGUF['.'.join(parts[2:-1])]}.{parts[-1]}"
             else:
-                name_out = f"{to_gguf[parts[0]]}.{parts[-1]}"
-        w.add_tensor(name_out, tensor.numpy())
+                gguf_name = f"{_TO_GGUF[parts[0]]}.{parts[-1]}"
+        w.add_tensor(gguf_name, tensor.numpy())
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
 
+
+@pytest.mark.parametrize("name", ["tiny-qwen2", "tiny-qwen3"])
+def test_gguf_parity(name: str, tmp_path) -> None:
+    """Qwen GGUFs (q/k biases, q/k norms; no llama.cpp q/k permutation for these archs)."""
+    hf = hf_tiny_model(name, tmp_path)
+    cfg = ModelConfig.from_hf_config(resolve_model(name).hf_config())
+    path = str(tmp_path / f"{name}.gguf")
+    write_gguf(hf, cfg, path)
     model, got = load_model(EngineConfig(model=path, cache_dir=str(tmp_path / "cache")), CPU, torch.float32)
     assert got.rms_norm_eps == pytest.approx(cfg.rms_norm_eps)  # stored as float32
-    assert got == ModelConfig(
-        **{**cfg.__dict__, "rms_norm_eps": got.rms_norm_eps, "bos_token_id": None, "eos_token_ids": cfg.eos_token_ids[:1]}
+    assert got == dataclasses.replace(
+        cfg, rms_norm_eps=got.rms_norm_eps, bos_token_id=None, eos_token_ids=cfg.eos_token_ids[:1]
     )
     check_against_hf(model, hf, cfg.vocab_size, tol=1e-5)
 

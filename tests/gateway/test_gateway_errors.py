@@ -8,7 +8,7 @@ from typing import Any
 import openai
 import pytest
 
-from tests.gateway.conftest import (
+from tests.gateway.fakes import (
     MODEL,
     Gateway,
     GatewayFactory,

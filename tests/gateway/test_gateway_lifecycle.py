@@ -1,4 +1,4 @@
-"""Cancel, client disconnects and dead workers/engines: every request ends, nothing leaks."""
+"""Cancel, client disconnects, dead workers/engines and shutdown: every request ends, nothing leaks."""
 
 from __future__ import annotations
 
@@ -8,23 +8,33 @@ import time
 import aiohttp
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from services.gateway.serving import FRONTEND
-from shared.protocol import RequestDelta, shard
-from tests.gateway.conftest import MODEL, TIMEOUT_S, Gateway, GatewayFactory, endless, say_hello, silent
+from shared.protocol import GenerateRequest, RequestDelta, shard
+from tests.gateway.fakes import (
+    MODEL,
+    TIMEOUT_S,
+    FakeWorker,
+    Gateway,
+    GatewayFactory,
+    endless,
+    say_hello,
+    silent,
+)
 
 
 def client(gw: Gateway) -> openai.AsyncOpenAI:
     return openai.AsyncOpenAI(base_url=gw.url + "/v1", api_key="x", max_retries=0)
 
 
-def assert_aborts_routed(gw: Gateway, child_ids: set[str]) -> None:
+async def assert_aborts_routed(gw: Gateway, child_ids: set[str]) -> None:
     """Each child's abort went to the worker that got the child, and nothing else leaked."""
-    assert gw.aborted() == child_ids
+    await gw.wait_for(lambda: gw.aborted() == child_ids)  # the abort may trail the response
     for w in gw.workers:
         for ids in w.abort_messages:
             assert all(shard(cid, len(gw.workers)) == w.index for cid in ids)
-    assert gw.app[FRONTEND].num_in_flight == 0
+    await gw.wait_for(lambda: gw.app[FRONTEND].num_in_flight == 0)  # a stream is released after [DONE]
 
 
 async def test_cancel_streaming_request(gateway: Gateway) -> None:
@@ -39,7 +49,7 @@ async def test_cancel_streaming_request(gateway: Gateway) -> None:
             assert status == 200 and body["cancelled"] is True
     finals = {c.choices[0].index: c.choices[0].finish_reason for c in chunks if c.choices[0].finish_reason}
     assert finals == {0: "abort", 1: "abort", 2: "abort"}
-    assert_aborts_routed(gateway, {f"{chunks[0].id}-{i}" for i in range(3)})
+    await assert_aborts_routed(gateway, {f"{chunks[0].id}-{i}" for i in range(3)})
 
 
 async def test_cancel_non_streaming_request(gateway: Gateway) -> None:
@@ -50,7 +60,7 @@ async def test_cancel_non_streaming_request(gateway: Gateway) -> None:
     assert (await gateway.post(f"/v1/requests/{parent}/cancel"))[0] == 200
     resp = await task
     assert resp.id == parent and resp.choices[0].finish_reason == "abort" and resp.choices[0].text.startswith("x")
-    assert_aborts_routed(gateway, {f"{parent}-0"})
+    await assert_aborts_routed(gateway, {f"{parent}-0"})
     status, body, _ = await gateway.post(f"/v1/requests/{parent}/cancel")
     assert status == 404 and body["error"]["code"] == "request_not_found"
 
@@ -65,7 +75,7 @@ async def test_stream_client_disconnect_aborts(gateway: Gateway) -> None:
         resp.close()  # drops the connection mid-stream
     await gateway.wait_for(lambda: len(gateway.aborted()) == 2)
     await gateway.wait_for(lambda: gateway.app[FRONTEND].num_in_flight == 0)
-    assert_aborts_routed(gateway, {g.request_id for g in gateway.generates})
+    await assert_aborts_routed(gateway, {g.request_id for g in gateway.generates})
 
 
 async def test_non_stream_client_disconnect_aborts(gateway: Gateway) -> None:
@@ -114,10 +124,18 @@ async def test_heartbeat_timeout_fails_in_flight_requests(gateway: Gateway, dead
         async for _ in started_stream:
             pass
     assert time.monotonic() - t0 < TIMEOUT_S + 1.5
-    assert gateway.app[FRONTEND].num_in_flight == 0
+    await gateway.wait_for(lambda: gateway.app[FRONTEND].num_in_flight == 0)
 
     status, body = await gateway.get("/health")
     assert status == 503 and dead.encode() in body
+    up = {(s.labels["component"], s.labels["index"]): s.value
+          for fam in text_string_to_metric_families((await gateway.get("/metrics"))[1].decode())
+          if fam.name == "novainfer_component_up" for s in fam.samples}
+    workers_up = [v for (component, _), v in up.items() if component == "tokenizer_worker"]
+    if dead == "worker":  # the first worker to time out fails the requests; the other may lag
+        assert 0 in workers_up
+    else:
+        assert up[("engine", "0")] == 0 and workers_up == [1, 1]
     status, body, _ = await gateway.post("/v1/completions", {"prompt": "hi"})
     assert status == 503 and body["error"]["type"] == "server_error"
 
@@ -137,3 +155,22 @@ async def test_silent_worker_makes_the_service_unavailable(make_gateway: Gateway
     assert status == 503 and b"tokenizer worker 1" in body
     status, body, _ = await gw.post("/tokenize", {"prompt": "hi"})
     assert status == 503
+
+
+async def test_shutdown_drains_in_flight_streams(gateway: Gateway) -> None:
+    async def slow_ten(worker: FakeWorker, req: GenerateRequest) -> None:
+        for i in range(10):
+            worker.send(RequestDelta(request_id=req.request_id, text=str(i), token_ids=[i], num_output_tokens=i + 1,
+                                     finish_reason="stop" if i == 9 else None))
+            await asyncio.sleep(0.03)
+
+    gateway.set_script(slow_ten)
+    async with aiohttp.ClientSession() as session:
+        resp = await session.post(gateway.url + "/v1/completions", json={"prompt": "go", "stream": True})
+        await resp.content.readuntil(b"\n\n")
+        stopping = asyncio.create_task(gateway.runner.cleanup())  # what SIGTERM does in serve()
+        body = (await resp.read()).decode()
+        await stopping
+    assert body.endswith("data: [DONE]\n\n") and '"finish_reason":"stop"' in body
+    with pytest.raises(aiohttp.ClientConnectionError):
+        await gateway.get("/health")

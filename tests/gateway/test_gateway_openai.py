@@ -8,7 +8,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.gateway.conftest import MODEL, TOKENS, Gateway
+from tests.gateway.fakes import MODEL, TOKENS, Gateway
 
 TEXT = "".join(TOKENS)
 
@@ -191,6 +191,7 @@ async def test_metrics_parse_and_move(gateway: Gateway) -> None:
     assert m[("novainfer_prefix_cache_hits_total", engine)] == 40
     assert m[("novainfer_num_preemptions_total", engine)] == 3
     assert m[("novainfer_component_up", (("component", "tokenizer_worker"), ("index", "1"), model))] == 1
+    assert m[("novainfer_component_up", (("component", "engine"), ("index", "0"), model))] == 1
 
     await async_client(gateway).completions.create(model=MODEL, prompt="x")
     m2 = scrape((await gateway.get("/metrics"))[1])

@@ -1,0 +1,154 @@
+"""Offline throughput: NovaInfer's engine vs transformers' `generate`, side by side.
+
+Same 128 requests for both (prompt lengths uniform in [16, 256], output lengths
+uniform in [16, 128], ignore_eos, greedy), the bundled SmolLM2-135M in fp32.
+transformers runs static batches of 32 in arrival order (left-padded; each batch
+runs to its longest output). Throughput counts the requested output tokens only.
+Also single-stream decode tokens/s for both. Writes
+benchmarks/results/offline_throughput.json.
+
+    .venv/bin/python benchmarks/offline_throughput.py [--requests 128] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from novainfer.llm import LLM  # noqa: E402
+from shared.config import EngineConfig, available_cores  # noqa: E402
+from shared.model_files import bundled_model_path  # noqa: E402
+from shared.protocol import SamplingParams  # noqa: E402
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "offline_throughput.json")
+
+
+def workload(n: int, vocab: int, seed: int) -> list[tuple[list[int], int]]:
+    rng = random.Random(seed)
+    return [
+        ([rng.randrange(100, vocab) for _ in range(rng.randint(16, 256))], rng.randint(16, 128))
+        for _ in range(n)
+    ]
+
+
+def load_hf() -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    path = bundled_model_path()
+    return AutoModelForCausalLM.from_pretrained(
+        os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32
+    ).eval()
+
+
+@torch.inference_mode()
+def hf_generate(model: torch.nn.Module, prompts: list[list[int]], max_new: int) -> None:
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros((len(prompts), width), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+    model.generate(ids, attention_mask=mask, max_new_tokens=max_new, min_new_tokens=max_new,
+                   do_sample=False, pad_token_id=0)
+
+
+def bench_hf_throughput(model: torch.nn.Module, reqs: list[tuple[list[int], int]], batch: int) -> float:
+    t0 = time.perf_counter()
+    for i in range(0, len(reqs), batch):
+        chunk = reqs[i : i + batch]
+        hf_generate(model, [p for p, _ in chunk], max(n for _, n in chunk))
+    return sum(n for _, n in reqs) / (time.perf_counter() - t0)
+
+
+def bench_engine_throughput(llm: LLM, reqs: list[tuple[list[int], int]]) -> float:
+    params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for _, n in reqs]
+    t0 = time.perf_counter()
+    results = llm.generate([p for p, _ in reqs], params, use_tqdm=False)
+    dt = time.perf_counter() - t0
+    produced = sum(len(r.outputs[0].token_ids) for r in results)
+    assert produced == sum(n for _, n in reqs), "engine produced a different number of tokens"
+    return produced / dt
+
+
+def decode_rate(run: callable, prompt: list[int], n: int) -> float:
+    """Decode tokens/s: time for n tokens minus time for 1 (the prefill), over n - 1."""
+    run(prompt, 1)
+    t0 = time.perf_counter()
+    run(prompt, 1)
+    t_prefill = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    run(prompt, n)
+    return (n - 1) / (time.perf_counter() - t0 - t_prefill)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--requests", type=int, default=128)
+    ap.add_argument("--hf-batch", type=int, default=32)
+    ap.add_argument("--decode-tokens", type=int, default=128)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--quick", action="store_true", help="16 requests: a smoke run")
+    ap.add_argument("--out", default=RESULTS)
+    args = ap.parse_args()
+    if args.quick:
+        args.requests, args.decode_tokens = 16, 32
+
+    threads = available_cores()
+    torch.set_num_threads(threads)
+    llm = LLM(config=EngineConfig(num_threads=threads))
+    hf = load_hf()
+    reqs = workload(args.requests, llm.engine.model_config.vocab_size, args.seed)
+
+    # Warm both up once so one-time costs (allocator, kernels' first run) stay out.
+    bench_engine_throughput(llm, reqs[:4])
+    hf_generate(hf, [reqs[0][0]], 4)
+
+    engine_tps = bench_engine_throughput(llm, reqs)
+    hf_tps = bench_hf_throughput(hf, reqs, args.hf_batch)
+
+    prompt = reqs[0][0][:32]
+
+    def engine_run(p: list[int], n: int) -> None:
+        llm.generate([p], SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True), use_tqdm=False)
+
+    engine_decode = decode_rate(engine_run, prompt, args.decode_tokens)
+    hf_decode = decode_rate(lambda p, n: hf_generate(hf, [p], n), prompt, args.decode_tokens)
+
+    result = {
+        "benchmark": "offline_throughput",
+        "model": "SmolLM2-135M-Instruct (GGUF Q4_1 dequantized), float32",
+        "device": f"cpu: {platform.processor() or platform.machine()}, {threads} threads",
+        "torch": torch.__version__,
+        "requests": args.requests,
+        "prompt_len_range": [16, 256],
+        "output_len_range": [16, 128],
+        "hf_static_batch": args.hf_batch,
+        "output_tokens": sum(n for _, n in reqs),
+        "engine_tokens_per_s": round(engine_tps, 2),
+        "hf_tokens_per_s": round(hf_tps, 2),
+        "ratio": round(engine_tps / hf_tps, 3),
+        "engine_decode_tokens_per_s": round(engine_decode, 2),
+        "hf_decode_tokens_per_s": round(hf_decode, 2),
+        "decode_ratio": round(engine_decode / hf_decode, 3),
+        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"| metric | NovaInfer | transformers | ratio |\n|---|---|---|---|\n"
+          f"| throughput, output tok/s ({args.requests} requests) | {engine_tps:.1f} | {hf_tps:.1f} | {engine_tps / hf_tps:.2f}x |\n"
+          f"| single-stream decode, tok/s | {engine_decode:.1f} | {hf_decode:.1f} | {engine_decode / hf_decode:.2f}x |")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
