@@ -31,9 +31,13 @@ def client(server: Server) -> openai.OpenAI:
     return openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0, timeout=120)
 
 
-@pytest.fixture(scope="module")
-def aclient(server: Server) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0, timeout=120)
+@pytest.fixture
+async def aclient(server: Server) -> openai.AsyncOpenAI:
+    # Per test: pytest-asyncio gives each test its own event loop, and the client's
+    # connection pool belongs to one loop.
+    async with openai.AsyncOpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0,
+                                  timeout=120) as c:
+        yield c
 
 
 def metrics(server: Server) -> dict[str, float]:
