@@ -14,8 +14,9 @@ import signal
 import sys
 from collections.abc import Sequence
 
+from services.tokenizer_pool.tokenizer import load_tokenizer
 from services.tokenizer_pool.worker import run_worker
-from shared.config import Config, parse_config
+from shared.config import parse_config
 
 logger = logging.getLogger("services.tokenizer_pool")
 
@@ -28,21 +29,6 @@ class _Shutdown(Exception):
 
 def _raise_shutdown(signum: int, frame: object) -> None:
     raise _Shutdown(signal.Signals(signum).name)
-
-
-def _addressed(config: Config) -> Config:
-    """Fill addresses the way every process does; refuse to invent a private run dir.
-
-    with_default_addresses() without a run_dir picks a directory named after this
-    process id, which no gateway or engine would find.
-    """
-    serve = config.serve
-    if serve.run_dir is None and not (serve.gateway_addr and serve.tokenizer_addrs and serve.engine_addrs):
-        raise SystemExit(
-            "tokenizer pool: give --gateway-addr, --tokenizer-addrs and --engine-addrs, or the --run-dir "
-            "shared with the gateway and engines"
-        )
-    return config.with_default_addresses()
 
 
 def _stop(processes: Sequence[multiprocessing.process.BaseProcess]) -> None:
@@ -58,7 +44,13 @@ def _stop(processes: Sequence[multiprocessing.process.BaseProcess]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    config = _addressed(parse_config(argv, description="NovaInfer tokenizer pool"))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--warm-cache" in argv:
+        # Build the on-disk tokenizer cache and exit (used at image build time).
+        argv.remove("--warm-cache")
+        load_tokenizer(parse_config(argv).engine)
+        return 0
+    config = parse_config(argv, description="NovaInfer tokenizer pool").with_default_addresses()
     serve = config.serve
     logging.basicConfig(level=serve.log_level.upper(),
                         format="%(asctime)s %(levelname)s tokenizer-pool %(name)s: %(message)s")
