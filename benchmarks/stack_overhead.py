@@ -1,0 +1,365 @@
+"""Where the time goes: the engine in-process vs over ZMQ vs the full HTTP stack.
+
+One workload for all three stages: 96 requests of 32 random prompt tokens and 50 output
+tokens (ignore_eos, greedy), 32 in flight at all times (a new one starts when one ends).
+  (1) engine: LLMEngine stepped in this process;
+  (2) zmq:    `python -m services.engine_core`, fed EngineRequests over ipc:// by this
+              process, which binds the PULL the engine pushes its EngineOutputs to;
+  (3) full:   `novainfer serve` (launcher, engine core, tokenizer pool, gateway), driven
+              by 32 concurrent streaming /v1/completions clients.
+Same engine config everywhere (bundled model, fp32, same KV cache and batch limits).
+Each stage is warmed up with a few requests first, so start-up and first-run costs stay
+out. CPU seconds of every process (this one included) are recorded per stage, so an
+overhead can be pinned on a process. With several --threads values the whole set of
+stages runs once per torch thread count. Writes benchmarks/results/stack_overhead.json.
+
+    .venv/bin/python benchmarks/stack_overhead.py [--threads 2,1] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from shared.config import Config, EngineConfig, ServeConfig, available_cores, config_to_args  # noqa: E402
+from shared.protocol import EngineOutputs, EngineRequest, SamplingParams, decoder, encode  # noqa: E402
+
+RESULTS = os.path.join(ROOT, "benchmarks", "results", "stack_overhead.json")
+START_TIMEOUT_S = 300.0
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+Workload = list[list[int]]
+
+
+# --- process CPU accounting ------------------------------------------------------------
+
+
+def _stat(pid: int) -> tuple[str, int, float] | None:
+    """(name, ppid, cpu seconds) from /proc; the name is the module from the command line."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+    except OSError:
+        return None
+    name = next((a.decode() for a in argv if a.startswith((b"services.", b"novainfer."))), "other")
+    if b"multiprocessing" in b" ".join(argv):
+        name = "services.tokenizer_pool (worker)"  # spawned workers run `-c from multiprocessing...`
+    return name, int(fields[1]), (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def cpu_by_process(root: int) -> dict[str, float]:
+    """CPU seconds of `root` and all its descendants, summed per module name."""
+    stats = {int(p): s for p in os.listdir("/proc") if p.isdigit() and (s := _stat(int(p)))}
+    tree, frontier = {root}, [root]
+    while frontier:
+        parent = frontier.pop()
+        for pid, (_, ppid, _) in stats.items():
+            if ppid == parent and pid not in tree:
+                tree.add(pid)
+                frontier.append(pid)
+    out: dict[str, float] = {}
+    for pid in tree:
+        if pid in stats:
+            name, _, cpu = stats[pid]
+            out[name] = out.get(name, 0.0) + cpu
+    return out
+
+
+def cpu_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    return {k: round(after[k] - before.get(k, 0.0), 2) for k in after}
+
+
+# --- the driver shared by stages 1 and 2 ----------------------------------------------------
+
+
+def closed_loop(prompts: Workload, concurrency: int, submit: Callable[[str, list[int]], None],
+                poll: Callable[[], list[tuple[str, int, bool]]]) -> tuple[float, int]:
+    """Keep `concurrency` requests in flight until all are done; (seconds, output tokens).
+
+    poll() returns (request id, new tokens, finished) for whatever progressed.
+    """
+    queue = list(enumerate(prompts))[::-1]
+    counts: dict[str, int] = {}
+    t0 = time.perf_counter()
+    for _ in range(min(concurrency, len(queue))):
+        i, p = queue.pop()
+        counts[f"r{i}"] = 0
+        submit(f"r{i}", p)
+    done = 0
+    while done < len(prompts):
+        for rid, n, finished in poll():
+            counts[rid] += n
+            if finished:
+                done += 1
+                if queue:
+                    i, p = queue.pop()
+                    counts[f"r{i}"] = 0
+                    submit(f"r{i}", p)
+    return time.perf_counter() - t0, sum(counts.values())
+
+
+def run_engine(engine_config: EngineConfig, prompts: Workload, warmup: Workload, args: argparse.Namespace,
+               threads: int) -> dict[str, Any]:
+    import torch
+
+    from services.engine_core.engine import LLMEngine
+
+    global _ENGINE
+    if _ENGINE is None:
+        _ENGINE = LLMEngine(engine_config)
+    engine = _ENGINE
+    torch.set_num_threads(threads)  # one engine serves every thread setting: loading twice is slow
+    params = SamplingParams(max_tokens=args.output_len, temperature=0.0, ignore_eos=True)
+
+    def poll() -> list[tuple[str, int, bool]]:
+        return [(o.request_id, len(o.new_token_ids), o.finish_reason is not None) for o in engine.step()]
+
+    closed_loop(warmup, args.concurrency, lambda rid, p: engine.add_request("w" + rid, p, params), poll)
+    before = cpu_by_process(os.getpid())
+    secs, tokens = closed_loop(prompts, args.concurrency, lambda rid, p: engine.add_request(rid, p, params), poll)
+    return {"seconds": round(secs, 3), "output_tokens": tokens,
+            "cpu_s": cpu_delta(before, cpu_by_process(os.getpid()))}
+
+
+_ENGINE: Any = None
+
+
+# --- stage 2: the engine-core process over ZMQ ----------------------------------------------
+
+
+def run_zmq(engine_config: EngineConfig, prompts: Workload, warmup: Workload, args: argparse.Namespace,
+            tmp: str) -> dict[str, Any]:
+    import zmq
+
+    from shared.zmq_utils import pull_socket, push_socket
+
+    run_dir = tempfile.mkdtemp(prefix="zmq-", dir=tmp)
+    serve = ServeConfig(run_dir=run_dir, tokenizer_addrs=[f"ipc://{run_dir}/bench-in"],
+                        engine_addrs=[f"ipc://{run_dir}/engine-0"], log_level="WARNING")
+    ctx = zmq.Context()
+    inbox = pull_socket(ctx, serve.tokenizer_addrs[0])
+    outbox = push_socket(ctx, serve.engine_addrs[0])
+    proc = subprocess.Popen([sys.executable, "-m", "services.engine_core",
+                             *config_to_args(Config(engine=engine_config, serve=serve))], cwd=ROOT)
+    dec = decoder(EngineOutputs)
+    params = SamplingParams(max_tokens=args.output_len, temperature=0.0, ignore_eos=True)
+    step_times: list[float] = []
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not inbox.poll(500):  # the first heartbeat: the model is loaded and the loop runs
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("the engine core did not start")
+
+        def submit(rid: str, prompt: list[int]) -> None:
+            outbox.send(encode(EngineRequest(request_id=rid, prompt_token_ids=prompt,
+                                             sampling_params=params, worker=0)))
+
+        def poll() -> list[tuple[str, int, bool]]:
+            msg = dec.decode(inbox.recv())
+            if msg.outputs and msg.stats is not None:
+                step_times.append(msg.stats.last_step_time_s)
+            return [(o.request_id, len(o.new_token_ids), o.finish_reason is not None) for o in msg.outputs]
+
+        closed_loop(warmup, args.concurrency, lambda rid, p: submit("w" + rid, p), poll)
+        step_times.clear()
+        before = cpu_by_process(os.getpid())
+        secs, tokens = closed_loop(prompts, args.concurrency, submit, poll)
+        after = cpu_by_process(os.getpid())
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+        ctx.destroy(linger=0)
+    # Time inside engine.step() over wall time: what is left is the ZMQ loop itself.
+    return {"seconds": round(secs, 3), "output_tokens": tokens, "cpu_s": cpu_delta(before, after),
+            "engine_step_s": round(sum(step_times), 3), "steps": len(step_times)}
+
+
+# --- stage 3: the full service over HTTP ------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def http_loop(base: str, prompts: Workload, concurrency: int, output_len: int) -> tuple[float, int, int]:
+    """Closed loop of streaming completions; (seconds, output tokens, SSE content chunks)."""
+    import aiohttp
+
+    queue = list(prompts)[::-1]
+    tokens = chunks = 0
+
+    async def client(session: aiohttp.ClientSession) -> None:
+        nonlocal tokens, chunks
+        while queue:
+            body = {"prompt": queue.pop(), "max_tokens": output_len, "temperature": 0,
+                    "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+            usage = None
+            async with session.post(base + "/v1/completions", json=body) as resp:
+                if resp.status != 200:
+                    raise RuntimeError(f"HTTP {resp.status}: {await resp.text()}")
+                async for line in resp.content:
+                    if not line.startswith(b"data: {"):
+                        continue
+                    chunk = json.loads(line[6:])
+                    if chunk.get("usage"):
+                        usage = chunk["usage"]
+                    elif chunk["choices"] and chunk["choices"][0].get("text"):
+                        chunks += 1
+            got = usage["completion_tokens"] if usage else 0
+            if got != output_len:
+                raise RuntimeError(f"a request got {got} output tokens, not {output_len}")
+            tokens += got
+
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=600)) as session:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client(session) for _ in range(concurrency)))
+        return time.perf_counter() - t0, tokens, chunks
+
+
+def run_full(engine_config: EngineConfig, prompts: Workload, warmup: Workload, args: argparse.Namespace,
+             tmp: str) -> dict[str, Any]:
+    port = free_port()
+    serve = ServeConfig(port=port, run_dir=tempfile.mkdtemp(prefix="serve-", dir=tmp), log_level="WARNING",
+                        num_tokenizer_workers=args.tokenizer_workers)
+    cmd = [sys.executable, "-m", "novainfer.cli", "serve",
+           *config_to_args(Config(engine=engine_config, serve=serve))]
+    proc = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("novainfer serve did not start")
+            try:
+                with urllib.request.urlopen(base + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.5)
+        asyncio.run(http_loop(base, warmup, args.concurrency, args.output_len))
+        before = {**cpu_by_process(proc.pid), "bench client": time.process_time()}
+        secs, tokens, chunks = asyncio.run(http_loop(base, prompts, args.concurrency, args.output_len))
+        after = {**cpu_by_process(proc.pid), "bench client": time.process_time()}
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    return {"seconds": round(secs, 3), "output_tokens": tokens, "sse_content_chunks": chunks,
+            "cpu_s": cpu_delta(before, after), "num_tokenizer_workers": serve.num_tokenizer_workers or "auto"}
+
+
+# --- the run ------------------------------------------------------------------------------------
+
+
+def workload(n: int, length: int, vocab: int, seed: int) -> Workload:
+    # Distinct random prompts: no prefix-cache hits, so every stage does the same prefill work.
+    rng = random.Random(seed)
+    return [[rng.randrange(100, vocab) for _ in range(length)] for _ in range(n)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--requests", type=int, default=96)
+    ap.add_argument("--concurrency", type=int, default=32)
+    ap.add_argument("--prompt-len", type=int, default=32)
+    ap.add_argument("--output-len", type=int, default=50)
+    ap.add_argument("--warmup", type=int, default=8, help="requests run before each stage's measurement")
+    ap.add_argument("--threads", default=str(available_cores()),
+                    help="comma-separated torch thread counts; every stage runs once per value")
+    ap.add_argument("--tokenizer-workers", type=int, default=0, help="0: the service's default")
+    ap.add_argument("--kv-cache-bytes", type=int, default=256 << 20)
+    ap.add_argument("--max-num-seqs", type=int, default=64)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=1024)
+    ap.add_argument("--stages", default="engine,zmq,full")
+    ap.add_argument("--quick", action="store_true", help="8 requests of 8 tokens: a smoke run")
+    ap.add_argument("--out", default=RESULTS)
+    args = ap.parse_args()
+    if args.quick:
+        args.requests, args.concurrency, args.output_len, args.warmup = 8, 4, 8, 2
+    thread_counts = [int(t) for t in args.threads.split(",")]
+    stages = args.stages.split(",")
+
+    from services.engine_core.model_config import ModelConfig  # noqa: F401  (import cost out of the timings)
+
+    prompts = workload(args.requests, args.prompt_len, 49152, seed=0)
+    warm = workload(args.warmup, args.prompt_len, 49152, seed=1)
+    runs: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="novainfer-bench-") as tmp:
+        for threads in thread_counts:
+            cfg = EngineConfig(dtype="float32", device="cpu", kv_cache_bytes=args.kv_cache_bytes,
+                               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                               num_threads=threads)
+            run: dict[str, Any] = {"threads": threads}
+            for stage in stages:
+                fn = {"engine": lambda: run_engine(cfg, prompts, warm, args, threads),
+                      "zmq": lambda: run_zmq(cfg, prompts, warm, args, tmp),
+                      "full": lambda: run_full(cfg, prompts, warm, args, tmp)}[stage]
+                r = fn()
+                expected = args.requests * args.output_len
+                if r["output_tokens"] != expected:
+                    raise RuntimeError(f"{stage}: {r['output_tokens']} output tokens, expected {expected}")
+                r["tokens_per_s"] = round(r["output_tokens"] / r["seconds"], 2)
+                run[stage] = r
+                print(f"threads={threads} {stage}: {r['tokens_per_s']:.1f} tok/s  cpu {r['cpu_s']}", flush=True)
+            if "engine" in run:
+                for stage in ("zmq", "full"):
+                    if stage in run:
+                        run[f"{stage}_over_engine"] = round(run[stage]["tokens_per_s"] / run["engine"]["tokens_per_s"], 3)
+            runs.append(run)
+
+    head = runs[0]
+    result = {
+        "benchmark": "stack_overhead",
+        "model": "SmolLM2-135M-Instruct (bundled GGUF, dequantized), float32",
+        "device": f"cpu: {platform.processor() or platform.machine()}, {available_cores()} cores",
+        "workload": {"requests": args.requests, "concurrency": args.concurrency, "prompt_len": args.prompt_len,
+                     "output_len": args.output_len, "ignore_eos": True, "temperature": 0.0,
+                     "warmup_requests": args.warmup},
+        "engine_config": {"kv_cache_bytes": args.kv_cache_bytes, "max_num_seqs": args.max_num_seqs,
+                          "max_num_batched_tokens": args.max_num_batched_tokens, "dtype": "float32"},
+        # The headline figures are those of the first --threads value (the default config).
+        "threads": head["threads"],
+        **{f"{s}_tokens_per_s": head[s]["tokens_per_s"] for s in stages},
+        **{k: head[k] for k in ("zmq_over_engine", "full_over_engine") if k in head},
+        "runs": runs,
+        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=2)
+    print("\n| torch threads | stage | output tok/s | vs engine |\n|---|---|---|---|")
+    for run in runs:
+        for stage in stages:
+            ratio = run.get(f"{stage}_over_engine", 1.0 if stage == "engine" else None)
+            shown = f"{ratio:.2f}" if ratio is not None else "-"
+            print(f"| {run['threads']} | {stage} | {run[stage]['tokens_per_s']:.1f} | {shown} |")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
