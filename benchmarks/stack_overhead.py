@@ -45,6 +45,7 @@ from shared.protocol import EngineOutputs, EngineRequest, SamplingParams, decode
 RESULTS = os.path.join(ROOT, "benchmarks", "results", "stack_overhead.json")
 START_TIMEOUT_S = 300.0
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+VOCAB = 49152  # the bundled SmolLM2's; prompts draw ids from [100, VOCAB)
 
 Workload = list[list[int]]
 
@@ -93,7 +94,7 @@ def cpu_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, fl
 
 
 def closed_loop(prompts: Workload, concurrency: int, submit: Callable[[str, list[int]], None],
-                poll: Callable[[], list[tuple[str, int, bool]]]) -> tuple[float, int]:
+                poll: Callable[[], list[tuple[str, int, bool]]], tag: str = "r") -> tuple[float, int]:
     """Keep `concurrency` requests in flight until all are done; (seconds, output tokens).
 
     poll() returns (request id, new tokens, finished) for whatever progressed.
@@ -103,8 +104,8 @@ def closed_loop(prompts: Workload, concurrency: int, submit: Callable[[str, list
     t0 = time.perf_counter()
     for _ in range(min(concurrency, len(queue))):
         i, p = queue.pop()
-        counts[f"r{i}"] = 0
-        submit(f"r{i}", p)
+        counts[f"{tag}{i}"] = 0
+        submit(f"{tag}{i}", p)
     done = 0
     while done < len(prompts):
         for rid, n, finished in poll():
@@ -113,8 +114,8 @@ def closed_loop(prompts: Workload, concurrency: int, submit: Callable[[str, list
                 done += 1
                 if queue:
                     i, p = queue.pop()
-                    counts[f"r{i}"] = 0
-                    submit(f"r{i}", p)
+                    counts[f"{tag}{i}"] = 0
+                    submit(f"{tag}{i}", p)
     return time.perf_counter() - t0, sum(counts.values())
 
 
@@ -134,9 +135,12 @@ def run_engine(engine_config: EngineConfig, prompts: Workload, warmup: Workload,
     def poll() -> list[tuple[str, int, bool]]:
         return [(o.request_id, len(o.new_token_ids), o.finish_reason is not None) for o in engine.step()]
 
-    closed_loop(warmup, args.concurrency, lambda rid, p: engine.add_request("w" + rid, p, params), poll)
+    def submit(rid: str, prompt: list[int]) -> None:
+        engine.add_request(rid, prompt, params)
+
+    closed_loop(warmup, args.concurrency, submit, poll, tag=f"w{threads}-")
     before = cpu_by_process(os.getpid())
-    secs, tokens = closed_loop(prompts, args.concurrency, lambda rid, p: engine.add_request(rid, p, params), poll)
+    secs, tokens = closed_loop(prompts, args.concurrency, submit, poll, tag=f"r{threads}-")
     return {"seconds": round(secs, 3), "output_tokens": tokens,
             "cpu_s": cpu_delta(before, cpu_by_process(os.getpid()))}
 
@@ -180,7 +184,7 @@ def run_zmq(engine_config: EngineConfig, prompts: Workload, warmup: Workload, ar
                 step_times.append(msg.stats.last_step_time_s)
             return [(o.request_id, len(o.new_token_ids), o.finish_reason is not None) for o in msg.outputs]
 
-        closed_loop(warmup, args.concurrency, lambda rid, p: submit("w" + rid, p), poll)
+        closed_loop(warmup, args.concurrency, submit, poll, tag="w")
         step_times.clear()
         before = cpu_by_process(os.getpid())
         secs, tokens = closed_loop(prompts, args.concurrency, submit, poll)
@@ -304,13 +308,12 @@ def main() -> None:
     thread_counts = [int(t) for t in args.threads.split(",")]
     stages = args.stages.split(",")
 
-    from services.engine_core.model_config import ModelConfig  # noqa: F401  (import cost out of the timings)
-
-    prompts = workload(args.requests, args.prompt_len, 49152, seed=0)
-    warm = workload(args.warmup, args.prompt_len, 49152, seed=1)
     runs: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="novainfer-bench-") as tmp:
-        for threads in thread_counts:
+        for k, threads in enumerate(thread_counts):
+            # New prompts per thread setting: stage 1's engine is reused and would hit its prefix cache.
+            prompts = workload(args.requests, args.prompt_len, VOCAB, seed=2 * k)
+            warm = workload(args.warmup, args.prompt_len, VOCAB, seed=2 * k + 1)
             cfg = EngineConfig(dtype="float32", device="cpu", kv_cache_bytes=args.kv_cache_bytes,
                                max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                                num_threads=threads)
