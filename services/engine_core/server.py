@@ -4,13 +4,18 @@ One PULL input (EngineRequest / AbortRequest from tokenizer workers), one PUSH p
 tokenizer worker. Each step's outputs go out as one EngineOutputs per worker that
 has requests in the step. Inputs are drained before every step, so aborts apply
 before the next forward; with nothing to do the loop blocks on the socket (no
-spinning) and wakes every heartbeat to send stats.
+spinning).
+
+Liveness is reported by a separate heartbeat thread (torch releases the GIL during
+a step), so a long step on a slow or busy machine is never mistaken for a dead
+engine: the gateway fails requests only when the process is really gone.
 """
 
 from __future__ import annotations
 
 import logging
 import signal
+import threading
 import time
 from collections import defaultdict
 
@@ -25,6 +30,7 @@ from shared.protocol import (
     EngineOutput,
     EngineOutputs,
     EngineRequest,
+    EngineStats,
     decoder,
     encode,
 )
@@ -48,11 +54,14 @@ class EngineCoreServer:
         self.owner: dict[str, int] = {}
         """request id -> tokenizer worker index."""
         self.pending: dict[int, list[EngineOutput]] = defaultdict(list)
-        self.last_sent = [0.0] * len(self.workers)
+        self.latest_stats: EngineStats = self.engine.stats()
+        """Replaced (never mutated) by the loop, read by the heartbeat thread."""
         self.running = True
+        self._stopped = threading.Event()
 
     def stop(self, *_: object) -> None:
         self.running = False
+        self._stopped.set()
 
     def _handle(self, raw: bytes) -> None:
         try:
@@ -95,33 +104,37 @@ class EngineCoreServer:
             del self.owner[out.request_id]
 
     def _flush(self) -> None:
+        self.latest_stats = self.engine.stats()
         if not self.pending:
             return
-        stats = self.engine.stats()
-        now = time.monotonic()
         for worker, outs in self.pending.items():
             self.workers[worker].send(
-                encode(EngineOutputs(engine_index=self.index, outputs=outs, stats=stats)), copy=False
+                encode(EngineOutputs(engine_index=self.index, outputs=outs, stats=self.latest_stats)),
+                copy=False,
             )
-            self.last_sent[worker] = now
         self.pending.clear()
 
-    def _heartbeat(self) -> None:
-        now = time.monotonic()
-        due = [i for i, t in enumerate(self.last_sent) if now - t >= self.config.serve.heartbeat_s]
-        if not due:
-            return
-        msg = encode(EngineOutputs(engine_index=self.index, outputs=[], stats=self.engine.stats()))
-        for i in due:
-            self.workers[i].send(msg)
-            self.last_sent[i] = now
+    def _heartbeat_loop(self) -> None:
+        # Own sockets: ZMQ sockets must not be shared between threads.
+        socks = [push_socket(self.ctx, addr) for addr in self.config.serve.tokenizer_addrs]
+        try:
+            while True:
+                msg = encode(EngineOutputs(engine_index=self.index, outputs=[], stats=self.latest_stats))
+                for sock in socks:
+                    sock.send(msg)
+                if self._stopped.wait(self.config.serve.heartbeat_s):
+                    return
+        finally:
+            for sock in socks:
+                sock.close(linger=0)
 
     def run(self) -> None:
         poller = zmq.Poller()
         poller.register(self.input, zmq.POLLIN)
         heartbeat_ms = int(self.config.serve.heartbeat_s * 1000)
         log.info("engine core %d ready on %s", self.index, self.config.serve.engine_addrs[self.index])
-        self._heartbeat()
+        heartbeat = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
+        heartbeat.start()
         while self.running:
             timeout = 0 if self.engine.has_unfinished() else heartbeat_ms
             if poller.poll(timeout):
@@ -141,7 +154,8 @@ class EngineCoreServer:
                         out.error, out.error_code = "internal engine error", 500
                         self._route(out)
             self._flush()
-            self._heartbeat()
+        self._stopped.set()
+        heartbeat.join()
         self.ctx.destroy(linger=0)
 
 
