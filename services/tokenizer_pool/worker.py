@@ -158,7 +158,8 @@ class TokenizerWorker:
         elif req.prompt_token_ids is not None:
             ids = req.prompt_token_ids
             self._check_ids(ids)
-            text = tok.decode(ids, skip_special_tokens=False)
+            # Decoding the prompt is only worth it when it is echoed back.
+            text = tok.decode(ids, skip_special_tokens=False) if req.echo else ""
         else:
             if not req.messages:
                 raise RequestError("messages is empty")
@@ -170,6 +171,14 @@ class TokenizerWorker:
             raise RequestError(
                 f"This model's maximum context length is {tok.max_model_len} tokens, but the prompt "
                 f"has {len(ids)} tokens (at most {tok.max_model_len - 1} leave room for one output token)."
+            )
+        max_tokens = req.sampling_params.max_tokens
+        if max_tokens is not None and len(ids) + max_tokens > tok.max_model_len:
+            # As OpenAI and vLLM answer: an explicit budget that cannot fit is an error, not a silent cap.
+            raise RequestError(
+                f"This model's maximum context length is {tok.max_model_len} tokens. However, you "
+                f"requested {len(ids) + max_tokens} tokens ({len(ids)} in the prompt, {max_tokens} in "
+                f"the completion). Please reduce the prompt or max_tokens."
             )
         return ids, text
 

@@ -170,6 +170,8 @@ def test_stop_string_aborts_in_engine(pool: Harness, smol_tokenizer: Tokenizer) 
     ("request_fields", "message"),
     [
         (dict(prompt_token_ids=[5] * 8192), "maximum context length is 8192"),
+        (dict(prompt_token_ids=[5] * 8000, sampling_params=SamplingParams(max_tokens=500)),
+         "you requested 8500 tokens (8000 in the prompt, 500 in the completion)"),
         (dict(prompt_token_ids=[1, 49152]), "out of vocabulary"),
         (dict(prompt=""), "empty"),
         (dict(prompt="a", sampling_params=SamplingParams(temperature=-1)), "temperature"),
