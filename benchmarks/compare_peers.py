@@ -275,7 +275,8 @@ def plot(runs: list[dict[str, Any]]) -> list[str]:
         fig, axes = plt.subplots(1, len(workloads), figsize=(5.5 * len(workloads), 4), squeeze=False)
         for ax, w in zip(axes[0], workloads):
             for i, srv in enumerate(servers):
-                pts = sorted((r["concurrency"], r) for r in runs if r["server"] == srv and r["workload"] == w)
+                pts = sorted(((r["concurrency"], r) for r in runs if r["server"] == srv and r["workload"] == w
+                              and r["completed"] > 0), key=lambda x: x[0])
                 for key, style in series:
                     ax.plot([c for c, _ in pts], [r[key] for _, r in pts], style, marker="o", color=f"C{i}",
                             label=srv if style == "-" else None)

@@ -315,16 +315,19 @@ async def run_jobs(base_url: str, model: str, jobs: list[Job], concurrency: int,
         issuer = asyncio.create_task(issue())
         deadline = t0 + max_duration_s
         while (left := deadline - time.perf_counter()) > 0:
-            running = [t for t in tasks if not t.done()]
-            if issuer.done() and not running:
+            busy = [t for t in tasks if not t.done()]
+            if issuer.done() and not busy:
                 break
-            await asyncio.wait([issuer, *running], timeout=min(left, 1.0), return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait([issuer, *busy], timeout=min(left, 1.0), return_when=asyncio.FIRST_COMPLETED)
         duration = time.perf_counter() - t0
         issuer.cancel()
         pending = [t for t in tasks if not t.done()]
         for t in pending:
             t.cancel()
         await asyncio.gather(issuer, *pending, return_exceptions=True)
+        for t in tasks:  # a bug in the client must fail the run, not read as an empty result
+            if not t.cancelled() and t.exception() is not None:
+                raise t.exception()  # type: ignore[misc]
         after = await fetch_metrics(session, base_url)
     partial = sum(r.chunks for r in live if id(r) in running)
     summary = summarize(results, duration, unfinished=len(pending) + (len(jobs) - len(tasks)), partial_tokens=partial)
