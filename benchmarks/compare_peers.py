@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import platform
 import signal
@@ -249,10 +250,21 @@ def bench_server(name: str, args: argparse.Namespace, out: dict[str, Any]) -> No
         server.stop()
 
 
+def _no_nan(x: Any) -> Any:
+    # NaN (no finished request: no latency) is not JSON; null is.
+    if isinstance(x, float) and math.isnan(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _no_nan(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_no_nan(v) for v in x]
+    return x
+
+
 def save(out: dict[str, Any], path: str) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
-        json.dump(out, f, indent=1)
+        json.dump(_no_nan(out), f, indent=1)
 
 
 # ---------------------------------------------------------------- report
@@ -275,8 +287,9 @@ def plot(runs: list[dict[str, Any]]) -> list[str]:
         fig, axes = plt.subplots(1, len(workloads), figsize=(5.5 * len(workloads), 4), squeeze=False)
         for ax, w in zip(axes[0], workloads):
             for i, srv in enumerate(servers):
+                # A capped point with nothing finished still has a throughput, but no latencies.
                 pts = sorted(((r["concurrency"], r) for r in runs if r["server"] == srv and r["workload"] == w
-                              and r["completed"] > 0), key=lambda x: x[0])
+                              and (r["completed"] > 0 or fname == "throughput")), key=lambda x: x[0])
                 for key, style in series:
                     ax.plot([c for c, _ in pts], [r[key] for _, r in pts], style, marker="o", color=f"C{i}",
                             label=srv if style == "-" else None)
@@ -300,6 +313,10 @@ def plot(runs: list[dict[str, Any]]) -> list[str]:
     return paths
 
 
+def _fmt(x: float | None, scale: float = 1.0, unit: str = " s", digits: int = 2) -> str:
+    return "–" if x is None or math.isnan(x) else f"{x * scale:.{digits}f}{unit}"
+
+
 def markdown(runs: list[dict[str, Any]]) -> str:
     lines = []
     for w in dict.fromkeys(r["workload"] for r in runs):
@@ -308,8 +325,8 @@ def markdown(runs: list[dict[str, Any]]) -> str:
         for r in sorted((r for r in runs if r["workload"] == w), key=lambda r: (r["concurrency"], r["server"])):
             hit = r["prefix_cache_hit_rate"] if r["prefix_cache_hit_rate"] is not None else r["usage_cached_prompt_fraction"]
             lines.append(
-                f"| {r['server']} | {r['concurrency']} | {r['output_tok_per_s']:.1f} | {r['ttft_p50_s']:.2f} s "
-                f"| {r['ttft_p99_s']:.2f} s | {r['tpot_p50_s'] * 1000:.0f} ms | {r['tpot_p99_s'] * 1000:.0f} ms "
+                f"| {r['server']} | {r['concurrency']} | {r['output_tok_per_s']:.1f} | {_fmt(r['ttft_p50_s'])} "
+                f"| {_fmt(r['ttft_p99_s'])} | {_fmt(r['tpot_p50_s'], 1000, ' ms', 0)} | {_fmt(r['tpot_p99_s'], 1000, ' ms', 0)} "
                 f"| {r['completed']}/{r['errors']}/{r['unfinished']}{' (capped)' if r['truncated'] else ''} "
                 f"| {'' if hit is None else f'{hit:.0%}'} | {r['foreign_cpu_cores']:.2f} |")
     return "\n".join(lines)

@@ -113,7 +113,9 @@ def main() -> None:
     hf_generate(hf, [reqs[0][0]], 4)
 
     engine_tps = bench_engine_throughput(llm, reqs)
+    print(f"engine: {engine_tps:.1f} output tok/s", flush=True)
     hf_tps = bench_hf_throughput(hf, reqs, args.hf_batch)
+    print(f"transformers: {hf_tps:.1f} output tok/s", flush=True)
 
     prompt = reqs[0][0][:32]
 

@@ -1,19 +1,15 @@
 """Where the time goes: the engine in-process vs over ZMQ vs the full HTTP stack.
 
-One workload for all three stages: 96 requests of 32 random prompt tokens and 50 output
-tokens (ignore_eos, greedy), 32 in flight at all times (a new one starts when one ends).
-  (1) engine: LLMEngine stepped in this process;
-  (2) zmq:    `python -m services.engine_core`, fed EngineRequests over ipc:// by this
-              process, which binds the PULL the engine pushes its EngineOutputs to;
-  (3) full:   `novainfer serve` (launcher, engine core, tokenizer pool, gateway), driven
-              by 32 concurrent streaming /v1/completions clients.
-Same engine config everywhere (bundled model, fp32, same KV cache and batch limits).
-Each stage is warmed up with a few requests first, so start-up and first-run costs stay
-out. CPU seconds of every process (this one included) are recorded per stage, so an
-overhead can be pinned on a process. With several --threads values the whole set of
-stages runs once per torch thread count. Writes benchmarks/results/stack_overhead.json.
+One workload (96 requests: 32 random prompt tokens, 50 output tokens, ignore_eos, greedy;
+32 in flight, a new one starting whenever one ends) through (1) `engine`: LLMEngine stepped
+in this process; (2) `zmq`: `python -m services.engine_core` fed EngineRequests over ipc://
+by this process, which binds the PULL its EngineOutputs go to; (3) `full`: `novainfer serve`
+driven by 32 concurrent streaming /v1/completions clients. Same engine config everywhere;
+each stage is warmed up first. CPU seconds per process are recorded per measurement, so an
+overhead can be pinned on a process, and so is other tenants' CPU use (a disturbed
+measurement is taken again). Writes benchmarks/results/stack_overhead.json.
 
-    .venv/bin/python benchmarks/stack_overhead.py [--threads 2,1] [--quick]
+    .venv/bin/python benchmarks/stack_overhead.py [--threads 2,1] [--repeats 2] [--quick]
 """
 
 from __future__ import annotations
@@ -71,18 +67,13 @@ def _stat(pid: int) -> tuple[str, int, float] | None:
 def cpu_by_process(root: int) -> dict[str, float]:
     """CPU seconds of `root` and all its descendants, summed per module name."""
     stats = {int(p): s for p in os.listdir("/proc") if p.isdigit() and (s := _stat(int(p)))}
-    tree, frontier = {root}, [root]
-    while frontier:
-        parent = frontier.pop()
-        for pid, (_, ppid, _) in stats.items():
-            if ppid == parent and pid not in tree:
-                tree.add(pid)
-                frontier.append(pid)
+    tree, grew = {root}, True
+    while grew:
+        new = {pid for pid, (_, ppid, _) in stats.items() if ppid in tree} - tree
+        tree, grew = tree | new, bool(new)
     out: dict[str, float] = {}
-    for pid in tree:
-        if pid in stats:
-            name, _, cpu = stats[pid]
-            out[name] = out.get(name, 0.0) + cpu
+    for name, _, cpu in (stats[pid] for pid in tree if pid in stats):
+        out[name] = out.get(name, 0.0) + cpu
     return out
 
 
@@ -105,8 +96,7 @@ def wait_for_quiet(max_wait_s: float, busy_cores: float = 0.15) -> float:
     while True:
         b0 = machine_busy_s()
         time.sleep(2.0)
-        load = (machine_busy_s() - b0) / 2.0
-        if load < busy_cores or time.monotonic() >= deadline:
+        if (load := (machine_busy_s() - b0) / 2.0) < busy_cores or time.monotonic() >= deadline:
             return round(load, 2)
 
 
@@ -280,8 +270,7 @@ def full_stage(cfg: EngineConfig, args: argparse.Namespace, tmp: str) -> Iterato
     proc = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
 
-    def measure(prompts: Workload, tag: str) -> dict[str, Any]:
-        del tag  # the gateway names the requests
+    def measure(prompts: Workload, tag: str) -> dict[str, Any]:  # tag unused: the gateway names requests
         steps0 = engine_steps(base)
         before = {**cpu_by_process(proc.pid), "bench client": time.process_time()}
         secs, tokens, chunks = asyncio.run(http_loop(base, prompts, args.concurrency, args.output_len))
@@ -369,6 +358,8 @@ def main() -> None:
         # Must be in the environment before libgomp starts, i.e. before torch is imported here;
         # the services inherit it.
         os.environ["OMP_WAIT_POLICY"] = args.omp_wait_policy.upper()
+    # SIGTERM unwinds like Ctrl-C, so the services started here are stopped, not orphaned.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     thread_counts = [int(t) for t in args.threads.split(",")]
     stages = args.stages.split(",")
 
@@ -429,9 +420,8 @@ def main() -> None:
     print("\n| torch threads | stage | output tok/s | vs engine |\n|---|---|---|---|")
     for run in runs:
         for stage in stages:
-            ratio = run.get(f"{stage}_over_engine", 1.0 if stage == "engine" else None)
-            shown = f"{ratio:.2f}" if ratio is not None else "-"
-            print(f"| {run['threads']} | {stage} | {run[stage]['tokens_per_s']:.1f} | {shown} |")
+            ratio = run.get(f"{stage}_over_engine", 1.0 if stage == "engine" else "-")
+            print(f"| {run['threads']} | {stage} | {run[stage]['tokens_per_s']:.1f} | {ratio} |")
     print(f"wrote {args.out}")
 
 
