@@ -321,14 +321,14 @@ def markdown(runs: list[dict[str, Any]]) -> str:
     lines = []
     for w in dict.fromkeys(r["workload"] for r in runs):
         lines += [f"\n### `{w}`\n", "| server | conc. | out tok/s | TTFT p50 | TTFT p99 | TPOT p50 | TPOT p99 "
-                  "| done/err/unfinished | cache hit | foreign CPU |", "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
+                  "| done/err/unfinished | cache hit | server CPU | foreign CPU |", "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
         for r in sorted((r for r in runs if r["workload"] == w), key=lambda r: (r["concurrency"], r["server"])):
             hit = r["prefix_cache_hit_rate"] if r["prefix_cache_hit_rate"] is not None else r["usage_cached_prompt_fraction"]
             lines.append(
                 f"| {r['server']} | {r['concurrency']} | {r['output_tok_per_s']:.1f} | {_fmt(r['ttft_p50_s'])} "
                 f"| {_fmt(r['ttft_p99_s'])} | {_fmt(r['tpot_p50_s'], 1000, ' ms', 0)} | {_fmt(r['tpot_p99_s'], 1000, ' ms', 0)} "
                 f"| {r['completed']}/{r['errors']}/{r['unfinished']}{' (capped)' if r['truncated'] else ''} "
-                f"| {'' if hit is None else f'{hit:.0%}'} | {r['foreign_cpu_cores']:.2f} |")
+                f"| {'' if hit is None else f'{hit:.0%}'} | {r['server_cpu_cores']:.2f} | {r['foreign_cpu_cores']:.2f} |")
     return "\n".join(lines)
 
 
