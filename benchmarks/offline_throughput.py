@@ -4,8 +4,10 @@ Same 128 requests for both (prompt lengths uniform in [16, 256], output lengths
 uniform in [16, 128], ignore_eos, greedy), the bundled SmolLM2-135M in fp32.
 transformers runs static batches of 32 in arrival order (left-padded; each batch
 runs to its longest output). Throughput counts the requested output tokens only.
-Also single-stream decode tokens/s for both. Writes
-benchmarks/results/offline_throughput.json.
+Also single-stream decode tokens/s for both, and the floor any fp32 implementation
+meets at batch 1: the time of the decode step's matrix products alone (every weight
+read once per token). With --bf16, the engine's throughput in bfloat16 as well (not
+part of the fp32 comparison). Writes benchmarks/results/offline_throughput.json.
 
     .venv/bin/python benchmarks/offline_throughput.py [--requests 128] [--quick]
 """
@@ -90,6 +92,27 @@ def decode_rate(run: callable, prompt: list[int], n: int) -> float:
     return (n - 1) / (time.perf_counter() - t0 - t_prefill)
 
 
+@torch.inference_mode()
+def matmul_floor_ms(llm: LLM, repeats: int = 20) -> float:
+    """ms for one token's matrix products alone (the weights of every layer and the LM
+    head, one input row): the memory-bandwidth floor of fp32 decode at batch 1."""
+    model = llm.engine.runner.model
+    weights = [w for layer in model.layers
+               for w in (layer.qkv_weight, layer.o_weight, layer.gate_up_weight, layer.down_weight)]
+    weights.append(model.embed if model.lm_head is None else model.lm_head)
+    inputs = {w.shape[1]: torch.randn(1, w.shape[1], dtype=w.dtype) for w in weights}
+
+    def run() -> None:
+        for w in weights:
+            torch.nn.functional.linear(inputs[w.shape[1]], w)
+
+    run()
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        run()
+    return (time.perf_counter() - t0) / repeats * 1e3
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--requests", type=int, default=128)
@@ -98,6 +121,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="16 requests: a smoke run")
     ap.add_argument("--out", default=RESULTS)
+    ap.add_argument("--bf16", action="store_true", help="also measure the engine's throughput in bfloat16")
     args = ap.parse_args()
     if args.quick:
         args.requests, args.decode_tokens = 16, 32
@@ -124,6 +148,15 @@ def main() -> None:
 
     engine_decode = decode_rate(engine_run, prompt, args.decode_tokens)
     hf_decode = decode_rate(lambda p, n: hf_generate(hf, [p], n), prompt, args.decode_tokens)
+    floor_ms = matmul_floor_ms(llm)
+    weight_bytes = sum(p.numel() * p.element_size() for p in llm.engine.runner.model.parameters())
+
+    bf16_tps = None
+    if args.bf16:
+        del llm, hf
+        bf16 = LLM(config=EngineConfig(num_threads=threads, dtype="bfloat16"))
+        bench_engine_throughput(bf16, reqs[:4])
+        bf16_tps = bench_engine_throughput(bf16, reqs)
 
     result = {
         "benchmark": "offline_throughput",
@@ -141,6 +174,13 @@ def main() -> None:
         "engine_decode_tokens_per_s": round(engine_decode, 2),
         "hf_decode_tokens_per_s": round(hf_decode, 2),
         "decode_ratio": round(engine_decode / hf_decode, 3),
+        "weight_bytes": weight_bytes,
+        "decode_matmul_floor_ms": round(floor_ms, 2),
+        "weight_read_gb_per_s": round(weight_bytes / floor_ms / 1e6, 1),
+        "engine_decode_ms": round(1e3 / engine_decode, 2),
+        "hf_decode_ms": round(1e3 / hf_decode, 2),
+        "decode_ratio_bound": round(1e3 / hf_decode / floor_ms, 3),
+        "engine_bf16_tokens_per_s": None if bf16_tps is None else round(bf16_tps, 2),
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
@@ -148,7 +188,10 @@ def main() -> None:
         json.dump(result, f, indent=2)
     print(f"| metric | NovaInfer | transformers | ratio |\n|---|---|---|---|\n"
           f"| throughput, output tok/s ({args.requests} requests) | {engine_tps:.1f} | {hf_tps:.1f} | {engine_tps / hf_tps:.2f}x |\n"
-          f"| single-stream decode, tok/s | {engine_decode:.1f} | {hf_decode:.1f} | {engine_decode / hf_decode:.2f}x |")
+          f"| single-stream decode, tok/s | {engine_decode:.1f} | {hf_decode:.1f} | {engine_decode / hf_decode:.2f}x |\n"
+          f"| decode matmuls alone (floor), ms/token | {floor_ms:.1f} | | bound {1e3 / hf_decode / floor_ms:.2f}x |")
+    if bf16_tps is not None:
+        print(f"engine in bfloat16: {bf16_tps:.1f} output tok/s ({bf16_tps / hf_tps:.2f}x transformers fp32)")
     print(f"wrote {args.out}")
 
 
