@@ -318,7 +318,10 @@ async def run_jobs(base_url: str, model: str, jobs: list[Job], concurrency: int,
             busy = [t for t in tasks if not t.done()]
             if issuer.done() and not busy:
                 break
-            await asyncio.wait([issuer, *busy], timeout=min(left, 1.0), return_when=asyncio.FIRST_COMPLETED)
+            # Only unfinished tasks: a finished one (the issuer, once every job is started) would
+            # make wait() return at once, and this loop would spin a core the servers need.
+            waiting = [t for t in (issuer, *busy) if not t.done()]
+            await asyncio.wait(waiting, timeout=min(left, 1.0), return_when=asyncio.FIRST_COMPLETED)
         duration = time.perf_counter() - t0
         issuer.cancel()
         pending = [t for t in tasks if not t.done()]

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 import torch
 
 from services.engine_core.attention import AttentionMetadata, get_backend
+from services.engine_core.cuda_graph import DecodeGraphs, Graph
 from services.engine_core.model_config import ModelConfig
 from services.engine_core.sampler import Sampler, SamplingBatch
 from services.engine_core.scheduler import ScheduledBatch
@@ -58,6 +60,16 @@ class ModelRunner:
         self.num_blocks = self._num_kv_blocks()
         self.kv_caches = self._allocate_kv_cache(self.num_blocks)
         self.sampler = Sampler()
+        # Host-side step inputs are staged in pinned memory so their copies to the GPU are
+        # asynchronous; on a CPU there is nothing to copy.
+        self._pin = self.device.type == "cuda"
+        self.graphs: DecodeGraphs | None = None
+        if self.device.type == "cuda" and not config.enforce_eager:
+            if self.backend.name == "triton":
+                self.graphs = self._decode_graphs()
+                self.graphs.capture()
+            else:
+                log.info("CUDA graphs need the triton attention backend: running %s eagerly", self.backend.name)
         log.info(
             "model %s loaded in %.2fs on %s (%s, %s attention); KV cache: %d blocks of %d tokens "
             "(%d tokens, %.1f MiB)",
@@ -128,6 +140,13 @@ class ModelRunner:
             for _ in range(mc.num_layers)
         ]
 
+    def _decode_graphs(self, make_graph: Callable[[], Graph] | None = None) -> DecodeGraphs:
+        """make_graph: see DecodeGraphs (tests pass EagerGraph to run the graph path on a CPU)."""
+        return DecodeGraphs(
+            self.model, self.kv_caches, self.backend, self.config.max_num_seqs, self.max_model_len,
+            self.block_size, self.model_config.hidden_size, self.dtype, self.device, make_graph,
+        )
+
     # --- one step -------------------------------------------------------------------
 
     def _prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
@@ -154,31 +173,41 @@ class ModelRunner:
         max_blocks = max(len(r.block_table) for r in batch.requests)
         tables = [r.block_table + [0] * (max_blocks - len(r.block_table)) for r in batch.requests]
 
-        dev = self.device
         i32 = torch.int32
         md = AttentionMetadata(
             num_reqs=len(batch.requests),
             num_tokens=len(input_ids),
-            query_start_loc=torch.tensor(query_start, dtype=i32, device=dev),
-            seq_lens=torch.tensor(seq_lens, dtype=i32, device=dev),
-            context_lens=torch.tensor(context_lens, dtype=i32, device=dev),
-            block_tables=torch.tensor(tables, dtype=i32, device=dev),
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
+            query_start_loc=self._to_device(query_start, i32),
+            seq_lens=self._to_device(seq_lens, i32),
+            context_lens=self._to_device(context_lens, i32),
+            block_tables=self._to_device(tables, i32),
+            slot_mapping=self._to_device(slots, torch.long),
             max_query_len=max(batch.num_new_tokens),
             max_seq_len=max(seq_lens),
             query_lens_cpu=list(batch.num_new_tokens),
             seq_lens_cpu=seq_lens,
         )
-        ids = torch.tensor(input_ids, dtype=torch.long, device=dev)
-        pos = torch.tensor(positions, dtype=torch.long, device=dev)
+        ids = self._to_device(input_ids, torch.long)
+        pos = self._to_device(positions, torch.long)
         return ids, pos, md, sample_rows
+
+    def _to_device(self, values: list, dtype: torch.dtype) -> torch.Tensor:
+        if not self._pin:
+            return torch.tensor(values, dtype=dtype)
+        # Pinned staging makes the copy asynchronous; the step's single sync (reading the
+        # sampled tokens back) orders it, and the caching host allocator keeps the staging
+        # memory alive until the copy has run.
+        return torch.tensor(values, dtype=dtype, pin_memory=True).to(self.device, non_blocking=True)
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> tuple[list[int | None], list[TokenLogprob | None]]:
         """Run one step. Returns, per request of the batch, the sampled token (None for a
         request still in the middle of its prefill) and its logprobs if asked for."""
         ids, pos, md, sample_rows = self._prepare(batch)
-        hidden = self.model(ids, pos, self.kv_caches, md, self.backend)
+        if self.graphs is not None and self.graphs.can_run(md):
+            hidden = self.graphs.run(ids, pos, md)
+        else:
+            hidden = self.model(ids, pos, self.kv_caches, md, self.backend)
         sampled: list[int | None] = [None] * len(batch.requests)
         logprobs: list[TokenLogprob | None] = [None] * len(batch.requests)
         if not sample_rows:
@@ -187,7 +216,7 @@ class ModelRunner:
         sampling_reqs = [i for i, (r, n) in enumerate(zip(batch.requests, batch.num_new_tokens))
                          if r.num_computed_tokens + n == r.num_tokens]
         reqs = [batch.requests[i] for i in sampling_reqs]
-        row_index = torch.tensor(sample_rows, dtype=torch.long, device=self.device)
+        row_index = self._to_device(sample_rows, torch.long)
         logits = self.model.compute_logits(hidden.index_select(0, row_index))
         sbatch = SamplingBatch.build(
             params=[r.sampling_params for r in reqs],
