@@ -49,12 +49,13 @@ MODEL_NAME = "SmolLM2-135M-Instruct"
 MAX_CONCURRENCY = 64
 
 
-def server_command(name: str, port: int, run_dir: str, threads: int) -> list[str]:
+def server_command(name: str, port: int, run_dir: str, threads: int, dtype: str = "float32") -> list[str]:
+    """dtype: what NovaInfer and transformers compute in (llama.cpp always runs the file's Q4_1)."""
     model = bundled_model_path()
     if name == "novainfer":
-        # Defaults on purpose (what `novainfer serve` does out of the box), but the thread count.
+        # Defaults on purpose (what `novainfer serve` does out of the box), but threads and dtype.
         return [sys.executable, "-m", "novainfer.cli", "serve", "--port", str(port), "--run-dir", run_dir,
-                "--num-threads", str(threads)]
+                "--num-threads", str(threads), "--dtype", dtype]
     if name == "llamacpp":
         # -np 64 slots with one unified KV cache (-kvu) of 32k tokens: enough for 64 requests
         # of our longest conversations. -nr: on this VM the AMX kernels (the only extra buffer
@@ -64,7 +65,7 @@ def server_command(name: str, port: int, run_dir: str, threads: int) -> list[str
                 "-nr", "--no-webui", "-a", MODEL_NAME]
     if name == "transformers":
         return [sys.executable, os.path.join(HERE, "peers", "hf_server.py"), "--port", str(port),
-                "--threads", str(threads), "--max-batch", str(MAX_CONCURRENCY)]
+                "--threads", str(threads), "--max-batch", str(MAX_CONCURRENCY), "--dtype", dtype]
     raise ValueError(name)
 
 
@@ -132,11 +133,11 @@ class CpuMeter:
 
 
 class Server:
-    def __init__(self, name: str, threads: int) -> None:
+    def __init__(self, name: str, threads: int, dtype: str) -> None:
         self.name = name
         self.port = free_port()
         self.run_dir = tempfile.mkdtemp(prefix=f"peers-{name}-")
-        self.cmd = server_command(name, self.port, self.run_dir, threads)
+        self.cmd = server_command(name, self.port, self.run_dir, threads, dtype)
         self.log = open(os.path.join(self.run_dir, "server.log"), "w")
         env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
         # Own process group: the whole server (NovaInfer's children included) can be stopped by its id.
@@ -235,7 +236,7 @@ def run_point(server: Server, workload: str, concurrency: int, args: argparse.Na
 
 
 def bench_server(name: str, args: argparse.Namespace, out: dict[str, Any]) -> None:
-    server = Server(name, args.threads)
+    server = Server(name, args.threads, args.dtype)
     try:
         ready_s = server.wait_ready()
         print(f"{name}: ready in {ready_s:.1f}s ({' '.join(server.cmd)})", flush=True)
@@ -270,7 +271,7 @@ def save(out: dict[str, Any], path: str) -> None:
 # ---------------------------------------------------------------- report
 
 
-def plot(runs: list[dict[str, Any]]) -> list[str]:
+def plot(runs: list[dict[str, Any]], prefix: str = "peers") -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -306,7 +307,7 @@ def plot(runs: list[dict[str, Any]]) -> list[str]:
             ax.grid(True, alpha=0.3)
             ax.legend()
         fig.tight_layout()
-        path = os.path.join(IMG, f"peers_{fname}.png")
+        path = os.path.join(IMG, f"{prefix}_{fname}.png")
         fig.savefig(path, dpi=110)
         plt.close(fig)
         paths.append(path)
@@ -350,13 +351,16 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=2,
                    help="compute threads for every server (NovaInfer --num-threads, llama.cpp -t/-tb, torch threads)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="what NovaInfer and transformers compute in (llama.cpp runs the file's Q4_1 either way)")
     p.add_argument("--output", default=RESULTS)
+    p.add_argument("--img-prefix", default="peers", help="plots go to docs/img/PREFIX_{throughput,ttft,tpot}.png")
     p.add_argument("--table-only", action="store_true", help="print markdown tables from --output and replot")
     args = p.parse_args()
     if args.table_only:
         with open(args.output) as f:
             runs = json.load(f)["runs"]
-        plot(runs)
+        plot(runs, args.img_prefix)
         print(markdown(runs))
         return 0
     if "llamacpp" in args.servers and not os.access(LLAMA_SERVER, os.X_OK):
@@ -364,7 +368,7 @@ def main() -> int:
     out: dict[str, Any] = {
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": platform.processor() or platform.machine(),
         "cpus": os.cpu_count(), "model_file": os.path.basename(bundled_model_path()),
-        "config": {k: v for k, v in vars(args).items() if k not in ("output", "table_only")},
+        "config": {k: v for k, v in vars(args).items() if k not in ("output", "table_only", "img_prefix")},
         "servers": {}, "runs": [],
     }
     t0 = time.monotonic()
@@ -372,9 +376,9 @@ def main() -> int:
         bench_server(name, args, out)
     out["total_s"] = time.monotonic() - t0
     save(out, args.output)
-    plot(out["runs"])
+    plot(out["runs"], args.img_prefix)
     print(markdown(out["runs"]))
-    print(f"\ntotal {out['total_s'] / 60:.1f} min; wrote {args.output} and {IMG}/peers_*.png")
+    print(f"\ntotal {out['total_s'] / 60:.1f} min; wrote {args.output} and {IMG}/{args.img_prefix}_*.png")
     return 0
 
 

@@ -257,13 +257,14 @@ def main() -> None:
     p.add_argument("--served-model-name", default="SmolLM2-135M-Instruct")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--max-batch", type=int, default=64)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     path = args.model or bundled_model_path()
     d, f = os.path.dirname(path), os.path.basename(path)
-    # fp32, as NovaInfer runs on CPU: the GGUF's Q4_1 weights are dequantized on load.
-    model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32).eval()
+    # fp32 by default, as NovaInfer runs on CPU: the GGUF's Q4_1 weights are dequantized on load.
+    model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=getattr(torch, args.dtype)).eval()
     tokenizer = AutoTokenizer.from_pretrained(d, gguf_file=f)
     server = Server(Generator(model, tokenizer, args.max_batch, args.threads), args.served_model_name)
     app = web.Application(client_max_size=16 << 20)

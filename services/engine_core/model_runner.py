@@ -66,8 +66,7 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None
         if self.device.type == "cuda" and not config.enforce_eager:
             if self.backend.name == "triton":
-                self.graphs = self._decode_graphs()
-                self.graphs.capture()
+                self.graphs = self._capture_graphs()
             else:
                 log.info("CUDA graphs need the triton attention backend: running %s eagerly", self.backend.name)
         log.info(
@@ -140,6 +139,17 @@ class ModelRunner:
             for _ in range(mc.num_layers)
         ]
 
+    def _capture_graphs(self) -> DecodeGraphs | None:
+        # Graphs only save launch overhead: a driver or library that cannot capture must cost
+        # speed, not the service.
+        try:
+            graphs = self._decode_graphs()
+            graphs.capture()
+            return graphs
+        except Exception:
+            log.warning("CUDA graph capture failed: running every step eagerly", exc_info=True)
+            return None
+
     def _decode_graphs(self, make_graph: Callable[[], Graph] | None = None) -> DecodeGraphs:
         """make_graph: see DecodeGraphs (tests pass EagerGraph to run the graph path on a CPU)."""
         return DecodeGraphs(
@@ -164,7 +174,9 @@ class ModelRunner:
             input_ids.extend(req.all_token_ids[start:end])
             positions.extend(range(start, end))
             table = req.block_table
-            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
+            for blk in range(start // bs, (end - 1) // bs + 1):  # per block, not per token
+                base = (table[blk] - blk) * bs
+                slots.extend(range(base + max(start, blk * bs), base + min(end, (blk + 1) * bs)))
             query_start.append(query_start[-1] + n)
             seq_lens.append(end)
             context_lens.append(start)
