@@ -102,28 +102,33 @@ class ModelRunner:
         # so the cache takes what is really left under the utilisation cap.
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.device)
-        n = self.config.max_num_batched_tokens
-        probe_caches = self._allocate_kv_cache(1)
-        ids = torch.zeros(n, dtype=torch.long, device=self.device)
-        md = self._dummy_metadata(n)
-        with torch.inference_mode():
-            hidden = self.model(ids, torch.zeros_like(ids), probe_caches, md, self.backend)
-            self.model.compute_logits(hidden[-min(n, self.config.max_num_seqs):])
+        self._profile_forward()
         torch.cuda.synchronize(self.device)
-        del probe_caches, hidden
         peak = torch.cuda.max_memory_allocated(self.device)
         total = torch.cuda.get_device_properties(self.device).total_memory
         return int(total * self.config.gpu_memory_utilization - peak)
 
+    @torch.inference_mode()
+    def _profile_forward(self) -> torch.Tensor:
+        """The largest step the scheduler can make (a full token budget, and as many logits
+        rows as requests), through a one-block cache. Returns the logits."""
+        n = self.config.max_num_batched_tokens
+        probe_caches = self._allocate_kv_cache(1)
+        ids = torch.zeros(n, dtype=torch.long, device=self.device)
+        hidden = self.model(ids, torch.zeros_like(ids), probe_caches, self._dummy_metadata(n), self.backend)
+        return self.model.compute_logits(hidden[-min(n, self.config.max_num_seqs):])
+
     def _dummy_metadata(self, n: int) -> AttentionMetadata:
-        # One request of n tokens all written to slot 0 of block 0: enough to size activations.
+        # One request of n tokens, every one in block 0 (written to slot 0): enough to size
+        # activations. The block table still has an entry for every block of the context: a
+        # kernel reads an entry for every block it attends over.
         i32 = dict(dtype=torch.int32, device=self.device)
         return AttentionMetadata(
             num_reqs=1, num_tokens=n,
             query_start_loc=torch.tensor([0, n], **i32),
             seq_lens=torch.tensor([n], **i32),
             context_lens=torch.tensor([0], **i32),
-            block_tables=torch.zeros((1, 1), **i32),
+            block_tables=torch.zeros((1, -(-n // self.block_size)), **i32),
             slot_mapping=torch.zeros(n, dtype=torch.long, device=self.device),
             max_query_len=n, max_seq_len=n, query_lens_cpu=[n], seq_lens_cpu=[n],
         )

@@ -1,4 +1,5 @@
-"""Decode graphs: the batch-size ladder, and the replay path's padding and static buffers.
+"""The GPU runner's paths, checked on a CPU: decode graphs (the batch-size ladder, the replay path's
+padding and static buffers) and the memory-profiling forward.
 
 Without a GPU the graphs are EagerGraph stand-ins (replay = run the captured function again),
 with the Triton backend in its interpreter: the same buffers, padding rows and kernels as a
@@ -93,3 +94,16 @@ def test_padding_rows_are_inert() -> None:
     assert graphs.seq_lens[3].item() == 1
     assert graphs.query_start_loc[:5].tolist() == [0, 1, 2, 3, 4]
     assert all(s > 0 for s in graphs.slot_mapping[:3].tolist())
+
+
+def test_memory_profiling_forward_stays_in_bounds() -> None:
+    # On a GPU the KV budget comes from this forward (one request of a full token budget in a
+    # one-block cache); its block table must cover every block the kernel attends over, or the
+    # Triton kernel reads past it.
+    engine = _engine()
+    runner = engine.runner
+    md = runner._dummy_metadata(40)
+    assert md.block_tables.shape == (1, 10)  # 40 tokens in blocks of 4
+    logits = runner._profile_forward()
+    assert logits.shape == (6, runner.model_config.vocab_size)  # max_num_seqs rows
+    assert bool(logits.isfinite().all())
