@@ -1,22 +1,14 @@
-"""Engine-core test setup, and random paged batches for the attention tests.
-
-TRITON_INTERPRET is read when a module defining a Triton kernel is imported, so it is set here,
-before any test module imports one: without a GPU the Triton kernels run in Triton's interpreter.
-"""
+"""Random paged batches for the attention tests (TRITON_INTERPRET is set in tests/conftest.py)."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-from services.engine_core.attention.base import AttentionMetadata  # noqa: E402
+from services.engine_core.attention.base import AttentionMetadata
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """The Triton kernels against the torch reference, on fresh random paged batches.
 
-Without a GPU they run in Triton's interpreter (conftest.py sets TRITON_INTERPRET=1), so shapes
+Without a GPU they run in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1), so shapes
 stay small. The interpreter computes bf16 tl.dot wrongly, so bf16 is only tested on a GPU.
 """
 

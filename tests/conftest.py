@@ -1,0 +1,15 @@
+"""Test-wide setup.
+
+Triton reads TRITON_INTERPRET when it is first imported, and any test module may import it
+(some only to skip when it is missing), so the variable is set here, in the conftest pytest
+loads before collecting any test: without a GPU the Triton kernels run in its interpreter.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
