@@ -47,15 +47,18 @@ IMG = os.path.join(ROOT, "docs", "img")
 LLAMA_SERVER = os.path.join(ROOT, ".peers", "bin", "llama-server")
 MODEL_NAME = "SmolLM2-135M-Instruct"
 MAX_CONCURRENCY = 64
+SERVERS = ("novainfer", "novainfer-int4", "llamacpp", "transformers")
 
 
 def server_command(name: str, port: int, run_dir: str, threads: int, dtype: str = "float32") -> list[str]:
     """dtype: what NovaInfer and transformers compute in (llama.cpp always runs the file's Q4_1)."""
     model = bundled_model_path()
-    if name == "novainfer":
-        # Defaults on purpose (what `novainfer serve` does out of the box), but threads and dtype.
+    if name in SERVERS[:2]:
+        # Defaults on purpose (what `novainfer serve` does out of the box), but threads and dtype;
+        # novainfer-int4 adds int4 copies of the file's Q4_1 layer weights for small steps.
+        extra = ["--quantization", "int4"] if name == "novainfer-int4" else []
         return [sys.executable, "-m", "novainfer.cli", "serve", "--port", str(port), "--run-dir", run_dir,
-                "--num-threads", str(threads), "--dtype", dtype]
+                "--num-threads", str(threads), "--dtype", dtype, *extra]
     if name == "llamacpp":
         # -np 64 slots with one unified KV cache (-kvu) of 32k tokens: enough for 64 requests
         # of our longest conversations. -nr: on this VM the AMX kernels (the only extra buffer
@@ -279,7 +282,7 @@ def plot(runs: list[dict[str, Any]], prefix: str = "peers") -> list[str]:
 
     os.makedirs(IMG, exist_ok=True)
     workloads = [w for w in ("random", "shared-prefix") if any(r["workload"] == w for r in runs)]
-    servers = [s for s in ("novainfer", "llamacpp", "transformers") if any(r["server"] == s for r in runs)]
+    servers = [s for s in SERVERS if any(r["server"] == s for r in runs)]
     figures = [("throughput", [("output_tok_per_s", "-")], "output tokens/s"),
                ("ttft", [("ttft_p50_s", "-"), ("ttft_p99_s", "--")], "TTFT (s), p50 solid, p99 dashed"),
                ("tpot", [("tpot_p50_s", "-"), ("tpot_p99_s", "--")], "TPOT (s), p50 solid, p99 dashed")]
@@ -340,7 +343,7 @@ def _interrupt(signum: int, _frame: object) -> None:
 def main() -> int:
     signal.signal(signal.SIGTERM, _interrupt)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--servers", nargs="+", default=["novainfer", "llamacpp", "transformers"])
+    p.add_argument("--servers", nargs="+", choices=SERVERS, default=["novainfer", "llamacpp", "transformers"])
     p.add_argument("--workloads", nargs="+", default=["random", "shared-prefix", "seed"])
     p.add_argument("--concurrency", nargs="+", type=int, default=[1, 8, 32, 64])
     p.add_argument("--requests-per-conc", type=int, default=2, help="requests per point = max(this x concurrency, --min-requests)")

@@ -122,6 +122,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="16 requests: a smoke run")
     ap.add_argument("--out", default=RESULTS)
     ap.add_argument("--bf16", action="store_true", help="also measure the engine's throughput in bfloat16")
+    ap.add_argument("--int4", action="store_true",
+                    help="also measure the engine with --quantization int4 (decode and throughput)")
     args = ap.parse_args()
     if args.quick:
         args.requests, args.decode_tokens = 16, 32
@@ -143,11 +145,21 @@ def main() -> None:
 
     prompt = reqs[0][0][:32]
 
-    def engine_run(p: list[int], n: int) -> None:
-        llm.generate([p], SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True), use_tqdm=False)
+    def run_on(engine: LLM) -> callable:
+        def run(p: list[int], n: int) -> None:
+            engine.generate([p], SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True), use_tqdm=False)
+        return run
 
-    engine_decode = decode_rate(engine_run, prompt, args.decode_tokens)
+    engine_decode = decode_rate(run_on(llm), prompt, args.decode_tokens)
     hf_decode = decode_rate(lambda p, n: hf_generate(hf, [p], n), prompt, args.decode_tokens)
+    int4_decode = int4_tps = None
+    if args.int4:
+        int4 = LLM(config=EngineConfig(num_threads=threads, quantization="int4"))
+        int4_decode = decode_rate(run_on(int4), prompt, args.decode_tokens)
+        print(f"int4 decode: {int4_decode:.1f} tok/s (fp32 {engine_decode:.1f}, transformers {hf_decode:.1f})", flush=True)
+        bench_engine_throughput(int4, reqs[:4])
+        int4_tps = bench_engine_throughput(int4, reqs)
+        del int4
     floor_ms = matmul_floor_ms(llm)
     weight_bytes = sum(p.numel() * p.element_size() for p in llm.engine.runner.model.parameters())
 
@@ -181,6 +193,10 @@ def main() -> None:
         "hf_decode_ms": round(1e3 / hf_decode, 2),
         "decode_ratio_bound": round(1e3 / hf_decode / floor_ms, 3),
         "engine_bf16_tokens_per_s": None if bf16_tps is None else round(bf16_tps, 2),
+        # --quantization int4: int4 copies of the layers' Q4_1 weights for steps of <= 16 rows.
+        "engine_int4_decode_tokens_per_s": None if int4_decode is None else round(int4_decode, 2),
+        "int4_decode_ratio": None if int4_decode is None else round(int4_decode / hf_decode, 3),
+        "engine_int4_tokens_per_s": None if int4_tps is None else round(int4_tps, 2),
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
@@ -190,6 +206,10 @@ def main() -> None:
           f"| throughput, output tok/s ({args.requests} requests) | {engine_tps:.1f} | {hf_tps:.1f} | {engine_tps / hf_tps:.2f}x |\n"
           f"| single-stream decode, tok/s | {engine_decode:.1f} | {hf_decode:.1f} | {engine_decode / hf_decode:.2f}x |\n"
           f"| decode matmuls alone (floor), ms/token | {floor_ms:.1f} | | bound {1e3 / hf_decode / floor_ms:.2f}x |")
+    if int4_decode is not None:
+        print(f"| with --quantization int4: single-stream decode, tok/s | {int4_decode:.1f} | {hf_decode:.1f} | "
+              f"{int4_decode / hf_decode:.2f}x |\n| with --quantization int4: throughput, output tok/s | "
+              f"{int4_tps:.1f} | {hf_tps:.1f} | {int4_tps / hf_tps:.2f}x |")
     if bf16_tps is not None:
         print(f"engine in bfloat16: {bf16_tps:.1f} output tok/s ({bf16_tps / hf_tps:.2f}x transformers fp32)")
     print(f"wrote {args.out}")

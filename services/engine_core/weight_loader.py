@@ -4,6 +4,8 @@ Every source is turned into (HF parameter name, tensor) pairs and handed to
 CausalLM.load_weights, which owns the mapping to fused parameters and the checks.
 A GGUF file is dequantized to float32 once and cached on disk as safetensors (reading
 its metadata and dequantizing take seconds; the cache loads in a fraction of that).
+With --quantization int4 the layers also get int4 copies of their matrices for small CPU
+steps (models/int4.py): the same weights as a 4-bit GGUF's, or lossy for other checkpoints.
 """
 
 from __future__ import annotations
@@ -35,6 +37,15 @@ INIT_STD = 0.02
 # Past this, a float32 copy of a GGUF's weights costs more disk than re-dequantizing costs time.
 GGUF_CACHE_MAX_BYTES = 4 << 30
 _CACHE_CONFIG_KEY = "novainfer.model_config"
+_CACHE_TYPES_KEY = "novainfer.gguf_layer_types"
+# Bumped when the cache's content changes, so older caches are rebuilt rather than misread.
+_CACHE_VERSION = 2
+# GGUF types of at most ~4.5 bits per weight: int4 copies of these lose little the file held.
+FOUR_BIT_GGUF_TYPES = frozenset({
+    "Q4_0", "Q4_1", "Q4_K", "Q3_K", "Q2_K", "IQ4_NL", "IQ4_XS", "IQ3_XXS", "IQ3_S",
+    "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ1_S", "IQ1_M", "TQ1_0", "TQ2_0",
+})
+QUANTIZATION_MODES = ("none", "int4")
 
 # llama.cpp tensor names -> HF names ("{}" is the layer index).
 _GGUF_GLOBAL_NAMES = {
@@ -64,9 +75,14 @@ _GGUF_LAYER_RE = re.compile(r"blk\.(\d+)\.(.+)")
 def load_model(
     engine_config: EngineConfig, device: torch.device, dtype: torch.dtype
 ) -> tuple[CausalLM, ModelConfig]:
+    if engine_config.quantization not in QUANTIZATION_MODES:
+        raise ValueError(f"unknown quantization {engine_config.quantization!r}: expected {', '.join(QUANTIZATION_MODES)}")
+    if engine_config.quantization == "int4" and device.type != "cpu":
+        raise ValueError("--quantization int4 runs on a CPU only (its kernel is torch's CPU int4 matmul)")
     files = resolve_model(engine_config.model)
+    layer_types: frozenset[str] = frozenset()
     if files.format is ModelFormat.GGUF:
-        cfg, weights = _gguf_weights(files.path, _cache_dir(engine_config))
+        cfg, layer_types, weights = _gguf_weights(files.path, _cache_dir(engine_config))
     else:
         cfg = ModelConfig.from_hf_config(files.hf_config())
         if files.format is ModelFormat.HF_DIR:
@@ -82,7 +98,21 @@ def load_model(
         model.load_weights(_safetensors_weights(files))
     else:
         init_random_weights(model, engine_config.seed)
+    if engine_config.quantization == "int4":
+        _add_int4_copies(model, layer_types)
     return model.eval(), cfg
+
+
+def _add_int4_copies(model: CausalLM, layer_types: frozenset[str]) -> None:
+    if not model.quantize_int4():
+        log.warning("int4 weights do not fit this model's matrix shapes: running dense weights only")
+        return
+    rows = model.layers[0].int4_max_rows
+    if layer_types and layer_types <= FOUR_BIT_GGUF_TYPES:
+        log.info("int4 copies of the layers' %s weights for steps of up to %d rows", "/".join(sorted(layer_types)), rows)
+    else:
+        log.warning("int4 copies for steps of up to %d rows re-quantize %s weights: lossy", rows,
+                    "/".join(sorted(layer_types)) or "the checkpoint's")
 
 
 @torch.no_grad()
@@ -133,10 +163,14 @@ def _safetensors_weights(files: ModelFiles) -> Iterator[tuple[str, torch.Tensor]
 # --- GGUF ---------------------------------------------------------------------------
 
 
-def _gguf_weights(path: str, cache_dir: str) -> tuple[ModelConfig, Iterator[tuple[str, torch.Tensor]]]:
-    """The config and the weights (HF names, float32), from the cache when it is fresh."""
+def _gguf_weights(
+    path: str, cache_dir: str
+) -> tuple[ModelConfig, frozenset[str], Iterator[tuple[str, torch.Tensor]]]:
+    """The config, the GGUF types of the layer matrices, and the weights (HF names, float32),
+    from the cache when it is fresh."""
     stat = os.stat(path)
-    key = hashlib.sha256(f"{os.path.realpath(path)}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()
+    source = f"{os.path.realpath(path)}|{stat.st_size}|{stat.st_mtime_ns}|v{_CACHE_VERSION}"
+    key = hashlib.sha256(source.encode()).hexdigest()
     stem = os.path.splitext(os.path.basename(path))[0]
     cache_path = os.path.join(cache_dir, f"{stem}-{key[:16]}.safetensors")
     if os.path.isfile(cache_path):
@@ -149,12 +183,13 @@ def _gguf_weights(path: str, cache_dir: str) -> tuple[ModelConfig, Iterator[tupl
 
     reader = gguf.GGUFReader(path)
     cfg = ModelConfig.from_gguf(reader)
+    layer_types = frozenset(t.tensor_type.name for t in reader.tensors if t.name.startswith("blk.") and len(t.shape) == 2)
     weights = _dequantize_gguf(reader, cfg)
     if sum(t.n_elements for t in reader.tensors) * 4 > GGUF_CACHE_MAX_BYTES:
-        return cfg, weights
+        return cfg, layer_types, weights
     tensors = dict(weights)
-    _write_gguf_cache(cache_path, cfg, tensors)
-    return cfg, iter(tensors.items())
+    _write_gguf_cache(cache_path, cfg, layer_types, tensors)
+    return cfg, layer_types, iter(tensors.items())
 
 
 def _dequantize_gguf(reader: GGUFReader, cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
@@ -189,22 +224,25 @@ def _unpermute_rope(w: torch.Tensor, num_heads: int) -> torch.Tensor:
     return w.reshape(num_heads, half, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
-def _read_gguf_cache(path: str) -> tuple[ModelConfig, Iterator[tuple[str, torch.Tensor]]]:
+def _read_gguf_cache(path: str) -> tuple[ModelConfig, frozenset[str], Iterator[tuple[str, torch.Tensor]]]:
     f = safe_open(path, framework="pt")
-    cfg = ModelConfig.from_json(f.metadata()[_CACHE_CONFIG_KEY])
+    metadata = f.metadata()
+    cfg = ModelConfig.from_json(metadata[_CACHE_CONFIG_KEY])
+    layer_types = frozenset(filter(None, metadata[_CACHE_TYPES_KEY].split(",")))
 
     def weights() -> Iterator[tuple[str, torch.Tensor]]:
         for key in f.keys():
             yield key, f.get_tensor(key)
 
-    return cfg, weights()
+    return cfg, layer_types, weights()
 
 
-def _write_gguf_cache(path: str, cfg: ModelConfig, tensors: dict[str, torch.Tensor]) -> None:
+def _write_gguf_cache(path: str, cfg: ModelConfig, layer_types: frozenset[str], tensors: dict[str, torch.Tensor]) -> None:
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        save_file(tensors, tmp, metadata={_CACHE_CONFIG_KEY: cfg.to_json()})
+        metadata = {_CACHE_CONFIG_KEY: cfg.to_json(), _CACHE_TYPES_KEY: ",".join(sorted(layer_types))}
+        save_file(tensors, tmp, metadata=metadata)
         os.replace(tmp, path)  # atomic: concurrent engines never read a half-written cache
     except OSError as e:
         log.warning("could not cache dequantized GGUF weights at %s: %s", path, e)

@@ -25,6 +25,8 @@ from torch import Tensor, nn
 
 from services.engine_core.attention.base import AttentionBackend, AttentionMetadata
 from services.engine_core.model_config import ModelConfig
+from services.engine_core.models import int4
+from services.engine_core.models.int4 import Int4Weight
 
 # HF parameter names of one layer -> (our attribute, index of the shard in a fused weight).
 _LAYER_WEIGHTS: dict[str, tuple[str, int | None]] = {
@@ -106,6 +108,17 @@ class DecoderLayer(nn.Module):
         self.mlp_norm = _param((hidden,), dtype, device)
         self.gate_up_weight = _param((2 * cfg.intermediate_size, hidden), dtype, device)
         self.down_weight = _param((hidden, cfg.intermediate_size), dtype, device)
+        # Set by quantize_int4: steps of up to int4_max_rows rows use these instead.
+        self.int4_max_rows = 0
+        self.qkv_int4 = self.o_int4 = self.gate_up_int4 = self.down_int4 = None
+
+    @torch.no_grad()
+    def quantize_int4(self, max_rows: int) -> None:
+        self.qkv_int4 = Int4Weight.quantize(self.qkv_weight)
+        self.o_int4 = Int4Weight.quantize(self.o_weight)
+        self.gate_up_int4 = Int4Weight.quantize(self.gate_up_weight)
+        self.down_int4 = Int4Weight.quantize(self.down_weight)
+        self.int4_max_rows = max_rows
 
     def forward(
         self,
@@ -118,12 +131,21 @@ class DecoderLayer(nn.Module):
         backend: AttentionBackend,
     ) -> None:
         """Advance the residual stream h [T, hidden] through this layer, in place."""
+        small = h.shape[0] <= self.int4_max_rows
         x = F.rms_norm(h, self.hidden_shape, self.attn_norm, self.eps)
-        attn = self.attention(x, cos, sin, k_cache, v_cache, md, backend)
-        h.addmm_(attn, self.o_weight.t())
+        attn = self.attention(x, cos, sin, k_cache, v_cache, md, backend, small)
+        if small:
+            h.add_(self.o_int4(attn))
+        else:
+            h.addmm_(attn, self.o_weight.t())
         x = F.rms_norm(h, self.hidden_shape, self.mlp_norm, self.eps)
-        gate, up = F.linear(x, self.gate_up_weight).chunk(2, dim=-1)
-        h.addmm_(F.silu(gate, inplace=True).mul_(up), self.down_weight.t())
+        gate_up = self.gate_up_int4(x) if small else F.linear(x, self.gate_up_weight)
+        gate, up = gate_up.chunk(2, dim=-1)
+        act = F.silu(gate, inplace=True).mul_(up)
+        if small:
+            h.add_(self.down_int4(act))
+        else:
+            h.addmm_(act, self.down_weight.t())
 
     def attention(
         self,
@@ -134,10 +156,17 @@ class DecoderLayer(nn.Module):
         v_cache: Tensor,
         md: AttentionMetadata,
         backend: AttentionBackend,
+        small: bool = False,
     ) -> Tensor:
+        """small: use the int4 weights (see forward)."""
         n, n_kv, d = self.num_heads, self.num_kv_heads, self.head_dim
         t = x.shape[0]
-        qkv = F.linear(x, self.qkv_weight, self.qkv_bias)
+        if small:
+            qkv = self.qkv_int4(x)
+            if self.qkv_bias is not None:
+                qkv += self.qkv_bias
+        else:
+            qkv = F.linear(x, self.qkv_weight, self.qkv_bias)
         # q and k sit side by side in qkv, so they are normalised and rotated as one tensor.
         qk = qkv[:, : self.qk_size].view(t, n + n_kv, d)
         v = qkv[:, self.qk_size :].view(t, n_kv, d)
@@ -190,6 +219,18 @@ class CausalLM(nn.Module):
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches, strict=True):
             layer(h, cos, sin, k_cache, v_cache, md, backend)
         return F.rms_norm(h, self.hidden_shape, self.norm, self.cfg.rms_norm_eps)
+
+    def quantize_int4(self, max_rows: int = int4.MAX_ROWS) -> bool:
+        """Give every layer int4 copies of its matrices for steps of up to max_rows rows (the
+        embedding and LM head stay dense). False, and nothing changes, where the kernel does
+        not apply: not on a CPU, or a matrix shape it cannot pack."""
+        layer = self.layers[0]
+        matrices = (layer.qkv_weight, layer.o_weight, layer.gate_up_weight, layer.down_weight)
+        if not all(int4.supported(w) for w in matrices):
+            return False
+        for layer in self.layers:
+            layer.quantize_int4(max_rows)
+        return True
 
     def compute_logits(self, hidden: Tensor) -> Tensor:
         """hidden [N, hidden] (rows of forward's output) -> float32 logits [N, vocab]."""

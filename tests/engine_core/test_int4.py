@@ -1,0 +1,132 @@
+"""Int4 weight copies for small CPU steps (models/int4.py, --quantization int4): the packing
+recovers a 4-bit GGUF's weights, and the model uses them only for steps of few rows."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from services.engine_core.models import build_model
+from services.engine_core.models.int4 import GROUP, MAX_ROWS, Int4Weight
+from services.engine_core.weight_loader import load_model
+from shared.config import EngineConfig
+from shared.model_files import resolve_model
+from services.engine_core.model_config import ModelConfig
+from tests.engine_core.test_models import paged_logits, prefill_logits
+
+CPU = torch.device("cpu")
+
+
+def q4_1_matrix(n: int, k: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A matrix as llama.cpp's Q4_1 stores it (w = d * q + m per group of 32, d and m in fp16,
+    each group's min at q = 0 and max at q = 15), and each weight's d."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 16, (n, k // GROUP, GROUP), generator=gen).float()
+    q[..., 0], q[..., 1] = 0, 15
+    d = (torch.rand(n, k // GROUP, 1, generator=gen) * 0.02 + 1e-3).half().float()
+    m = (-torch.rand(n, k // GROUP, 1, generator=gen) * 0.1).half().float()
+    return (q * d + m).view(n, k), d.expand(-1, -1, GROUP).reshape(n, k)
+
+
+def test_quantize_recovers_q4_1_weights() -> None:
+    w, d = q4_1_matrix(64, 192)
+    packed = Int4Weight.quantize(w)
+    # The bf16 rounding of each group's scale and offset moves a weight by well under a step;
+    # dequantize() itself returns bf16 values (the kernel's output), rounded by |w| * 2**-9.
+    err = (packed.dequantize() - w).abs() - w.abs() * 2**-9
+    assert (err / d).max() < 0.25
+    x = torch.randn(5, 192)
+    ref = x @ w.t()
+    assert ((packed(x) - ref).norm() / ref.norm()) < 5e-3
+    assert packed(x).dtype == torch.float32 and packed(x.bfloat16()).dtype == torch.bfloat16
+
+
+def test_quantize_any_matrix_within_half_a_step() -> None:
+    w = torch.randn(32, 64) * 0.05
+    groups = w.view(32, 2, GROUP)
+    step = ((groups.amax(-1) - groups.amin(-1)) / 15)[..., None].expand(-1, -1, GROUP).reshape(32, 64)
+    err = (Int4Weight.quantize(w).dequantize() - w).abs() - w.abs() * 2**-9  # bf16 output, as above
+    assert (err / step).max() < 0.55
+
+
+@pytest.mark.parametrize("shape", [(24, 64), (32, 48)])
+def test_unsupported_shapes_are_refused(shape: tuple[int, int]) -> None:
+    with pytest.raises(ValueError, match="int4 needs"):
+        Int4Weight.quantize(torch.randn(shape))
+
+
+@pytest.fixture(scope="module")
+def smollm2_pair() -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The bundled model (Q4_1 layer weights) with int4 copies, and with dense weights only."""
+    auto, _ = load_model(EngineConfig(quantization="int4"), CPU, torch.float32)
+    dense, _ = load_model(EngineConfig(), CPU, torch.float32)
+    return auto, dense
+
+
+def test_int4_copies_of_the_4bit_gguf(smollm2_pair) -> None:
+    auto, dense = smollm2_pair
+    assert all(layer.int4_max_rows == MAX_ROWS for layer in auto.layers)
+    assert all(layer.int4_max_rows == 0 and layer.qkv_int4 is None for layer in dense.layers)
+    # The dense weights stay: large steps use them.
+    for (name, p), (_, q) in zip(auto.state_dict().items(), dense.state_dict().items()):
+        assert torch.equal(p, q), name
+
+
+def test_small_steps_use_int4_and_large_ones_dense(smollm2_pair) -> None:
+    auto, dense = smollm2_pair
+    gen = torch.Generator().manual_seed(0)
+    small = torch.randint(0, 49152, (MAX_ROWS,), generator=gen).tolist()
+    ours, ref = prefill_logits(auto, small), prefill_logits(dense, small)
+    assert not torch.equal(ours, ref)
+    err = ((ours - ref).abs().max() / ref.abs().max()).item()
+    assert err < 0.05, err
+    assert (ours.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.8
+    large = torch.randint(0, 49152, (MAX_ROWS + 1,), generator=gen).tolist()
+    assert torch.equal(prefill_logits(auto, large), prefill_logits(dense, large))
+
+
+def test_decode_steps_follow_the_dense_model(smollm2_pair) -> None:
+    """A prompt prefilled in one large step, then single-token decode steps (int4)."""
+    auto, dense = smollm2_pair
+    seq = torch.randint(0, 49152, (40,), generator=torch.Generator().manual_seed(1)).tolist()
+    schedule = [[32]] + [[1]] * 8
+    ours, ref = paged_logits(auto, [seq], schedule)[0], paged_logits(dense, [seq], schedule)[0]
+    assert torch.equal(ours[:32], ref[:32])
+    err = ((ours[32:] - ref[32:]).abs().max() / ref[32:].abs().max()).item()
+    assert err < 0.05, err
+
+
+def test_int4_for_any_checkpoint(caplog) -> None:
+    cfg = ModelConfig.from_hf_config(resolve_model("tiny-llama").hf_config())
+    model, _ = load_model(EngineConfig(model="tiny-llama", quantization="int4"), CPU, torch.float32)
+    ok = all(s % 16 == 0 for s in (cfg.hidden_size, cfg.intermediate_size)) and cfg.hidden_size % GROUP == 0
+    assert ok and model.layers[0].int4_max_rows == MAX_ROWS
+    assert any("lossy" in r.message for r in caplog.records)  # random weights are not 4-bit
+
+
+def test_quantize_skips_shapes_the_kernel_cannot_pack() -> None:
+    cfg = ModelConfig.from_hf_config(resolve_model("tiny-llama").hf_config())
+    odd = build_model(ModelConfig(**{**cfg.__dict__, "hidden_size": 48, "num_heads": 3, "num_kv_heads": 1,
+                                      "head_dim": 16}))
+    assert odd.quantize_int4() is False
+    assert odd.layers[0].int4_max_rows == 0
+
+
+def test_bad_quantization_settings() -> None:
+    with pytest.raises(ValueError, match="unknown quantization"):
+        load_model(EngineConfig(quantization="awq"), CPU, torch.float32)
+    with pytest.raises(ValueError, match="CPU only"):
+        load_model(EngineConfig(quantization="int4"), torch.device("cuda"), torch.bfloat16)
+
+
+def test_gguf_cache_remembers_the_weight_types(tmp_path, caplog) -> None:
+    caplog.set_level(logging.INFO)
+    config = EngineConfig(cache_dir=str(tmp_path), quantization="int4")
+    first, _ = load_model(config, CPU, torch.float32)  # converts and writes the cache
+    cached, _ = load_model(config, CPU, torch.float32)
+    assert first.layers[0].int4_max_rows == cached.layers[0].int4_max_rows == MAX_ROWS
+    assert [r.message for r in caplog.records if "int4" in r.message] == [
+        f"int4 copies of the layers' Q4_1 weights for steps of up to {MAX_ROWS} rows"
+    ] * 2
