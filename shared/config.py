@@ -8,6 +8,8 @@ CLI flag > environment variable > default.
 from __future__ import annotations
 
 import argparse
+import ast
+import inspect
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any, get_args, get_origin, get_type_hints
@@ -22,6 +24,7 @@ class EngineConfig(msgspec.Struct, kw_only=True):
     model: str = BUNDLED_MODEL
     """GGUF file, HF directory (config.json + safetensors), a config JSON (random weights), or 'smollm2'."""
     served_model_name: str | None = None
+    """The model name clients send and /v1/models lists; default derived from --model."""
     tokenizer: str | None = None
     """Tokenizer source (GGUF file or HF directory); default: the model's own, or the bundled
     model's for a random-weight config that has none."""
@@ -32,18 +35,23 @@ class EngineConfig(msgspec.Struct, kw_only=True):
     attention_backend: str = "auto"
     """auto (triton on CUDA, torch on CPU), torch or triton."""
     block_size: int = 16
+    """Tokens per KV-cache block (the unit of paging and prefix caching)."""
     kv_cache_bytes: int = 1 << 30
     """KV-cache budget on CPU, in bytes."""
     gpu_memory_utilization: float = 0.90
     """Fraction of GPU memory the engine may use in total (weights, activations, KV cache)."""
     max_num_seqs: int = 128
+    """Requests in one engine step (and the largest CUDA graph)."""
     max_num_batched_tokens: int = 1024
+    """Tokens in one engine step: the prefill chunk size."""
     max_model_len: int | None = None
     """Defaults to the model's context length."""
     enable_prefix_caching: bool = True
+    """Reuse the KV blocks of prompt prefixes seen before."""
     num_threads: int | None = None
     """torch CPU threads; defaults to the cores this process may run on."""
     seed: int = 0
+    """Seed for random weights and for sampling without a request seed."""
     enforce_eager: bool = False
     """Disable CUDA graphs."""
     quantization: str = "none"
@@ -55,14 +63,19 @@ class EngineConfig(msgspec.Struct, kw_only=True):
 
 class ServeConfig(msgspec.Struct, kw_only=True):
     host: str = "127.0.0.1"
+    """Address the HTTP API listens on (0.0.0.0 for every interface)."""
     port: int = 8000
+    """Port of the HTTP API; also names the default run_dir, so one port is one service."""
     api_key: str | None = None
+    """Bearer token required on /v1/*; unset: no auth."""
     max_queued_requests: int = 512
     """Requests in flight past which the gateway answers 429."""
     max_body_bytes: int = 4 << 20
+    """Largest request body the gateway accepts (413 past it)."""
     num_tokenizer_workers: int = 0
     """0: sized to the machine."""
     num_engines: int = 1
+    """Engine-core replicas (data parallel) the launcher starts."""
     run_dir: str | None = None
     """Where ipc:// sockets live when addresses are not given; default $TMPDIR/novainfer-PORT."""
     gateway_addr: str | None = None
@@ -76,9 +89,11 @@ class ServeConfig(msgspec.Struct, kw_only=True):
     worker_index: int | None = None
     """Run only this tokenizer worker (for compose); None runs all workers of tokenizer_addrs."""
     heartbeat_s: float = 1.0
+    """How often each engine core tells the gateway it is alive."""
     engine_timeout_s: float = 10.0
     """No heartbeat for this long: the engine is considered dead."""
     log_level: str = "INFO"
+    """DEBUG, INFO, WARNING or ERROR."""
 
 
 class Config(msgspec.Struct, kw_only=True):
@@ -164,25 +179,46 @@ def _parse_value(tp: Any, raw: str) -> Any:
     return raw
 
 
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstrings under a class's fields (Python keeps none at run time, so they are read
+    from the source); {} where the source is not available."""
+    try:
+        body = ast.parse(inspect.getsource(cls)).body[0].body  # type: ignore[attr-defined]
+    except (OSError, TypeError, IndexError, AttributeError):
+        return {}
+    docs = {}
+    for field, doc in zip(body, body[1:]):
+        if (isinstance(field, ast.AnnAssign) and isinstance(field.target, ast.Name)
+                and isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant)
+                and isinstance(doc.value.value, str)):
+            docs[field.target.id] = " ".join(doc.value.value.split())
+    return docs
+
+
 def add_config_args(parser: argparse.ArgumentParser, exclude: Sequence[str] = ()) -> None:
-    """Add one flag per config field; defaults stay None so env vars can fill the gaps."""
+    """Add one flag per config field; defaults stay None so env vars can fill the gaps.
+    Each flag's help is the field's docstring, its default and its env var."""
     for section, cls in _sections().items():
         group = parser.add_argument_group(section)
         hints = get_type_hints(cls)
+        docs = field_docs(cls)
+        defaults = cls()
         for name in cls.__struct_fields__:
             if name in exclude:
                 continue
             tp = hints[name]
             flag = _flag(section, name)
+            default = getattr(defaults, name)
+            shown = "unset" if default is None or default == [] else default
+            doc = docs.get(name, "").replace("%", "%%")  # argparse formats help with %
+            help_text = f"{doc} (default: {shown}; env {_env(name)})".lstrip()
             if tp is bool:
                 group.add_argument(
-                    flag, dest=name, default=None, action=argparse.BooleanOptionalAction,
-                    help=f"(env {_env(name)})",
+                    flag, dest=name, default=None, action=argparse.BooleanOptionalAction, help=help_text,
                 )
             else:
                 group.add_argument(
-                    flag, dest=name, default=None, type=str, metavar=name.upper(),
-                    help=f"(env {_env(name)})",
+                    flag, dest=name, default=None, type=str, metavar=name.upper(), help=help_text,
                 )
 
 

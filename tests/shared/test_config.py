@@ -1,8 +1,10 @@
 from __future__ import annotations
 
+import argparse
+
 import pytest
 
-from shared.config import Config, config_to_args, config_from_args, parse_config
+from shared.config import Config, EngineConfig, ServeConfig, add_config_args, field_docs, config_to_args, config_from_args, parse_config
 
 
 def test_cli_over_env_over_default() -> None:
@@ -44,3 +46,15 @@ def test_bad_value_is_a_clear_error() -> None:
 
 def test_empty_env_means_unset() -> None:
     assert config_from_args(None, {"NOVAINFER_API_KEY": ""}).serve.api_key is None
+
+
+def test_help_shows_each_fields_doc_default_and_env() -> None:
+    parser = argparse.ArgumentParser()
+    add_config_args(parser)
+    text = " ".join(parser.format_help().split())
+    assert "--quantization QUANTIZATION int4: steps of up to 16 rows" in text
+    assert "(default: none; env NOVAINFER_QUANTIZATION)" in text
+    assert "Requests in flight past which the gateway answers 429. (default: 512; env" in text
+    assert "--api-key API_KEY Bearer token required on /v1/*; unset: no auth. (default: unset;" in text
+    for cls in (EngineConfig, ServeConfig):
+        assert set(field_docs(cls)) == set(cls.__struct_fields__), cls.__name__
