@@ -12,7 +12,7 @@ import ast
 import inspect
 import os
 from collections.abc import Mapping, Sequence
-from typing import Any, get_args, get_origin, get_type_hints
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import msgspec
 
@@ -28,12 +28,12 @@ class EngineConfig(msgspec.Struct, kw_only=True):
     tokenizer: str | None = None
     """Tokenizer source (GGUF file or HF directory); default: the model's own, or the bundled
     model's for a random-weight config that has none."""
-    dtype: str = "auto"
-    """auto (fp32 on CPU, bf16 on CUDA), float32, bfloat16 or float16."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """auto: fp32 on CPU, bf16 on CUDA."""
     device: str = "auto"
     """auto, cpu or cuda."""
-    attention_backend: str = "auto"
-    """auto (triton on CUDA, torch on CPU), torch or triton."""
+    attention_backend: Literal["auto", "torch", "triton"] = "auto"
+    """auto: triton on CUDA, torch on CPU."""
     block_size: int = 16
     """Tokens per KV-cache block (the unit of paging and prefix caching)."""
     kv_cache_bytes: int = 1 << 30
@@ -54,7 +54,7 @@ class EngineConfig(msgspec.Struct, kw_only=True):
     """Seed for random weights and for sampling without a request seed."""
     enforce_eager: bool = False
     """Disable CUDA graphs."""
-    quantization: str = "none"
+    quantization: Literal["none", "int4"] = "none"
     """int4: steps of up to 16 rows use int4 weight-only copies of the layer matrices (CPU only;
     ~1.8x single-stream decode on a 4-bit GGUF, but greedy output then depends on the batch)."""
     cache_dir: str | None = None
@@ -160,6 +160,10 @@ def _sections() -> dict[str, type[msgspec.Struct]]:
 def _parse_value(tp: Any, raw: str) -> Any:
     origin = get_origin(tp)
     args = [a for a in get_args(tp) if a is not type(None)]
+    if origin is Literal:
+        if raw not in args:
+            raise ValueError(f"{raw!r} is not one of {', '.join(map(str, args))}")
+        return raw
     if origin is list:
         return [_parse_value(args[0], p.strip()) for p in raw.split(",") if p.strip()]
     if args and origin is not list and len(args) == 1:  # Optional[X]
@@ -217,8 +221,11 @@ def add_config_args(parser: argparse.ArgumentParser, exclude: Sequence[str] = ()
                     flag, dest=name, default=None, action=argparse.BooleanOptionalAction, help=help_text,
                 )
             else:
+                # Literal fields list their values, and argparse refuses others before anything starts.
+                choices = get_args(tp) if get_origin(tp) is Literal else None
                 group.add_argument(
-                    flag, dest=name, default=None, type=str, metavar=name.upper(), help=help_text,
+                    flag, dest=name, default=None, type=str, metavar=name.upper(), choices=choices,
+                    help=help_text if choices is None else f"{{{','.join(choices)}}} {help_text}",
                 )
 
 

@@ -52,9 +52,19 @@ def test_help_shows_each_fields_doc_default_and_env() -> None:
     parser = argparse.ArgumentParser()
     add_config_args(parser)
     text = " ".join(parser.format_help().split())
-    assert "--quantization QUANTIZATION int4: steps of up to 16 rows" in text
+    assert "--quantization QUANTIZATION {none,int4} int4: steps of up to 16 rows" in text
     assert "(default: none; env NOVAINFER_QUANTIZATION)" in text
     assert "Requests in flight past which the gateway answers 429. (default: 512; env" in text
     assert "--api-key API_KEY Bearer token required on /v1/*; unset: no auth. (default: unset;" in text
     for cls in (EngineConfig, ServeConfig):
         assert set(field_docs(cls)) == set(cls.__struct_fields__), cls.__name__
+
+
+def test_literal_fields_refuse_other_values() -> None:
+    parser = argparse.ArgumentParser()
+    add_config_args(parser)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--quantization", "awq"])
+    with pytest.raises(SystemExit, match="'fp8' is not one of auto, float32, bfloat16, float16"):
+        config_from_args(parser.parse_args([]), env={"NOVAINFER_DTYPE": "fp8"})
+    assert config_from_args(parser.parse_args(["--dtype", "bfloat16"]), env={}).engine.dtype == "bfloat16"
