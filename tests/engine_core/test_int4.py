@@ -130,3 +130,22 @@ def test_gguf_cache_remembers_the_weight_types(tmp_path, caplog) -> None:
     assert [r.message for r in caplog.records if "int4" in r.message] == [
         f"int4 copies of the layers' Q4_1 weights for steps of up to {MAX_ROWS} rows"
     ] * 2
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen2", "tiny-qwen3"])
+def test_int4_layers_compute_with_their_dequantized_weights(name: str) -> None:
+    """The int4 path of every architecture (q/k/v bias, q/k norms) equals the dense path run on
+    the weights the int4 copies hold, up to the bf16 activations and outputs of the kernel."""
+    quantized, _ = load_model(EngineConfig(model=name, quantization="int4"), CPU, torch.float32)
+    dense, _ = load_model(EngineConfig(model=name), CPU, torch.float32)
+    with torch.no_grad():
+        for q, d in zip(quantized.layers, dense.layers):
+            for attr in ("qkv", "o", "gate_up", "down"):
+                getattr(d, f"{attr}_weight").copy_(getattr(q, f"{attr}_int4").dequantize())
+            if q.qkv_bias is not None:  # random init zeroes biases, which would hide a dropped one
+                bias = torch.randn(q.qkv_bias.shape, generator=torch.Generator().manual_seed(3)) * 0.5
+                q.qkv_bias.copy_(bias)
+                d.qkv_bias.copy_(bias)
+    seq = torch.randint(0, quantized.cfg.vocab_size, (12,), generator=torch.Generator().manual_seed(2)).tolist()
+    ours, ref = prefill_logits(quantized, seq), prefill_logits(dense, seq)
+    assert ((ours - ref).norm() / ref.norm()).item() < 2e-2
