@@ -173,12 +173,18 @@ class ModelRunner:
         seq_lens: list[int] = []
         context_lens: list[int] = []
         sample_rows: list[int] = []
-        for req, n in zip(batch.requests, batch.num_new_tokens):
+        # Filled row by row through numpy: building a nested list and converting it costs 3x
+        # as much (1.7 vs 0.55 ms for 256 requests x 129 blocks).
+        max_blocks = max(len(r.block_table) for r in batch.requests)
+        tables = torch.zeros((len(batch.requests), max_blocks), dtype=torch.int32, pin_memory=self._pin)
+        table_rows = tables.numpy()
+        for i, (req, n) in enumerate(zip(batch.requests, batch.num_new_tokens)):
             start = req.num_computed_tokens
             end = start + n
             input_ids.extend(req.all_token_ids[start:end])
             positions.extend(range(start, end))
             table = req.block_table
+            table_rows[i, : len(table)] = table
             for blk in range(start // bs, (end - 1) // bs + 1):  # per block, not per token
                 base = (table[blk] - blk) * bs
                 slots.extend(range(base + max(start, blk * bs), base + min(end, (blk + 1) * bs)))
@@ -187,8 +193,6 @@ class ModelRunner:
             context_lens.append(start)
             if end == req.num_tokens:
                 sample_rows.append(query_start[-1] - 1)
-        max_blocks = max(len(r.block_table) for r in batch.requests)
-        tables = [r.block_table + [0] * (max_blocks - len(r.block_table)) for r in batch.requests]
 
         i32 = torch.int32
         md = AttentionMetadata(
@@ -197,7 +201,7 @@ class ModelRunner:
             query_start_loc=self._to_device(query_start, i32),
             seq_lens=self._to_device(seq_lens, i32),
             context_lens=self._to_device(context_lens, i32),
-            block_tables=self._to_device(tables, i32),
+            block_tables=tables.to(self.device, non_blocking=True) if self._pin else tables,
             slot_mapping=self._to_device(slots, torch.long),
             max_query_len=max(batch.num_new_tokens),
             max_seq_len=max(seq_lens),
