@@ -53,7 +53,7 @@ SERVERS = ("novainfer", "novainfer-int4", "llamacpp", "transformers")
 def server_command(name: str, port: int, run_dir: str, threads: int, dtype: str = "float32") -> list[str]:
     """dtype: what NovaInfer and transformers compute in (llama.cpp always runs the file's Q4_1)."""
     model = bundled_model_path()
-    if name in SERVERS[:2]:
+    if name in ("novainfer", "novainfer-int4"):
         # Defaults on purpose (what `novainfer serve` does out of the box), but threads and dtype;
         # novainfer-int4 adds int4 copies of the file's Q4_1 layer weights for small steps.
         extra = ["--quantization", "int4"] if name == "novainfer-int4" else []

@@ -17,7 +17,7 @@ import logging
 import os
 import re
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, get_args, get_type_hints
 
 import torch
 from safetensors import safe_open
@@ -45,7 +45,7 @@ FOUR_BIT_GGUF_TYPES = frozenset({
     "Q4_0", "Q4_1", "Q4_K", "Q3_K", "Q2_K", "IQ4_NL", "IQ4_XS", "IQ3_XXS", "IQ3_S",
     "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ1_S", "IQ1_M", "TQ1_0", "TQ2_0",
 })
-QUANTIZATION_MODES = ("none", "int4")
+QUANTIZATION_MODES: tuple[str, ...] = get_args(get_type_hints(EngineConfig)["quantization"])
 
 # llama.cpp tensor names -> HF names ("{}" is the layer index).
 _GGUF_GLOBAL_NAMES = {

@@ -59,7 +59,8 @@ class Int4Weight:
         return out.to(x.dtype)
 
     def dequantize(self) -> Tensor:
-        """The float32 matrix the kernel multiplies by (for tests and error checks)."""
+        """The matrix the kernel multiplies by, as float32 (for tests and error checks); its
+        values pass through the kernel's bf16 output, so each is rounded to bf16."""
         n = self.scales_zeros.shape[1]
         eye = torch.eye(self.packed.shape[1] * 2, dtype=torch.bfloat16)
         return torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.packed, GROUP, self.scales_zeros).float().t()[:n]
