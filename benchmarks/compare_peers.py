@@ -57,18 +57,60 @@ def server_command(name: str, port: int, run_dir: str, threads: int, dtype: str 
         # Defaults on purpose (what `novainfer serve` does out of the box), but threads and dtype;
         # novainfer-int4 adds int4 copies of the file's Q4_1 layer weights for small steps.
         extra = ["--quantization", "int4"] if name == "novainfer-int4" else []
-        return [sys.executable, "-m", "novainfer.cli", "serve", "--port", str(port), "--run-dir", run_dir,
-                "--num-threads", str(threads), "--dtype", dtype, *extra]
+        return [
+            sys.executable,
+            "-m",
+            "novainfer.cli",
+            "serve",
+            "--port",
+            str(port),
+            "--run-dir",
+            run_dir,
+            "--num-threads",
+            str(threads),
+            "--dtype",
+            dtype,
+            *extra,
+        ]
     if name == "llamacpp":
         # -np 64 slots with one unified KV cache (-kvu) of 32k tokens: enough for 64 requests
         # of our longest conversations. -nr: on this VM the AMX kernels (the only extra buffer
         # type for Q4_1) die with a general protection fault; without them it runs AVX-512.
-        return [LLAMA_SERVER, "-m", model, "--host", "127.0.0.1", "--port", str(port),
-                "-t", str(threads), "-tb", str(threads), "-np", str(MAX_CONCURRENCY), "-kvu", "-c", "32768",
-                "-nr", "--no-webui", "-a", MODEL_NAME]
+        return [
+            LLAMA_SERVER,
+            "-m",
+            model,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "-t",
+            str(threads),
+            "-tb",
+            str(threads),
+            "-np",
+            str(MAX_CONCURRENCY),
+            "-kvu",
+            "-c",
+            "32768",
+            "-nr",
+            "--no-webui",
+            "-a",
+            MODEL_NAME,
+        ]
     if name == "transformers":
-        return [sys.executable, os.path.join(HERE, "peers", "hf_server.py"), "--port", str(port),
-                "--threads", str(threads), "--max-batch", str(MAX_CONCURRENCY), "--dtype", dtype]
+        return [
+            sys.executable,
+            os.path.join(HERE, "peers", "hf_server.py"),
+            "--port",
+            str(port),
+            "--threads",
+            str(threads),
+            "--max-batch",
+            str(MAX_CONCURRENCY),
+            "--dtype",
+            dtype,
+        ]
     raise ValueError(name)
 
 
@@ -144,8 +186,9 @@ class Server:
         self.log = open(os.path.join(self.run_dir, "server.log"), "w")
         env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
         # Own process group: the whole server (NovaInfer's children included) can be stopped by its id.
-        self.proc = subprocess.Popen(self.cmd, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(
+            self.cmd, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True
+        )
         self.url = f"http://127.0.0.1:{self.port}"
 
     def wait_ready(self, timeout: float = 600.0) -> float:
@@ -198,8 +241,9 @@ def jobs_for(workload: str, concurrency: int, args: argparse.Namespace) -> list[
     if workload == "shared-prefix":
         # Enough conversations to keep `concurrency` of them in flight.
         n = max(n, args.turns * concurrency)
-        return sb.shared_prefix_workload(n, args.turns, 4, 300, (16, 64),
-                                         (args.output_len, args.output_len), seed, extra)
+        return sb.shared_prefix_workload(
+            n, args.turns, 4, 300, (16, 64), (args.output_len, args.output_len), seed, extra
+        )
     if workload == "seed":
         return sb.random_workload(40, (32, 32), (50, 50), seed, extra)
     raise ValueError(workload)
@@ -209,32 +253,52 @@ def run_point(server: Server, workload: str, concurrency: int, args: argparse.Na
     jobs = jobs_for(workload, concurrency, args)
     meter = CpuMeter(server.proc.pid)
     load0 = os.getloadavg()[0]
-    s = asyncio.run(sb.run_jobs(server.url, MODEL_NAME, jobs, concurrency, None,
-                                args.point_timeout_s, args.point_timeout_s, args.seed))
+    s = asyncio.run(
+        sb.run_jobs(
+            server.url, MODEL_NAME, jobs, concurrency, None, args.point_timeout_s, args.point_timeout_s, args.seed
+        )
+    )
     server_cores, foreign = meter.cores()
     if s["truncated"]:
         server.settle()
     run = {
-        "server": server.name, "workload": workload, "concurrency": concurrency,
-        "requests": s["completed"] + s["errors"], "completed": s["completed"], "errors": s["errors"],
-        "unfinished": s["unfinished"], "truncated": s["truncated"], "duration_s": s["duration_s"],
-        "output_tok_per_s": s["output_tok_per_s"], "total_tok_per_s": s["total_tok_per_s"],
+        "server": server.name,
+        "workload": workload,
+        "concurrency": concurrency,
+        "requests": s["completed"] + s["errors"],
+        "completed": s["completed"],
+        "errors": s["errors"],
+        "unfinished": s["unfinished"],
+        "truncated": s["truncated"],
+        "duration_s": s["duration_s"],
+        "output_tok_per_s": s["output_tok_per_s"],
+        "total_tok_per_s": s["total_tok_per_s"],
         "request_throughput": s["request_throughput"],
-        "ttft_p50_s": s["ttft_s"]["p50"], "ttft_p99_s": s["ttft_s"]["p99"],
-        "tpot_p50_s": s["tpot_s"]["p50"], "tpot_p99_s": s["tpot_s"]["p99"],
-        "itl_p50_s": s["itl_s"]["p50"], "itl_p99_s": s["itl_s"]["p99"],
-        "e2e_p50_s": s["e2e_s"]["p50"], "e2e_p99_s": s["e2e_s"]["p99"],
+        "ttft_p50_s": s["ttft_s"]["p50"],
+        "ttft_p99_s": s["ttft_s"]["p99"],
+        "tpot_p50_s": s["tpot_s"]["p50"],
+        "tpot_p99_s": s["tpot_s"]["p99"],
+        "itl_p50_s": s["itl_s"]["p50"],
+        "itl_p99_s": s["itl_s"]["p99"],
+        "e2e_p50_s": s["e2e_s"]["p50"],
+        "e2e_p99_s": s["e2e_s"]["p99"],
         "output_len_mismatches": s["output_len_mismatches"],
         "partial_output_tokens": s["partial_output_tokens"],
         "prefix_cache_hit_rate": s.get("prefix_cache_hit_rate"),
         "usage_cached_prompt_fraction": s["usage_cached_prompt_fraction"],
-        "server_cpu_cores": server_cores, "foreign_cpu_cores": foreign, "loadavg_1m_before": load0,
-        "error_samples": s["error_samples"], "full": s,
+        "server_cpu_cores": server_cores,
+        "foreign_cpu_cores": foreign,
+        "loadavg_1m_before": load0,
+        "error_samples": s["error_samples"],
+        "full": s,
     }
-    print(f"  {workload:<13} c={concurrency:<3} {s['output_tok_per_s']:7.1f} out tok/s  "
-          f"TTFT p50 {s['ttft_s']['p50']:.2f}s p99 {s['ttft_s']['p99']:.2f}s  TPOT p50 {s['tpot_s']['p50'] * 1000:.0f}ms  "
-          f"done {s['completed']} err {s['errors']} unfinished {s['unfinished']}  "
-          f"foreign CPU {foreign:.2f} cores", flush=True)
+    print(
+        f"  {workload:<13} c={concurrency:<3} {s['output_tok_per_s']:7.1f} out tok/s  "
+        f"TTFT p50 {s['ttft_s']['p50']:.2f}s p99 {s['ttft_s']['p99']:.2f}s  TPOT p50 {s['tpot_s']['p50'] * 1000:.0f}ms  "
+        f"done {s['completed']} err {s['errors']} unfinished {s['unfinished']}  "
+        f"foreign CPU {foreign:.2f} cores",
+        flush=True,
+    )
     return run
 
 
@@ -247,7 +311,7 @@ def bench_server(name: str, args: argparse.Namespace, out: dict[str, Any]) -> No
         warm = sb.random_workload(4, (32, 64), (8, 8), seed=999_999, extra={"ignore_eos": True})
         asyncio.run(sb.run_jobs(server.url, MODEL_NAME, warm, 2, None, 300, 300, 0))
         for workload in args.workloads:
-            for c in ([8] if workload == "seed" else args.concurrency):
+            for c in [8] if workload == "seed" else args.concurrency:
                 out["runs"].append(run_point(server, workload, c, args))
                 save(out, args.output)
     finally:
@@ -283,20 +347,34 @@ def plot(runs: list[dict[str, Any]], prefix: str = "peers") -> list[str]:
     os.makedirs(IMG, exist_ok=True)
     workloads = [w for w in ("random", "shared-prefix") if any(r["workload"] == w for r in runs)]
     servers = [s for s in SERVERS if any(r["server"] == s for r in runs)]
-    figures = [("throughput", [("output_tok_per_s", "-")], "output tokens/s"),
-               ("ttft", [("ttft_p50_s", "-"), ("ttft_p99_s", "--")], "TTFT (s), p50 solid, p99 dashed"),
-               ("tpot", [("tpot_p50_s", "-"), ("tpot_p99_s", "--")], "TPOT (s), p50 solid, p99 dashed")]
+    figures = [
+        ("throughput", [("output_tok_per_s", "-")], "output tokens/s"),
+        ("ttft", [("ttft_p50_s", "-"), ("ttft_p99_s", "--")], "TTFT (s), p50 solid, p99 dashed"),
+        ("tpot", [("tpot_p50_s", "-"), ("tpot_p99_s", "--")], "TPOT (s), p50 solid, p99 dashed"),
+    ]
     paths = []
     for fname, series, ylabel in figures:
         fig, axes = plt.subplots(1, len(workloads), figsize=(5.5 * len(workloads), 4), squeeze=False)
         for ax, w in zip(axes[0], workloads):
             for i, srv in enumerate(servers):
                 # A capped point with nothing finished still has a throughput, but no latencies.
-                pts = sorted(((r["concurrency"], r) for r in runs if r["server"] == srv and r["workload"] == w
-                              and (r["completed"] > 0 or fname == "throughput")), key=lambda x: x[0])
+                pts = sorted(
+                    (
+                        (r["concurrency"], r)
+                        for r in runs
+                        if r["server"] == srv and r["workload"] == w and (r["completed"] > 0 or fname == "throughput")
+                    ),
+                    key=lambda x: x[0],
+                )
                 for key, style in series:
-                    ax.plot([c for c, _ in pts], [r[key] for _, r in pts], style, marker="o", color=f"C{i}",
-                            label=srv if style == "-" else None)
+                    ax.plot(
+                        [c for c, _ in pts],
+                        [r[key] for _, r in pts],
+                        style,
+                        marker="o",
+                        color=f"C{i}",
+                        label=srv if style == "-" else None,
+                    )
                 for c, r in pts:  # a hollow ring marks a point cut short by its time cap
                     if r["truncated"]:
                         ax.plot([c], [r[series[0][0]]], "o", ms=12, mfc="none", color=f"C{i}")
@@ -324,15 +402,24 @@ def _fmt(x: float | None, scale: float = 1.0, unit: str = " s", digits: int = 2)
 def markdown(runs: list[dict[str, Any]]) -> str:
     lines = []
     for w in dict.fromkeys(r["workload"] for r in runs):
-        lines += [f"\n### `{w}`\n", "| server | conc. | out tok/s | TTFT p50 | TTFT p99 | TPOT p50 | TPOT p99 "
-                  "| done/err/unfinished | cache hit | server CPU | foreign CPU |", "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
+        lines += [
+            f"\n### `{w}`\n",
+            "| server | conc. | out tok/s | TTFT p50 | TTFT p99 | TPOT p50 | TPOT p99 "
+            "| done/err/unfinished | cache hit | server CPU | foreign CPU |",
+            "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|",
+        ]
         for r in sorted((r for r in runs if r["workload"] == w), key=lambda r: (r["concurrency"], r["server"])):
-            hit = r["prefix_cache_hit_rate"] if r["prefix_cache_hit_rate"] is not None else r["usage_cached_prompt_fraction"]
+            hit = (
+                r["prefix_cache_hit_rate"]
+                if r["prefix_cache_hit_rate"] is not None
+                else r["usage_cached_prompt_fraction"]
+            )
             lines.append(
                 f"| {r['server']} | {r['concurrency']} | {r['output_tok_per_s']:.1f} | {_fmt(r['ttft_p50_s'])} "
                 f"| {_fmt(r['ttft_p99_s'])} | {_fmt(r['tpot_p50_s'], 1000, ' ms', 0)} | {_fmt(r['tpot_p99_s'], 1000, ' ms', 0)} "
                 f"| {r['completed']}/{r['errors']}/{r['unfinished']}{' (capped)' if r['truncated'] else ''} "
-                f"| {'' if hit is None else f'{hit:.0%}'} | {r['server_cpu_cores']:.2f} | {r['foreign_cpu_cores']:.2f} |")
+                f"| {'' if hit is None else f'{hit:.0%}'} | {r['server_cpu_cores']:.2f} | {r['foreign_cpu_cores']:.2f} |"
+            )
     return "\n".join(lines)
 
 
@@ -346,16 +433,26 @@ def main() -> int:
     p.add_argument("--servers", nargs="+", choices=SERVERS, default=["novainfer", "llamacpp", "transformers"])
     p.add_argument("--workloads", nargs="+", default=["random", "shared-prefix", "seed"])
     p.add_argument("--concurrency", nargs="+", type=int, default=[1, 8, 32, 64])
-    p.add_argument("--requests-per-conc", type=int, default=2, help="requests per point = max(this x concurrency, --min-requests)")
+    p.add_argument(
+        "--requests-per-conc", type=int, default=2, help="requests per point = max(this x concurrency, --min-requests)"
+    )
     p.add_argument("--min-requests", type=int, default=16)
     p.add_argument("--output-len", type=int, default=64)
     p.add_argument("--turns", type=int, default=2, help="shared-prefix turns per conversation")
     p.add_argument("--point-timeout-s", type=float, default=150.0)
-    p.add_argument("--threads", type=int, default=2,
-                   help="compute threads for every server (NovaInfer --num-threads, llama.cpp -t/-tb, torch threads)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=2,
+        help="compute threads for every server (NovaInfer --num-threads, llama.cpp -t/-tb, torch threads)",
+    )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                   help="what NovaInfer and transformers compute in (llama.cpp runs the file's Q4_1 either way)")
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16"],
+        help="what NovaInfer and transformers compute in (llama.cpp runs the file's Q4_1 either way)",
+    )
     p.add_argument("--output", default=RESULTS)
     p.add_argument("--img-prefix", default="peers", help="plots go to docs/img/PREFIX_{throughput,ttft,tpot}.png")
     p.add_argument("--table-only", action="store_true", help="print markdown tables from --output and replot")
@@ -369,10 +466,13 @@ def main() -> int:
     if "llamacpp" in args.servers and not os.access(LLAMA_SERVER, os.X_OK):
         sys.exit(f"{LLAMA_SERVER} missing: run benchmarks/peers/setup_llamacpp.sh first")
     out: dict[str, Any] = {
-        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": platform.processor() or platform.machine(),
-        "cpus": os.cpu_count(), "model_file": os.path.basename(bundled_model_path()),
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "model_file": os.path.basename(bundled_model_path()),
         "config": {k: v for k, v in vars(args).items() if k not in ("output", "table_only", "img_prefix")},
-        "servers": {}, "runs": [],
+        "servers": {},
+        "runs": [],
     }
     t0 = time.monotonic()
     for name in args.servers:

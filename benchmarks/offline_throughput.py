@@ -36,10 +36,7 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "o
 
 def workload(n: int, vocab: int, seed: int) -> list[tuple[list[int], int]]:
     rng = random.Random(seed)
-    return [
-        ([rng.randrange(100, vocab) for _ in range(rng.randint(16, 256))], rng.randint(16, 128))
-        for _ in range(n)
-    ]
+    return [([rng.randrange(100, vocab) for _ in range(rng.randint(16, 256))], rng.randint(16, 128)) for _ in range(n)]
 
 
 def load_hf() -> torch.nn.Module:
@@ -57,10 +54,11 @@ def hf_generate(model: torch.nn.Module, prompts: list[list[int]], max_new: int) 
     ids = torch.zeros((len(prompts), width), dtype=torch.long)
     mask = torch.zeros_like(ids)
     for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = torch.tensor(p)
-        mask[i, width - len(p):] = 1
-    model.generate(ids, attention_mask=mask, max_new_tokens=max_new, min_new_tokens=max_new,
-                   do_sample=False, pad_token_id=0)
+        ids[i, width - len(p) :] = torch.tensor(p)
+        mask[i, width - len(p) :] = 1
+    model.generate(
+        ids, attention_mask=mask, max_new_tokens=max_new, min_new_tokens=max_new, do_sample=False, pad_token_id=0
+    )
 
 
 def bench_hf_throughput(model: torch.nn.Module, reqs: list[tuple[list[int], int]], batch: int) -> float:
@@ -97,8 +95,9 @@ def matmul_floor_ms(llm: LLM, repeats: int = 20) -> float:
     """ms for one token's matrix products alone (the weights of every layer and the LM
     head, one input row): the memory-bandwidth floor of fp32 decode at batch 1."""
     model = llm.engine.runner.model
-    weights = [w for layer in model.layers
-               for w in (layer.qkv_weight, layer.o_weight, layer.gate_up_weight, layer.down_weight)]
+    weights = [
+        w for layer in model.layers for w in (layer.qkv_weight, layer.o_weight, layer.gate_up_weight, layer.down_weight)
+    ]
     weights.append(model.embed if model.lm_head is None else model.lm_head)
     inputs = {w.shape[1]: torch.randn(1, w.shape[1], dtype=w.dtype) for w in weights}
 
@@ -122,8 +121,9 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="16 requests: a smoke run")
     ap.add_argument("--out", default=RESULTS)
     ap.add_argument("--bf16", action="store_true", help="also measure the engine's throughput in bfloat16")
-    ap.add_argument("--int4", action="store_true",
-                    help="also measure the engine with --quantization int4 (decode and throughput)")
+    ap.add_argument(
+        "--int4", action="store_true", help="also measure the engine with --quantization int4 (decode and throughput)"
+    )
     args = ap.parse_args()
     if args.quick:
         args.requests, args.decode_tokens = 16, 32
@@ -148,6 +148,7 @@ def main() -> None:
     def run_on(engine: LLM) -> callable:
         def run(p: list[int], n: int) -> None:
             engine.generate([p], SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True), use_tqdm=False)
+
         return run
 
     engine_decode = decode_rate(run_on(llm), prompt, args.decode_tokens)
@@ -156,7 +157,9 @@ def main() -> None:
     if args.int4:
         int4 = LLM(config=EngineConfig(num_threads=threads, quantization="int4"))
         int4_decode = decode_rate(run_on(int4), prompt, args.decode_tokens)
-        print(f"int4 decode: {int4_decode:.1f} tok/s (fp32 {engine_decode:.1f}, transformers {hf_decode:.1f})", flush=True)
+        print(
+            f"int4 decode: {int4_decode:.1f} tok/s (fp32 {engine_decode:.1f}, transformers {hf_decode:.1f})", flush=True
+        )
         bench_engine_throughput(int4, reqs[:4])
         int4_tps = bench_engine_throughput(int4, reqs)
         del int4
@@ -202,14 +205,18 @@ def main() -> None:
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
-    print(f"| metric | NovaInfer | transformers | ratio |\n|---|---|---|---|\n"
-          f"| throughput, output tok/s ({args.requests} requests) | {engine_tps:.1f} | {hf_tps:.1f} | {engine_tps / hf_tps:.2f}x |\n"
-          f"| single-stream decode, tok/s | {engine_decode:.1f} | {hf_decode:.1f} | {engine_decode / hf_decode:.2f}x |\n"
-          f"| decode matmuls alone (floor), ms/token | {floor_ms:.1f} | | bound {1e3 / hf_decode / floor_ms:.2f}x |")
+    print(
+        f"| metric | NovaInfer | transformers | ratio |\n|---|---|---|---|\n"
+        f"| throughput, output tok/s ({args.requests} requests) | {engine_tps:.1f} | {hf_tps:.1f} | {engine_tps / hf_tps:.2f}x |\n"
+        f"| single-stream decode, tok/s | {engine_decode:.1f} | {hf_decode:.1f} | {engine_decode / hf_decode:.2f}x |\n"
+        f"| decode matmuls alone (floor), ms/token | {floor_ms:.1f} | | bound {1e3 / hf_decode / floor_ms:.2f}x |"
+    )
     if int4_decode is not None:
-        print(f"| with --quantization int4: single-stream decode, tok/s | {int4_decode:.1f} | {hf_decode:.1f} | "
-              f"{int4_decode / hf_decode:.2f}x |\n| with --quantization int4: throughput, output tok/s | "
-              f"{int4_tps:.1f} | {hf_tps:.1f} | {int4_tps / hf_tps:.2f}x |")
+        print(
+            f"| with --quantization int4: single-stream decode, tok/s | {int4_decode:.1f} | {hf_decode:.1f} | "
+            f"{int4_decode / hf_decode:.2f}x |\n| with --quantization int4: throughput, output tok/s | "
+            f"{int4_tps:.1f} | {hf_tps:.1f} | {int4_tps / hf_tps:.2f}x |"
+        )
     if bf16_tps is not None:
         print(f"engine in bfloat16: {bf16_tps:.1f} output tok/s ({bf16_tps / hf_tps:.2f}x transformers fp32)")
     print(f"wrote {args.out}")

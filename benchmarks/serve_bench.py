@@ -84,22 +84,31 @@ def random_words(rng: random.Random, n: int) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(n))
 
 
-def random_workload(n: int, prompt_range: tuple[int, int], output_range: tuple[int, int],
-                    seed: int, extra: dict[str, Any]) -> list[Job]:
+def random_workload(
+    n: int, prompt_range: tuple[int, int], output_range: tuple[int, int], seed: int, extra: dict[str, Any]
+) -> list[Job]:
     rng = random.Random(seed)
     jobs: list[Job] = []
     for _ in range(n):
         prompt = random_words(rng, rng.randint(*prompt_range))
         max_tokens = rng.randint(*output_range)
-        spec = RequestSpec("/v1/completions", {"prompt": prompt, "max_tokens": max_tokens,
-                                               "temperature": 0.0, **extra}, max_tokens)
+        spec = RequestSpec(
+            "/v1/completions", {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, **extra}, max_tokens
+        )
         jobs.append(lambda answers, spec=spec: spec if not answers else None)
     return jobs
 
 
-def shared_prefix_workload(n_requests: int, turns: int, n_system: int, system_words: int,
-                           user_range: tuple[int, int], output_range: tuple[int, int],
-                           seed: int, extra: dict[str, Any]) -> list[Job]:
+def shared_prefix_workload(
+    n_requests: int,
+    turns: int,
+    n_system: int,
+    system_words: int,
+    user_range: tuple[int, int],
+    output_range: tuple[int, int],
+    seed: int,
+    extra: dict[str, Any],
+) -> list[Job]:
     """ceil(n_requests / turns) conversations over n_system system prompts: every turn
     repeats the system prompt and the whole history, which a prefix cache can reuse."""
     rng = random.Random(seed)
@@ -114,8 +123,9 @@ def shared_prefix_workload(n_requests: int, turns: int, n_system: int, system_wo
         users = [random_words(rng, rng.randint(*user_range)) for _ in range(k)]
         outs = [rng.randint(*output_range) for _ in range(k)]
 
-        def job(answers: list[str], system: str = system, users: list[str] = users,
-                outs: list[int] = outs) -> RequestSpec | None:
+        def job(
+            answers: list[str], system: str = system, users: list[str] = users, outs: list[int] = outs
+        ) -> RequestSpec | None:
             t = len(answers)
             if t >= len(users):
                 return None
@@ -147,8 +157,12 @@ def percentile(values: Sequence[float], q: float) -> float:
 
 def dist(values: Sequence[float]) -> dict[str, float]:
     xs = [v for v in values if not math.isnan(v)]
-    return {"mean": sum(xs) / len(xs) if xs else math.nan, "p50": percentile(xs, 50),
-            "p90": percentile(xs, 90), "p99": percentile(xs, 99)}
+    return {
+        "mean": sum(xs) / len(xs) if xs else math.nan,
+        "p50": percentile(xs, 50),
+        "p90": percentile(xs, 90),
+        "p99": percentile(xs, 99),
+    }
 
 
 def tpot(r: Result) -> float:
@@ -201,16 +215,18 @@ def chunk_text(event: dict[str, Any]) -> str:
     return (c.get("delta") or {}).get("content") or ""
 
 
-async def send(session: aiohttp.ClientSession, base_url: str, spec: RequestSpec, model: str,
-               timeout_s: float, res: Result) -> Result:
+async def send(
+    session: aiohttp.ClientSession, base_url: str, spec: RequestSpec, model: str, timeout_s: float, res: Result
+) -> Result:
     body = {**spec.body, "model": model, "stream": True, "stream_options": {"include_usage": True}}
     res.expected_tokens = spec.max_tokens
     usage: dict[str, Any] | None = None
     t0 = time.perf_counter()
     last = t0
     try:
-        async with session.post(base_url + spec.path, json=body,
-                                timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
+        async with session.post(
+            base_url + spec.path, json=body, timeout=aiohttp.ClientTimeout(total=timeout_s)
+        ) as resp:
             if resp.status != 200:
                 res.error = f"HTTP {resp.status}: {(await resp.text())[:200]}"
                 return res
@@ -274,9 +290,16 @@ async def fetch_metrics(session: aiohttp.ClientSession, base_url: str) -> dict[s
     return sums if found else None
 
 
-async def run_jobs(base_url: str, model: str, jobs: list[Job], concurrency: int,
-                   request_rate: float | None, max_duration_s: float, timeout_s: float,
-                   seed: int) -> dict[str, Any]:
+async def run_jobs(
+    base_url: str,
+    model: str,
+    jobs: list[Job],
+    concurrency: int,
+    request_rate: float | None,
+    max_duration_s: float,
+    timeout_s: float,
+    seed: int,
+) -> dict[str, Any]:
     base_url = base_url.rstrip("/").removesuffix("/v1")
     results: list[Result] = []
     running: set[int] = set()  # ids of Results whose request is in flight
@@ -358,15 +381,27 @@ def build_jobs(args: argparse.Namespace) -> list[Job]:
         return random_workload(40, (32, 32), (50, 50), args.seed, extra)
     if args.workload == "random":
         return random_workload(args.num_requests, args.prompt_len, args.output_len, args.seed, extra)
-    return shared_prefix_workload(args.num_requests, args.turns, args.num_system_prompts,
-                                  args.system_prompt_len, args.prompt_len, args.output_len, args.seed, extra)
+    return shared_prefix_workload(
+        args.num_requests,
+        args.turns,
+        args.num_system_prompts,
+        args.system_prompt_len,
+        args.prompt_len,
+        args.output_len,
+        args.seed,
+        extra,
+    )
 
 
 def print_table(s: dict[str, Any]) -> None:
-    print(f"completed {s['completed']}  errors {s['errors']}  unfinished {s['unfinished']}  "
-          f"in {s['duration_s']:.1f}s{'  (TRUNCATED)' if s['truncated'] else ''}")
-    print(f"requests/s {s['request_throughput']:.2f}  output tok/s {s['output_tok_per_s']:.1f}  "
-          f"total tok/s {s['total_tok_per_s']:.1f}")
+    print(
+        f"completed {s['completed']}  errors {s['errors']}  unfinished {s['unfinished']}  "
+        f"in {s['duration_s']:.1f}s{'  (TRUNCATED)' if s['truncated'] else ''}"
+    )
+    print(
+        f"requests/s {s['request_throughput']:.2f}  output tok/s {s['output_tok_per_s']:.1f}  "
+        f"total tok/s {s['total_tok_per_s']:.1f}"
+    )
     if s.get("prefix_cache_hit_rate") is not None:
         print(f"prefix cache hit rate (server /metrics) {s['prefix_cache_hit_rate']:.1%}")
     print(f"{'ms':<6}{'mean':>10}{'p50':>10}{'p90':>10}{'p99':>10}")
@@ -384,9 +419,15 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--workload", choices=("random", "shared-prefix", "seed"), default="random")
     p.add_argument("--num-requests", type=int, default=64)
     p.add_argument("--concurrency", type=int, default=8, help="requests (conversations) in flight at most")
-    p.add_argument("--request-rate", type=float, default=None,
-                   help="Poisson arrivals per second (of requests or conversations); still capped by --concurrency")
-    p.add_argument("--prompt-len", type=parse_range, default=(32, 256), help="words, LO:HI (user turns for shared-prefix)")
+    p.add_argument(
+        "--request-rate",
+        type=float,
+        default=None,
+        help="Poisson arrivals per second (of requests or conversations); still capped by --concurrency",
+    )
+    p.add_argument(
+        "--prompt-len", type=parse_range, default=(32, 256), help="words, LO:HI (user turns for shared-prefix)"
+    )
     p.add_argument("--output-len", type=parse_range, default=(64, 64), help="tokens, LO:HI")
     p.add_argument("--turns", type=int, default=4, help="shared-prefix: turns per conversation")
     p.add_argument("--num-system-prompts", type=int, default=4)
@@ -401,8 +442,18 @@ def make_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     concurrency = 8 if args.workload == "seed" else args.concurrency
-    summary = asyncio.run(run_jobs(args.base_url, args.model, build_jobs(args), concurrency,
-                                   args.request_rate, args.max_duration_s, args.request_timeout_s, args.seed))
+    summary = asyncio.run(
+        run_jobs(
+            args.base_url,
+            args.model,
+            build_jobs(args),
+            concurrency,
+            args.request_rate,
+            args.max_duration_s,
+            args.request_timeout_s,
+            args.seed,
+        )
+    )
     summary["config"] = {k: v for k, v in vars(args).items() if k != "output_json"} | {"concurrency": concurrency}
     print_table(summary)
     if args.output_json:

@@ -103,8 +103,13 @@ def wait_for_quiet(max_wait_s: float, busy_cores: float = 0.15) -> float:
 # --- the driver shared by stages 1 and 2 ----------------------------------------------------
 
 
-def closed_loop(prompts: Workload, concurrency: int, submit: Callable[[str, list[int]], None],
-                poll: Callable[[], list[tuple[str, int, bool]]], tag: str = "r") -> tuple[float, int]:
+def closed_loop(
+    prompts: Workload,
+    concurrency: int,
+    submit: Callable[[str, list[int]], None],
+    poll: Callable[[], list[tuple[str, int, bool]]],
+    tag: str = "r",
+) -> tuple[float, int]:
     """Keep `concurrency` requests in flight until all are done; (seconds, output tokens).
 
     poll() returns (request id, new tokens, finished) for whatever progressed.
@@ -158,8 +163,12 @@ def engine_stage(cfg: EngineConfig, args: argparse.Namespace) -> Iterator[Measur
     def measure(prompts: Workload, tag: str) -> dict[str, Any]:
         before, steps[0] = cpu_by_process(os.getpid()), 0
         secs, tokens = closed_loop(prompts, args.concurrency, submit, poll, tag)
-        return {"seconds": secs, "output_tokens": tokens, "steps": steps[0],
-                "cpu_s": cpu_delta(before, cpu_by_process(os.getpid()))}
+        return {
+            "seconds": secs,
+            "output_tokens": tokens,
+            "steps": steps[0],
+            "cpu_s": cpu_delta(before, cpu_by_process(os.getpid())),
+        }
 
     yield measure
 
@@ -174,13 +183,18 @@ def zmq_stage(cfg: EngineConfig, args: argparse.Namespace, tmp: str) -> Iterator
     from shared.zmq_utils import pull_socket, push_socket
 
     run_dir = tempfile.mkdtemp(prefix="zmq-", dir=tmp)
-    serve = ServeConfig(run_dir=run_dir, tokenizer_addrs=[f"ipc://{run_dir}/bench-in"],
-                        engine_addrs=[f"ipc://{run_dir}/engine-0"], log_level="WARNING")
+    serve = ServeConfig(
+        run_dir=run_dir,
+        tokenizer_addrs=[f"ipc://{run_dir}/bench-in"],
+        engine_addrs=[f"ipc://{run_dir}/engine-0"],
+        log_level="WARNING",
+    )
     ctx = zmq.Context()
     inbox = pull_socket(ctx, serve.tokenizer_addrs[0])
     outbox = push_socket(ctx, serve.engine_addrs[0])
-    proc = subprocess.Popen([sys.executable, "-m", "services.engine_core",
-                             *config_to_args(Config(engine=cfg, serve=serve))], cwd=ROOT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "services.engine_core", *config_to_args(Config(engine=cfg, serve=serve))], cwd=ROOT
+    )
     dec = decoder(EngineOutputs)
     params = SamplingParams(max_tokens=args.output_len, temperature=0.0, ignore_eos=True)
     step_times: list[float] = []
@@ -199,8 +213,13 @@ def zmq_stage(cfg: EngineConfig, args: argparse.Namespace, tmp: str) -> Iterator
         before = cpu_by_process(os.getpid())
         secs, tokens = closed_loop(prompts, args.concurrency, submit, poll, tag)
         # Time inside engine.step() vs wall time: the rest is the server loop and ZMQ.
-        return {"seconds": secs, "output_tokens": tokens, "steps": len(step_times),
-                "engine_step_s": round(sum(step_times), 3), "cpu_s": cpu_delta(before, cpu_by_process(os.getpid()))}
+        return {
+            "seconds": secs,
+            "output_tokens": tokens,
+            "steps": len(step_times),
+            "engine_step_s": round(sum(step_times), 3),
+            "cpu_s": cpu_delta(before, cpu_by_process(os.getpid())),
+        }
 
     try:
         deadline = time.monotonic() + START_TIMEOUT_S
@@ -225,8 +244,14 @@ async def http_loop(base: str, prompts: Workload, concurrency: int, output_len: 
     async def client(session: aiohttp.ClientSession) -> None:
         nonlocal tokens, chunks
         while queue:
-            body = {"prompt": queue.pop(), "max_tokens": output_len, "temperature": 0, "ignore_eos": True,
-                    "stream": True, "stream_options": {"include_usage": True}}
+            body = {
+                "prompt": queue.pop(),
+                "max_tokens": output_len,
+                "temperature": 0,
+                "ignore_eos": True,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            }
             usage = None
             async with session.post(base + "/v1/completions", json=body) as resp:
                 if resp.status != 200:
@@ -264,8 +289,12 @@ def full_stage(cfg: EngineConfig, args: argparse.Namespace, tmp: str) -> Iterato
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    serve = ServeConfig(port=port, run_dir=tempfile.mkdtemp(prefix="serve-", dir=tmp), log_level="WARNING",
-                        num_tokenizer_workers=args.tokenizer_workers)
+    serve = ServeConfig(
+        port=port,
+        run_dir=tempfile.mkdtemp(prefix="serve-", dir=tmp),
+        log_level="WARNING",
+        num_tokenizer_workers=args.tokenizer_workers,
+    )
     cmd = [sys.executable, "-m", "novainfer.cli", "serve", *config_to_args(Config(engine=cfg, serve=serve))]
     proc = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
@@ -275,8 +304,13 @@ def full_stage(cfg: EngineConfig, args: argparse.Namespace, tmp: str) -> Iterato
         before = {**cpu_by_process(proc.pid), "bench client": time.process_time()}
         secs, tokens, chunks = asyncio.run(http_loop(base, prompts, args.concurrency, args.output_len))
         after = {**cpu_by_process(proc.pid), "bench client": time.process_time()}
-        return {"seconds": secs, "output_tokens": tokens, "steps": engine_steps(base) - steps0,
-                "sse_content_chunks": chunks, "cpu_s": cpu_delta(before, after)}
+        return {
+            "seconds": secs,
+            "output_tokens": tokens,
+            "steps": engine_steps(base) - steps0,
+            "sse_content_chunks": chunks,
+            "cpu_s": cpu_delta(before, after),
+        }
 
     try:
         deadline = time.monotonic() + START_TIMEOUT_S
@@ -334,19 +368,34 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--output-len", type=int, default=50)
     ap.add_argument("--warmup", type=int, default=8, help="requests run before each stage's measurement")
-    ap.add_argument("--threads", default=str(available_cores()),
-                    help="comma-separated torch thread counts; every stage runs once per value")
+    ap.add_argument(
+        "--threads",
+        default=str(available_cores()),
+        help="comma-separated torch thread counts; every stage runs once per value",
+    )
     ap.add_argument("--tokenizer-workers", type=int, default=0, help="0: the service's default")
     ap.add_argument("--kv-cache-bytes", type=int, default=256 << 20)
     ap.add_argument("--max-num-seqs", type=int, default=64)
     ap.add_argument("--max-num-batched-tokens", type=int, default=1024)
-    ap.add_argument("--omp-wait-policy", choices=["passive", "active"], default=None,
-                    help="OMP_WAIT_POLICY for every engine (this process and the services); default: unset")
-    ap.add_argument("--quiet-wait", type=float, default=120.0,
-                    help="seconds to wait at most, before each measurement, for other processes to go idle")
+    ap.add_argument(
+        "--omp-wait-policy",
+        choices=["passive", "active"],
+        default=None,
+        help="OMP_WAIT_POLICY for every engine (this process and the services); default: unset",
+    )
+    ap.add_argument(
+        "--quiet-wait",
+        type=float,
+        default=120.0,
+        help="seconds to wait at most, before each measurement, for other processes to go idle",
+    )
     ap.add_argument("--retries", type=int, default=3, help="extra attempts for a disturbed measurement")
-    ap.add_argument("--max-foreign-cores", type=float, default=0.1,
-                    help="other processes' average CPU use (cores) above which a measurement is disturbed")
+    ap.add_argument(
+        "--max-foreign-cores",
+        type=float,
+        default=0.1,
+        help="other processes' average CPU use (cores) above which a measurement is disturbed",
+    )
     ap.add_argument("--repeats", type=int, default=1, help="measurements per stage; the best one counts")
     ap.add_argument("--stages", default="engine,zmq,full")
     ap.add_argument("--quick", action="store_true", help="8 requests of 8 tokens: a smoke run")
@@ -367,16 +416,24 @@ def main() -> None:
     runs: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="novainfer-bench-") as tmp:
         for k, threads in enumerate(thread_counts):
-            cfg = EngineConfig(dtype="float32", device="cpu", kv_cache_bytes=args.kv_cache_bytes,
-                               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                               num_threads=threads)
+            cfg = EngineConfig(
+                dtype="float32",
+                device="cpu",
+                kv_cache_bytes=args.kv_cache_bytes,
+                max_num_seqs=args.max_num_seqs,
+                max_num_batched_tokens=args.max_num_batched_tokens,
+                num_threads=threads,
+            )
             # Fresh prompts for every measurement: stage 1's engine is reused and would hit its prefix cache.
             warm = workload(args.warmup, args.prompt_len, VOCAB, seed=1000 * k + 999)
             reps = [workload(args.requests, args.prompt_len, VOCAB, seed=1000 * k + r) for r in range(args.repeats)]
             run: dict[str, Any] = {"threads": threads}
             for stage in stages:
-                ctx = {"engine": lambda: engine_stage(cfg, args), "zmq": lambda: zmq_stage(cfg, args, tmp),
-                       "full": lambda: full_stage(cfg, args, tmp)}[stage]()
+                ctx = {
+                    "engine": lambda: engine_stage(cfg, args),
+                    "zmq": lambda: zmq_stage(cfg, args, tmp),
+                    "full": lambda: full_stage(cfg, args, tmp),
+                }[stage]()
                 with ctx as measure:
                     measure(warm, f"w{k}-")
                     results = [quiet_measure(measure, prompts, f"r{k}.{r}-", args) for r, prompts in enumerate(reps)]
@@ -385,12 +442,18 @@ def main() -> None:
                         raise RuntimeError(f"{stage}: {r['output_tokens']} output tokens, expected {expected}")
                     r["tokens_per_s"] = round(r["output_tokens"] / r["seconds"], 2)
                     r["seconds"] = round(r["seconds"], 3)
-                    print(f"threads={threads} {stage}: {r['tokens_per_s']:.1f} tok/s, {r['steps']} steps, "
-                          f"cpu s {r['cpu_s']}, foreign cpu s {r['foreign_cpu_s']}", flush=True)
+                    print(
+                        f"threads={threads} {stage}: {r['tokens_per_s']:.1f} tok/s, {r['steps']} steps, "
+                        f"cpu s {r['cpu_s']}, foreign cpu s {r['foreign_cpu_s']}",
+                        flush=True,
+                    )
                 # Best of the repeats: the machine is shared, and load only ever slows a run down.
                 rates = sorted(r["tokens_per_s"] for r in results)
-                run[stage] = {"tokens_per_s": rates[-1], "median_tokens_per_s": rates[len(rates) // 2],
-                              "repeats": results}
+                run[stage] = {
+                    "tokens_per_s": rates[-1],
+                    "median_tokens_per_s": rates[len(rates) // 2],
+                    "repeats": results,
+                }
             for stage in ("zmq", "full"):
                 if "engine" in run and stage in run:
                     run[f"{stage}_over_engine"] = round(run[stage]["tokens_per_s"] / run["engine"]["tokens_per_s"], 3)
@@ -401,12 +464,23 @@ def main() -> None:
         "benchmark": "stack_overhead",
         "model": "SmolLM2-135M-Instruct (bundled GGUF, dequantized), float32",
         "device": f"cpu: {platform.processor() or platform.machine()}, {available_cores()} cores",
-        "workload": {"requests": args.requests, "concurrency": args.concurrency, "prompt_len": args.prompt_len,
-                     "output_len": args.output_len, "ignore_eos": True, "temperature": 0.0,
-                     "warmup_requests": args.warmup, "repeats": args.repeats},
+        "workload": {
+            "requests": args.requests,
+            "concurrency": args.concurrency,
+            "prompt_len": args.prompt_len,
+            "output_len": args.output_len,
+            "ignore_eos": True,
+            "temperature": 0.0,
+            "warmup_requests": args.warmup,
+            "repeats": args.repeats,
+        },
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset"),
-        "engine_config": {"kv_cache_bytes": args.kv_cache_bytes, "max_num_seqs": args.max_num_seqs,
-                          "max_num_batched_tokens": args.max_num_batched_tokens, "dtype": "float32"},
+        "engine_config": {
+            "kv_cache_bytes": args.kv_cache_bytes,
+            "max_num_seqs": args.max_num_seqs,
+            "max_num_batched_tokens": args.max_num_batched_tokens,
+            "dtype": "float32",
+        },
         # The headline figures are those of the first --threads value (the default config).
         "threads": head["threads"],
         **{f"{s}_tokens_per_s": head[s]["tokens_per_s"] for s in stages},

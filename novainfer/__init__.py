@@ -1,8 +1,8 @@
 """NovaInfer: an OpenAI-compatible LLM server, and an offline API over the same engine.
 
-    from novainfer import LLM, SamplingParams
-    llm = LLM()  # the bundled SmolLM2-135M-Instruct
-    print(llm.chat([{"role": "user", "content": "Hi!"}], SamplingParams(max_tokens=32))[0].outputs[0].text)
+from novainfer import LLM, SamplingParams
+llm = LLM()  # the bundled SmolLM2-135M-Instruct
+print(llm.chat([{"role": "user", "content": "Hi!"}], SamplingParams(max_tokens=32))[0].outputs[0].text)
 """
 
 from shared.protocol import SamplingParams

@@ -61,9 +61,7 @@ class Launcher:
     def _spawn(self, name: str, module: str, extra: list[str]) -> None:
         serve = self.config.serve
         # The API key travels by environment, not argv, so `ps` does not show it.
-        args_config = msgspec.structs.replace(
-            self.config, serve=msgspec.structs.replace(serve, api_key=None)
-        )
+        args_config = msgspec.structs.replace(self.config, serve=msgspec.structs.replace(serve, api_key=None))
         env = dict(os.environ)
         if serve.api_key:
             env["NOVAINFER_API_KEY"] = serve.api_key

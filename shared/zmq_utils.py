@@ -18,7 +18,7 @@ def bind_address(addr: str) -> str:
 
 def _prepare_ipc(addr: str) -> None:
     if addr.startswith("ipc://"):
-        path = addr[len("ipc://"):]
+        path = addr[len("ipc://") :]
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
 
 

@@ -34,8 +34,16 @@ class PagedInputs:
 
 
 def paged_inputs(
-    query_lens: list[int], context_lens: list[int], *, heads: int, kv_heads: int, head_dim: int,
-    block_size: int, dtype: torch.dtype, device: str, poison: bool = True,
+    query_lens: list[int],
+    context_lens: list[int],
+    *,
+    heads: int,
+    kv_heads: int,
+    head_dim: int,
+    block_size: int,
+    dtype: torch.dtype,
+    device: str,
+    poison: bool = True,
 ) -> PagedInputs:
     """One step's batch over a paged cache whose blocks are handed out in shuffled order, as a
     long-running engine's are. With poison, every slot but the requests' cached context holds
@@ -85,14 +93,17 @@ def paged_inputs(
         starts.append(starts[-1] + q)
     i32 = dict(dtype=torch.int32, device=device)
     md = AttentionMetadata(
-        num_reqs=len(seq_lens), num_tokens=num_tokens,
+        num_reqs=len(seq_lens),
+        num_tokens=num_tokens,
         query_start_loc=torch.tensor(starts, **i32),
         seq_lens=torch.tensor(seq_lens, **i32),
         context_lens=torch.tensor(context_lens, **i32),
         block_tables=tables.to(device),
         slot_mapping=new_slots.to(device),
-        max_query_len=max(query_lens), max_seq_len=max(seq_lens),
-        query_lens_cpu=list(query_lens), seq_lens_cpu=seq_lens,
+        max_query_len=max(query_lens),
+        max_seq_len=max(seq_lens),
+        query_lens_cpu=list(query_lens),
+        seq_lens_cpu=seq_lens,
     )
     return PagedInputs(query, key, value, k_cache, v_cache, md, head_dim**-0.5)
 
@@ -102,8 +113,16 @@ def run_kernel(b: PagedInputs, num_splits: int, out: torch.Tensor) -> torch.Tens
 
     md = b.md
     return paged_attention(
-        b.query, b.k_cache, b.v_cache, md.block_tables, md.seq_lens, md.query_start_loc,
-        md.max_query_len, b.scale, num_splits=num_splits, out=out,
+        b.query,
+        b.k_cache,
+        b.v_cache,
+        md.block_tables,
+        md.seq_lens,
+        md.query_start_loc,
+        md.max_query_len,
+        b.scale,
+        num_splits=num_splits,
+        out=out,
     )
 
 
@@ -121,24 +140,37 @@ def section_correctness(plan: Plan, ctx: dict[str, Any]) -> dict[str, Any]:
     cases = []
     for heads, kv_heads, head_dim in plan.correctness_shapes:
         for name, (q_lens, c_lens, splits) in plan.correctness_batches.items():
-            b = paged_inputs(q_lens, c_lens, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
-                             block_size=plan.block_size, dtype=plan.attn_dtype, device=plan.device)
+            b = paged_inputs(
+                q_lens,
+                c_lens,
+                heads=heads,
+                kv_heads=kv_heads,
+                head_dim=head_dim,
+                block_size=plan.block_size,
+                dtype=plan.attn_dtype,
+                device=plan.device,
+            )
             write_kv_cache(b.key, b.value, b.k_cache, b.v_cache, b.md.slot_mapping)
             # The write must store this step's rows bit for bit at their slots.
             stored = b.k_cache.view(-1, kv_heads, head_dim)[b.md.slot_mapping]
             write_exact = bool(torch.equal(stored, b.key)) and bool(
-                torch.equal(b.v_cache.view(-1, kv_heads, head_dim)[b.md.slot_mapping], b.value))
+                torch.equal(b.v_cache.view(-1, kv_heads, head_dim)[b.md.slot_mapping], b.value)
+            )
             out = torch.full(b.query.shape, float("nan"), dtype=b.query.dtype, device=plan.device)
             run_kernel(b, splits, out)
             ref = reference_attention(b.query, b.k_cache, b.v_cache, b.md, b.scale)
             torch_out = TorchAttentionBackend().forward(b.query, b.key, b.value, b.k_cache, b.v_cache, b.md, b.scale)
-            cases.append({
-                "shape": f"{heads}q/{kv_heads}kv/d{head_dim}", "batch": name, "num_splits": splits,
-                "rel_error_vs_reference": rel_error(out, ref),
-                "rel_error_vs_torch_backend": rel_error(out, torch_out),
-                "torch_backend_rel_error_vs_reference": rel_error(torch_out, ref),
-                "kv_write_exact": write_exact,
-            })
+            cases.append(
+                {
+                    "shape": f"{heads}q/{kv_heads}kv/d{head_dim}",
+                    "batch": name,
+                    "num_splits": splits,
+                    "rel_error_vs_reference": rel_error(out, ref),
+                    "rel_error_vs_torch_backend": rel_error(out, torch_out),
+                    "torch_backend_rel_error_vs_reference": rel_error(torch_out, ref),
+                    "kv_write_exact": write_exact,
+                }
+            )
             del b, out, ref, torch_out
     errors = [c["rel_error_vs_reference"] for c in cases]
     worst = math.nan if any(math.isnan(e) for e in errors) else max(errors)  # max() skips a later NaN
@@ -149,8 +181,9 @@ def section_correctness(plan: Plan, ctx: dict[str, Any]) -> dict[str, Any]:
         "cases": cases,
         "max_rel_error": worst,
         "tolerance": plan.rel_tolerance,
-        "targets": [target("Triton kernels vs torch reference, max rel. error", worst, plan.rel_tolerance,
-                           "<=", met=ok)],
+        "targets": [
+            target("Triton kernels vs torch reference, max rel. error", worst, plan.rel_tolerance, "<=", met=ok)
+        ],
     }
 
 
@@ -162,9 +195,17 @@ def section_decode_attention(plan: Plan, ctx: dict[str, Any]) -> dict[str, Any]:
     elem = torch.empty((), dtype=plan.attn_dtype).element_size()
     cases, how = [], ""
     for batch, context in plan.decode_cases:
-        b = paged_inputs([1] * batch, [context - 1] * batch, heads=plan.heads, kv_heads=plan.kv_heads,
-                         head_dim=plan.head_dim, block_size=plan.block_size, dtype=plan.attn_dtype,
-                         device=plan.device, poison=False)
+        b = paged_inputs(
+            [1] * batch,
+            [context - 1] * batch,
+            heads=plan.heads,
+            kv_heads=plan.kv_heads,
+            head_dim=plan.head_dim,
+            block_size=plan.block_size,
+            dtype=plan.attn_dtype,
+            device=plan.device,
+            poison=False,
+        )
         write_kv_cache(b.key, b.value, b.k_cache, b.v_cache, b.md.slot_mapping)
         # The split count the backend would pick for this step.
         splits = choose_num_splits(batch, plan.kv_heads, 1, context, num_sms(plan.device))
@@ -172,21 +213,32 @@ def section_decode_attention(plan: Plan, ctx: dict[str, Any]) -> dict[str, Any]:
         ms, how = kernel_ms(lambda: run_kernel(b, splits, out), plan.device)
         kv_bytes = batch * context * plan.kv_heads * plan.head_dim * 2 * elem  # K and V
         read_bw = kv_bytes / (ms / 1e3)
-        cases.append({
-            "batch": batch, "context": context, "num_splits": splits, "kernel_us": ms * 1e3,
-            "kv_bytes_read": kv_bytes, "kv_read_gb_per_s": read_bw / 1e9,
-            "fraction_of_copy_bandwidth": read_bw / bw,
-        })
+        cases.append(
+            {
+                "batch": batch,
+                "context": context,
+                "num_splits": splits,
+                "kernel_us": ms * 1e3,
+                "kv_bytes_read": kv_bytes,
+                "kv_read_gb_per_s": read_bw / 1e9,
+                "fraction_of_copy_bandwidth": read_bw / bw,
+            }
+        )
         del b, out
         free_device_memory()
     head = cases[0]
     return {
         "shape": f"{plan.heads} query heads, {plan.kv_heads} KV heads, head_dim {plan.head_dim}, "
-                 f"{str(plan.attn_dtype).removeprefix('torch.')}, block_size {plan.block_size}, shuffled block tables",
+        f"{str(plan.attn_dtype).removeprefix('torch.')}, block_size {plan.block_size}, shuffled block tables",
         "cases": cases,
         "timing": how,
-        "targets": [target(f"decode attention K/V read / copy bandwidth, batch {head['batch']} x context {head['context']}",
-                           head["fraction_of_copy_bandwidth"], 0.70)],
+        "targets": [
+            target(
+                f"decode attention K/V read / copy bandwidth, batch {head['batch']} x context {head['context']}",
+                head["fraction_of_copy_bandwidth"],
+                0.70,
+            )
+        ],
     }
 
 
@@ -195,8 +247,17 @@ def section_prefill_attention(plan: Plan, ctx: dict[str, Any]) -> dict[str, Any]
 
     seqs, tokens = plan.prefill
     h, kv, d = plan.heads, plan.kv_heads, plan.head_dim
-    b = paged_inputs([tokens] * seqs, [0] * seqs, heads=h, kv_heads=kv, head_dim=d,
-                     block_size=plan.block_size, dtype=plan.attn_dtype, device=plan.device, poison=False)
+    b = paged_inputs(
+        [tokens] * seqs,
+        [0] * seqs,
+        heads=h,
+        kv_heads=kv,
+        head_dim=d,
+        block_size=plan.block_size,
+        dtype=plan.attn_dtype,
+        device=plan.device,
+        poison=False,
+    )
     write_kv_cache(b.key, b.value, b.k_cache, b.v_cache, b.md.slot_mapping)
     out = torch.empty_like(b.query)
     ours_ms, how = kernel_ms(lambda: run_kernel(b, 1, out), plan.device)
@@ -211,8 +272,10 @@ def section_prefill_attention(plan: Plan, ctx: dict[str, Any]) -> dict[str, Any]
     flops = 2 * seqs * h * tokens * tokens * d  # causal: half of 2 matmuls x 2 flops per MAC
     ratio = sdpa_ms / ours_ms
     return {
-        "sequences": seqs, "tokens_each": tokens,
-        "ours_us": ours_ms * 1e3, "sdpa_us": sdpa_ms * 1e3,
+        "sequences": seqs,
+        "tokens_each": tokens,
+        "ours_us": ours_ms * 1e3,
+        "sdpa_us": sdpa_ms * 1e3,
         "ours_tflop_per_s": flops / (ours_ms / 1e3) / 1e12,
         "sdpa_tflop_per_s": flops / (sdpa_ms / 1e3) / 1e12,
         "speed_vs_sdpa": ratio,
@@ -223,8 +286,9 @@ def section_prefill_attention(plan: Plan, ctx: dict[str, Any]) -> dict[str, Any]
     }
 
 
-def sdpa_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, device: str
-               ) -> tuple[str, Callable[[], torch.Tensor]]:
+def sdpa_flash(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, device: str
+) -> tuple[str, Callable[[], torch.Tensor]]:
     """SDPA restricted to the flash kernel, with GQA if this torch's flash kernel takes it, else on
     K/V repeated to every query head (what flash reads then is the price of that fallback)."""
     import torch.nn.functional as F
@@ -234,6 +298,7 @@ def sdpa_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, 
     k_rep, v_rep = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
     candidates: list[tuple[str, Callable[[], torch.Tensor]]] = []
     for backends, name in (([SDPBackend.FLASH_ATTENTION], "flash"), (None, "default")):
+
         def gqa(backends=backends) -> torch.Tensor:
             with sdpa_kernel(backends) if backends else contextlib.nullcontext():
                 return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)

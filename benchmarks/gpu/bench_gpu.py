@@ -78,10 +78,18 @@ def main() -> int:
     ap.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {', '.join(SECTIONS)}")
     ap.add_argument("--out", default=None, help=f"JSON path (default {RESULTS}; with --smoke a temp file)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, every section, CPU if there is no GPU")
-    ap.add_argument("--hf-mode", choices=("auto", "continuous", "static"), default="auto",
-                    help="transformers' side of e2e: continuous batching if it has it (auto), or force one")
-    ap.add_argument("--budget-s", type=float, default=540.0,
-                    help="wall-clock budget of the whole run; e2e fits its two halves in what is left")
+    ap.add_argument(
+        "--hf-mode",
+        choices=("auto", "continuous", "static"),
+        default="auto",
+        help="transformers' side of e2e: continuous batching if it has it (auto), or force one",
+    )
+    ap.add_argument(
+        "--budget-s",
+        type=float,
+        default=540.0,
+        help="wall-clock budget of the whole run; e2e fits its two halves in what is left",
+    )
     args = ap.parse_args()
     start = time.perf_counter()
 
@@ -95,8 +103,9 @@ def main() -> int:
         return 2
     plan = smoke_plan("cuda" if on_gpu else "cpu") if args.smoke else full_plan()
     plan.hf_mode = args.hf_mode
-    out = args.out or (os.path.join(tempfile.gettempdir(), f"bench_gpu_smoke_{os.getpid()}.json")
-                       if args.smoke else RESULTS)
+    out = args.out or (
+        os.path.join(tempfile.gettempdir(), f"bench_gpu_smoke_{os.getpid()}.json") if args.smoke else RESULTS
+    )
     if any(s in selected for s in NEEDS_BANDWIDTH) and "bandwidth" not in selected:
         selected.insert(0, "bandwidth")
     selected = [s for s in SECTIONS if s in selected]  # bandwidth before the sections using it

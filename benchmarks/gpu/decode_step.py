@@ -51,21 +51,31 @@ def section_decode_step(plan: Plan, ctx: dict[str, Any]) -> dict[str, Any]:
             try:
                 run = decode_step_run(plan, model, eager, bw)
             except Exception as e:  # noqa: BLE001 - the other model/mode still gets measured
-                run = {"model": model, "enforce_eager": eager, "error": f"{type(e).__name__}: {e}",
-                       "traceback": traceback.format_exc(limit=5)}
+                run = {
+                    "model": model,
+                    "enforce_eager": eager,
+                    "error": f"{type(e).__name__}: {e}",
+                    "traceback": traceback.format_exc(limit=5),
+                }
             runs.append(run)
             free_device_memory()
             if eager:
                 continue
             for case in run.get("cases", []):
-                targets.append(target(f"decode step roofline fraction, {model}, batch {case['batch']}",
-                                      case["roofline_fraction"], 0.60))
+                targets.append(
+                    target(
+                        f"decode step roofline fraction, {model}, batch {case['batch']}",
+                        case["roofline_fraction"],
+                        0.60,
+                    )
+                )
             if "error" in run:
                 targets.append(target(f"decode step roofline fraction, {model}", None, 0.60))
     return {
-        "prompt_len": plan.step_prompt_len, "timed_steps": plan.step_timed,
+        "prompt_len": plan.step_prompt_len,
+        "timed_steps": plan.step_timed,
         "definition": "roofline time = (weight bytes read + K/V bytes read) / copy bandwidth; "
-                      "fraction = roofline time / median measured engine.step() wall time (synchronized)",
+        "fraction = roofline time / median measured engine.step() wall time (synchronized)",
         "runs": runs,
         "targets": targets,
     }
@@ -77,8 +87,13 @@ def decode_step_run(plan: Plan, model: str, eager: bool, bw: float) -> dict[str,
 
     max_batch = max(plan.step_batches)
     cfg = engine_config(
-        plan, model, max_num_seqs=max_batch, max_num_batched_tokens=8192 if not plan.smoke else 256,
-        max_model_len=2 * plan.step_prompt_len + 256, gpu_memory_utilization=0.4, enforce_eager=eager,
+        plan,
+        model,
+        max_num_seqs=max_batch,
+        max_num_batched_tokens=8192 if not plan.smoke else 256,
+        max_model_len=2 * plan.step_prompt_len + 256,
+        gpu_memory_utilization=0.4,
+        enforce_eager=eager,
     )
     t0 = time.perf_counter()
     engine = LLMEngine(cfg)
@@ -97,8 +112,11 @@ def decode_step_run(plan: Plan, model: str, eager: bool, bw: float) -> dict[str,
             engine.add_request(rid, [rng.randrange(100, mc.vocab_size) for _ in range(plan.step_prompt_len)], params)
         # Prefill every request (chunked over a few steps), then a few decode steps to warm up.
         for _ in range(10_000):
-            if len(sched.running) == batch and not sched.waiting and all(
-                    r.num_output_tokens >= 1 for r in sched.running):
+            if (
+                len(sched.running) == batch
+                and not sched.waiting
+                and all(r.num_output_tokens >= 1 for r in sched.running)
+            ):
                 break
             engine.step()
         for _ in range(plan.step_warm):
@@ -120,16 +138,27 @@ def decode_step_run(plan: Plan, model: str, eager: bool, bw: float) -> dict[str,
         weights = weight_bytes_read(runner.model, batch)
         kv = statistics.mean(kv_bytes)
         roofline_s = (weights + kv) / bw
-        cases.append({
-            "batch": batch, "step_ms": step_s * 1e3, "step_ms_min": min(times) * 1e3,
-            "tokens_per_s": batch / step_s, "weight_bytes": weights, "kv_bytes": kv,
-            "roofline_ms": roofline_s * 1e3, "roofline_fraction": roofline_s / step_s,
-            "graph_replays": replays[0] - replays_before,
-        })
+        cases.append(
+            {
+                "batch": batch,
+                "step_ms": step_s * 1e3,
+                "step_ms_min": min(times) * 1e3,
+                "tokens_per_s": batch / step_s,
+                "weight_bytes": weights,
+                "kv_bytes": kv,
+                "roofline_ms": roofline_s * 1e3,
+                "roofline_fraction": roofline_s / step_s,
+                "graph_replays": replays[0] - replays_before,
+            }
+        )
     result = {
-        "model": model, "enforce_eager": eager, "cuda_graphs": graphs_active(runner),
-        "attention_backend": runner.backend.name, "dtype": str(runner.dtype).removeprefix("torch."),
-        "engine_init_s": init_s, "cases": cases,
+        "model": model,
+        "enforce_eager": eager,
+        "cuda_graphs": graphs_active(runner),
+        "attention_backend": runner.backend.name,
+        "dtype": str(runner.dtype).removeprefix("torch."),
+        "engine_init_s": init_s,
+        "cases": cases,
     }
     del engine, runner, sched
     return result

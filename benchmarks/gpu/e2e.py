@@ -22,8 +22,10 @@ def section_e2e(plan: Plan, ctx: dict[str, Any]) -> dict[str, Any]:
     with open(os.path.join(CONFIGS, plan.e2e_model + ".json")) as f:
         top_id = min(10000, json.load(f)["vocab_size"] - 1)
     rng = random.Random(0)  # nano-vllm's bench.py: seed 0, prompt ids in [0, 10000]
-    reqs = [([rng.randint(0, top_id) for _ in range(rng.randint(*plan.e2e_input))], rng.randint(*plan.e2e_output))
-            for _ in range(plan.e2e_seqs)]
+    reqs = [
+        ([rng.randint(0, top_id) for _ in range(rng.randint(*plan.e2e_input))], rng.randint(*plan.e2e_output))
+        for _ in range(plan.e2e_seqs)
+    ]
     remaining = ctx["deadline"] - time.perf_counter()
     engine_budget = max(10.0, min(plan.engine_budget_s, remaining - 60))
     try:
@@ -43,10 +45,11 @@ def section_e2e(plan: Plan, ctx: dict[str, Any]) -> dict[str, Any]:
         ratio = ours["output_tokens_per_s"] / hf["output_tokens_per_s"]
     return {
         "workload": f"nano-vllm bench.py: {plan.e2e_seqs} sequences of random token ids, input and output "
-                    f"lengths uniform in {list(plan.e2e_input)} / {list(plan.e2e_output)}, ignore_eos, greedy, "
-                    f"{plan.e2e_model} shape, random weights",
+        f"lengths uniform in {list(plan.e2e_input)} / {list(plan.e2e_output)}, ignore_eos, greedy, "
+        f"{plan.e2e_model} shape, random weights",
         "requested_output_tokens": sum(n for _, n in reqs),
-        "novainfer": ours, "transformers": hf,
+        "novainfer": ours,
+        "transformers": hf,
         "speedup": ratio,
         "targets": [target("end-to-end output tok/s vs transformers", ratio, 3.0)],
     }
@@ -58,9 +61,14 @@ def e2e_engine(plan: Plan, reqs: list[tuple[list[int], int]], budget_s: float) -
     from services.engine_core.engine import LLMEngine
     from shared.protocol import SamplingParams
 
-    cfg = engine_config(plan, plan.e2e_model, max_num_seqs=256 if not plan.smoke else 8,
-                        max_num_batched_tokens=16384 if not plan.smoke else 256,
-                        max_model_len=4096 if not plan.smoke else None, gpu_memory_utilization=0.6)
+    cfg = engine_config(
+        plan,
+        plan.e2e_model,
+        max_num_seqs=256 if not plan.smoke else 8,
+        max_num_batched_tokens=16384 if not plan.smoke else 256,
+        max_model_len=4096 if not plan.smoke else None,
+        gpu_memory_utilization=0.6,
+    )
     t0 = time.perf_counter()
     engine = LLMEngine(cfg)
     init_s = time.perf_counter() - t0
@@ -82,10 +90,15 @@ def e2e_engine(plan: Plan, reqs: list[tuple[list[int], int]], budget_s: float) -
     run([(p[:64], 8) for p, _ in reqs[:4]], "warm", time.perf_counter() + 120)
     produced, elapsed, complete = run(reqs, "e2e", time.perf_counter() + budget_s)
     result = {
-        "output_tokens": produced, "elapsed_s": elapsed, "output_tokens_per_s": produced / elapsed,
-        "complete": complete, "budget_s": budget_s, "engine_init_s": init_s,
+        "output_tokens": produced,
+        "elapsed_s": elapsed,
+        "output_tokens_per_s": produced / elapsed,
+        "complete": complete,
+        "budget_s": budget_s,
+        "engine_init_s": init_s,
         "cuda_graphs": graphs_active(engine.runner),
-        "max_num_seqs": cfg.max_num_seqs, "max_num_batched_tokens": cfg.max_num_batched_tokens,
+        "max_num_seqs": cfg.max_num_seqs,
+        "max_num_batched_tokens": cfg.max_num_batched_tokens,
     }
     if complete and produced != sum(n for _, n in reqs):
         result["warning"] = f"produced {produced} tokens, requested {sum(n for _, n in reqs)}"
@@ -138,8 +151,9 @@ def e2e_transformers(plan: Plan, reqs: list[tuple[list[int], int]], budget_s: fl
         del model
 
 
-def hf_continuous(model: torch.nn.Module, reqs: list[tuple[list[int], int]], budget_s: float, warmup: bool
-                  ) -> dict[str, Any]:
+def hf_continuous(
+    model: torch.nn.Module, reqs: list[tuple[list[int], int]], budget_s: float, warmup: bool
+) -> dict[str, Any]:
     """transformers' continuous batching (generate_batch's manager, fed per-request max_new_tokens,
     which generate_batch itself cannot take). Signatures are probed: the API changed between
     releases."""
@@ -153,9 +167,11 @@ def hf_continuous(model: torch.nn.Module, reqs: list[tuple[list[int], int]], bud
         try:
             from transformers.generation.continuous_batching.utils import WorkloadHints
 
-            kwargs["workload_hints"] = WorkloadHints(max_prompt_length=max(len(p) for p, _ in reqs),
-                                                     max_generated_length=gen.max_new_tokens,
-                                                     num_requests=len(reqs))
+            kwargs["workload_hints"] = WorkloadHints(
+                max_prompt_length=max(len(p) for p, _ in reqs),
+                max_generated_length=gen.max_new_tokens,
+                num_requests=len(reqs),
+            )
         except (ImportError, TypeError):
             pass
     manager = model.init_continuous_batching(**kwargs)
@@ -190,9 +206,15 @@ def hf_continuous(model: torch.nn.Module, reqs: list[tuple[list[int], int]], bud
         raise RuntimeError(f"continuous batching finished no request ({len(failed)} failed: {failed[:2]})")
     return {
         "mode": "continuous batching (init_continuous_batching manager, per-request max_new_tokens)",
-        "output_tokens": produced, "elapsed_s": elapsed, "output_tokens_per_s": produced / elapsed,
-        "requests_finished": finished, "requests_failed": len(failed), "failures": failed[:3],
-        "complete": finished == len(reqs), "budget_s": budget_s, "warmup_s": warmup_s,
+        "output_tokens": produced,
+        "elapsed_s": elapsed,
+        "output_tokens_per_s": produced / elapsed,
+        "requests_finished": finished,
+        "requests_failed": len(failed),
+        "failures": failed[:3],
+        "complete": finished == len(reqs),
+        "budget_s": budget_s,
+        "warmup_s": warmup_s,
         "note": "tokens of finished requests only: a run cut by its budget is underestimated",
     }
 
@@ -234,11 +256,17 @@ def hf_static(model: torch.nn.Module, reqs: list[tuple[list[int], int]], batch: 
         ids = torch.zeros((len(chunk), width), dtype=torch.long)
         mask = torch.zeros_like(ids)
         for i, (p, _) in enumerate(chunk):
-            ids[i, width - len(p):] = torch.tensor(p)
-            mask[i, width - len(p):] = 1
+            ids[i, width - len(p) :] = torch.tensor(p)
+            mask[i, width - len(p) :] = 1
         longest = max(n for _, n in chunk)
-        model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=longest,
-                       min_new_tokens=longest, do_sample=False, pad_token_id=0)
+        model.generate(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            max_new_tokens=longest,
+            min_new_tokens=longest,
+            do_sample=False,
+            pad_token_id=0,
+        )
 
     generate([(reqs[0][0][:64], 8)])  # warm-up
     sync(str(device.type))
@@ -257,6 +285,10 @@ def hf_static(model: torch.nn.Module, reqs: list[tuple[list[int], int]], batch: 
     elapsed = time.perf_counter() - t0
     return {
         "mode": f"static batches of {batch} (generate, left-padded, each to its longest output)",
-        "output_tokens": counted, "elapsed_s": elapsed, "output_tokens_per_s": counted / elapsed,
-        "requests_finished": done, "complete": done == len(reqs), "budget_s": budget_s,
+        "output_tokens": counted,
+        "elapsed_s": elapsed,
+        "output_tokens_per_s": counted / elapsed,
+        "requests_finished": done,
+        "complete": done == len(reqs),
+        "budget_s": budget_s,
     }

@@ -34,8 +34,14 @@ from typing import Any
 
 import torch
 from aiohttp import web
-from transformers import (AutoModelForCausalLM, AutoTokenizer, LogitsProcessor, LogitsProcessorList,
-                          StoppingCriteria, StoppingCriteriaList)
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LogitsProcessor,
+    LogitsProcessorList,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
 from transformers.generation.streamers import BaseStreamer
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
@@ -97,7 +103,6 @@ class BatchState(LogitsProcessor, BaseStreamer):
                 self.finish(job)
 
 
-
 class AllDone(StoppingCriteria):
     """Stops the batch once every request has what it asked for (rows differ in max_tokens)."""
 
@@ -146,17 +151,22 @@ class Generator:
         ids = torch.full((len(jobs), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros_like(ids)
         for i, j in enumerate(jobs):
-            ids[i, width - len(j.prompt_ids):] = torch.tensor(j.prompt_ids)
-            mask[i, width - len(j.prompt_ids):] = 1
+            ids[i, width - len(j.prompt_ids) :] = torch.tensor(j.prompt_ids)
+            mask[i, width - len(j.prompt_ids) :] = 1
         # One batch has one sampling mode: greedy unless every request asked to sample.
         sample = all(j.temperature > 0 for j in jobs)
         kwargs: dict[str, Any] = {"do_sample": sample}
         if sample:
             kwargs.update(temperature=jobs[0].temperature, top_p=1.0, top_k=0)
         self.model.generate(
-            ids, attention_mask=mask, max_new_tokens=max(j.max_tokens for j in jobs),
-            pad_token_id=self.pad_id, logits_processor=LogitsProcessorList([state]), streamer=state,
-            stopping_criteria=StoppingCriteriaList([AllDone(state)]), **kwargs,
+            ids,
+            attention_mask=mask,
+            max_new_tokens=max(j.max_tokens for j in jobs),
+            pad_token_id=self.pad_id,
+            logits_processor=LogitsProcessorList([state]),
+            streamer=state,
+            stopping_criteria=StoppingCriteriaList([AllDone(state)]),
+            **kwargs,
         )
 
 
@@ -191,14 +201,22 @@ class Server:
         else:
             prompt = body.get("prompt", "")
             ids = tok(prompt if isinstance(prompt, str) else prompt[0])["input_ids"]
-        job = Job(list(ids), int(body.get("max_tokens") or 16), bool(body.get("ignore_eos", False)),
-                  float(body.get("temperature", 1.0)), asyncio.get_running_loop())
+        job = Job(
+            list(ids),
+            int(body.get("max_tokens") or 16),
+            bool(body.get("ignore_eos", False)),
+            float(body.get("temperature", 1.0)),
+            asyncio.get_running_loop(),
+        )
         self.gen.queue.put(job)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         created = int(time.time())
         obj = "chat.completion" if chat else "text_completion"
-        usage = lambda n: {"prompt_tokens": len(job.prompt_ids), "completion_tokens": n,  # noqa: E731
-                           "total_tokens": len(job.prompt_ids) + n}
+        usage = lambda n: {
+            "prompt_tokens": len(job.prompt_ids),
+            "completion_tokens": n,  # noqa: E731
+            "total_tokens": len(job.prompt_ids) + n,
+        }
 
         def choice(text: str, finish: str | None, delta: bool) -> dict[str, Any]:
             if not chat:
@@ -214,25 +232,61 @@ class Server:
             if len(out_ids) < job.max_tokens:
                 finish = "stop"
             text = tok.decode(out_ids, skip_special_tokens=True)
-            return web.json_response({"id": rid, "object": obj, "created": created, "model": self.model_name,
-                                      "choices": [choice(text, finish, False)], "usage": usage(len(out_ids))})
+            return web.json_response(
+                {
+                    "id": rid,
+                    "object": obj,
+                    "created": created,
+                    "model": self.model_name,
+                    "choices": [choice(text, finish, False)],
+                    "usage": usage(len(out_ids)),
+                }
+            )
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await resp.prepare(request)
         chunk_obj = obj + ".chunk" if chat else obj
         try:
-            await self._stream(resp, job, out_ids, lambda d: {
-                "id": rid, "object": chunk_obj, "created": created, "model": self.model_name,
-                "choices": [choice(d, None, True)]})
+            await self._stream(
+                resp,
+                job,
+                out_ids,
+                lambda d: {
+                    "id": rid,
+                    "object": chunk_obj,
+                    "created": created,
+                    "model": self.model_name,
+                    "choices": [choice(d, None, True)],
+                },
+            )
         except (ConnectionError, asyncio.CancelledError):
             job.cancelled = True
             raise
         if len(out_ids) < job.max_tokens:
             finish = "stop"
-        await resp.write(sse({"id": rid, "object": chunk_obj, "created": created, "model": self.model_name,
-                              "choices": [choice("", finish, True)]}))
+        await resp.write(
+            sse(
+                {
+                    "id": rid,
+                    "object": chunk_obj,
+                    "created": created,
+                    "model": self.model_name,
+                    "choices": [choice("", finish, True)],
+                }
+            )
+        )
         if (body.get("stream_options") or {}).get("include_usage"):
-            await resp.write(sse({"id": rid, "object": chunk_obj, "created": created, "model": self.model_name,
-                                  "choices": [], "usage": usage(len(out_ids))}))
+            await resp.write(
+                sse(
+                    {
+                        "id": rid,
+                        "object": chunk_obj,
+                        "created": created,
+                        "model": self.model_name,
+                        "choices": [],
+                        "usage": usage(len(out_ids)),
+                    }
+                )
+            )
         await resp.write(b"data: [DONE]\n\n")
         await resp.write_eof()
         return resp
@@ -245,7 +299,7 @@ class Server:
             text = self.gen.tok.decode(out_ids, skip_special_tokens=True)
             if text.endswith("\ufffd"):
                 continue
-            delta, sent = text[len(sent):], text
+            delta, sent = text[len(sent) :], text
             await resp.write(sse(chunk(delta)))
 
 
@@ -268,9 +322,14 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(d, gguf_file=f)
     server = Server(Generator(model, tokenizer, args.max_batch, args.threads), args.served_model_name)
     app = web.Application(client_max_size=16 << 20)
-    app.add_routes([web.get("/health", server.health), web.get("/v1/models", server.models),
-                    web.post("/v1/completions", server.completions),
-                    web.post("/v1/chat/completions", server.chat)])
+    app.add_routes(
+        [
+            web.get("/health", server.health),
+            web.get("/v1/models", server.models),
+            web.post("/v1/completions", server.completions),
+            web.post("/v1/chat/completions", server.chat),
+        ]
+    )
     print(f"hf_server: serving {args.served_model_name} at http://{args.host}:{args.port}/v1", flush=True)
     web.run_app(app, host=args.host, port=args.port, print=None)
 

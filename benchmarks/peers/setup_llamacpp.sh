@@ -41,7 +41,7 @@ cmake -S "$SRC" -B "$PEERS/build" -G Ninja \
     -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_APP=OFF \
     -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF \
     -DLLAMA_OPENSSL=OFF -DLLAMA_CURL=OFF
-cmake --build "$PEERS/build" --target llama-server -j "$JOBS"
-cp "$PEERS/build/bin/llama-server" "$BIN"
+cmake --build "$PEERS/build" --target llama-server llama-perplexity -j "$JOBS"
+cp "$PEERS/build/bin/llama-server" "$PEERS/build/bin/llama-perplexity" "$PEERS/bin/"
 echo "built $BIN"
 "$BIN" --version 2>&1 | head -2 || true

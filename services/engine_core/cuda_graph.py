@@ -115,14 +115,17 @@ class DecodeGraphs:
         # Sized as if every context were as long as the model allows, so a backend that plans
         # from lengths (the split count) picks a plan valid for any context the replay meets.
         return AttentionMetadata(
-            num_reqs=size, num_tokens=size,
+            num_reqs=size,
+            num_tokens=size,
             query_start_loc=self.query_start_loc[: size + 1],
             seq_lens=self.seq_lens[:size],
             context_lens=self.context_lens[:size],
             block_tables=self.block_tables[:size],
             slot_mapping=self.slot_mapping[:size],
-            max_query_len=1, max_seq_len=self.max_model_len,
-            query_lens_cpu=[1] * size, seq_lens_cpu=[self.max_model_len] * size,
+            max_query_len=1,
+            max_seq_len=self.max_model_len,
+            query_lens_cpu=[1] * size,
+            seq_lens_cpu=[self.max_model_len] * size,
         )
 
     @torch.inference_mode()

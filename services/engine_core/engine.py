@@ -22,9 +22,7 @@ class LLMEngine:
         self.runner = ModelRunner(config)
         self.model_config = self.runner.model_config
         self.max_model_len = self.runner.max_model_len
-        self.block_manager = BlockManager(
-            self.runner.num_blocks, config.block_size, config.enable_prefix_caching
-        )
+        self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.block_manager, self.max_model_len)
         self._steps = 0
         self._last_step_time = 0.0
@@ -51,16 +49,23 @@ class LLMEngine:
         room = self.max_model_len - len(prompt_token_ids)
         max_tokens = room if sampling_params.max_tokens is None else min(sampling_params.max_tokens, room)
         req = Request(
-            request_id, prompt_token_ids, sampling_params, eos_token_ids, arrival_time,
+            request_id,
+            prompt_token_ids,
+            sampling_params,
+            eos_token_ids,
+            arrival_time,
             max_tokens=max(max_tokens, 1),
         )
         self.scheduler.add_request(req)
 
     def abort(self, request_ids: list[str]) -> list[EngineOutput]:
         return [
-            EngineOutput(request_id=r.request_id, finish_reason=FINISH_ABORT,
-                         num_prompt_tokens=r.num_prompt_tokens,
-                         num_cached_tokens=max(r.num_cached_tokens, 0))
+            EngineOutput(
+                request_id=r.request_id,
+                finish_reason=FINISH_ABORT,
+                num_prompt_tokens=r.num_prompt_tokens,
+                num_cached_tokens=max(r.num_cached_tokens, 0),
+            )
             for r in self.scheduler.abort(request_ids)
         ]
 

@@ -52,13 +52,10 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.architecture not in SUPPORTED_ARCHITECTURES:
             raise ValueError(
-                f"unsupported architecture {self.architecture!r}: supported are "
-                f"{', '.join(SUPPORTED_ARCHITECTURES)}"
+                f"unsupported architecture {self.architecture!r}: supported are {', '.join(SUPPORTED_ARCHITECTURES)}"
             )
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(
-                f"num_heads ({self.num_heads}) is not a multiple of num_kv_heads ({self.num_kv_heads})"
-            )
+            raise ValueError(f"num_heads ({self.num_heads}) is not a multiple of num_kv_heads ({self.num_kv_heads})")
         if self.head_dim % 2:
             raise ValueError(f"RoPE needs an even head_dim, got {self.head_dim}")
 
@@ -75,9 +72,7 @@ class ModelConfig:
         _reject(d.get("hidden_act", "silu") != "silu", f"hidden_act {d.get('hidden_act')!r} (only silu)")
         _reject(bool(d.get("mlp_bias")), "mlp_bias")
         _reject(bool(d.get("use_sliding_window")), "sliding-window attention")
-        _reject(
-            "sliding_attention" in (d.get("layer_types") or []), "sliding-window attention layers"
-        )
+        _reject("sliding_attention" in (d.get("layer_types") or []), "sliding-window attention layers")
         if arch == "qwen2":
             attention_bias = True  # Qwen2 always has q/k/v biases; its config has no flag
         else:

@@ -70,10 +70,15 @@ class ModelRunner:
             else:
                 log.info("CUDA graphs need the triton attention backend: running %s eagerly", self.backend.name)
         log.info(
-            "model %s loaded in %.2fs on %s (%s, %s attention); KV cache: %d blocks of %d tokens "
-            "(%d tokens, %.1f MiB)",
-            mc.architecture, self.load_time_s, self.device, str(self.dtype).removeprefix("torch."),
-            self.backend.name, self.num_blocks, self.block_size, self.num_blocks * self.block_size,
+            "model %s loaded in %.2fs on %s (%s, %s attention); KV cache: %d blocks of %d tokens (%d tokens, %.1f MiB)",
+            mc.architecture,
+            self.load_time_s,
+            self.device,
+            str(self.dtype).removeprefix("torch."),
+            self.backend.name,
+            self.num_blocks,
+            self.block_size,
+            self.num_blocks * self.block_size,
             self.num_blocks * self._block_bytes() / 2**20,
         )
 
@@ -116,7 +121,7 @@ class ModelRunner:
         probe_caches = self._allocate_kv_cache(1)
         ids = torch.zeros(n, dtype=torch.long, device=self.device)
         hidden = self.model(ids, torch.zeros_like(ids), probe_caches, self._dummy_metadata(n), self.backend)
-        return self.model.compute_logits(hidden[-min(n, self.config.max_num_seqs):])
+        return self.model.compute_logits(hidden[-min(n, self.config.max_num_seqs) :])
 
     def _dummy_metadata(self, n: int) -> AttentionMetadata:
         # One request of n tokens, every one in block 0 (written to slot 0): enough to size
@@ -124,13 +129,17 @@ class ModelRunner:
         # kernel reads an entry for every block it attends over.
         i32 = dict(dtype=torch.int32, device=self.device)
         return AttentionMetadata(
-            num_reqs=1, num_tokens=n,
+            num_reqs=1,
+            num_tokens=n,
             query_start_loc=torch.tensor([0, n], **i32),
             seq_lens=torch.tensor([n], **i32),
             context_lens=torch.tensor([0], **i32),
             block_tables=torch.zeros((1, -(-n // self.block_size)), **i32),
             slot_mapping=torch.zeros(n, dtype=torch.long, device=self.device),
-            max_query_len=n, max_seq_len=n, query_lens_cpu=[n], seq_lens_cpu=[n],
+            max_query_len=n,
+            max_seq_len=n,
+            query_lens_cpu=[n],
+            seq_lens_cpu=[n],
         )
 
     def _allocate_kv_cache(self, num_blocks: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -158,8 +167,16 @@ class ModelRunner:
     def _decode_graphs(self, make_graph: Callable[[], Graph] | None = None) -> DecodeGraphs:
         """make_graph: see DecodeGraphs (tests pass EagerGraph to run the graph path on a CPU)."""
         return DecodeGraphs(
-            self.model, self.kv_caches, self.backend, self.config.max_num_seqs, self.max_model_len,
-            self.block_size, self.model_config.hidden_size, self.dtype, self.device, make_graph,
+            self.model,
+            self.kv_caches,
+            self.backend,
+            self.config.max_num_seqs,
+            self.max_model_len,
+            self.block_size,
+            self.model_config.hidden_size,
+            self.dtype,
+            self.device,
+            make_graph,
         )
 
     # --- one step -------------------------------------------------------------------
@@ -234,8 +251,11 @@ class ModelRunner:
         if not sample_rows:
             return sampled, logprobs
 
-        sampling_reqs = [i for i, (r, n) in enumerate(zip(batch.requests, batch.num_new_tokens))
-                         if r.num_computed_tokens + n == r.num_tokens]
+        sampling_reqs = [
+            i
+            for i, (r, n) in enumerate(zip(batch.requests, batch.num_new_tokens))
+            if r.num_computed_tokens + n == r.num_tokens
+        ]
         reqs = [batch.requests[i] for i in sampling_reqs]
         row_index = self._to_device(sample_rows, torch.long)
         logits = self.model.compute_logits(hidden.index_select(0, row_index))

@@ -135,13 +135,13 @@ class SamplingBatch:
         # Repetition penalty: over prompt + output; dedup (row, token) via a packed int64 key.
         rep = [i for i in range(B) if params[i].repetition_penalty != 1.0]
         if rep:
-            rows, toks, _ = _unique_pairs(
-                rep, [itertools.chain(prompt_token_ids[i], output_token_ids[i]) for i in rep])
+            rows, toks, _ = _unique_pairs(rep, [itertools.chain(prompt_token_ids[i], output_token_ids[i]) for i in rep])
             pen = torch.tensor([p.repetition_penalty for p in params], dtype=f32)[rows]
             b.rep_rows, b.rep_tokens, b.rep_penalty = rows.to(dev), toks.to(dev), pen.to(dev)
         # Frequency / presence: over output tokens only (OpenAI semantics).
-        fp = [i for i in range(B) if (params[i].frequency_penalty or params[i].presence_penalty)
-              and output_token_ids[i]]
+        fp = [
+            i for i in range(B) if (params[i].frequency_penalty or params[i].presence_penalty) and output_token_ids[i]
+        ]
         if fp:
             rows, toks, counts = _unique_pairs(fp, [output_token_ids[i] for i in fp])
             freq = torch.tensor([params[i].frequency_penalty for i in range(B)], dtype=f32)[rows]
@@ -166,8 +166,9 @@ class SamplingBatch:
             u = 1.0 - torch.rand(len(sp), dtype=torch.float64, generator=generator)  # (0, 1]
             seeded = [j for j, p in enumerate(sp) if p.seed is not None]
             if seeded:
-                u[seeded] = torch.tensor([seeded_uniform(sp[j].seed, n_out[sampled[j]]) for j in seeded],
-                                         dtype=torch.float64)
+                u[seeded] = torch.tensor(
+                    [seeded_uniform(sp[j].seed, n_out[sampled[j]]) for j in seeded], dtype=torch.float64
+                )
             u = u.float()
             filt = [j for j, p in enumerate(sp) if p.top_k > 0 or p.top_p < 1.0]
             plain = [j for j, p in enumerate(sp) if not (p.top_k > 0 or p.top_p < 1.0)]
@@ -202,8 +203,7 @@ class SamplingBatch:
 def _unique_pairs(rows: list[int], seqs: list) -> tuple[Tensor, Tensor, Tensor]:
     """Distinct (row, token) pairs over rows[i] x seqs[i], with their counts (on CPU)."""
     toks = [torch.tensor(list(s), dtype=torch.int64) for s in seqs]
-    row_ids = torch.repeat_interleave(torch.tensor(rows, dtype=torch.int64),
-                                      torch.tensor([len(t) for t in toks]))
+    row_ids = torch.repeat_interleave(torch.tensor(rows, dtype=torch.int64), torch.tensor([len(t) for t in toks]))
     keys, counts = torch.unique(row_ids * (1 << 32) + torch.cat(toks), return_counts=True)
     return keys >> 32, keys & 0xFFFFFFFF, counts.to(torch.float32)
 
@@ -298,8 +298,7 @@ def _draw_group(p: Tensor, g: _Group) -> Tensor:
     return _draw_filtered(p, k, g.top_p, g.min_p, g.uniform, min(g.k_try, V))
 
 
-def _draw_filtered(p: Tensor, k: Tensor, top_p: Tensor | None, min_p: Tensor | None,
-                   u: Tensor, k_try: int) -> Tensor:
+def _draw_filtered(p: Tensor, k: Tensor, top_p: Tensor | None, min_p: Tensor | None, u: Tensor, k_try: int) -> Tensor:
     """top-k, then top-p renormalized over the top-k (as HF/vLLM), then min-p, drawn among the
     k_try most likely tokens. The kept set is {p >= threshold}, ties included, and is drawn
     in vocabulary order: how topk orders equal probs never changes a seeded draw."""
@@ -331,8 +330,9 @@ def _draw_filtered(p: Tensor, k: Tensor, top_p: Tensor | None, min_p: Tensor | N
         if wide is not None and bool((wide & spill).any()):
             w = (wide & spill).nonzero()[:, 0]
             spill = spill & ~wide
-            tokens[w] = _draw_filtered(p[w], k[w], top_p[w], None if min_p is None else min_p[w], u[w],
-                                       min(V, k_try * _NUCLEUS_GROWTH))
+            tokens[w] = _draw_filtered(
+                p[w], k[w], top_p[w], None if min_p is None else min_p[w], u[w], min(V, k_try * _NUCLEUS_GROWTH)
+            )
         if bool(spill.any()):
             s = spill.nonzero()[:, 0]
             ps = p[s]

@@ -75,21 +75,32 @@ class EngineCoreServer:
                 return
             try:
                 self.engine.add_request(
-                    msg.request_id, msg.prompt_token_ids, msg.sampling_params,
-                    msg.eos_token_ids or None, msg.arrival_time or None,
+                    msg.request_id,
+                    msg.prompt_token_ids,
+                    msg.sampling_params,
+                    msg.eos_token_ids or None,
+                    msg.arrival_time or None,
                 )
                 self.owner[msg.request_id] = msg.worker
             except ValueError as e:
                 self.pending[msg.worker].append(
-                    EngineOutput(request_id=msg.request_id, finish_reason=FINISH_ABORT,
-                                 num_prompt_tokens=len(msg.prompt_token_ids),
-                                 error=str(e), error_code=400)
+                    EngineOutput(
+                        request_id=msg.request_id,
+                        finish_reason=FINISH_ABORT,
+                        num_prompt_tokens=len(msg.prompt_token_ids),
+                        error=str(e),
+                        error_code=400,
+                    )
                 )
             except Exception as e:
                 log.exception("failed to add request %s", msg.request_id)
                 self.pending[msg.worker].append(
-                    EngineOutput(request_id=msg.request_id, finish_reason=FINISH_ABORT,
-                                 error=f"internal error: {e}", error_code=500)
+                    EngineOutput(
+                        request_id=msg.request_id,
+                        finish_reason=FINISH_ABORT,
+                        error=f"internal error: {e}",
+                        error_code=500,
+                    )
                 )
         elif isinstance(msg, AbortRequest):
             for out in self.engine.abort(msg.request_ids):

@@ -41,10 +41,26 @@ _CACHE_TYPES_KEY = "novainfer.gguf_layer_types"
 # Bumped when the cache's content changes, so older caches are rebuilt rather than misread.
 _CACHE_VERSION = 2
 # GGUF types of at most ~4.5 bits per weight: int4 copies of these lose little the file held.
-FOUR_BIT_GGUF_TYPES = frozenset({
-    "Q4_0", "Q4_1", "Q4_K", "Q3_K", "Q2_K", "IQ4_NL", "IQ4_XS", "IQ3_XXS", "IQ3_S",
-    "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ1_S", "IQ1_M", "TQ1_0", "TQ2_0",
-})
+FOUR_BIT_GGUF_TYPES = frozenset(
+    {
+        "Q4_0",
+        "Q4_1",
+        "Q4_K",
+        "Q3_K",
+        "Q2_K",
+        "IQ4_NL",
+        "IQ4_XS",
+        "IQ3_XXS",
+        "IQ3_S",
+        "IQ2_XXS",
+        "IQ2_XS",
+        "IQ2_S",
+        "IQ1_S",
+        "IQ1_M",
+        "TQ1_0",
+        "TQ2_0",
+    }
+)
 QUANTIZATION_MODES: tuple[str, ...] = get_args(get_type_hints(EngineConfig)["quantization"])
 
 # llama.cpp tensor names -> HF names ("{}" is the layer index).
@@ -72,11 +88,11 @@ _GGUF_LAYER_NAMES = {
 _GGUF_LAYER_RE = re.compile(r"blk\.(\d+)\.(.+)")
 
 
-def load_model(
-    engine_config: EngineConfig, device: torch.device, dtype: torch.dtype
-) -> tuple[CausalLM, ModelConfig]:
+def load_model(engine_config: EngineConfig, device: torch.device, dtype: torch.dtype) -> tuple[CausalLM, ModelConfig]:
     if engine_config.quantization not in QUANTIZATION_MODES:
-        raise ValueError(f"unknown quantization {engine_config.quantization!r}: expected {', '.join(QUANTIZATION_MODES)}")
+        raise ValueError(
+            f"unknown quantization {engine_config.quantization!r}: expected {', '.join(QUANTIZATION_MODES)}"
+        )
     if engine_config.quantization == "int4" and device.type != "cpu":
         raise ValueError("--quantization int4 runs on a CPU only (its kernel is torch's CPU int4 matmul)")
     files = resolve_model(engine_config.model)
@@ -88,9 +104,7 @@ def load_model(
         if files.format is ModelFormat.HF_DIR:
             cfg = _with_generation_eos(cfg, files.path)
     # The runner caps the context at the model's; the RoPE table needs no more rows.
-    max_positions = min(
-        engine_config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings
-    )
+    max_positions = min(engine_config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
     model = build_model(cfg, dtype=dtype, device=device, max_positions=max_positions)
     if files.format is ModelFormat.GGUF:
         model.load_weights(weights)
@@ -109,10 +123,15 @@ def _add_int4_copies(model: CausalLM, layer_types: frozenset[str]) -> None:
         return
     rows = model.layers[0].int4_max_rows
     if layer_types and layer_types <= FOUR_BIT_GGUF_TYPES:
-        log.info("int4 copies of the layers' %s weights for steps of up to %d rows", "/".join(sorted(layer_types)), rows)
+        log.info(
+            "int4 copies of the layers' %s weights for steps of up to %d rows", "/".join(sorted(layer_types)), rows
+        )
     else:
-        log.warning("int4 copies for steps of up to %d rows re-quantize %s weights: lossy", rows,
-                    "/".join(sorted(layer_types)) or "the checkpoint's")
+        log.warning(
+            "int4 copies for steps of up to %d rows re-quantize %s weights: lossy",
+            rows,
+            "/".join(sorted(layer_types)) or "the checkpoint's",
+        )
 
 
 @torch.no_grad()
@@ -163,9 +182,7 @@ def _safetensors_weights(files: ModelFiles) -> Iterator[tuple[str, torch.Tensor]
 # --- GGUF ---------------------------------------------------------------------------
 
 
-def _gguf_weights(
-    path: str, cache_dir: str
-) -> tuple[ModelConfig, frozenset[str], Iterator[tuple[str, torch.Tensor]]]:
+def _gguf_weights(path: str, cache_dir: str) -> tuple[ModelConfig, frozenset[str], Iterator[tuple[str, torch.Tensor]]]:
     """The config, the GGUF types of the layer matrices, and the weights (HF names, float32),
     from the cache when it is fresh."""
     stat = os.stat(path)
@@ -183,7 +200,9 @@ def _gguf_weights(
 
     reader = gguf.GGUFReader(path)
     cfg = ModelConfig.from_gguf(reader)
-    layer_types = frozenset(t.tensor_type.name for t in reader.tensors if t.name.startswith("blk.") and len(t.shape) == 2)
+    layer_types = frozenset(
+        t.tensor_type.name for t in reader.tensors if t.name.startswith("blk.") and len(t.shape) == 2
+    )
     weights = _dequantize_gguf(reader, cfg)
     if sum(t.n_elements for t in reader.tensors) * 4 > GGUF_CACHE_MAX_BYTES:
         return cfg, layer_types, weights
@@ -237,7 +256,9 @@ def _read_gguf_cache(path: str) -> tuple[ModelConfig, frozenset[str], Iterator[t
     return cfg, layer_types, weights()
 
 
-def _write_gguf_cache(path: str, cfg: ModelConfig, layer_types: frozenset[str], tensors: dict[str, torch.Tensor]) -> None:
+def _write_gguf_cache(
+    path: str, cfg: ModelConfig, layer_types: frozenset[str], tensors: dict[str, torch.Tensor]
+) -> None:
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)

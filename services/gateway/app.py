@@ -34,8 +34,7 @@ STATIC_DIR = Path(__file__).parent / "static"
 DRAIN_TIMEOUT_S = 25.0
 # handler_cancellation: a client that disconnects cancels its handler, whose cleanup
 # aborts the engine requests (for non-streaming requests nothing else would notice).
-RUNNER_OPTIONS: dict[str, Any] = {"handler_cancellation": True, "shutdown_timeout": DRAIN_TIMEOUT_S,
-                                  "access_log": None}
+RUNNER_OPTIONS: dict[str, Any] = {"handler_cancellation": True, "shutdown_timeout": DRAIN_TIMEOUT_S, "access_log": None}
 CLIENT_CLOSED_REQUEST = 499  # nginx's code for "the client went away", used in metrics only
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -94,8 +93,11 @@ def _auth_middleware(api_key: str) -> Callable[..., Awaitable[web.StreamResponse
         if request.path.startswith("/v1/") or request.path in ("/tokenize", "/detokenize"):
             given = request.headers.get("Authorization", "").encode()
             if not hmac.compare_digest(given, expected):
-                raise ApiError(401, "Incorrect or missing API key. Send it as 'Authorization: Bearer <key>'.",
-                               code="invalid_api_key")
+                raise ApiError(
+                    401,
+                    "Incorrect or missing API key. Send it as 'Authorization: Bearer <key>'.",
+                    code="invalid_api_key",
+                )
         return await handler(request)
 
     return auth
@@ -127,16 +129,23 @@ def build_app(config: Config) -> web.Application:
     app.on_shutdown.append(on_shutdown)
 
     def model_card() -> dict[str, Any]:
-        return {"id": model_name, "object": "model", "created": started, "owned_by": "novainfer",
-                "root": config.engine.model, "max_model_len": frontend.max_model_len or None}
+        return {
+            "id": model_name,
+            "object": "model",
+            "created": started,
+            "owned_by": "novainfer",
+            "root": config.engine.model,
+            "max_model_len": frontend.max_model_len or None,
+        }
 
     async def list_models(_: web.Request) -> web.Response:
         return json_response({"object": "list", "data": [model_card()]})
 
     async def get_model(request: web.Request) -> web.Response:
         if request.match_info["model"] != model_name:
-            raise ApiError(404, f"The model `{request.match_info['model']}` does not exist.",
-                           param="model", code="model_not_found")
+            raise ApiError(
+                404, f"The model `{request.match_info['model']}` does not exist.", param="model", code="model_not_found"
+            )
         return json_response(model_card())
 
     async def health(_: web.Request) -> web.Response:
@@ -154,19 +163,21 @@ def build_app(config: Config) -> web.Application:
     async def index(_: web.Request) -> web.FileResponse:
         return web.FileResponse(STATIC_DIR / "index.html")
 
-    app.add_routes([
-        web.post("/v1/completions", serving.completions),
-        web.post("/v1/chat/completions", serving.chat_completions),
-        web.get("/v1/models", list_models),
-        web.get("/v1/models/{model}", get_model),
-        web.post("/v1/requests/{request_id}/cancel", serving.cancel),
-        web.post("/tokenize", serving.tokenize),
-        web.post("/detokenize", serving.detokenize),
-        web.get("/health", health),
-        web.get("/metrics", metrics_endpoint),
-        web.get("/version", version),
-        web.get("/", index),
-    ])
+    app.add_routes(
+        [
+            web.post("/v1/completions", serving.completions),
+            web.post("/v1/chat/completions", serving.chat_completions),
+            web.get("/v1/models", list_models),
+            web.get("/v1/models/{model}", get_model),
+            web.post("/v1/requests/{request_id}/cancel", serving.cancel),
+            web.post("/tokenize", serving.tokenize),
+            web.post("/detokenize", serving.detokenize),
+            web.get("/health", health),
+            web.get("/metrics", metrics_endpoint),
+            web.get("/version", version),
+            web.get("/", index),
+        ]
+    )
     return app
 
 
@@ -179,8 +190,14 @@ async def serve(config: Config) -> None:
     runner = web.AppRunner(build_app(config), handle_signals=False, **RUNNER_OPTIONS)
     await runner.setup()
     await web.TCPSite(runner, config.serve.host, config.serve.port).start()
-    log.info("gateway for %s on http://%s:%d (input %s, %d tokenizer workers)", config.model_name(),
-             config.serve.host, config.serve.port, config.serve.gateway_addr, len(config.serve.tokenizer_addrs))
+    log.info(
+        "gateway for %s on http://%s:%d (input %s, %d tokenizer workers)",
+        config.model_name(),
+        config.serve.host,
+        config.serve.port,
+        config.serve.gateway_addr,
+        len(config.serve.tokenizer_addrs),
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

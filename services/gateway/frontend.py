@@ -79,8 +79,15 @@ class ChildState:
     """Per engine request bookkeeping: routing plus what the latency metrics need."""
 
     __slots__ = (
-        "handle", "worker", "arrival", "arrival_wall", "started", "last_token",
-        "output_tokens", "prompt_counted", "queue_observed",
+        "handle",
+        "worker",
+        "arrival",
+        "arrival_wall",
+        "started",
+        "last_token",
+        "output_tokens",
+        "prompt_counted",
+        "queue_observed",
     )
 
     def __init__(self, handle: RequestHandle, worker: int, arrival: float, arrival_wall: float) -> None:
@@ -243,8 +250,7 @@ class Frontend:
                 continue
             by_worker.setdefault(child.worker, []).append(cid)
             self.metrics.on_finish(child, now, "error" if error else FINISH_ABORT)
-            handle.push(RequestDelta(request_id=cid, finish_reason=FINISH_ABORT, error=error,
-                                     error_code=error_code))
+            handle.push(RequestDelta(request_id=cid, finish_reason=FINISH_ABORT, error=error, error_code=error_code))
         for worker, ids in by_worker.items():
             self._outputs[worker].send(encode(AbortRequest(request_ids=ids)))
 

@@ -22,12 +22,72 @@ if TYPE_CHECKING:
     from services.gateway.frontend import ChildState
 
 PREFIX = "novainfer_"
-TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
-                7.5, 10.0, 20.0, 40.0, 80.0)
-ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15,
-               0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
-REQUEST_BUCKETS = (0.01, 0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0,
-                   40.0, 50.0, 60.0, 120.0, 240.0, 480.0)
+TTFT_BUCKETS = (
+    0.001,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+)
+ITL_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.015,
+    0.02,
+    0.025,
+    0.03,
+    0.04,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.4,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+)
+REQUEST_BUCKETS = (
+    0.01,
+    0.05,
+    0.1,
+    0.3,
+    0.5,
+    0.8,
+    1.0,
+    1.5,
+    2.0,
+    2.5,
+    5.0,
+    10.0,
+    15.0,
+    20.0,
+    30.0,
+    40.0,
+    50.0,
+    60.0,
+    120.0,
+    240.0,
+    480.0,
+)
 
 
 class _EngineCollector(Collector):
@@ -49,8 +109,7 @@ class _EngineCollector(Collector):
             ("kv_cache_num_blocks", "KV-cache blocks the engine has in total.", "num_blocks"),
             ("engine_last_step_seconds", "Duration of the engine's latest step.", "last_step_time_s"),
             ("engine_batch_size", "Requests in the engine's latest step.", "last_batch_size"),
-            ("engine_batched_tokens", "Tokens processed in the engine's latest step.",
-             "last_num_batched_tokens"),
+            ("engine_batched_tokens", "Tokens processed in the engine's latest step.", "last_num_batched_tokens"),
         ]
         counters = [
             ("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", "prefix_queries_total"),
@@ -69,9 +128,11 @@ class _EngineCollector(Collector):
             for idx, st in snapshot:
                 fam.add_metric([self.model_name, str(idx)], getattr(st, field))
             yield fam
-        up = GaugeMetricFamily(PREFIX + "component_up",
-                               "1 if the component reported within engine_timeout_s, else 0.",
-                               labels=["model_name", "component", "index"])
+        up = GaugeMetricFamily(
+            PREFIX + "component_up",
+            "1 if the component reported within engine_timeout_s, else 0.",
+            labels=["model_name", "component", "index"],
+        )
         for component, i, ok in self.components():
             up.add_metric([self.model_name, component, str(i)], 1.0 if ok else 0.0)
         yield up
@@ -83,36 +144,59 @@ class GatewayMetrics:
         reg = self.registry
         m = [model_name]
         self.http_requests = Counter(
-            PREFIX + "http_requests", "HTTP requests answered, by endpoint and status code.",
-            ["model_name", "endpoint", "status"], registry=reg,
+            PREFIX + "http_requests",
+            "HTTP requests answered, by endpoint and status code.",
+            ["model_name", "endpoint", "status"],
+            registry=reg,
         )
         self.model_name = model_name
-        self.in_flight = Gauge(PREFIX + "requests_in_flight", "API requests being served.",
-                               ["model_name"], registry=reg).labels(*m)
+        self.in_flight = Gauge(
+            PREFIX + "requests_in_flight", "API requests being served.", ["model_name"], registry=reg
+        ).labels(*m)
         self._finished = Counter(
-            PREFIX + "requests_finished", "Engine requests finished, by finish reason (stop, length, "
-            "abort, error).", ["model_name", "finish_reason"], registry=reg,
+            PREFIX + "requests_finished",
+            "Engine requests finished, by finish reason (stop, length, abort, error).",
+            ["model_name", "finish_reason"],
+            registry=reg,
         )
         # Per-token paths use pre-bound children: no label lookup per observation.
-        self.ttft = Histogram(PREFIX + "time_to_first_token_seconds",
-                              "Arrival at the gateway to the first output token.", ["model_name"],
-                              buckets=TTFT_BUCKETS, registry=reg).labels(*m)
-        self.itl = Histogram(PREFIX + "inter_token_latency_seconds",
-                             "Time between consecutive output tokens of a request.", ["model_name"],
-                             buckets=ITL_BUCKETS, registry=reg).labels(*m)
-        self.e2e = Histogram(PREFIX + "e2e_request_latency_seconds",
-                             "Arrival at the gateway to the request's end.", ["model_name"],
-                             buckets=REQUEST_BUCKETS, registry=reg).labels(*m)
-        self.queue_time = Histogram(PREFIX + "request_queue_time_seconds",
-                                    "Arrival at the gateway to first scheduled by the engine.",
-                                    ["model_name"], buckets=REQUEST_BUCKETS, registry=reg).labels(*m)
-        self.prompt_tokens = Counter(PREFIX + "prompt_tokens", "Prompt tokens of engine requests.",
-                                     ["model_name"], registry=reg).labels(*m)
+        self.ttft = Histogram(
+            PREFIX + "time_to_first_token_seconds",
+            "Arrival at the gateway to the first output token.",
+            ["model_name"],
+            buckets=TTFT_BUCKETS,
+            registry=reg,
+        ).labels(*m)
+        self.itl = Histogram(
+            PREFIX + "inter_token_latency_seconds",
+            "Time between consecutive output tokens of a request.",
+            ["model_name"],
+            buckets=ITL_BUCKETS,
+            registry=reg,
+        ).labels(*m)
+        self.e2e = Histogram(
+            PREFIX + "e2e_request_latency_seconds",
+            "Arrival at the gateway to the request's end.",
+            ["model_name"],
+            buckets=REQUEST_BUCKETS,
+            registry=reg,
+        ).labels(*m)
+        self.queue_time = Histogram(
+            PREFIX + "request_queue_time_seconds",
+            "Arrival at the gateway to first scheduled by the engine.",
+            ["model_name"],
+            buckets=REQUEST_BUCKETS,
+            registry=reg,
+        ).labels(*m)
+        self.prompt_tokens = Counter(
+            PREFIX + "prompt_tokens", "Prompt tokens of engine requests.", ["model_name"], registry=reg
+        ).labels(*m)
         self.cached_prompt_tokens = Counter(
-            PREFIX + "prompt_cached_tokens", "Prompt tokens served from the prefix cache.",
-            ["model_name"], registry=reg).labels(*m)
-        self.generation_tokens = Counter(PREFIX + "generation_tokens", "Output tokens generated.",
-                                         ["model_name"], registry=reg).labels(*m)
+            PREFIX + "prompt_cached_tokens", "Prompt tokens served from the prefix cache.", ["model_name"], registry=reg
+        ).labels(*m)
+        self.generation_tokens = Counter(
+            PREFIX + "generation_tokens", "Output tokens generated.", ["model_name"], registry=reg
+        ).labels(*m)
         self._engines = _EngineCollector(model_name)
         reg.register(self._engines)
 

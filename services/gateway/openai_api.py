@@ -25,8 +25,16 @@ CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assist
 class ApiError(Exception):
     """An error answered as OpenAI does: {"error": {message, type, param, code}}."""
 
-    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
-                 type_: str | None = None, headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        type_: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
@@ -39,8 +47,12 @@ class ApiError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
     def response(self) -> web.Response:
-        return web.Response(body=msgspec.json.encode(self.body()), status=self.status, headers=self.headers,
-                            content_type="application/json")
+        return web.Response(
+            body=msgspec.json.encode(self.body()),
+            status=self.status,
+            headers=self.headers,
+            content_type="application/json",
+        )
 
 
 class StreamOptions(msgspec.Struct):
@@ -226,8 +238,12 @@ def _prompts(raw: Any) -> list[dict[str, Any]]:
             return [{"prompt_token_ids": p} for p in raw]
     if raw is None:
         raise ApiError(400, "prompt is required", param="prompt")
-    raise ApiError(400, "prompt must be a string, a list of strings, a list of token ids or a list of "
-                   "token-id lists, and must not be empty", param="prompt")
+    raise ApiError(
+        400,
+        "prompt must be a string, a list of strings, a list of token ids or a list of "
+        "token-id lists, and must not be empty",
+        param="prompt",
+    )
 
 
 def parse_completion(body: bytes, served_model: str) -> Job:
@@ -242,9 +258,19 @@ def parse_completion(body: bytes, served_model: str) -> Job:
     children = _children(request_id, params, prompts)
     for child in children:
         child.echo = echo
-    return Job(request_id=request_id, chat=False, created=int(time.time()), model=served_model,
-               stream=bool(req.stream), include_usage=_include_usage(req), n=params.n,
-               num_prompts=len(prompts), echo=echo, logprobs=req.logprobs, children=children)
+    return Job(
+        request_id=request_id,
+        chat=False,
+        created=int(time.time()),
+        model=served_model,
+        stream=bool(req.stream),
+        include_usage=_include_usage(req),
+        n=params.n,
+        num_prompts=len(prompts),
+        echo=echo,
+        logprobs=req.logprobs,
+        children=children,
+    )
 
 
 def chat_messages(messages: list[Message]) -> list[ChatMessage]:
@@ -254,13 +280,19 @@ def chat_messages(messages: list[Message]) -> list[ChatMessage]:
     for i, m in enumerate(messages):
         role = CHAT_ROLES.get(m.role)
         if role is None:
-            raise ApiError(400, f"unsupported role {m.role!r}; use system, developer, user or assistant",
-                           param=f"messages[{i}].role")
+            raise ApiError(
+                400,
+                f"unsupported role {m.role!r}; use system, developer, user or assistant",
+                param=f"messages[{i}].role",
+            )
         if isinstance(m.content, list):
             for part in m.content:
                 if part.type != "text" or part.text is None:
-                    raise ApiError(400, f"unsupported content part {part.type!r}; only text parts are supported",
-                                   param=f"messages[{i}].content")
+                    raise ApiError(
+                        400,
+                        f"unsupported content part {part.type!r}; only text parts are supported",
+                        param=f"messages[{i}].content",
+                    )
             content = "".join(part.text for part in m.content if part.text is not None)
         else:
             content = m.content or ""  # assistant turns may carry null content
@@ -286,9 +318,19 @@ def parse_chat(body: bytes, served_model: str) -> Job:
     children = _children(request_id, params, [{"messages": messages}])
     for child in children:
         child.add_generation_prompt = add_generation_prompt
-    return Job(request_id=request_id, chat=True, created=int(time.time()), model=served_model,
-               stream=bool(req.stream), include_usage=_include_usage(req), n=params.n, num_prompts=1,
-               echo=False, logprobs=logprobs, children=children)
+    return Job(
+        request_id=request_id,
+        chat=True,
+        created=int(time.time()),
+        model=served_model,
+        stream=bool(req.stream),
+        include_usage=_include_usage(req),
+        n=params.n,
+        num_prompts=1,
+        echo=False,
+        logprobs=logprobs,
+        children=children,
+    )
 
 
 def _include_usage(req: _SamplingFields) -> bool:

@@ -24,8 +24,16 @@ def sse(obj: dict[str, Any]) -> bytes:
 
 class ChoiceState:
     __slots__ = (
-        "index", "texts", "finish_reason", "stop_reason", "prompt_tokens", "output_tokens",
-        "cached_tokens", "prompt_text", "text_offset", "logprobs",
+        "index",
+        "texts",
+        "finish_reason",
+        "stop_reason",
+        "prompt_tokens",
+        "output_tokens",
+        "cached_tokens",
+        "prompt_text",
+        "text_offset",
+        "logprobs",
     )
 
     def __init__(self, index: int) -> None:
@@ -74,7 +82,7 @@ class _Accumulator:
         prompt = cached = 0
         n = self.job.n
         for p in range(self.job.num_prompts):
-            reported = [c for c in self.choices[p * n:(p + 1) * n] if c.prompt_tokens]
+            reported = [c for c in self.choices[p * n : (p + 1) * n] if c.prompt_tokens]
             if reported:
                 prompt += reported[0].prompt_tokens
                 cached += reported[0].cached_tokens
@@ -192,8 +200,17 @@ class StreamEncoder(_Accumulator):
                     raise _error(d)
             self.started = True
             if self.job.chat:
-                out += [self._chunk({"index": c.index, "delta": {"role": "assistant", "content": ""},
-                                     "logprobs": None, "finish_reason": None}) for c in self.choices]
+                out += [
+                    self._chunk(
+                        {
+                            "index": c.index,
+                            "delta": {"role": "assistant", "content": ""},
+                            "logprobs": None,
+                            "finish_reason": None,
+                        }
+                    )
+                    for c in self.choices
+                ]
         for d in deltas:
             if d.error is not None:
                 # The stream already started: the error travels in-band and ends the stream.
@@ -205,19 +222,31 @@ class StreamEncoder(_Accumulator):
             if text or d.logprobs:
                 out.append(self._content_chunk(c, text, d.logprobs))
             if d.finish_reason is not None:
-                final: dict[str, Any] = {"index": c.index, "delta": {}} if self.job.chat else {
-                    "index": c.index, "text": ""}
+                final: dict[str, Any] = (
+                    {"index": c.index, "delta": {}} if self.job.chat else {"index": c.index, "text": ""}
+                )
                 final.update(logprobs=None, finish_reason=c.finish_reason, stop_reason=c.stop_reason)
                 out.append(self._chunk(final))
         return b"".join(out)
 
     def _content_chunk(self, c: ChoiceState, text: str, lps: list[TextLogprob] | None) -> bytes:
         if self.job.chat:
-            return self._chunk({"index": c.index, "delta": {"content": text},
-                                "logprobs": _chat_logprobs(lps) if lps else None, "finish_reason": None})
-        return self._chunk({"index": c.index, "text": text,
-                            "logprobs": self._completion_logprobs(c, lps) if lps else None,
-                            "finish_reason": None})
+            return self._chunk(
+                {
+                    "index": c.index,
+                    "delta": {"content": text},
+                    "logprobs": _chat_logprobs(lps) if lps else None,
+                    "finish_reason": None,
+                }
+            )
+        return self._chunk(
+            {
+                "index": c.index,
+                "text": text,
+                "logprobs": self._completion_logprobs(c, lps) if lps else None,
+                "finish_reason": None,
+            }
+        )
 
     def end(self) -> bytes:
         """The usage chunk when asked for, then [DONE]."""

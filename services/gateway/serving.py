@@ -56,8 +56,9 @@ async def _generate(request: web.Request, job: Job) -> web.StreamResponse:
     try:
         handle = frontend.submit(job.request_id, job.children)
     except Overloaded as e:
-        raise ApiError(429, str(e), type_="requests", code="rate_limit_exceeded",
-                       headers={"Retry-After": "1"}) from None
+        raise ApiError(
+            429, str(e), type_="requests", code="rate_limit_exceeded", headers={"Retry-After": "1"}
+        ) from None
     except ServiceUnavailable as e:
         raise unavailable(e) from None
     try:
@@ -95,8 +96,7 @@ async def _stream(request: web.Request, job: Job, handle: RequestHandle) -> web.
 async def cancel(request: web.Request) -> web.Response:
     request_id = request.match_info["request_id"]
     if not request.app[FRONTEND].abort(request_id):
-        raise ApiError(404, f"no request {request_id!r} is in flight", param="request_id",
-                       code="request_not_found")
+        raise ApiError(404, f"no request {request_id!r} is in flight", param="request_id", code="request_not_found")
     return json_response({"id": request_id, "object": "request.cancelled", "cancelled": True})
 
 
@@ -118,8 +118,9 @@ async def tokenize(request: web.Request) -> web.Response:
         raise unavailable(e) from None
     if result.error is not None:
         raise ApiError(400, result.error)
-    return json_response({"count": len(result.token_ids), "max_model_len": result.max_model_len,
-                          "tokens": result.token_ids})
+    return json_response(
+        {"count": len(result.token_ids), "max_model_len": result.max_model_len, "tokens": result.token_ids}
+    )
 
 
 async def detokenize(request: web.Request) -> web.Response:

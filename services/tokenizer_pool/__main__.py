@@ -52,11 +52,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     config = parse_config(argv, description="NovaInfer tokenizer pool").with_default_addresses()
     serve = config.serve
-    logging.basicConfig(level=serve.log_level.upper(),
-                        format="%(asctime)s %(levelname)s tokenizer-pool %(name)s: %(message)s")
+    logging.basicConfig(
+        level=serve.log_level.upper(), format="%(asctime)s %(levelname)s tokenizer-pool %(name)s: %(message)s"
+    )
     if serve.worker_index is not None and not 0 <= serve.worker_index < len(serve.tokenizer_addrs):
-        raise SystemExit(f"--worker-index {serve.worker_index} is outside tokenizer_addrs "
-                         f"({len(serve.tokenizer_addrs)} entries)")
+        raise SystemExit(
+            f"--worker-index {serve.worker_index} is outside tokenizer_addrs ({len(serve.tokenizer_addrs)} entries)"
+        )
     indices = [serve.worker_index] if serve.worker_index is not None else range(len(serve.tokenizer_addrs))
 
     # Handlers before the first spawn, so a signal cannot slip between spawn and wait.
@@ -74,8 +76,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         dead = [p for p in processes if p.sentinel in ready]
         for p in dead:
             p.join(1.0)  # reap it, so its exit code is known
-            logger.error("tokenizer pool: %s (pid %s) died with exit code %s; stopping the pool",
-                         p.name, p.pid, p.exitcode)
+            logger.error(
+                "tokenizer pool: %s (pid %s) died with exit code %s; stopping the pool", p.name, p.pid, p.exitcode
+            )
         return 1
     except _Shutdown as e:
         logger.info("tokenizer pool: %s, stopping %d worker(s)", e, len(processes))

@@ -153,8 +153,13 @@ class RequestStream:
         logprobs = None
         if out.logprobs is not None:
             logprobs = [self._text_logprob(lp) for lp in out.logprobs[:consumed]]
-        return self._delta(text="".join(text), token_ids=token_ids, logprobs=logprobs,
-                           finish_reason=finish_reason, stop_reason=stop_reason)
+        return self._delta(
+            text="".join(text),
+            token_ids=token_ids,
+            logprobs=logprobs,
+            finish_reason=finish_reason,
+            stop_reason=stop_reason,
+        )
 
     def _append(self, new: str, final: bool = False) -> tuple[str, str | None]:
         """Add stable text; return (text to emit now, the stop string hit or None)."""

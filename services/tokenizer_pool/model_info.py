@@ -21,15 +21,13 @@ from shared.model_files import ModelFiles, ModelFormat
 logger = logging.getLogger(__name__)
 
 # GGUF value type -> struct format (little-endian); 8 is a string, 9 an array.
-_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
-                 10: "<Q", 11: "<q", 12: "<d"}
+_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 _GGUF_STRING = 8
 _GGUF_ARRAY = 9
 # Arrays longer than this (the vocabulary, the merges) are skipped; only their length is kept.
 _GGUF_MAX_ARRAY = 64
 
-_CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length",
-                 "max_sequence_length")
+_CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "max_sequence_length")
 _DEFAULT_CONTEXT = 2048
 
 
@@ -119,8 +117,13 @@ def _gguf_info(path: str) -> ModelInfo:
         vocab = tokens.length if isinstance(tokens, GGUFArray) else len(tokens or []) or None
     # transformers' GenerationConfig for a GGUF stops at tokenizer.ggml.eos_token_id only;
     # end-of-turn / end-of-message tokens (llama.cpp's EOG set) end a turn just the same.
-    eos = _unique([meta[k] for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id",
-                                     "tokenizer.ggml.eom_token_id") if k in meta])
+    eos = _unique(
+        [
+            meta[k]
+            for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")
+            if k in meta
+        ]
+    )
     return ModelInfo(max_model_len=int(context), vocab_size=vocab, eos_token_ids=eos)
 
 
@@ -144,8 +147,9 @@ def _hf_info(model: ModelFiles) -> ModelInfo:
                 # transformers' generate() reads the generation config, not config.json.
                 eos = _ids(json.load(f).get("eos_token_id")) or eos
     vocab = config.get("vocab_size")
-    return ModelInfo(max_model_len=int(context), vocab_size=vocab if isinstance(vocab, int) else None,
-                     eos_token_ids=eos)
+    return ModelInfo(
+        max_model_len=int(context), vocab_size=vocab if isinstance(vocab, int) else None, eos_token_ids=eos
+    )
 
 
 def model_info(model: ModelFiles) -> ModelInfo:

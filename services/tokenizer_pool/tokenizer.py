@@ -42,9 +42,17 @@ _CACHE_FORMAT = 1
 _META_FILE = "novainfer_tokenizer.json"
 _TOKENIZER_FILE = "tokenizer.json"
 # Files of an HF directory that change what its tokenizer does.
-_HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
-                       "special_tokens_map.json", "added_tokens.json", "chat_template.jinja",
-                       "chat_template.json", "vocab.json", "merges.txt")
+_HF_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "vocab.json",
+    "merges.txt",
+)
 _BYTE_TOKEN = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 _SPIECE_SPACE = "\u2581"
 
@@ -108,21 +116,26 @@ class Tokenizer:
             return True
         return skip_special_tokens and token_id in self.special_ids
 
-    def render_chat(self, messages: Sequence[ChatMessage | Mapping[str, str]],
-                    add_generation_prompt: bool = True) -> str:
+    def render_chat(
+        self, messages: Sequence[ChatMessage | Mapping[str, str]], add_generation_prompt: bool = True
+    ) -> str:
         if not self.chat_template:
             raise ValueError("this model has no chat template: use the completions API")
         chat = [msgspec.structs.asdict(m) if isinstance(m, ChatMessage) else dict(m) for m in messages]
         try:
             return _compile_template(self.chat_template).render(
-                messages=chat, tools=None, documents=None, add_generation_prompt=add_generation_prompt,
+                messages=chat,
+                tools=None,
+                documents=None,
+                add_generation_prompt=add_generation_prompt,
                 **self.special_tokens,
             )
         except jinja2.TemplateError as e:  # e.g. raise_exception('roles must alternate'): bad input
             raise ValueError(f"chat template: {e}") from e
 
-    def apply_chat_template(self, messages: Sequence[ChatMessage | Mapping[str, str]],
-                            add_generation_prompt: bool = True) -> list[int]:
+    def apply_chat_template(
+        self, messages: Sequence[ChatMessage | Mapping[str, str]], add_generation_prompt: bool = True
+    ) -> list[int]:
         # As transformers: the template writes the special tokens itself.
         return self.encode(self.render_chat(messages, add_generation_prompt), add_special_tokens=False)
 
@@ -162,8 +175,9 @@ class Tokenizer:
 @lru_cache(maxsize=1)
 def _byte_level_decoder() -> dict[str, int]:
     """GPT-2's byte <-> printable-character table, inverted."""
-    printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-                 + list(range(ord("®"), ord("ÿ") + 1)))
+    printable = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     chars = list(printable)
     extra = 0
     for b in range(256):
@@ -188,11 +202,15 @@ def _raise_exception(message: str) -> None:
     raise jinja2.exceptions.TemplateError(message)
 
 
-def _tojson(x: object, ensure_ascii: bool = False, indent: int | None = None,
-            separators: tuple[str, str] | None = None, sort_keys: bool = False) -> str:
+def _tojson(
+    x: object,
+    ensure_ascii: bool = False,
+    indent: int | None = None,
+    separators: tuple[str, str] | None = None,
+    sort_keys: bool = False,
+) -> str:
     # jinja's own tojson escapes HTML characters, which chat templates must not do.
-    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
-                      sort_keys=sort_keys)
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
 @lru_cache(maxsize=8)

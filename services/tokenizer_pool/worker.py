@@ -81,8 +81,11 @@ class TokenizerWorker:
                     if os.getppid() != self._parent_pid:
                         logger.error("tokenizer worker %d: parent died, exiting", self.index)
                         return
-                    self._send_gateway(WorkerHeartbeat(worker=self.index, timestamp=time.time(),
-                                                       max_model_len=self.tokenizer.max_model_len))
+                    self._send_gateway(
+                        WorkerHeartbeat(
+                            worker=self.index, timestamp=time.time(), max_model_len=self.tokenizer.max_model_len
+                        )
+                    )
                     next_heartbeat = now + self._heartbeat_s
                 if not poller.poll(max(0.0, next_heartbeat - time.monotonic()) * 1000):
                     continue
@@ -137,13 +140,25 @@ class TokenizerWorker:
             return
         engine = shard(req.request_id, len(self._engines))
         self._streams[req.request_id] = RequestStream(
-            req.request_id, self.tokenizer, req.sampling_params, num_prompt_tokens=len(prompt_ids),
-            engine=engine, prompt_text=prompt_text if req.echo else None,
+            req.request_id,
+            self.tokenizer,
+            req.sampling_params,
+            num_prompt_tokens=len(prompt_ids),
+            engine=engine,
+            prompt_text=prompt_text if req.echo else None,
         )
-        self._engines[engine].send(encode(EngineRequest(
-            request_id=req.request_id, prompt_token_ids=prompt_ids, sampling_params=req.sampling_params,
-            worker=self.index, eos_token_ids=self.tokenizer.eos_token_ids, arrival_time=req.arrival_time,
-        )))
+        self._engines[engine].send(
+            encode(
+                EngineRequest(
+                    request_id=req.request_id,
+                    prompt_token_ids=prompt_ids,
+                    sampling_params=req.sampling_params,
+                    worker=self.index,
+                    eos_token_ids=self.tokenizer.eos_token_ids,
+                    arrival_time=req.arrival_time,
+                )
+            )
+        )
 
     def _prompt(self, req: GenerateRequest) -> tuple[list[int], str]:
         """The prompt's token ids and its text (for echo), validated."""
@@ -195,8 +210,9 @@ class TokenizerWorker:
                 ids = self.tokenizer.apply_chat_template(req.messages, req.add_generation_prompt)
             else:
                 ids = self.tokenizer.encode(req.prompt or "", req.add_special_tokens)
-            result = TokenizeResult(request_id=req.request_id, token_ids=ids,
-                                    max_model_len=self.tokenizer.max_model_len)
+            result = TokenizeResult(
+                request_id=req.request_id, token_ids=ids, max_model_len=self.tokenizer.max_model_len
+            )
         except Exception as e:  # template errors, bad input: the client's problem
             result = TokenizeResult(request_id=req.request_id, error=str(e))
         self._send_gateway(result)
@@ -204,8 +220,9 @@ class TokenizerWorker:
     def _on_detokenize(self, req: DetokenizeRequest) -> None:
         try:
             self._check_ids(req.token_ids)
-            result = DetokenizeResult(request_id=req.request_id,
-                                      text=self.tokenizer.decode(req.token_ids, skip_special_tokens=False))
+            result = DetokenizeResult(
+                request_id=req.request_id, text=self.tokenizer.decode(req.token_ids, skip_special_tokens=False)
+            )
         except Exception as e:
             result = DetokenizeResult(request_id=req.request_id, error=str(e))
         self._send_gateway(result)
@@ -232,8 +249,12 @@ class TokenizerWorker:
                 delta = stream.process(out)
             except Exception as e:
                 logger.exception("tokenizer worker %d: output of %s", self.index, out.request_id)
-                delta = RequestDelta(request_id=out.request_id, finish_reason=FINISH_ABORT,
-                                     error=f"detokenization failed: {e}", error_code=500)
+                delta = RequestDelta(
+                    request_id=out.request_id,
+                    finish_reason=FINISH_ABORT,
+                    error=f"detokenization failed: {e}",
+                    error_code=500,
+                )
                 stream.abort_in_engine = out.finish_reason is None  # still running in the engine
                 stream.finished = True
             deltas.append(delta)
@@ -262,12 +283,18 @@ def _exit_on_sigterm(signum: int, frame: object) -> None:
 
 def run_worker(config: Config, index: int) -> None:
     """Process entry point (multiprocessing 'spawn' target)."""
-    logging.basicConfig(level=config.serve.log_level.upper(),
-                        format=f"%(asctime)s %(levelname)s tokenizer-{index} %(name)s: %(message)s")
+    logging.basicConfig(
+        level=config.serve.log_level.upper(),
+        format=f"%(asctime)s %(levelname)s tokenizer-{index} %(name)s: %(message)s",
+    )
     # The pool's parent handles Ctrl-C and stops workers with SIGTERM.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     worker = TokenizerWorker(config, index)
-    logger.info("tokenizer worker %d ready on %s (max_model_len %d)", index,
-                config.serve.tokenizer_addrs[index], worker.tokenizer.max_model_len)
+    logger.info(
+        "tokenizer worker %d ready on %s (max_model_len %d)",
+        index,
+        config.serve.tokenizer_addrs[index],
+        worker.tokenizer.max_model_len,
+    )
     worker.run()

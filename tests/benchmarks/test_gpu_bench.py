@@ -44,7 +44,10 @@ def test_smoke_run_records_every_section(tmp_path) -> None:
     out = tmp_path / "gpu.json"
     proc = subprocess.run(
         [sys.executable, SCRIPT, "--smoke", "--out", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     doc = json.loads(out.read_text())
@@ -83,7 +86,10 @@ def test_transformers_static_batches(tmp_path) -> None:
     out = tmp_path / "gpu.json"
     proc = subprocess.run(
         [sys.executable, SCRIPT, "--smoke", "--sections", "e2e", "--hf-mode", "static", "--out", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     hf = json.loads(out.read_text())["sections"]["e2e"]["transformers"]
@@ -93,7 +99,8 @@ def test_transformers_static_batches(tmp_path) -> None:
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU refusal")
 def test_full_run_without_gpu_refuses(tmp_path) -> None:
     out = tmp_path / "gpu.json"
-    proc = subprocess.run([sys.executable, SCRIPT, "--out", str(out)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, SCRIPT, "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 2 and "--smoke" in proc.stderr
     assert not out.exists()

@@ -8,7 +8,9 @@ import sys
 
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "benchmarks"))
+sys.path.insert(
+    0, os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "benchmarks")
+)
 
 import serve_bench as sb  # noqa: E402
 
@@ -31,8 +33,18 @@ def test_tpot_excludes_the_first_token() -> None:
 
 
 def test_summarize_counts_only_successful_requests() -> None:
-    good = [sb.Result(ok=True, ttft=0.1 * i, e2e=1.0 + i, itls=[0.01, 0.03], output_tokens=10,
-                      prompt_tokens=20, expected_tokens=10) for i in range(1, 5)]
+    good = [
+        sb.Result(
+            ok=True,
+            ttft=0.1 * i,
+            e2e=1.0 + i,
+            itls=[0.01, 0.03],
+            output_tokens=10,
+            prompt_tokens=20,
+            expected_tokens=10,
+        )
+        for i in range(1, 5)
+    ]
     bad = sb.Result(error="HTTP 500: boom", expected_tokens=10)
     short = sb.Result(ok=True, ttft=0.2, e2e=1.0, output_tokens=7, prompt_tokens=20, expected_tokens=10)
     s = sb.summarize([*good, bad, short], duration=2.0, unfinished=3)
@@ -66,8 +78,9 @@ def test_random_workload_is_seeded_and_within_ranges() -> None:
 
 
 def test_shared_prefix_conversations_carry_their_history() -> None:
-    jobs = sb.shared_prefix_workload(10, turns=4, n_system=2, system_words=20, user_range=(3, 6),
-                                     output_range=(4, 4), seed=0, extra={})
+    jobs = sb.shared_prefix_workload(
+        10, turns=4, n_system=2, system_words=20, user_range=(3, 6), output_range=(4, 4), seed=0, extra={}
+    )
     assert len(jobs) == 3  # 4 + 4 + 2 turns
     first = jobs[0]([])
     third = jobs[0](["a1", "a2"])

@@ -49,7 +49,7 @@ def test_env_names_config_fields(compose: dict, name: str) -> None:
     env = _env(compose["services"][name])
     for key in env:
         assert key.startswith(ENV_PREFIX), key
-        assert key[len(ENV_PREFIX):].lower() in fields, f"{key} is not a config field"
+        assert key[len(ENV_PREFIX) :].lower() in fields, f"{key} is not a config field"
     config = config_from_args(None, env).with_default_addresses()
     assert config.serve.num_tokenizer_workers == len(config.serve.tokenizer_addrs)
 

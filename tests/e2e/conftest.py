@@ -53,7 +53,9 @@ class Server:
         return f"http://127.0.0.1:{self.port}"
 
     def pids(self, module: str) -> list[int]:
-        return [p for p in processes_with(self.run_dir) if module in open(f"/proc/{p}/cmdline").read().replace("\0", " ")]
+        return [
+            p for p in processes_with(self.run_dir) if module in open(f"/proc/{p}/cmdline").read().replace("\0", " ")
+        ]
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -68,8 +70,23 @@ class Server:
 def start_server(tmp_dir: str, *extra: str, api_key: str | None = None) -> Server:
     port = free_port()
     run_dir = os.path.join(tmp_dir, f"run-{port}")
-    cmd = [sys.executable, "-m", "novainfer.cli", "serve", "--port", str(port), "--run-dir", run_dir,
-           "--kv-cache-bytes", str(256 << 20), "--num-tokenizer-workers", "2", "--heartbeat-s", "0.5", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "novainfer.cli",
+        "serve",
+        "--port",
+        str(port),
+        "--run-dir",
+        run_dir,
+        "--kv-cache-bytes",
+        str(256 << 20),
+        "--num-tokenizer-workers",
+        "2",
+        "--heartbeat-s",
+        "0.5",
+        *extra,
+    ]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     if api_key:
         env["NOVAINFER_API_KEY"] = api_key

@@ -19,9 +19,14 @@ def test_engine_death_fails_requests_and_stops_service(tmp_path) -> None:
     server = start_server(str(tmp_path), "--engine-timeout-s", "3")
     try:
         client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="x", max_retries=0, timeout=60)
-        stream = client.completions.create(model="SmolLM2-135M-Instruct", prompt="Tell me a story.",
-                                           max_tokens=4000, temperature=0, stream=True,
-                                           extra_body={"ignore_eos": True})
+        stream = client.completions.create(
+            model="SmolLM2-135M-Instruct",
+            prompt="Tell me a story.",
+            max_tokens=4000,
+            temperature=0,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
         it = iter(stream)
         next(it)
         (engine_pid,) = server.pids("services.engine_core")

@@ -35,8 +35,7 @@ def client(server: Server) -> openai.OpenAI:
 async def aclient(server: Server) -> openai.AsyncOpenAI:
     # Per test: pytest-asyncio gives each test its own event loop, and the client's
     # connection pool belongs to one loop.
-    async with openai.AsyncOpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0,
-                                  timeout=120) as c:
+    async with openai.AsyncOpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0, timeout=120) as c:
         yield c
 
 
@@ -46,15 +45,22 @@ def metrics(server: Server) -> dict[str, float]:
     values: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
         for s in family.samples:
-            key = s.name + ("{" + ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()) if k != "model_name") + "}"
-                            if len(s.labels) > 1 else "")
+            key = s.name + (
+                "{" + ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()) if k != "model_name") + "}"
+                if len(s.labels) > 1
+                else ""
+            )
             values[key] = values.get(key, 0.0) + s.value
     return values
 
 
 def post(server: Server, path: str, body: bytes, headers: dict[str, str] | None = None) -> tuple[int, dict]:
-    req = urllib.request.Request(server.base_url + path, data=body, method="POST",
-                                 headers={"Content-Type": "application/json", **(headers or {})})
+    req = urllib.request.Request(
+        server.base_url + path,
+        data=body,
+        method="POST",
+        headers={"Content-Type": "application/json", **(headers or {})},
+    )
     try:
         with urllib.request.urlopen(req, timeout=60) as r:
             return r.status, json.loads(r.read())
@@ -80,20 +86,27 @@ def test_greedy_chat_equals_offline_engine_and_transformers(client: openai.OpenA
     from transformers import AutoModelForCausalLM
 
     path = bundled_model_path()
-    hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
-                                              dtype=torch.float32)
+    hf = AutoModelForCausalLM.from_pretrained(
+        os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32
+    )
     prompt = llm.tokenizer.apply_chat_template(QUESTION)
     ids = torch.tensor([prompt])
     with torch.inference_mode():
         out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=40, do_sample=False)
-    hf_tokens = out[0, len(prompt):].tolist()
+    hf_tokens = out[0, len(prompt) :].tolist()
     assert offline.token_ids == hf_tokens[: len(offline.token_ids)]
 
 
 async def test_stream_equals_non_stream(aclient: openai.AsyncOpenAI) -> None:
     full = await aclient.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=24, temperature=0)
-    stream = await aclient.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=24, temperature=0,
-                                                   stream=True, stream_options={"include_usage": True})
+    stream = await aclient.chat.completions.create(
+        model=MODEL,
+        messages=QUESTION,
+        max_tokens=24,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     pieces, finish, usage, roles = [], None, None, []
     async for chunk in stream:
         if chunk.usage is not None:
@@ -111,8 +124,9 @@ async def test_stream_equals_non_stream(aclient: openai.AsyncOpenAI) -> None:
 
 
 def test_completions_prompt_forms(client: openai.OpenAI) -> None:
-    resp = client.completions.create(model=MODEL, prompt=["The capital of France is", "1, 2, 3,"],
-                                     max_tokens=8, temperature=0, echo=True, logprobs=2)
+    resp = client.completions.create(
+        model=MODEL, prompt=["The capital of France is", "1, 2, 3,"], max_tokens=8, temperature=0, echo=True, logprobs=2
+    )
     assert [c.index for c in resp.choices] == [0, 1]
     assert resp.choices[0].text.startswith("The capital of France is")
     assert len(resp.choices[1].logprobs.tokens) >= 8
@@ -145,8 +159,9 @@ async def test_64_concurrent_streams(aclient: openai.AsyncOpenAI) -> None:
 
 
 async def test_disconnect_and_cancel_free_blocks(server: Server, aclient: openai.AsyncOpenAI) -> None:
-    long = dict(model=MODEL, prompt="Tell me a long story.", max_tokens=2000, temperature=0,
-                extra_body={"ignore_eos": True})
+    long = dict(
+        model=MODEL, prompt="Tell me a long story.", max_tokens=2000, temperature=0, extra_body={"ignore_eos": True}
+    )
     stream = await aclient.completions.create(stream=True, **long)
     async for chunk in stream:
         request_id = chunk.id
@@ -200,8 +215,9 @@ def test_bad_input_gets_openai_error(server: Server, body: dict, status: int, pa
 
 
 def test_too_long_prompt_names_limit(server: Server) -> None:
-    code, payload = post(server, "/v1/completions",
-                         json.dumps({"model": MODEL, "prompt": "hi " * 9000, "max_tokens": 4}).encode())
+    code, payload = post(
+        server, "/v1/completions", json.dumps({"model": MODEL, "prompt": "hi " * 9000, "max_tokens": 4}).encode()
+    )
     assert code == 400 and "8192" in payload["error"]["message"]
 
 
@@ -220,4 +236,6 @@ def test_metrics_move(server: Server, client: openai.OpenAI) -> None:
 
     assert total(after, "novainfer_generation_tokens_total") >= total(before, "novainfer_generation_tokens_total") + 5
     assert total(after, "novainfer_prompt_tokens_total") > total(before, "novainfer_prompt_tokens_total")
-    assert total(after, "novainfer_e2e_request_latency_seconds_count") > total(before, "novainfer_e2e_request_latency_seconds_count")
+    assert total(after, "novainfer_e2e_request_latency_seconds_count") > total(
+        before, "novainfer_e2e_request_latency_seconds_count"
+    )

@@ -60,8 +60,12 @@ def build_paged_batch(
     v_cache = torch.full(cache_shape, float("nan"), dtype=dtype)
     for i, ctx in enumerate(context_lens):
         slots = torch.tensor([slot(i, p) for p in range(ctx)], dtype=torch.int64)
-        k_cache.view(-1, num_kv_heads, head_dim)[slots] = torch.randn(ctx, num_kv_heads, head_dim, generator=gen).to(dtype)
-        v_cache.view(-1, num_kv_heads, head_dim)[slots] = torch.randn(ctx, num_kv_heads, head_dim, generator=gen).to(dtype)
+        k_cache.view(-1, num_kv_heads, head_dim)[slots] = torch.randn(ctx, num_kv_heads, head_dim, generator=gen).to(
+            dtype
+        )
+        v_cache.view(-1, num_kv_heads, head_dim)[slots] = torch.randn(ctx, num_kv_heads, head_dim, generator=gen).to(
+            dtype
+        )
 
     num_tokens = sum(query_lens)
     width = (num_heads + 2 * num_kv_heads) * head_dim

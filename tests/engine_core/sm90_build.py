@@ -42,8 +42,11 @@ TARGET = GPUTarget("cuda", 90, 32)
 H100_SMS = 132
 _OPTIONS = ("num_warps", "num_stages", "num_ctas")
 _TRITON_TYPES = {
-    torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
-    torch.int32: "i32", torch.int64: "i64",
+    torch.float32: "fp32",
+    torch.float16: "fp16",
+    torch.bfloat16: "bf16",
+    torch.int32: "i32",
+    torch.int64: "i64",
 }
 
 
@@ -68,6 +71,7 @@ class Recorder:
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
             self.launches.append((self.fn, args, kwargs))
+
         return launch
 
 
@@ -138,14 +142,17 @@ def _metadata(query_lens: list[int], seq_lens: list[int], block_size: int) -> At
         starts.append(starts[-1] + q)
     blocks = max(-(-s // block_size) for s in seq_lens)
     return AttentionMetadata(
-        num_reqs=len(seq_lens), num_tokens=starts[-1],
+        num_reqs=len(seq_lens),
+        num_tokens=starts[-1],
         query_start_loc=torch.tensor(starts, dtype=i32),
         seq_lens=torch.tensor(seq_lens, dtype=i32),
         context_lens=torch.tensor([s - q for s, q in zip(seq_lens, query_lens)], dtype=i32),
         block_tables=torch.zeros((len(seq_lens), blocks), dtype=i32),
         slot_mapping=torch.zeros(starts[-1], dtype=torch.long),
-        max_query_len=max(query_lens), max_seq_len=max(seq_lens),
-        query_lens_cpu=query_lens, seq_lens_cpu=seq_lens,
+        max_query_len=max(query_lens),
+        max_seq_len=max(seq_lens),
+        query_lens_cpu=query_lens,
+        seq_lens_cpu=seq_lens,
     )
 
 
@@ -201,8 +208,15 @@ def main() -> int:
     for case, cfg, dtype, md in cases():
         for fn, a, kw in record(cfg, dtype, md):
             signature, constexprs, attrs, options = _specialise(fn, a, kw)
-            key = repr((fn.__name__, sorted(signature.items()), sorted(map(repr, constexprs.items())),
-                        sorted(map(repr, attrs.items())), sorted(options.items())))
+            key = repr(
+                (
+                    fn.__name__,
+                    sorted(signature.items()),
+                    sorted(map(repr, constexprs.items())),
+                    sorted(map(repr, attrs.items())),
+                    sorted(options.items()),
+                )
+            )
             if key not in builds:
                 builds[key] = build(fn, a, kw, case)
     bad = [b for b in builds.values() if b.error or b.local_bytes]

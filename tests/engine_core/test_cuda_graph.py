@@ -33,10 +33,16 @@ def test_capture_sizes(max_batch: int, sizes: list[int]) -> None:
 
 
 def _engine() -> LLMEngine:
-    return LLMEngine(EngineConfig(
-        model="tiny-qwen3", attention_backend="triton", block_size=4, kv_cache_bytes=4 << 20,
-        max_num_seqs=6, max_num_batched_tokens=64,
-    ))
+    return LLMEngine(
+        EngineConfig(
+            model="tiny-qwen3",
+            attention_backend="triton",
+            block_size=4,
+            kv_cache_bytes=4 << 20,
+            max_num_seqs=6,
+            max_num_batched_tokens=64,
+        )
+    )
 
 
 def _run(engine: LLMEngine, prompts: list[list[int]], max_tokens: list[int]) -> dict[str, list[int]]:

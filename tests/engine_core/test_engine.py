@@ -24,8 +24,9 @@ NEW_TOKENS = 32
 GREEDY = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True)
 
 
-def run_engine(engine: LLMEngine, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
-               max_steps: int = 10_000) -> dict[str, list[int]]:
+def run_engine(
+    engine: LLMEngine, prompts: list[list[int]], params: SamplingParams | list[SamplingParams], max_steps: int = 10_000
+) -> dict[str, list[int]]:
     plist = params if isinstance(params, list) else [params] * len(prompts)
     for i, (p, sp) in enumerate(zip(prompts, plist)):
         engine.add_request(f"r{i}", p, sp)
@@ -42,9 +43,10 @@ def run_engine(engine: LLMEngine, prompts: list[list[int]], params: SamplingPara
 @torch.inference_mode()
 def hf_greedy(model: torch.nn.Module, prompt: list[int], n: int = NEW_TOKENS) -> list[int]:
     ids = torch.tensor([prompt])
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                         do_sample=False, pad_token_id=0)
-    return out[0, len(prompt):].tolist()
+    out = model.generate(
+        ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0
+    )
+    return out[0, len(prompt) :].tolist()
 
 
 def random_prompts(vocab: int, lengths: list[int], seed: int = 0) -> list[list[int]]:
@@ -60,8 +62,9 @@ def smol_hf() -> torch.nn.Module:
     import os
 
     path = bundled_model_path()
-    return AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
-                                                dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(
+        os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32
+    ).eval()
 
 
 @pytest.fixture(scope="module")
@@ -70,17 +73,27 @@ def smol_llm() -> LLM:
 
 
 def test_smollm2_chat_answer(smol_llm: LLM) -> None:
-    out = smol_llm.chat([{"role": "user", "content": "What is the capital of France?"}],
-                        SamplingParams(max_tokens=32, temperature=0.0), use_tqdm=False)[0].outputs[0]
+    out = smol_llm.chat(
+        [{"role": "user", "content": "What is the capital of France?"}],
+        SamplingParams(max_tokens=32, temperature=0.0),
+        use_tqdm=False,
+    )[0].outputs[0]
     assert "Paris" in out.text
     assert out.finish_reason == "stop"
 
 
 def test_smollm2_parity_batched(smol_llm: LLM, smol_hf: torch.nn.Module) -> None:
     tok = smol_llm.tokenizer
-    texts = ["The capital of France is", "def fibonacci(n):", "Once upon a time,",
-             "List three colors:", "1, 2, 3, 4,", "Water boils at", "The quick brown fox",
-             "In machine learning, a transformer is"]
+    texts = [
+        "The capital of France is",
+        "def fibonacci(n):",
+        "Once upon a time,",
+        "List three colors:",
+        "1, 2, 3, 4,",
+        "Water boils at",
+        "The quick brown fox",
+        "In machine learning, a transformer is",
+    ]
     prompts = [tok.apply_chat_template([{"role": "user", "content": t}]) for t in texts[:4]]
     prompts += [tok.encode(t) for t in texts[4:]]
     got = run_engine(smol_llm.engine, prompts, GREEDY)
@@ -158,8 +171,14 @@ def test_preemption_same_output(tiny_path: str) -> None:
     roomy = run_engine(tiny_engine(tiny_path), prompts, params)
     # 24 blocks of 4 tokens: six 60-token sequences cannot all fit, so some are preempted.
     cfg = resolve_model("tiny-llama").hf_config()
-    block_bytes = 2 * cfg["num_hidden_layers"] * 4 * cfg["num_key_value_heads"] * (
-        cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]) * 4  # k+v, fp32
+    block_bytes = (
+        2
+        * cfg["num_hidden_layers"]
+        * 4
+        * cfg["num_key_value_heads"]
+        * (cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"])
+        * 4
+    )  # k+v, fp32
     tight = tiny_engine(tiny_path, kv_cache_bytes=24 * block_bytes)
     assert tight.block_manager.num_blocks == 24
     assert run_engine(tight, prompts, params) == roomy
@@ -170,8 +189,11 @@ def test_seeded_sampling_reproducible_across_batches(tiny_path: str) -> None:
     prompts = random_prompts(512, [10, 20, 30])
     seeded = SamplingParams(max_tokens=24, temperature=1.0, top_p=0.9, seed=1234, ignore_eos=True)
     alone = run_engine(tiny_engine(tiny_path), prompts[:1], seeded)["r0"]
-    mixed = run_engine(tiny_engine(tiny_path), prompts[1:] + prompts[:1],
-                       [SamplingParams(max_tokens=24, temperature=0.7, ignore_eos=True)] * 2 + [seeded])["r2"]
+    mixed = run_engine(
+        tiny_engine(tiny_path),
+        prompts[1:] + prompts[:1],
+        [SamplingParams(max_tokens=24, temperature=0.7, ignore_eos=True)] * 2 + [seeded],
+    )["r2"]
     assert alone == mixed
     other_seed = msgspec.structs.replace(seeded, seed=99)
     assert run_engine(tiny_engine(tiny_path), prompts[:1], other_seed)["r0"] != alone

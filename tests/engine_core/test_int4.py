@@ -108,8 +108,9 @@ def test_int4_for_any_checkpoint(caplog) -> None:
 
 def test_quantize_skips_shapes_the_kernel_cannot_pack() -> None:
     cfg = ModelConfig.from_hf_config(resolve_model("tiny-llama").hf_config())
-    odd = build_model(ModelConfig(**{**cfg.__dict__, "hidden_size": 48, "num_heads": 3, "num_kv_heads": 1,
-                                      "head_dim": 16}))
+    odd = build_model(
+        ModelConfig(**{**cfg.__dict__, "hidden_size": 48, "num_heads": 3, "num_kv_heads": 1, "head_dim": 16})
+    )
     assert odd.quantize_int4() is False
     assert odd.layers[0].int4_max_rows == 0
 

@@ -154,7 +154,11 @@ def check_against_hf(model: CausalLM, hf: torch.nn.Module, vocab: int, tol: floa
 def test_published_configs() -> None:
     q2 = ModelConfig.from_hf_config(resolve_model("qwen2.5-1.5b").hf_config())
     assert (q2.architecture, q2.attention_bias, q2.qk_norm, q2.head_dim, q2.num_kv_heads) == (
-        "qwen2", True, False, 128, 2
+        "qwen2",
+        True,
+        False,
+        128,
+        2,
     )
     q3 = ModelConfig.from_hf_config(resolve_model("qwen3-0.6b").hf_config())
     assert (q3.qk_norm, q3.attention_bias, q3.head_dim, q3.eos_token_ids) == (True, False, 128, [151645])
@@ -185,11 +189,19 @@ def test_hf_safetensors_parity(name: str, tmp_path) -> None:
 
 
 _TO_GGUF = {
-    "embed_tokens": "token_embd", "norm": "output_norm", "input_layernorm": "attn_norm",
-    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm",
-    "self_attn.k_norm": "attn_k_norm", "post_attention_layernorm": "ffn_norm",
-    "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+    "embed_tokens": "token_embd",
+    "norm": "output_norm",
+    "input_layernorm": "attn_norm",
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "self_attn.q_norm": "attn_q_norm",
+    "self_attn.k_norm": "attn_k_norm",
+    "post_attention_layernorm": "ffn_norm",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
 }
 
 
@@ -198,9 +210,12 @@ def write_gguf(hf: torch.nn.Module, cfg: ModelConfig, path: str) -> None:
     arch = cfg.architecture
     w = gguf.GGUFWriter(path, arch)
     for key, value in [
-        ("block_count", cfg.num_layers), ("context_length", cfg.max_position_embeddings),
-        ("embedding_length", cfg.hidden_size), ("feed_forward_length", cfg.intermediate_size),
-        ("attention.head_count", cfg.num_heads), ("attention.head_count_kv", cfg.num_kv_heads),
+        ("block_count", cfg.num_layers),
+        ("context_length", cfg.max_position_embeddings),
+        ("embedding_length", cfg.hidden_size),
+        ("feed_forward_length", cfg.intermediate_size),
+        ("attention.head_count", cfg.num_heads),
+        ("attention.head_count_kv", cfg.num_kv_heads),
         ("attention.key_length", cfg.head_dim),
     ]:
         w.add_uint32(f"{arch}.{key}", value)

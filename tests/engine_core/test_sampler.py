@@ -33,8 +33,7 @@ def sample(params: list[SamplingParams], logits: torch.Tensor, **kw):
 
 def frequencies(params: SamplingParams, n: int = 20000) -> torch.Tensor:
     """Draw n times from PROBS, one row per distinct seed."""
-    ps = [SP(**{f: getattr(params, f) for f in ("temperature", "top_k", "top_p", "min_p")}, seed=s)
-          for s in range(n)]
+    ps = [SP(**{f: getattr(params, f) for f in ("temperature", "top_k", "top_p", "min_p")}, seed=s) for s in range(n)]
     logits = PROBS.log().expand(n, -1).contiguous()
     tokens = sample(ps, logits).token_ids
     return torch.bincount(tokens, minlength=len(PROBS)).double() / n
@@ -59,8 +58,14 @@ def test_greedy_is_argmax_in_mixed_batch():
     assert torch.equal(sample([SP(temperature=0.0)] * 12, logits).token_ids, logits.argmax(-1))
 
 
-@pytest.mark.parametrize("target", [SP(temperature=0.9, top_p=0.95, top_k=100, seed=1234),
-                                    SP(temperature=1.5, top_p=0.9, seed=7), SP(seed=5, min_p=0.01)])
+@pytest.mark.parametrize(
+    "target",
+    [
+        SP(temperature=0.9, top_p=0.95, top_k=100, seed=1234),
+        SP(temperature=1.5, top_p=0.9, seed=7),
+        SP(seed=5, min_p=0.01),
+    ],
+)
 def test_seed_is_independent_of_batch_and_preemption(target):
     torch.manual_seed(0)
     V = 500
@@ -74,8 +79,14 @@ def test_seed_is_independent_of_batch_and_preemption(target):
         out = [[7] * step] * len(params)
         return int(sample(params, logits, outputs=out).token_ids[pos])
 
-    others = [SP(temperature=0.0), SP(temperature=1.3, min_p=0.05), SP(top_p=0.5, logprobs=2),
-              SP(repetition_penalty=1.2), SP(temperature=0.7, seed=99), SP(top_k=300)]
+    others = [
+        SP(temperature=0.0),
+        SP(temperature=1.3, min_p=0.05),
+        SP(top_p=0.5, logprobs=2),
+        SP(repetition_penalty=1.2),
+        SP(temperature=0.7, seed=99),
+        SP(top_k=300),
+    ]
     alone = [run(step, [], 0) for step in range(30)]
     for pos in (0, 2, 6):
         assert [run(step, others, pos) for step in range(30)] == alone
@@ -154,8 +165,10 @@ def test_temperature_sharpens_and_flattens():
 
 def test_penalties_adjust_logits():
     logits = torch.tensor([[1.0, 2.0, -2.0, 3.0, 0.5, 4.0, 1.0], [1.0, 2.0, -2.0, 3.0, 0.5, 4.0, 1.0]])
-    params = [SP(temperature=0.0, repetition_penalty=2.0, frequency_penalty=0.5, presence_penalty=0.25),
-              SP(temperature=0.0)]
+    params = [
+        SP(temperature=0.0, repetition_penalty=2.0, frequency_penalty=0.5, presence_penalty=0.25),
+        SP(temperature=0.0),
+    ]
     batch = build(params, prompts=[[1, 2], [1, 2]], outputs=[[2, 5, 5], [5]])
     out = logits.clone()
     apply_penalties(out, batch)
@@ -178,16 +191,23 @@ def test_min_tokens_masks_eos_and_stop_ids():
     assert out[0, 5] == out[0, 7] == float("-inf")
     assert out[2, 5] == float("-inf") and out[2, 7] == 10.0  # ignore_eos: EOS may be sampled
     assert Sampler()(logits.clone(), batch).token_ids.tolist() == [2, 7, 7, 7]
-    seeded = sample([SP(min_tokens=1, seed=s) for s in range(200)], logits[:1].expand(200, -1).contiguous(),
-                    eos=[(7,)] * 200)
+    seeded = sample(
+        [SP(min_tokens=1, seed=s) for s in range(200)], logits[:1].expand(200, -1).contiguous(), eos=[(7,)] * 200
+    )
     assert not torch.isin(seeded.token_ids, torch.tensor([7])).any()
 
 
 def test_logprobs_are_raw_log_softmax_with_sorted_top():
     torch.manual_seed(0)
     logits = torch.randn(6, 300)
-    params = [SP(temperature=0.0, logprobs=3), SP(temperature=0.7, seed=3, logprobs=0), SP(),
-              SP(repetition_penalty=1.5, logprobs=5, seed=4), SP(temperature=0.0), SP(top_k=20, logprobs=1)]
+    params = [
+        SP(temperature=0.0, logprobs=3),
+        SP(temperature=0.7, seed=3, logprobs=0),
+        SP(),
+        SP(repetition_penalty=1.5, logprobs=5, seed=4),
+        SP(temperature=0.0),
+        SP(top_k=20, logprobs=1),
+    ]
     out = sample(params, logits, prompts=[list(range(50))] * 6)
     ref = logits.log_softmax(-1)
     asked = [0, 1, 3, 5]

@@ -18,17 +18,20 @@ _ids = itertools.count()
 
 
 def make_sched(
-    num_blocks: int = 64, block_size: int = 4, max_num_seqs: int = 8, budget: int = 64,
-    max_model_len: int = 1024, caching: bool = True,
+    num_blocks: int = 64,
+    block_size: int = 4,
+    max_num_seqs: int = 8,
+    budget: int = 64,
+    max_model_len: int = 1024,
+    caching: bool = True,
 ) -> Scheduler:
-    cfg = EngineConfig(block_size=block_size, max_num_seqs=max_num_seqs,
-                       max_num_batched_tokens=budget, enable_prefix_caching=caching)
+    cfg = EngineConfig(
+        block_size=block_size, max_num_seqs=max_num_seqs, max_num_batched_tokens=budget, enable_prefix_caching=caching
+    )
     return Scheduler(cfg, BlockManager(num_blocks, block_size, caching), max_model_len)
 
 
-def make_req(
-    prompt: list[int] | int, max_tokens: int = 16, eos: tuple[int, ...] = (), **sp: object
-) -> Request:
+def make_req(prompt: list[int] | int, max_tokens: int = 16, eos: tuple[int, ...] = (), **sp: object) -> Request:
     tokens = list(range(1, prompt + 1)) if isinstance(prompt, int) else prompt
     return Request(f"r{next(_ids)}", tokens, SamplingParams(max_tokens=max_tokens, **sp), eos)
 
@@ -204,8 +207,9 @@ def test_abort_between_schedule_and_update() -> None:
         (dict(num_blocks=2), [5] * 10, RequestStatus.FINISHED_LENGTH, 4, None),  # cache limit
     ],
 )
-def test_stop_conditions(kwargs: dict, tokens: list[int], status: RequestStatus,
-                         n_out: int, stop_id: int | None) -> None:
+def test_stop_conditions(
+    kwargs: dict, tokens: list[int], status: RequestStatus, n_out: int, stop_id: int | None
+) -> None:
     sched_kw = {k: kwargs.pop(k) for k in ("max_model_len", "num_blocks") if k in kwargs}
     s = make_sched(**sched_kw)
     kwargs.setdefault("max_tokens", 16)
@@ -293,8 +297,14 @@ def reference_output(req: Request, len_limit: int) -> list[int]:
 def test_randomized_simulation_finishes_everything(seed: int, caching: bool) -> None:
     rng = random.Random(seed)
     bs, num_blocks, max_model_len = 4, 10, 36
-    s = make_sched(num_blocks=num_blocks, block_size=bs, max_num_seqs=4,
-                   budget=rng.choice([5, 8, 16]), max_model_len=max_model_len, caching=caching)
+    s = make_sched(
+        num_blocks=num_blocks,
+        block_size=bs,
+        max_num_seqs=4,
+        budget=rng.choice([5, 8, 16]),
+        max_model_len=max_model_len,
+        caching=caching,
+    )
     kv: list[int | None] = [None] * (num_blocks * bs)  # the token whose K/V each slot holds
     prefixes = [[rng.randrange(1, VOCAB) for _ in range(12)] for _ in range(3)]
     pending = []
@@ -352,6 +362,5 @@ def test_randomized_simulation_finishes_everything(seed: int, caching: bool) -> 
         assert r.output_token_ids == reference_output(r, len_limit), rid
         # FCFS + only-the-newest-is-preempted: a request waits at most for the work that
         # arrived no later than it (each step advances the oldest running request).
-        ahead = sum(q.num_prompt_tokens + q.max_tokens
-                    for q in all_reqs if arrived[q.request_id] <= arrived[rid])
+        ahead = sum(q.num_prompt_tokens + q.max_tokens for q in all_reqs if arrived[q.request_id] <= arrived[rid])
         assert finished[rid] - arrived[rid] <= ahead, rid

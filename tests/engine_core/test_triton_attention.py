@@ -55,8 +55,16 @@ def attention(batch, num_splits: int = 1, pad_rows: int = 0) -> torch.Tensor:
     out = torch.full(batch.query.shape, float("nan"), dtype=batch.query.dtype, device=DEVICE)
     md = batch.md
     paged_attention(
-        batch.query, batch.k_cache, batch.v_cache, md.block_tables, md.seq_lens, md.query_start_loc,
-        md.max_query_len, batch.scale, num_splits=num_splits, out=out,
+        batch.query,
+        batch.k_cache,
+        batch.v_cache,
+        md.block_tables,
+        md.seq_lens,
+        md.query_start_loc,
+        md.max_query_len,
+        batch.scale,
+        num_splits=num_splits,
+        out=out,
     )
     return out
 
@@ -79,7 +87,9 @@ def test_attention_matches_reference(paged_batch, relative_error, lens, shape, d
 def test_split_kv_matches_reference(paged_batch, relative_error, lens, num_splits):
     # 8 splits leave most requests with empty splits (and rows whose split is all past their
     # causal limit), which the merge must weigh as nothing.
-    batch = paged_batch(*lens, num_heads=9, num_kv_heads=3, head_dim=64, dtype=torch.float16, device=DEVICE, seed=num_splits)
+    batch = paged_batch(
+        *lens, num_heads=9, num_kv_heads=3, head_dim=64, dtype=torch.float16, device=DEVICE, seed=num_splits
+    )
     assert relative_error(attention(batch, num_splits), reference(batch)) < TOLERANCE[torch.float16]
 
 

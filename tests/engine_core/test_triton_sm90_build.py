@@ -25,9 +25,7 @@ SCRIPT = Path(__file__).with_name("sm90_build.py")
 
 def test_every_launch_builds_for_sm90_without_spills() -> None:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--json"], capture_output=True, text=True, env=env, timeout=600
-    )
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--json"], capture_output=True, text=True, env=env, timeout=600)
     assert proc.stdout, proc.stderr[-4000:]
     builds = json.loads(proc.stdout)
     failed = [b for b in builds if b["error"]]

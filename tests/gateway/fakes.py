@@ -66,13 +66,20 @@ async def say_hello(worker: FakeWorker, req: GenerateRequest) -> None:
     n = min(max_tokens, len(TOKENS))
     for i in range(n):
         last = i == n - 1
-        worker.send(RequestDelta(
-            request_id=req.request_id, text=TOKENS[i], token_ids=[100 + i],
-            logprobs=logprobs_for(req, TOKENS[i]), num_prompt_tokens=5, num_cached_tokens=2,
-            num_output_tokens=i + 1, first_scheduled_time=time.time() if i == 0 else None,
-            prompt_text=(req.prompt or "") if req.echo and i == 0 else None,
-            finish_reason=("length" if max_tokens < len(TOKENS) else "stop") if last else None,
-        ))
+        worker.send(
+            RequestDelta(
+                request_id=req.request_id,
+                text=TOKENS[i],
+                token_ids=[100 + i],
+                logprobs=logprobs_for(req, TOKENS[i]),
+                num_prompt_tokens=5,
+                num_cached_tokens=2,
+                num_output_tokens=i + 1,
+                first_scheduled_time=time.time() if i == 0 else None,
+                prompt_text=(req.prompt or "") if req.echo and i == 0 else None,
+                finish_reason=("length" if max_tokens < len(TOKENS) else "stop") if last else None,
+            )
+        )
         await asyncio.sleep(0.005)
 
 
@@ -81,8 +88,9 @@ async def endless(worker: FakeWorker, req: GenerateRequest) -> None:
     i = 0
     while req.request_id not in worker.aborted:
         i += 1
-        worker.send(RequestDelta(request_id=req.request_id, text="x", token_ids=[7],
-                                 num_prompt_tokens=5, num_output_tokens=i))
+        worker.send(
+            RequestDelta(request_id=req.request_id, text="x", token_ids=[7], num_prompt_tokens=5, num_output_tokens=i)
+        )
         await asyncio.sleep(0.02)
 
 
@@ -91,16 +99,24 @@ async def silent(worker: FakeWorker, req: GenerateRequest) -> None:
 
 
 async def prompt_too_long(worker: FakeWorker, req: GenerateRequest) -> None:
-    worker.send(RequestDelta(request_id=req.request_id, finish_reason="abort", error_code=400,
-                             error="prompt is too long: 5000 tokens, the limit is 2048"))
+    worker.send(
+        RequestDelta(
+            request_id=req.request_id,
+            finish_reason="abort",
+            error_code=400,
+            error="prompt is too long: 5000 tokens, the limit is 2048",
+        )
+    )
 
 
 async def fail_after_one(worker: FakeWorker, req: GenerateRequest) -> None:
-    worker.send(RequestDelta(request_id=req.request_id, text="Hi", token_ids=[1], num_prompt_tokens=5,
-                             num_output_tokens=1))
+    worker.send(
+        RequestDelta(request_id=req.request_id, text="Hi", token_ids=[1], num_prompt_tokens=5, num_output_tokens=1)
+    )
     await asyncio.sleep(0.02)
-    worker.send(RequestDelta(request_id=req.request_id, finish_reason="abort", error_code=500,
-                             error="internal engine error"))
+    worker.send(
+        RequestDelta(request_id=req.request_id, finish_reason="abort", error_code=500, error="internal engine error")
+    )
 
 
 class FakeWorker:
@@ -134,22 +150,30 @@ class FakeWorker:
                 self.aborted.update(msg.request_ids)
             elif isinstance(msg, TokenizeRequest):
                 ids = [len(w) for w in (msg.prompt or "").split()]
-                self.output.send(encode(TokenizeResult(request_id=msg.request_id, token_ids=ids,
-                                                       max_model_len=2048)))
+                self.output.send(encode(TokenizeResult(request_id=msg.request_id, token_ids=ids, max_model_len=2048)))
             elif isinstance(msg, DetokenizeRequest):
-                self.output.send(encode(DetokenizeResult(request_id=msg.request_id,
-                                                         text=" ".join(map(str, msg.token_ids)))))
+                self.output.send(
+                    encode(DetokenizeResult(request_id=msg.request_id, text=" ".join(map(str, msg.token_ids))))
+                )
 
     async def _heartbeats(self) -> None:
         while True:
             if self.alive:
-                self.output.send(encode(WorkerHeartbeat(worker=self.index, timestamp=time.time(),
-                                                        max_model_len=2048)))
+                self.output.send(encode(WorkerHeartbeat(worker=self.index, timestamp=time.time(), max_model_len=2048)))
                 if self.engine_alive:
-                    stats = EngineStats(engine_index=0, timestamp=time.time(), num_running=1, num_waiting=2,
-                                        kv_usage=0.25, prefix_queries_total=100, prefix_hits_total=40,
-                                        preemptions_total=3, steps_total=10, last_step_time_s=0.01,
-                                        last_batch_size=4)
+                    stats = EngineStats(
+                        engine_index=0,
+                        timestamp=time.time(),
+                        num_running=1,
+                        num_waiting=2,
+                        kv_usage=0.25,
+                        prefix_queries_total=100,
+                        prefix_hits_total=40,
+                        preemptions_total=3,
+                        steps_total=10,
+                        last_step_time_s=0.01,
+                        last_batch_size=4,
+                    )
                     self.output.send(encode(GatewayOutputs(worker=self.index, deltas=[], stats=stats)))
             await asyncio.sleep(HEARTBEAT_S)
 
@@ -180,8 +204,9 @@ class Gateway:
                 raise AssertionError("condition not met in time")
             await asyncio.sleep(0.01)
 
-    async def post(self, path: str, body: Any = None, *, data: bytes | None = None,
-                   headers: dict[str, str] | None = None) -> tuple[int, Any, aiohttp.ClientResponse]:
+    async def post(
+        self, path: str, body: Any = None, *, data: bytes | None = None, headers: dict[str, str] | None = None
+    ) -> tuple[int, Any, aiohttp.ClientResponse]:
         async with aiohttp.ClientSession() as s:
             payload = data if data is not None else msgspec.json.encode(body)
             async with s.post(self.url + path, data=payload, headers=headers) as r:
@@ -203,20 +228,24 @@ async def start_gateway(**serve: Any) -> tuple[Gateway, Callable[[], Awaitable[N
     run_dir = tempfile.mkdtemp(prefix="ngw-", dir="/tmp")
     config = Config(
         engine=EngineConfig(served_model_name=MODEL),
-        serve=ServeConfig(**{
-            "gateway_addr": f"ipc://{run_dir}/gateway",
-            "tokenizer_addrs": [f"ipc://{run_dir}/tok-0", f"ipc://{run_dir}/tok-1"],
-            "engine_addrs": [f"ipc://{run_dir}/engine-0"],
-            "heartbeat_s": HEARTBEAT_S,
-            "engine_timeout_s": TIMEOUT_S,
-            **serve,
-        }),
+        serve=ServeConfig(
+            **{
+                "gateway_addr": f"ipc://{run_dir}/gateway",
+                "tokenizer_addrs": [f"ipc://{run_dir}/tok-0", f"ipc://{run_dir}/tok-1"],
+                "engine_addrs": [f"ipc://{run_dir}/engine-0"],
+                "heartbeat_s": HEARTBEAT_S,
+                "engine_timeout_s": TIMEOUT_S,
+                **serve,
+            }
+        ),
     )
     ctx = zmq.asyncio.Context()
     # The workers connect before the gateway binds; retry fast rather than zmq's 100 ms.
     ctx.setsockopt(zmq.RECONNECT_IVL, 5)
-    workers = [FakeWorker(i, ctx, addr, config.serve.gateway_addr)  # type: ignore[arg-type]
-               for i, addr in enumerate(config.serve.tokenizer_addrs)]
+    workers = [
+        FakeWorker(i, ctx, addr, config.serve.gateway_addr)  # type: ignore[arg-type]
+        for i, addr in enumerate(config.serve.tokenizer_addrs)
+    ]
     worker_tasks = [asyncio.create_task(w.run()) for w in workers]
     app = build_app(config)
     runner = web.AppRunner(app, **RUNNER_OPTIONS)

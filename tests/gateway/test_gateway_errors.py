@@ -73,8 +73,10 @@ CHAT_CASES = [
     ({"messages": []}, "messages"),
     ({"messages": [{"content": "hi"}]}, "messages[0].role"),
     ({"messages": [{"role": "tool", "content": "hi"}]}, "messages[0].role"),
-    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
-     "messages[0].content"),
+    (
+        {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+        "messages[0].content",
+    ),
     ({"top_logprobs": 2}, "top_logprobs"),
     ({"logprobs": True, "top_logprobs": 30}, "top_logprobs"),
     ({"logprobs": 3}, "logprobs"),
@@ -155,8 +157,9 @@ async def test_prompt_too_long_is_a_400(gateway: Gateway, stream: bool) -> None:
     gateway.set_script(prompt_too_long)
     client = openai.AsyncOpenAI(base_url=gateway.url + "/v1", api_key="x", max_retries=0)
     with pytest.raises(openai.BadRequestError) as exc:
-        await client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "long"}],
-                                             stream=stream, n=2)
+        await client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "long"}], stream=stream, n=2
+        )
     assert "prompt is too long" in exc.value.body["message"]
     # The sibling choice was aborted with it.
     await gateway.wait_for(lambda: len(gateway.generates) == 2)

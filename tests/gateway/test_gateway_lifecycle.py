@@ -40,7 +40,8 @@ async def assert_aborts_routed(gw: Gateway, child_ids: set[str]) -> None:
 async def test_cancel_streaming_request(gateway: Gateway) -> None:
     gateway.set_script(endless)
     stream = await client(gateway).chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "go"}], stream=True, n=3)
+        model=MODEL, messages=[{"role": "user", "content": "go"}], stream=True, n=3
+    )
     chunks = []
     async for chunk in stream:
         chunks.append(chunk)
@@ -68,8 +69,7 @@ async def test_cancel_non_streaming_request(gateway: Gateway) -> None:
 async def test_stream_client_disconnect_aborts(gateway: Gateway) -> None:
     gateway.set_script(endless)
     async with aiohttp.ClientSession() as session:
-        resp = await session.post(gateway.url + "/v1/completions",
-                                  json={"prompt": "go", "stream": True, "n": 2})
+        resp = await session.post(gateway.url + "/v1/completions", json={"prompt": "go", "stream": True, "n": 2})
         assert resp.status == 200
         await resp.content.readuntil(b"\n\n")
         resp.close()  # drops the connection mid-stream
@@ -81,8 +81,9 @@ async def test_stream_client_disconnect_aborts(gateway: Gateway) -> None:
 async def test_non_stream_client_disconnect_aborts(gateway: Gateway) -> None:
     gateway.set_script(silent)
     async with aiohttp.ClientSession() as session:
-        request = asyncio.create_task(session.post(gateway.url + "/v1/chat/completions",
-                                                   json={"messages": [{"role": "user", "content": "go"}]}))
+        request = asyncio.create_task(
+            session.post(gateway.url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "go"}]})
+        )
         await gateway.wait_for(lambda: len(gateway.generates) == 1)
         request.cancel()  # the client gives up and closes its connection
         with pytest.raises(asyncio.CancelledError):
@@ -96,8 +97,9 @@ async def test_heartbeat_timeout_fails_in_flight_requests(gateway: Gateway, dead
     gateway.set_script(silent)
     # A stream whose headers still wait for the first token ends with an HTTP 503.
     stream_task = asyncio.create_task(client(gateway).completions.create(model=MODEL, prompt="go", stream=True))
-    blocking = asyncio.create_task(client(gateway).chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "go"}]))
+    blocking = asyncio.create_task(
+        client(gateway).chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "go"}])
+    )
     await gateway.wait_for(lambda: len(gateway.generates) == 2)
     # A stream that already started gets the failure in-band.
     started = asyncio.create_task(client(gateway).completions.create(model=MODEL, prompt="x", stream=True))
@@ -128,9 +130,12 @@ async def test_heartbeat_timeout_fails_in_flight_requests(gateway: Gateway, dead
 
     status, body = await gateway.get("/health")
     assert status == 503 and dead.encode() in body
-    up = {(s.labels["component"], s.labels["index"]): s.value
-          for fam in text_string_to_metric_families((await gateway.get("/metrics"))[1].decode())
-          if fam.name == "novainfer_component_up" for s in fam.samples}
+    up = {
+        (s.labels["component"], s.labels["index"]): s.value
+        for fam in text_string_to_metric_families((await gateway.get("/metrics"))[1].decode())
+        if fam.name == "novainfer_component_up"
+        for s in fam.samples
+    }
     workers_up = [v for (component, _), v in up.items() if component == "tokenizer_worker"]
     if dead == "worker":  # the first worker to time out fails the requests; the other may lag
         assert 0 in workers_up
@@ -160,8 +165,15 @@ async def test_silent_worker_makes_the_service_unavailable(make_gateway: Gateway
 async def test_shutdown_drains_in_flight_streams(gateway: Gateway) -> None:
     async def slow_ten(worker: FakeWorker, req: GenerateRequest) -> None:
         for i in range(10):
-            worker.send(RequestDelta(request_id=req.request_id, text=str(i), token_ids=[i], num_output_tokens=i + 1,
-                                     finish_reason="stop" if i == 9 else None))
+            worker.send(
+                RequestDelta(
+                    request_id=req.request_id,
+                    text=str(i),
+                    token_ids=[i],
+                    num_output_tokens=i + 1,
+                    finish_reason="stop" if i == 9 else None,
+                )
+            )
             await asyncio.sleep(0.03)
 
     gateway.set_script(slow_ten)

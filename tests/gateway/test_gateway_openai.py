@@ -24,9 +24,15 @@ def async_client(gw: Gateway) -> openai.AsyncOpenAI:
 async def test_chat_non_streaming_sync_client(gateway: Gateway) -> None:
     client = sync_client(gateway)
     resp = await asyncio.to_thread(
-        client.chat.completions.create, model=MODEL, max_tokens=50, temperature=0.3, seed=1,
-        messages=[{"role": "system", "content": "Be brief."},
-                  {"role": "user", "content": [{"type": "text", "text": "Hi "}, {"type": "text", "text": "there"}]}],
+        client.chat.completions.create,
+        model=MODEL,
+        max_tokens=50,
+        temperature=0.3,
+        seed=1,
+        messages=[
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": [{"type": "text", "text": "Hi "}, {"type": "text", "text": "there"}]},
+        ],
         extra_body={"top_k": 5, "unknown_field": 1},
     )
     assert resp.id.startswith("chatcmpl-") and resp.object == "chat.completion" and resp.model == MODEL
@@ -45,7 +51,8 @@ async def test_chat_non_streaming_sync_client(gateway: Gateway) -> None:
 
 async def test_chat_streaming_async_client(gateway: Gateway) -> None:
     stream = await async_client(gateway).chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "Hi"}], stream=True)
+        model=MODEL, messages=[{"role": "user", "content": "Hi"}], stream=True
+    )
     chunks = [c async for c in stream]
     assert chunks[0].choices[0].delta.role == "assistant" and chunks[0].choices[0].delta.content == ""
     assert all(c.id == chunks[0].id and c.object == "chat.completion.chunk" for c in chunks)
@@ -57,7 +64,8 @@ async def test_chat_streaming_async_client(gateway: Gateway) -> None:
 
 async def test_chat_max_completion_tokens_length_and_n(gateway: Gateway) -> None:
     resp = await async_client(gateway).chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_completion_tokens=2, n=3, seed=10)
+        model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_completion_tokens=2, n=3, seed=10
+    )
     assert [c.index for c in resp.choices] == [0, 1, 2]
     assert all(c.message.content == "Hello," and c.finish_reason == "length" for c in resp.choices)
     assert resp.usage.prompt_tokens == 5 and resp.usage.completion_tokens == 6
@@ -75,20 +83,28 @@ async def test_completions_prompts_times_n_ordering(gateway: Gateway) -> None:
     assert all(c.text == TEXT for c in resp.choices)
     reqs = gateway.generates
     assert [(r.request_id, r.prompt, r.sampling_params.seed) for r in reqs] == [
-        (f"{resp.id}-0", "a", 7), (f"{resp.id}-1", "a", 8), (f"{resp.id}-2", "b", 7), (f"{resp.id}-3", "b", 8)]
+        (f"{resp.id}-0", "a", 7),
+        (f"{resp.id}-1", "a", 8),
+        (f"{resp.id}-2", "b", 7),
+        (f"{resp.id}-3", "b", 8),
+    ]
     # Each prompt is counted once however many choices it has.
     assert resp.usage.prompt_tokens == 10 and resp.usage.completion_tokens == 12
     assert resp.usage.prompt_tokens_details.cached_tokens == 4
     # Both workers got a share, and each child went to the worker its id shards to.
     from shared.protocol import shard
+
     for w in gateway.workers:
         assert all(shard(r.request_id, 2) == w.index for r in w.generates)
 
 
-@pytest.mark.parametrize("prompt,expected", [
-    ([1, 2, 3], [[1, 2, 3]]),
-    ([[1, 2], [3]], [[1, 2], [3]]),
-])
+@pytest.mark.parametrize(
+    "prompt,expected",
+    [
+        ([1, 2, 3], [[1, 2, 3]]),
+        ([[1, 2], [3]], [[1, 2], [3]]),
+    ],
+)
 async def test_completions_token_prompts(gateway: Gateway, prompt: list, expected: list) -> None:
     resp = await async_client(gateway).completions.create(model=MODEL, prompt=prompt)
     assert len(resp.choices) == len(expected)
@@ -98,7 +114,8 @@ async def test_completions_token_prompts(gateway: Gateway, prompt: list, expecte
 
 async def test_completions_stream_include_usage(gateway: Gateway) -> None:
     stream = await async_client(gateway).completions.create(
-        model=MODEL, prompt="Say hi", stream=True, n=2, stream_options={"include_usage": True})
+        model=MODEL, prompt="Say hi", stream=True, n=2, stream_options={"include_usage": True}
+    )
     chunks = [c async for c in stream]
     *body, last = chunks
     assert last.choices == [] and last.usage.completion_tokens == 6 and last.usage.prompt_tokens == 5
@@ -122,7 +139,8 @@ async def test_completions_echo_and_logprobs(gateway: Gateway) -> None:
 
 async def test_completions_stream_echo_logprobs(gateway: Gateway) -> None:
     stream = await async_client(gateway).completions.create(
-        model=MODEL, prompt="Say: ", echo=True, logprobs=1, stream=True)
+        model=MODEL, prompt="Say: ", echo=True, logprobs=1, stream=True
+    )
     chunks = [c.choices[0] async for c in stream]
     assert chunks[0].text == "Say: Hello"
     assert [c.logprobs.text_offset for c in chunks if c.logprobs] == [[5], [10], [11]]
@@ -130,18 +148,22 @@ async def test_completions_stream_echo_logprobs(gateway: Gateway) -> None:
 
 async def test_chat_logprobs_shape(gateway: Gateway) -> None:
     resp = await async_client(gateway).chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "Hi"}], logprobs=True, top_logprobs=2)
+        model=MODEL, messages=[{"role": "user", "content": "Hi"}], logprobs=True, top_logprobs=2
+    )
     content = resp.choices[0].logprobs.content
     assert [c.token for c in content] == TOKENS
     assert content[0].logprob == -0.5 and content[0].bytes == list(b"Hello")
     assert [(t.token, t.logprob, t.bytes) for t in content[0].top_logprobs] == [
-        ("alt0", -1.0, list(b"alt0")), ("alt1", -2.0, list(b"alt1"))]
+        ("alt0", -1.0, list(b"alt0")),
+        ("alt1", -2.0, list(b"alt1")),
+    ]
     assert gateway.generates[0].sampling_params.logprobs == 2
 
 
 async def test_chat_stream_logprobs(gateway: Gateway) -> None:
     stream = await async_client(gateway).chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "Hi"}], logprobs=True, stream=True)
+        model=MODEL, messages=[{"role": "user", "content": "Hi"}], logprobs=True, stream=True
+    )
     tokens = [c.choices[0].logprobs.content[0].token async for c in stream if c.choices[0].logprobs]
     assert tokens == TOKENS
 
@@ -165,8 +187,11 @@ async def test_models_version_tokenize_ui(gateway: Gateway) -> None:
 
 async def test_metrics_parse_and_move(gateway: Gateway) -> None:
     def scrape(text: bytes) -> dict[tuple[str, tuple], float]:
-        return {(s.name, tuple(sorted(s.labels.items()))): s.value
-                for fam in text_string_to_metric_families(text.decode()) for s in fam.samples}
+        return {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for fam in text_string_to_metric_families(text.decode())
+            for s in fam.samples
+        }
 
     await async_client(gateway).chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}])
     await gateway.post("/v1/chat/completions", {"messages": []})

@@ -4,7 +4,16 @@ import argparse
 
 import pytest
 
-from shared.config import Config, EngineConfig, ServeConfig, add_config_args, field_docs, config_to_args, config_from_args, parse_config
+from shared.config import (
+    Config,
+    EngineConfig,
+    ServeConfig,
+    add_config_args,
+    field_docs,
+    config_to_args,
+    config_from_args,
+    parse_config,
+)
 
 
 def test_cli_over_env_over_default() -> None:
@@ -24,8 +33,17 @@ def test_cli_over_env_over_default() -> None:
 
 def test_roundtrip_through_args() -> None:
     config = parse_config(
-        ["--model", "tiny-llama", "--no-enable-prefix-caching", "--tokenizer-addrs", "ipc://a,ipc://b",
-         "--max-model-len", "128", "--heartbeat-s", "0.5"]
+        [
+            "--model",
+            "tiny-llama",
+            "--no-enable-prefix-caching",
+            "--tokenizer-addrs",
+            "ipc://a,ipc://b",
+            "--max-model-len",
+            "128",
+            "--heartbeat-s",
+            "0.5",
+        ]
     )
     assert config.engine.enable_prefix_caching is False
     assert config.serve.tokenizer_addrs == ["ipc://a", "ipc://b"]

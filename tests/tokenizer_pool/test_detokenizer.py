@@ -10,8 +10,15 @@ from services.tokenizer_pool.detokenizer import IncrementalDetokenizer, RequestS
 from services.tokenizer_pool.tokenizer import Tokenizer
 from shared.protocol import EngineOutput, RequestDelta, SamplingParams, TokenLogprob
 
-SAMPLES = ["Hello world", "naïve café 😀 déjà vu 🇫🇷🎉", "日本語のテキストと中文", "a  b\n\n\tc",
-           "emoji 👨‍👩‍👧‍👦 family", "x = {'k': [1, 2]}", "Ω≈ç√∫˜µ≤≥÷"]
+SAMPLES = [
+    "Hello world",
+    "naïve café 😀 déjà vu 🇫🇷🎉",
+    "日本語のテキストと中文",
+    "a  b\n\n\tc",
+    "emoji 👨‍👩‍👧‍👦 family",
+    "x = {'k': [1, 2]}",
+    "Ω≈ç√∫˜µ≤≥÷",
+]
 
 
 @pytest.fixture(scope="module")
@@ -20,12 +27,27 @@ def spiece_tokenizer() -> Tokenizer:
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
     for b in range(256):
         vocab[f"<0x{b:02X}>"] = len(vocab)
-    for piece in ["\u2581", "\u2581hello", "\u2581world", "h", "e", "l", "o", "é", "\u2581é", "ll", "!",
-                  "\u2581a", "b", "\u2581\u2581"]:
+    for piece in [
+        "\u2581",
+        "\u2581hello",
+        "\u2581world",
+        "h",
+        "e",
+        "l",
+        "o",
+        "é",
+        "\u2581é",
+        "ll",
+        "!",
+        "\u2581a",
+        "b",
+        "\u2581\u2581",
+    ]:
         vocab[piece] = len(vocab)
     backend = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>", byte_fallback=True))
-    backend.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(),
-                                         decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    backend.decoder = decoders.Sequence(
+        [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
     backend.add_special_tokens(["<s>", "</s>"])
     return Tokenizer(backend, eos_token_ids=[2], max_model_len=4096)
 
@@ -46,8 +68,9 @@ def random_sequence(tok: Tokenizer, rng: random.Random) -> list[int]:
     return ids
 
 
-def run_stream(tok: Tokenizer, ids: list[int], params: SamplingParams, rng: random.Random,
-               stop_token: int | None = None) -> tuple[list[RequestDelta], RequestStream]:
+def run_stream(
+    tok: Tokenizer, ids: list[int], params: SamplingParams, rng: random.Random, stop_token: int | None = None
+) -> tuple[list[RequestDelta], RequestStream]:
     """Feed ids to a stream in random-sized steps, the last one finishing the request."""
     stream = RequestStream("r", tok, params, num_prompt_tokens=3, engine=0)
     deltas = []
@@ -56,17 +79,21 @@ def run_stream(tok: Tokenizer, ids: list[int], params: SamplingParams, rng: rand
         step = ids[pos : pos + rng.randint(1, 3)]
         pos += len(step)
         last = pos >= len(ids)
-        out = EngineOutput(request_id="r", new_token_ids=step,
-                           finish_reason=("stop" if stop_token is not None else "length") if last else None,
-                           stop_token_id=stop_token if last else None)
+        out = EngineOutput(
+            request_id="r",
+            new_token_ids=step,
+            finish_reason=("stop" if stop_token is not None else "length") if last else None,
+            stop_token_id=stop_token if last else None,
+        )
         deltas.append(stream.process(out))
     return deltas, stream
 
 
 @pytest.mark.parametrize("which", ["smol", "spiece"])
 @pytest.mark.parametrize("skip_special_tokens", [True, False])
-def test_incremental_equals_full_decode(which: str, skip_special_tokens: bool, smol_tokenizer: Tokenizer,
-                                        spiece_tokenizer: Tokenizer) -> None:
+def test_incremental_equals_full_decode(
+    which: str, skip_special_tokens: bool, smol_tokenizer: Tokenizer, spiece_tokenizer: Tokenizer
+) -> None:
     tok = smol_tokenizer if which == "smol" else spiece_tokenizer
     rng = random.Random(1234)
     params = SamplingParams(skip_special_tokens=skip_special_tokens)
@@ -124,7 +151,9 @@ def test_stop_string_property(smol_tokenizer: Tokenizer) -> None:
         start = rng.randrange(len(full) - 1)
         stop = full[start : start + rng.randint(1, 6)]
         include = rng.random() < 0.5
-        deltas, _ = run_stream(smol_tokenizer, ids, SamplingParams(stop=[stop], include_stop_str_in_output=include), rng)
+        deltas, _ = run_stream(
+            smol_tokenizer, ids, SamplingParams(stop=[stop], include_stop_str_in_output=include), rng
+        )
         index = full.find(stop)
         assert "".join(d.text for d in deltas) == full[: index + (len(stop) if include else 0)]
         assert deltas[-1].finish_reason == "stop" and deltas[-1].stop_reason == stop
@@ -140,8 +169,9 @@ def test_held_back_text_released_when_finished(smol_tokenizer: Tokenizer) -> Non
 def test_multi_token_step_truncated_at_stop_string(smol_tokenizer: Tokenizer) -> None:
     ids = smol_tokenizer.encode("alpha beta gamma delta")
     stream = RequestStream("r", smol_tokenizer, SamplingParams(stop=[" beta"]), num_prompt_tokens=1, engine=0)
-    delta = stream.process(EngineOutput(request_id="r", new_token_ids=ids,
-                                        logprobs=[TokenLogprob(t, -1.0, []) for t in ids]))
+    delta = stream.process(
+        EngineOutput(request_id="r", new_token_ids=ids, logprobs=[TokenLogprob(t, -1.0, []) for t in ids])
+    )
     assert delta.text == "alpha" and delta.finish_reason == "stop"
     # Tokens after the one completing the stop string are not part of the output.
     assert delta.token_ids == ids[:2] and delta.num_output_tokens == 2 and len(delta.logprobs or []) == 2
@@ -150,8 +180,9 @@ def test_multi_token_step_truncated_at_stop_string(smol_tokenizer: Tokenizer) ->
 def test_stop_token_text_is_dropped(smol_tokenizer: Tokenizer) -> None:
     ids = smol_tokenizer.encode("Paris.") + [2]
     for skip in (True, False):
-        deltas, _ = run_stream(smol_tokenizer, ids, SamplingParams(skip_special_tokens=skip), random.Random(1),
-                               stop_token=2)
+        deltas, _ = run_stream(
+            smol_tokenizer, ids, SamplingParams(skip_special_tokens=skip), random.Random(1), stop_token=2
+        )
         assert "".join(d.text for d in deltas) == "Paris."
         assert deltas[-1].finish_reason == "stop" and deltas[-1].stop_reason is None  # EOS: no stop_reason
         assert deltas[-1].num_output_tokens == len(ids)
@@ -163,8 +194,9 @@ def test_stop_token_text_is_dropped(smol_tokenizer: Tokenizer) -> None:
 
 def test_min_tokens_defers_stop_strings(smol_tokenizer: Tokenizer) -> None:
     ids = smol_tokenizer.encode("a b a b a b")
-    stream = RequestStream("r", smol_tokenizer, SamplingParams(stop=[" b"], min_tokens=4), num_prompt_tokens=1,
-                           engine=0)
+    stream = RequestStream(
+        "r", smol_tokenizer, SamplingParams(stop=[" b"], min_tokens=4), num_prompt_tokens=1, engine=0
+    )
     # The " b" completed by the 2nd token is ignored; the one completed by the 4th stops.
     text = "".join(stream.process(EngineOutput(request_id="r", new_token_ids=[t])).text for t in ids[:3])
     assert text == "a b a" and not stream.finished
@@ -174,11 +206,18 @@ def test_min_tokens_defers_stop_strings(smol_tokenizer: Tokenizer) -> None:
 
 def test_logprobs_and_metadata(smol_tokenizer: Tokenizer) -> None:
     hello, world = smol_tokenizer.encode("Hello world")
-    stream = RequestStream("r", smol_tokenizer, SamplingParams(logprobs=1), num_prompt_tokens=7, engine=0,
-                           prompt_text="prompt")
-    first = stream.process(EngineOutput(
-        request_id="r", new_token_ids=[hello], num_cached_tokens=4, first_scheduled_time=12.5,
-        logprobs=[TokenLogprob(hello, -0.5, [(hello, -0.5), (world, -1.5)])]))
+    stream = RequestStream(
+        "r", smol_tokenizer, SamplingParams(logprobs=1), num_prompt_tokens=7, engine=0, prompt_text="prompt"
+    )
+    first = stream.process(
+        EngineOutput(
+            request_id="r",
+            new_token_ids=[hello],
+            num_cached_tokens=4,
+            first_scheduled_time=12.5,
+            logprobs=[TokenLogprob(hello, -0.5, [(hello, -0.5), (world, -1.5)])],
+        )
+    )
     assert first.prompt_text == "prompt" and first.num_prompt_tokens == 7 and first.num_cached_tokens == 4
     assert first.logprobs is not None
     lp = first.logprobs[0]

@@ -11,8 +11,14 @@ from services.tokenizer_pool.tokenizer import Tokenizer, load_tokenizer
 from shared.config import EngineConfig
 from shared.model_files import bundled_model_path
 
-TEXTS = ["Hello, world!", "  leading spaces\nand\ttabs", "héllo wörld 😀🇫🇷 日本語のテキスト",
-         "<|im_start|>user\nspecial tokens in text<|im_end|>", "x" * 300, ""]
+TEXTS = [
+    "Hello, world!",
+    "  leading spaces\nand\ttabs",
+    "héllo wörld 😀🇫🇷 日本語のテキスト",
+    "<|im_start|>user\nspecial tokens in text<|im_end|>",
+    "x" * 300,
+    "",
+]
 
 CHATS = [
     [{"role": "user", "content": "What is the capital of France?"}],
@@ -60,8 +66,9 @@ def test_matches_transformers(smol_tokenizer: Tokenizer, hf_tokenizer: Any) -> N
             assert smol_tokenizer.decode(ids, skip) == hf_tokenizer.decode(ids, skip_special_tokens=skip)
     for chat in CHATS:
         for add_generation_prompt in (True, False):
-            expected = hf_tokenizer.apply_chat_template(chat, add_generation_prompt=add_generation_prompt,
-                                                        tokenize=True, return_dict=False)
+            expected = hf_tokenizer.apply_chat_template(
+                chat, add_generation_prompt=add_generation_prompt, tokenize=True, return_dict=False
+            )
             assert smol_tokenizer.apply_chat_template(chat, add_generation_prompt) == list(expected)
     rendered = smol_tokenizer.render_chat(CHATS[0])
     assert rendered.endswith("<|im_start|>assistant\n")
@@ -81,8 +88,12 @@ def test_token_bytes_and_text(smol_tokenizer: Tokenizer) -> None:
 
 
 def test_random_weight_config_borrows_bundled_tokenizer(tmp_path: Any, tokenizer_cache_dir: str) -> None:
-    config = {"architectures": ["LlamaForCausalLM"], "vocab_size": 60000,
-              "max_position_embeddings": 1024, "eos_token_id": 5}
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "vocab_size": 60000,
+        "max_position_embeddings": 1024,
+        "eos_token_id": 5,
+    }
     path = tmp_path / "tiny.json"
     path.write_text(json.dumps(config))
     tok = load_tokenizer(EngineConfig(model=str(path), cache_dir=tokenizer_cache_dir))
@@ -95,8 +106,9 @@ def test_random_weight_config_borrows_bundled_tokenizer(tmp_path: Any, tokenizer
 def test_hf_directory(tmp_path: Any, hf_tokenizer: Any, tokenizer_cache_dir: str) -> None:
     model_dir = tmp_path / "model"
     hf_tokenizer.save_pretrained(str(model_dir))
-    (model_dir / "config.json").write_text(json.dumps(
-        {"vocab_size": 49152, "max_position_embeddings": 2048, "eos_token_id": 2}))
+    (model_dir / "config.json").write_text(
+        json.dumps({"vocab_size": 49152, "max_position_embeddings": 2048, "eos_token_id": 2})
+    )
     (model_dir / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 0]}))
     (model_dir / "model.safetensors").write_bytes(b"")
     tok = load_tokenizer(EngineConfig(model=str(model_dir), cache_dir=tokenizer_cache_dir))
@@ -104,7 +116,8 @@ def test_hf_directory(tmp_path: Any, hf_tokenizer: Any, tokenizer_cache_dir: str
     assert tok.eos_token_ids == [2, 0]
     for chat in CHATS:
         assert tok.apply_chat_template(chat) == list(
-            hf_tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True, return_dict=False))
+            hf_tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True, return_dict=False)
+        )
 
 
 def test_no_chat_template_is_a_clear_error(smol_tokenizer: Tokenizer) -> None:
@@ -114,8 +127,10 @@ def test_no_chat_template_is_a_clear_error(smol_tokenizer: Tokenizer) -> None:
 
 
 def test_template_features_transformers_provides(smol_tokenizer: Tokenizer) -> None:
-    template = ("{% for m in messages %}{% generation %}{{ m | tojson }}{% endgeneration %}{% endfor %}"
-                "{% if messages | length > 1 %}{{ raise_exception('one message only') }}{% endif %}")
+    template = (
+        "{% for m in messages %}{% generation %}{{ m | tojson }}{% endgeneration %}{% endfor %}"
+        "{% if messages | length > 1 %}{{ raise_exception('one message only') }}{% endif %}"
+    )
     tok = Tokenizer(smol_tokenizer.backend, eos_token_ids=[2], max_model_len=100, chat_template=template)
     assert tok.render_chat([{"role": "user", "content": "é<b>"}]) == '{"role": "user", "content": "é<b>"}'
     with pytest.raises(ValueError, match="one message only"):

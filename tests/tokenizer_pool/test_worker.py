@@ -52,10 +52,25 @@ class Harness:
         self.engine_decoder = decoder(EngineInput)
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "services.tokenizer_pool", "--gateway-addr", gateway,
-             "--tokenizer-addrs", tokenizer, "--engine-addrs", engine, "--cache-dir", cache_dir,
-             "--heartbeat-s", "0.2", "--log-level", "WARNING"],
-            cwd=ROOT, env=env,
+            [
+                sys.executable,
+                "-m",
+                "services.tokenizer_pool",
+                "--gateway-addr",
+                gateway,
+                "--tokenizer-addrs",
+                tokenizer,
+                "--engine-addrs",
+                engine,
+                "--cache-dir",
+                cache_dir,
+                "--heartbeat-s",
+                "0.2",
+                "--log-level",
+                "WARNING",
+            ],
+            cwd=ROOT,
+            env=env,
         )
 
     def send(self, msg: msgspec.Struct | bytes) -> None:
@@ -76,8 +91,9 @@ class Harness:
         return self._recv(self.engine_in, self.engine_decoder)
 
     def outputs(self, request_id: str, ids: list[int], **fields: object) -> None:
-        self.send(EngineOutputs(engine_index=0, outputs=[EngineOutput(request_id=request_id, new_token_ids=ids,
-                                                                      **fields)]))
+        self.send(
+            EngineOutputs(engine_index=0, outputs=[EngineOutput(request_id=request_id, new_token_ids=ids, **fields)])
+        )
 
     def children(self, workers_only: bool = False) -> list[int]:
         """Child pids of the pool process (workers: the spawned ones, not the resource tracker)."""
@@ -103,8 +119,9 @@ class Harness:
 
 
 @pytest.fixture(scope="module")
-def pool(tmp_path_factory: pytest.TempPathFactory, smol_tokenizer: Tokenizer,
-         tokenizer_cache_dir: str) -> Iterator[Harness]:
+def pool(
+    tmp_path_factory: pytest.TempPathFactory, smol_tokenizer: Tokenizer, tokenizer_cache_dir: str
+) -> Iterator[Harness]:
     # smol_tokenizer has filled the cache, so the worker starts in well under a second.
     harness = Harness(tmp_path_factory.mktemp("run"), tokenizer_cache_dir)
     yield harness
@@ -118,8 +135,15 @@ def test_heartbeat(pool: Harness) -> None:
 
 
 def test_generate_roundtrip(pool: Harness, smol_tokenizer: Tokenizer) -> None:
-    pool.send(GenerateRequest(request_id="g1", prompt="The capital of France is",
-                              sampling_params=SamplingParams(max_tokens=5), echo=True, arrival_time=3.0))
+    pool.send(
+        GenerateRequest(
+            request_id="g1",
+            prompt="The capital of France is",
+            sampling_params=SamplingParams(max_tokens=5),
+            echo=True,
+            arrival_time=3.0,
+        )
+    )
     req = pool.from_engine_side()
     assert isinstance(req, EngineRequest)
     assert req.prompt_token_ids == smol_tokenizer.encode("The capital of France is")
@@ -132,8 +156,13 @@ def test_generate_roundtrip(pool: Harness, smol_tokenizer: Tokenizer) -> None:
     assert isinstance(first, GatewayOutputs) and len(first.deltas) == 1
     assert first.deltas[0].text == " Paris." and first.deltas[0].prompt_text == "The capital of France is"
     assert first.deltas[0].first_scheduled_time == 4.0
-    pool.send(EngineOutputs(engine_index=0, stats=stats, outputs=[
-        EngineOutput(request_id="g1", new_token_ids=dot + [2], finish_reason="stop", stop_token_id=2)]))
+    pool.send(
+        EngineOutputs(
+            engine_index=0,
+            stats=stats,
+            outputs=[EngineOutput(request_id="g1", new_token_ids=dot + [2], finish_reason="stop", stop_token_id=2)],
+        )
+    )
     last = pool.from_gateway_side()
     assert isinstance(last, GatewayOutputs) and last.stats == stats
     delta = last.deltas[0]
@@ -153,8 +182,9 @@ def test_chat_request_uses_template(pool: Harness, smol_tokenizer: Tokenizer) ->
 
 
 def test_stop_string_aborts_in_engine(pool: Harness, smol_tokenizer: Tokenizer) -> None:
-    pool.send(GenerateRequest(request_id="s1", prompt="Count:",
-                              sampling_params=SamplingParams(stop=["three"], max_tokens=50)))
+    pool.send(
+        GenerateRequest(request_id="s1", prompt="Count:", sampling_params=SamplingParams(stop=["three"], max_tokens=50))
+    )
     assert isinstance(pool.from_engine_side(), EngineRequest)
     pool.outputs("s1", smol_tokenizer.encode(" one two three four"))
     delta = pool.from_gateway_side().deltas[0]
@@ -170,8 +200,10 @@ def test_stop_string_aborts_in_engine(pool: Harness, smol_tokenizer: Tokenizer) 
     ("request_fields", "message"),
     [
         (dict(prompt_token_ids=[5] * 8192), "maximum context length is 8192"),
-        (dict(prompt_token_ids=[5] * 8000, sampling_params=SamplingParams(max_tokens=500)),
-         "you requested 8500 tokens (8000 in the prompt, 500 in the completion)"),
+        (
+            dict(prompt_token_ids=[5] * 8000, sampling_params=SamplingParams(max_tokens=500)),
+            "you requested 8500 tokens (8000 in the prompt, 500 in the completion)",
+        ),
         (dict(prompt_token_ids=[1, 49152]), "out of vocabulary"),
         (dict(prompt=""), "empty"),
         (dict(prompt="a", sampling_params=SamplingParams(temperature=-1)), "temperature"),
@@ -190,8 +222,7 @@ def test_bad_requests_get_400(pool: Harness, request_fields: dict, message: str)
 def test_tokenize_and_detokenize(pool: Harness, smol_tokenizer: Tokenizer) -> None:
     pool.send(TokenizeRequest(request_id="t1", prompt="Hello world"))
     result = pool.from_gateway_side()
-    assert result == TokenizeResult(request_id="t1", token_ids=smol_tokenizer.encode("Hello world"),
-                                    max_model_len=8192)
+    assert result == TokenizeResult(request_id="t1", token_ids=smol_tokenizer.encode("Hello world"), max_model_len=8192)
     pool.send(DetokenizeRequest(request_id="d1", token_ids=result.token_ids + [2]))
     assert pool.from_gateway_side() == DetokenizeResult(request_id="d1", text="Hello world<|im_end|>")
 

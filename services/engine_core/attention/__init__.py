@@ -10,7 +10,13 @@ import torch
 from services.engine_core.attention.base import AttentionBackend, AttentionMetadata
 from services.engine_core.attention.torch_backend import TorchAttentionBackend
 
-__all__ = ["AttentionBackend", "AttentionMetadata", "TorchAttentionBackend", "get_backend", "triton_interpreter_enabled"]
+__all__ = [
+    "AttentionBackend",
+    "AttentionMetadata",
+    "TorchAttentionBackend",
+    "get_backend",
+    "triton_interpreter_enabled",
+]
 
 logger = logging.getLogger(__name__)
 

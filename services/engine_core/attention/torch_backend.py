@@ -143,7 +143,9 @@ class TorchAttentionBackend(AttentionBackend):
         half = ws.numel() // 2
         return ws[:need].view(rows, -1), ws[half : half + need].view(rows, -1)
 
-    def _gather(self, k_slots: torch.Tensor, v_slots: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _gather(
+        self, k_slots: torch.Tensor, v_slots: torch.Tensor, slots: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         k_buf, v_buf = self._buffers(len(slots), k_slots)
         return torch.index_select(k_slots, 0, slots, out=k_buf), torch.index_select(v_slots, 0, slots, out=v_buf)
 

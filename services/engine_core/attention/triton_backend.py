@@ -43,6 +43,13 @@ class TritonAttentionBackend(AttentionBackend):
             md.num_reqs, k_cache.shape[2], md.max_query_len, md.max_seq_len, self._num_sms
         )
         return paged_attention(
-            query, k_cache, v_cache, md.block_tables, md.seq_lens, md.query_start_loc,
-            md.max_query_len, scale, num_splits,
+            query,
+            k_cache,
+            v_cache,
+            md.block_tables,
+            md.seq_lens,
+            md.query_start_loc,
+            md.max_query_len,
+            scale,
+            num_splits,
         )

@@ -27,10 +27,22 @@ _LOG2E = 1.4426950408889634
 
 @triton.jit
 def _write_kv_kernel(
-    key, value, k_cache, v_cache, slot_mapping,
-    stride_kt, stride_kh, stride_vt, stride_vh,
-    stride_cb, stride_cs, stride_ch,
-    NUM_KV: tl.constexpr, HEAD_DIM: tl.constexpr, KV_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    key,
+    value,
+    k_cache,
+    v_cache,
+    slot_mapping,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    stride_cb,
+    stride_cs,
+    stride_ch,
+    NUM_KV: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    KV_PAD: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
 ):
     token = tl.program_id(0)
     slot = tl.load(slot_mapping + token)
@@ -64,14 +76,35 @@ def _find_request(query_start_loc, q_block, num_reqs, BLOCK_Q: tl.constexpr):
 # num_reqs varies every step: no recompiles for its value being 1 or a multiple of 16.
 @triton.jit(do_not_specialize=["num_reqs"])
 def _paged_attention_kernel(
-    query, out, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
-    part_acc, part_max, part_sum,
-    qk_scale, num_reqs,
-    stride_qt, stride_qh, stride_ot, stride_oh,
-    stride_cb, stride_cs, stride_ch, stride_bt,
-    NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, TILE_N: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    query,
+    out,
+    k_cache,
+    v_cache,
+    block_tables,
+    seq_lens,
+    query_start_loc,
+    part_acc,
+    part_max,
+    part_sum,
+    qk_scale,
+    num_reqs,
+    stride_qt,
+    stride_qh,
+    stride_ot,
+    stride_oh,
+    stride_cb,
+    stride_cs,
+    stride_ch,
+    stride_bt,
+    NUM_HEADS: tl.constexpr,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    TILE_N: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     q_block = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -93,7 +126,8 @@ def _paged_attention_kernel(
     dims = tl.arange(0, HEAD_DIM)
     q = tl.load(
         query + (q_start + q_tok)[:, None] * stride_qt + head[:, None] * stride_qh + dims[None, :],
-        mask=row_ok[:, None], other=0.0,
+        mask=row_ok[:, None],
+        other=0.0,
     ).to(k_cache.dtype.element_ty)
 
     # Keys up to the block's last query row: later tiles are fully masked for every row.
@@ -134,7 +168,8 @@ def _paged_attention_kernel(
         o = acc / l_i[:, None]
         tl.store(
             out + token[:, None] * stride_ot + head[:, None] * stride_oh + dims[None, :],
-            o.to(out.dtype.element_ty), mask=row_ok[:, None],
+            o.to(out.dtype.element_ty),
+            mask=row_ok[:, None],
         )
     else:
         # Partials are [num_tokens, NUM_HEADS, NUM_SPLITS(, HEAD_DIM)], contiguous.
@@ -146,9 +181,18 @@ def _paged_attention_kernel(
 
 @triton.jit(do_not_specialize=["num_reqs"])
 def _merge_splits_kernel(
-    out, part_acc, part_max, part_sum, query_start_loc, num_reqs,
-    stride_ot, stride_oh,
-    NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr,
+    out,
+    part_acc,
+    part_max,
+    part_sum,
+    query_start_loc,
+    num_reqs,
+    stride_ot,
+    stride_oh,
+    NUM_HEADS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    SPLITS_PAD: tl.constexpr,
 ):
     token = tl.program_id(0)
     head = tl.program_id(1)
@@ -178,10 +222,22 @@ def write_kv_cache(
     key, value = _last_dim_contiguous(key), _last_dim_contiguous(value)
     _check_cache(k_cache, v_cache)
     _write_kv_kernel[(num_tokens,)](
-        key, value, k_cache, v_cache, slot_mapping,
-        key.stride(0), key.stride(1), value.stride(0), value.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        NUM_KV=num_kv, HEAD_DIM=head_dim, KV_PAD=triton.next_power_of_2(num_kv), BLOCK_SIZE=k_cache.shape[1],
+        key,
+        value,
+        k_cache,
+        v_cache,
+        slot_mapping,
+        key.stride(0),
+        key.stride(1),
+        value.stride(0),
+        value.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        NUM_KV=num_kv,
+        HEAD_DIM=head_dim,
+        KV_PAD=triton.next_power_of_2(num_kv),
+        BLOCK_SIZE=k_cache.shape[1],
     )
 
 
@@ -224,23 +280,53 @@ def paged_attention(
         part_acc = part_max = part_sum = out
     grid = (num_tokens // block_q + num_reqs, num_kv, num_splits)
     _paged_attention_kernel[grid](
-        query, out, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
-        part_acc, part_max, part_sum,
-        scale * _LOG2E, num_reqs,
-        query.stride(0), query.stride(1), out.stride(0), out.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
-        NUM_HEADS=num_heads, GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=k_cache.shape[1],
-        BLOCK_M=block_m, BLOCK_Q=block_q, TILE_N=tile_n, NUM_SPLITS=num_splits,
+        query,
+        out,
+        k_cache,
+        v_cache,
+        block_tables,
+        seq_lens,
+        query_start_loc,
+        part_acc,
+        part_max,
+        part_sum,
+        scale * _LOG2E,
+        num_reqs,
+        query.stride(0),
+        query.stride(1),
+        out.stride(0),
+        out.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        block_tables.stride(0),
+        NUM_HEADS=num_heads,
+        GROUP=group,
+        HEAD_DIM=head_dim,
+        BLOCK_SIZE=k_cache.shape[1],
+        BLOCK_M=block_m,
+        BLOCK_Q=block_q,
+        TILE_N=tile_n,
+        NUM_SPLITS=num_splits,
         # fp32 inputs would otherwise run the dots in tf32 (~1e-3 relative error) on tensor cores.
         DOT_PRECISION="ieee" if k_cache.dtype == torch.float32 else "tf32",
         num_warps=num_warps,
     )
     if num_splits > 1:
         _merge_splits_kernel[(num_tokens, num_heads)](
-            out, part_acc, part_max, part_sum, query_start_loc, num_reqs,
-            out.stride(0), out.stride(1),
-            NUM_HEADS=num_heads, HEAD_DIM=head_dim, NUM_SPLITS=num_splits,
-            SPLITS_PAD=triton.next_power_of_2(num_splits), num_warps=1 if head_dim <= 64 else 2,
+            out,
+            part_acc,
+            part_max,
+            part_sum,
+            query_start_loc,
+            num_reqs,
+            out.stride(0),
+            out.stride(1),
+            NUM_HEADS=num_heads,
+            HEAD_DIM=head_dim,
+            NUM_SPLITS=num_splits,
+            SPLITS_PAD=triton.next_power_of_2(num_splits),
+            num_warps=1 if head_dim <= 64 else 2,
         )
     return out
 

@@ -40,8 +40,10 @@ class Int4Weight:
     def quantize(cls, weight: Tensor) -> Int4Weight:
         """Asymmetric round-to-nearest per group of GROUP inputs, from each group's min and max."""
         if not supported(weight):
-            raise ValueError(f"int4 needs a CPU matrix with out % {_N_MULTIPLE} == 0 and in % {GROUP} == 0, "
-                             f"got {tuple(weight.shape)} on {weight.device}")
+            raise ValueError(
+                f"int4 needs a CPU matrix with out % {_N_MULTIPLE} == 0 and in % {GROUP} == 0, "
+                f"got {tuple(weight.shape)} on {weight.device}"
+            )
         n, k = weight.shape
         groups = weight.float().view(n, k // GROUP, GROUP)
         low, high = groups.amin(-1), groups.amax(-1)

@@ -194,9 +194,7 @@ class CausalLM(nn.Module):
         self.embed = _param((cfg.vocab_size, cfg.hidden_size), dtype, device)
         self.layers = nn.ModuleList(DecoderLayer(cfg, dtype, device) for _ in range(cfg.num_layers))
         self.norm = _param((cfg.hidden_size,), dtype, device)
-        self.lm_head = None if cfg.tie_word_embeddings else _param(
-            (cfg.vocab_size, cfg.hidden_size), dtype, device
-        )
+        self.lm_head = None if cfg.tie_word_embeddings else _param((cfg.vocab_size, cfg.hidden_size), dtype, device)
         # Angles in float32 then cast, as transformers does, so bf16 models round the same way.
         positions = torch.arange(max_positions or cfg.max_position_embeddings, dtype=torch.float32)
         angles = torch.outer(positions, rope_inv_freq(cfg)).to(device)
@@ -266,9 +264,7 @@ class CausalLM(nn.Module):
             if target is None:
                 raise WeightError(f"unexpected weight {name} {tuple(tensor.shape)} (or given twice)")
             if target.shape != tensor.shape:
-                raise WeightError(
-                    f"weight {name} has shape {tuple(tensor.shape)}, expected {tuple(target.shape)}"
-                )
+                raise WeightError(f"weight {name} has shape {tuple(tensor.shape)}, expected {tuple(target.shape)}")
             target.copy_(tensor)
         if targets:
             listed = ", ".join(sorted(targets)[:8]) + (", ..." if len(targets) > 8 else "")
