@@ -94,6 +94,9 @@ class ServeConfig(msgspec.Struct, kw_only=True):
     """No heartbeat for this long: the engine is considered dead."""
     log_level: str = "INFO"
     """DEBUG, INFO, WARNING or ERROR."""
+    metrics_compat: Literal["none", "vllm"] = "none"
+    """vllm: /metrics also exports vLLM's series (vllm:num_requests_waiting, vllm:kv_cache_usage_perc, ...)
+    for tools that hard-code them (Inference Gateway endpoint picker, KEDA, dashboards)."""
 
 
 class Config(msgspec.Struct, kw_only=True):

@@ -110,7 +110,9 @@ def build_app(config: Config) -> web.Application:
     if config.serve.api_key:
         middlewares.append(_auth_middleware(config.serve.api_key))
     app = web.Application(middlewares=middlewares, client_max_size=config.serve.max_body_bytes)
-    metrics = GatewayMetrics(model_name)
+    metrics = GatewayMetrics(
+        model_name, vllm_compat=config.serve.metrics_compat == "vllm", block_size=config.engine.block_size
+    )
     frontend = Frontend(config, metrics)
     app[METRICS] = metrics
     app[FRONTEND] = frontend

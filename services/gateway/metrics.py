@@ -5,6 +5,11 @@ Everything lives in a private CollectorRegistry, so several apps in one process 
 do not collide. Engine stats arrive as cumulative snapshots (EngineStats), so they are
 exported by a collector that reads the latest snapshot at scrape time instead of
 prometheus Counters that would need increments.
+
+With `--metrics-compat vllm` the same measurements are also exported under vLLM's names
+(VLLM_PREFIX), with vLLM's types, units and `model_name` / `engine` labels, because the
+Inference Gateway's endpoint picker, KEDA examples and community dashboards hard-code them.
+docs/metrics.md has the table, which tests/gateway/test_metrics_compat.py checks against.
 """
 
 from __future__ import annotations
@@ -22,6 +27,9 @@ if TYPE_CHECKING:
     from services.gateway.frontend import ChildState
 
 PREFIX = "novainfer_"
+VLLM_PREFIX = "vllm:"
+VLLM_FINISHED_REASONS = ("stop", "length", "abort")
+"""vLLM counts these in vllm:request_success_total; its errors end as abort, ours apart as error."""
 TTFT_BUCKETS = (
     0.001,
     0.005,
@@ -93,8 +101,10 @@ REQUEST_BUCKETS = (
 class _EngineCollector(Collector):
     """Exports the latest EngineStats of each engine and which components are up."""
 
-    def __init__(self, model_name: str) -> None:
+    def __init__(self, model_name: str, vllm_compat: bool, block_size: int) -> None:
         self.model_name = model_name
+        self.vllm_compat = vllm_compat
+        self.block_size = block_size
         self.stats: dict[int, EngineStats] = {}
         self.components: Callable[[], list[tuple[str, int, bool]]] = list
         """(component, index, up) for each worker and engine, read at scrape time."""
@@ -136,13 +146,68 @@ class _EngineCollector(Collector):
         for component, i, ok in self.components():
             up.add_metric([self.model_name, component, str(i)], 1.0 if ok else 0.0)
         yield up
+        if self.vllm_compat:
+            yield from self._collect_vllm(snapshot)
+
+    def _collect_vllm(self, snapshot: list[tuple[int, EngineStats]]) -> Iterator[Metric]:
+        labels = ["model_name", "engine"]
+        gauges = [
+            ("num_requests_running", "Number of requests in model execution batches.", "num_running"),
+            ("num_requests_waiting", "Number of requests waiting to be processed.", "num_waiting"),
+            ("kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.", "kv_usage"),
+        ]
+        counters = [
+            (
+                "prefix_cache_queries",
+                "Prefix cache queries, in terms of number of queried tokens.",
+                "prefix_queries_total",
+            ),
+            ("prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens.", "prefix_hits_total"),
+            ("num_preemptions", "Cumulative number of preemption from the engine.", "preemptions_total"),
+        ]
+        for name, doc, field in gauges:
+            fam = GaugeMetricFamily(VLLM_PREFIX + name, doc, labels=labels)
+            for idx, st in snapshot:
+                fam.add_metric([self.model_name, str(idx)], getattr(st, field))
+            yield fam
+        for name, doc, field in counters:
+            fam = CounterMetricFamily(VLLM_PREFIX + name, doc, labels=labels)
+            for idx, st in snapshot:
+                fam.add_metric([self.model_name, str(idx)], getattr(st, field))
+            yield fam
+        # vLLM's info gauge: constant 1, the cache configuration in its labels.
+        info = GaugeMetricFamily(
+            VLLM_PREFIX + "cache_config_info",
+            "Information of the LLMEngine CacheConfig.",
+            labels=[*labels, "block_size", "num_gpu_blocks"],
+        )
+        for idx, st in snapshot:
+            info.add_metric([self.model_name, str(idx), str(self.block_size), str(st.num_blocks)], 1.0)
+        yield info
+
+
+class _Fanout:
+    """One measurement recorded into the native series and, with vLLM compatibility, its
+    vLLM-named twin."""
+
+    def __init__(self, children: list[Histogram | Counter]) -> None:
+        self.children = children
+
+    def observe(self, value: float) -> None:
+        for child in self.children:
+            child.observe(value)  # type: ignore[union-attr]
+
+    def inc(self, amount: float = 1.0) -> None:
+        for child in self.children:
+            child.inc(amount)  # type: ignore[union-attr]
 
 
 class GatewayMetrics:
-    def __init__(self, model_name: str) -> None:
+    def __init__(self, model_name: str, vllm_compat: bool = False, block_size: int = 16) -> None:
         self.registry = CollectorRegistry()
         reg = self.registry
         m = [model_name]
+        self.prefixes = [PREFIX, VLLM_PREFIX] if vllm_compat else [PREFIX]
         self.http_requests = Counter(
             PREFIX + "http_requests",
             "HTTP requests answered, by endpoint and status code.",
@@ -159,45 +224,49 @@ class GatewayMetrics:
             ["model_name", "finish_reason"],
             registry=reg,
         )
+        self._vllm_success = (
+            Counter(
+                VLLM_PREFIX + "request_success",
+                "Count of successfully processed requests.",
+                ["model_name", "finished_reason"],
+                registry=reg,
+            )
+            if vllm_compat
+            else None
+        )
+
         # Per-token paths use pre-bound children: no label lookup per observation.
-        self.ttft = Histogram(
-            PREFIX + "time_to_first_token_seconds",
-            "Arrival at the gateway to the first output token.",
-            ["model_name"],
-            buckets=TTFT_BUCKETS,
-            registry=reg,
-        ).labels(*m)
-        self.itl = Histogram(
-            PREFIX + "inter_token_latency_seconds",
-            "Time between consecutive output tokens of a request.",
-            ["model_name"],
-            buckets=ITL_BUCKETS,
-            registry=reg,
-        ).labels(*m)
-        self.e2e = Histogram(
-            PREFIX + "e2e_request_latency_seconds",
-            "Arrival at the gateway to the request's end.",
-            ["model_name"],
-            buckets=REQUEST_BUCKETS,
-            registry=reg,
-        ).labels(*m)
-        self.queue_time = Histogram(
-            PREFIX + "request_queue_time_seconds",
-            "Arrival at the gateway to first scheduled by the engine.",
-            ["model_name"],
-            buckets=REQUEST_BUCKETS,
-            registry=reg,
-        ).labels(*m)
-        self.prompt_tokens = Counter(
-            PREFIX + "prompt_tokens", "Prompt tokens of engine requests.", ["model_name"], registry=reg
-        ).labels(*m)
-        self.cached_prompt_tokens = Counter(
-            PREFIX + "prompt_cached_tokens", "Prompt tokens served from the prefix cache.", ["model_name"], registry=reg
-        ).labels(*m)
-        self.generation_tokens = Counter(
-            PREFIX + "generation_tokens", "Output tokens generated.", ["model_name"], registry=reg
-        ).labels(*m)
-        self._engines = _EngineCollector(model_name)
+        def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> _Fanout:
+            return _Fanout(
+                [
+                    Histogram(p + name, doc, ["model_name"], buckets=buckets, registry=reg).labels(*m)
+                    for p in self.prefixes
+                ]
+            )
+
+        def counter(name: str, doc: str, prefixes: list[str] | None = None) -> _Fanout:
+            return _Fanout(
+                [Counter(p + name, doc, ["model_name"], registry=reg).labels(*m) for p in prefixes or self.prefixes]
+            )
+
+        self.ttft = histogram(
+            "time_to_first_token_seconds", "Arrival at the gateway to the first output token.", TTFT_BUCKETS
+        )
+        self.itl = histogram(
+            "inter_token_latency_seconds", "Time between consecutive output tokens of a request.", ITL_BUCKETS
+        )
+        self.e2e = histogram(
+            "e2e_request_latency_seconds", "Arrival at the gateway to the request's end.", REQUEST_BUCKETS
+        )
+        self.queue_time = histogram(
+            "request_queue_time_seconds", "Arrival at the gateway to first scheduled by the engine.", REQUEST_BUCKETS
+        )
+        self.prompt_tokens = counter("prompt_tokens", "Prompt tokens of engine requests.")
+        self.cached_prompt_tokens = counter(
+            "prompt_cached_tokens", "Prompt tokens served from the prefix cache.", prefixes=[PREFIX]
+        )
+        self.generation_tokens = counter("generation_tokens", "Output tokens generated.")
+        self._engines = _EngineCollector(model_name, vllm_compat, block_size)
         reg.register(self._engines)
 
     def render(self) -> bytes:
@@ -240,3 +309,5 @@ class GatewayMetrics:
     def on_finish(self, child: ChildState, now: float, reason: str | None) -> None:
         self.e2e.observe(now - child.arrival)
         self._finished.labels(self.model_name, reason or "unknown").inc()
+        if self._vllm_success is not None and reason in VLLM_FINISHED_REASONS:
+            self._vllm_success.labels(self.model_name, reason).inc()
