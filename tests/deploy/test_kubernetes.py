@@ -17,14 +17,12 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
-from prometheus_client.parser import text_string_to_metric_families
 
 from novainfer.cli import build_parser
 from services.gateway.app import build_app
-from services.gateway.metrics import GatewayMetrics
 from shared.config import ENV_PREFIX, EngineConfig, ServeConfig, config_from_args
-from shared.protocol import EngineStats
 from tests.deploy.kustomize import render
+from tests.deploy.metric_names import metric_names
 
 ROOT = Path(__file__).resolve().parents[2]
 KUBE = ROOT / "deploy" / "kubernetes"
@@ -46,17 +44,6 @@ def by_kind(objects: list[dict[str, Any]]) -> Objects:
 @pytest.fixture(scope="module", params=OVERLAYS)
 def overlay(request: pytest.FixtureRequest) -> tuple[str, Objects]:
     return request.param, by_kind(render(KUBE / "overlays" / request.param))
-
-
-@pytest.fixture(scope="module")
-def exported_metrics() -> set[str]:
-    """Every sample name /metrics can serve (with --metrics-compat vllm and one engine)."""
-    metrics = GatewayMetrics("m", vllm_compat=True)
-    metrics.on_engine_stats(EngineStats())
-    families = text_string_to_metric_families(metrics.render().decode())
-    names = {s.name for f in families for s in f.samples}
-    # Histogram families appear through their _bucket/_sum/_count samples.
-    return names | {re.sub(r"_(bucket|sum|count)$", "", n) for n in names}
 
 
 def test_overlays_exist() -> None:
@@ -183,7 +170,7 @@ def test_keda_scales_on_exported_metrics(exported_metrics: set[str]) -> None:
     scaled = objects[("ScaledObject", "novainfer")]["spec"]
     assert (scaled["scaleTargetRef"]["kind"], scaled["scaleTargetRef"]["name"]) in objects
     queries = [t["metadata"]["query"] for t in scaled["triggers"]]
-    names = {n for q in queries for n in re.findall(r"\b(?:novainfer_|vllm:)[a-z_]+", q)}
+    names = {n for q in queries for n in metric_names(q)}
     assert {"novainfer_num_requests_waiting", "novainfer_kv_cache_usage_ratio"} <= names <= exported_metrics
 
 
