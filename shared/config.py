@@ -94,6 +94,16 @@ class ServeConfig(msgspec.Struct, kw_only=True):
     """No heartbeat for this long: the engine is considered dead."""
     log_level: str = "INFO"
     """DEBUG, INFO, WARNING or ERROR."""
+    kv_events_endpoint: str | None = None
+    """Publish KV-cache events in vLLM's format on this ZMQ PUB address (e.g. tcp://*:5557), for
+    KV-aware routers; engine i uses port + i (ipc://: a _dp<i> suffix). Unset: no events."""
+    kv_events_replay_endpoint: str | None = None
+    """ZMQ ROUTER address where subscribers fetch missed event batches from a sequence number
+    (vLLM's replay protocol); engine i uses port + i."""
+    kv_events_topic: str = ""
+    """Topic frame of every published event batch."""
+    kv_events_buffer_steps: int = 10000
+    """Event batches kept for replay."""
     metrics_compat: Literal["none", "vllm"] = "none"
     """vllm: /metrics also exports vLLM's series (vllm:num_requests_waiting, vllm:kv_cache_usage_perc, ...)
     for tools that hard-code them (Inference Gateway endpoint picker, KEDA, dashboards)."""

@@ -246,6 +246,54 @@ class WorkerHeartbeat(msgspec.Struct, tag="worker_heartbeat", kw_only=True):
     max_model_len: int = 0
 
 
+# --- KV-cache events, in vLLM's format (engine core -> external routers) --------------
+# Published on --kv-events-endpoint (ZMQ PUB, frames [topic, seq, payload]) for KV-aware
+# routers such as llm-d's precise prefix scorer. Field names, order and struct options are
+# vLLM's (vllm/distributed/kv_events.py, the array-like layout its subscribers decode), so
+# their decoders read ours. A block hash here is the engine's chain id of a cached block
+# (unique to its token content and its whole prefix, never reused), not a content hash.
+
+
+class KVEventBatch(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
+    ts: float
+    events: list[BlockStored | BlockRemoved | AllBlocksCleared]
+    data_parallel_rank: int | None = None
+    """The engine index."""
+
+
+class KVCacheEvent(msgspec.Struct, array_like=True, omit_defaults=True, gc=False, tag=True):
+    """Base of the KV-cache events; the tag is the class name, as in vLLM."""
+
+
+class BlockStored(KVCacheEvent):
+    """Full blocks newly cached, each the child of the previous (the first of parent_block_hash)."""
+
+    block_hashes: list[int]
+    parent_block_hash: int | None
+    """None: the first block of a sequence."""
+    token_ids: list[int]
+    """block_size tokens per block, in block order."""
+    block_size: int
+    lora_id: int | None = None
+    medium: str | None = None
+    """Where the blocks live: GPU or CPU."""
+    lora_name: str | None = None
+
+
+class BlockRemoved(KVCacheEvent):
+    """Blocks evicted from the prefix cache."""
+
+    block_hashes: list[int]
+    medium: str | None = None
+
+
+class AllBlocksCleared(KVCacheEvent):
+    """The whole prefix cache was dropped."""
+
+
+KVCacheEvents = BlockStored | BlockRemoved | AllBlocksCleared
+
+
 # --- the union each process decodes its input as -------------------------------------
 
 TokenizerInput = GenerateRequest | AbortRequest | TokenizeRequest | DetokenizeRequest | EngineOutputs

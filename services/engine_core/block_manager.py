@@ -12,6 +12,11 @@ Block states:
   in use     ref > 0 (may or may not be registered in the cache)
   evictable  ref == 0, registered: kept for reuse, evicted least recently freed first
   free       ref == 0, not registered: handed out before any evictable block
+
+With record_events, every change to the set of cached blocks is also recorded as a
+vLLM-format KV-cache event (BlockStored / BlockRemoved / AllBlocksCleared, keyed by
+chain id) for the engine to publish: replaying them rebuilds exactly the set of
+cached blocks.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 from collections import OrderedDict, deque
 
 from services.engine_core.request import Request
+from shared.protocol import AllBlocksCleared, BlockRemoved, BlockStored, KVCacheEvents
 
 ROOT = -1
 """Chain id of the (virtual) parent of a sequence's first block."""
@@ -27,7 +33,14 @@ _Key = tuple[int, tuple[int, ...]]
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int,
+        enable_prefix_caching: bool = True,
+        record_events: bool = False,
+        medium: str = "GPU",
+    ) -> None:
         if num_blocks < 1 or block_size < 1:
             raise ValueError(f"need num_blocks >= 1 and block_size >= 1, got {num_blocks}, {block_size}")
         self.num_blocks = num_blocks
@@ -44,6 +57,8 @@ class BlockManager:
         self._next_chain_id = 0
         self.prefix_queries_total = 0
         self.prefix_hits_total = 0
+        self._events: list[KVCacheEvents] | None = [] if record_events and enable_prefix_caching else None
+        self._medium = medium
 
     # --- gauges ----------------------------------------------------------------------
 
@@ -63,6 +78,13 @@ class BlockManager:
 
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
+
+    def take_events(self) -> list[KVCacheEvents]:
+        """The KV-cache events recorded since the last call (always [] without record_events)."""
+        if not self._events:
+            return []
+        events, self._events = self._events, []
+        return events
 
     # --- allocation ------------------------------------------------------------------
 
@@ -125,7 +147,9 @@ class BlockManager:
         num_full = min(req.num_computed_tokens // bs, len(req.block_table))
         parent = req.block_hashes[-1] if req.block_hashes else ROOT
         tokens = req.all_token_ids
-        for i in range(len(req.block_hashes), num_full):
+        first_new = len(req.block_hashes)
+        stored: list[int] = []
+        for i in range(first_new, num_full):
             key = (parent, tuple(tokens[i * bs : (i + 1) * bs]))
             existing = self._cache.get(key)
             if existing is not None:
@@ -142,7 +166,32 @@ class BlockManager:
                 self._cache[key] = block
                 self._key[block] = key
                 self._chain_id[block] = parent
+                if self._events is not None:
+                    stored.append(i)
             req.block_hashes.append(parent)
+        if stored:
+            self._record_stored(req, stored)
+
+    def _record_stored(self, req: Request, indices: list[int]) -> None:
+        """One BlockStored per run of consecutive newly registered blocks (each event is a
+        chain: its first block's parent, then each block the parent of the next)."""
+        assert self._events is not None
+        bs = self.block_size
+        start = 0
+        for j in range(1, len(indices) + 1):
+            if j == len(indices) or indices[j] != indices[j - 1] + 1:
+                run = indices[start:j]
+                first = run[0]
+                self._events.append(
+                    BlockStored(
+                        block_hashes=[req.block_hashes[i] for i in run],
+                        parent_block_hash=req.block_hashes[first - 1] if first > 0 else None,
+                        token_ids=req.all_token_ids[first * bs : (run[-1] + 1) * bs],
+                        block_size=bs,
+                        medium=self._medium,
+                    )
+                )
+                start = j
 
     def free(self, req: Request) -> None:
         # Tail first: the tail is then older in the LRU order and evicted before the
@@ -165,6 +214,8 @@ class BlockManager:
             self._key[block] = None
             self._chain_id[block] = ROOT
         self._cache.clear()
+        if self._events is not None:
+            self._events.append(AllBlocksCleared())
         self._free.extend(self._evictable)
         self._evictable.clear()
 
@@ -183,6 +234,8 @@ class BlockManager:
         key = self._key[block]
         assert key is not None
         del self._cache[key]
+        if self._events is not None:
+            self._events.append(BlockRemoved(block_hashes=[self._chain_id[block]], medium=self._medium))
         self._key[block] = None
         self._chain_id[block] = ROOT
         return block

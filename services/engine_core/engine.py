@@ -16,13 +16,19 @@ from shared.protocol import FINISH_ABORT, EngineOutput, EngineStats, SamplingPar
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, engine_index: int = 0) -> None:
+    def __init__(self, config: EngineConfig, engine_index: int = 0, record_kv_events: bool = False) -> None:
         self.config = config
         self.engine_index = engine_index
         self.runner = ModelRunner(config)
         self.model_config = self.runner.model_config
         self.max_model_len = self.runner.max_model_len
-        self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.block_manager = BlockManager(
+            self.runner.num_blocks,
+            config.block_size,
+            config.enable_prefix_caching,
+            record_events=record_kv_events,
+            medium="GPU" if self.runner.device.type == "cuda" else "CPU",
+        )
         self.scheduler = Scheduler(config, self.block_manager, self.max_model_len)
         self._steps = 0
         self._last_step_time = 0.0

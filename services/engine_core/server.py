@@ -22,6 +22,7 @@ from collections import defaultdict
 import zmq
 
 from services.engine_core.engine import LLMEngine
+from services.engine_core.kv_event_publisher import KVEventPublisher
 from shared.config import Config
 from shared.protocol import (
     FINISH_ABORT,
@@ -46,8 +47,22 @@ class EngineCoreServer:
             raise ValueError("engine core needs tokenizer_addrs and engine_addrs (see Config.with_default_addresses)")
         self.config = config
         self.index = serve.engine_index
-        self.engine = LLMEngine(config.engine, engine_index=self.index)
+        self.engine = LLMEngine(
+            config.engine, engine_index=self.index, record_kv_events=serve.kv_events_endpoint is not None
+        )
         self.ctx = new_context()
+        self.kv_events = (
+            KVEventPublisher(
+                self.ctx,
+                serve.kv_events_endpoint,
+                serve.kv_events_replay_endpoint,
+                self.index,
+                serve.kv_events_topic,
+                serve.kv_events_buffer_steps,
+            )
+            if serve.kv_events_endpoint
+            else None
+        )
         self.input = pull_socket(self.ctx, serve.engine_addrs[self.index])
         self.workers = [push_socket(self.ctx, addr) for addr in serve.tokenizer_addrs]
         self.decoder = decoder(EngineInput)
@@ -116,6 +131,8 @@ class EngineCoreServer:
 
     def _flush(self) -> None:
         self.latest_stats = self.engine.stats()
+        if self.kv_events is not None:
+            self.kv_events.publish(self.engine.block_manager.take_events())
         if not self.pending:
             return
         for worker, outs in self.pending.items():
@@ -142,13 +159,19 @@ class EngineCoreServer:
     def run(self) -> None:
         poller = zmq.Poller()
         poller.register(self.input, zmq.POLLIN)
+        replay = self.kv_events.replay if self.kv_events is not None else None
+        if replay is not None:
+            poller.register(replay, zmq.POLLIN)
         heartbeat_ms = int(self.config.serve.heartbeat_s * 1000)
         log.info("engine core %d ready on %s", self.index, self.config.serve.engine_addrs[self.index])
         heartbeat = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
         heartbeat.start()
         while self.running:
             timeout = 0 if self.engine.has_unfinished() else heartbeat_ms
-            if poller.poll(timeout):
+            ready = dict(poller.poll(timeout))
+            if replay is not None and replay in ready:
+                self.kv_events.serve_replay()  # type: ignore[union-attr]
+            if self.input in ready:
                 while True:
                     try:
                         self._handle(self.input.recv(zmq.NOBLOCK, copy=False).buffer)
@@ -167,6 +190,8 @@ class EngineCoreServer:
             self._flush()
         self._stopped.set()
         heartbeat.join()
+        if self.kv_events is not None:
+            self.kv_events.close()
         self.ctx.destroy(linger=0)
 
 
