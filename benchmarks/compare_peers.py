@@ -24,7 +24,6 @@ import asyncio
 import json
 import math
 import os
-import platform
 import signal
 import socket
 import subprocess
@@ -40,23 +39,34 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, HERE)
 
 import serve_bench as sb  # noqa: E402
+from machine_info import machine_info  # noqa: E402
 from shared.model_files import bundled_model_path  # noqa: E402
 
 RESULTS = os.path.join(HERE, "results", "peers.json")
 IMG = os.path.join(ROOT, "docs", "img")
-LLAMA_SERVER = os.path.join(ROOT, ".peers", "bin", "llama-server")
+# benchmarks/peers/setup_llamacpp.sh builds "native" (GGML_NATIVE=ON, as a user would); "noamx"
+# (--no-amx) is the same ISA without AMX, used only where the native build's AMX path crashes.
+LLAMA_BUILDS = {
+    "native": os.path.join(ROOT, ".peers", "bin", "llama-server"),
+    "noamx": os.path.join(ROOT, ".peers", "bin-noamx", "llama-server"),
+}
+SETUP_LLAMACPP = os.path.join(HERE, "peers", "setup_llamacpp.sh")
 MODEL_NAME = "SmolLM2-135M-Instruct"
 MAX_CONCURRENCY = 64
-SERVERS = ("novainfer", "novainfer-int4", "llamacpp", "transformers")
+SERVERS = ("novainfer", "novainfer-bf16", "novainfer-int4", "llamacpp", "transformers")
 
 
-def server_command(name: str, port: int, run_dir: str, threads: int, dtype: str = "float32") -> list[str]:
+def server_command(
+    name: str, port: int, run_dir: str, threads: int, dtype: str = "float32", llama_server: str | None = None
+) -> list[str]:
     """dtype: what NovaInfer and transformers compute in (llama.cpp always runs the file's Q4_1)."""
     model = bundled_model_path()
-    if name in ("novainfer", "novainfer-int4"):
+    if name.startswith("novainfer"):
         # Defaults on purpose (what `novainfer serve` does out of the box), but threads and dtype;
-        # novainfer-int4 adds int4 copies of the file's Q4_1 layer weights for small steps.
+        # novainfer-bf16 computes in bf16 whatever --dtype says; novainfer-int4 adds int4 copies
+        # of the file's Q4_1 layer weights for small steps.
         extra = ["--quantization", "int4"] if name == "novainfer-int4" else []
+        dtype = "bfloat16" if name == "novainfer-bf16" else dtype
         return [
             sys.executable,
             "-m",
@@ -73,11 +83,13 @@ def server_command(name: str, port: int, run_dir: str, threads: int, dtype: str 
             *extra,
         ]
     if name == "llamacpp":
-        # -np 64 slots with one unified KV cache (-kvu) of 32k tokens: enough for 64 requests
-        # of our longest conversations. -nr: on this VM the AMX kernels (the only extra buffer
-        # type for Q4_1) die with a general protection fault; without them it runs AVX-512.
+        # Default flags but the slots: -np 64 slots (one per concurrent stream; each gets
+        # -c / 64 = 1024 tokens, enough for our longest conversation), threads as every server.
+        # Not -kvu: llama-server only unifies the KV cache by default when -np is automatic, and
+        # a unified cache makes every sequence's attention span all 64 slots' cells. Not -nr:
+        # that turns off the repacked (AMX, AVX-512, AVX2) weight layouts, the peer's fast path.
         return [
-            LLAMA_SERVER,
+            llama_server or LLAMA_BUILDS["native"],
             "-m",
             model,
             "--host",
@@ -90,10 +102,8 @@ def server_command(name: str, port: int, run_dir: str, threads: int, dtype: str 
             str(threads),
             "-np",
             str(MAX_CONCURRENCY),
-            "-kvu",
             "-c",
-            "32768",
-            "-nr",
+            str(1024 * MAX_CONCURRENCY),
             "--no-webui",
             "-a",
             MODEL_NAME,
@@ -178,11 +188,11 @@ class CpuMeter:
 
 
 class Server:
-    def __init__(self, name: str, threads: int, dtype: str) -> None:
+    def __init__(self, name: str, threads: int, dtype: str, llama_server: str | None = None) -> None:
         self.name = name
         self.port = free_port()
         self.run_dir = tempfile.mkdtemp(prefix=f"peers-{name}-")
-        self.cmd = server_command(name, self.port, self.run_dir, threads, dtype)
+        self.cmd = server_command(name, self.port, self.run_dir, threads, dtype, llama_server)
         self.log = open(os.path.join(self.run_dir, "server.log"), "w")
         env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
         # Own process group: the whole server (NovaInfer's children included) can be stopped by its id.
@@ -190,6 +200,7 @@ class Server:
             self.cmd, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True
         )
         self.url = f"http://127.0.0.1:{self.port}"
+        self.ready_s: float | None = None
 
     def wait_ready(self, timeout: float = 600.0) -> float:
         t0 = time.monotonic()
@@ -199,7 +210,8 @@ class Server:
             try:
                 with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
                     if r.status == 200:
-                        return time.monotonic() - t0
+                        self.ready_s = time.monotonic() - t0
+                        return self.ready_s
             except OSError:
                 pass
             time.sleep(0.5)
@@ -302,18 +314,77 @@ def run_point(server: Server, workload: str, concurrency: int, args: argparse.Na
     return run
 
 
+def _warm_up(server: Server, burst: bool) -> None:
+    """A few short requests; with `burst`, also a full batch of 32 concurrent streams, so that
+    every batched kernel a point will use has run once (llama.cpp's AMX path is only taken
+    for batches)."""
+    warm = sb.random_workload(4, (32, 64), (8, 8), seed=999_999, extra={"ignore_eos": True})
+    asyncio.run(sb.run_jobs(server.url, MODEL_NAME, warm, 2, None, 300, 300, 0))
+    if burst:
+        jobs = sb.random_workload(32, (32, 256), (32, 32), seed=999_998, extra={"ignore_eos": True})
+        asyncio.run(sb.run_jobs(server.url, MODEL_NAME, jobs, 32, None, 300, 300, 0))
+
+
+def _log_tail(server: Server, n: int = 15) -> list[str]:
+    with open(server.log.name, errors="replace") as f:
+        return f.read().splitlines()[-n:]
+
+
+def _llamacpp_build_info(binary: str, server: Server) -> dict[str, Any]:
+    """The build options and what llama.cpp says it runs with (ISA, extra buffer types)."""
+    options: dict[str, str] = {}
+    try:  # written by setup_llamacpp.sh next to the binary
+        with open(os.path.join(os.path.dirname(binary), "build-options.txt")) as f:
+            for line in f:
+                key, _, value = line.strip().partition("=")
+                options[key.split(":")[0]] = value
+    except OSError:
+        pass
+    with open(server.log.name, errors="replace") as f:
+        said = [ln.strip() for ln in f if "system_info" in ln or "model buffer size" in ln or "AMX" in ln]
+    return {"binary": binary, "cmake_options": options, "log": said[:12]}
+
+
+def start_llamacpp(args: argparse.Namespace, out: dict[str, Any]) -> Server:
+    """The native build, default flags; only if it crashes under a batch, the same ISA minus
+    AMX (built on demand). What ran and why goes into the results."""
+    record: dict[str, Any] = {"tried": []}
+    out["llamacpp"] = record
+    for variant in ("native", "noamx"):
+        binary = LLAMA_BUILDS[variant]
+        if not os.access(binary, os.X_OK):
+            subprocess.run(["bash", SETUP_LLAMACPP, "--no-amx"], check=True)
+        server = Server("llamacpp", args.threads, args.dtype, binary)
+        try:
+            server.wait_ready()
+            _warm_up(server, burst=True)
+            if server.proc.poll() is not None:
+                raise RuntimeError(f"exited with {server.proc.returncode} during the warm-up burst")
+        except Exception as e:  # noqa: BLE001 - any failure of the probe means: try the next build
+            record["tried"].append({"variant": variant, "error": str(e), "log_tail": _log_tail(server)})
+            print(f"llamacpp ({variant}) failed its warm-up: {e}; log tail:\n  " + "\n  ".join(_log_tail(server, 5)))
+            server.stop()
+            continue
+        record.update(variant=variant, **_llamacpp_build_info(binary, server))
+        record["tried"].append({"variant": variant, "error": None})
+        return server
+    raise RuntimeError("no llama.cpp build survives its warm-up; see results' llamacpp.tried")
+
+
 def bench_server(name: str, args: argparse.Namespace, out: dict[str, Any]) -> None:
-    server = Server(name, args.threads, args.dtype)
+    server = start_llamacpp(args, out) if name == "llamacpp" else Server(name, args.threads, args.dtype)
     try:
-        ready_s = server.wait_ready()
+        ready_s = server.ready_s if server.ready_s is not None else server.wait_ready()
         print(f"{name}: ready in {ready_s:.1f}s ({' '.join(server.cmd)})", flush=True)
         out["servers"][name] = {"command": server.cmd, "ready_s": ready_s}
-        warm = sb.random_workload(4, (32, 64), (8, 8), seed=999_999, extra={"ignore_eos": True})
-        asyncio.run(sb.run_jobs(server.url, MODEL_NAME, warm, 2, None, 300, 300, 0))
+        if name != "llamacpp":
+            _warm_up(server, burst=False)
         for workload in args.workloads:
             for c in [8] if workload == "seed" else args.concurrency:
                 out["runs"].append(run_point(server, workload, c, args))
                 save(out, args.output)
+                if server.proc.poll() is not None:
+                    raise RuntimeError(f"{name} died during {workload} c={c}: {_log_tail(server, 5)}")
     finally:
         server.stop()
 
@@ -463,12 +534,11 @@ def main() -> int:
         plot(runs, args.img_prefix)
         print(markdown(runs))
         return 0
-    if "llamacpp" in args.servers and not os.access(LLAMA_SERVER, os.X_OK):
-        sys.exit(f"{LLAMA_SERVER} missing: run benchmarks/peers/setup_llamacpp.sh first")
+    if "llamacpp" in args.servers and not os.access(LLAMA_BUILDS["native"], os.X_OK):
+        sys.exit(f"{LLAMA_BUILDS['native']} missing: run benchmarks/peers/setup_llamacpp.sh first")
     out: dict[str, Any] = {
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": platform.processor() or platform.machine(),
-        "cpus": os.cpu_count(),
+        "machine": machine_info(),
         "model_file": os.path.basename(bundled_model_path()),
         "config": {k: v for k, v in vars(args).items() if k not in ("output", "table_only", "img_prefix")},
         "servers": {},

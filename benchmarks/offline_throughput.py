@@ -25,7 +25,9 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from machine_info import machine_info  # noqa: E402
 from novainfer.llm import LLM  # noqa: E402
 from shared.config import EngineConfig, available_cores  # noqa: E402
 from shared.model_files import bundled_model_path  # noqa: E402
@@ -177,6 +179,7 @@ def main() -> None:
         "benchmark": "offline_throughput",
         "model": "SmolLM2-135M-Instruct (GGUF Q4_1 dequantized), float32",
         "device": f"cpu: {platform.processor() or platform.machine()}, {threads} threads",
+        "machine": machine_info(),
         "torch": torch.__version__,
         "requests": args.requests,
         "prompt_len_range": [16, 256],

@@ -34,7 +34,9 @@ from typing import Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from machine_info import machine_info  # noqa: E402
 from shared.config import Config, EngineConfig, ServeConfig, available_cores, config_to_args  # noqa: E402
 from shared.protocol import EngineOutputs, EngineRequest, SamplingParams, decoder, encode  # noqa: E402
 
@@ -464,6 +466,7 @@ def main() -> None:
         "benchmark": "stack_overhead",
         "model": "SmolLM2-135M-Instruct (bundled GGUF, dequantized), float32",
         "device": f"cpu: {platform.processor() or platform.machine()}, {available_cores()} cores",
+        "machine": machine_info(),
         "workload": {
             "requests": args.requests,
             "concurrency": args.concurrency,
