@@ -26,12 +26,13 @@ from shared.config import Config, config_from_args, parse_config
 
 _TIMEOUT_S = 4.0
 _HTTP_SERVICE = "services.gateway"
+_SHELLS = {"sh", "bash", "dash"}
 
 
 def _service_config(cmdline: Sequence[str]) -> Config | None:
     """The config of the HTTP-serving command in cmdline, or None when it serves no HTTP."""
     cmdline = list(cmdline)
-    if cmdline[1:2] == ["-c"] and len(cmdline) > 2:  # a shell running the command: sh -c "..."
+    if cmdline and Path(cmdline[0]).name in _SHELLS and cmdline[1:2] == ["-c"] and len(cmdline) > 2:  # sh -c "..."
         cmdline = shlex.split(cmdline[2])
     for i, word in enumerate(cmdline):
         if Path(word).name == "novainfer" and cmdline[i + 1 : i + 2] == ["serve"]:
