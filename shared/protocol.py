@@ -9,6 +9,7 @@ worker, carrying the new tokens of every request of that worker in that step.
 
 from __future__ import annotations
 
+import math
 import zlib
 
 import msgspec
@@ -44,6 +45,9 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
 
     def validate(self) -> None:
         """Raise ValueError naming the offending parameter."""
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be a finite number")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise ValueError("max_tokens must be at least 1")
         if self.temperature < 0:

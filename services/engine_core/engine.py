@@ -5,14 +5,17 @@ Used in-process by the offline `LLM` and by the engine-core process's loop.
 
 from __future__ import annotations
 
+import logging
 import time
 
 from services.engine_core.block_manager import BlockManager
 from services.engine_core.model_runner import ModelRunner
 from services.engine_core.request import Request, RequestStatus
-from services.engine_core.scheduler import Scheduler
+from services.engine_core.scheduler import ScheduledBatch, Scheduler
 from shared.config import EngineConfig
-from shared.protocol import FINISH_ABORT, EngineOutput, EngineStats, SamplingParams
+from shared.protocol import FINISH_ABORT, EngineOutput, EngineStats, SamplingParams, TokenLogprob
+
+log = logging.getLogger(__name__)
 
 
 class LLMEngine:
@@ -50,6 +53,8 @@ class LLMEngine:
         vocab = self.model_config.vocab_size
         if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= vocab:
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        if any(not 0 <= t < vocab for t in sampling_params.stop_token_ids):
+            raise ValueError(f"stop_token_ids must be in [0, {vocab})")
         if eos_token_ids is None:
             eos_token_ids = self.model_config.eos_token_ids
         room = self.max_model_len - len(prompt_token_ids)
@@ -85,21 +90,27 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if not batch.requests:
             return []
-        sampled, logprobs = self.runner.execute(batch)
-        self.scheduler.update(batch, sampled)
         outputs: list[EngineOutput] = []
+        try:
+            sampled, logprobs = self.runner.execute(batch)
+        except Exception as e:
+            log.exception("engine step of %d requests failed: finding the request(s) responsible", len(batch))
+            sampled, logprobs, failed = self._execute_isolated(batch)
+            outputs += self._fail(failed, f"internal engine error while running this request: {e!r}")
+        self.scheduler.update(batch, sampled)
         for i, req in enumerate(batch.requests):
             token = sampled[i]
             if token is None:
                 continue
             first = req.num_output_tokens == 1
+            lp = logprobs[i]
             outputs.append(
                 EngineOutput(
                     request_id=req.request_id,
                     new_token_ids=[token],
                     finish_reason=req.status.finish_reason,
                     stop_token_id=req.stop_token_id if req.status is RequestStatus.FINISHED_STOPPED else None,
-                    logprobs=[logprobs[i]] if logprobs[i] is not None else None,
+                    logprobs=[lp] if lp is not None else None,
                     num_prompt_tokens=req.num_prompt_tokens,
                     num_cached_tokens=max(req.num_cached_tokens, 0),
                     first_scheduled_time=req.first_scheduled_time if first else None,
@@ -110,6 +121,55 @@ class LLMEngine:
         self._last_batch_size = len(batch.requests)
         self._last_num_tokens = batch.total_tokens
         return outputs
+
+    def _execute_isolated(
+        self, batch: ScheduledBatch
+    ) -> tuple[list[int | None], list[TokenLogprob | None], list[Request]]:
+        """Run a batch whose step raised by halves, down to the single requests that still
+        raise: those are returned as failed (with no token), every other request gets its
+        step. One poisoned request costs about 2 log2(batch size) extra forwards, once.
+
+        Re-running rows is safe: a forward writes the same KV slots with the same values,
+        and nothing else changes before scheduler.update()."""
+        try:
+            sampled, logprobs = self.runner.execute(batch)
+            return sampled, logprobs, []
+        except Exception:
+            if len(batch) == 1:
+                return [None], [None], list(batch.requests)
+        mid = len(batch) // 2
+        halves = [
+            ScheduledBatch(
+                requests=batch.requests[lo:hi],
+                num_new_tokens=batch.num_new_tokens[lo:hi],
+                sample_flags=batch.sample_flags[lo:hi],
+            )
+            for lo, hi in ((0, mid), (mid, len(batch)))
+        ]
+        sampled: list[int | None] = []
+        logprobs: list[TokenLogprob | None] = []
+        failed: list[Request] = []
+        for half in halves:
+            s, lp, f = self._execute_isolated(half)
+            sampled += s
+            logprobs += lp
+            failed += f
+        return sampled, logprobs, failed
+
+    def _fail(self, requests: list[Request], message: str) -> list[EngineOutput]:
+        """End these requests with an error (their KV blocks are freed); the others carry on."""
+        for req in requests:
+            log.error("request %s failed in the engine: %s", req.request_id, message)
+        return [
+            EngineOutput(
+                request_id=r.request_id,
+                finish_reason=FINISH_ABORT,
+                num_prompt_tokens=r.num_prompt_tokens,
+                error=message,
+                error_code=500,
+            )
+            for r in self.scheduler.abort([r.request_id for r in requests])
+        ]
 
     def stats(self) -> EngineStats:
         bm, sched = self.block_manager, self.scheduler

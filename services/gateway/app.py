@@ -12,11 +12,14 @@ import importlib.metadata
 import logging
 import signal
 import time
+from http import HTTPStatus
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestHandler
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from services.gateway import serving
@@ -79,9 +82,56 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         # 413's text names the limit; the others' reason ("Not Found") is the message.
         message = (e.text or e.reason) if e.status == 413 else e.reason
         return ApiError(e.status, message).response()
+    except (HttpProcessingError, web.RequestPayloadError) as e:
+        # A body aiohttp could not read: a Content-Encoding it does not match, a broken chunk.
+        return ApiError(400, f"the request body could not be read: {_http_error_message(e)}").response()
     except Exception:
         log.exception("unhandled error in %s %s", request.method, request.path)
         return ApiError(500, "internal server error").response()
+
+
+def _http_error_message(e: BaseException) -> str:
+    if isinstance(e, HttpProcessingError):
+        return e.message.splitlines()[0] if e.message else "bad request"
+    cause = e.__cause__ or e.__context__  # RequestPayloadError wraps the parser's error
+    return _http_error_message(cause) if isinstance(cause, HttpProcessingError) else str(e).strip()
+
+
+class _OpenAIErrorRequestHandler(RequestHandler):
+    """Answers requests that fail before any handler runs (malformed HTTP framing, a bad
+    Content-Length, an unknown Content-Encoding) with OpenAI's error JSON, not aiohttp's text."""
+
+    def handle_error(
+        self, request: Any, status: int = 500, exc: BaseException | None = None, message: str | None = None
+    ) -> web.StreamResponse:
+        if request.writer.output_size > 0:  # as aiohttp's: a response started, the connection is broken
+            raise ConnectionError("Response is sent already, cannot send another response with the error message")
+        if status >= 500:
+            log.error("error handling a request from %s", request.remote, exc_info=exc)
+            text = HTTPStatus(status).phrase.lower()
+        elif isinstance(exc, HttpProcessingError):
+            log.info("malformed HTTP request from %s: %s", request.remote, exc)
+            text = f"malformed HTTP request: {_http_error_message(exc)}"
+        else:
+            text = "malformed HTTP request"
+        resp = ApiError(status, text).response()
+        resp.force_close()
+        return resp
+
+
+class _OpenAIErrorServer(web.Server):
+    def __call__(self) -> RequestHandler:
+        return _OpenAIErrorRequestHandler(self, loop=self._loop, **self._kwargs)
+
+
+class GatewayRunner(web.AppRunner):
+    """web.AppRunner whose connections answer framing errors in OpenAI's shape."""
+
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        # aiohttp has no option for the connection handler class; the subclass only adds __call__.
+        server.__class__ = _OpenAIErrorServer
+        return server
 
 
 def _auth_middleware(api_key: str) -> Callable[..., Awaitable[web.StreamResponse]]:
@@ -189,7 +239,7 @@ async def serve(config: Config) -> None:
 
     Not web.run_app: it cancels its own task on a signal, which cuts the drain short.
     """
-    runner = web.AppRunner(build_app(config), handle_signals=False, **RUNNER_OPTIONS)
+    runner = GatewayRunner(build_app(config), handle_signals=False, **RUNNER_OPTIONS)
     await runner.setup()
     await web.TCPSite(runner, config.serve.host, config.serve.port).start()
     log.info(

@@ -51,6 +51,10 @@ class Overloaded(Exception):
     """More requests in flight than serve.max_queued_requests."""
 
 
+class DuplicateRequest(Exception):
+    """A client-chosen request id (X-Request-Id) that is already in flight."""
+
+
 class RequestHandle:
     """One API request: its child engine requests and the deltas not yet consumed."""
 
@@ -211,6 +215,8 @@ class Frontend:
         self._check_admission()
         if len(self._requests) >= self.max_in_flight:
             raise Overloaded(f"too many requests in flight ({self.max_in_flight}); retry later")
+        if request_id in self._requests:
+            raise DuplicateRequest(f"a request with id {request_id!r} is already in flight")
         handle = RequestHandle(request_id, [c.request_id for c in children])
         self._requests[request_id] = handle
         arrival, arrival_wall = time.monotonic(), time.time()

@@ -12,7 +12,7 @@ import re
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 from aiohttp import web
@@ -20,6 +20,12 @@ from aiohttp import web
 from shared.protocol import ChatMessage, GenerateRequest, SamplingParams
 
 CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+Int = Annotated[int, msgspec.Meta(ge=INT64_MIN, le=INT64_MAX)]
+"""Every integer a client sends: the wire protocol is msgpack, which cannot carry more than
+64 bits, so a larger number is the client's error (400) rather than an encoding crash (500)."""
+_CLIENT_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
 class ApiError(Exception):
@@ -61,22 +67,22 @@ class StreamOptions(msgspec.Struct):
 
 class _SamplingFields(msgspec.Struct, kw_only=True):
     model: str | None = None
-    max_tokens: int | None = None
+    max_tokens: Int | None = None
     temperature: float | None = None
     top_p: float | None = None
-    top_k: int | None = None
+    top_k: Int | None = None
     min_p: float | None = None
-    n: int | None = None
+    n: Int | None = None
     stream: bool | None = None
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
-    seed: int | None = None
+    stop_token_ids: list[Int] | None = None
+    seed: Int | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     repetition_penalty: float | None = None
     ignore_eos: bool | None = None
-    min_tokens: int | None = None
+    min_tokens: Int | None = None
     include_stop_str_in_output: bool | None = None
     skip_special_tokens: bool | None = None
     user: str | None = None
@@ -86,7 +92,7 @@ class CompletionBody(_SamplingFields, kw_only=True):
     prompt: Any = None
     """str, list[str], list[int] or list[list[int]]: one msgspec union cannot hold them all."""
     echo: bool | None = None
-    logprobs: int | None = None
+    logprobs: Int | None = None
 
 
 class ContentPart(msgspec.Struct):
@@ -101,9 +107,9 @@ class Message(msgspec.Struct):
 
 class ChatBody(_SamplingFields, kw_only=True):
     messages: list[Message]
-    max_completion_tokens: int | None = None
+    max_completion_tokens: Int | None = None
     logprobs: bool | None = None
-    top_logprobs: int | None = None
+    top_logprobs: Int | None = None
     add_generation_prompt: bool | None = None
 
 
@@ -116,7 +122,7 @@ class TokenizeBody(msgspec.Struct, kw_only=True):
 
 
 class DetokenizeBody(msgspec.Struct, kw_only=True):
-    tokens: list[int]
+    tokens: list[Int]
     model: str | None = None
 
 
@@ -156,6 +162,8 @@ def decode_body(body: bytes, cls: type[msgspec.Struct]) -> Any:
         raise ApiError(400, f"invalid request: {e}", param=_error_param(str(e))) from None
     except msgspec.DecodeError as e:
         raise ApiError(400, f"the request body is not valid JSON: {e}") from None
+    except RecursionError:  # msgspec's guard against deep nesting, which a 2 KB body can reach
+        raise ApiError(400, "the request body is nested too deeply") from None
 
 
 def check_model(model: str | None, served: str) -> None:
@@ -216,9 +224,14 @@ def _children(request_id: str, params: SamplingParams, prompts: list[dict[str, A
             index = p * params.n + i
             sp = child_params
             if params.seed is not None and params.n > 1:
-                sp = msgspec.structs.replace(child_params, seed=params.seed + i)
+                sp = msgspec.structs.replace(child_params, seed=_child_seed(params.seed, i))
             children.append(GenerateRequest(request_id=f"{request_id}-{index}", sampling_params=sp, **prompt))
     return children
+
+
+def _child_seed(seed: int, i: int) -> int:
+    """seed + i, wrapped into the int64 range that the wire protocol carries."""
+    return (seed + i - INT64_MIN) % 2**64 + INT64_MIN
 
 
 def _prompts(raw: Any) -> list[dict[str, Any]]:
@@ -227,15 +240,22 @@ def _prompts(raw: Any) -> list[dict[str, Any]]:
     def is_tokens(x: Any) -> bool:
         return isinstance(x, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
 
+    def checked(ids: list[int]) -> list[int]:
+        # The vocabulary is checked by the tokenizer worker; this only keeps the ids encodable.
+        bad = next((t for t in ids if not 0 <= t <= INT64_MAX), None)
+        if bad is not None:
+            raise ApiError(400, f"token id {bad} is out of vocabulary", param="prompt")
+        return ids
+
     if isinstance(raw, str):
         return [{"prompt": raw}]
     if isinstance(raw, list) and raw:
         if all(isinstance(p, str) for p in raw):
             return [{"prompt": p} for p in raw]
         if is_tokens(raw):
-            return [{"prompt_token_ids": raw}]
+            return [{"prompt_token_ids": checked(raw)}]
         if all(is_tokens(p) and p for p in raw):
-            return [{"prompt_token_ids": p} for p in raw]
+            return [{"prompt_token_ids": checked(p)} for p in raw]
     if raw is None:
         raise ApiError(400, "prompt is required", param="prompt")
     raise ApiError(
@@ -246,20 +266,41 @@ def _prompts(raw: Any) -> list[dict[str, Any]]:
     )
 
 
-def parse_completion(body: bytes, served_model: str) -> Job:
+def request_id(prefix: str, client_id: str | None) -> str:
+    """The response id: the client's X-Request-Id when it sends one (so that it can cancel a
+    non-streaming request it has no response for yet), else a random one."""
+    if client_id is None:
+        return f"{prefix}-{uuid.uuid4().hex}"
+    if not _CLIENT_REQUEST_ID.fullmatch(client_id):
+        raise ApiError(400, "X-Request-Id must be 1-128 characters of [A-Za-z0-9._:-]", param="X-Request-Id")
+    return f"{prefix}-{client_id}"
+
+
+def _check_stream_options(req: _SamplingFields) -> None:
+    if req.stream_options is not None and not req.stream:
+        raise ApiError(
+            400, "The 'stream_options' parameter is only allowed when 'stream' is enabled.", param="stream_options"
+        )
+
+
+def parse_completion(body: bytes, served_model: str, client_id: str | None = None) -> Job:
     req: CompletionBody = decode_body(body, CompletionBody)
     check_model(req.model, served_model)
+    _check_stream_options(req)
+    if req.echo and req.logprobs is not None:
+        # OpenAI would return the prompt tokens' logprobs; the engine does not compute them.
+        raise ApiError(400, "echo together with logprobs is not supported", param="logprobs")
     prompts = _prompts(req.prompt)
     max_tokens = 16 if req.max_tokens is None else req.max_tokens  # OpenAI's completions default
     params = _sampling_params(req, max_tokens, req.logprobs)
     _validate(params, {})
-    request_id = f"cmpl-{uuid.uuid4().hex}"
+    job_id = request_id("cmpl", client_id)
     echo = bool(req.echo)
-    children = _children(request_id, params, prompts)
+    children = _children(job_id, params, prompts)
     for child in children:
         child.echo = echo
     return Job(
-        request_id=request_id,
+        request_id=job_id,
         chat=False,
         created=int(time.time()),
         model=served_model,
@@ -300,9 +341,10 @@ def chat_messages(messages: list[Message]) -> list[ChatMessage]:
     return out
 
 
-def parse_chat(body: bytes, served_model: str) -> Job:
+def parse_chat(body: bytes, served_model: str, client_id: str | None = None) -> Job:
     req: ChatBody = decode_body(body, ChatBody)
     check_model(req.model, served_model)
+    _check_stream_options(req)
     messages = chat_messages(req.messages)
     if req.top_logprobs is not None and not req.logprobs:
         raise ApiError(400, "top_logprobs requires logprobs to be true", param="top_logprobs")
@@ -313,13 +355,13 @@ def parse_chat(body: bytes, served_model: str) -> Job:
     if req.max_completion_tokens is not None:
         renames["max_tokens"] = "max_completion_tokens"
     _validate(params, renames)
-    request_id = f"chatcmpl-{uuid.uuid4().hex}"
+    job_id = request_id("chatcmpl", client_id)
     add_generation_prompt = True if req.add_generation_prompt is None else req.add_generation_prompt
-    children = _children(request_id, params, [{"messages": messages}])
+    children = _children(job_id, params, [{"messages": messages}])
     for child in children:
         child.add_generation_prompt = add_generation_prompt
     return Job(
-        request_id=request_id,
+        request_id=job_id,
         chat=True,
         created=int(time.time()),
         model=served_model,

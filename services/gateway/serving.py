@@ -14,7 +14,7 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
-from services.gateway.frontend import Frontend, Overloaded, RequestHandle, ServiceUnavailable
+from services.gateway.frontend import DuplicateRequest, Frontend, Overloaded, RequestHandle, ServiceUnavailable
 from services.gateway.openai_api import (
     ApiError,
     DetokenizeBody,
@@ -35,8 +35,20 @@ MODEL_NAME: web.AppKey[str] = web.AppKey("model_name", str)
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-def json_response(obj: Any, status: int = 200) -> web.Response:
-    return web.Response(body=msgspec.json.encode(obj), status=status, content_type="application/json")
+def json_response(obj: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(body=msgspec.json.encode(obj), status=status, headers=headers, content_type="application/json")
+
+
+# What aiohttp decodes (br and zstd only when their optional packages are installed, which
+# aiohttp itself checks); it passes any other coding through undecoded, so that is refused here.
+CONTENT_ENCODINGS = {"", "identity", "gzip", "x-gzip", "deflate", "br", "zstd"}
+
+
+async def read_body(request: web.Request) -> bytes:
+    encoding = request.headers.get("Content-Encoding", "").strip().lower()
+    if encoding not in CONTENT_ENCODINGS:
+        raise ApiError(415, f"unsupported Content-Encoding {encoding!r}; send gzip, deflate or none")
+    return await request.read()
 
 
 def unavailable(e: ServiceUnavailable) -> ApiError:
@@ -44,11 +56,13 @@ def unavailable(e: ServiceUnavailable) -> ApiError:
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
-    return await _generate(request, parse_completion(await request.read(), request.app[MODEL_NAME]))
+    job = parse_completion(await read_body(request), request.app[MODEL_NAME], request.headers.get("X-Request-Id"))
+    return await _generate(request, job)
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
-    return await _generate(request, parse_chat(await request.read(), request.app[MODEL_NAME]))
+    job = parse_chat(await read_body(request), request.app[MODEL_NAME], request.headers.get("X-Request-Id"))
+    return await _generate(request, job)
 
 
 async def _generate(request: web.Request, job: Job) -> web.StreamResponse:
@@ -61,13 +75,15 @@ async def _generate(request: web.Request, job: Job) -> web.StreamResponse:
         ) from None
     except ServiceUnavailable as e:
         raise unavailable(e) from None
+    except DuplicateRequest as e:
+        raise ApiError(400, str(e), param="X-Request-Id") from None
     try:
         if job.stream:
             return await _stream(request, job, handle)
         collector = ResponseCollector(job)
         while not collector.done:
             collector.add(await handle.next_batch())
-        return json_response(collector.body())
+        return json_response(collector.body(), headers={"X-Request-Id": job.request_id})
     finally:
         frontend.release(handle)
 
@@ -95,13 +111,16 @@ async def _stream(request: web.Request, job: Job, handle: RequestHandle) -> web.
 
 async def cancel(request: web.Request) -> web.Response:
     request_id = request.match_info["request_id"]
-    if not request.app[FRONTEND].abort(request_id):
+    frontend = request.app[FRONTEND]
+    # The response id, or the X-Request-Id the client chose (the response id less its prefix).
+    candidates = (request_id, f"cmpl-{request_id}", f"chatcmpl-{request_id}")
+    if not any(frontend.abort(candidate) for candidate in candidates):
         raise ApiError(404, f"no request {request_id!r} is in flight", param="request_id", code="request_not_found")
     return json_response({"id": request_id, "object": "request.cancelled", "cancelled": True})
 
 
 async def tokenize(request: web.Request) -> web.Response:
-    body: TokenizeBody = decode_body(await request.read(), TokenizeBody)
+    body: TokenizeBody = decode_body(await read_body(request), TokenizeBody)
     check_model(body.model, request.app[MODEL_NAME])
     if (body.prompt is None) == (body.messages is None):
         raise ApiError(400, "give exactly one of prompt and messages", param="prompt")
@@ -124,7 +143,7 @@ async def tokenize(request: web.Request) -> web.Response:
 
 
 async def detokenize(request: web.Request) -> web.Response:
-    body: DetokenizeBody = decode_body(await request.read(), DetokenizeBody)
+    body: DetokenizeBody = decode_body(await read_body(request), DetokenizeBody)
     check_model(body.model, request.app[MODEL_NAME])
     req = DetokenizeRequest(request_id=f"detokenize-{uuid.uuid4().hex}", token_ids=body.tokens)
     try:

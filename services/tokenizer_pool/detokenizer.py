@@ -121,6 +121,7 @@ class RequestStream:
 
         text: list[str] = []
         consumed = 0
+        shown = 0  # tokens whose text is part of the output: all consumed ones but a hidden stop token
         stop_string: str | None = None
         last = len(out.new_token_ids) - 1
         for i, token_id in enumerate(out.new_token_ids):
@@ -128,6 +129,7 @@ class RequestStream:
             self._num_output_tokens += 1
             if i == last and out.stop_token_id is not None and token_id == out.stop_token_id:
                 break  # the stop token counts as output but its text is never shown
+            shown += 1
             emitted, stop_string = self._append(self._detok.add(token_id))
             text.append(emitted)
             if stop_string is not None:
@@ -152,7 +154,8 @@ class RequestStream:
         token_ids = out.new_token_ids[:consumed]
         logprobs = None
         if out.logprobs is not None:
-            logprobs = [self._text_logprob(lp) for lp in out.logprobs[:consumed]]
+            # As OpenAI's: no logprob entry for a token (EOS, a stop id) whose text is not in the output.
+            logprobs = [self._text_logprob(lp) for lp in out.logprobs[:shown]]
         return self._delta(
             text="".join(text),
             token_ids=token_ids,

@@ -125,11 +125,11 @@ async def test_stream_equals_non_stream(aclient: openai.AsyncOpenAI) -> None:
 
 def test_completions_prompt_forms(client: openai.OpenAI) -> None:
     resp = client.completions.create(
-        model=MODEL, prompt=["The capital of France is", "1, 2, 3,"], max_tokens=8, temperature=0, echo=True, logprobs=2
+        model=MODEL, prompt=["The capital of France is", "1, 2, 3,"], max_tokens=8, temperature=0, echo=True
     )
     assert [c.index for c in resp.choices] == [0, 1]
     assert resp.choices[0].text.startswith("The capital of France is")
-    assert len(resp.choices[1].logprobs.tokens) >= 8
+    assert resp.choices[1].text.startswith("1, 2, 3,")
     ids = client.completions.create(model=MODEL, prompt=[504, 3575, 282, 4649, 314], max_tokens=4, temperature=0)
     assert ids.usage.prompt_tokens == 5 and ids.usage.completion_tokens == 4
     assert ids.choices[0].finish_reason == "length"

@@ -235,3 +235,42 @@ def test_stop_token_and_max_tokens(tiny_path: str) -> None:
     tokens = [t for o in outs for t in o.new_token_ids]
     assert tokens == free_run[: free_run.index(stop_at) + 1]
     assert outs[-1].finish_reason == "stop" and outs[-1].stop_token_id == stop_at
+
+
+def test_rejects_out_of_vocabulary_stop_token_ids(tiny_path: str) -> None:
+    engine = tiny_engine(tiny_path)
+    vocab = engine.model_config.vocab_size
+    for bad in (vocab, 10**9, 2**63 - 1):
+        with pytest.raises(ValueError, match="stop_token_ids"):
+            engine.add_request("x", [5, 6], SamplingParams(max_tokens=5, min_tokens=2, stop_token_ids=[bad]))
+    assert not engine.has_unfinished()
+
+
+def test_poisoned_request_fails_alone_in_a_full_batch(tiny_path: str) -> None:
+    """A request that makes the step raise (here: a stop id past the vocabulary slipped past
+    validation, which indexes out of range in the sampler's min_tokens mask) fails with an
+    error; every other request of the batch completes exactly as without it."""
+    prompts = random_prompts(512, [5, 9, 13, 7, 11, 6, 8, 10])
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    clean = run_engine(tiny_engine(tiny_path), prompts, params)
+
+    engine = tiny_engine(tiny_path)
+    for i, p in enumerate(prompts[:4]):
+        engine.add_request(f"r{i}", p, params)
+    poison = SamplingParams(max_tokens=12, min_tokens=4, temperature=0.0)
+    engine.add_request("poison", prompts[0], poison)
+    poison.stop_token_ids = [10**9]  # after add_request's check, as a validation bug would let it in
+    for i, p in enumerate(prompts[4:], start=4):
+        engine.add_request(f"r{i}", p, params)
+    out: dict[str, list[int]] = {f"r{i}": [] for i in range(len(prompts))}
+    errors = []
+    while engine.has_unfinished():
+        for o in engine.step():
+            if o.error is not None:
+                errors.append(o)
+            else:
+                out[o.request_id].extend(o.new_token_ids)
+    assert [(e.request_id, e.finish_reason, e.error_code) for e in errors] == [("poison", "abort", 500)]
+    assert "internal engine error" in (errors[0].error or "")
+    assert out == clean
+    assert engine.block_manager.usage == 0

@@ -23,7 +23,7 @@ import zmq
 import zmq.asyncio
 from aiohttp import web
 
-from services.gateway.app import RUNNER_OPTIONS, build_app
+from services.gateway.app import RUNNER_OPTIONS, GatewayRunner, build_app
 from services.gateway.serving import FRONTEND
 from shared.config import Config, EngineConfig, ServeConfig
 from shared.protocol import (
@@ -248,7 +248,7 @@ async def start_gateway(**serve: Any) -> tuple[Gateway, Callable[[], Awaitable[N
     ]
     worker_tasks = [asyncio.create_task(w.run()) for w in workers]
     app = build_app(config)
-    runner = web.AppRunner(app, **RUNNER_OPTIONS)
+    runner = GatewayRunner(app, **RUNNER_OPTIONS)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()

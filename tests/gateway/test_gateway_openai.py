@@ -127,23 +127,24 @@ async def test_completions_stream_include_usage(gateway: Gateway) -> None:
 
 
 async def test_completions_echo_and_logprobs(gateway: Gateway) -> None:
-    resp = await async_client(gateway).completions.create(model=MODEL, prompt="Say: ", echo=True, logprobs=2)
-    choice = resp.choices[0]
-    assert choice.text == "Say: " + TEXT
-    lp = choice.logprobs
+    client = async_client(gateway)
+    echoed = (await client.completions.create(model=MODEL, prompt="Say: ", echo=True)).choices[0]
+    assert echoed.text == "Say: " + TEXT and echoed.logprobs is None
+    assert gateway.generates[0].echo
+    lp = (await client.completions.create(model=MODEL, prompt="Say: ", logprobs=2)).choices[0].logprobs
     assert lp.tokens == TOKENS and lp.token_logprobs == [-0.5] * 3
     assert lp.top_logprobs == [{"alt0": -1.0, "alt1": -2.0}] * 3
-    assert lp.text_offset == [5, 10, 11]
-    assert gateway.generates[0].echo and gateway.generates[0].sampling_params.logprobs == 2
+    assert lp.text_offset == [0, 5, 6]
+    assert gateway.generates[1].sampling_params.logprobs == 2
 
 
-async def test_completions_stream_echo_logprobs(gateway: Gateway) -> None:
-    stream = await async_client(gateway).completions.create(
-        model=MODEL, prompt="Say: ", echo=True, logprobs=1, stream=True
-    )
+async def test_completions_stream_echo_and_logprobs(gateway: Gateway) -> None:
+    client = async_client(gateway)
+    stream = await client.completions.create(model=MODEL, prompt="Say: ", echo=True, stream=True)
+    assert [c.choices[0].text async for c in stream][0] == "Say: Hello"
+    stream = await client.completions.create(model=MODEL, prompt="Say: ", logprobs=1, stream=True)
     chunks = [c.choices[0] async for c in stream]
-    assert chunks[0].text == "Say: Hello"
-    assert [c.logprobs.text_offset for c in chunks if c.logprobs] == [[5], [10], [11]]
+    assert [c.logprobs.text_offset for c in chunks if c.logprobs] == [[0], [5], [6]]
 
 
 async def test_chat_logprobs_shape(gateway: Gateway) -> None:

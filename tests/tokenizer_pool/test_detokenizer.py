@@ -233,3 +233,20 @@ def test_engine_error_passes_through(smol_tokenizer: Tokenizer) -> None:
     delta = stream.process(EngineOutput(request_id="r", finish_reason="abort", error="too big", error_code=413))
     assert (delta.error, delta.error_code, delta.finish_reason) == ("too big", 413, "abort")
     assert stream.finished and not stream.abort_in_engine
+
+
+def test_no_logprob_for_a_hidden_stop_token(smol_tokenizer: Tokenizer) -> None:
+    # OpenAI's logprobs list the tokens of the text; EOS (whose text is dropped) is not among them.
+    ids = smol_tokenizer.encode("Paris.")
+    stream = RequestStream("r", smol_tokenizer, SamplingParams(logprobs=0), num_prompt_tokens=1, engine=0)
+    delta = stream.process(
+        EngineOutput(
+            request_id="r",
+            new_token_ids=[*ids, 2],
+            finish_reason="stop",
+            stop_token_id=2,
+            logprobs=[TokenLogprob(t, -1.0, []) for t in [*ids, 2]],
+        )
+    )
+    assert delta.text == "Paris." and delta.num_output_tokens == len(ids) + 1
+    assert [lp.token for lp in delta.logprobs or []] == [smol_tokenizer.token_text(t) for t in ids]
