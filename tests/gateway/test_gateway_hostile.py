@@ -120,7 +120,7 @@ async def raw_request(gw: Gateway, data: bytes) -> tuple[int, Any]:
     try:
         writer.write(data)
         await writer.drain()
-        raw = await asyncio.wait_for(reader.read(), 5)  # every error closes the connection
+        raw = await asyncio.wait_for(reader.read(), 20)  # every error closes the connection
     finally:
         writer.close()
     head, _, body = raw.partition(b"\r\n\r\n")
