@@ -130,12 +130,13 @@ async def test_completions_echo_and_logprobs(gateway: Gateway) -> None:
     client = async_client(gateway)
     echoed = (await client.completions.create(model=MODEL, prompt="Say: ", echo=True)).choices[0]
     assert echoed.text == "Say: " + TEXT and echoed.logprobs is None
-    assert gateway.generates[0].echo
-    lp = (await client.completions.create(model=MODEL, prompt="Say: ", logprobs=2)).choices[0].logprobs
+    resp = await client.completions.create(model=MODEL, prompt="Say: ", logprobs=2)
+    lp = resp.choices[0].logprobs
     assert lp.tokens == TOKENS and lp.token_logprobs == [-0.5] * 3
     assert lp.top_logprobs == [{"alt0": -1.0, "alt1": -2.0}] * 3
     assert lp.text_offset == [0, 5, 6]
-    assert gateway.generates[1].sampling_params.logprobs == 2
+    (child,) = [g for g in gateway.generates if g.request_id == f"{resp.id}-0"]
+    assert child.sampling_params.logprobs == 2 and not child.echo
 
 
 async def test_completions_stream_echo_and_logprobs(gateway: Gateway) -> None:
