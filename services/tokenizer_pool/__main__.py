@@ -14,7 +14,6 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from services.tokenizer_pool.tokenizer import load_tokenizer
 from services.tokenizer_pool.worker import run_worker
 from shared.config import parse_config
 
@@ -44,12 +43,6 @@ def _stop(processes: Sequence[multiprocessing.process.BaseProcess]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if "--warm-cache" in argv:
-        # Build the on-disk tokenizer cache and exit (used at image build time).
-        argv.remove("--warm-cache")
-        load_tokenizer(parse_config(argv).engine)
-        return 0
     config = parse_config(argv, description="NovaInfer tokenizer pool").with_default_addresses()
     serve = config.serve
     logging.basicConfig(
