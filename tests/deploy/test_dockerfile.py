@@ -20,7 +20,7 @@ from tests.deploy.deploy_files import DOCKERFILE, ROOT, Dockerfile, DockerIgnore
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib  # type: ignore[no-redef]
+    import tomli as tomllib  # type: ignore[no-redef,import-not-found]
 
 FLAVORS = ("cpu", "cuda")
 
@@ -47,7 +47,7 @@ def test_one_final_stage_per_flavor(dockerfile: Dockerfile) -> None:
         assert f"{flavor}-base" in names
     assert dockerfile.stage("cpu-base").base == "${CPU_BASE_IMAGE}"
     assert dockerfile.stage("cuda-base").base == "${CUDA_BASE_IMAGE}"
-    assert dockerfile.global_args["CUDA_BASE_IMAGE"].startswith("nvidia/cuda:")
+    assert str(dockerfile.global_args["CUDA_BASE_IMAGE"]).startswith("nvidia/cuda:")
     # The final stage installs with the flavor it was built for.
     assert "FLAVOR" in dockerfile.final.args()
 

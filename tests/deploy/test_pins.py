@@ -17,7 +17,7 @@ from tests.deploy.deploy_files import DOCKERFILE, PINS, ROOT, parse_dockerfile, 
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib  # type: ignore[no-redef]
+    import tomli as tomllib  # type: ignore[no-redef,import-not-found]
 
 
 @pytest.fixture(scope="module")
