@@ -16,7 +16,7 @@ MODEL ?=
 SERVE_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup serve generate test test-fast bench clean
+.PHONY: setup serve generate lint test test-fast bench clean
 
 $(VENV)/.installed: pyproject.toml pins.env
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -36,7 +36,13 @@ serve: setup
 generate: setup
 	$(VENV)/bin/novainfer generate --prompt "What is the capital of France?"
 
-test: setup
+# Config in pyproject.toml: ruff over the whole tree, mypy over services/ shared/ novainfer/.
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+test: lint
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 test-fast: setup
@@ -46,4 +52,4 @@ bench: setup
 	$(PY) benchmarks/offline_throughput.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

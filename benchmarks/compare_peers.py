@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import math
 import os
@@ -40,6 +41,7 @@ sys.path.insert(0, HERE)
 
 import serve_bench as sb  # noqa: E402
 from machine_info import machine_info  # noqa: E402
+
 from shared.model_files import bundled_model_path  # noqa: E402
 
 RESULTS = os.path.join(HERE, "results", "peers.json")
@@ -193,7 +195,8 @@ class Server:
         self.port = free_port()
         self.run_dir = tempfile.mkdtemp(prefix=f"peers-{name}-")
         self.cmd = server_command(name, self.port, self.run_dir, threads, dtype, llama_server)
-        self.log = open(os.path.join(self.run_dir, "server.log"), "w")
+        # Closed in stop(): the server writes to it for as long as it runs.
+        self.log = open(os.path.join(self.run_dir, "server.log"), "w")  # noqa: SIM115
         env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
         # Own process group: the whole server (NovaInfer's children included) can be stopped by its id.
         self.proc = subprocess.Popen(
@@ -229,14 +232,10 @@ class Server:
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                pass
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGKILL)  # whatever of its group is left
-        except ProcessLookupError:
-            pass
         self.proc.wait()
         self.log.close()
 
@@ -306,7 +305,8 @@ def run_point(server: Server, workload: str, concurrency: int, args: argparse.Na
     }
     print(
         f"  {workload:<13} c={concurrency:<3} {s['output_tok_per_s']:7.1f} out tok/s  "
-        f"TTFT p50 {s['ttft_s']['p50']:.2f}s p99 {s['ttft_s']['p99']:.2f}s  TPOT p50 {s['tpot_s']['p50'] * 1000:.0f}ms  "
+        f"TTFT p50 {s['ttft_s']['p50']:.2f}s p99 {s['ttft_s']['p99']:.2f}s  "
+        f"TPOT p50 {s['tpot_s']['p50'] * 1000:.0f}ms  "
         f"done {s['completed']} err {s['errors']} unfinished {s['unfinished']}  "
         f"foreign CPU {foreign:.2f} cores",
         flush=True,
@@ -360,7 +360,7 @@ def start_llamacpp(args: argparse.Namespace, out: dict[str, Any]) -> Server:
             _warm_up(server, burst=True)
             if server.proc.poll() is not None:
                 raise RuntimeError(f"exited with {server.proc.returncode} during the warm-up burst")
-        except Exception as e:  # noqa: BLE001 - any failure of the probe means: try the next build
+        except Exception as e:
             record["tried"].append({"variant": variant, "error": str(e), "log_tail": _log_tail(server)})
             print(f"llamacpp ({variant}) failed its warm-up: {e}; log tail:\n  " + "\n  ".join(_log_tail(server, 5)))
             server.stop()
@@ -426,7 +426,7 @@ def plot(runs: list[dict[str, Any]], prefix: str = "peers") -> list[str]:
     paths = []
     for fname, series, ylabel in figures:
         fig, axes = plt.subplots(1, len(workloads), figsize=(5.5 * len(workloads), 4), squeeze=False)
-        for ax, w in zip(axes[0], workloads):
+        for ax, w in zip(axes[0], workloads, strict=True):
             for i, srv in enumerate(servers):
                 # A capped point with nothing finished still has a throughput, but no latencies.
                 pts = sorted(
@@ -487,9 +487,11 @@ def markdown(runs: list[dict[str, Any]]) -> str:
             )
             lines.append(
                 f"| {r['server']} | {r['concurrency']} | {r['output_tok_per_s']:.1f} | {_fmt(r['ttft_p50_s'])} "
-                f"| {_fmt(r['ttft_p99_s'])} | {_fmt(r['tpot_p50_s'], 1000, ' ms', 0)} | {_fmt(r['tpot_p99_s'], 1000, ' ms', 0)} "
+                f"| {_fmt(r['ttft_p99_s'])} | {_fmt(r['tpot_p50_s'], 1000, ' ms', 0)} "
+                f"| {_fmt(r['tpot_p99_s'], 1000, ' ms', 0)} "
                 f"| {r['completed']}/{r['errors']}/{r['unfinished']}{' (capped)' if r['truncated'] else ''} "
-                f"| {'' if hit is None else f'{hit:.0%}'} | {r['server_cpu_cores']:.2f} | {r['foreign_cpu_cores']:.2f} |"
+                f"| {'' if hit is None else f'{hit:.0%}'} "
+                f"| {r['server_cpu_cores']:.2f} | {r['foreign_cpu_cores']:.2f} |"
             )
     return "\n".join(lines)
 

@@ -23,8 +23,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.deploy.live_prometheus import api, dashboard_queries, run_prometheus
-from tests.e2e.conftest import free_port, start_server
+from tests.deploy.live_prometheus import api, dashboard_queries, run_prometheus  # noqa: E402 - needs ROOT on sys.path
+from tests.e2e.conftest import free_port, start_server  # noqa: E402 - needs ROOT on sys.path
 
 PANELS = [
     "Requests/s by status",
@@ -97,7 +97,7 @@ def main() -> int:
             server.stop()
 
     fig, axes = plt.subplots(3, 3, figsize=(15, 10))
-    for ax, title in zip(axes.flat, PANELS):
+    for ax, title in zip(axes.flat, PANELS, strict=True):
         for label, points in series.get(title, []):
             ax.plot([t for t, _ in points], [v for _, v in points], label=label)
         ax.set_title(title)

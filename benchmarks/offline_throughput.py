@@ -27,11 +27,12 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from machine_info import machine_info  # noqa: E402
-from novainfer.llm import LLM  # noqa: E402
-from shared.config import EngineConfig, available_cores  # noqa: E402
-from shared.model_files import bundled_model_path  # noqa: E402
-from shared.protocol import SamplingParams  # noqa: E402
+from machine_info import machine_info
+
+from novainfer.llm import LLM
+from shared.config import EngineConfig, available_cores
+from shared.model_files import bundled_model_path
+from shared.protocol import SamplingParams
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "offline_throughput.json")
 
@@ -210,7 +211,8 @@ def main() -> None:
         json.dump(result, f, indent=2)
     print(
         f"| metric | NovaInfer | transformers | ratio |\n|---|---|---|---|\n"
-        f"| throughput, output tok/s ({args.requests} requests) | {engine_tps:.1f} | {hf_tps:.1f} | {engine_tps / hf_tps:.2f}x |\n"
+        f"| throughput, output tok/s ({args.requests} requests) "
+        f"| {engine_tps:.1f} | {hf_tps:.1f} | {engine_tps / hf_tps:.2f}x |\n"
         f"| single-stream decode, tok/s | {engine_decode:.1f} | {hf_decode:.1f} | {engine_decode / hf_decode:.2f}x |\n"
         f"| decode matmuls alone (floor), ms/token | {floor_ms:.1f} | | bound {1e3 / hf_decode / floor_ms:.2f}x |"
     )

@@ -130,7 +130,7 @@ def shared_prefix_workload(
             if t >= len(users):
                 return None
             messages = [{"role": "system", "content": system}]
-            for u, a in zip(users[:t], answers):
+            for u, a in zip(users[:t], answers, strict=False):
                 messages += [{"role": "user", "content": u}, {"role": "assistant", "content": a}]
             messages.append({"role": "user", "content": users[t]})
             body = {"messages": messages, "max_tokens": outs[t], "temperature": 0.0, **extra}

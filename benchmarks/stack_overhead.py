@@ -31,12 +31,12 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from typing import Any
 
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from machine_info import machine_info  # noqa: E402
+
 from shared.config import Config, EngineConfig, ServeConfig, available_cores, config_to_args  # noqa: E402
 from shared.protocol import EngineOutputs, EngineRequest, SamplingParams, decoder, encode  # noqa: E402
 
@@ -431,11 +431,12 @@ def main() -> None:
             reps = [workload(args.requests, args.prompt_len, VOCAB, seed=1000 * k + r) for r in range(args.repeats)]
             run: dict[str, Any] = {"threads": threads}
             for stage in stages:
-                ctx = {
-                    "engine": lambda: engine_stage(cfg, args),
-                    "zmq": lambda: zmq_stage(cfg, args, tmp),
-                    "full": lambda: full_stage(cfg, args, tmp),
-                }[stage]()
+                if stage == "engine":
+                    ctx = engine_stage(cfg, args)
+                elif stage == "zmq":
+                    ctx = zmq_stage(cfg, args, tmp)
+                else:
+                    ctx = full_stage(cfg, args, tmp)
                 with ctx as measure:
                     measure(warm, f"w{k}-")
                     results = [quiet_measure(measure, prompts, f"r{k}.{r}-", args) for r, prompts in enumerate(reps)]

@@ -37,7 +37,7 @@ def _generate(args: argparse.Namespace) -> int:
         results = llm.generate(prompts, params, use_tqdm=len(prompts) > 1)
     else:
         results = llm.chat([[{"role": "user", "content": p}] for p in prompts], params, use_tqdm=len(prompts) > 1)
-    for prompt, result in zip(prompts, results):
+    for prompt, result in zip(prompts, results, strict=True):
         if len(prompts) > 1:
             print(f"### {prompt}")
         print(result.outputs[0].text)

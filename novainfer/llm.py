@@ -11,7 +11,7 @@ import itertools
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any, cast
 
 import msgspec
 from tqdm import tqdm
@@ -22,7 +22,7 @@ from services.tokenizer_pool.tokenizer import Tokenizer, load_tokenizer
 from shared.config import EngineConfig
 from shared.protocol import SamplingParams, TextLogprob
 
-Prompt = Union[str, Sequence[int]]
+Prompt = str | Sequence[int]
 Conversation = Sequence[Mapping[str, str]]
 
 
@@ -67,10 +67,10 @@ class LLM:
         use_tqdm: bool = True,
     ) -> list[RequestOutput]:
         """Prompts are text (tokenized with special tokens, no chat template) or token ids."""
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]  # type: ignore[list-item]
-        items = []
-        for p in prompts:  # type: ignore[union-attr]
+        single = isinstance(prompts, str) or (prompts and isinstance(prompts[0], int))
+        batch = cast("Sequence[Prompt]", [prompts] if single else prompts)
+        items: list[tuple[str | None, list[int]]] = []
+        for p in batch:
             if isinstance(p, str):
                 items.append((p, self.tokenizer.encode(p)))
             else:
@@ -86,9 +86,10 @@ class LLM:
     ) -> list[RequestOutput]:
         """One conversation (a list of {'role', 'content'}) or a list of them, through the
         model's own chat template."""
-        conversations = [messages] if messages and isinstance(messages[0], Mapping) else messages
-        items = []
-        for conv in conversations:  # type: ignore[union-attr]
+        single = messages and isinstance(messages[0], Mapping)
+        conversations = cast("Sequence[Conversation]", [messages] if single else messages)
+        items: list[tuple[str | None, list[int]]] = []
+        for conv in conversations:
             text = self.tokenizer.render_chat(conv, add_generation_prompt)
             items.append((text, self.tokenizer.apply_chat_template(conv, add_generation_prompt)))
         return self._run(items, sampling_params, use_tqdm)
@@ -125,7 +126,7 @@ class LLM:
         results: list[RequestOutput],
         streams: dict[str, tuple[RequestStream, CompletionOutput]],
     ) -> None:
-        for (text, ids), params in zip(items, params_list):
+        for (text, ids), params in zip(items, params_list, strict=True):
             params.validate()
             result = RequestOutput(str(next(self._ids)), text, ids, [])
             results.append(result)

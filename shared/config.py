@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import ast
 import inspect
+import itertools
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal, get_args, get_origin, get_type_hints
@@ -198,7 +199,7 @@ def field_docs(cls: type) -> dict[str, str]:
     except (OSError, TypeError, IndexError, AttributeError):
         return {}
     docs = {}
-    for field, doc in zip(body, body[1:]):
+    for field, doc in itertools.pairwise(body):
         if (
             isinstance(field, ast.AnnAssign)
             and isinstance(field.target, ast.Name)

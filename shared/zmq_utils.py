@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import os
+from typing import TypeVar
 from urllib.parse import urlsplit
 
 import zmq
 import zmq.asyncio
+
+# A context makes sockets of its own kind (plain or asyncio); the helpers return that kind.
+_Socket = TypeVar("_Socket", bound=zmq.Socket)
 
 
 def bind_address(addr: str) -> str:
@@ -29,7 +33,7 @@ def _tune(sock: zmq.Socket) -> None:
     sock.setsockopt(zmq.LINGER, 0)
 
 
-def pull_socket(ctx: zmq.Context, addr: str) -> zmq.Socket:
+def pull_socket(ctx: zmq.Context[_Socket], addr: str) -> _Socket:
     """Bind this process's input."""
     _prepare_ipc(addr)
     sock = ctx.socket(zmq.PULL)
@@ -38,7 +42,7 @@ def pull_socket(ctx: zmq.Context, addr: str) -> zmq.Socket:
     return sock
 
 
-def push_socket(ctx: zmq.Context, addr: str) -> zmq.Socket:
+def push_socket(ctx: zmq.Context[_Socket], addr: str) -> _Socket:
     """Connect to a peer's input. Messages queue until the peer is up."""
     sock = ctx.socket(zmq.PUSH)
     _tune(sock)

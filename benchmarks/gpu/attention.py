@@ -8,16 +8,15 @@ module is imported, and bench_gpu.py settles it first."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-
 from common import free_device_memory, kernel_ms, rel_error, target
 from plan import Plan
-
 
 # --- paged batches -------------------------------------------------------------------------
 
@@ -54,7 +53,7 @@ def paged_inputs(
 
     cpu_gen = torch.Generator().manual_seed(0)
     dev_gen = torch.Generator(device=device).manual_seed(0)
-    seq_lens = [c + q for c, q in zip(context_lens, query_lens)]
+    seq_lens = [c + q for c, q in zip(context_lens, query_lens, strict=True)]
     blocks_per_req = [-(-s // block_size) for s in seq_lens]
     num_blocks = sum(blocks_per_req) + 3  # a few blocks no request owns
     order = torch.randperm(num_blocks, generator=cpu_gen)
@@ -87,7 +86,7 @@ def paged_inputs(
     query = qkv[:, : heads * head_dim].view(-1, heads, head_dim)
     key = qkv[:, heads * head_dim : (heads + kv_heads) * head_dim].view(-1, kv_heads, head_dim)
     value = qkv[:, (heads + kv_heads) * head_dim :].view(-1, kv_heads, head_dim)
-    new_slots = torch.cat([slots(i, c, s) for i, (c, s) in enumerate(zip(context_lens, seq_lens))])
+    new_slots = torch.cat([slots(i, c, s) for i, (c, s) in enumerate(zip(context_lens, seq_lens, strict=True))])
     starts = [0]
     for q in query_lens:
         starts.append(starts[-1] + q)
@@ -210,7 +209,7 @@ def section_decode_attention(plan: Plan, ctx: dict[str, Any]) -> dict[str, Any]:
         # The split count the backend would pick for this step.
         splits = choose_num_splits(batch, plan.kv_heads, 1, context, num_sms(plan.device))
         out = torch.empty_like(b.query)
-        ms, how = kernel_ms(lambda: run_kernel(b, splits, out), plan.device)
+        ms, how = kernel_ms(functools.partial(run_kernel, b, splits, out), plan.device)
         kv_bytes = batch * context * plan.kv_heads * plan.head_dim * 2 * elem  # K and V
         read_bw = kv_bytes / (ms / 1e3)
         cases.append(
@@ -315,6 +314,6 @@ def sdpa_flash(
         try:
             fn()
             return name, fn
-        except Exception as e:  # noqa: BLE001 - try the next form
+        except Exception as e:  # try the next form
             errors.append(f"{name}: {e}")
     raise RuntimeError("no SDPA flash variant runs here: " + "; ".join(errors))

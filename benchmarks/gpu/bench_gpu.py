@@ -119,7 +119,7 @@ def main() -> int:
             if name in NEEDS_BANDWIDTH and "copy_bw" not in ctx:
                 raise RuntimeError("no copy bandwidth: the bandwidth section failed")
             sec = SECTIONS[name](plan, ctx)
-        except Exception as e:  # noqa: BLE001 - record it, go on with the next section
+        except Exception as e:  # record it, go on with the next section
             sec = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(limit=8)}
             print(f"  {name} failed: {sec['error']}", flush=True)
         sec["wall_s"] = time.perf_counter() - t0

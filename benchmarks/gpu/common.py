@@ -12,7 +12,6 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
-
 from plan import CONFIGS, Plan
 
 if TYPE_CHECKING:  # a project module: imported at run time only inside a section (see bench_gpu.py)
@@ -42,7 +41,7 @@ def kernel_ms(fn: Callable[[], Any], device: str) -> tuple[float, str]:
         return float(triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="median")), (
             "triton.testing.do_bench_cudagraph: median of 10 replays of a graph of back-to-back calls"
         )
-    except Exception as e:  # noqa: BLE001 - capture can fail on some stacks; events still work
+    except Exception as e:  # capture can fail on some stacks; events still work
         ms = float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
         return ms, f"triton.testing.do_bench, median, L2 flushed (graph capture failed: {e})"
 

@@ -10,7 +10,6 @@ import traceback
 from typing import Any
 
 import torch
-
 from common import decode_graphs, engine_config, free_device_memory, graphs_active, sync, target
 from plan import Plan
 
@@ -50,7 +49,7 @@ def section_decode_step(plan: Plan, ctx: dict[str, Any]) -> dict[str, Any]:
         for eager in (False, True):
             try:
                 run = decode_step_run(plan, model, eager, bw)
-            except Exception as e:  # noqa: BLE001 - the other model/mode still gets measured
+            except Exception as e:  # the other model/mode still gets measured
                 run = {
                     "model": model,
                     "enforce_eager": eager,

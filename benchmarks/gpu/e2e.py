@@ -13,7 +13,6 @@ import traceback
 from typing import Any
 
 import torch
-
 from common import engine_config, free_device_memory, graphs_active, sync, target
 from plan import CONFIGS, Plan
 
@@ -30,14 +29,14 @@ def section_e2e(plan: Plan, ctx: dict[str, Any]) -> dict[str, Any]:
     engine_budget = max(10.0, min(plan.engine_budget_s, remaining - 60))
     try:
         ours = e2e_engine(plan, reqs, engine_budget)
-    except Exception as e:  # noqa: BLE001 - transformers' figure is still worth recording
+    except Exception as e:  # transformers' figure is still worth recording
         ours = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(limit=5)}
     free_device_memory()
     remaining = ctx["deadline"] - time.perf_counter()
     hf_budget = max(10.0, min(plan.hf_budget_s, remaining - 30))
     try:
         hf = e2e_transformers(plan, reqs, hf_budget)
-    except Exception as e:  # noqa: BLE001 - keep our own figure
+    except Exception as e:  # keep our own figure
         hf = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(limit=5)}
     free_device_memory()
     ratio = None
@@ -76,7 +75,7 @@ def e2e_engine(plan: Plan, reqs: list[tuple[list[int], int]], budget_s: float) -
     def run(batch: list[tuple[list[int], int]], prefix: str, deadline: float) -> tuple[int, float, bool]:
         ids = [f"{prefix}-{i}" for i in range(len(batch))]
         t = time.perf_counter()
-        for rid, (prompt, n) in zip(ids, batch):
+        for rid, (prompt, n) in zip(ids, batch, strict=True):
             engine.add_request(rid, prompt, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))
         produced = 0
         while engine.has_unfinished() and time.perf_counter() < deadline:
@@ -102,7 +101,6 @@ def e2e_engine(plan: Plan, reqs: list[tuple[list[int], int]], budget_s: float) -
     }
     if complete and produced != sum(n for _, n in reqs):
         result["warning"] = f"produced {produced} tokens, requested {sum(n for _, n in reqs)}"
-    del engine
     return result
 
 
@@ -138,7 +136,7 @@ def e2e_transformers(plan: Plan, reqs: list[tuple[list[int], int]], budget_s: fl
             try:
                 result.update(hf_continuous(model, reqs, budget_s, plan.hf_cb_warmup))
                 return result
-            except Exception as e:  # noqa: BLE001 - its API moved between versions: static batches then
+            except Exception as e:  # its API moved between versions: static batches then
                 if plan.hf_mode == "continuous":
                     raise
                 result["continuous_batching_error"] = f"{type(e).__name__}: {e}"

@@ -10,7 +10,6 @@ import time
 from typing import Any
 
 import torch
-
 from bandwidth import BANDWIDTH_DEFINITION
 from plan import Plan
 

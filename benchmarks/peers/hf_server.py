@@ -46,7 +46,7 @@ from transformers.generation.streamers import BaseStreamer
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from shared.model_files import bundled_model_path  # noqa: E402
+from shared.model_files import bundled_model_path
 
 
 @dataclass
@@ -82,7 +82,7 @@ class BatchState(LogitsProcessor, BaseStreamer):
         if not self.prompt_seen:  # generate() first hands the streamer the prompt
             self.prompt_seen = True
             return
-        for job, tok in zip(self.jobs, value.view(-1).tolist()):
+        for job, tok in zip(self.jobs, value.view(-1).tolist(), strict=False):
             if job.done:
                 continue
             if job.cancelled:
@@ -212,11 +212,13 @@ class Server:
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         created = int(time.time())
         obj = "chat.completion" if chat else "text_completion"
-        usage = lambda n: {
-            "prompt_tokens": len(job.prompt_ids),
-            "completion_tokens": n,  # noqa: E731
-            "total_tokens": len(job.prompt_ids) + n,
-        }
+
+        def usage(n: int) -> dict[str, int]:
+            return {
+                "prompt_tokens": len(job.prompt_ids),
+                "completion_tokens": n,
+                "total_tokens": len(job.prompt_ids) + n,
+            }
 
         def choice(text: str, finish: str | None, delta: bool) -> dict[str, Any]:
             if not chat:

@@ -22,12 +22,15 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import Tensor, nn
 
 from services.engine_core.attention.base import AttentionBackend, AttentionMetadata
+
+if TYPE_CHECKING:
+    from torch.cuda import _POOL_HANDLE  # what graph_pool_handle() returns; importing it at run time is a cycle
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +50,7 @@ class CudaGraph:
     """torch.cuda.CUDAGraph sharing one memory pool with the other sizes' graphs (they never
     run at once, so their intermediate tensors may overlap)."""
 
-    def __init__(self, pool: tuple[int, int] | None) -> None:
+    def __init__(self, pool: _POOL_HANDLE | None) -> None:
         self.graph = torch.cuda.CUDAGraph()
         self.pool = pool
 
@@ -95,7 +98,8 @@ class DecodeGraphs:
         self.sizes = capture_sizes(max_batch)
         n = self.sizes[-1]
         max_blocks = -(-max_model_len // block_size)
-        i32, i64 = dict(dtype=torch.int32, device=device), dict(dtype=torch.int64, device=device)
+        i32: dict[str, Any] = dict(dtype=torch.int32, device=device)
+        i64: dict[str, Any] = dict(dtype=torch.int64, device=device)
         self.input_ids = torch.zeros(n, **i64)
         self.positions = torch.zeros(n, **i64)
         self.slot_mapping = torch.full((n,), -1, **i64)

@@ -132,8 +132,8 @@ class LLMEngine:
         Re-running rows is safe: a forward writes the same KV slots with the same values,
         and nothing else changes before scheduler.update()."""
         try:
-            sampled, logprobs = self.runner.execute(batch)
-            return sampled, logprobs, []
+            whole, whole_logprobs = self.runner.execute(batch)
+            return whole, whole_logprobs, []
         except Exception:
             if len(batch) == 1:
                 return [None], [None], list(batch.requests)

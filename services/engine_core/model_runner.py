@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -90,10 +91,7 @@ class ModelRunner:
         return 2 * mc.num_layers * self.block_size * mc.num_kv_heads * mc.head_dim * elem
 
     def _num_kv_blocks(self) -> int:
-        if self.device.type == "cuda":
-            budget = self._cuda_kv_budget()
-        else:
-            budget = self.config.kv_cache_bytes
+        budget = self._cuda_kv_budget() if self.device.type == "cuda" else self.config.kv_cache_bytes
         num_blocks = budget // self._block_bytes()
         if num_blocks < 2:
             raise ValueError(
@@ -127,7 +125,7 @@ class ModelRunner:
         # One request of n tokens, every one in block 0 (written to slot 0): enough to size
         # activations. The block table still has an entry for every block of the context: a
         # kernel reads an entry for every block it attends over.
-        i32 = dict(dtype=torch.int32, device=self.device)
+        i32: dict[str, Any] = dict(dtype=torch.int32, device=self.device)
         return AttentionMetadata(
             num_reqs=1,
             num_tokens=n,
@@ -195,7 +193,7 @@ class ModelRunner:
         max_blocks = max(len(r.block_table) for r in batch.requests)
         tables = torch.zeros((len(batch.requests), max_blocks), dtype=torch.int32, pin_memory=self._pin)
         table_rows = tables.numpy()
-        for i, (req, n) in enumerate(zip(batch.requests, batch.num_new_tokens)):
+        for i, (req, n) in enumerate(zip(batch.requests, batch.num_new_tokens, strict=True)):
             start = req.num_computed_tokens
             end = start + n
             input_ids.extend(req.all_token_ids[start:end])
@@ -253,7 +251,7 @@ class ModelRunner:
 
         sampling_reqs = [
             i
-            for i, (r, n) in enumerate(zip(batch.requests, batch.num_new_tokens))
+            for i, (r, n) in enumerate(zip(batch.requests, batch.num_new_tokens, strict=True))
             if r.num_computed_tokens + n == r.num_tokens
         ]
         reqs = [batch.requests[i] for i in sampling_reqs]
@@ -276,6 +274,6 @@ class ModelRunner:
             sampled[i] = tokens[j]
             k = reqs[j].sampling_params.logprobs
             if k is not None and lp is not None:
-                alts = list(zip(top[1][j][:k], top[0][j][:k])) if (top and k) else []
+                alts = list(zip(top[1][j][:k], top[0][j][:k], strict=True)) if (top and k) else []
                 logprobs[i] = TokenLogprob(tokens[j], lp[j], alts)
         return sampled, logprobs

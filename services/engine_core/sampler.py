@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -164,24 +164,24 @@ class SamplingBatch:
             if any(p.temperature != 1.0 for p in sp):
                 b.temperature = _t([p.temperature for p in sp], f32, dev)
             u = 1.0 - torch.rand(len(sp), dtype=torch.float64, generator=generator)  # (0, 1]
-            seeded = [j for j, p in enumerate(sp) if p.seed is not None]
+            seeded = [(j, p.seed) for j, p in enumerate(sp) if p.seed is not None]
             if seeded:
-                u[seeded] = torch.tensor(
-                    [seeded_uniform(sp[j].seed, n_out[sampled[j]]) for j in seeded], dtype=torch.float64
+                u[[j for j, _ in seeded]] = torch.tensor(
+                    [seeded_uniform(seed, n_out[sampled[j]]) for j, seed in seeded], dtype=torch.float64
                 )
             u = u.float()
             filt = [j for j, p in enumerate(sp) if p.top_k > 0 or p.top_p < 1.0]
             plain = [j for j, p in enumerate(sp) if not (p.top_k > 0 or p.top_p < 1.0)]
-            for rows in (plain, filt):
-                if not rows:
+            for group in (plain, filt):
+                if not group:
                     continue
-                gp = [sp[j] for j in rows]
+                gp = [sp[j] for j in group]
                 g = _Group(
-                    rows=_t(rows, i64, dev) if len(rows) < len(sp) else None,
-                    uniform=u[rows].to(dev),
+                    rows=_t(group, i64, dev) if len(group) < len(sp) else None,
+                    uniform=u[group].to(dev),
                     min_p=_t([p.min_p for p in gp], f32, dev) if any(p.min_p > 0 for p in gp) else None,
                 )
-                if rows is filt:
+                if group is filt:
                     g.top_k = _t([max(p.top_k, 0) for p in gp], i64, dev)
                     if any(p.top_p < 1.0 for p in gp):
                         g.top_p = _t([p.top_p for p in gp], f32, dev)
@@ -195,7 +195,7 @@ class SamplingBatch:
 
         lp = [i for i in range(B) if params[i].logprobs is not None]
         if lp:
-            b.num_top_logprobs = max(params[i].logprobs for i in lp)
+            b.num_top_logprobs = max(params[i].logprobs or 0 for i in lp)
             b.logprob_rows = _t(lp, i64, dev) if len(lp) < B else None
         return b
 
@@ -226,7 +226,7 @@ class Sampler:
         """logits: [B, V]. It is modified in place (penalties, masks, and the sampling stage
         too when no row is greedy): the caller must not reuse it."""
         logits = logits.float().contiguous()  # no-ops for contiguous float32 logits
-        B, V = logits.shape
+        B = logits.shape[0]
 
         # Raw logprobs are taken before anything edits the logits.
         lp = None
@@ -238,7 +238,7 @@ class Sampler:
         # max(dim) returns the first maximal index like argmax, and is ~3x faster on CPU
         if batch.num_sampled == 0:
             tokens = logits.max(-1).indices
-        elif batch.sample_rows is None:
+        elif batch.sample_rows is None or batch.greedy_rows is None:  # both set, or neither
             tokens = self._sample(logits, batch)
         else:
             tokens = torch.empty(B, dtype=torch.int64, device=logits.device)
@@ -271,12 +271,13 @@ class Sampler:
         # path, which is 10-100x slower on CPU (-inf masks and low temperatures hit it);
         # threshold_ then turns the floor, masked tokens included, into exact zeros.
         p = x.sub_(x.amax(-1, keepdim=True)).clamp_(min=_LOG_FLOOR).exp_()
-        F.threshold_(p, _P_FLOOR, 0.0)
+        F.threshold(p, _P_FLOOR, 0.0, inplace=True)
         groups = [g for g in (batch.plain, batch.filtered) if g is not None]
         if len(groups) == 1:
             return _draw_group(p, groups[0])
         tokens = torch.empty(p.shape[0], dtype=torch.int64, device=p.device)
         for g in groups:
+            assert g.rows is not None  # two groups: each holds some of the rows
             tokens[g.rows] = _draw_group(p.index_select(0, g.rows), g)
         return tokens
 
@@ -327,7 +328,7 @@ def _draw_filtered(p: Tensor, k: Tensor, top_p: Tensor | None, min_p: Tensor | N
         # The kept set may go past the candidates: a wide nucleus needs more of them (its
         # threshold is not known yet), a tie at the cut only a full-row compare.
         spill = keep[:, -1]
-        if wide is not None and bool((wide & spill).any()):
+        if wide is not None and top_p is not None and bool((wide & spill).any()):
             w = (wide & spill).nonzero()[:, 0]
             spill = spill & ~wide
             tokens[w] = _draw_filtered(
@@ -346,8 +347,10 @@ def apply_penalties(logits: Tensor, batch: SamplingBatch) -> None:
     if batch.rep_rows is not None:
         v = logits[batch.rep_rows, batch.rep_tokens]
         pen = batch.rep_penalty
+        assert pen is not None  # set with rep_rows
         logits[batch.rep_rows, batch.rep_tokens] = torch.where(v > 0, v / pen, v * pen)
     if batch.freq_rows is not None:
+        assert batch.freq_tokens is not None and batch.freq_sub is not None  # set with freq_rows
         logits.index_put_((batch.freq_rows, batch.freq_tokens), -batch.freq_sub, accumulate=True)
     if batch.ban_rows is not None:
         logits[batch.ban_rows, batch.ban_tokens] = _NEG_INF

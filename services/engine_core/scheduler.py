@@ -140,7 +140,7 @@ class Scheduler:
 
         reqs = list(scheduled)
         nums = list(scheduled.values())
-        flags = [r.num_computed_tokens + n == r.num_tokens for r, n in zip(reqs, nums)]
+        flags = [r.num_computed_tokens + n == r.num_tokens for r, n in zip(reqs, nums, strict=True)]
         return ScheduledBatch(reqs, nums, preempted, flags)
 
     def _admit(self, scheduled: dict[Request, int], budget: int) -> None:
@@ -180,7 +180,7 @@ class Scheduler:
             raise ValueError(f"got {len(sampled)} sampled tokens for a batch of {len(batch.requests)}")
         bm = self.block_manager
         finished: list[Request] = []
-        for i, (req, n) in enumerate(zip(batch.requests, batch.num_new_tokens)):
+        for i, (req, n) in enumerate(zip(batch.requests, batch.num_new_tokens, strict=True)):
             if req.status is not RequestStatus.RUNNING:  # aborted since schedule()
                 continue
             req.num_computed_tokens += n

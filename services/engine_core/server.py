@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 import signal
 import threading
-import time
 from collections import defaultdict
 
 import zmq
@@ -78,7 +77,7 @@ class EngineCoreServer:
         self.running = False
         self._stopped.set()
 
-    def _handle(self, raw: bytes) -> None:
+    def _handle(self, raw: bytes | memoryview) -> None:
         try:
             msg = self.decoder.decode(raw)
         except Exception as e:  # a bad message must never take the engine down

@@ -175,7 +175,7 @@ def _safetensors_weights(files: ModelFiles) -> Iterator[tuple[str, torch.Tensor]
         names = sorted(n for n in os.listdir(files.path) if n.endswith(".safetensors"))
     for name in names:
         with safe_open(os.path.join(files.path, name), framework="pt") as f:
-            for key in f.keys():
+            for key in f.keys():  # noqa: SIM118 - safe_open has keys() but is not iterable
                 yield key, f.get_tensor(key)
 
 
@@ -250,7 +250,7 @@ def _read_gguf_cache(path: str) -> tuple[ModelConfig, frozenset[str], Iterator[t
     layer_types = frozenset(filter(None, metadata[_CACHE_TYPES_KEY].split(",")))
 
     def weights() -> Iterator[tuple[str, torch.Tensor]]:
-        for key in f.keys():
+        for key in f.keys():  # noqa: SIM118 - safe_open has keys() but is not iterable
             yield key, f.get_tensor(key)
 
     return cfg, layer_types, weights()

@@ -12,13 +12,14 @@ import importlib.metadata
 import logging
 import signal
 import time
-from http import HTTPStatus
 from collections.abc import AsyncIterator, Awaitable, Callable
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.typedefs import Middleware
 from aiohttp.web_protocol import RequestHandler
 from prometheus_client import CONTENT_TYPE_LATEST
 
@@ -156,7 +157,7 @@ def _auth_middleware(api_key: str) -> Callable[..., Awaitable[web.StreamResponse
 def build_app(config: Config) -> web.Application:
     """The gateway app; its ZMQ frontend starts with the app and stops after it drained."""
     model_name = config.model_name()
-    middlewares = [metrics_middleware, error_middleware]
+    middlewares: list[Middleware] = [metrics_middleware, error_middleware]
     if config.serve.api_key:
         middlewares.append(_auth_middleware(config.serve.api_key))
     app = web.Application(middlewares=middlewares, client_max_size=config.serve.max_body_bytes)

@@ -135,10 +135,11 @@ class Frontend:
     async def start(self) -> None:
         serve = self.config.serve
         self._ctx = new_async_context()
-        self._input = pull_socket(self._ctx, serve.gateway_addr)  # type: ignore[arg-type]
+        assert serve.gateway_addr is not None  # checked in __init__
+        self._input = pull_socket(self._ctx, serve.gateway_addr)
         # Plain sockets for sending: a PUSH with an unbounded HWM never blocks, so a send
         # needs no await and aborts can go out from `finally` blocks of cancelled handlers.
-        sync_ctx = zmq.Context.shadow(self._ctx.underlying)
+        sync_ctx: zmq.Context[zmq.Socket] = zmq.Context.shadow(self._ctx.underlying)
         self._outputs = [push_socket(sync_ctx, addr) for addr in serve.tokenizer_addrs]
         self._tasks = [
             asyncio.create_task(self._read_loop(), name="gateway-reader"),

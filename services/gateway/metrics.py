@@ -134,10 +134,10 @@ class _EngineCollector(Collector):
                 fam.add_metric([self.model_name, str(idx)], getattr(st, field))
             yield fam
         for name, doc, field in counters:
-            fam = CounterMetricFamily(PREFIX + name, doc, labels=labels)
+            counter = CounterMetricFamily(PREFIX + name, doc, labels=labels)
             for idx, st in snapshot:
-                fam.add_metric([self.model_name, str(idx)], getattr(st, field))
-            yield fam
+                counter.add_metric([self.model_name, str(idx)], getattr(st, field))
+            yield counter
         up = GaugeMetricFamily(
             PREFIX + "component_up",
             "1 if the component reported within engine_timeout_s, else 0.",
@@ -171,10 +171,10 @@ class _EngineCollector(Collector):
                 fam.add_metric([self.model_name, str(idx)], getattr(st, field))
             yield fam
         for name, doc, field in counters:
-            fam = CounterMetricFamily(VLLM_PREFIX + name, doc, labels=labels)
+            counter = CounterMetricFamily(VLLM_PREFIX + name, doc, labels=labels)
             for idx, st in snapshot:
-                fam.add_metric([self.model_name, str(idx)], getattr(st, field))
-            yield fam
+                counter.add_metric([self.model_name, str(idx)], getattr(st, field))
+            yield counter
         # vLLM's info gauge: constant 1, the cache configuration in its labels.
         info = GaugeMetricFamily(
             VLLM_PREFIX + "cache_config_info",

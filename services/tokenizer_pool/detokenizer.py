@@ -10,6 +10,7 @@ Two guarantees the gateway relies on:
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from services.tokenizer_pool.tokenizer import Tokenizer
 from shared.protocol import (
@@ -208,7 +209,7 @@ class RequestStream:
             top=[(tok.token_text(t), p, list(tok.token_bytes(t))) for t, p in lp.top],
         )
 
-    def _delta(self, **fields: object) -> RequestDelta:
+    def _delta(self, **fields: Any) -> RequestDelta:
         prompt_text, self._prompt_text = self._prompt_text, None  # only the first delta echoes
         return RequestDelta(
             request_id=self.request_id,

@@ -185,12 +185,12 @@ def _byte_level_decoder() -> dict[str, int]:
             printable.append(b)
             chars.append(256 + extra)
             extra += 1
-    return {chr(c): b for b, c in zip(printable, chars)}
+    return {chr(c): b for b, c in zip(printable, chars, strict=True)}
 
 
 class _GenerationTag(jinja2.ext.Extension):
     # transformers' {% generation %} marks assistant spans for training masks; rendering ignores it.
-    tags = {"generation"}
+    tags = {"generation"}  # noqa: RUF012 - jinja2.ext.Extension declares tags as a plain class attribute
 
     def parse(self, parser: jinja2.parser.Parser) -> jinja2.nodes.Node:
         lineno = next(parser.stream).lineno
@@ -253,10 +253,7 @@ def tokenizer_source(engine_config: EngineConfig, model: ModelFiles) -> Tokenize
 
 
 def _cache_key(source: TokenizerSource) -> str:
-    if source.gguf:
-        files = [source.path]
-    else:
-        files = [os.path.join(source.path, f) for f in _HF_TOKENIZER_FILES]
+    files = [source.path] if source.gguf else [os.path.join(source.path, f) for f in _HF_TOKENIZER_FILES]
     stats = [(f, st.st_size, st.st_mtime_ns) for f in files if (st := _stat(f)) is not None]
     # A new transformers may convert differently: its version is part of the key.
     raw = json.dumps([_CACHE_FORMAT, importlib.metadata.version("transformers"), stats])

@@ -87,7 +87,7 @@ class TokenizerWorker:
                         )
                     )
                     next_heartbeat = now + self._heartbeat_s
-                if not poller.poll(max(0.0, next_heartbeat - time.monotonic()) * 1000):
+                if not poller.poll(int(max(0.0, next_heartbeat - time.monotonic()) * 1000)):
                     continue
                 for _ in range(_MAX_BATCH):
                     try:

@@ -9,8 +9,8 @@ sys.path.insert(
     0, os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "benchmarks")
 )
 
-import compare_peers as cp  # noqa: E402
-from machine_info import FEATURES, machine_info  # noqa: E402
+import compare_peers as cp
+from machine_info import FEATURES, machine_info
 
 
 def test_llamacpp_runs_with_default_flags_but_its_slots() -> None:

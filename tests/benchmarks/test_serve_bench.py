@@ -12,7 +12,7 @@ sys.path.insert(
     0, os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "benchmarks")
 )
 
-import serve_bench as sb  # noqa: E402
+import serve_bench as sb
 
 
 def test_percentile_matches_linear_interpolation() -> None:

@@ -60,7 +60,7 @@ def test_renderer_matches_kubectl_kustomize(name: str) -> None:
 
 
 def test_objects_valid(overlay: tuple[str, Objects]) -> None:
-    for (kind, name), obj in overlay[1].items():
+    for (kind, _name), obj in overlay[1].items():
         schema = CRDS.get((obj["apiVersion"], kind))
         if schema is not None:
             jsonschema.validate(obj, schema)

@@ -51,7 +51,7 @@ async def test_hostile_requests_fail_alone(server: Server) -> None:
         seeded = await post(
             session, server.base_url + "/v1/completions", {"prompt": "Hi", "seed": 2**63 - 1, "n": 2, "max_tokens": 2}
         )
-    for (path, body), (status, resp) in zip(HOSTILE, results):
+    for (path, body), (status, resp) in zip(HOSTILE, results, strict=True):
         assert 400 <= status < 500, (path, body, resp)
         assert set(resp["error"]) == {"message", "type", "param", "code"}, resp
     assert seeded[0] == 200 and len(seeded[1]["choices"]) == 2

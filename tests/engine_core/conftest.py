@@ -42,7 +42,7 @@ def build_paged_batch(
     projection gives them. pad_rows extra rows past the batch mimic a CUDA-graph padded batch
     (slot -1, no request)."""
     gen = torch.Generator().manual_seed(seed)
-    seq_lens = [c + q for c, q in zip(context_lens, query_lens)]
+    seq_lens = [c + q for c, q in zip(context_lens, query_lens, strict=True)]
     blocks_per_req = [-(-s // block_size) for s in seq_lens]
     num_blocks = sum(blocks_per_req) + 3  # a few blocks no request owns
     order = torch.randperm(num_blocks, generator=gen).tolist()

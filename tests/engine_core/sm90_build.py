@@ -27,16 +27,16 @@ from pathlib import Path
 if os.environ.get("TRITON_INTERPRET"):
     sys.exit("sm90_build.py needs real Triton kernels: unset TRITON_INTERPRET")
 
-import torch  # noqa: E402
-import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from services.engine_core.attention import triton_kernels as tk  # noqa: E402
-from services.engine_core.attention.triton_backend import TritonAttentionBackend  # noqa: E402
-from services.engine_core.attention.base import AttentionMetadata  # noqa: E402
-from services.engine_core.model_config import ModelConfig  # noqa: E402
+from services.engine_core.attention import triton_kernels as tk
+from services.engine_core.attention.base import AttentionMetadata
+from services.engine_core.attention.triton_backend import TritonAttentionBackend
+from services.engine_core.model_config import ModelConfig
 
 TARGET = GPUTarget("cuda", 90, 32)
 H100_SMS = 132
@@ -77,7 +77,7 @@ class Recorder:
 
 def _specialise(fn: triton.JITFunction, args: tuple, kwargs: dict) -> tuple[dict, dict, dict, dict]:
     """(signature, constexprs, attrs, options) of one launch, as the JIT would derive them."""
-    bound = dict(zip(fn.arg_names, args))
+    bound = dict(zip(fn.arg_names, args, strict=False))
     bound.update({k: v for k, v in kwargs.items() if k not in _OPTIONS})
     options = {k: v for k, v in kwargs.items() if k in _OPTIONS}
     signature, constexprs, attrs = {}, {}, {}
@@ -130,7 +130,7 @@ def build(fn: triton.JITFunction, args: tuple, kwargs: dict, case: str) -> Build
         # Dynamic shared memory (tiles staged by the compiler) is in the metadata, not the cubin.
         result.registers, result.local_bytes, static = _resource_usage(compiled.asm["cubin"], fn.__name__)
         result.shared_bytes = max(static, compiled.metadata.shared)
-    except Exception as e:  # noqa: BLE001 - every failure is reported, not raised
+    except Exception as e:  # every failure is reported, not raised
         result.error = f"{type(e).__name__}: {str(e).strip()[:2000]}"
     return result
 
@@ -146,7 +146,7 @@ def _metadata(query_lens: list[int], seq_lens: list[int], block_size: int) -> At
         num_tokens=starts[-1],
         query_start_loc=torch.tensor(starts, dtype=i32),
         seq_lens=torch.tensor(seq_lens, dtype=i32),
-        context_lens=torch.tensor([s - q for s, q in zip(seq_lens, query_lens)], dtype=i32),
+        context_lens=torch.tensor([s - q for s, q in zip(seq_lens, query_lens, strict=True)], dtype=i32),
         block_tables=torch.zeros((len(seq_lens), blocks), dtype=i32),
         slot_mapping=torch.zeros(starts[-1], dtype=torch.long),
         max_query_len=max(query_lens),

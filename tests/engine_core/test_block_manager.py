@@ -57,7 +57,7 @@ def test_prefix_hit_across_requests_shares_blocks() -> None:
     compute_all(bm, a)
     assert len(a.block_hashes) == 2
 
-    b = make_req(prompt[:8] + [99, 98, 97])
+    b = make_req([*prompt[:8], 99, 98, 97])
     cached = bm.allocate_prefix(b)
     assert cached == 8 and b.num_computed_tokens == 8
     assert b.block_table == a.block_table[:2]
@@ -79,19 +79,19 @@ def test_never_reports_whole_sequence_cached() -> None:
     b = make_req(prompt)
     # The last token must be computed for its logits: only the first block is usable.
     assert bm.allocate_prefix(b) == 4
-    c = make_req(prompt + [50])
+    c = make_req([*prompt, 50])
     assert bm.allocate_prefix(c) == 8
 
 
 def test_same_block_content_under_different_prefix_is_not_a_hit() -> None:
     bm = BlockManager(16, BS)
     shared_block = [7, 7, 7, 7]
-    compute_all(bm, make_req([1, 2, 3, 4] + shared_block + [0]))
-    other = make_req([5, 6, 7, 8] + shared_block + [0])
+    compute_all(bm, make_req([1, 2, 3, 4, *shared_block, 0]))
+    other = make_req([5, 6, 7, 8, *shared_block, 0])
     assert bm.allocate_prefix(other) == 0
     assert other.block_table == []
     # Under the same prefix it is a hit.
-    same = make_req([1, 2, 3, 4] + shared_block + [0])
+    same = make_req([1, 2, 3, 4, *shared_block, 0])
     assert bm.allocate_prefix(same) == 8
 
 
@@ -114,9 +114,9 @@ def test_allocate_prefix_only_on_first_touch_and_disabled() -> None:
 
 def test_freed_cached_blocks_are_reused_and_lru_evicted() -> None:
     bm = BlockManager(6, BS)
-    a = make_req(list(range(8)) + [0])  # 2 full blocks (cached) + partial
+    a = make_req([*list(range(8)), 0])  # 2 full blocks (cached) + partial
     compute_all(bm, a)
-    b = make_req(list(range(100, 108)) + [0])
+    b = make_req([*list(range(100, 108)), 0])
     compute_all(bm, b)
     a_blocks, b_blocks = list(a.block_table), list(b.block_table)
     bm.free(a)  # freed first -> least recently freed
@@ -138,16 +138,16 @@ def test_freed_cached_blocks_are_reused_and_lru_evicted() -> None:
     assert z.block_table == [a_blocks[1]]
     assert bm.num_cached_blocks == 3
     # a's head block is still a hit (ending the chain), b's full prefix too.
-    assert bm.allocate_prefix(make_req(list(range(8)) + [0])) == 4
-    assert bm.allocate_prefix(make_req(list(range(100, 108)) + [0])) == 8
+    assert bm.allocate_prefix(make_req([*list(range(8)), 0])) == 4
+    assert bm.allocate_prefix(make_req([*list(range(100, 108)), 0])) == 8
 
 
 def test_hit_takes_cached_free_block_back_into_use() -> None:
     bm = BlockManager(3, BS)
-    a = make_req(list(range(8)) + [0])
+    a = make_req([*list(range(8)), 0])
     compute_all(bm, a)
     bm.free(a)
-    b = make_req(list(range(8)) + [1])
+    b = make_req([*list(range(8)), 1])
     assert bm.allocate_prefix(b) == 8
     assert bm.num_free_blocks == 1
     # The only block left to hand out is the unhashed one; the hit blocks are safe.

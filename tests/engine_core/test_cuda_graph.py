@@ -48,7 +48,7 @@ def _engine() -> LLMEngine:
 def _run(engine: LLMEngine, prompts: list[list[int]], max_tokens: list[int]) -> dict[str, list[int]]:
     out: dict[str, list[int]] = {}
     # Arrivals spread over the run, so batches grow and shrink and reuse rows of other sizes.
-    pending = list(enumerate(zip(prompts, max_tokens)))
+    pending = list(enumerate(zip(prompts, max_tokens, strict=True)))
     step = 0
     while pending or engine.has_unfinished():
         while pending and pending[0][0] <= step // 3:

@@ -8,6 +8,7 @@ many prompts of different lengths batched together; and the engine's own feature
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import msgspec
 import pytest
@@ -28,7 +29,7 @@ def run_engine(
     engine: LLMEngine, prompts: list[list[int]], params: SamplingParams | list[SamplingParams], max_steps: int = 10_000
 ) -> dict[str, list[int]]:
     plist = params if isinstance(params, list) else [params] * len(prompts)
-    for i, (p, sp) in enumerate(zip(prompts, plist)):
+    for i, (p, sp) in enumerate(zip(prompts, plist, strict=True)):
         engine.add_request(f"r{i}", p, sp)
     out: dict[str, list[int]] = {f"r{i}": [] for i in range(len(prompts))}
     for _ in range(max_steps):
@@ -107,7 +108,7 @@ def test_smollm2_parity_batched(smol_llm: LLM, smol_hf: torch.nn.Module) -> None
 def tiny_hf(name: str, tmp_path) -> tuple[torch.nn.Module, str]:
     cfg_dir = tmp_path / name
     cfg_dir.mkdir()
-    (cfg_dir / "config.json").write_text(open(resolve_model(name).path).read())
+    (cfg_dir / "config.json").write_text(Path(resolve_model(name).path).read_text())
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(cfg_dir), dtype=torch.float32).eval()
     with torch.no_grad():

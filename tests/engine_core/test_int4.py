@@ -8,12 +8,12 @@ import logging
 import pytest
 import torch
 
+from services.engine_core.model_config import ModelConfig
 from services.engine_core.models import build_model
 from services.engine_core.models.int4 import GROUP, MAX_ROWS, Int4Weight
 from services.engine_core.weight_loader import load_model
 from shared.config import EngineConfig
 from shared.model_files import resolve_model
-from services.engine_core.model_config import ModelConfig
 from tests.engine_core.test_models import paged_logits, prefill_logits
 
 CPU = torch.device("cpu")
@@ -68,9 +68,9 @@ def smollm2_pair() -> tuple[torch.nn.Module, torch.nn.Module]:
 def test_int4_copies_of_the_4bit_gguf(smollm2_pair) -> None:
     auto, dense = smollm2_pair
     assert all(layer.int4_max_rows == MAX_ROWS for layer in auto.layers)
-    assert all(layer.int4_max_rows == 0 and layer.qkv_int4 is None for layer in dense.layers)
+    assert all(layer.int4_max_rows == 0 and layer.int4 is None for layer in dense.layers)
     # The dense weights stay: large steps use them.
-    for (name, p), (_, q) in zip(auto.state_dict().items(), dense.state_dict().items()):
+    for (name, p), (_, q) in zip(auto.state_dict().items(), dense.state_dict().items(), strict=True):
         assert torch.equal(p, q), name
 
 
@@ -140,9 +140,9 @@ def test_int4_layers_compute_with_their_dequantized_weights(name: str) -> None:
     quantized, _ = load_model(EngineConfig(model=name, quantization="int4"), CPU, torch.float32)
     dense, _ = load_model(EngineConfig(model=name), CPU, torch.float32)
     with torch.no_grad():
-        for q, d in zip(quantized.layers, dense.layers):
+        for q, d in zip(quantized.layers, dense.layers, strict=True):
             for attr in ("qkv", "o", "gate_up", "down"):
-                getattr(d, f"{attr}_weight").copy_(getattr(q, f"{attr}_int4").dequantize())
+                getattr(d, f"{attr}_weight").copy_(getattr(q.int4, attr).dequantize())
             if q.qkv_bias is not None:  # random init zeroes biases, which would hide a dropped one
                 bias = torch.randn(q.qkv_bias.shape, generator=torch.Generator().manual_seed(3)) * 0.5
                 q.qkv_bias.copy_(bias)

@@ -107,7 +107,14 @@ def test_block_manager_events_rebuild_cache_and_clear() -> None:
         mirror.apply(mirror.next_seq, enc.encode(KVEventBatch(ts=0.0, events=bm.take_events())))
 
     shared = list(range(100, 108))
-    tails = [[1, 2, 3, 4, 5], [6, 7, 8, 9], [10, 11, 12, 13, 14, 15, 16, 17, 18], [1, 2, 3, 4, 5], [20] * 9, [6, 7, 8, 9]]
+    tails = [
+        [1, 2, 3, 4, 5],
+        [6, 7, 8, 9],
+        [10, 11, 12, 13, 14, 15, 16, 17, 18],
+        [1, 2, 3, 4, 5],
+        [20] * 9,
+        [6, 7, 8, 9],
+    ]
     for n, tail in enumerate(tails):
         req = Request(f"r{n}", shared + tail, SamplingParams(max_tokens=1), [2], None, max_tokens=1)
         bm.allocate_prefix(req)

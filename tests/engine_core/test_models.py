@@ -123,7 +123,7 @@ def paged_logits(model: CausalLM, seqs: list[list[int]], schedule: list[list[int
         md, pos = step_metadata([(tables[i], done[i], counts[i]) for i in active])
         ids = torch.tensor([t for i in active for t in seqs[i][done[i] : done[i] + counts[i]]])
         logits = model.compute_logits(model(ids, pos, caches, md, backend))
-        for i, rows in zip(active, logits.split([counts[i] for i in active])):
+        for i, rows in zip(active, logits.split([counts[i] for i in active]), strict=True):
             out[i].append(rows)
             done[i] += counts[i]
     assert done == [len(s) for s in seqs]
@@ -144,7 +144,7 @@ def check_against_hf(model: CausalLM, hf: torch.nn.Module, vocab: int, tol: floa
     assert_logits_match(prefill_logits(model, seqs[0]), refs[0], tol)
     # Chunked prefills, a mixed prefill+decode step, then decodes of both.
     schedule = [[6, 0], [6, 7], [1, 3], [1, 1]]
-    for ours, ref in zip(paged_logits(model, seqs, schedule), refs):
+    for ours, ref in zip(paged_logits(model, seqs, schedule), refs, strict=True):
         assert_logits_match(ours, ref, tol)
 
 
@@ -272,7 +272,7 @@ def test_smollm2_gguf_parity(smollm2_hf: torch.nn.Module, tmp_path) -> None:
     assert len(os.listdir(tmp_path)) == 1  # the dequantized cache
     cached, cached_cfg = load_model(engine_config, CPU, torch.float32)
     assert cached_cfg == cfg
-    for (name, p), (_, q) in zip(model.state_dict().items(), cached.state_dict().items()):
+    for (name, p), (_, q) in zip(model.state_dict().items(), cached.state_dict().items(), strict=True):
         assert torch.equal(p, q), name
     check_against_hf(cached, smollm2_hf, cfg.vocab_size, tol=1e-4)
 

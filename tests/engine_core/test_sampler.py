@@ -3,8 +3,6 @@ the filters checked statistically on a small fixed distribution."""
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
@@ -73,7 +71,7 @@ def test_seed_is_independent_of_batch_and_preemption(target):
     row = (torch.randn(V) * 2).to(torch.bfloat16).float()
 
     def run(step: int, others: list[SamplingParams], pos: int) -> int:
-        params = others[:pos] + [target] + others[pos:]
+        params = [*others[:pos], target, *others[pos:]]
         logits = torch.randn(len(params), V) * 3
         logits[pos] = row
         out = [[7] * step] * len(params)

@@ -43,7 +43,7 @@ def step(s: Scheduler, token: int | None = 1000) -> tuple[ScheduledBatch, list[R
 
 
 def rows(batch: ScheduledBatch) -> list[tuple[str, int]]:
-    return [(r.request_id, n) for r, n in zip(batch.requests, batch.num_new_tokens)]
+    return [(r.request_id, n) for r, n in zip(batch.requests, batch.num_new_tokens, strict=True)]
 
 
 def test_budget_decodes_first_then_prefill_chunks() -> None:
@@ -171,7 +171,7 @@ def test_abort_from_each_state_frees_blocks_at_once() -> None:
     for r in (a, b, w):
         s.add_request(r)
     for _ in range(4):
-        batch, _ = step(s)
+        step(s)
     assert b.status is RequestStatus.PREEMPTED and w.status is RequestStatus.WAITING
     assert s.abort(["nope", b.request_id]) == [b]
     assert s.num_preempted == 0 and s.num_waiting == 1
@@ -333,7 +333,7 @@ def test_randomized_simulation_finishes_everything(seed: int, caching: bool) -> 
         assert batch.total_tokens <= s.config.max_num_batched_tokens
         assert s.num_running <= 4 and len(set(map(id, batch.requests))) == len(batch)
         sampled: list[int | None] = []
-        for i, (r, n) in enumerate(zip(batch.requests, batch.num_new_tokens)):
+        for i, (r, n) in enumerate(zip(batch.requests, batch.num_new_tokens, strict=True)):
             c = r.num_computed_tokens
             assert n >= 1 and len(r.block_table) * bs >= c + n
             for pos in range(c, c + n):  # write this step's K/V...

@@ -214,9 +214,8 @@ class Gateway:
                 return r.status, (msgspec.json.decode(raw) if raw[:1] == b"{" else raw), r
 
     async def get(self, path: str, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
-        async with aiohttp.ClientSession() as s:
-            async with s.get(self.url + path, headers=headers) as r:
-                return r.status, await r.read()
+        async with aiohttp.ClientSession() as s, s.get(self.url + path, headers=headers) as r:
+            return r.status, await r.read()
 
 
 GatewayFactory = Callable[..., Awaitable[Gateway]]

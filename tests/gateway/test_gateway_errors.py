@@ -117,7 +117,7 @@ async def test_api_key(make_gateway: GatewayFactory) -> None:
     with pytest.raises(openai.AuthenticationError):
         await client.models.list()
     status, body, _ = await gw.post("/v1/completions", {"prompt": "hi"})
-    assert_openai_error(status, body, 401)["code"] == "invalid_api_key"
+    assert assert_openai_error(status, body, 401)["code"] == "invalid_api_key"
     status, body, _ = await gw.post("/tokenize", {"prompt": "hi"})
     assert status == 401
     good = openai.AsyncOpenAI(base_url=gw.url + "/v1", api_key="s3cret", max_retries=0)
@@ -141,7 +141,7 @@ async def test_backpressure_429(make_gateway: GatewayFactory) -> None:
     busy = [asyncio.create_task(client.completions.create(model=MODEL, prompt="hi")) for _ in range(2)]
     await gw.wait_for(lambda: len(gw.generates) == 2)
     status, body, resp = await gw.post("/v1/completions", {"prompt": "hi"})
-    assert_openai_error(status, body, 429)["code"] == "rate_limit_exceeded"
+    assert assert_openai_error(status, body, 429)["code"] == "rate_limit_exceeded"
     assert resp.headers["Retry-After"] == "1"
     for g in gw.generates:
         parent = g.request_id.rsplit("-", 1)[0]

@@ -142,7 +142,7 @@ async def test_completions_echo_and_logprobs(gateway: Gateway) -> None:
 async def test_completions_stream_echo_and_logprobs(gateway: Gateway) -> None:
     client = async_client(gateway)
     stream = await client.completions.create(model=MODEL, prompt="Say: ", echo=True, stream=True)
-    assert [c.choices[0].text async for c in stream][0] == "Say: Hello"
+    assert [c.choices[0].text async for c in stream][0] == "Say: Hello"  # noqa: RUF015 - drains the stream
     stream = await client.completions.create(model=MODEL, prompt="Say: ", logprobs=1, stream=True)
     chunks = [c.choices[0] async for c in stream]
     assert [c.logprobs.text_offset for c in chunks if c.logprobs] == [[0], [5], [6]]

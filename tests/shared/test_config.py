@@ -9,9 +9,9 @@ from shared.config import (
     EngineConfig,
     ServeConfig,
     add_config_args,
-    field_docs,
-    config_to_args,
     config_from_args,
+    config_to_args,
+    field_docs,
     parse_config,
 )
 

@@ -17,7 +17,7 @@ SAMPLES = [
     "a  b\n\n\tc",
     "emoji 👨‍👩‍👧‍👦 family",
     "x = {'k': [1, 2]}",
-    "Ω≈ç√∫˜µ≤≥÷",
+    "Ω≈ç√∫˜µ≤≥÷",  # noqa: RUF001 - look-alike characters are the point of this case
 ]
 
 
@@ -119,7 +119,7 @@ def test_detokenizer_holds_partial_utf8(smol_tokenizer: Tokenizer, spiece_tokeni
     # Byte-fallback tokens <0xF0><0x9F><0x98><0x80>, then a piece with a leading space.
     byte_ids = [spiece_tokenizer.backend.token_to_id(f"<0x{b:02X}>") for b in "😀".encode()]
     detok = IncrementalDetokenizer(spiece_tokenizer)
-    out = [detok.add(t) for t in byte_ids + [spiece_tokenizer.backend.token_to_id("\u2581hello")]]
+    out = [detok.add(t) for t in [*byte_ids, spiece_tokenizer.backend.token_to_id("▁hello")]]
     # The run of byte tokens is final only once a token with its own text follows.
     assert out == ["", "", "", "", "😀 hello"]
     # A sequence cut short shows its replacement characters only at the end.
@@ -178,7 +178,7 @@ def test_multi_token_step_truncated_at_stop_string(smol_tokenizer: Tokenizer) ->
 
 
 def test_stop_token_text_is_dropped(smol_tokenizer: Tokenizer) -> None:
-    ids = smol_tokenizer.encode("Paris.") + [2]
+    ids = [*smol_tokenizer.encode("Paris."), 2]
     for skip in (True, False):
         deltas, _ = run_stream(
             smol_tokenizer, ids, SamplingParams(skip_special_tokens=skip), random.Random(1), stop_token=2
@@ -186,9 +186,9 @@ def test_stop_token_text_is_dropped(smol_tokenizer: Tokenizer) -> None:
         assert "".join(d.text for d in deltas) == "Paris."
         assert deltas[-1].finish_reason == "stop" and deltas[-1].stop_reason is None  # EOS: no stop_reason
         assert deltas[-1].num_output_tokens == len(ids)
-        assert sum((d.token_ids for d in deltas), []) == ids
+        assert [t for d in deltas for t in d.token_ids] == ids
     params = SamplingParams(stop_token_ids=[13])
-    deltas, _ = run_stream(smol_tokenizer, smol_tokenizer.encode("Hi") + [13], params, random.Random(1), stop_token=13)
+    deltas, _ = run_stream(smol_tokenizer, [*smol_tokenizer.encode("Hi"), 13], params, random.Random(1), stop_token=13)
     assert "".join(d.text for d in deltas) == "Hi" and deltas[-1].stop_reason == 13
 
 

@@ -160,7 +160,7 @@ def test_generate_roundtrip(pool: Harness, smol_tokenizer: Tokenizer) -> None:
         EngineOutputs(
             engine_index=0,
             stats=stats,
-            outputs=[EngineOutput(request_id="g1", new_token_ids=dot + [2], finish_reason="stop", stop_token_id=2)],
+            outputs=[EngineOutput(request_id="g1", new_token_ids=[*dot, 2], finish_reason="stop", stop_token_id=2)],
         )
     )
     last = pool.from_gateway_side()
@@ -223,7 +223,7 @@ def test_tokenize_and_detokenize(pool: Harness, smol_tokenizer: Tokenizer) -> No
     pool.send(TokenizeRequest(request_id="t1", prompt="Hello world"))
     result = pool.from_gateway_side()
     assert result == TokenizeResult(request_id="t1", token_ids=smol_tokenizer.encode("Hello world"), max_model_len=8192)
-    pool.send(DetokenizeRequest(request_id="d1", token_ids=result.token_ids + [2]))
+    pool.send(DetokenizeRequest(request_id="d1", token_ids=[*result.token_ids, 2]))
     assert pool.from_gateway_side() == DetokenizeResult(request_id="d1", text="Hello world<|im_end|>")
 
 

@@ -202,12 +202,12 @@ def _merge_splits_kernel(
     ok = splits < NUM_SPLITS
     part = (token * NUM_HEADS + head) * NUM_SPLITS + splits
     m = tl.load(part_max + part, mask=ok, other=float("-inf"))
-    l = tl.load(part_sum + part, mask=ok, other=0.0)
+    sums = tl.load(part_sum + part, mask=ok, other=0.0)
     dims = tl.arange(0, HEAD_DIM)
     acc = tl.load(part_acc + part[:, None] * HEAD_DIM + dims[None, :], mask=ok[:, None], other=0.0)
     # Split 0 always holds key 0, so the max is finite; empty splits (max -inf) weigh 0.
     w = tl.math.exp2(m - tl.max(m, 0))
-    o = tl.sum(acc * w[:, None], 0) / tl.sum(l * w, 0)
+    o = tl.sum(acc * w[:, None], 0) / tl.sum(sums * w, 0)
     tl.store(out + token * stride_ot + head * stride_oh + dims, o.to(out.dtype.element_ty))
 
 

@@ -16,6 +16,8 @@ faster: the layers keep both and each step picks by its row count (MAX_ROWS, mea
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 
@@ -66,3 +68,18 @@ class Int4Weight:
         n = self.scales_zeros.shape[1]
         eye = torch.eye(self.packed.shape[1] * 2, dtype=torch.bfloat16)
         return torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.packed, GROUP, self.scales_zeros).float().t()[:n]
+
+
+class Int4Layer(NamedTuple):
+    """A decoder layer's four matrices as int4 copies."""
+
+    qkv: Int4Weight
+    o: Int4Weight
+    gate_up: Int4Weight
+    down: Int4Weight
+
+    @classmethod
+    def quantize(cls, qkv: Tensor, o: Tensor, gate_up: Tensor, down: Tensor) -> Int4Layer:
+        return cls(
+            Int4Weight.quantize(qkv), Int4Weight.quantize(o), Int4Weight.quantize(gate_up), Int4Weight.quantize(down)
+        )

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from services.engine_core.attention.base import AttentionBackend, AttentionMetadata
 from services.engine_core.model_config import ModelConfig
 from services.engine_core.models import int4
-from services.engine_core.models.int4 import Int4Weight
+from services.engine_core.models.int4 import Int4Layer
 
 # HF parameter names of one layer -> (our attribute, index of the shard in a fused weight).
 _LAYER_WEIGHTS: dict[str, tuple[str, int | None]] = {
@@ -110,14 +110,11 @@ class DecoderLayer(nn.Module):
         self.down_weight = _param((hidden, cfg.intermediate_size), dtype, device)
         # Set by quantize_int4: steps of up to int4_max_rows rows use these instead.
         self.int4_max_rows = 0
-        self.qkv_int4 = self.o_int4 = self.gate_up_int4 = self.down_int4 = None
+        self.int4: Int4Layer | None = None
 
     @torch.no_grad()
     def quantize_int4(self, max_rows: int) -> None:
-        self.qkv_int4 = Int4Weight.quantize(self.qkv_weight)
-        self.o_int4 = Int4Weight.quantize(self.o_weight)
-        self.gate_up_int4 = Int4Weight.quantize(self.gate_up_weight)
-        self.down_int4 = Int4Weight.quantize(self.down_weight)
+        self.int4 = Int4Layer.quantize(self.qkv_weight, self.o_weight, self.gate_up_weight, self.down_weight)
         self.int4_max_rows = max_rows
 
     def forward(
@@ -131,19 +128,19 @@ class DecoderLayer(nn.Module):
         backend: AttentionBackend,
     ) -> None:
         """Advance the residual stream h [T, hidden] through this layer, in place."""
-        small = h.shape[0] <= self.int4_max_rows
+        q4 = self.int4 if h.shape[0] <= self.int4_max_rows else None
         x = F.rms_norm(h, self.hidden_shape, self.attn_norm, self.eps)
-        attn = self.attention(x, cos, sin, k_cache, v_cache, md, backend, small)
-        if small:
-            h.add_(self.o_int4(attn))
+        attn = self.attention(x, cos, sin, k_cache, v_cache, md, backend, q4)
+        if q4 is not None:
+            h.add_(q4.o(attn))
         else:
             h.addmm_(attn, self.o_weight.t())
         x = F.rms_norm(h, self.hidden_shape, self.mlp_norm, self.eps)
-        gate_up = self.gate_up_int4(x) if small else F.linear(x, self.gate_up_weight)
+        gate_up = q4.gate_up(x) if q4 is not None else F.linear(x, self.gate_up_weight)
         gate, up = gate_up.chunk(2, dim=-1)
         act = F.silu(gate, inplace=True).mul_(up)
-        if small:
-            h.add_(self.down_int4(act))
+        if q4 is not None:
+            h.add_(q4.down(act))
         else:
             h.addmm_(act, self.down_weight.t())
 
@@ -156,13 +153,13 @@ class DecoderLayer(nn.Module):
         v_cache: Tensor,
         md: AttentionMetadata,
         backend: AttentionBackend,
-        small: bool = False,
+        q4: Int4Layer | None = None,
     ) -> Tensor:
-        """small: use the int4 weights (see forward)."""
+        """q4: the int4 weights to use instead of the dense ones (see forward)."""
         n, n_kv, d = self.num_heads, self.num_kv_heads, self.head_dim
         t = x.shape[0]
-        if small:
-            qkv = self.qkv_int4(x)
+        if q4 is not None:
+            qkv = q4.qkv(x)
             if self.qkv_bias is not None:
                 qkv += self.qkv_bias
         else:
@@ -170,7 +167,7 @@ class DecoderLayer(nn.Module):
         # q and k sit side by side in qkv, so they are normalised and rotated as one tensor.
         qk = qkv[:, : self.qk_size].view(t, n + n_kv, d)
         v = qkv[:, self.qk_size :].view(t, n_kv, d)
-        if self.q_norm is not None:
+        if self.q_norm is not None and self.k_norm is not None:
             qk = F.rms_norm(qk, (d,), eps=self.eps)
             qk[:, :n] *= self.q_norm
             qk[:, n:] *= self.k_norm
@@ -180,6 +177,10 @@ class DecoderLayer(nn.Module):
 
 
 class CausalLM(nn.Module):
+    # Buffers, declared for the type checker (nn.Module's __getattr__ types them as Tensor | Module).
+    rope_cos: Tensor
+    rope_sin: Tensor
+
     def __init__(
         self,
         cfg: ModelConfig,
@@ -192,7 +193,10 @@ class CausalLM(nn.Module):
         self.cfg = cfg
         self.hidden_shape = (cfg.hidden_size,)
         self.embed = _param((cfg.vocab_size, cfg.hidden_size), dtype, device)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, dtype, device) for _ in range(cfg.num_layers))
+        # An nn.ModuleList (registers the layers); torch's stubs do not let it say it holds DecoderLayers.
+        self.layers: Sequence[DecoderLayer] = nn.ModuleList(  # type: ignore[assignment]
+            DecoderLayer(cfg, dtype, device) for _ in range(cfg.num_layers)
+        )
         self.norm = _param((cfg.hidden_size,), dtype, device)
         self.lm_head = None if cfg.tie_word_embeddings else _param((cfg.vocab_size, cfg.hidden_size), dtype, device)
         # Angles in float32 then cast, as transformers does, so bf16 models round the same way.
@@ -238,7 +242,7 @@ class CausalLM(nn.Module):
     def weight_targets(self) -> dict[str, Tensor]:
         """Every checkpoint tensor the model expects, by HF name, mapped to the view of our
         parameter it fills (a row range of a fused weight, or the whole parameter)."""
-        targets = {"model.embed_tokens.weight": self.embed, "model.norm.weight": self.norm}
+        targets: dict[str, Tensor] = {"model.embed_tokens.weight": self.embed, "model.norm.weight": self.norm}
         if self.lm_head is not None:
             targets["lm_head.weight"] = self.lm_head
         for i, layer in enumerate(self.layers):
