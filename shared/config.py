@@ -77,6 +77,9 @@ class ServeConfig(msgspec.Struct, kw_only=True):
     """0: sized to the machine."""
     num_engines: int = 1
     """Engine-core replicas (data parallel) the launcher starts."""
+    engine_routing: Literal["prefix-affinity", "round-robin"] = "prefix-affinity"
+    """How the gateway spreads requests over several engines: to the engine that served the
+    longest shared prompt prefix unless it is much busier (prefix-affinity), or in turn."""
     run_dir: str | None = None
     """Where ipc:// sockets live when addresses are not given; default $TMPDIR/novainfer-PORT."""
     gateway_addr: str | None = None

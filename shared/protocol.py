@@ -102,6 +102,8 @@ class GenerateRequest(msgspec.Struct, tag="generate", kw_only=True):
     echo: bool = False
     """Return the prompt text in the first output (for completions' echo)."""
     arrival_time: float = 0.0
+    engine: int | None = None
+    """The engine core the gateway chose (prefix affinity); None: the worker shards by request id."""
 
 
 class AbortRequest(msgspec.Struct, tag="abort", kw_only=True):

@@ -19,6 +19,7 @@ import msgspec
 import zmq
 import zmq.asyncio
 
+from services.gateway.engine_router import EngineRouter, prompt_text
 from services.gateway.metrics import GatewayMetrics
 from shared.config import Config
 from shared.protocol import (
@@ -85,6 +86,7 @@ class ChildState:
     __slots__ = (
         "handle",
         "worker",
+        "engine",
         "arrival",
         "arrival_wall",
         "started",
@@ -94,9 +96,10 @@ class ChildState:
         "queue_observed",
     )
 
-    def __init__(self, handle: RequestHandle, worker: int, arrival: float, arrival_wall: float) -> None:
+    def __init__(self, handle: RequestHandle, worker: int, engine: int, arrival: float, arrival_wall: float) -> None:
         self.handle = handle
         self.worker = worker
+        self.engine = engine
         self.arrival = arrival
         self.arrival_wall = arrival_wall
         self.started = False
@@ -117,6 +120,7 @@ class Frontend:
         self.max_in_flight = serve.max_queued_requests
         self.max_model_len = config.engine.max_model_len or 0
         n_engines = len(serve.engine_addrs) or serve.num_engines
+        self.router = EngineRouter(n_engines, serve.engine_routing)
         self._worker_seen: list[float | None] = [None] * len(serve.tokenizer_addrs)
         self._engine_seen: list[float | None] = [None] * n_engines
         self._requests: dict[str, RequestHandle] = {}
@@ -225,7 +229,8 @@ class Frontend:
         for child in children:
             child.arrival_time = arrival_wall
             worker = shard(child.request_id, n_workers)
-            self._children[child.request_id] = ChildState(handle, worker, arrival, arrival_wall)
+            child.engine = self.router.route(prompt_text(child) if self.router.num_engines > 1 else "")
+            self._children[child.request_id] = ChildState(handle, worker, child.engine, arrival, arrival_wall)
             self._outputs[worker].send(encode(child))
         self.metrics.in_flight.set(len(self._requests))
         return handle
@@ -255,6 +260,7 @@ class Frontend:
             child = self._children.pop(cid, None)
             if child is None:
                 continue
+            self.router.finished(child.engine)
             by_worker.setdefault(child.worker, []).append(cid)
             self.metrics.on_finish(child, now, "error" if error else FINISH_ABORT)
             handle.push(RequestDelta(request_id=cid, finish_reason=FINISH_ABORT, error=error, error_code=error_code))
@@ -342,5 +348,6 @@ class Frontend:
         self.metrics.on_delta(child, delta, now)
         if delta.finish_reason is not None or delta.error is not None:
             del self._children[delta.request_id]
+            self.router.finished(child.engine)
             self.metrics.on_finish(child, now, "error" if delta.error else delta.finish_reason)
         child.handle.push(delta)

@@ -138,7 +138,9 @@ class TokenizerWorker:
             logger.exception("tokenizer worker %d: request %s", self.index, req.request_id)
             self._send_error(req.request_id, f"tokenization failed: {e}", 500)
             return
-        engine = shard(req.request_id, len(self._engines))
+        engine = req.engine
+        if engine is None or not 0 <= engine < len(self._engines):
+            engine = shard(req.request_id, len(self._engines))
         self._streams[req.request_id] = RequestStream(
             req.request_id,
             self.tokenizer,
