@@ -10,7 +10,9 @@ to the engines that served them. A request goes to the engine holding its longes
 matching prefix (the least busy of them when several do, as for a shared system prompt),
 unless that engine is much busier than the least busy one overall (more than
 IMBALANCE_ABS requests and IMBALANCE_REL times as many in flight); with no match, or when
-imbalanced, it goes to the least busy engine. Load is counted here, per engine, as the
+imbalanced, it goes to the least busy engine, and among equally busy ones to the one
+whose remembered prefixes are fewest (so that a trickle of new conversations, arriving
+when every engine is idle, is spread over the caches rather than piled onto engine 0). Load is counted here, per engine, as the
 requests dispatched and not yet finished: exact and immediate, unlike the engines'
 periodic stats.
 """
@@ -46,6 +48,8 @@ class EngineRouter:
         self.in_flight = [0] * num_engines
         self._holders: OrderedDict[int, int] = OrderedDict()
         """chunk-prefix hash -> bit mask of the engines that served it; LRU order."""
+        self._remembered = [0] * num_engines
+        """Entries of _holders naming each engine: how much of the table's text it holds."""
         self._round_robin = itertools.cycle(range(num_engines))
         self.affinity_hits = 0
         """Requests routed to the engine of their longest matching prefix."""
@@ -74,7 +78,8 @@ class EngineRouter:
             mask = holders.get(h, 0)
             if mask:
                 break
-        least = min(range(self.num_engines), key=load.__getitem__)
+        remembered = self._remembered
+        least = min(range(self.num_engines), key=lambda e: (load[e], remembered[e]))
         candidates = [e for e in range(self.num_engines) if mask >> e & 1]
         match = min(candidates, key=load.__getitem__) if candidates else None
         if match is not None and not self._imbalanced(match, least):
@@ -84,10 +89,16 @@ class EngineRouter:
             engine = least
         bit = 1 << engine
         for h in hashes:
-            holders[h] = holders.get(h, 0) | bit
+            old = holders.get(h, 0)
+            if not old & bit:
+                remembered[engine] += 1
+            holders[h] = old | bit
             holders.move_to_end(h)
         while len(holders) > MAX_ENTRIES:
-            holders.popitem(last=False)
+            _, evicted = holders.popitem(last=False)
+            for e in range(self.num_engines):
+                if evicted >> e & 1:
+                    remembered[e] -= 1
         return engine
 
     def _imbalanced(self, engine: int, least: int) -> bool:

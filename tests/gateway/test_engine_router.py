@@ -47,6 +47,16 @@ def test_new_prompts_go_to_the_least_busy_engine() -> None:
     assert router.in_flight == [2, 2, 2]
 
 
+def test_idle_engines_share_new_conversations() -> None:
+    """One conversation at a time (every engine idle): new prefixes still spread out."""
+    router = EngineRouter(2)
+    placed = []
+    for i in range(6):
+        placed.append(router.route(f"a new conversation, number {i}, with its own long opening " * 3))
+        router.finished(placed[-1])
+    assert placed.count(0) == placed.count(1) == 3
+
+
 def test_much_busier_engine_is_routed_around() -> None:
     router = EngineRouter(2)
     home = router.route(chat("shared question"))
@@ -72,3 +82,4 @@ def test_table_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     for i in range(100):
         router.finished(router.route(f"prompt {i} " * 40))
     assert len(router._holders) == 50
+    assert sum(router._remembered) == 50
