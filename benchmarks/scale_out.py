@@ -34,10 +34,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from shared.config import available_cores
-from tests.e2e.conftest import Server, start_server
-from tests.e2e.conversations import prefix_counters
-from tests.e2e.vllm_router import ROUTER, run_router
+from shared.config import available_cores  # noqa: E402 - needs ROOT on sys.path
+from tests.e2e.conftest import Server, start_server  # noqa: E402 - needs ROOT on sys.path
+from tests.e2e.conversations import prefix_counters  # noqa: E402 - needs ROOT on sys.path
+from tests.e2e.vllm_router import ROUTER, run_router  # noqa: E402 - needs ROOT on sys.path
 
 KEEP = ("completed", "errors", "request_throughput", "output_tok_per_s", "total_tok_per_s", "ttft_s", "e2e_s")
 

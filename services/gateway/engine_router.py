@@ -12,9 +12,9 @@ unless that engine is much busier than the least busy one overall (more than
 IMBALANCE_ABS requests and IMBALANCE_REL times as many in flight); with no match, or when
 imbalanced, it goes to the least busy engine, and among equally busy ones to the one
 whose remembered prefixes are fewest (so that a trickle of new conversations, arriving
-when every engine is idle, is spread over the caches rather than piled onto engine 0). Load is counted here, per engine, as the
-requests dispatched and not yet finished: exact and immediate, unlike the engines'
-periodic stats.
+when every engine is idle, is spread over the caches rather than piled onto engine 0).
+Load is counted here, per engine, as the requests dispatched and not yet finished: exact
+and immediate, unlike the engines' periodic stats.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ SYSTEM = "You are a helpful assistant who answers questions about the history of
 
 def chat(*contents: str) -> str:
     roles = ["system"] + ["user", "assistant"] * len(contents)
-    messages = [ChatMessage(role=r, content=c) for r, c in zip(roles, (SYSTEM, *contents))]
+    messages = [ChatMessage(role=r, content=c) for r, c in zip(roles, (SYSTEM, *contents), strict=False)]
     return prompt_text(GenerateRequest(request_id="x", sampling_params=SamplingParams(), messages=messages))
 
 
