@@ -90,10 +90,15 @@ def _server(objects: Objects) -> tuple[dict[str, Any], dict[str, Any]]:
 def _config(container: dict[str, Any]) -> Any:
     args = build_parser().parse_args(container["command"][1:] + container["args"])
     assert args.func.__name__ == "_serve"
-    env = {e["name"]: e["value"] for e in container.get("env", [])}
+    # Values from the downward API are only known in the pod.
+    env = {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}
     fields = set(EngineConfig.__struct_fields__) | set(ServeConfig.__struct_fields__)
     for key in env:
         assert key.startswith(ENV_PREFIX) and key[len(ENV_PREFIX) :].lower() in fields, key
+    # Kubernetes expands $(VAR) in args from the container's env: every such name must be set there.
+    declared = {e["name"] for e in container.get("env", [])}
+    for arg in container["args"]:
+        assert set(re.findall(r"\$\((\w+)\)", arg)) <= declared, arg
     return config_from_args(args, env)
 
 
@@ -163,6 +168,16 @@ def test_inference_gateway_agrees(exported_metrics: set[str]) -> None:
     declared = {p.get("name", p["type"]) for p in picker["plugins"]}
     for profile in picker["schedulingProfiles"]:
         assert {p["pluginRef"] for p in profile["plugins"]} <= declared
+
+
+def test_kv_events_ports_agree() -> None:
+    objects = by_kind(render(KUBE / "overlays" / "gpu-inference-gateway"))
+    _, container = _server(objects)
+    serve = _config(container).serve
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert serve.kv_events_endpoint == f"tcp://*:{ports['kv-events']}"
+    assert serve.kv_events_replay_endpoint == f"tcp://*:{ports['kv-replay']}"
+    assert serve.kv_events_topic.startswith("kv@")
 
 
 def test_keda_scales_on_exported_metrics(exported_metrics: set[str]) -> None:
