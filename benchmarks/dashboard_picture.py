@@ -68,7 +68,7 @@ def main() -> int:
                         "--workload",
                         "shared-prefix",
                         "--num-requests",
-                        "100000",
+                        "1000",
                         "--concurrency",
                         str(args.concurrency),
                         "--output-len",
