@@ -58,6 +58,7 @@ class LLM:
         self.config = msgspec.structs.replace(config, **engine_args)
         self.tokenizer: Tokenizer = load_tokenizer(self.config)
         self.engine = LLMEngine(self.config)
+        self.engine.set_tokenizer_vocab(self.tokenizer.backend.to_str(), self.tokenizer.eos_token_ids)
         self._ids = itertools.count()
 
     def generate(
@@ -156,7 +157,12 @@ class LLM:
         bar = tqdm(total=len(streams), desc="generating", unit="req", disable=not use_tqdm)
         by_id = {r.request_id: r for r in results}
         while self.engine.has_unfinished():
+            if self.engine.only_compiling:
+                time.sleep(0.002)  # grammars compile in a thread: let it have the GIL
             for out in self.engine.step():
+                if out.error is not None:  # e.g. a grammar that cannot be compiled: as add_request would
+                    self.engine.abort(list(streams))
+                    raise ValueError(out.error)
                 stream, completion = streams[out.request_id]
                 if stream.finished:
                     continue

@@ -58,6 +58,13 @@ class EngineConfig(msgspec.Struct, kw_only=True):
     quantization: Literal["none", "int4"] = "none"
     """int4: steps of up to 16 rows use int4 weight-only copies of the layer matrices (CPU only;
     ~1.8x single-stream decode on a 4-bit GGUF, but greedy output then depends on the batch)."""
+    grammar_compile_timeout_s: float = 10.0
+    """A structured-output grammar (JSON schema, regex, EBNF) that takes longer than this to
+    compile fails its request with a 400; the engine keeps serving everyone else."""
+    grammar_cache_mb: int = 256
+    """Memory for compiled grammars, reused by requests with the same schema (LRU)."""
+    grammar_compile_threads: int = 2
+    """Threads compiling grammars beside the engine's step loop."""
     cache_dir: str | None = None
     """Where slow conversions (e.g. the tokenizer built from GGUF metadata) are cached; default ~/.cache/novainfer."""
 

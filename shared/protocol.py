@@ -9,15 +9,52 @@ worker, carrying the new tokens of every request of that worker in that step.
 
 from __future__ import annotations
 
+import json
 import math
 import zlib
+from typing import Literal
 
 import msgspec
+
+from shared.json_schema_support import check_json_schema
 
 # Finish reasons as the OpenAI API names them.
 FINISH_STOP = "stop"
 FINISH_LENGTH = "length"
 FINISH_ABORT = "abort"
+
+
+GrammarKind = Literal["json_schema", "json_object", "regex", "choice", "grammar"]
+
+MAX_GRAMMAR_SPEC_BYTES = 64 * 1024
+"""A JSON schema, regex or grammar longer than this is refused before anything compiles it."""
+
+
+class GrammarSpec(msgspec.Struct, frozen=True, kw_only=True):
+    """What a request's output must match; the engine compiles it into a token mask.
+    Its text is the compile-cache key, so equal specs compile once."""
+
+    kind: GrammarKind
+    spec: str = ""
+    """json_schema: the schema as JSON text; choice: a JSON list of strings; regex: the
+    pattern; grammar: EBNF (GBNF); json_object: unused (any JSON object)."""
+
+    def validate(self) -> None:
+        """Raise ValueError for a spec the engine would refuse (cheap, no compilation)."""
+        if len(self.spec.encode()) > MAX_GRAMMAR_SPEC_BYTES:
+            raise ValueError(f"the {self.kind} is longer than {MAX_GRAMMAR_SPEC_BYTES} bytes")
+        if self.kind == "json_schema":
+            try:
+                schema = json.loads(self.spec)
+            except ValueError as e:
+                raise ValueError(f"the JSON schema is not valid JSON: {e}") from None
+            check_json_schema(schema)
+        elif self.kind == "choice":
+            choices = json.loads(self.spec)
+            if not choices or not all(isinstance(c, str) and c for c in choices):
+                raise ValueError("choice must be a non-empty list of non-empty strings")
+        elif self.kind in ("regex", "grammar") and not self.spec:
+            raise ValueError(f"the {self.kind} is empty")
 
 
 class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -42,6 +79,10 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
     skip_special_tokens: bool = True
     n: int = 1
     """Fanned out by the frontend (gateway / offline LLM) into n engine requests."""
+    logit_bias: dict[int, float] | None = None
+    """Token id -> bias added to its logit, in [-100, 100] (OpenAI's logit_bias)."""
+    structured_output: GrammarSpec | None = None
+    """Constrain the output to this grammar (response_format, structured_outputs, guided_*)."""
 
     def validate(self) -> None:
         """Raise ValueError naming the offending parameter."""
@@ -76,6 +117,16 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
             raise ValueError("stop_token_ids must be non-negative")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must be non-empty")
+        if self.logit_bias is not None:
+            if any(t < 0 for t in self.logit_bias):
+                raise ValueError("logit_bias keys must be non-negative token ids")
+            if any(not -100 <= b <= 100 for b in self.logit_bias.values()):
+                raise ValueError("logit_bias values must be in [-100, 100]")
+        if self.structured_output is not None:
+            # The grammar decides where the output may end; min_tokens would fight it.
+            if self.min_tokens:
+                raise ValueError("min_tokens cannot be combined with structured outputs")
+            self.structured_output.validate()
 
     @property
     def greedy(self) -> bool:
@@ -139,6 +190,15 @@ class EngineRequest(msgspec.Struct, tag="engine_request", kw_only=True):
     """Index into tokenizer_addrs: where this request's outputs go."""
     eos_token_ids: list[int] = []
     arrival_time: float = 0.0
+
+
+class TokenizerVocab(msgspec.Struct, tag="tokenizer_vocab", kw_only=True):
+    """Sent once by each tokenizer worker to each engine at start-up (before any request):
+    the tokenizer as a `tokenizers` JSON document, from which the engine builds the
+    vocabulary its grammar compiler masks over."""
+
+    tokenizer_json: str
+    eos_token_ids: list[int] = []
 
 
 # --- engine core -> tokenizer worker ------------------------------------------------
@@ -303,7 +363,7 @@ KVCacheEvents = BlockStored | BlockRemoved | AllBlocksCleared
 # --- the union each process decodes its input as -------------------------------------
 
 TokenizerInput = GenerateRequest | AbortRequest | TokenizeRequest | DetokenizeRequest | EngineOutputs
-EngineInput = EngineRequest | AbortRequest
+EngineInput = EngineRequest | AbortRequest | TokenizerVocab
 GatewayInput = GatewayOutputs | TokenizeResult | DetokenizeResult | WorkerHeartbeat
 
 _encoder = msgspec.msgpack.Encoder()

@@ -12,6 +12,7 @@ from services.engine_core.block_manager import BlockManager
 from services.engine_core.model_runner import ModelRunner
 from services.engine_core.request import Request, RequestStatus
 from services.engine_core.scheduler import ScheduledBatch, Scheduler
+from services.engine_core.structured_output import CompileJob, GrammarError, StructuredOutputManager
 from shared.config import EngineConfig
 from shared.protocol import FINISH_ABORT, EngineOutput, EngineStats, SamplingParams, TokenLogprob
 
@@ -33,6 +34,9 @@ class LLMEngine:
             medium="GPU" if self.runner.device.type == "cuda" else "CPU",
         )
         self.scheduler = Scheduler(config, self.block_manager, self.max_model_len)
+        self.structured_output = StructuredOutputManager(config, self.model_config.vocab_size)
+        self._compiling: dict[str, tuple[Request, CompileJob]] = {}
+        """Structured-output requests whose grammar is compiling; the scheduler has not seen them."""
         self._steps = 0
         self._last_step_time = 0.0
         self._last_batch_size = 0
@@ -55,6 +59,8 @@ class LLMEngine:
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
         if any(not 0 <= t < vocab for t in sampling_params.stop_token_ids):
             raise ValueError(f"stop_token_ids must be in [0, {vocab})")
+        if sampling_params.logit_bias and max(sampling_params.logit_bias) >= vocab:
+            raise ValueError(f"logit_bias token ids must be in [0, {vocab})")
         if eos_token_ids is None:
             eos_token_ids = self.model_config.eos_token_ids
         room = self.max_model_len - len(prompt_token_ids)
@@ -67,9 +73,47 @@ class LLMEngine:
             arrival_time,
             max_tokens=max(max_tokens, 1),
         )
-        self.scheduler.add_request(req)
+        spec = sampling_params.structured_output
+        if spec is None:
+            self.scheduler.add_request(req)
+            return
+        if request_id in self._compiling or self.scheduler.get_request(request_id) is not None:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        job = self.structured_output.submit(spec)
+        if job.error is not None:
+            raise GrammarError(job.error)
+        self._compiling[request_id] = (req, job)
+
+    def set_tokenizer_vocab(self, tokenizer_json: str, eos_token_ids: list[int]) -> None:
+        """The vocabulary structured outputs mask over (a tokenizers JSON document)."""
+        self.structured_output.set_vocab(tokenizer_json, eos_token_ids)
+
+    def _admit_compiled(self) -> list[EngineOutput]:
+        """Hand requests whose grammar is ready to the scheduler; fail those whose grammar
+        cannot be served. Returns the failures."""
+        failed: list[EngineOutput] = []
+        for request_id, (req, job) in list(self._compiling.items()):
+            try:
+                compiled = self.structured_output.poll(job)
+                if compiled is None:
+                    continue
+                req.grammar = self.structured_output.matcher(compiled, req.eos_token_ids)
+                self.scheduler.add_request(req)
+            except ValueError as e:  # GrammarError, or the scheduler refusing the request
+                failed.append(
+                    EngineOutput(
+                        request_id=request_id,
+                        finish_reason=FINISH_ABORT,
+                        num_prompt_tokens=req.num_prompt_tokens,
+                        error=str(e),
+                        error_code=400,
+                    )
+                )
+            del self._compiling[request_id]
+        return failed
 
     def abort(self, request_ids: list[str]) -> list[EngineOutput]:
+        compiling = [self._compiling.pop(rid)[0] for rid in request_ids if rid in self._compiling]
         return [
             EngineOutput(
                 request_id=r.request_id,
@@ -77,20 +121,25 @@ class LLMEngine:
                 num_prompt_tokens=r.num_prompt_tokens,
                 num_cached_tokens=max(r.num_cached_tokens, 0),
             )
-            for r in self.scheduler.abort(request_ids)
+            for r in compiling + self.scheduler.abort(request_ids)
         ]
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished
+        return self.scheduler.has_unfinished or bool(self._compiling)
+
+    @property
+    def only_compiling(self) -> bool:
+        """Nothing to step but grammars to wait for: the caller may sleep a little between polls."""
+        return not self.scheduler.has_unfinished and bool(self._compiling)
 
     def step(self) -> list[EngineOutput]:
         """One iteration: schedule, run the model, sample, and report every request that
         got a new token or finished."""
         t0 = time.perf_counter()
+        outputs = self._admit_compiled() if self._compiling else []
         batch = self.scheduler.schedule()
         if not batch.requests:
-            return []
-        outputs: list[EngineOutput] = []
+            return outputs
         try:
             sampled, logprobs = self.runner.execute(batch)
         except Exception as e:
@@ -177,7 +226,7 @@ class LLMEngine:
             engine_index=self.engine_index,
             timestamp=time.time(),
             num_running=sched.num_running,
-            num_waiting=sched.num_waiting,
+            num_waiting=sched.num_waiting + len(self._compiling),
             num_preempted=sched.num_preempted,
             kv_usage=bm.usage,
             num_blocks=bm.num_blocks,

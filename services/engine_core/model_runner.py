@@ -19,6 +19,7 @@ from services.engine_core.cuda_graph import DecodeGraphs, Graph
 from services.engine_core.model_config import ModelConfig
 from services.engine_core.sampler import Sampler, SamplingBatch
 from services.engine_core.scheduler import ScheduledBatch
+from services.engine_core.structured_output import fill_bitmask
 from services.engine_core.weight_loader import load_model
 from shared.config import EngineConfig, available_cores
 from shared.protocol import TokenLogprob
@@ -264,6 +265,11 @@ class ModelRunner:
             eos_token_ids=[r.eos_token_ids for r in reqs],
             device=self.device,
         )
+        grammars = [(j, r.grammar) for j, r in enumerate(reqs) if r.grammar is not None]
+        if grammars:
+            # On a GPU the forward is still running: the masks are filled while it does.
+            sbatch.grammar_bitmask = fill_bitmask(grammars, len(reqs), logits.shape[1])
+            sbatch.grammar_rows = [j for j, _ in grammars]
         out = self.sampler(logits, sbatch)
         tokens = out.token_ids.tolist()  # the one device->host copy of the step
         lp = out.logprobs.tolist() if out.logprobs is not None else None

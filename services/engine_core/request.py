@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import time
+from typing import Any
 
 from shared.protocol import FINISH_ABORT, FINISH_LENGTH, FINISH_STOP, SamplingParams
 
@@ -74,6 +75,8 @@ class Request:
         self.stop_token_id: int | None = None
         self.output_sent = 0
         """Output tokens already reported to the client side."""
+        self.grammar: Any = None
+        """The xgrammar GrammarMatcher of a structured-output request (see structured_output.py)."""
 
     @property
     def num_prompt_tokens(self) -> int:

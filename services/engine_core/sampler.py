@@ -1,4 +1,4 @@
-"""Batched token sampling: penalties, min_tokens, temperature, top-k/top-p/min-p, seeds, logprobs.
+"""Batched token sampling: penalties, logit_bias, grammar masks, min_tokens, temperature, top-k/p, seeds, logprobs.
 
 Per-request parameters become a few small per-batch tensors once per step
 (SamplingBatch.build); the sampler itself runs only batched tensor ops, and a
@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from services.engine_core.structured_output import apply_bitmask
 from shared.protocol import SamplingParams
 
 _M64 = (1 << 64) - 1
@@ -92,6 +93,14 @@ class SamplingBatch:
     ban_rows: Tensor | None = None
     ban_tokens: Tensor | None = None
     """min_tokens not reached: these (row, token) are masked to -inf."""
+    bias_rows: Tensor | None = None
+    bias_tokens: Tensor | None = None
+    bias_values: Tensor | None = None
+    """logit_bias: added to these (row, token) logits."""
+    grammar_bitmask: Tensor | None = None
+    """Structured outputs: [B, ceil(V/32)] int32 allowed-token bits (set by the model runner)."""
+    grammar_rows: list[int] | None = None
+    """The rows grammar_bitmask constrains; the others pay nothing."""
     # sampling stage, over the sampled rows
     temperature: Tensor | None = None
     plain: _Group | None = None
@@ -158,6 +167,11 @@ class SamplingBatch:
                 ban_t += ids
         if ban_r:
             b.ban_rows, b.ban_tokens = _t(ban_r, i64, dev), _t(ban_t, i64, dev)
+        bias = [(i, t, v) for i, p in enumerate(params) if p.logit_bias for t, v in p.logit_bias.items()]
+        if bias:
+            b.bias_rows = _t([i for i, _, _ in bias], i64, dev)
+            b.bias_tokens = _t([t for _, t, _ in bias], i64, dev)
+            b.bias_values = _t([v for _, _, v in bias], f32, dev)
 
         if sampled:
             sp = [params[i] for i in sampled]
@@ -235,6 +249,8 @@ class Sampler:
             lp = src.log_softmax(-1)
 
         apply_penalties(logits, batch)
+        if batch.grammar_bitmask is not None and batch.grammar_rows:
+            apply_bitmask(logits, batch.grammar_bitmask, batch.grammar_rows)
         # max(dim) returns the first maximal index like argmax, and is ~3x faster on CPU
         if batch.num_sampled == 0:
             tokens = logits.max(-1).indices
@@ -342,7 +358,7 @@ def _draw_filtered(p: Tensor, k: Tensor, top_p: Tensor | None, min_p: Tensor | N
 
 
 def apply_penalties(logits: Tensor, batch: SamplingBatch) -> None:
-    """Repetition (HF), frequency/presence (OpenAI) penalties and the min_tokens mask, in place.
+    """Repetition (HF), frequency/presence (OpenAI) penalties, logit_bias and the min_tokens mask, in place.
     Each touches only the (row, token) pairs it lists, never a [B, V] mask."""
     if batch.rep_rows is not None:
         v = logits[batch.rep_rows, batch.rep_tokens]
@@ -352,5 +368,7 @@ def apply_penalties(logits: Tensor, batch: SamplingBatch) -> None:
     if batch.freq_rows is not None:
         assert batch.freq_tokens is not None and batch.freq_sub is not None  # set with freq_rows
         logits.index_put_((batch.freq_rows, batch.freq_tokens), -batch.freq_sub, accumulate=True)
+    if batch.bias_rows is not None:
+        logits.index_put_((batch.bias_rows, batch.bias_tokens), batch.bias_values, accumulate=True)
     if batch.ban_rows is not None:
         logits[batch.ban_rows, batch.ban_tokens] = _NEG_INF

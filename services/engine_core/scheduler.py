@@ -13,6 +13,7 @@ always advances and every request finishes in a bounded number of steps.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -20,6 +21,8 @@ from dataclasses import dataclass, field
 from services.engine_core.block_manager import BlockManager
 from services.engine_core.request import Request, RequestStatus
 from shared.config import EngineConfig
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -202,6 +205,15 @@ class Scheduler:
     def _check_stop(self, req: Request, token: int) -> RequestStatus | None:
         sp = req.sampling_params
         # min_tokens needs no check here: the sampler masks stop tokens below it.
+        if req.grammar is not None:
+            if not req.grammar.accept_token(token):
+                # The mask allowed only tokens the grammar accepts: a bug, so end this request
+                # alone rather than fail the step for everyone.
+                log.error("%s: sampled token %d is outside its grammar", req.request_id, token)
+                return RequestStatus.FINISHED_ABORTED
+            if req.grammar.is_terminated():  # it accepted an end token
+                req.stop_token_id = token
+                return RequestStatus.FINISHED_STOPPED
         if (token in req.eos_token_ids and not sp.ignore_eos) or token in sp.stop_token_ids:
             req.stop_token_id = token
             return RequestStatus.FINISHED_STOPPED

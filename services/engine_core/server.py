@@ -31,12 +31,15 @@ from shared.protocol import (
     EngineOutputs,
     EngineRequest,
     EngineStats,
+    TokenizerVocab,
     decoder,
     encode,
 )
 from shared.zmq_utils import new_context, pull_socket, push_socket
 
 log = logging.getLogger(__name__)
+
+_COMPILE_POLL_MS = 2
 
 
 class EngineCoreServer:
@@ -119,6 +122,8 @@ class EngineCoreServer:
         elif isinstance(msg, AbortRequest):
             for out in self.engine.abort(msg.request_ids):
                 self._route(out)
+        elif isinstance(msg, TokenizerVocab):
+            self.engine.set_tokenizer_vocab(msg.tokenizer_json, msg.eos_token_ids)
 
     def _route(self, out: EngineOutput) -> None:
         worker = self.owner.get(out.request_id)
@@ -166,7 +171,10 @@ class EngineCoreServer:
         heartbeat = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
         heartbeat.start()
         while self.running:
-            timeout = 0 if self.engine.has_unfinished() else heartbeat_ms
+            if self.engine.only_compiling:  # poll the compile threads without spinning
+                timeout = _COMPILE_POLL_MS
+            else:
+                timeout = 0 if self.engine.has_unfinished() else heartbeat_ms
             ready = dict(poller.poll(timeout))
             if replay is not None and replay in ready:
                 self.kv_events.serve_replay()  # type: ignore[union-attr]

@@ -17,6 +17,12 @@ from typing import Annotated, Any
 import msgspec
 from aiohttp import web
 
+from services.gateway.structured_outputs import (
+    StructuredOutputError,
+    StructuredOutputFields,
+    grammar_spec,
+    logit_bias,
+)
 from shared.protocol import ChatMessage, GenerateRequest, SamplingParams
 
 CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
@@ -65,7 +71,7 @@ class StreamOptions(msgspec.Struct):
     include_usage: bool | None = None
 
 
-class _SamplingFields(msgspec.Struct, kw_only=True):
+class _SamplingFields(StructuredOutputFields, kw_only=True):
     model: str | None = None
     max_tokens: Int | None = None
     temperature: float | None = None
@@ -181,6 +187,12 @@ def _sampling_params(body: _SamplingFields, max_tokens: int | None, logprobs: in
     def pick(value: Any, default: Any) -> Any:
         return default if value is None else value
 
+    try:
+        spec = grammar_spec(body)
+        bias = logit_bias(body)
+    except StructuredOutputError as e:
+        raise ApiError(400, str(e), param=e.param) from None
+
     return SamplingParams(
         max_tokens=max_tokens,
         temperature=pick(body.temperature, 1.0),
@@ -199,6 +211,8 @@ def _sampling_params(body: _SamplingFields, max_tokens: int | None, logprobs: in
         logprobs=logprobs,
         skip_special_tokens=pick(body.skip_special_tokens, True),
         n=pick(body.n, 1),
+        logit_bias=bias,
+        structured_output=spec,
     )
 
 

@@ -33,6 +33,7 @@ from shared.protocol import (
     TokenizeRequest,
     TokenizeResult,
     TokenizerInput,
+    TokenizerVocab,
     WorkerHeartbeat,
     decoder,
     encode,
@@ -69,6 +70,15 @@ class TokenizerWorker:
         self._decoder = decoder(TokenizerInput)
         self._streams: dict[str, RequestStream] = {}
         self._parent_pid = os.getppid()
+        # Before any request: ZMQ keeps order per connection, so an engine knows the vocabulary
+        # (for structured outputs) by the time this worker's first request reaches it.
+        vocab = encode(
+            TokenizerVocab(
+                tokenizer_json=self.tokenizer.backend.to_str(), eos_token_ids=self.tokenizer.eos_token_ids
+            )
+        )
+        for engine in self._engines:
+            engine.send(vocab)
 
     def run(self) -> None:
         poller = zmq.Poller()

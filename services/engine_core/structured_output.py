@@ -1,0 +1,196 @@
+"""Constrained decoding with xgrammar: grammars compiled beside the step loop, one token
+mask per step for the constrained rows of the batch.
+
+A request with a `GrammarSpec` waits in the engine (not the scheduler) while a thread of
+this process compiles its grammar; xgrammar releases the GIL while it compiles, so the
+step loop keeps running everyone else. Compiled grammars are cached by xgrammar's
+compiler (keyed by the spec text, LRU within --grammar-cache-mb); specs that failed are
+remembered so a client repeating a bad schema costs nothing. A compile past
+--grammar-compile-timeout-s fails its request with a 400 (the thread finishes in the
+background: xgrammar cannot be interrupted).
+
+Each admitted request owns a GrammarMatcher. Every step the model runner fills one
+bitmask row per constrained request, the sampler applies the mask to exactly those
+rows (xgrammar's kernel: C++ on CPU, Triton on CUDA), and the scheduler advances the
+matcher with the sampled token. Preemption keeps the matcher: it already holds every
+emitted token, and a re-prefill samples only at its end.
+
+xgrammar is imported in the compile thread, never on the step loop, and only once a
+tokenizer worker has sent the vocabulary (TokenizerVocab) or a request needs it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from shared.config import EngineConfig
+from shared.protocol import GrammarSpec
+
+if TYPE_CHECKING:
+    import xgrammar as xgr
+
+log = logging.getLogger(__name__)
+
+# xgrammar's C++ errors start with "[hh:mm:ss] /path/file.cc:123: ": the client needs the rest.
+_CPP_PREFIX = re.compile(r"^\s*\[[0-9:]+\]\s+\S+:\d+:\s*")
+_MAX_REMEMBERED_FAILURES = 1024
+# Compact JSON, spaced as models were trained on (json.dumps' default): a small model left
+# free to choose whitespace can emit newlines until max_tokens runs out.
+_JSON_SEPARATORS = (", ", ": ")
+
+
+class GrammarError(ValueError):
+    """The client's grammar cannot be served (invalid, unsupported or too slow to compile): a 400."""
+
+
+class CompileJob:
+    """One grammar being compiled for one request."""
+
+    def __init__(self, spec: GrammarSpec) -> None:
+        self.spec = spec
+        self.started: float | None = None
+        """When a compile thread picked it up (the timeout counts from here, not from a queue)."""
+        self.future: Future[Any] | None = None
+        self.error: str | None = None
+        """Set instead of future when the spec failed before."""
+
+
+def choice_grammar(choices: Sequence[str]) -> str:
+    """EBNF accepting exactly one of the strings (JSON string escapes are EBNF's too)."""
+    return "root ::= " + " | ".join(json.dumps(c, ensure_ascii=False) for c in choices)
+
+
+def clean_error(e: BaseException) -> str:
+    return _CPP_PREFIX.sub("", str(e)).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+class StructuredOutputManager:
+    def __init__(self, config: EngineConfig, vocab_size: int) -> None:
+        self.vocab_size = vocab_size
+        """The model's logits width: the mask covers every id the sampler can draw."""
+        self.timeout_s = config.grammar_compile_timeout_s
+        self._cache_bytes = config.grammar_cache_mb << 20
+        self._executor = ThreadPoolExecutor(max(1, config.grammar_compile_threads), thread_name_prefix="grammar")
+        self._compiler: Future[xgr.GrammarCompiler] | None = None
+        self._failed: OrderedDict[GrammarSpec, str] = OrderedDict()
+
+    # --- vocabulary ---------------------------------------------------------------------
+
+    def set_vocab(self, tokenizer_json: str, eos_token_ids: Sequence[int]) -> None:
+        """The first vocabulary wins: every tokenizer worker sends the same one."""
+        if self._compiler is None:
+            self._compiler = self._executor.submit(self._build_compiler, tokenizer_json, list(eos_token_ids))
+
+    @property
+    def has_vocab(self) -> bool:
+        return self._compiler is not None
+
+    def _build_compiler(self, tokenizer_json: str, eos_token_ids: list[int]) -> xgr.GrammarCompiler:
+        import tokenizers
+        import xgrammar as xgr
+
+        # As xgr.TokenizerInfo.from_huggingface does, from the tokenizers JSON alone.
+        backend = tokenizers.Tokenizer.from_str(tokenizer_json)
+        encoded = [""] * self.vocab_size
+        for token, idx in backend.get_vocab(with_added_tokens=True).items():
+            if idx < self.vocab_size:
+                encoded[idx] = token
+        meta = xgr.TokenizerInfo._detect_metadata_from_hf(tokenizer_json)
+        info = xgr.TokenizerInfo(
+            encoded,
+            vocab_type=meta["vocab_type"],
+            vocab_size=self.vocab_size,
+            stop_token_ids=[t for t in eos_token_ids if t < self.vocab_size] or None,
+            add_prefix_space=meta["add_prefix_space"],
+        )
+        log.info("grammar compiler ready (%s vocabulary of %d tokens)", meta["vocab_type"].name, self.vocab_size)
+        return xgr.GrammarCompiler(info, max_threads=1, cache_enabled=True, cache_limit_bytes=self._cache_bytes)
+
+    # --- compiling ----------------------------------------------------------------------
+
+    def submit(self, spec: GrammarSpec) -> CompileJob:
+        job = CompileJob(spec)
+        if spec in self._failed:
+            job.error = self._failed[spec]
+        elif self._compiler is None:
+            job.error = "structured outputs are unavailable: the engine has no tokenizer vocabulary"
+        else:
+            job.future = self._executor.submit(self._compile, job)
+        return job
+
+    def poll(self, job: CompileJob, now: float | None = None) -> Any | None:
+        """The compiled grammar, None while compiling; raises GrammarError."""
+        if job.error is not None:
+            raise GrammarError(job.error)
+        assert job.future is not None
+        if job.future.done():
+            try:
+                return job.future.result()
+            except Exception as e:
+                raise self._fail(job.spec, f"invalid {job.spec.kind}: {clean_error(e)}") from None
+        now = time.monotonic() if now is None else now
+        if job.started is not None and now - job.started > self.timeout_s:
+            raise self._fail(job.spec, f"the {job.spec.kind} took longer than {self.timeout_s:g} s to compile")
+        return None
+
+    def _fail(self, spec: GrammarSpec, message: str) -> GrammarError:
+        self._failed[spec] = message
+        while len(self._failed) > _MAX_REMEMBERED_FAILURES:
+            self._failed.popitem(last=False)
+        return GrammarError(message)
+
+    def _compile(self, job: CompileJob) -> xgr.CompiledGrammar:
+        assert self._compiler is not None
+        compiler = self._compiler.result()
+        job.started = time.monotonic()
+        spec = job.spec
+        if spec.kind == "json_schema":
+            return compiler.compile_json_schema(spec.spec, any_whitespace=False, separators=_JSON_SEPARATORS)
+        if spec.kind == "json_object":
+            return compiler.compile_json_schema('{"type": "object"}', any_whitespace=False, separators=_JSON_SEPARATORS)
+        if spec.kind == "regex":
+            return compiler.compile_regex(spec.spec)
+        if spec.kind == "choice":
+            return compiler.compile_grammar(choice_grammar(json.loads(spec.spec)))
+        if spec.kind == "grammar":
+            return compiler.compile_grammar(spec.spec)
+        raise ValueError(f"unknown grammar kind {spec.kind!r}")
+
+    # --- per request --------------------------------------------------------------------
+
+    @staticmethod
+    def matcher(compiled: xgr.CompiledGrammar, eos_token_ids: Sequence[int]) -> xgr.GrammarMatcher:
+        import xgrammar as xgr
+
+        return xgr.GrammarMatcher(compiled, override_stop_tokens=list(eos_token_ids) or None)
+
+    def shutdown(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def fill_bitmask(matchers: Sequence[tuple[int, xgr.GrammarMatcher]], batch_size: int, vocab_size: int) -> torch.Tensor:
+    """A [batch_size, ceil(V/32)] int32 mask (all allowed) with the given rows filled."""
+    import xgrammar as xgr
+
+    bitmask = xgr.allocate_token_bitmask(batch_size, vocab_size)
+    for row, m in matchers:
+        m.fill_next_token_bitmask(bitmask, row)
+    return bitmask
+
+
+def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> None:
+    """Masked tokens of the given rows become -inf, in place (on the logits' device)."""
+    import xgrammar as xgr
+
+    if bitmask.device != logits.device:
+        bitmask = bitmask.to(logits.device, non_blocking=True)
+    xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=logits.shape[1], indices=rows)
