@@ -135,7 +135,7 @@ class StructuredOutputManager:
         if job.future.done():
             try:
                 return job.future.result()
-            except Exception as e:
+            except Exception as e:  # noqa: BLE001 - whatever xgrammar refuses is the client's grammar
                 raise self._fail(job.spec, f"invalid {job.spec.kind}: {clean_error(e)}") from None
         now = time.monotonic() if now is None else now
         if job.started is not None and now - job.started > self.timeout_s:

@@ -78,13 +78,13 @@ def grammar_spec(body: StructuredOutputFields) -> GrammarSpec | None:
             raise StructuredOutputError(
                 "response_format.json_schema.schema is required for type json_schema", "response_format"
             )
-        spec = _schema_text(rf.json_schema.schema, "response_format.json_schema.schema")
-        found.append(("response_format", GrammarSpec(kind="json_schema", spec=spec)))
+        text = _schema_text(rf.json_schema.schema, "response_format.json_schema.schema")
+        found.append(("response_format", GrammarSpec(kind="json_schema", spec=text)))
     so = body.structured_outputs
     if so is not None:
         if so.json is not None:
-            spec = _schema_text(so.json, "structured_outputs.json")
-            found.append(("structured_outputs.json", GrammarSpec(kind="json_schema", spec=spec)))
+            text = _schema_text(so.json, "structured_outputs.json")
+            found.append(("structured_outputs.json", GrammarSpec(kind="json_schema", spec=text)))
         if so.regex is not None:
             found.append(("structured_outputs.regex", GrammarSpec(kind="regex", spec=so.regex)))
         if so.choice is not None:
@@ -94,7 +94,9 @@ def grammar_spec(body: StructuredOutputFields) -> GrammarSpec | None:
         if so.json_object:
             found.append(("structured_outputs.json_object", GrammarSpec(kind="json_object")))
     if body.guided_json is not None:
-        found.append(("guided_json", GrammarSpec(kind="json_schema", spec=_schema_text(body.guided_json, "guided_json"))))
+        found.append(
+            ("guided_json", GrammarSpec(kind="json_schema", spec=_schema_text(body.guided_json, "guided_json")))
+        )
     if body.guided_regex is not None:
         found.append(("guided_regex", GrammarSpec(kind="regex", spec=body.guided_regex)))
     if body.guided_choice is not None:

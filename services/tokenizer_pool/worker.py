@@ -73,9 +73,7 @@ class TokenizerWorker:
         # Before any request: ZMQ keeps order per connection, so an engine knows the vocabulary
         # (for structured outputs) by the time this worker's first request reaches it.
         vocab = encode(
-            TokenizerVocab(
-                tokenizer_json=self.tokenizer.backend.to_str(), eos_token_ids=self.tokenizer.eos_token_ids
-            )
+            TokenizerVocab(tokenizer_json=self.tokenizer.backend.to_str(), eos_token_ids=self.tokenizer.eos_token_ids)
         )
         for engine in self._engines:
             engine.send(vocab)

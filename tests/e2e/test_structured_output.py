@@ -93,5 +93,7 @@ def test_bad_schemas_are_400_and_the_service_stays_up(client: openai.OpenAI) -> 
             assert exc.value.body["type"] == "invalid_request_error" and exc.value.body["message"]
     with pytest.raises(openai.BadRequestError, match="regex"):
         client.completions.create(model=MODEL, prompt="x", extra_body={"guided_regex": "a(b"})
-    ok = client.chat.completions.create(model=MODEL, messages=ASK, response_format=FORMAT, max_tokens=120, temperature=0)
+    ok = client.chat.completions.create(
+        model=MODEL, messages=ASK, response_format=FORMAT, max_tokens=120, temperature=0
+    )
     jsonschema.validate(json.loads(ok.choices[0].message.content), PERSON)

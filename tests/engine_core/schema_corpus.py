@@ -79,10 +79,15 @@ SCHEMAS: list[dict[str, Any]] = [
         "$defs": {"point": obj({"x": SMALL_INT, "y": SMALL_INT})},
         **obj({"from": {"$ref": "#/$defs/point"}, "to": {"$ref": "#/$defs/point"}}),
     },
-    {"definitions": {"tag": NAME}, **obj({"tags": {"type": "array", "items": {"$ref": "#/definitions/tag"}, "maxItems": 2}})},
     {
-        "$defs": {"node": obj({"v": SMALL_INT, "kids": {"type": "array", "items": {"$ref": "#/$defs/leaf"}, "maxItems": 2}}),
-                  "leaf": obj({"v": SMALL_INT})},
+        "definitions": {"tag": NAME},
+        **obj({"tags": {"type": "array", "items": {"$ref": "#/definitions/tag"}, "maxItems": 2}}),
+    },
+    {
+        "$defs": {
+            "node": obj({"v": SMALL_INT, "kids": {"type": "array", "items": {"$ref": "#/$defs/leaf"}, "maxItems": 2}}),
+            "leaf": obj({"v": SMALL_INT}),
+        },
         "$ref": "#/$defs/node",
     },
     # bounded numbers

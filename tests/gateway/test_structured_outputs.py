@@ -55,10 +55,22 @@ REFUSED = [
     ({"response_format": {"type": "json_schema"}}, "response_format"),
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format"),
     ({"response_format": {"type": "xml"}}, "response_format.type"),
-    ({"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "array", "uniqueItems": True}}}}, "response_format"),
-    ({"response_format": {"type": "json_schema", "json_schema": {"schema": {"not": {"type": "string"}}}}}, "response_format"),
-    ({"response_format": {"type": "json_schema", "json_schema": {"schema": {"$ref": "https://x.org/s.json"}}}}, "response_format"),
-    ({"response_format": {"type": "json_schema", "json_schema": {"schema": [1]}}}, "response_format.json_schema.schema"),
+    (
+        {"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "array", "uniqueItems": True}}}},
+        "response_format",
+    ),
+    (
+        {"response_format": {"type": "json_schema", "json_schema": {"schema": {"not": {"type": "string"}}}}},
+        "response_format",
+    ),
+    (
+        {"response_format": {"type": "json_schema", "json_schema": {"schema": {"$ref": "https://x.org/s.json"}}}},
+        "response_format",
+    ),
+    (
+        {"response_format": {"type": "json_schema", "json_schema": {"schema": [1]}}},
+        "response_format.json_schema.schema",
+    ),
     ({"guided_json": "{not json"}, "guided_json"),
     ({"guided_json": {"type": "object", "properties": {"x": {"type": "number", "multipleOf": 0.5}}}}, "guided_json"),
     ({"guided_choice": []}, "guided_choice"),
@@ -67,7 +79,10 @@ REFUSED = [
     ({"structured_outputs": {"whitespace_pattern": " "}}, "structured_outputs"),
     ({"response_format": {"type": "json_object"}, "guided_regex": "a"}, "guided_regex"),
     ({"response_format": {"type": "json_object"}, "min_tokens": 3}, "min_tokens"),
-    ({"guided_json": {"type": "string", "maxLength": 1}, "guided_json_too": 1, "guided_grammar": "x" * 70000}, "guided_grammar"),
+    (
+        {"guided_json": {"type": "string", "maxLength": 1}, "guided_json_too": 1, "guided_grammar": "x" * 70000},
+        "guided_grammar",
+    ),
     ({"logit_bias": {"abc": 1}}, "logit_bias"),
     ({"logit_bias": {"5": 101}}, "logit_bias"),
     ({"logit_bias": {"-1": 1}}, "logit_bias"),
