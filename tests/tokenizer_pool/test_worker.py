@@ -32,6 +32,7 @@ from shared.protocol import (
     SamplingParams,
     TokenizeRequest,
     TokenizeResult,
+    TokenizerVocab,
     WorkerHeartbeat,
     decoder,
     encode,
@@ -73,6 +74,8 @@ class Harness:
             env=env,
         )
 
+    vocab: TokenizerVocab | None = None
+
     def send(self, msg: msgspec.Struct | bytes) -> None:
         self.to_worker.send(msg if isinstance(msg, bytes) else encode(msg))
 
@@ -88,7 +91,12 @@ class Harness:
                 return msg
 
     def from_engine_side(self) -> msgspec.Struct:
-        return self._recv(self.engine_in, self.engine_decoder)
+        while True:
+            msg = self._recv(self.engine_in, self.engine_decoder)
+            if isinstance(msg, TokenizerVocab):  # sent once at start-up, before any request
+                self.vocab = msg
+                continue
+            return msg
 
     def outputs(self, request_id: str, ids: list[int], **fields: object) -> None:
         self.send(
@@ -146,6 +154,9 @@ def test_generate_roundtrip(pool: Harness, smol_tokenizer: Tokenizer) -> None:
     )
     req = pool.from_engine_side()
     assert isinstance(req, EngineRequest)
+    # the vocabulary for structured outputs reached the engine before the first request
+    assert pool.vocab is not None and pool.vocab.eos_token_ids == [2]
+    assert pool.vocab.tokenizer_json == smol_tokenizer.backend.to_str()
     assert req.prompt_token_ids == smol_tokenizer.encode("The capital of France is")
     assert (req.worker, req.eos_token_ids, req.arrival_time) == (0, [2], 3.0)
 
