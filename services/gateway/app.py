@@ -229,6 +229,8 @@ def build_app(config: Config) -> web.Application:
             web.get("/metrics", metrics_endpoint),
             web.get("/version", version),
             web.get("/", index),
+            # The chat page's scripts, styles and vendored libraries (no CDN: it works offline).
+            web.static("/static", STATIC_DIR),
         ]
     )
     return app
