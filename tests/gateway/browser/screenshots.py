@@ -31,7 +31,8 @@ def main(out_dir: str = "docs/img") -> None:
             for theme in ("light", "dark"):
                 page.js("localStorage.setItem('novainfer.theme', arguments[0])", theme)
                 page.open(clear=False)
-                page.find("#toggle-settings").click()
+                if theme == "dark":
+                    page.find("#toggle-settings").click()
                 driver.save_screenshot(str(out / f"chat-desktop-{theme}.png"))
                 page.open(width=400, height=820, clear=False)
                 driver.save_screenshot(str(out / f"chat-narrow-{theme}.png"))

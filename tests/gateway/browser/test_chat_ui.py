@@ -4,14 +4,16 @@ a stream, network failure, the 400 px layout."""
 
 from __future__ import annotations
 
-import json
 import re
 import time
 
+import pytest
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 
 from tests.gateway.browser.conftest import MAX_MODEL_LEN, ChatPage, metric
+
+pytestmark = pytest.mark.slow
 
 # A long generation that only a stop ends (the bundled model would often stop early by itself).
 ENDLESS = {"max_tokens": MAX_MODEL_LEN // 2, "advanced": {"ignore_eos": True}}

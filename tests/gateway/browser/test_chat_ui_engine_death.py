@@ -16,6 +16,8 @@ from selenium.webdriver.common.by import By
 from tests.e2e.conftest import Server
 from tests.gateway.browser.conftest import MAX_MODEL_LEN, ChatPage, launch_service
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:

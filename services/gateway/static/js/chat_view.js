@@ -12,6 +12,15 @@ function el(tag, className, text) {
   return e;
 }
 
+function copyButton(onCopy) {
+  const b = button("Copy", "Copy", async () => {
+    await onCopy();
+    b.textContent = "Copied";
+    setTimeout(() => (b.textContent = "Copy"), 1200);
+  });
+  return b;
+}
+
 function button(label, title, onClick, className = "") {
   const b = el("button", "icon " + className, label);
   b.type = "button";
@@ -103,7 +112,7 @@ export class ChatView {
       if (!busy) {
         if (m.failed && last) foot.appendChild(button("↻ Retry", "Send this message again", () => this.actions.retry(m)));
         foot.appendChild(button("✎", "Edit and regenerate from here", () => this.startEdit(node, m)));
-        foot.appendChild(button("⧉", "Copy", () => this.actions.copy(m)));
+        foot.appendChild(copyButton(() => this.actions.copy(m)));
       }
     } else {
       const alt = m.alts[m.alt];
@@ -121,7 +130,7 @@ export class ChatView {
         foot.appendChild(nav);
       }
       if (!busy) {
-        foot.appendChild(button("⧉", "Copy", () => this.actions.copy(m)));
+        foot.appendChild(copyButton(() => this.actions.copy(m)));
         if (last) foot.appendChild(button("↻", "Regenerate", () => this.actions.regenerate(m), "regenerate"));
       }
       foot.appendChild(el("span", "stats", streaming ? "" : statsText(alt.stats)));

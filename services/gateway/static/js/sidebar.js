@@ -21,7 +21,7 @@ export class Sidebar {
       title.addEventListener("click", () => this.actions.select(s.id));
       title.addEventListener("dblclick", () => this.startRename(li, s));
       const rename = this.iconButton("✎", "Rename", "rename", () => this.startRename(li, s));
-      const remove = this.iconButton("🗑", "Delete", "delete", () => this.actions.remove(s.id));
+      const remove = this.iconButton("✕", "Delete", "delete", () => this.actions.remove(s.id));
       li.append(title, rename, remove);
       return li;
     });
