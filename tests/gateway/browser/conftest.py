@@ -29,7 +29,7 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
 # The context is kept small so that a few long messages overflow it.
 MAX_MODEL_LEN = 512
-WAIT_S = 120.0
+WAIT_S = 240.0
 DESKTOP = (1280, 860)
 
 
@@ -66,9 +66,10 @@ def driver() -> Iterator[Any]:
 class ChatPage:
     """The chat page in the browser, with the actions and waits the tests need."""
 
-    def __init__(self, driver: Any, server: Server) -> None:
+    def __init__(self, driver: Any, server: Server, timeout: float = WAIT_S) -> None:
         self.d = driver
         self.server = server
+        self.timeout = timeout
 
     # Navigation and state
     def open(self, width: int = DESKTOP[0], height: int = DESKTOP[1], clear: bool = True) -> None:
@@ -88,13 +89,14 @@ class ChatPage:
         self.wait(lambda: self.find("#model").text != "", "the page shows the served model")
         self.wait(lambda: "ok" in self.find("#health").get_attribute("class"), "the health dot turns green")
 
-    def wait(self, condition: Callable[[], Any], what: str, timeout: float = WAIT_S) -> Any:
+    def wait(self, condition: Callable[[], Any], what: str, timeout: float | None = None) -> Any:
         def check(_: Any) -> Any:
             try:
                 return condition()
             except StaleElementReferenceException:  # re-rendered while we looked
                 return False
 
+        timeout = timeout or self.timeout
         try:
             return WebDriverWait(self.d, timeout, poll_frequency=0.2).until(check)
         except TimeoutException:
@@ -135,7 +137,7 @@ class ChatPage:
     def streaming(self) -> bool:
         return self.find("#stop").is_displayed()
 
-    def wait_idle(self, timeout: float = WAIT_S) -> None:
+    def wait_idle(self, timeout: float | None = None) -> None:
         self.wait(lambda: not self.streaming() and self.find("#send").is_displayed(), "the answer ended", timeout)
 
     def send(self, text: str) -> WebElement:

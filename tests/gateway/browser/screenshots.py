@@ -20,7 +20,7 @@ def main(out_dir: str = "docs/img") -> None:
         server = launch_service(tmp)
         driver = new_driver()
         try:
-            page = ChatPage(driver, server)
+            page = ChatPage(driver, server, timeout=900)
             page.open()
             page.set_settings(max_tokens=48, temperature=0)
             page.send("What is the capital of France?")
