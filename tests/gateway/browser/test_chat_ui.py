@@ -62,13 +62,16 @@ def test_sessions_are_kept_apart_across_reloads(page: ChatPage) -> None:
     page.send("alpha question")
     page.find("#new-chat").click()
     assert page.messages() == []
-    page.send("bravo question")  # settings carry over to the new session
+    assert page.find("#set-max_tokens").get_attribute("value") == "8", "a new chat starts with the current settings"
+    page.set_settings(system="You are Bravo.")  # this session's own
+    page.send("bravo question")
     page.reload()
     assert sorted(page.sessions()) == ["alpha question", "bravo question"]
-    for title in ("alpha question", "bravo question"):
+    for title, system in (("alpha question", ""), ("bravo question", "You are Bravo.")):
         page.find_all("#sessions .session .title")[page.sessions().index(title)].click()
         page.wait(lambda t=title: page.bodies("user") == [t], f"session {title!r} shows only its own message")
         assert len(page.messages("assistant")) == 1
+        assert page.find("#set-system").get_attribute("value") == system
 
     # Rename (inline), delete one, then delete all. A session's buttons show on the selected one.
     page.find_all("#sessions .session .title")[page.sessions().index("alpha question")].click()

@@ -164,8 +164,11 @@ async function generate(session, end, fields, regenerated = null) {
   let tLast = null;
   let usage = null;
   try {
-    const model = served || (await loadModel());
-    if (!model) throw new api.RequestError("The server is unreachable: check that NovaInfer is running.", { unreachable: true });
+    if (!served) {
+      served = await api.model(apiKey()); // a RequestError here says why (unreachable, a wrong key)
+      $("model").textContent = served.id;
+    }
+    const model = served;
     if (model.maxModelLen) {
       const count = (messages) => api.countTokens(apiKey(), model.id, messages);
       const room = answerRoom(fields.max_tokens, model.maxModelLen);

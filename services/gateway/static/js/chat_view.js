@@ -53,7 +53,9 @@ export class ChatView {
     });
   }
 
+  // Renders a session; re-rendering the one shown keeps the user's scroll position unless at the bottom.
   render(session, streamingId) {
+    const switched = session !== this.session;
     this.session = session;
     this.streamingId = streamingId;
     this.elements.clear();
@@ -77,8 +79,10 @@ export class ChatView {
       this.fillMessage(node, m, i);
       log.appendChild(node);
     });
+    const top = this.container.scrollTop;
     this.container.replaceChildren(log);
-    this.scrollToEnd(true);
+    if (switched || this.stick) this.scrollToEnd(true);
+    else this.container.scrollTop = top;
   }
 
   // Re-renders one message (a streamed update); follows it only if the user was at the bottom.
