@@ -4,8 +4,17 @@ needs a key (the page itself asks for the key), and nothing comes from another o
 from __future__ import annotations
 
 import re
+from pathlib import Path, PurePosixPath
 
 from tests.gateway.fakes import GatewayFactory
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef,import-not-found]
+
+ROOT = Path(__file__).resolve().parents[2]
+GATEWAY = ROOT / "services" / "gateway"
 
 
 async def test_chat_page_assets_are_served_without_key(make_gateway: GatewayFactory) -> None:
@@ -33,3 +42,13 @@ async def test_chat_page_assets_are_served_without_key(make_gateway: GatewayFact
     assert status == 401
     status, _ = await gateway.get("/static/../app.py")
     assert status == 404
+
+
+def test_package_data_ships_every_static_file() -> None:
+    """setuptools' package-data globs do not recurse: each static subfolder needs its own."""
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    globs = [PurePosixPath(g) for g in pyproject["tool"]["setuptools"]["package-data"]["services.gateway"]]
+    files = [PurePosixPath(p.relative_to(GATEWAY).as_posix()) for p in (GATEWAY / "static").rglob("*") if p.is_file()]
+    assert len(files) > 10
+    for f in files:
+        assert any(len(g.parts) == len(f.parts) and f.match(str(g)) for g in globs), f"{f} is not in the wheel"
