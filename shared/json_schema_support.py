@@ -29,7 +29,7 @@ MAX_DEPTH = 64
 def check_json_schema(schema: Any) -> None:
     """Raise ValueError if schema is not a JSON schema the grammar engine fully enforces."""
     if not isinstance(schema, (dict, bool)):
-        raise ValueError("the JSON schema must be an object")  # noqa: TRY004 - a 400 for the client
+        raise ValueError("the JSON schema must be an object")
     _check(schema, "#", 0)
 
 
@@ -37,7 +37,7 @@ def _check(schema: Any, where: str, depth: int) -> None:
     if isinstance(schema, bool):
         return
     if not isinstance(schema, dict):
-        raise ValueError(f"the JSON schema at {where} must be an object or a boolean")  # noqa: TRY004
+        raise ValueError(f"the JSON schema at {where} must be an object or a boolean")
     if depth > MAX_DEPTH:
         raise ValueError(f"the JSON schema is nested deeper than {MAX_DEPTH} levels")
     for key, why in _IGNORED.items():

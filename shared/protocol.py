@@ -16,6 +16,7 @@ from typing import Literal
 
 import msgspec
 
+from shared.errors import InvalidRequest
 from shared.json_schema_support import check_json_schema
 
 # Finish reasons as the OpenAI API names them.
@@ -40,21 +41,24 @@ class GrammarSpec(msgspec.Struct, frozen=True, kw_only=True):
     pattern; grammar: EBNF (GBNF); json_object: unused (any JSON object)."""
 
     def validate(self) -> None:
-        """Raise ValueError for a spec the engine would refuse (cheap, no compilation)."""
+        """Raise InvalidRequest for a spec the engine would refuse (cheap, no compilation)."""
         if len(self.spec.encode()) > MAX_GRAMMAR_SPEC_BYTES:
-            raise ValueError(f"the {self.kind} is longer than {MAX_GRAMMAR_SPEC_BYTES} bytes")
+            raise InvalidRequest(f"the {self.kind} is longer than {MAX_GRAMMAR_SPEC_BYTES} bytes")
         if self.kind == "json_schema":
             try:
                 schema = json.loads(self.spec)
             except ValueError as e:
-                raise ValueError(f"the JSON schema is not valid JSON: {e}") from None
-            check_json_schema(schema)
+                raise InvalidRequest(f"the JSON schema is not valid JSON: {e}") from None
+            try:
+                check_json_schema(schema)
+            except ValueError as e:  # what the schema uses that the grammar compiler cannot serve
+                raise InvalidRequest(str(e)) from None
         elif self.kind == "choice":
             choices = json.loads(self.spec)
             if not choices or not all(isinstance(c, str) and c for c in choices):
-                raise ValueError("choice must be a non-empty list of non-empty strings")
+                raise InvalidRequest("choice must be a non-empty list of non-empty strings")
         elif self.kind in ("regex", "grammar") and not self.spec:
-            raise ValueError(f"the {self.kind} is empty")
+            raise InvalidRequest(f"the {self.kind} is empty")
 
 
 class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -85,52 +89,66 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
     """Constrain the output to this grammar (response_format, structured_outputs, guided_*)."""
 
     def validate(self) -> None:
-        """Raise ValueError naming the offending parameter."""
+        """Raise InvalidRequest naming the offending parameter."""
         for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
             if not math.isfinite(getattr(self, name)):
-                raise ValueError(f"{name} must be a finite number")
+                raise InvalidRequest(f"{name} must be a finite number", param=name)
         if self.max_tokens is not None and self.max_tokens < 1:
-            raise ValueError("max_tokens must be at least 1")
+            raise InvalidRequest("max_tokens must be at least 1", param="max_tokens")
         if self.temperature < 0:
-            raise ValueError("temperature must be non-negative")
+            raise InvalidRequest("temperature must be non-negative", param="temperature")
         if not 0 < self.top_p <= 1:
-            raise ValueError("top_p must be in (0, 1]")
+            raise InvalidRequest("top_p must be in (0, 1]", param="top_p")
         if self.top_k < -1:
-            raise ValueError("top_k must be -1, 0 (disabled) or positive")
+            raise InvalidRequest("top_k must be -1, 0 (disabled) or positive", param="top_k")
         if not 0 <= self.min_p <= 1:
-            raise ValueError("min_p must be in [0, 1]")
+            raise InvalidRequest("min_p must be in [0, 1]", param="min_p")
         if self.repetition_penalty <= 0:
-            raise ValueError("repetition_penalty must be positive")
+            raise InvalidRequest("repetition_penalty must be positive", param="repetition_penalty")
         if not -2 <= self.presence_penalty <= 2:
-            raise ValueError("presence_penalty must be in [-2, 2]")
+            raise InvalidRequest("presence_penalty must be in [-2, 2]", param="presence_penalty")
         if not -2 <= self.frequency_penalty <= 2:
-            raise ValueError("frequency_penalty must be in [-2, 2]")
+            raise InvalidRequest("frequency_penalty must be in [-2, 2]", param="frequency_penalty")
         if self.min_tokens < 0:
-            raise ValueError("min_tokens must be non-negative")
+            raise InvalidRequest("min_tokens must be non-negative", param="min_tokens")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
-            raise ValueError("min_tokens must not exceed max_tokens")
+            raise InvalidRequest("min_tokens must not exceed max_tokens", param="min_tokens")
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
-            raise ValueError("logprobs must be in [0, 20]")
+            raise InvalidRequest("logprobs must be in [0, 20]", param="logprobs")
         if not 1 <= self.n <= 128:
-            raise ValueError("n must be in [1, 128]")
+            raise InvalidRequest("n must be in [1, 128]", param="n")
         if any(t < 0 for t in self.stop_token_ids):
-            raise ValueError("stop_token_ids must be non-negative")
+            raise InvalidRequest("stop_token_ids must be non-negative", param="stop_token_ids")
         if any(not s for s in self.stop):
-            raise ValueError("stop strings must be non-empty")
+            raise InvalidRequest("stop strings must be non-empty", param="stop")
         if self.logit_bias is not None:
             if any(t < 0 for t in self.logit_bias):
-                raise ValueError("logit_bias keys must be non-negative token ids")
+                raise InvalidRequest("logit_bias keys must be non-negative token ids", param="logit_bias")
             if any(not -100 <= b <= 100 for b in self.logit_bias.values()):
-                raise ValueError("logit_bias values must be in [-100, 100]")
+                raise InvalidRequest("logit_bias values must be in [-100, 100]", param="logit_bias")
         if self.structured_output is not None:
             # The grammar decides where the output may end; min_tokens would fight it.
             if self.min_tokens:
-                raise ValueError("min_tokens cannot be combined with structured outputs")
+                raise InvalidRequest("min_tokens cannot be combined with structured outputs", param="min_tokens")
             self.structured_output.validate()
 
     @property
     def greedy(self) -> bool:
         return self.temperature < 1e-5
+
+
+class ErrorInfo(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """Why a request failed: carried back to the gateway, answered in OpenAI's error shape."""
+
+    message: str
+    status: int = 400
+    """The HTTP status: 400 for an InvalidRequest, 500 for a bug, 503 for a component that is down."""
+    param: str | None = None
+    code: str | None = None
+
+    @classmethod
+    def invalid(cls, e: InvalidRequest) -> ErrorInfo:
+        return cls(message=e.message, param=e.param, code=e.code)
 
 
 class ChatMessage(msgspec.Struct, kw_only=True):
@@ -224,9 +242,8 @@ class EngineOutput(msgspec.Struct, kw_only=True, omit_defaults=True):
     num_cached_tokens: int = 0
     first_scheduled_time: float | None = None
     """Wall time the request was first scheduled (queue time = this - arrival_time); set once."""
-    error: str | None = None
+    error: ErrorInfo | None = None
     """Set when the engine rejected the request (finish_reason is then abort)."""
-    error_code: int = 400
 
 
 class EngineStats(msgspec.Struct, kw_only=True):
@@ -283,8 +300,7 @@ class RequestDelta(msgspec.Struct, kw_only=True, omit_defaults=True):
     prompt_text: str | None = None
     """Only in the first delta of an echo request."""
     first_scheduled_time: float | None = None
-    error: str | None = None
-    error_code: int = 400
+    error: ErrorInfo | None = None
 
 
 class GatewayOutputs(msgspec.Struct, tag="gateway_outputs", kw_only=True):
@@ -297,13 +313,13 @@ class TokenizeResult(msgspec.Struct, tag="tokenize_result", kw_only=True):
     request_id: str
     token_ids: list[int] = []
     max_model_len: int = 0
-    error: str | None = None
+    error: ErrorInfo | None = None
 
 
 class DetokenizeResult(msgspec.Struct, tag="detokenize_result", kw_only=True):
     request_id: str
     text: str = ""
-    error: str | None = None
+    error: ErrorInfo | None = None
 
 
 class WorkerHeartbeat(msgspec.Struct, tag="worker_heartbeat", kw_only=True):

@@ -14,7 +14,8 @@ from services.engine_core.request import Request, RequestStatus
 from services.engine_core.scheduler import ScheduledBatch, Scheduler
 from services.engine_core.structured_output import CompileJob, GrammarError, StructuredOutputManager
 from shared.config import EngineConfig
-from shared.protocol import FINISH_ABORT, EngineOutput, EngineStats, SamplingParams, TokenLogprob
+from shared.errors import InvalidRequest, check_context_length
+from shared.protocol import FINISH_ABORT, EngineOutput, EngineStats, ErrorInfo, SamplingParams, TokenLogprob
 
 log = logging.getLogger(__name__)
 
@@ -50,29 +51,23 @@ class LLMEngine:
         eos_token_ids: list[int] | None = None,
         arrival_time: float | None = None,
     ) -> None:
-        """Raise ValueError (with a message for the client) if the request cannot be served."""
+        """Raise InvalidRequest if the client must change the request."""
         sampling_params.validate()
         if not prompt_token_ids:
-            raise ValueError("the prompt is empty")
+            raise InvalidRequest("the prompt is empty", param="prompt")
         vocab = self.model_config.vocab_size
         if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= vocab:
-            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+            raise InvalidRequest(f"prompt token ids must be in [0, {vocab})", param="prompt")
         if any(not 0 <= t < vocab for t in sampling_params.stop_token_ids):
-            raise ValueError(f"stop_token_ids must be in [0, {vocab})")
+            raise InvalidRequest(f"stop_token_ids must be in [0, {vocab})", param="stop_token_ids")
         if sampling_params.logit_bias and max(sampling_params.logit_bias) >= vocab:
-            raise ValueError(f"logit_bias token ids must be in [0, {vocab})")
+            raise InvalidRequest(f"logit_bias token ids must be in [0, {vocab})", param="logit_bias")
+        n = len(prompt_token_ids)
+        check_context_length(n, sampling_params.max_tokens, self.max_model_len, "prompt")
         if eos_token_ids is None:
             eos_token_ids = self.model_config.eos_token_ids
-        room = self.max_model_len - len(prompt_token_ids)
-        max_tokens = room if sampling_params.max_tokens is None else min(sampling_params.max_tokens, room)
-        req = Request(
-            request_id,
-            prompt_token_ids,
-            sampling_params,
-            eos_token_ids,
-            arrival_time,
-            max_tokens=max(max_tokens, 1),
-        )
+        max_tokens = self.max_model_len - n if sampling_params.max_tokens is None else sampling_params.max_tokens
+        req = Request(request_id, prompt_token_ids, sampling_params, eos_token_ids, arrival_time, max_tokens)
         spec = sampling_params.structured_output
         if spec is None:
             self.scheduler.add_request(req)
@@ -99,14 +94,23 @@ class LLMEngine:
                     continue
                 req.grammar = self.structured_output.matcher(compiled, req.eos_token_ids)
                 self.scheduler.add_request(req)
-            except ValueError as e:  # GrammarError, or the scheduler refusing the request
+            except InvalidRequest as e:  # GrammarError, or the scheduler refusing the request
                 failed.append(
                     EngineOutput(
                         request_id=request_id,
                         finish_reason=FINISH_ABORT,
                         num_prompt_tokens=req.num_prompt_tokens,
-                        error=str(e),
-                        error_code=400,
+                        error=ErrorInfo.invalid(e),
+                    )
+                )
+            except Exception as e:
+                log.exception("failed to admit request %s", request_id)
+                failed.append(
+                    EngineOutput(
+                        request_id=request_id,
+                        finish_reason=FINISH_ABORT,
+                        num_prompt_tokens=req.num_prompt_tokens,
+                        error=ErrorInfo(message=f"internal error: {e}", status=500),
                     )
                 )
             del self._compiling[request_id]
@@ -214,8 +218,7 @@ class LLMEngine:
                 request_id=r.request_id,
                 finish_reason=FINISH_ABORT,
                 num_prompt_tokens=r.num_prompt_tokens,
-                error=message,
-                error_code=500,
+                error=ErrorInfo(message=message, status=500),
             )
             for r in self.scheduler.abort([r.request_id for r in requests])
         ]

@@ -369,6 +369,7 @@ def apply_penalties(logits: Tensor, batch: SamplingBatch) -> None:
         assert batch.freq_tokens is not None and batch.freq_sub is not None  # set with freq_rows
         logits.index_put_((batch.freq_rows, batch.freq_tokens), -batch.freq_sub, accumulate=True)
     if batch.bias_rows is not None:
+        assert batch.bias_tokens is not None and batch.bias_values is not None  # set with bias_rows
         logits.index_put_((batch.bias_rows, batch.bias_tokens), batch.bias_values, accumulate=True)
     if batch.ban_rows is not None:
         logits[batch.ban_rows, batch.ban_tokens] = _NEG_INF

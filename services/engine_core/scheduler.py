@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from services.engine_core.block_manager import BlockManager
 from services.engine_core.request import Request, RequestStatus
 from shared.config import EngineConfig
+from shared.errors import InvalidRequest
 
 log = logging.getLogger(__name__)
 
@@ -89,19 +90,16 @@ class Scheduler:
     # --- admission -------------------------------------------------------------------
 
     def add_request(self, req: Request) -> None:
+        """The engine checked the prompt against the context length (check_context_length);
+        what is left is the cache, which may be smaller than the context."""
         n = req.num_prompt_tokens
-        if n == 0:
-            raise ValueError("the prompt must contain at least one token")
-        if n + 1 > self.max_model_len:
-            raise ValueError(
-                f"This model's maximum context length is {self.max_model_len} tokens, prompt has "
-                f"{n} tokens; the prompt plus at least 1 output token must fit"
-            )
         if self.block_manager.blocks_needed(n + 1) > self.block_manager.num_blocks:
-            raise ValueError(
-                f"prompt has {n} tokens but the KV cache holds only {self._cache_tokens} tokens "
+            raise InvalidRequest(
+                f"the prompt has {n} tokens but this server's KV cache holds only {self._cache_tokens} tokens "
                 f"({self.block_manager.num_blocks} blocks of {self.block_manager.block_size}); "
-                "the prompt plus at least 1 output token must fit"
+                "the prompt plus at least 1 output token must fit",
+                param="prompt",
+                code="context_length_exceeded",
             )
         if req.request_id in self._requests:
             raise ValueError(f"request id {req.request_id!r} is already in use")

@@ -23,6 +23,7 @@ import zmq
 from services.engine_core.engine import LLMEngine
 from services.engine_core.kv_event_publisher import KVEventPublisher
 from shared.config import Config
+from shared.errors import InvalidRequest
 from shared.protocol import (
     FINISH_ABORT,
     AbortRequest,
@@ -31,6 +32,7 @@ from shared.protocol import (
     EngineOutputs,
     EngineRequest,
     EngineStats,
+    ErrorInfo,
     TokenizerVocab,
     decoder,
     encode,
@@ -99,14 +101,13 @@ class EngineCoreServer:
                     msg.arrival_time or None,
                 )
                 self.owner[msg.request_id] = msg.worker
-            except ValueError as e:
+            except InvalidRequest as e:
                 self.pending[msg.worker].append(
                     EngineOutput(
                         request_id=msg.request_id,
                         finish_reason=FINISH_ABORT,
                         num_prompt_tokens=len(msg.prompt_token_ids),
-                        error=str(e),
-                        error_code=400,
+                        error=ErrorInfo.invalid(e),
                     )
                 )
             except Exception as e:
@@ -115,8 +116,7 @@ class EngineCoreServer:
                     EngineOutput(
                         request_id=msg.request_id,
                         finish_reason=FINISH_ABORT,
-                        error=f"internal error: {e}",
-                        error_code=500,
+                        error=ErrorInfo(message=f"internal error: {e}", status=500),
                     )
                 )
         elif isinstance(msg, AbortRequest):
@@ -192,7 +192,7 @@ class EngineCoreServer:
                     # A failed step must not leave requests hanging: fail them all loudly.
                     log.exception("engine step failed; aborting all requests")
                     for out in self.engine.abort(list(self.owner)):
-                        out.error, out.error_code = "internal engine error", 500
+                        out.error = ErrorInfo(message="internal engine error", status=500)
                         self._route(out)
             self._flush()
         self._stopped.set()

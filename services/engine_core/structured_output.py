@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from shared.config import EngineConfig
+from shared.errors import InvalidRequest
 from shared.protocol import GrammarSpec
 
 if TYPE_CHECKING:
@@ -48,7 +49,7 @@ _MAX_REMEMBERED_FAILURES = 1024
 _JSON_SEPARATORS = (", ", ": ")
 
 
-class GrammarError(ValueError):
+class GrammarError(InvalidRequest):
     """The client's grammar cannot be served (invalid, unsupported or too slow to compile): a 400."""
 
 
@@ -135,7 +136,7 @@ class StructuredOutputManager:
         if job.future.done():
             try:
                 return job.future.result()
-            except Exception as e:  # noqa: BLE001 - whatever xgrammar refuses is the client's grammar
+            except Exception as e:
                 raise self._fail(job.spec, f"invalid {job.spec.kind}: {clean_error(e)}") from None
         now = time.monotonic() if now is None else now
         if job.started is not None and now - job.started > self.timeout_s:

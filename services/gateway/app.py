@@ -29,6 +29,7 @@ from services.gateway.metrics import GatewayMetrics
 from services.gateway.openai_api import ApiError
 from services.gateway.serving import FRONTEND, MODEL_NAME, json_response
 from shared.config import Config
+from shared.errors import InvalidRequest
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return await handler(request)
     except ApiError as e:
         return e.response()
+    except InvalidRequest as e:
+        return ApiError.invalid(e).response()
     except web.HTTPException as e:
         if e.status < 400:
             raise

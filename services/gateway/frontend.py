@@ -28,6 +28,7 @@ from shared.protocol import (
     DetokenizeRequest,
     DetokenizeResult,
     EngineStats,
+    ErrorInfo,
     GatewayInput,
     GatewayOutputs,
     GenerateRequest,
@@ -244,16 +245,16 @@ class Frontend:
         handle = self._requests.get(request_id)
         if handle is None:
             return False
-        self._end_children(handle, None, 0)
+        self._end_children(handle, None)
         return True
 
     def release(self, handle: RequestHandle) -> None:
         """The HTTP handler is done with the request (finished, failed or disconnected)."""
-        self._end_children(handle, None, 0)
+        self._end_children(handle, None)
         self._requests.pop(handle.request_id, None)
         self.metrics.in_flight.set(len(self._requests))
 
-    def _end_children(self, handle: RequestHandle, error: str | None, error_code: int) -> None:
+    def _end_children(self, handle: RequestHandle, error: ErrorInfo | None) -> None:
         by_worker: dict[int, list[str]] = {}
         now = time.monotonic()
         for cid in handle.child_ids:
@@ -263,13 +264,14 @@ class Frontend:
             self.router.finished(child.engine)
             by_worker.setdefault(child.worker, []).append(cid)
             self.metrics.on_finish(child, now, "error" if error else FINISH_ABORT)
-            handle.push(RequestDelta(request_id=cid, finish_reason=FINISH_ABORT, error=error, error_code=error_code))
+            handle.push(RequestDelta(request_id=cid, finish_reason=FINISH_ABORT, error=error))
         for worker, ids in by_worker.items():
             self._outputs[worker].send(encode(AbortRequest(request_ids=ids)))
 
-    def _fail_all(self, message: str, code: int) -> None:
+    def _fail_all(self, message: str, status: int) -> None:
+        error = ErrorInfo(message=message, status=status)
         for handle in list(self._requests.values()):
-            self._end_children(handle, message, code)
+            self._end_children(handle, error)
         for fut in self._rpcs.values():
             if not fut.done():
                 fut.set_exception(ServiceUnavailable(message))

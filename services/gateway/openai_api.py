@@ -23,7 +23,8 @@ from services.gateway.structured_outputs import (
     grammar_spec,
     logit_bias,
 )
-from shared.protocol import ChatMessage, GenerateRequest, SamplingParams
+from shared.errors import InvalidRequest
+from shared.protocol import ChatMessage, ErrorInfo, GenerateRequest, SamplingParams
 
 CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
@@ -35,7 +36,8 @@ _CLIENT_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
 class ApiError(Exception):
-    """An error answered as OpenAI does: {"error": {message, type, param, code}}."""
+    """An error answered as OpenAI does: {"error": {message, type, param, code}}: the gateway's
+    own refusals (401, 404, 413, 429, 503) and errors reported by the workers and engines."""
 
     def __init__(
         self,
@@ -54,6 +56,14 @@ class ApiError(Exception):
         self.code = code
         self.type = type_ or ("invalid_request_error" if status < 500 else "server_error")
         self.headers = headers
+
+    @classmethod
+    def invalid(cls, e: InvalidRequest) -> ApiError:
+        return cls(400, e.message, param=e.param, code=e.code)
+
+    @classmethod
+    def from_info(cls, info: ErrorInfo) -> ApiError:
+        return cls(info.status, info.message, param=info.param, code=info.code)
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -165,11 +175,11 @@ def decode_body(body: bytes, cls: type[msgspec.Struct]) -> Any:
     try:
         return msgspec.json.decode(body, type=cls)
     except msgspec.ValidationError as e:
-        raise ApiError(400, f"invalid request: {e}", param=_error_param(str(e))) from None
+        raise InvalidRequest(f"invalid request: {e}", param=_error_param(str(e))) from None
     except msgspec.DecodeError as e:
-        raise ApiError(400, f"the request body is not valid JSON: {e}") from None
+        raise InvalidRequest(f"the request body is not valid JSON: {e}") from None
     except RecursionError:  # msgspec's guard against deep nesting, which a 2 KB body can reach
-        raise ApiError(400, "the request body is nested too deeply") from None
+        raise InvalidRequest("the request body is nested too deeply") from None
 
 
 def check_model(model: str | None, served: str) -> None:
@@ -191,7 +201,7 @@ def _sampling_params(body: _SamplingFields, max_tokens: int | None, logprobs: in
         spec = grammar_spec(body)
         bias = logit_bias(body)
     except StructuredOutputError as e:
-        raise ApiError(400, str(e), param=e.param) from None
+        raise InvalidRequest(str(e), param=e.param) from None
 
     return SamplingParams(
         max_tokens=max_tokens,
@@ -217,16 +227,14 @@ def _sampling_params(body: _SamplingFields, max_tokens: int | None, logprobs: in
 
 
 def _validate(params: SamplingParams, renames: dict[str, str]) -> None:
+    """SamplingParams.validate, with its parameter names as this endpoint spells them."""
     try:
         params.validate()
-    except ValueError as e:
-        message = str(e)
-        # validate() names the parameter first ("top_p must be ..."), as the wire field.
-        field = message.split(" ", 1)[0]
-        param = renames.get(field, field)
-        if param != field:
-            message = message.replace(field, param, 1)
-        raise ApiError(400, message, param=param) from None
+    except InvalidRequest as e:
+        if e.param in renames:
+            param = renames[e.param]
+            raise InvalidRequest(e.message.replace(e.param, param, 1), param=param, code=e.code) from None
+        raise
 
 
 def _children(request_id: str, params: SamplingParams, prompts: list[dict[str, Any]]) -> list[GenerateRequest]:
@@ -258,7 +266,7 @@ def _prompts(raw: Any) -> list[dict[str, Any]]:
         # The vocabulary is checked by the tokenizer worker; this only keeps the ids encodable.
         bad = next((t for t in ids if not 0 <= t <= INT64_MAX), None)
         if bad is not None:
-            raise ApiError(400, f"token id {bad} is out of vocabulary", param="prompt")
+            raise InvalidRequest(f"token id {bad} is out of vocabulary", param="prompt")
         return ids
 
     if isinstance(raw, str):
@@ -271,9 +279,8 @@ def _prompts(raw: Any) -> list[dict[str, Any]]:
         if all(is_tokens(p) and p for p in raw):
             return [{"prompt_token_ids": checked(p)} for p in raw]
     if raw is None:
-        raise ApiError(400, "prompt is required", param="prompt")
-    raise ApiError(
-        400,
+        raise InvalidRequest("prompt is required", param="prompt")
+    raise InvalidRequest(
         "prompt must be a string, a list of strings, a list of token ids or a list of "
         "token-id lists, and must not be empty",
         param="prompt",
@@ -286,14 +293,14 @@ def request_id(prefix: str, client_id: str | None) -> str:
     if client_id is None:
         return f"{prefix}-{uuid.uuid4().hex}"
     if not _CLIENT_REQUEST_ID.fullmatch(client_id):
-        raise ApiError(400, "X-Request-Id must be 1-128 characters of [A-Za-z0-9._:-]", param="X-Request-Id")
+        raise InvalidRequest("X-Request-Id must be 1-128 characters of [A-Za-z0-9._:-]", param="X-Request-Id")
     return f"{prefix}-{client_id}"
 
 
 def _check_stream_options(req: _SamplingFields) -> None:
     if req.stream_options is not None and not req.stream:
-        raise ApiError(
-            400, "The 'stream_options' parameter is only allowed when 'stream' is enabled.", param="stream_options"
+        raise InvalidRequest(
+            "The 'stream_options' parameter is only allowed when 'stream' is enabled.", param="stream_options"
         )
 
 
@@ -303,7 +310,7 @@ def parse_completion(body: bytes, served_model: str, client_id: str | None = Non
     _check_stream_options(req)
     if req.echo and req.logprobs is not None:
         # OpenAI would return the prompt tokens' logprobs; the engine does not compute them.
-        raise ApiError(400, "echo together with logprobs is not supported", param="logprobs")
+        raise InvalidRequest("echo together with logprobs is not supported", param="logprobs")
     prompts = _prompts(req.prompt)
     max_tokens = 16 if req.max_tokens is None else req.max_tokens  # OpenAI's completions default
     params = _sampling_params(req, max_tokens, req.logprobs)
@@ -330,21 +337,19 @@ def parse_completion(body: bytes, served_model: str, client_id: str | None = Non
 
 def chat_messages(messages: list[Message]) -> list[ChatMessage]:
     if not messages:
-        raise ApiError(400, "messages must not be empty", param="messages")
+        raise InvalidRequest("messages must not be empty", param="messages")
     out = []
     for i, m in enumerate(messages):
         role = CHAT_ROLES.get(m.role)
         if role is None:
-            raise ApiError(
-                400,
+            raise InvalidRequest(
                 f"unsupported role {m.role!r}; use system, developer, user or assistant",
                 param=f"messages[{i}].role",
             )
         if isinstance(m.content, list):
             for part in m.content:
                 if part.type != "text" or part.text is None:
-                    raise ApiError(
-                        400,
+                    raise InvalidRequest(
                         f"unsupported content part {part.type!r}; only text parts are supported",
                         param=f"messages[{i}].content",
                     )
@@ -361,7 +366,7 @@ def parse_chat(body: bytes, served_model: str, client_id: str | None = None) -> 
     _check_stream_options(req)
     messages = chat_messages(req.messages)
     if req.top_logprobs is not None and not req.logprobs:
-        raise ApiError(400, "top_logprobs requires logprobs to be true", param="top_logprobs")
+        raise InvalidRequest("top_logprobs requires logprobs to be true", param="top_logprobs")
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     params = _sampling_params(req, max_tokens, logprobs)

@@ -122,17 +122,13 @@ def _chat_logprobs(lps: list[TextLogprob]) -> dict[str, Any]:
     }
 
 
-def _error(d: RequestDelta) -> ApiError:
-    return ApiError(d.error_code, d.error or "request failed", code="engine_error" if d.error_code >= 500 else None)
-
-
 class ResponseCollector(_Accumulator):
     """Non-streaming: gathers every delta, then builds the whole body."""
 
     def add(self, deltas: list[RequestDelta]) -> None:
         for d in deltas:
             if d.error is not None:
-                raise _error(d)
+                raise ApiError.from_info(d.error)
             c = self._apply(d)
             if d.text:
                 c.texts.append(d.text)
@@ -197,7 +193,7 @@ class StreamEncoder(_Accumulator):
         if not self.started:
             for d in deltas:
                 if d.error is not None:
-                    raise _error(d)
+                    raise ApiError.from_info(d.error)
             self.started = True
             if self.job.chat:
                 out += [
@@ -214,7 +210,7 @@ class StreamEncoder(_Accumulator):
         for d in deltas:
             if d.error is not None:
                 # The stream already started: the error travels in-band and ends the stream.
-                out.append(sse(_error(d).body()))
+                out.append(sse(ApiError.from_info(d.error).body()))
                 self._unfinished = 0
                 break
             c = self._apply(d)

@@ -27,6 +27,7 @@ from services.gateway.openai_api import (
     parse_completion,
 )
 from services.gateway.responses import ResponseCollector, StreamEncoder
+from shared.errors import InvalidRequest
 from shared.protocol import DetokenizeRequest, TokenizeRequest
 
 FRONTEND: web.AppKey[Frontend] = web.AppKey("frontend", Frontend)
@@ -76,7 +77,7 @@ async def _generate(request: web.Request, job: Job) -> web.StreamResponse:
     except ServiceUnavailable as e:
         raise unavailable(e) from None
     except DuplicateRequest as e:
-        raise ApiError(400, str(e), param="X-Request-Id") from None
+        raise InvalidRequest(str(e), param="X-Request-Id") from None
     try:
         if job.stream:
             return await _stream(request, job, handle)
@@ -123,7 +124,7 @@ async def tokenize(request: web.Request) -> web.Response:
     body: TokenizeBody = decode_body(await read_body(request), TokenizeBody)
     check_model(body.model, request.app[MODEL_NAME])
     if (body.prompt is None) == (body.messages is None):
-        raise ApiError(400, "give exactly one of prompt and messages", param="prompt")
+        raise InvalidRequest("give exactly one of prompt and messages", param="prompt")
     req = TokenizeRequest(
         request_id=f"tokenize-{uuid.uuid4().hex}",
         prompt=body.prompt,
@@ -136,7 +137,7 @@ async def tokenize(request: web.Request) -> web.Response:
     except ServiceUnavailable as e:
         raise unavailable(e) from None
     if result.error is not None:
-        raise ApiError(400, result.error)
+        raise ApiError.from_info(result.error)
     return json_response(
         {"count": len(result.token_ids), "max_model_len": result.max_model_len, "tokens": result.token_ids}
     )
@@ -151,5 +152,5 @@ async def detokenize(request: web.Request) -> web.Response:
     except ServiceUnavailable as e:
         raise unavailable(e) from None
     if result.error is not None:
-        raise ApiError(400, result.error, param="tokens")
+        raise ApiError.from_info(result.error)
     return json_response({"prompt": result.text})

@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 import msgspec
 
+from shared.errors import InvalidRequest
 from shared.protocol import GrammarSpec
 
 
@@ -50,10 +51,9 @@ class StructuredOutputFields(msgspec.Struct, kw_only=True):
     logit_bias: dict[str, float] | None = None
 
 
-class StructuredOutputError(ValueError):
+class StructuredOutputError(InvalidRequest):
     def __init__(self, message: str, param: str) -> None:
-        super().__init__(message)
-        self.param = param
+        super().__init__(message, param=param)
 
 
 def _schema_text(schema: Any, param: str) -> str:

@@ -118,7 +118,7 @@ class RequestStream:
             self._first_scheduled_time = out.first_scheduled_time
         if out.error is not None:
             self.finished = True
-            return self._delta(finish_reason=FINISH_ABORT, error=out.error, error_code=out.error_code)
+            return self._delta(finish_reason=FINISH_ABORT, error=out.error)
 
         text: list[str] = []
         consumed = 0

@@ -32,6 +32,7 @@ import tokenizers
 
 from services.tokenizer_pool.model_info import model_info
 from shared.config import BUNDLED_MODEL, EngineConfig
+from shared.errors import InvalidRequest
 from shared.model_files import ModelFiles, ModelFormat, bundled_model_path, resolve_model
 from shared.protocol import ChatMessage
 
@@ -120,7 +121,7 @@ class Tokenizer:
         self, messages: Sequence[ChatMessage | Mapping[str, str]], add_generation_prompt: bool = True
     ) -> str:
         if not self.chat_template:
-            raise ValueError("this model has no chat template: use the completions API")
+            raise InvalidRequest("this model has no chat template: use the completions API", param="messages")
         chat = [msgspec.structs.asdict(m) if isinstance(m, ChatMessage) else dict(m) for m in messages]
         try:
             return _compile_template(self.chat_template).render(
@@ -131,7 +132,7 @@ class Tokenizer:
                 **self.special_tokens,
             )
         except jinja2.TemplateError as e:  # e.g. raise_exception('roles must alternate'): bad input
-            raise ValueError(f"chat template: {e}") from e
+            raise InvalidRequest(f"chat template: {e}", param="messages") from e
 
     def apply_chat_template(
         self, messages: Sequence[ChatMessage | Mapping[str, str]], add_generation_prompt: bool = True

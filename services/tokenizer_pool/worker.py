@@ -20,6 +20,7 @@ from services.tokenizer_pool.detokenizer import RequestStream
 from services.tokenizer_pool.tokenizer import Tokenizer, load_tokenizer
 from shared import zmq_utils
 from shared.config import Config
+from shared.errors import InvalidRequest, check_context_length
 from shared.protocol import (
     FINISH_ABORT,
     AbortRequest,
@@ -27,6 +28,7 @@ from shared.protocol import (
     DetokenizeResult,
     EngineOutputs,
     EngineRequest,
+    ErrorInfo,
     GatewayOutputs,
     GenerateRequest,
     RequestDelta,
@@ -44,14 +46,6 @@ logger = logging.getLogger(__name__)
 
 # Messages handled between two heartbeat checks, so a flood cannot silence the heartbeat.
 _MAX_BATCH = 256
-
-
-class RequestError(Exception):
-    """A request the client got wrong: answered with an error delta, never fatal."""
-
-    def __init__(self, message: str, code: int = 400) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 class TokenizerWorker:
@@ -135,16 +129,15 @@ class TokenizerWorker:
     def _on_generate(self, req: GenerateRequest) -> None:
         try:
             if req.request_id in self._streams:
-                raise RequestError(f"request id {req.request_id!r} is already in flight")
+                raise RuntimeError(f"request id {req.request_id!r} is already in flight")
             req.sampling_params.validate()
             prompt_ids, prompt_text = self._prompt(req)
-        except (RequestError, ValueError, TypeError) as e:
-            code = e.code if isinstance(e, RequestError) else 400
-            self._send_error(req.request_id, str(e), code)
+        except InvalidRequest as e:
+            self._send_error(req.request_id, ErrorInfo.invalid(e))
             return
         except Exception as e:
             logger.exception("tokenizer worker %d: request %s", self.index, req.request_id)
-            self._send_error(req.request_id, f"tokenization failed: {e}", 500)
+            self._send_error(req.request_id, ErrorInfo(message=f"tokenization failed: {e}", status=500))
             return
         engine = req.engine
         if engine is None or not 0 <= engine < len(self._engines):
@@ -174,48 +167,37 @@ class TokenizerWorker:
         """The prompt's token ids and its text (for echo), validated."""
         given = [x is not None for x in (req.prompt, req.prompt_token_ids, req.messages)]
         if sum(given) != 1:
-            raise RequestError("exactly one of prompt, prompt_token_ids and messages must be given")
+            raise InvalidRequest("exactly one of prompt, prompt_token_ids and messages must be given")
         tok = self.tokenizer
         if req.prompt is not None:
             if not req.prompt:
-                raise RequestError("the prompt is empty")
+                raise InvalidRequest("the prompt is empty", param="prompt")
             ids, text = tok.encode(req.prompt), req.prompt
         elif req.prompt_token_ids is not None:
             ids = req.prompt_token_ids
-            self._check_ids(ids)
+            self._check_ids(ids, "prompt")
             # Decoding the prompt is only worth it when it is echoed back.
             text = tok.decode(ids, skip_special_tokens=False) if req.echo else ""
         else:
             if not req.messages:
-                raise RequestError("messages is empty")
+                raise InvalidRequest("messages is empty", param="messages")
             text = tok.render_chat(req.messages, req.add_generation_prompt)
             ids = tok.encode(text, add_special_tokens=False)
+        param = "messages" if req.messages is not None else "prompt"
         if not ids:
-            raise RequestError("the prompt is empty")
-        if len(ids) + 1 > tok.max_model_len:
-            raise RequestError(
-                f"This model's maximum context length is {tok.max_model_len} tokens, but the prompt "
-                f"has {len(ids)} tokens (at most {tok.max_model_len - 1} leave room for one output token)."
-            )
-        max_tokens = req.sampling_params.max_tokens
-        if max_tokens is not None and len(ids) + max_tokens > tok.max_model_len:
-            # As OpenAI and vLLM answer: an explicit budget that cannot fit is an error, not a silent cap.
-            raise RequestError(
-                f"This model's maximum context length is {tok.max_model_len} tokens. However, you "
-                f"requested {len(ids) + max_tokens} tokens ({len(ids)} in the prompt, {max_tokens} in "
-                f"the completion). Please reduce the prompt or max_tokens."
-            )
+            raise InvalidRequest("the prompt is empty", param=param)
+        check_context_length(len(ids), req.sampling_params.max_tokens, tok.max_model_len, param)
         return ids, text
 
-    def _check_ids(self, ids: list[int]) -> None:
+    def _check_ids(self, ids: list[int], param: str) -> None:
         bad = next((t for t in ids if not 0 <= t < self.tokenizer.vocab_size), None)
         if bad is not None:
-            raise RequestError(f"token id {bad} is out of vocabulary (size {self.tokenizer.vocab_size})")
+            raise InvalidRequest(f"token id {bad} is out of vocabulary (size {self.tokenizer.vocab_size})", param=param)
 
     def _on_tokenize(self, req: TokenizeRequest) -> None:
         try:
             if (req.prompt is None) == (req.messages is None):
-                raise RequestError("exactly one of prompt and messages must be given")
+                raise InvalidRequest("exactly one of prompt and messages must be given")
             if req.messages is not None:
                 ids = self.tokenizer.apply_chat_template(req.messages, req.add_generation_prompt)
             else:
@@ -223,18 +205,28 @@ class TokenizerWorker:
             result = TokenizeResult(
                 request_id=req.request_id, token_ids=ids, max_model_len=self.tokenizer.max_model_len
             )
-        except Exception as e:  # template errors, bad input: the client's problem
-            result = TokenizeResult(request_id=req.request_id, error=str(e))
+        except InvalidRequest as e:
+            result = TokenizeResult(request_id=req.request_id, error=ErrorInfo.invalid(e))
+        except Exception as e:
+            logger.exception("tokenizer worker %d: tokenize %s", self.index, req.request_id)
+            result = TokenizeResult(
+                request_id=req.request_id, error=ErrorInfo(message=f"tokenize failed: {e}", status=500)
+            )
         self._send_gateway(result)
 
     def _on_detokenize(self, req: DetokenizeRequest) -> None:
         try:
-            self._check_ids(req.token_ids)
+            self._check_ids(req.token_ids, "tokens")
             result = DetokenizeResult(
                 request_id=req.request_id, text=self.tokenizer.decode(req.token_ids, skip_special_tokens=False)
             )
+        except InvalidRequest as e:
+            result = DetokenizeResult(request_id=req.request_id, error=ErrorInfo.invalid(e))
         except Exception as e:
-            result = DetokenizeResult(request_id=req.request_id, error=str(e))
+            logger.exception("tokenizer worker %d: detokenize %s", self.index, req.request_id)
+            result = DetokenizeResult(
+                request_id=req.request_id, error=ErrorInfo(message=f"detokenize failed: {e}", status=500)
+            )
         self._send_gateway(result)
 
     def _abort_in_engines(self, request_ids: list[str]) -> None:
@@ -262,8 +254,7 @@ class TokenizerWorker:
                 delta = RequestDelta(
                     request_id=out.request_id,
                     finish_reason=FINISH_ABORT,
-                    error=f"detokenization failed: {e}",
-                    error_code=500,
+                    error=ErrorInfo(message=f"detokenization failed: {e}", status=500),
                 )
                 stream.abort_in_engine = out.finish_reason is None  # still running in the engine
                 stream.finished = True
@@ -279,8 +270,8 @@ class TokenizerWorker:
 
     # --- sending ----------------------------------------------------------------------
 
-    def _send_error(self, request_id: str, message: str, code: int) -> None:
-        delta = RequestDelta(request_id=request_id, finish_reason=FINISH_ABORT, error=message, error_code=code)
+    def _send_error(self, request_id: str, error: ErrorInfo) -> None:
+        delta = RequestDelta(request_id=request_id, finish_reason=FINISH_ABORT, error=error)
         self._send_gateway(GatewayOutputs(worker=self.index, deltas=[delta]))
 
     def _send_gateway(self, msg: msgspec.Struct) -> None:

@@ -18,6 +18,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from novainfer.llm import LLM
 from services.engine_core.engine import LLMEngine
 from shared.config import EngineConfig
+from shared.errors import InvalidRequest
 from shared.model_files import bundled_model_path, resolve_model
 from shared.protocol import SamplingParams
 
@@ -217,9 +218,14 @@ def test_abort_frees_blocks(tiny_path: str) -> None:
 
 def test_rejects_prompt_longer_than_context(tiny_path: str) -> None:
     engine = tiny_engine(tiny_path, max_model_len=32)
-    with pytest.raises(ValueError, match="context length"):
+    with pytest.raises(InvalidRequest, match="maximum context length is 32 tokens, but the prompt has 37") as exc:
         engine.add_request("x", list(range(3, 40)), GREEDY)
-    with pytest.raises(ValueError):
+    assert (exc.value.param, exc.value.code) == ("prompt", "context_length_exceeded")
+    # An explicit max_tokens that cannot fit is an error, as the tokenizer worker answers, not a silent cap.
+    with pytest.raises(InvalidRequest, match="you requested 40 tokens") as exc:
+        engine.add_request("z", list(range(3, 27)), SamplingParams(max_tokens=16))
+    assert exc.value.param == "max_tokens"
+    with pytest.raises(InvalidRequest):
         engine.add_request("y", [10**6], GREEDY)
 
 
@@ -271,7 +277,7 @@ def test_poisoned_request_fails_alone_in_a_full_batch(tiny_path: str) -> None:
                 errors.append(o)
             else:
                 out[o.request_id].extend(o.new_token_ids)
-    assert [(e.request_id, e.finish_reason, e.error_code) for e in errors] == [("poison", "abort", 500)]
-    assert "internal engine error" in (errors[0].error or "")
+    assert [(e.request_id, e.finish_reason, e.error and e.error.status) for e in errors] == [("poison", "abort", 500)]
+    assert "internal engine error" in (errors[0].error.message if errors[0].error else "")
     assert out == clean
     assert engine.block_manager.usage == 0

@@ -36,7 +36,7 @@ def test_schema_corpus_outputs_validate(llm: LLM) -> None:
     """Every schema of the corpus, batched: each output parses and validates."""
     prompts = [[{"role": "user", "content": f"Reply with JSON matching this schema: {json.dumps(s)}"}] for s in SCHEMAS]
     outs = llm.chat(prompts, [constrained("json_schema", json.dumps(s)) for s in SCHEMAS], use_tqdm=False)
-    for schema, out in zip(SCHEMAS, outs):
+    for schema, out in zip(SCHEMAS, outs, strict=True):
         c = out.outputs[0]
         assert c.finish_reason == "stop", (schema, c.text)
         jsonschema.validate(json.loads(c.text), schema)
@@ -170,7 +170,7 @@ def test_compile_timeout_fails_only_that_request(monkeypatch: pytest.MonkeyPatch
     while engine.has_unfinished():
         outs += engine.step()
     release.set()
-    errors = {o.request_id: o.error for o in outs if o.error}
+    errors = {o.request_id: o.error.message for o in outs if o.error}
     assert "took longer than" in errors["slow"] and "fine" not in errors
     # remembered: the same spec fails at once
     with pytest.raises(GrammarError, match="took longer"):

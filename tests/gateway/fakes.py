@@ -31,6 +31,7 @@ from shared.protocol import (
     DetokenizeRequest,
     DetokenizeResult,
     EngineStats,
+    ErrorInfo,
     GatewayOutputs,
     GenerateRequest,
     RequestDelta,
@@ -103,8 +104,11 @@ async def prompt_too_long(worker: FakeWorker, req: GenerateRequest) -> None:
         RequestDelta(
             request_id=req.request_id,
             finish_reason="abort",
-            error_code=400,
-            error="prompt is too long: 5000 tokens, the limit is 2048",
+            error=ErrorInfo(
+                message="This model's maximum context length is 2048 tokens, but the prompt has 5000 tokens",
+                param="messages",
+                code="context_length_exceeded",
+            ),
         )
     )
 
@@ -115,7 +119,11 @@ async def fail_after_one(worker: FakeWorker, req: GenerateRequest) -> None:
     )
     await asyncio.sleep(0.02)
     worker.send(
-        RequestDelta(request_id=req.request_id, finish_reason="abort", error_code=500, error="internal engine error")
+        RequestDelta(
+            request_id=req.request_id,
+            finish_reason="abort",
+            error=ErrorInfo(message="internal engine error", status=500),
+        )
     )
 
 

@@ -160,7 +160,8 @@ async def test_prompt_too_long_is_a_400(gateway: Gateway, stream: bool) -> None:
         await client.chat.completions.create(
             model=MODEL, messages=[{"role": "user", "content": "long"}], stream=stream, n=2
         )
-    assert "prompt is too long" in exc.value.body["message"]
+    assert "maximum context length is 2048 tokens" in exc.value.body["message"]
+    assert (exc.value.body["param"], exc.value.body["code"]) == ("messages", "context_length_exceeded")
     # The sibling choice was aborted with it.
     await gateway.wait_for(lambda: len(gateway.generates) == 2)
 

@@ -8,7 +8,7 @@ from tokenizers import decoders, models
 
 from services.tokenizer_pool.detokenizer import IncrementalDetokenizer, RequestStream
 from services.tokenizer_pool.tokenizer import Tokenizer
-from shared.protocol import EngineOutput, RequestDelta, SamplingParams, TokenLogprob
+from shared.protocol import EngineOutput, ErrorInfo, RequestDelta, SamplingParams, TokenLogprob
 
 SAMPLES = [
     "Hello world",
@@ -230,8 +230,9 @@ def test_logprobs_and_metadata(smol_tokenizer: Tokenizer) -> None:
 
 def test_engine_error_passes_through(smol_tokenizer: Tokenizer) -> None:
     stream = RequestStream("r", smol_tokenizer, SamplingParams(), num_prompt_tokens=1, engine=0)
-    delta = stream.process(EngineOutput(request_id="r", finish_reason="abort", error="too big", error_code=413))
-    assert (delta.error, delta.error_code, delta.finish_reason) == ("too big", 413, "abort")
+    error = ErrorInfo(message="too big", param="prompt", code="context_length_exceeded")
+    delta = stream.process(EngineOutput(request_id="r", finish_reason="abort", error=error))
+    assert (delta.error, delta.finish_reason) == (error, "abort")
     assert stream.finished and not stream.abort_in_engine
 
 

@@ -15,7 +15,9 @@ import pytest
 import zmq
 
 from services.tokenizer_pool.tokenizer import Tokenizer
+from services.tokenizer_pool.worker import TokenizerWorker
 from shared import zmq_utils
+from shared.config import Config, ServeConfig
 from shared.protocol import (
     AbortRequest,
     ChatMessage,
@@ -226,8 +228,8 @@ def test_bad_requests_get_400(pool: Harness, request_fields: dict, message: str)
     out = pool.from_gateway_side()
     assert isinstance(out, GatewayOutputs)
     delta = out.deltas[0]
-    assert delta.request_id == "bad" and delta.error_code == 400 and delta.finish_reason == "abort"
-    assert message in (delta.error or "")
+    assert delta.request_id == "bad" and delta.error is not None and delta.finish_reason == "abort"
+    assert delta.error.status == 400 and message in delta.error.message
 
 
 def test_tokenize_and_detokenize(pool: Harness, smol_tokenizer: Tokenizer) -> None:
@@ -268,3 +270,33 @@ def test_dead_worker_fails_the_pool(tmp_path: Path, smol_tokenizer: Tokenizer, t
         assert harness.proc.wait(TIMEOUT_S) == 1
     finally:
         harness.close()
+
+
+def test_a_bug_is_a_logged_500_not_a_400(
+    tmp_path: Path, smol_tokenizer: Tokenizer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Only InvalidRequest blames the client: any other exception (here a ValueError from a
+    library) answers 500 and is logged with its traceback."""
+    addrs = {n: f"ipc://{tmp_path}/{n}" for n in ("gateway", "tokenizer-0", "engine-0")}
+    serve = ServeConfig(
+        gateway_addr=addrs["gateway"], tokenizer_addrs=[addrs["tokenizer-0"]], engine_addrs=[addrs["engine-0"]]
+    )
+    ctx = zmq_utils.new_context()
+    gateway_in = zmq_utils.pull_socket(ctx, addrs["gateway"])
+    worker = TokenizerWorker(Config(serve=serve), 0, tokenizer=smol_tokenizer)
+    try:
+
+        def broken(*args: object, **kwargs: object) -> list[int]:
+            raise ValueError("a bug deep in a library")
+
+        monkeypatch.setattr(smol_tokenizer, "encode", broken)
+        worker.handle(encode(GenerateRequest(request_id="r", prompt="hi", sampling_params=SamplingParams())))
+        assert gateway_in.poll(TIMEOUT_S * 1000)
+        out = decoder(GatewayInput).decode(gateway_in.recv())
+        assert isinstance(out, GatewayOutputs)
+        error = out.deltas[0].error
+        assert error is not None and error.status == 500 and "a bug deep in a library" in error.message
+        assert any(r.exc_info for r in caplog.records)  # logged with its traceback
+    finally:
+        worker.close()
+        ctx.destroy(linger=0)
