@@ -15,6 +15,8 @@ from services.engine_core.scheduler import ScheduledBatch, Scheduler
 from services.engine_core.structured_output import CompileJob, GrammarError, StructuredOutputManager
 from shared.config import EngineConfig
 from shared.errors import InvalidRequest, check_context_length
+from shared.model_files import resolve_model
+from shared.model_info import eos_token_ids
 from shared.protocol import FINISH_ABORT, EngineOutput, EngineStats, ErrorInfo, SamplingParams, TokenLogprob
 
 log = logging.getLogger(__name__)
@@ -27,6 +29,8 @@ class LLMEngine:
         self.runner = ModelRunner(config)
         self.model_config = self.runner.model_config
         self.max_model_len = self.runner.max_model_len
+        self.eos_token_ids = eos_token_ids(resolve_model(config.model))
+        """For requests that bring none (the tokenizer pool sends its own, the same plus the tokenizer's EOS)."""
         self.block_manager = BlockManager(
             self.runner.num_blocks,
             config.block_size,
@@ -65,7 +69,7 @@ class LLMEngine:
         n = len(prompt_token_ids)
         check_context_length(n, sampling_params.max_tokens, self.max_model_len, "prompt")
         if eos_token_ids is None:
-            eos_token_ids = self.model_config.eos_token_ids
+            eos_token_ids = self.eos_token_ids
         max_tokens = self.max_model_len - n if sampling_params.max_tokens is None else sampling_params.max_tokens
         req = Request(request_id, prompt_token_ids, sampling_params, eos_token_ids, arrival_time, max_tokens)
         spec = sampling_params.structured_output

@@ -1,4 +1,5 @@
 """The architecture facts the model code needs, read from an HF config.json or GGUF metadata.
+(The facts the tokenizer pool needs too, context length and EOS ids, are shared/model_info.py's.)
 
 One flat record for the whole Llama family: Qwen2 differs from Llama only by a bias on
 the q/k/v projections, Qwen3 only by an RMSNorm on each query/key head. Anything the
@@ -46,8 +47,6 @@ class ModelConfig:
     """Bias on the q/k/v projections (Qwen2); o_proj never has one."""
     qk_norm: bool
     """RMSNorm over head_dim on each query and key head before RoPE (Qwen3)."""
-    bos_token_id: int | None
-    eos_token_ids: list[int]
 
     def __post_init__(self) -> None:
         if self.architecture not in SUPPORTED_ARCHITECTURES:
@@ -92,7 +91,6 @@ class ModelConfig:
         _reject(float((rope or {}).get("partial_rotary_factor", 1.0)) != 1.0, "partial rotary")
 
         num_heads = int(d["num_attention_heads"])
-        eos = d.get("eos_token_id")
         return cls(
             architecture=arch,
             vocab_size=int(d["vocab_size"]),
@@ -109,8 +107,6 @@ class ModelConfig:
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
             attention_bias=attention_bias,
             qk_norm=arch == "qwen3",
-            bos_token_id=d.get("bos_token_id"),
-            eos_token_ids=[] if eos is None else [eos] if isinstance(eos, int) else list(eos),
         )
 
     @classmethod
@@ -136,7 +132,6 @@ class ModelConfig:
             vocab = int(embd.shape[-1])  # GGUF lists dims innermost first
         hidden = int(get(f"{arch}.embedding_length"))
         num_heads = int(get(f"{arch}.attention.head_count"))
-        eos_ids = [get("tokenizer.ggml.eos_token_id"), get("tokenizer.ggml.eot_token_id")]
         return cls(
             architecture=arch,
             vocab_size=int(vocab),
@@ -153,8 +148,6 @@ class ModelConfig:
             tie_word_embeddings="output.weight" not in tensor_names,
             attention_bias=arch == "qwen2",
             qk_norm=arch == "qwen3",
-            bos_token_id=get("tokenizer.ggml.bos_token_id"),
-            eos_token_ids=list(dict.fromkeys(int(e) for e in eos_ids if e is not None)),
         )
 
 

@@ -16,12 +16,12 @@ import torch
 
 from services.engine_core.attention import AttentionMetadata, get_backend
 from services.engine_core.cuda_graph import DecodeGraphs, Graph
-from services.engine_core.model_config import ModelConfig
 from services.engine_core.sampler import Sampler, SamplingBatch
 from services.engine_core.scheduler import ScheduledBatch
 from services.engine_core.structured_output import fill_bitmask
 from services.engine_core.weight_loader import load_model
 from shared.config import EngineConfig, available_cores
+from shared.model_info import max_model_len
 from shared.protocol import TokenLogprob
 
 log = logging.getLogger(__name__)
@@ -55,8 +55,11 @@ class ModelRunner:
         t0 = time.perf_counter()
         self.model, self.model_config = load_model(config, self.device, self.dtype)
         self.load_time_s = time.perf_counter() - t0
-        mc: ModelConfig = self.model_config
-        self.max_model_len = min(config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
+        self.max_model_len = max_model_len(config)
+        if config.max_model_len and config.max_model_len > self.max_model_len:
+            log.warning(
+                "--max-model-len %d exceeds the model's context: using %d", config.max_model_len, self.max_model_len
+            )
         self.backend = get_backend(config.attention_backend, self.device)
         self.block_size = config.block_size
         self.num_blocks = self._num_kv_blocks()
@@ -73,7 +76,7 @@ class ModelRunner:
                 log.info("CUDA graphs need the triton attention backend: running %s eagerly", self.backend.name)
         log.info(
             "model %s loaded in %.2fs on %s (%s, %s attention); KV cache: %d blocks of %d tokens (%d tokens, %.1f MiB)",
-            mc.architecture,
+            self.model_config.architecture,
             self.load_time_s,
             self.device,
             str(self.dtype).removeprefix("torch."),

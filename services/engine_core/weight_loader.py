@@ -10,7 +10,6 @@ steps (models/int4.py): the same weights as a 4-bit GGUF's, or lossy for other c
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -27,6 +26,7 @@ from services.engine_core.model_config import ModelConfig
 from services.engine_core.models import CausalLM, build_model
 from shared.config import EngineConfig
 from shared.model_files import ModelFiles, ModelFormat, resolve_model
+from shared.model_info import max_model_len
 
 if TYPE_CHECKING:
     from gguf import GGUFReader
@@ -39,7 +39,7 @@ GGUF_CACHE_MAX_BYTES = 4 << 30
 _CACHE_CONFIG_KEY = "novainfer.model_config"
 _CACHE_TYPES_KEY = "novainfer.gguf_layer_types"
 # Bumped when the cache's content changes, so older caches are rebuilt rather than misread.
-_CACHE_VERSION = 2
+_CACHE_VERSION = 3  # 3: ModelConfig without token ids
 # GGUF types of at most ~4.5 bits per weight: int4 copies of these lose little the file held.
 FOUR_BIT_GGUF_TYPES = frozenset(
     {
@@ -101,11 +101,8 @@ def load_model(engine_config: EngineConfig, device: torch.device, dtype: torch.d
         cfg, layer_types, weights = _gguf_weights(files.path, _cache_dir(engine_config))
     else:
         cfg = ModelConfig.from_hf_config(files.hf_config())
-        if files.format is ModelFormat.HF_DIR:
-            cfg = _with_generation_eos(cfg, files.path)
-    # The runner caps the context at the model's; the RoPE table needs no more rows.
-    max_positions = min(engine_config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
-    model = build_model(cfg, dtype=dtype, device=device, max_positions=max_positions)
+    # The RoPE table needs no more rows than the context every process enforces.
+    model = build_model(cfg, dtype=dtype, device=device, max_positions=max_model_len(engine_config, files))
     if files.format is ModelFormat.GGUF:
         model.load_weights(weights)
     elif files.format is ModelFormat.HF_DIR:
@@ -151,17 +148,6 @@ def init_random_weights(model: CausalLM, seed: int) -> None:
 
 def _cache_dir(engine_config: EngineConfig) -> str:
     return os.path.expanduser(engine_config.cache_dir or "~/.cache/novainfer")
-
-
-def _with_generation_eos(cfg: ModelConfig, model_dir: str) -> ModelConfig:
-    # Instruct models list their end-of-turn tokens in generation_config.json only.
-    path = os.path.join(model_dir, "generation_config.json")
-    if not os.path.isfile(path):
-        return cfg
-    with open(path) as f:
-        eos = json.load(f).get("eos_token_id")
-    extra = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-    return dataclasses.replace(cfg, eos_token_ids=list(dict.fromkeys(cfg.eos_token_ids + extra)))
 
 
 def _safetensors_weights(files: ModelFiles) -> Iterator[tuple[str, torch.Tensor]]:

@@ -30,10 +30,10 @@ import jinja2.sandbox
 import msgspec
 import tokenizers
 
-from services.tokenizer_pool.model_info import model_info
 from shared.config import BUNDLED_MODEL, EngineConfig
 from shared.errors import InvalidRequest
 from shared.model_files import ModelFiles, ModelFormat, bundled_model_path, resolve_model
+from shared.model_info import eos_token_ids, max_model_len, model_info
 from shared.protocol import ChatMessage
 
 logger = logging.getLogger(__name__)
@@ -329,18 +329,13 @@ def load_tokenizer(engine_config: EngineConfig) -> Tokenizer:
     with open(os.path.join(entry, _META_FILE)) as f:
         meta = json.load(f)
     backend = tokenizers.Tokenizer.from_file(os.path.join(entry, _TOKENIZER_FILE))
-    info = model_info(model)
-    eos = list(info.eos_token_ids)
     own_tokenizer = not engine_config.tokenizer and model.format is not ModelFormat.CONFIG_JSON
     tokenizer_eos = meta.get("eos_token_id")
-    # As vLLM: the tokenizer's EOS stops too, unless the tokenizer is borrowed from another model.
-    if isinstance(tokenizer_eos, int) and (own_tokenizer or not eos) and tokenizer_eos not in eos:
-        eos.append(tokenizer_eos)
     return Tokenizer(
         backend,
-        eos_token_ids=eos,
-        max_model_len=engine_config.max_model_len or info.max_model_len,
-        vocab_size=info.vocab_size,
+        eos_token_ids=eos_token_ids(model, tokenizer_eos if isinstance(tokenizer_eos, int) else None, own_tokenizer),
+        max_model_len=max_model_len(engine_config, model),
+        vocab_size=model_info(model).vocab_size,
         chat_template=meta.get("chat_template"),
         special_tokens=meta.get("special_tokens"),
     )

@@ -17,6 +17,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from novainfer.llm import LLM
 from services.engine_core.engine import LLMEngine
+from services.tokenizer_pool.tokenizer import load_tokenizer
 from shared.config import EngineConfig
 from shared.errors import InvalidRequest
 from shared.model_files import bundled_model_path, resolve_model
@@ -281,3 +282,22 @@ def test_poisoned_request_fails_alone_in_a_full_batch(tiny_path: str) -> None:
     assert "internal engine error" in (errors[0].error.message if errors[0].error else "")
     assert out == clean
     assert engine.block_manager.usage == 0
+
+
+@pytest.mark.parametrize(
+    ("model", "requested"),
+    [("hf-dir", None), ("hf-dir", 1 << 20), ("tiny-qwen3", 64), ("tiny-qwen2", None), ("smollm2", 512)],
+)
+def test_engine_and_tokenizer_pool_agree_on_model_facts(tiny_path: str, model: str, requested: int | None) -> None:
+    """Both processes resolve the context length and EOS ids with shared/model_info.py: for a
+    HF directory (with its generation_config.json), a bare config and a GGUF file."""
+    config = EngineConfig(
+        model=tiny_path if model == "hf-dir" else model, max_model_len=requested, kv_cache_bytes=8 << 20
+    )
+    engine = LLMEngine(config)
+    tokenizer = load_tokenizer(config)
+    assert engine.max_model_len == tokenizer.max_model_len
+    if requested is not None:
+        assert engine.max_model_len <= requested
+    # The pool may add its tokenizer's EOS; every id the engine would stop at, the pool stops at too.
+    assert engine.eos_token_ids and set(engine.eos_token_ids) <= set(tokenizer.eos_token_ids)

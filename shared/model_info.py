@@ -1,5 +1,7 @@
-"""What the tokenizer pool needs to know about the model itself: context length,
-vocabulary size (to validate prompt token ids) and the token ids that end generation.
+"""The model facts both the tokenizer pool and the engine core depend on, resolved in one
+place so the two processes cannot disagree: the context length (`max_model_len`), the
+vocabulary size (to validate prompt token ids) and the token ids that end generation
+(`eos_token_ids`).
 
 GGUF metadata is read with a minimal header parser: gguf.GGUFReader also indexes
 every tensor and takes ~2 s on the bundled model, while the key/value section
@@ -16,7 +18,8 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
-from shared.model_files import ModelFiles, ModelFormat
+from shared.config import EngineConfig
+from shared.model_files import ModelFiles, ModelFormat, resolve_model
 
 logger = logging.getLogger(__name__)
 
@@ -40,10 +43,12 @@ class GGUFArray:
 
 @dataclass(frozen=True)
 class ModelInfo:
-    max_model_len: int
+    context_length: int
+    """The model's own (max_position_embeddings or the GGUF context_length)."""
     vocab_size: int | None
     """The embedding size: token ids at or above it would crash the engine. None: unknown."""
     eos_token_ids: list[int]
+    """See eos_token_ids()."""
 
 
 def read_gguf_metadata(path: str) -> dict[str, Any]:
@@ -124,7 +129,7 @@ def _gguf_info(path: str) -> ModelInfo:
             if k in meta
         ]
     )
-    return ModelInfo(max_model_len=int(context), vocab_size=vocab, eos_token_ids=eos)
+    return ModelInfo(context_length=int(context), vocab_size=vocab, eos_token_ids=eos)
 
 
 def _text_config(config: dict) -> dict:
@@ -148,7 +153,7 @@ def _hf_info(model: ModelFiles) -> ModelInfo:
                 eos = _ids(json.load(f).get("eos_token_id")) or eos
     vocab = config.get("vocab_size")
     return ModelInfo(
-        max_model_len=int(context), vocab_size=vocab if isinstance(vocab, int) else None, eos_token_ids=eos
+        context_length=int(context), vocab_size=vocab if isinstance(vocab, int) else None, eos_token_ids=eos
     )
 
 
@@ -156,3 +161,20 @@ def model_info(model: ModelFiles) -> ModelInfo:
     if model.format is ModelFormat.GGUF:
         return _gguf_info(model.path)
     return _hf_info(model)
+
+
+def max_model_len(config: EngineConfig, model: ModelFiles | None = None) -> int:
+    """The context length every process enforces: --max-model-len, capped at the model's own
+    (RoPE tables and trained positions end there)."""
+    own = model_info(model or resolve_model(config.model)).context_length
+    return min(config.max_model_len or own, own)
+
+
+def eos_token_ids(model: ModelFiles, tokenizer_eos: int | None = None, own_tokenizer: bool = True) -> list[int]:
+    """The token ids that end generation: the model's (GGUF: eos, eot and eom; HF: the
+    generation config's list, else config.json's) and, as vLLM adds it, the tokenizer's own
+    EOS, unless the tokenizer is borrowed from another model that names EOS ids of its own."""
+    eos = list(model_info(model).eos_token_ids)
+    if tokenizer_eos is not None and (own_tokenizer or not eos) and tokenizer_eos not in eos:
+        eos.append(tokenizer_eos)
+    return eos
