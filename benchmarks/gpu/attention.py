@@ -96,7 +96,6 @@ def paged_inputs(
         num_tokens=num_tokens,
         query_start_loc=torch.tensor(starts, **i32),
         seq_lens=torch.tensor(seq_lens, **i32),
-        context_lens=torch.tensor(context_lens, **i32),
         block_tables=tables.to(device),
         slot_mapping=new_slots.to(device),
         max_query_len=max(query_lens),

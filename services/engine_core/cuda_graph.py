@@ -104,7 +104,6 @@ class DecodeGraphs:
         self.positions = torch.zeros(n, **i64)
         self.slot_mapping = torch.full((n,), -1, **i64)
         self.seq_lens = torch.ones(n, **i32)
-        self.context_lens = torch.zeros(n, **i32)
         # One new token per row in every pure-decode step: the offsets never change.
         self.query_start_loc = torch.arange(n + 1, **i32)
         self.block_tables = torch.zeros((n, max_blocks), **i32)
@@ -123,7 +122,6 @@ class DecodeGraphs:
             num_tokens=size,
             query_start_loc=self.query_start_loc[: size + 1],
             seq_lens=self.seq_lens[:size],
-            context_lens=self.context_lens[:size],
             block_tables=self.block_tables[:size],
             slot_mapping=self.slot_mapping[:size],
             max_query_len=1,
@@ -165,14 +163,12 @@ class DecodeGraphs:
         self.positions[:b].copy_(positions, non_blocking=True)
         self.slot_mapping[:b].copy_(md.slot_mapping, non_blocking=True)
         self.seq_lens[:b].copy_(md.seq_lens, non_blocking=True)
-        self.context_lens[:b].copy_(md.context_lens, non_blocking=True)
         width = md.block_tables.shape[1]
         self.block_tables[:b, :width].copy_(md.block_tables, non_blocking=True)
         if size > b:
             # The previous step may have left real requests' values in these rows.
             self.slot_mapping[b:size].fill_(-1)
             self.seq_lens[b:size].fill_(1)
-            self.context_lens[b:size].zero_()
             self.block_tables[b:size, 0].zero_()
         self.graphs[size].replay()
         return self.hidden[:b]

@@ -8,10 +8,11 @@ from __future__ import annotations
 import logging
 import time
 
+from services.engine_core.batch import ScheduledBatch
 from services.engine_core.block_manager import BlockManager
 from services.engine_core.model_runner import ModelRunner
 from services.engine_core.request import Request, RequestStatus
-from services.engine_core.scheduler import ScheduledBatch, Scheduler
+from services.engine_core.scheduler import Scheduler
 from services.engine_core.structured_output import CompileJob, GrammarError, StructuredOutputManager
 from shared.config import EngineConfig
 from shared.errors import InvalidRequest, check_context_length

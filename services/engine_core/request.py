@@ -73,8 +73,6 @@ class Request:
         """Prompt tokens served from the prefix cache at first scheduling; -1 until then."""
         self.first_scheduled_time: float | None = None
         self.stop_token_id: int | None = None
-        self.output_sent = 0
-        """Output tokens already reported to the client side."""
         self.grammar: Any = None
         """The xgrammar GrammarMatcher of a structured-output request (see structured_output.py)."""
 

@@ -16,38 +16,14 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
 
+from services.engine_core.batch import ScheduledBatch
 from services.engine_core.block_manager import BlockManager
 from services.engine_core.request import Request, RequestStatus
 from shared.config import EngineConfig
 from shared.errors import InvalidRequest
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class ScheduledBatch:
-    requests: list[Request]
-    """Order = row order in the model input."""
-    num_new_tokens: list[int]
-    """Request i computes all_token_ids[num_computed_tokens : num_computed_tokens + n]."""
-    preempted: list[Request] = field(default_factory=list)
-    """Preempted during this schedule() (informational; they hold no blocks now)."""
-    sample_flags: list[bool] = field(default_factory=list)
-    """Fixed at schedule time, so samples() stays right after update() advanced the requests."""
-
-    @property
-    def total_tokens(self) -> int:
-        return sum(self.num_new_tokens)
-
-    def samples(self, i: int) -> bool:
-        """Whether the model runner must sample a token for request i (it reaches the end
-        of its known tokens this step; other rows are non-final prefill chunks)."""
-        return self.sample_flags[i]
-
-    def __len__(self) -> int:
-        return len(self.requests)
 
 
 class Scheduler:
@@ -139,10 +115,7 @@ class Scheduler:
         if not preempted:
             self._admit(scheduled, budget)
 
-        reqs = list(scheduled)
-        nums = list(scheduled.values())
-        flags = [r.num_computed_tokens + n == r.num_tokens for r, n in zip(reqs, nums, strict=True)]
-        return ScheduledBatch(reqs, nums, preempted, flags)
+        return ScheduledBatch.of(scheduled, preempted)
 
     def _admit(self, scheduled: dict[Request, int], budget: int) -> None:
         bm = self.block_manager

@@ -82,7 +82,6 @@ def build_paged_batch(
         num_tokens=num_tokens,
         query_start_loc=torch.tensor(starts, dtype=torch.int32),
         seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
-        context_lens=torch.tensor(context_lens, dtype=torch.int32),
         block_tables=block_tables,
         slot_mapping=torch.tensor(slots, dtype=torch.int64),
         max_query_len=max(query_lens),
@@ -90,7 +89,7 @@ def build_paged_batch(
         query_lens_cpu=list(query_lens),
         seq_lens_cpu=seq_lens,
     )
-    for name in ("query_start_loc", "seq_lens", "context_lens", "block_tables", "slot_mapping"):
+    for name in ("query_start_loc", "seq_lens", "block_tables", "slot_mapping"):
         setattr(md, name, getattr(md, name).to(device))
     return PagedBatch(query, key, value, k_cache.to(device), v_cache.to(device), md, head_dim**-0.5)
 

@@ -146,7 +146,6 @@ def _metadata(query_lens: list[int], seq_lens: list[int], block_size: int) -> At
         num_tokens=starts[-1],
         query_start_loc=torch.tensor(starts, dtype=i32),
         seq_lens=torch.tensor(seq_lens, dtype=i32),
-        context_lens=torch.tensor([s - q for s, q in zip(seq_lens, query_lens, strict=True)], dtype=i32),
         block_tables=torch.zeros((len(seq_lens), blocks), dtype=i32),
         slot_mapping=torch.zeros(starts[-1], dtype=torch.long),
         max_query_len=max(query_lens),

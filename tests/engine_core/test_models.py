@@ -86,7 +86,6 @@ def step_metadata(rows: list[tuple[list[int], int, int]]) -> tuple[AttentionMeta
         num_tokens=len(slots),
         query_start_loc=torch.tensor(starts, dtype=i32),
         seq_lens=torch.tensor([s + n for _, s, n in rows], dtype=i32),
-        context_lens=torch.tensor([s for _, s, _ in rows], dtype=i32),
         block_tables=torch.tensor([t + [0] * (width - len(t)) for t, _, _ in rows], dtype=i32),
         slot_mapping=torch.tensor(slots, dtype=torch.long),
         max_query_len=max(n for _, _, n in rows),

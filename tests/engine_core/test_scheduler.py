@@ -8,9 +8,10 @@ import zlib
 
 import pytest
 
+from services.engine_core.batch import ScheduledBatch
 from services.engine_core.block_manager import BlockManager
 from services.engine_core.request import Request, RequestStatus
-from services.engine_core.scheduler import ScheduledBatch, Scheduler
+from services.engine_core.scheduler import Scheduler
 from shared.config import EngineConfig
 from shared.errors import InvalidRequest
 from shared.protocol import SamplingParams
@@ -39,7 +40,7 @@ def make_req(prompt: list[int] | int, max_tokens: int = 16, eos: tuple[int, ...]
 
 def step(s: Scheduler, token: int | None = 1000) -> tuple[ScheduledBatch, list[Request]]:
     batch = s.schedule()
-    sampled = [token if batch.samples(i) else None for i in range(len(batch))]
+    sampled = [token if batch.sample_flags[i] else None for i in range(len(batch))]
     return batch, s.update(batch, sampled)
 
 
@@ -54,7 +55,7 @@ def test_budget_decodes_first_then_prefill_chunks() -> None:
     s.add_request(b)
     batch, _ = step(s)
     assert rows(batch) == [(a.request_id, 3), (b.request_id, 3)]
-    assert [batch.samples(i) for i in range(2)] == [True, True]
+    assert [batch.sample_flags[i] for i in range(2)] == [True, True]
 
     long = make_req(20)
     s.add_request(long)
@@ -65,7 +66,7 @@ def test_budget_decodes_first_then_prefill_chunks() -> None:
         # Decodes keep running every step; the prompt fills the rest of the budget.
         assert rows(batch)[:2] == [(a.request_id, 1), (b.request_id, 1)]
         assert batch.requests[2] is long
-        seen.append((batch.num_new_tokens[2], batch.samples(2)))
+        seen.append((batch.num_new_tokens[2], batch.sample_flags[2]))
     assert seen == [(6, False), (6, False), (6, False), (2, True)]
     assert long.num_output_tokens == 1
 
@@ -75,14 +76,14 @@ def test_running_prefill_chunk_takes_leftover_budget() -> None:
     a = make_req(12)
     s.add_request(a)
     batch, _ = step(s)
-    assert rows(batch) == [(a.request_id, 5)] and not batch.samples(0)
+    assert rows(batch) == [(a.request_id, 5)] and not batch.sample_flags[0]
     b = make_req(2)
     s.add_request(b)
     batch, _ = step(s)  # a still prefilling takes the whole budget; b waits
     assert rows(batch) == [(a.request_id, 5)]
     batch, _ = step(s)
     assert rows(batch) == [(a.request_id, 2), (b.request_id, 2)]
-    assert batch.samples(0) and batch.samples(1)
+    assert batch.sample_flags[0] and batch.sample_flags[1]
 
 
 def test_max_num_seqs() -> None:
@@ -134,7 +135,7 @@ def test_preemption_newest_first_and_resume_by_recompute() -> None:
     assert done == [a]
     batch, _ = step(s, token=8)
     # b recomputes prompt + its 3 outputs and samples its 4th token in one go.
-    assert rows(batch)[0] == (b.request_id, 9) and batch.samples(0)
+    assert rows(batch)[0] == (b.request_id, 9) and batch.sample_flags[0]
     assert s.num_preempted == 0 and b.status is RequestStatus.RUNNING
     assert b.output_token_ids == [7, 7, 7, 8]
     assert b.num_cached_tokens == 0  # set at first scheduling only
@@ -339,7 +340,7 @@ def test_randomized_simulation_finishes_everything(seed: int, caching: bool) -> 
                 kv[r.block_table[pos // bs] * bs + pos % bs] = r.all_token_ids[pos]
             for pos in range(c + n):  # ...then attend over the whole context
                 assert kv[r.block_table[pos // bs] * bs + pos % bs] == r.all_token_ids[pos]
-            sampled.append(fake_model(r.all_token_ids) if batch.samples(i) else None)
+            sampled.append(fake_model(r.all_token_ids) if batch.sample_flags[i] else None)
         for r in s.update(batch, sampled):
             finished[r.request_id] = step_no
         step_no += 1

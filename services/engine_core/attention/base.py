@@ -28,8 +28,6 @@ class AttentionMetadata:
     """int32 [num_reqs + 1]: request i's new tokens are rows query_start_loc[i]:query_start_loc[i+1]."""
     seq_lens: torch.Tensor
     """int32 [num_reqs]: context length after this step (cached tokens + new tokens)."""
-    context_lens: torch.Tensor
-    """int32 [num_reqs]: tokens already in the cache before this step (seq_len - query_len)."""
     block_tables: torch.Tensor
     """int32 [num_reqs, max_blocks_per_req], padded with 0 past each request's blocks."""
     slot_mapping: torch.Tensor
