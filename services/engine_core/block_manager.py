@@ -5,8 +5,12 @@ in the prefix cache under the key (parent chain id, its token ids); the chain id
 first block's parent is ROOT. Keying the dict by the token tuple itself (not by a hash
 of it) means a lookup verifies the tokens on every hit, and chain ids are unique
 integers that are never reused, so neither a token-hash collision nor a recycled parent
-block can ever hand out K/V computed for a different prefix. `req.block_hashes` holds
-these chain ids, one per full cached block of the request.
+block can ever hand out K/V computed for a different prefix. `req.chain_ids` holds these
+chain ids, one per full cached block of the request.
+
+Admission is a pure lookup (`get_computed_blocks`) and an all-or-nothing commit
+(`allocate_slots` with the blocks found), as vLLM's KV-cache manager splits them: a
+request that does not fit changes nothing, hit counters included.
 
 Block states:
   in use     ref > 0 (may or may not be registered in the cache)
@@ -88,51 +92,48 @@ class BlockManager:
 
     # --- allocation ------------------------------------------------------------------
 
-    def allocate_prefix(self, req: Request) -> int:
-        """Attach the longest cached prefix of full blocks to a request that holds no blocks.
-
-        Returns the number of tokens found (and sets req.num_computed_tokens to it). The
-        whole sequence is never reported cached: the last token must run through the
-        model to produce the logits we sample from.
-        """
-        if not self.enable_prefix_caching or req.block_table or req.num_computed_tokens:
-            return 0
+    def get_computed_blocks(self, req: Request) -> list[int]:
+        """The cached blocks holding the longest prefix of the request's full blocks. Changes
+        nothing. Never the whole sequence: the last token must run through the model to
+        produce the logits we sample from."""
+        if not self.enable_prefix_caching:
+            return []
         tokens = req.all_token_ids
         bs = self.block_size
-        self.prefix_queries_total += len(tokens)
+        blocks: list[int] = []
         parent = ROOT
         for i in range((len(tokens) - 1) // bs):
             block = self._cache.get((parent, tuple(tokens[i * bs : (i + 1) * bs])))
             if block is None:
                 break
-            self._take_ref(block)
-            req.block_table.append(block)
+            blocks.append(block)
             parent = self._chain_id[block]
-            req.block_hashes.append(parent)
-        cached = len(req.block_table) * bs
-        req.num_computed_tokens = cached
-        self.prefix_hits_total += cached
-        return cached
+        return blocks
 
-    def undo_prefix(self, req: Request) -> None:
-        """Roll back allocate_prefix(+ allocate_slots) for a request that could not be
-        admitted after all, so retrying it next step does not count its lookup twice."""
-        self.prefix_queries_total -= req.num_tokens
-        self.prefix_hits_total -= req.num_computed_tokens
-        self.free(req)
-        req.num_computed_tokens = 0
-
-    def allocate_slots(self, req: Request, num_new_tokens: int) -> bool:
+    def allocate_slots(self, req: Request, num_new_tokens: int, computed_blocks: list[int] | None = None) -> bool:
         """Grow req.block_table to hold num_computed_tokens + num_new_tokens tokens.
 
-        All or nothing: on False nothing changed.
+        computed_blocks: get_computed_blocks' answer for a request being admitted (it holds
+        no blocks): they are attached first, its num_computed_tokens starts after them, and
+        the lookup counts in the hit rate. All or nothing: on False nothing changed.
         """
-        need = self.blocks_needed(req.num_computed_tokens + num_new_tokens) - len(req.block_table)
-        if need <= 0:
-            return True
-        if need > self.num_free_blocks:
+        computed = computed_blocks or []
+        bs = self.block_size
+        num_computed = req.num_computed_tokens + len(computed) * bs
+        need = self.blocks_needed(num_computed + num_new_tokens) - len(req.block_table) - len(computed)
+        # Cached blocks nobody holds count as free until this request takes them back.
+        revived = sum(1 for block in computed if self._ref[block] == 0)
+        if need > self.num_free_blocks - revived:
             return False
-        for _ in range(need):
+        for block in computed:  # before any fresh block: eviction must not pick these
+            self._take_ref(block)
+            req.block_table.append(block)
+            req.chain_ids.append(self._chain_id[block])
+        req.num_computed_tokens = num_computed
+        if computed_blocks is not None and self.enable_prefix_caching:
+            self.prefix_queries_total += req.num_tokens
+            self.prefix_hits_total += len(computed) * bs
+        for _ in range(max(need, 0)):
             block = self._take_fresh_block()
             self._ref[block] = 1
             self._num_used += 1
@@ -145,9 +146,9 @@ class BlockManager:
             return
         bs = self.block_size
         num_full = min(req.num_computed_tokens // bs, len(req.block_table))
-        parent = req.block_hashes[-1] if req.block_hashes else ROOT
+        parent = req.chain_ids[-1] if req.chain_ids else ROOT
         tokens = req.all_token_ids
-        first_new = len(req.block_hashes)
+        first_new = len(req.chain_ids)
         stored: list[int] = []
         for i in range(first_new, num_full):
             key = (parent, tuple(tokens[i * bs : (i + 1) * bs]))
@@ -168,7 +169,7 @@ class BlockManager:
                 self._chain_id[block] = parent
                 if self._events is not None:
                     stored.append(i)
-            req.block_hashes.append(parent)
+            req.chain_ids.append(parent)
         if stored:
             self._record_stored(req, stored)
 
@@ -184,8 +185,8 @@ class BlockManager:
                 first = run[0]
                 self._events.append(
                     BlockStored(
-                        block_hashes=[req.block_hashes[i] for i in run],
-                        parent_block_hash=req.block_hashes[first - 1] if first > 0 else None,
+                        block_hashes=[req.chain_ids[i] for i in run],
+                        parent_block_hash=req.chain_ids[first - 1] if first > 0 else None,
                         token_ids=req.all_token_ids[first * bs : (run[-1] + 1) * bs],
                         block_size=bs,
                         medium=self._medium,
@@ -205,7 +206,7 @@ class BlockManager:
                 else:
                     self._free.append(block)
         req.block_table = []
-        req.block_hashes = []
+        req.chain_ids = []
 
     def reset_prefix_cache(self) -> None:
         """Forget every cached block (e.g. after weights changed). Blocks in use stay

@@ -128,7 +128,7 @@ class LLMEngine:
                 request_id=r.request_id,
                 finish_reason=FINISH_ABORT,
                 num_prompt_tokens=r.num_prompt_tokens,
-                num_cached_tokens=max(r.num_cached_tokens, 0),
+                num_cached_tokens=r.num_cached_tokens,
             )
             for r in compiling + self.scheduler.abort(request_ids)
         ]
@@ -170,7 +170,7 @@ class LLMEngine:
                     stop_token_id=req.stop_token_id if req.status is RequestStatus.FINISHED_STOPPED else None,
                     logprobs=[lp] if lp is not None else None,
                     num_prompt_tokens=req.num_prompt_tokens,
-                    num_cached_tokens=max(req.num_cached_tokens, 0),
+                    num_cached_tokens=req.num_cached_tokens,
                     first_scheduled_time=req.first_scheduled_time if first else None,
                 )
             )

@@ -67,10 +67,10 @@ class Request:
         self.status = RequestStatus.WAITING
         self.num_computed_tokens = 0
         self.block_table: list[int] = []
-        self.block_hashes: list[int] = []
-        """Chained hashes of this request's full blocks, in order (filled by the BlockManager)."""
-        self.num_cached_tokens = -1
-        """Prompt tokens served from the prefix cache at first scheduling; -1 until then."""
+        self.chain_ids: list[int] = []
+        """The prefix-cache chain ids of this request's full blocks, in order (BlockManager's)."""
+        self.num_cached_tokens = 0
+        """Prompt tokens served from the prefix cache, known from the first scheduling on."""
         self.first_scheduled_time: float | None = None
         self.stop_token_id: int | None = None
         self.grammar: Any = None

@@ -121,10 +121,10 @@ class Scheduler:
         bm = self.block_manager
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = next(iter(self.waiting.values()))
-            cached = bm.allocate_prefix(req)  # waiting requests hold no blocks
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
-            if not bm.allocate_slots(req, n):
-                bm.undo_prefix(req)
+            computed = bm.get_computed_blocks(req)  # waiting requests hold no blocks
+            cached = len(computed) * bm.block_size
+            n = min(req.num_tokens - cached, budget)
+            if not bm.allocate_slots(req, n, computed):
                 break  # FCFS: nobody overtakes the head of the queue
             del self.waiting[req.request_id]
             if req.status is RequestStatus.PREEMPTED:

@@ -16,9 +16,16 @@ def make_req(tokens: list[int]) -> Request:
     return Request(f"r{next(_ids)}", tokens, SamplingParams())
 
 
+def attach_prefix(bm: BlockManager, req: Request) -> int:
+    """Look up a new request's cached prefix and commit it (no new slots): the tokens found."""
+    computed = bm.get_computed_blocks(req)
+    assert bm.allocate_slots(req, 0, computed)
+    return len(computed) * BS
+
+
 def compute_all(bm: BlockManager, req: Request) -> None:
     """Allocate and 'compute' the whole sequence, registering its full blocks."""
-    bm.allocate_prefix(req)
+    attach_prefix(bm, req)
     assert bm.allocate_slots(req, req.num_tokens - req.num_computed_tokens)
     req.num_computed_tokens = req.num_tokens
     bm.cache_full_blocks(req)
@@ -35,7 +42,7 @@ def test_allocate_and_free_ref_counting() -> None:
     assert bm.allocate_slots(req, 2) and len(req.block_table) == 3
     assert bm.allocate_slots(req, 3) and len(req.block_table) == 4
     bm.free(req)
-    assert req.block_table == [] and req.block_hashes == []
+    assert req.block_table == [] and req.chain_ids == []
     assert bm.num_free_blocks == 8 and bm.usage == 0.0
 
 
@@ -55,13 +62,13 @@ def test_prefix_hit_across_requests_shares_blocks() -> None:
     prompt = list(range(10))  # 2 full blocks + 2 tokens
     a = make_req(prompt)
     compute_all(bm, a)
-    assert len(a.block_hashes) == 2
+    assert len(a.chain_ids) == 2
 
     b = make_req([*prompt[:8], 99, 98, 97])
-    cached = bm.allocate_prefix(b)
+    cached = attach_prefix(bm, b)
     assert cached == 8 and b.num_computed_tokens == 8
     assert b.block_table == a.block_table[:2]
-    assert b.block_hashes == a.block_hashes
+    assert b.chain_ids == a.chain_ids
     assert bm.prefix_queries_total == 10 + 11 and bm.prefix_hits_total == 8
     used = bm.usage
     # Shared blocks are counted once; freeing one holder keeps them in use.
@@ -78,9 +85,9 @@ def test_never_reports_whole_sequence_cached() -> None:
     compute_all(bm, make_req(prompt))
     b = make_req(prompt)
     # The last token must be computed for its logits: only the first block is usable.
-    assert bm.allocate_prefix(b) == 4
+    assert attach_prefix(bm, b) == 4
     c = make_req([*prompt, 50])
-    assert bm.allocate_prefix(c) == 8
+    assert attach_prefix(bm, c) == 8
 
 
 def test_same_block_content_under_different_prefix_is_not_a_hit() -> None:
@@ -88,27 +95,29 @@ def test_same_block_content_under_different_prefix_is_not_a_hit() -> None:
     shared_block = [7, 7, 7, 7]
     compute_all(bm, make_req([1, 2, 3, 4, *shared_block, 0]))
     other = make_req([5, 6, 7, 8, *shared_block, 0])
-    assert bm.allocate_prefix(other) == 0
+    assert attach_prefix(bm, other) == 0
     assert other.block_table == []
     # Under the same prefix it is a hit.
     same = make_req([1, 2, 3, 4, *shared_block, 0])
-    assert bm.allocate_prefix(same) == 8
+    assert attach_prefix(bm, same) == 8
 
 
-def test_allocate_prefix_only_on_first_touch_and_disabled() -> None:
+def test_lookup_changes_nothing_and_disabled_finds_nothing() -> None:
     bm = BlockManager(16, BS)
     prompt = list(range(9))
     compute_all(bm, make_req(prompt))
     b = make_req(prompt)
-    b.num_computed_tokens = 3  # already running: no lookup
-    assert bm.allocate_prefix(b) == 0 and b.num_computed_tokens == 3
+    counters, free = (bm.prefix_queries_total, bm.prefix_hits_total), bm.num_free_blocks
+    assert bm.get_computed_blocks(b) == bm.get_computed_blocks(b) and len(bm.get_computed_blocks(b)) == 2
+    assert (bm.prefix_queries_total, bm.prefix_hits_total) == counters and bm.num_free_blocks == free
+    assert b.block_table == [] and b.num_computed_tokens == 0
 
     off = BlockManager(16, BS, enable_prefix_caching=False)
     a = make_req(prompt)
     compute_all(off, a)
-    assert a.block_hashes == [] and off.num_cached_blocks == 0
+    assert a.chain_ids == [] and off.num_cached_blocks == 0
     off.free(a)
-    assert off.allocate_prefix(make_req(prompt)) == 0
+    assert attach_prefix(off, make_req(prompt)) == 0
     assert off.prefix_queries_total == 0
 
 
@@ -138,8 +147,8 @@ def test_freed_cached_blocks_are_reused_and_lru_evicted() -> None:
     assert z.block_table == [a_blocks[1]]
     assert bm.num_cached_blocks == 3
     # a's head block is still a hit (ending the chain), b's full prefix too.
-    assert bm.allocate_prefix(make_req([*list(range(8)), 0])) == 4
-    assert bm.allocate_prefix(make_req([*list(range(100, 108)), 0])) == 8
+    assert attach_prefix(bm, make_req([*list(range(8)), 0])) == 4
+    assert attach_prefix(bm, make_req([*list(range(100, 108)), 0])) == 8
 
 
 def test_hit_takes_cached_free_block_back_into_use() -> None:
@@ -148,7 +157,7 @@ def test_hit_takes_cached_free_block_back_into_use() -> None:
     compute_all(bm, a)
     bm.free(a)
     b = make_req([*list(range(8)), 1])
-    assert bm.allocate_prefix(b) == 8
+    assert attach_prefix(bm, b) == 8
     assert bm.num_free_blocks == 1
     # The only block left to hand out is the unhashed one; the hit blocks are safe.
     assert bm.allocate_slots(b, 1)
@@ -160,18 +169,18 @@ def test_concurrent_identical_prefix_keeps_first_mapping() -> None:
     prompt = list(range(9))
     a, b = make_req(prompt), make_req(prompt)
     for r in (a, b):  # both admitted before either computed: no hits
-        assert bm.allocate_prefix(r) == 0
+        assert attach_prefix(bm, r) == 0
         assert bm.allocate_slots(r, 9)
     for r in (a, b):
         r.num_computed_tokens = 9
         bm.cache_full_blocks(r)
-    assert a.block_hashes == b.block_hashes
+    assert a.chain_ids == b.chain_ids
     assert bm.num_cached_blocks == 2
     bm.free(b)  # b's duplicate blocks were never registered
     assert bm.num_cached_blocks == 2
     # b's chain continues from a's entries: a later block of b chains correctly.
     c = make_req(prompt)
-    assert bm.allocate_prefix(c) == 8 and c.block_table == a.block_table[:2]
+    assert attach_prefix(bm, c) == 8 and c.block_table == a.block_table[:2]
 
 
 def test_cache_full_blocks_incremental_decode() -> None:
@@ -180,29 +189,35 @@ def test_cache_full_blocks_incremental_decode() -> None:
     assert bm.allocate_slots(req, 3)
     req.num_computed_tokens = 3
     bm.cache_full_blocks(req)
-    assert req.block_hashes == []
+    assert req.chain_ids == []
     req.append_output_token(4)
     assert bm.allocate_slots(req, 1)
     req.num_computed_tokens = 4
     bm.cache_full_blocks(req)
-    assert len(req.block_hashes) == 1
+    assert len(req.chain_ids) == 1
     req.append_output_token(5)
-    assert bm.allocate_prefix(make_req([1, 2, 3, 4, 9])) == 4
+    assert attach_prefix(bm, make_req([1, 2, 3, 4, 9])) == 4
 
 
-def test_undo_prefix_rolls_back_counters_and_refs() -> None:
-    bm = BlockManager(8, BS)
+def test_allocation_that_does_not_fit_commits_nothing() -> None:
+    bm = BlockManager(4, BS)
     prompt = list(range(9))
-    compute_all(bm, make_req(prompt))
+    done = make_req(prompt)
+    compute_all(bm, done)
+    bm.free(done)  # its two full blocks stay cached, evictable
     q, h = bm.prefix_queries_total, bm.prefix_hits_total
     r = make_req(prompt)
-    assert bm.allocate_prefix(r) == 8
-    blocks = list(r.block_table)
-    assert [bm._ref[b] for b in blocks] == [2, 2]
-    bm.undo_prefix(r)
+    computed = bm.get_computed_blocks(r)
+    assert len(computed) == 2
+    # 2 cached blocks taken back + 3 fresh ones for 12 more tokens > 4 blocks: refused, untouched.
+    assert not bm.allocate_slots(r, 12, computed)
     assert (bm.prefix_queries_total, bm.prefix_hits_total) == (q, h)
-    assert r.num_computed_tokens == 0 and r.block_table == [] and r.block_hashes == []
-    assert [bm._ref[b] for b in blocks] == [1, 1]
+    assert r.num_computed_tokens == 0 and r.block_table == [] and r.chain_ids == []
+    assert [bm._ref[b] for b in computed] == [0, 0] and bm.num_cached_blocks == 2
+    # What fits is committed whole: the hit counted once, its blocks held.
+    assert bm.allocate_slots(r, 1, computed)
+    assert (bm.prefix_queries_total, bm.prefix_hits_total) == (q + 9, h + 8)
+    assert r.num_computed_tokens == 8 and r.block_table[:2] == computed and [bm._ref[b] for b in computed] == [1, 1]
 
 
 def test_reset_prefix_cache() -> None:
@@ -215,6 +230,6 @@ def test_reset_prefix_cache() -> None:
     bm.free(done)
     bm.reset_prefix_cache()
     assert bm.num_cached_blocks == 0 and bm.num_free_blocks == 8 - 3
-    assert bm.allocate_prefix(make_req(prompt)) == 0
+    assert attach_prefix(bm, make_req(prompt)) == 0
     bm.free(running)
     assert bm.num_free_blocks == 8

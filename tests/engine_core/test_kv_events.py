@@ -117,8 +117,8 @@ def test_block_manager_events_rebuild_cache_and_clear() -> None:
     ]
     for n, tail in enumerate(tails):
         req = Request(f"r{n}", shared + tail, SamplingParams(max_tokens=1), [2], None, max_tokens=1)
-        bm.allocate_prefix(req)
-        assert bm.allocate_slots(req, req.num_tokens - req.num_computed_tokens)
+        computed = bm.get_computed_blocks(req)
+        assert bm.allocate_slots(req, req.num_tokens - len(computed) * bm.block_size, computed)
         req.num_computed_tokens = req.num_tokens
         bm.cache_full_blocks(req)
         bm.free(req)
