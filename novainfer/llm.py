@@ -11,7 +11,7 @@ import itertools
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 import msgspec
 from tqdm import tqdm
@@ -20,6 +20,7 @@ from services.engine_core.engine import LLMEngine
 from services.tokenizer_pool.detokenizer import RequestStream
 from services.tokenizer_pool.tokenizer import Tokenizer, load_tokenizer
 from shared.config import EngineConfig
+from shared.errors import InvalidRequest
 from shared.protocol import SamplingParams, TextLogprob
 
 Prompt = str | Sequence[int]
@@ -48,6 +49,14 @@ class RequestOutput:
     @property
     def finished(self) -> bool:
         return all(o.finish_reason is not None for o in self.outputs)
+
+
+class _Child(NamedTuple):
+    """One engine request of a prompt's n samples."""
+
+    stream: RequestStream
+    completion: CompletionOutput
+    result: RequestOutput
 
 
 class LLM:
@@ -109,14 +118,14 @@ class LLM:
                 raise ValueError("give one SamplingParams, or one per prompt")
 
         results: list[RequestOutput] = []
-        streams: dict[str, tuple[RequestStream, CompletionOutput]] = {}
+        streams: dict[str, _Child] = {}
         now = time.time()
         try:
             self._add_all(items, params_list, now, results, streams)
         except Exception:
             self.engine.abort(list(streams))  # nothing half-submitted stays in the engine
             raise
-        self._drain(results, streams, use_tqdm)
+        self._drain(streams, use_tqdm)
         return results
 
     def _add_all(
@@ -125,45 +134,37 @@ class LLM:
         params_list: list[SamplingParams],
         now: float,
         results: list[RequestOutput],
-        streams: dict[str, tuple[RequestStream, CompletionOutput]],
+        streams: dict[str, _Child],
     ) -> None:
         for (text, ids), params in zip(items, params_list, strict=True):
             params.validate()
             result = RequestOutput(str(next(self._ids)), text, ids, [])
             results.append(result)
-            for i in range(params.n):
-                # n samples fan out into n engine requests (sharing the prompt's KV through
-                # the prefix cache); each gets its own seed so they differ.
-                child = (
-                    params
-                    if params.n == 1
-                    else msgspec.structs.replace(params, n=1, seed=None if params.seed is None else params.seed + i)
-                )
+            for i, child in enumerate(params.fan_out()):
                 rid = f"{result.request_id}-{i}"
                 completion = CompletionOutput(index=i)
                 result.outputs.append(completion)
                 self.engine.add_request(rid, ids, child, self.tokenizer.eos_token_ids, now)
-                streams[rid] = (
-                    RequestStream(rid, self.tokenizer, child, num_prompt_tokens=len(ids), engine=0),
-                    completion,
-                )
+                stream = RequestStream(rid, self.tokenizer, child, num_prompt_tokens=len(ids), engine=0)
+                streams[rid] = _Child(stream, completion, result)
 
     def _drain(
         self,
-        results: list[RequestOutput],
-        streams: dict[str, tuple[RequestStream, CompletionOutput]],
+        streams: dict[str, _Child],
         use_tqdm: bool,
     ) -> None:
         bar = tqdm(total=len(streams), desc="generating", unit="req", disable=not use_tqdm)
-        by_id = {r.request_id: r for r in results}
         while self.engine.has_unfinished():
             if self.engine.only_compiling:
                 time.sleep(0.002)  # grammars compile in a thread: let it have the GIL
             for out in self.engine.step():
                 if out.error is not None:  # e.g. a grammar that cannot be compiled: as add_request would
                     self.engine.abort(list(streams))
-                    raise ValueError(out.error)
-                stream, completion = streams[out.request_id]
+                    error = out.error
+                    if error.status >= 500:
+                        raise RuntimeError(error.message)
+                    raise InvalidRequest(error.message, param=error.param, code=error.code)
+                stream, completion, result = streams[out.request_id]
                 if stream.finished:
                     continue
                 delta = stream.process(out)
@@ -171,7 +172,7 @@ class LLM:
                 completion.token_ids.extend(delta.token_ids)
                 if delta.logprobs is not None:
                     completion.logprobs = (completion.logprobs or []) + delta.logprobs
-                by_id[out.request_id.rsplit("-", 1)[0]].num_cached_tokens = delta.num_cached_tokens
+                result.num_cached_tokens = delta.num_cached_tokens
                 if delta.finish_reason is not None:
                     completion.finish_reason = delta.finish_reason
                     completion.stop_reason = delta.stop_reason

@@ -136,6 +136,18 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
     def greedy(self) -> bool:
         return self.temperature < 1e-5
 
+    def fan_out(self) -> list[SamplingParams]:
+        """The params of the n engine requests a request with n samples becomes (n=1 each;
+        they share the prompt's KV through the prefix cache). Sample i is seeded seed + i,
+        wrapped into the int64 range the wire carries, so the samples differ and stay
+        reproducible."""
+        if self.n == 1:
+            return [self]
+        one = msgspec.structs.replace(self, n=1)
+        if self.seed is None:
+            return [one] * self.n
+        return [msgspec.structs.replace(one, seed=(self.seed + i + 2**63) % 2**64 - 2**63) for i in range(self.n)]
+
 
 class ErrorInfo(msgspec.Struct, kw_only=True, omit_defaults=True):
     """Why a request failed: carried back to the gateway, answered in OpenAI's error shape."""

@@ -17,6 +17,8 @@ import logging
 import signal
 import threading
 from collections import defaultdict
+from collections.abc import Callable
+from typing import Any
 
 import zmq
 
@@ -70,6 +72,12 @@ class EngineCoreServer:
         self.input = pull_socket(self.ctx, serve.engine_addrs[self.index])
         self.workers = [push_socket(self.ctx, addr) for addr in serve.tokenizer_addrs]
         self.decoder = decoder(EngineInput)
+        # One handler per message type of EngineInput.
+        self._handlers: dict[type, Callable[[Any], None]] = {
+            EngineRequest: self._on_request,
+            AbortRequest: self._on_abort,
+            TokenizerVocab: self._on_vocab,
+        }
         self.owner: dict[str, int] = {}
         """request id -> tokenizer worker index."""
         self.pending: dict[int, list[EngineOutput]] = defaultdict(list)
@@ -88,42 +96,46 @@ class EngineCoreServer:
         except Exception as e:  # a bad message must never take the engine down
             log.error("dropping undecodable message: %s", e)
             return
-        if isinstance(msg, EngineRequest):
-            if not 0 <= msg.worker < len(self.workers):
-                log.error("request %s names unknown worker %d", msg.request_id, msg.worker)
-                return
-            try:
-                self.engine.add_request(
-                    msg.request_id,
-                    msg.prompt_token_ids,
-                    msg.sampling_params,
-                    msg.eos_token_ids or None,
-                    msg.arrival_time or None,
+        self._handlers[type(msg)](msg)
+
+    def _on_request(self, msg: EngineRequest) -> None:
+        if not 0 <= msg.worker < len(self.workers):
+            log.error("request %s names unknown worker %d", msg.request_id, msg.worker)
+            return
+        try:
+            self.engine.add_request(
+                msg.request_id,
+                msg.prompt_token_ids,
+                msg.sampling_params,
+                msg.eos_token_ids or None,
+                msg.arrival_time or None,
+            )
+            self.owner[msg.request_id] = msg.worker
+        except InvalidRequest as e:
+            self.pending[msg.worker].append(
+                EngineOutput(
+                    request_id=msg.request_id,
+                    finish_reason=FINISH_ABORT,
+                    num_prompt_tokens=len(msg.prompt_token_ids),
+                    error=ErrorInfo.invalid(e),
                 )
-                self.owner[msg.request_id] = msg.worker
-            except InvalidRequest as e:
-                self.pending[msg.worker].append(
-                    EngineOutput(
-                        request_id=msg.request_id,
-                        finish_reason=FINISH_ABORT,
-                        num_prompt_tokens=len(msg.prompt_token_ids),
-                        error=ErrorInfo.invalid(e),
-                    )
+            )
+        except Exception as e:
+            log.exception("failed to add request %s", msg.request_id)
+            self.pending[msg.worker].append(
+                EngineOutput(
+                    request_id=msg.request_id,
+                    finish_reason=FINISH_ABORT,
+                    error=ErrorInfo(message=f"internal error: {e}", status=500),
                 )
-            except Exception as e:
-                log.exception("failed to add request %s", msg.request_id)
-                self.pending[msg.worker].append(
-                    EngineOutput(
-                        request_id=msg.request_id,
-                        finish_reason=FINISH_ABORT,
-                        error=ErrorInfo(message=f"internal error: {e}", status=500),
-                    )
-                )
-        elif isinstance(msg, AbortRequest):
-            for out in self.engine.abort(msg.request_ids):
-                self._route(out)
-        elif isinstance(msg, TokenizerVocab):
-            self.engine.set_tokenizer_vocab(msg.tokenizer_json, msg.eos_token_ids)
+            )
+
+    def _on_abort(self, msg: AbortRequest) -> None:
+        for out in self.engine.abort(msg.request_ids):
+            self._route(out)
+
+    def _on_vocab(self, msg: TokenizerVocab) -> None:
+        self.engine.set_tokenizer_vocab(msg.tokenizer_json, msg.eos_token_ids)
 
     def _route(self, out: EngineOutput) -> None:
         worker = self.owner.get(out.request_id)

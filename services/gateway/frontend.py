@@ -14,6 +14,8 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
+from typing import Any
 
 import msgspec
 import zmq
@@ -128,6 +130,13 @@ class Frontend:
         self._children: dict[str, ChildState] = {}
         self._rpcs: dict[str, asyncio.Future[TokenizeResult | DetokenizeResult]] = {}
         self._decoder = decoder(GatewayInput)
+        # One handler per message type of GatewayInput.
+        self._handlers: dict[type, Callable[[Any, float], None]] = {
+            GatewayOutputs: self._on_outputs,
+            WorkerHeartbeat: self._on_heartbeat,
+            TokenizeResult: self._on_rpc_result,
+            DetokenizeResult: self._on_rpc_result,
+        }
         self._ctx: zmq.asyncio.Context | None = None
         self._input: zmq.asyncio.Socket | None = None
         self._outputs: list[zmq.Socket] = []
@@ -318,21 +327,24 @@ class Frontend:
                 log.exception("failed to handle %s", type(msg).__name__)
 
     def _dispatch(self, msg: GatewayOutputs | TokenizeResult | DetokenizeResult | WorkerHeartbeat) -> None:
-        now = time.monotonic()
-        if isinstance(msg, GatewayOutputs):
-            self._mark_worker(msg.worker, now)
-            if msg.stats is not None:
-                self._on_stats(msg.stats, now)
-            for delta in msg.deltas:
-                self._on_delta(delta, now)
-        elif isinstance(msg, WorkerHeartbeat):
-            self._mark_worker(msg.worker, now)
-            if msg.max_model_len:
-                self.max_model_len = msg.max_model_len
-        else:
-            fut = self._rpcs.get(msg.request_id)
-            if fut is not None and not fut.done():
-                fut.set_result(msg)
+        self._handlers[type(msg)](msg, time.monotonic())
+
+    def _on_outputs(self, msg: GatewayOutputs, now: float) -> None:
+        self._mark_worker(msg.worker, now)
+        if msg.stats is not None:
+            self._on_stats(msg.stats, now)
+        for delta in msg.deltas:
+            self._on_delta(delta, now)
+
+    def _on_heartbeat(self, msg: WorkerHeartbeat, now: float) -> None:
+        self._mark_worker(msg.worker, now)
+        if msg.max_model_len:
+            self.max_model_len = msg.max_model_len
+
+    def _on_rpc_result(self, msg: TokenizeResult | DetokenizeResult, now: float) -> None:
+        fut = self._rpcs.get(msg.request_id)
+        if fut is not None and not fut.done():
+            fut.set_result(msg)
 
     def _mark_worker(self, worker: int, now: float) -> None:
         if 0 <= worker < len(self._worker_seen):

@@ -240,20 +240,12 @@ def _validate(params: SamplingParams, renames: dict[str, str]) -> None:
 def _children(request_id: str, params: SamplingParams, prompts: list[dict[str, Any]]) -> list[GenerateRequest]:
     """n children per prompt, choice index = prompt index * n + i, as OpenAI numbers choices."""
     children = []
-    child_params = msgspec.structs.replace(params, n=1)
+    samples = params.fan_out()
     for p, prompt in enumerate(prompts):
-        for i in range(params.n):
+        for i, sp in enumerate(samples):
             index = p * params.n + i
-            sp = child_params
-            if params.seed is not None and params.n > 1:
-                sp = msgspec.structs.replace(child_params, seed=_child_seed(params.seed, i))
             children.append(GenerateRequest(request_id=f"{request_id}-{index}", sampling_params=sp, **prompt))
     return children
-
-
-def _child_seed(seed: int, i: int) -> int:
-    """seed + i, wrapped into the int64 range that the wire protocol carries."""
-    return (seed + i - INT64_MIN) % 2**64 + INT64_MIN
 
 
 def _prompts(raw: Any) -> list[dict[str, Any]]:

@@ -12,6 +12,8 @@ import os
 import signal
 import time
 from collections import defaultdict
+from collections.abc import Callable
+from typing import Any
 
 import msgspec
 import zmq
@@ -62,6 +64,14 @@ class TokenizerWorker:
         self._engines = [zmq_utils.push_socket(self._ctx, a) for a in serve.engine_addrs]
         self.tokenizer = tokenizer or load_tokenizer(config.engine)
         self._decoder = decoder(TokenizerInput)
+        # One handler per message type of TokenizerInput.
+        self._handlers: dict[type, Callable[[Any], None]] = {
+            EngineOutputs: self._on_engine_outputs,
+            GenerateRequest: self._on_generate,
+            AbortRequest: self._on_abort,
+            TokenizeRequest: self._on_tokenize,
+            DetokenizeRequest: self._on_detokenize,
+        }
         self._streams: dict[str, RequestStream] = {}
         self._parent_pid = os.getppid()
         # Before any request: ZMQ keeps order per connection, so an engine knows the vocabulary
@@ -111,16 +121,7 @@ class TokenizerWorker:
             logger.warning("tokenizer worker %d: dropping undecodable message: %s", self.index, e)
             return
         try:
-            if isinstance(msg, EngineOutputs):
-                self._on_engine_outputs(msg)
-            elif isinstance(msg, GenerateRequest):
-                self._on_generate(msg)
-            elif isinstance(msg, AbortRequest):
-                self._abort_in_engines(msg.request_ids)
-            elif isinstance(msg, TokenizeRequest):
-                self._on_tokenize(msg)
-            elif isinstance(msg, DetokenizeRequest):
-                self._on_detokenize(msg)
+            self._handlers[type(msg)](msg)
         except Exception:  # a bug for one message must not take the worker down
             logger.exception("tokenizer worker %d: failed to handle %s", self.index, type(msg).__name__)
 
@@ -228,6 +229,9 @@ class TokenizerWorker:
                 request_id=req.request_id, error=ErrorInfo(message=f"detokenize failed: {e}", status=500)
             )
         self._send_gateway(result)
+
+    def _on_abort(self, msg: AbortRequest) -> None:
+        self._abort_in_engines(msg.request_ids)
 
     def _abort_in_engines(self, request_ids: list[str]) -> None:
         by_engine: dict[int, list[str]] = defaultdict(list)
