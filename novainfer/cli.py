@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections.abc import Sequence
 
-from shared.config import add_config_args, config_from_args, setup_logging
+from shared.config import add_config_args, config_from_args
+from shared.log_setup import setup_logging
 from shared.protocol import SamplingParams
 
 
@@ -27,7 +27,7 @@ def _generate(args: argparse.Namespace) -> int:
     if args.model_pos:
         args.model = args.model_pos
     config = config_from_args(args)
-    logging.basicConfig(level=config.serve.log_level.upper() if args.verbose else "WARNING")
+    setup_logging(config, "generate", level=None if args.verbose else "WARNING")
     llm = LLM(config=config.engine)
     params = SamplingParams(
         max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.sampling_seed

@@ -24,7 +24,7 @@ import msgspec
 
 from shared.config import Config, config_to_args
 
-log = logging.getLogger("novainfer.launcher")
+log = logging.getLogger(__name__)
 
 READY_TIMEOUT_S = 600.0
 DRAIN_TIMEOUT_S = 30.0

@@ -306,12 +306,3 @@ def config_to_args(config: Config) -> list[str]:
             else:
                 argv += [flag, str(value)]
     return argv
-
-
-def setup_logging(config: Config, name: str) -> None:
-    import logging
-
-    logging.basicConfig(
-        level=config.serve.log_level.upper(),
-        format=f"%(asctime)s %(levelname)s [{name}] %(name)s: %(message)s",
-    )

@@ -21,7 +21,7 @@ from typing import Any
 from shared.config import EngineConfig
 from shared.model_files import ModelFiles, ModelFormat, resolve_model
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 # GGUF value type -> struct format (little-endian); 8 is a string, 9 an array.
 _GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
@@ -142,7 +142,7 @@ def _hf_info(model: ModelFiles) -> ModelInfo:
     config = _text_config(model.hf_config())
     context = next((config[k] for k in _CONTEXT_KEYS if isinstance(config.get(k), int)), None)
     if context is None:
-        logger.warning("%s names no context length; assuming %d", model.path, _DEFAULT_CONTEXT)
+        log.warning("%s names no context length; assuming %d", model.path, _DEFAULT_CONTEXT)
         context = _DEFAULT_CONTEXT
     eos = _ids(config.get("eos_token_id"))
     if model.format is ModelFormat.HF_DIR:

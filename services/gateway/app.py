@@ -24,10 +24,10 @@ from aiohttp.web_protocol import RequestHandler
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from services.gateway import serving
-from services.gateway.frontend import Frontend
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.openai_api import ApiError
-from services.gateway.serving import FRONTEND, MODEL_NAME, json_response
+from services.gateway.pool_client import PoolClient
+from services.gateway.serving import MODEL_NAME, POOL_CLIENT, json_response
 from shared.config import Config
 from shared.errors import InvalidRequest
 
@@ -158,7 +158,7 @@ def _auth_middleware(api_key: str) -> Callable[..., Awaitable[web.StreamResponse
 
 
 def build_app(config: Config) -> web.Application:
-    """The gateway app; its ZMQ frontend starts with the app and stops after it drained."""
+    """The gateway app; its tokenizer-pool client starts with the app and stops after it drained."""
     model_name = config.model_name()
     middlewares: list[Middleware] = [metrics_middleware, error_middleware]
     if config.serve.api_key:
@@ -167,21 +167,21 @@ def build_app(config: Config) -> web.Application:
     metrics = GatewayMetrics(
         model_name, vllm_compat=config.serve.metrics_compat == "vllm", block_size=config.engine.block_size
     )
-    frontend = Frontend(config, metrics)
+    pool = PoolClient(config, metrics)
     app[METRICS] = metrics
-    app[FRONTEND] = frontend
+    app[POOL_CLIENT] = pool
     app[MODEL_NAME] = model_name
     started = int(time.time())
 
-    async def frontend_ctx(_: web.Application) -> AsyncIterator[None]:
-        await frontend.start()
+    async def pool_ctx(_: web.Application) -> AsyncIterator[None]:
+        await pool.start()
         yield
-        await frontend.close()
+        await pool.close()
 
     async def on_shutdown(_: web.Application) -> None:
-        frontend.begin_shutdown()
+        pool.begin_shutdown()
 
-    app.cleanup_ctx.append(frontend_ctx)
+    app.cleanup_ctx.append(pool_ctx)
     app.on_shutdown.append(on_shutdown)
 
     def model_card() -> dict[str, Any]:
@@ -191,7 +191,7 @@ def build_app(config: Config) -> web.Application:
             "created": started,
             "owned_by": "novainfer",
             "root": config.engine.model,
-            "max_model_len": frontend.max_model_len or None,
+            "max_model_len": pool.max_model_len or None,
         }
 
     async def list_models(_: web.Request) -> web.Response:
@@ -205,7 +205,7 @@ def build_app(config: Config) -> web.Application:
         return json_response(model_card())
 
     async def health(_: web.Request) -> web.Response:
-        problem = frontend.health()
+        problem = pool.health()
         if problem is None:
             return json_response({"status": "ok"})
         return json_response({"status": "unavailable", "reason": problem}, status=503)
@@ -241,7 +241,7 @@ def build_app(config: Config) -> web.Application:
 
 async def serve(config: Config) -> None:
     """Serve until SIGTERM/SIGINT, then drain: stop listening, let in-flight requests finish
-    (up to DRAIN_TIMEOUT_S), and only then stop the frontend.
+    (up to DRAIN_TIMEOUT_S), and only then stop the tokenizer-pool client.
 
     Not web.run_app: it cancels its own task on a signal, which cuts the drain short.
     """

@@ -15,16 +15,12 @@ docs/metrics.md has the table, which tests/gateway/test_metrics_compat.py checks
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from shared.protocol import EngineStats, RequestDelta
-
-if TYPE_CHECKING:
-    from services.gateway.frontend import ChildState
 
 PREFIX = "novainfer_"
 VLLM_PREFIX = "vllm:"
@@ -186,6 +182,32 @@ class _EngineCollector(Collector):
         yield info
 
 
+class RequestTimer:
+    """One engine request's latency bookkeeping: what TTFT, inter-token latency, queue time
+    and end-to-end latency are measured from, and which counts it has contributed."""
+
+    __slots__ = (
+        "arrival",
+        "arrival_wall",
+        "last_token",
+        "output_tokens",
+        "prompt_counted",
+        "queue_observed",
+        "started",
+    )
+
+    def __init__(self, arrival: float, arrival_wall: float) -> None:
+        self.arrival = arrival
+        """time.monotonic() at arrival: the latencies."""
+        self.arrival_wall = arrival_wall
+        """time.time() at arrival: queue time, against the engine's wall-clock scheduling time."""
+        self.started = False
+        self.last_token = arrival
+        self.output_tokens = 0
+        self.prompt_counted = False
+        self.queue_observed = False
+
+
 class _Fanout:
     """One measurement recorded into the native series and, with vLLM compatibility, its
     vLLM-named twin."""
@@ -281,33 +303,33 @@ class GatewayMetrics:
     def watch_components(self, components: Callable[[], list[tuple[str, int, bool]]]) -> None:
         self._engines.components = components
 
-    def on_delta(self, child: ChildState, delta: RequestDelta, now: float) -> None:
-        if not child.prompt_counted and delta.num_prompt_tokens:
-            child.prompt_counted = True
+    def on_delta(self, timer: RequestTimer, delta: RequestDelta, now: float) -> None:
+        if not timer.prompt_counted and delta.num_prompt_tokens:
+            timer.prompt_counted = True
             self.prompt_tokens.inc(delta.num_prompt_tokens)
             if delta.num_cached_tokens:
                 self.cached_prompt_tokens.inc(delta.num_cached_tokens)
-        if not child.queue_observed and delta.first_scheduled_time is not None:
-            child.queue_observed = True
-            self.queue_time.observe(max(0.0, delta.first_scheduled_time - child.arrival_wall))
-        total = delta.num_output_tokens or child.output_tokens + len(delta.token_ids)
-        new = total - child.output_tokens
+        if not timer.queue_observed and delta.first_scheduled_time is not None:
+            timer.queue_observed = True
+            self.queue_time.observe(max(0.0, delta.first_scheduled_time - timer.arrival_wall))
+        total = delta.num_output_tokens or timer.output_tokens + len(delta.token_ids)
+        new = total - timer.output_tokens
         if new <= 0:
             return
-        child.output_tokens = total
+        timer.output_tokens = total
         self.generation_tokens.inc(new)
-        if not child.started:
-            child.started = True
-            self.ttft.observe(now - child.arrival)
+        if not timer.started:
+            timer.started = True
+            self.ttft.observe(now - timer.arrival)
         else:
             # Tokens that arrive together shared the gap since the previous delta.
-            gap = (now - child.last_token) / new
+            gap = (now - timer.last_token) / new
             for _ in range(new):
                 self.itl.observe(gap)
-        child.last_token = now
+        timer.last_token = now
 
-    def on_finish(self, child: ChildState, now: float, reason: str | None) -> None:
-        self.e2e.observe(now - child.arrival)
+    def on_finish(self, timer: RequestTimer, now: float, reason: str | None) -> None:
+        self.e2e.observe(now - timer.arrival)
         self._finished.labels(self.model_name, reason or "unknown").inc()
         if self._vllm_success is not None and reason in VLLM_FINISHED_REASONS:
             self._vllm_success.labels(self.model_name, reason).inc()

@@ -2,8 +2,8 @@
 
 Bodies are decoded straight into msgspec Structs, so a wrong type is reported with the
 path of the offending field; every field is optional and nullable because OpenAI
-clients send `null` for unset parameters, and unknown fields (extra_body, tools the
-model cannot use, ...) are ignored as the brief requires.
+clients send `null` for unset parameters. Fields this module does not know are ignored,
+as vLLM ignores them; the README lists what is understood.
 """
 
 from __future__ import annotations

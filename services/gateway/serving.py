@@ -1,7 +1,7 @@
 """The handlers that talk to the workers: generation (stream or not), tokenize, cancel.
 
 Whatever way a generation handler leaves (done, error, client gone, cancelled by
-aiohttp when the client disconnects), `Frontend.release` runs in its `finally` and
+aiohttp when the client disconnects), `PoolClient.release` runs in its `finally` and
 aborts the children that have not finished, so nothing is left running in an engine
 for a client that stopped listening.
 """
@@ -14,7 +14,6 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
-from services.gateway.frontend import DuplicateRequest, Frontend, Overloaded, RequestHandle, ServiceUnavailable
 from services.gateway.openai_api import (
     ApiError,
     DetokenizeBody,
@@ -26,11 +25,12 @@ from services.gateway.openai_api import (
     parse_chat,
     parse_completion,
 )
+from services.gateway.pool_client import DuplicateRequest, Overloaded, PoolClient, RequestHandle, ServiceUnavailable
 from services.gateway.responses import ResponseCollector, StreamEncoder
 from shared.errors import InvalidRequest
 from shared.protocol import DetokenizeRequest, TokenizeRequest
 
-FRONTEND: web.AppKey[Frontend] = web.AppKey("frontend", Frontend)
+POOL_CLIENT: web.AppKey[PoolClient] = web.AppKey("pool_client", PoolClient)
 MODEL_NAME: web.AppKey[str] = web.AppKey("model_name", str)
 
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -67,9 +67,9 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 
 
 async def _generate(request: web.Request, job: Job) -> web.StreamResponse:
-    frontend = request.app[FRONTEND]
+    pool = request.app[POOL_CLIENT]
     try:
-        handle = frontend.submit(job.request_id, job.children)
+        handle = pool.submit(job.request_id, job.children)
     except Overloaded as e:
         raise ApiError(
             429, str(e), type_="requests", code="rate_limit_exceeded", headers={"Retry-After": "1"}
@@ -86,7 +86,7 @@ async def _generate(request: web.Request, job: Job) -> web.StreamResponse:
             collector.add(await handle.next_batch())
         return json_response(collector.body(), headers={"X-Request-Id": job.request_id})
     finally:
-        frontend.release(handle)
+        pool.release(handle)
 
 
 async def _stream(request: web.Request, job: Job, handle: RequestHandle) -> web.StreamResponse:
@@ -112,10 +112,10 @@ async def _stream(request: web.Request, job: Job, handle: RequestHandle) -> web.
 
 async def cancel(request: web.Request) -> web.Response:
     request_id = request.match_info["request_id"]
-    frontend = request.app[FRONTEND]
+    pool = request.app[POOL_CLIENT]
     # The response id, or the X-Request-Id the client chose (the response id less its prefix).
     candidates = (request_id, f"cmpl-{request_id}", f"chatcmpl-{request_id}")
-    if not any(frontend.abort(candidate) for candidate in candidates):
+    if not any(pool.abort(candidate) for candidate in candidates):
         raise ApiError(404, f"no request {request_id!r} is in flight", param="request_id", code="request_not_found")
     return json_response({"id": request_id, "object": "request.cancelled", "cancelled": True})
 
@@ -133,7 +133,7 @@ async def tokenize(request: web.Request) -> web.Response:
         add_generation_prompt=True if body.add_generation_prompt is None else body.add_generation_prompt,
     )
     try:
-        result = await request.app[FRONTEND].tokenize(req)
+        result = await request.app[POOL_CLIENT].tokenize(req)
     except ServiceUnavailable as e:
         raise unavailable(e) from None
     if result.error is not None:
@@ -148,7 +148,7 @@ async def detokenize(request: web.Request) -> web.Response:
     check_model(body.model, request.app[MODEL_NAME])
     req = DetokenizeRequest(request_id=f"detokenize-{uuid.uuid4().hex}", token_ids=body.tokens)
     try:
-        result = await request.app[FRONTEND].detokenize(req)
+        result = await request.app[POOL_CLIENT].detokenize(req)
     except ServiceUnavailable as e:
         raise unavailable(e) from None
     if result.error is not None:

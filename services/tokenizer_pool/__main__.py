@@ -16,8 +16,9 @@ from collections.abc import Sequence
 
 from services.tokenizer_pool.worker import run_worker
 from shared.config import parse_config
+from shared.log_setup import setup_logging
 
-logger = logging.getLogger("services.tokenizer_pool")
+log = logging.getLogger("services.tokenizer_pool")  # not __name__: that is "__main__" under -m
 
 _STOP_TIMEOUT_S = 5.0
 
@@ -37,7 +38,7 @@ def _stop(processes: Sequence[multiprocessing.process.BaseProcess]) -> None:
     for p in processes:
         p.join(_STOP_TIMEOUT_S)
         if p.is_alive():
-            logger.error("%s ignored SIGTERM; killing it", p.name)
+            log.error("%s ignored SIGTERM; killing it", p.name)
             p.kill()
             p.join()
 
@@ -45,9 +46,7 @@ def _stop(processes: Sequence[multiprocessing.process.BaseProcess]) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     config = parse_config(argv, description="NovaInfer tokenizer pool").with_default_addresses()
     serve = config.serve
-    logging.basicConfig(
-        level=serve.log_level.upper(), format="%(asctime)s %(levelname)s tokenizer-pool %(name)s: %(message)s"
-    )
+    setup_logging(config, "tokenizer-pool")
     if serve.worker_index is not None and not 0 <= serve.worker_index < len(serve.tokenizer_addrs):
         raise SystemExit(
             f"--worker-index {serve.worker_index} is outside tokenizer_addrs ({len(serve.tokenizer_addrs)} entries)"
@@ -64,17 +63,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             p = ctx.Process(target=run_worker, args=(config, i), name=f"tokenizer-{i}", daemon=True)
             p.start()
             processes.append(p)
-        logger.info("tokenizer pool: %d worker(s) for engines %s", len(processes), serve.engine_addrs)
+        log.info("tokenizer pool: %d worker(s) for engines %s", len(processes), serve.engine_addrs)
         ready = multiprocessing.connection.wait([p.sentinel for p in processes])
         dead = [p for p in processes if p.sentinel in ready]
         for p in dead:
             p.join(1.0)  # reap it, so its exit code is known
-            logger.error(
+            log.error(
                 "tokenizer pool: %s (pid %s) died with exit code %s; stopping the pool", p.name, p.pid, p.exitcode
             )
         return 1
     except _Shutdown as e:
-        logger.info("tokenizer pool: %s, stopping %d worker(s)", e, len(processes))
+        log.info("tokenizer pool: %s, stopping %d worker(s)", e, len(processes))
         return 0
     finally:
         # A second signal while stopping must not leave workers behind.

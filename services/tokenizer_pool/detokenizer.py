@@ -23,7 +23,7 @@ from shared.protocol import (
     TokenLogprob,
 )
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 _REPLACEMENT = "\ufffd"
 
@@ -75,7 +75,7 @@ class IncrementalDetokenizer:
         full = self._tokenizer.decode(self.token_ids, self._skip_special)
         if not full.startswith(produced):
             # Would mean the window lost decoder context; the stream can no longer be exact.
-            logger.error("incremental detokenization diverged from a full decode")
+            log.error("incremental detokenization diverged from a full decode")
         rest = full[len(produced) :]
         self._produced = [full]
         return rest

@@ -36,7 +36,7 @@ from shared.model_files import ModelFiles, ModelFormat, bundled_model_path, reso
 from shared.model_info import eos_token_ids, max_model_len, model_info
 from shared.protocol import ChatMessage
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 # Bump when the cached layout or its meaning changes.
 _CACHE_FORMAT = 1
@@ -296,7 +296,7 @@ def cached_tokenizer_dir(source: TokenizerSource, cache_dir: str | None) -> str:
 
 
 def _build_cache_entry(source: TokenizerSource, dest: str) -> None:
-    logger.info("building the tokenizer of %s with transformers (cached afterwards)", source.path)
+    log.info("building the tokenizer of %s with transformers (cached afterwards)", source.path)
     from transformers import AutoTokenizer  # slow import: only on a cache miss
 
     if source.gguf:

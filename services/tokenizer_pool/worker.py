@@ -23,6 +23,7 @@ from services.tokenizer_pool.tokenizer import Tokenizer, load_tokenizer
 from shared import zmq_utils
 from shared.config import Config
 from shared.errors import InvalidRequest, check_context_length
+from shared.log_setup import setup_logging
 from shared.protocol import (
     FINISH_ABORT,
     AbortRequest,
@@ -44,7 +45,7 @@ from shared.protocol import (
     shard,
 )
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 # Messages handled between two heartbeat checks, so a flood cannot silence the heartbeat.
 _MAX_BATCH = 256
@@ -91,7 +92,7 @@ class TokenizerWorker:
                 now = time.monotonic()
                 if now >= next_heartbeat:
                     if os.getppid() != self._parent_pid:
-                        logger.error("tokenizer worker %d: parent died, exiting", self.index)
+                        log.error("tokenizer worker %d: parent died, exiting", self.index)
                         return
                     self._send_gateway(
                         WorkerHeartbeat(
@@ -118,12 +119,12 @@ class TokenizerWorker:
         try:
             msg = self._decoder.decode(raw)
         except msgspec.DecodeError as e:
-            logger.warning("tokenizer worker %d: dropping undecodable message: %s", self.index, e)
+            log.warning("tokenizer worker %d: dropping undecodable message: %s", self.index, e)
             return
         try:
             self._handlers[type(msg)](msg)
         except Exception:  # a bug for one message must not take the worker down
-            logger.exception("tokenizer worker %d: failed to handle %s", self.index, type(msg).__name__)
+            log.exception("tokenizer worker %d: failed to handle %s", self.index, type(msg).__name__)
 
     # --- gateway -> worker ------------------------------------------------------------
 
@@ -137,7 +138,7 @@ class TokenizerWorker:
             self._send_error(req.request_id, ErrorInfo.invalid(e))
             return
         except Exception as e:
-            logger.exception("tokenizer worker %d: request %s", self.index, req.request_id)
+            log.exception("tokenizer worker %d: request %s", self.index, req.request_id)
             self._send_error(req.request_id, ErrorInfo(message=f"tokenization failed: {e}", status=500))
             return
         engine = req.engine
@@ -209,7 +210,7 @@ class TokenizerWorker:
         except InvalidRequest as e:
             result = TokenizeResult(request_id=req.request_id, error=ErrorInfo.invalid(e))
         except Exception as e:
-            logger.exception("tokenizer worker %d: tokenize %s", self.index, req.request_id)
+            log.exception("tokenizer worker %d: tokenize %s", self.index, req.request_id)
             result = TokenizeResult(
                 request_id=req.request_id, error=ErrorInfo(message=f"tokenize failed: {e}", status=500)
             )
@@ -224,7 +225,7 @@ class TokenizerWorker:
         except InvalidRequest as e:
             result = DetokenizeResult(request_id=req.request_id, error=ErrorInfo.invalid(e))
         except Exception as e:
-            logger.exception("tokenizer worker %d: detokenize %s", self.index, req.request_id)
+            log.exception("tokenizer worker %d: detokenize %s", self.index, req.request_id)
             result = DetokenizeResult(
                 request_id=req.request_id, error=ErrorInfo(message=f"detokenize failed: {e}", status=500)
             )
@@ -254,7 +255,7 @@ class TokenizerWorker:
             try:
                 delta = stream.process(out)
             except Exception as e:
-                logger.exception("tokenizer worker %d: output of %s", self.index, out.request_id)
+                log.exception("tokenizer worker %d: output of %s", self.index, out.request_id)
                 delta = RequestDelta(
                     request_id=out.request_id,
                     finish_reason=FINISH_ABORT,
@@ -288,15 +289,12 @@ def _exit_on_sigterm(signum: int, frame: object) -> None:
 
 def run_worker(config: Config, index: int) -> None:
     """Process entry point (multiprocessing 'spawn' target)."""
-    logging.basicConfig(
-        level=config.serve.log_level.upper(),
-        format=f"%(asctime)s %(levelname)s tokenizer-{index} %(name)s: %(message)s",
-    )
+    setup_logging(config, f"tokenizer-{index}")
     # The pool's parent handles Ctrl-C and stops workers with SIGTERM.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     worker = TokenizerWorker(config, index)
-    logger.info(
+    log.info(
         "tokenizer worker %d ready on %s (max_model_len %d)",
         index,
         config.serve.tokenizer_addrs[index],

@@ -24,7 +24,7 @@ import zmq.asyncio
 from aiohttp import web
 
 from services.gateway.app import RUNNER_OPTIONS, GatewayRunner, build_app
-from services.gateway.serving import FRONTEND
+from services.gateway.serving import POOL_CLIENT
 from shared.config import Config, EngineConfig, ServeConfig
 from shared.protocol import (
     AbortRequest,
@@ -273,5 +273,5 @@ async def start_gateway(**serve: Any) -> tuple[Gateway, Callable[[], Awaitable[N
         shutil.rmtree(run_dir, ignore_errors=True)
 
     gw = Gateway(url=f"http://127.0.0.1:{port}", config=config, workers=workers, app=app, runner=runner)
-    await gw.wait_for(lambda: app[FRONTEND].health() is None)
+    await gw.wait_for(lambda: app[POOL_CLIENT].health() is None)
     return gw, stop

@@ -10,7 +10,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from services.gateway.serving import FRONTEND
+from services.gateway.serving import POOL_CLIENT
 from shared.protocol import GenerateRequest, RequestDelta, shard
 from tests.gateway.fakes import (
     MODEL,
@@ -34,7 +34,7 @@ async def assert_aborts_routed(gw: Gateway, child_ids: set[str]) -> None:
     for w in gw.workers:
         for ids in w.abort_messages:
             assert all(shard(cid, len(gw.workers)) == w.index for cid in ids)
-    await gw.wait_for(lambda: gw.app[FRONTEND].num_in_flight == 0)  # a stream is released after [DONE]
+    await gw.wait_for(lambda: gw.app[POOL_CLIENT].num_in_flight == 0)  # a stream is released after [DONE]
 
 
 async def test_cancel_streaming_request(gateway: Gateway) -> None:
@@ -74,7 +74,7 @@ async def test_stream_client_disconnect_aborts(gateway: Gateway) -> None:
         await resp.content.readuntil(b"\n\n")
         resp.close()  # drops the connection mid-stream
     await gateway.wait_for(lambda: len(gateway.aborted()) == 2)
-    await gateway.wait_for(lambda: gateway.app[FRONTEND].num_in_flight == 0)
+    await gateway.wait_for(lambda: gateway.app[POOL_CLIENT].num_in_flight == 0)
     await assert_aborts_routed(gateway, {g.request_id for g in gateway.generates})
 
 
@@ -89,7 +89,7 @@ async def test_non_stream_client_disconnect_aborts(gateway: Gateway) -> None:
         with pytest.raises(asyncio.CancelledError):
             await request
     await gateway.wait_for(lambda: gateway.aborted() == {gateway.generates[0].request_id})
-    await gateway.wait_for(lambda: gateway.app[FRONTEND].num_in_flight == 0)
+    await gateway.wait_for(lambda: gateway.app[POOL_CLIENT].num_in_flight == 0)
 
 
 @pytest.mark.parametrize("dead", ["worker", "engine"])
@@ -126,7 +126,7 @@ async def test_heartbeat_timeout_fails_in_flight_requests(gateway: Gateway, dead
         async for _ in started_stream:
             pass
     assert time.monotonic() - t0 < TIMEOUT_S + 1.5
-    await gateway.wait_for(lambda: gateway.app[FRONTEND].num_in_flight == 0)
+    await gateway.wait_for(lambda: gateway.app[POOL_CLIENT].num_in_flight == 0)
 
     status, body = await gateway.get("/health")
     assert status == 503 and dead.encode() in body
@@ -146,7 +146,7 @@ async def test_heartbeat_timeout_fails_in_flight_requests(gateway: Gateway, dead
 
     for w in gateway.workers:
         w.alive = w.engine_alive = True
-    await gateway.wait_for(lambda: gateway.app[FRONTEND].health() is None)
+    await gateway.wait_for(lambda: gateway.app[POOL_CLIENT].health() is None)
     assert (await gateway.get("/health"))[0] == 200
     gateway.set_script(say_hello)
     assert (await gateway.post("/v1/completions", {"prompt": "hi"}))[0] == 200
@@ -155,7 +155,7 @@ async def test_heartbeat_timeout_fails_in_flight_requests(gateway: Gateway, dead
 async def test_silent_worker_makes_the_service_unavailable(make_gateway: GatewayFactory) -> None:
     gw = await make_gateway()
     gw.workers[1].alive = False
-    await gw.wait_for(lambda: gw.app[FRONTEND].health() is not None, timeout=TIMEOUT_S + 2)
+    await gw.wait_for(lambda: gw.app[POOL_CLIENT].health() is not None, timeout=TIMEOUT_S + 2)
     status, body = await gw.get("/health")
     assert status == 503 and b"tokenizer worker 1" in body
     status, body, _ = await gw.post("/tokenize", {"prompt": "hi"})

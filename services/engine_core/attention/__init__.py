@@ -18,7 +18,7 @@ __all__ = [
     "triton_interpreter_enabled",
 ]
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 BACKEND_NAMES = ("auto", "torch", "triton")
 
@@ -40,7 +40,7 @@ def get_backend(name: str, device: torch.device | str) -> AttentionBackend:
         try:
             return _triton_backend(device)
         except ImportError as e:
-            logger.warning("triton is not importable (%s): using the torch attention backend on %s", e, device)
+            log.warning("triton is not importable (%s): using the torch attention backend on %s", e, device)
             return TorchAttentionBackend()
     if name == "torch":
         return TorchAttentionBackend()

@@ -22,7 +22,7 @@ import zmq
 import zmq.asyncio
 
 from services.gateway.engine_router import EngineRouter, prompt_text
-from services.gateway.metrics import GatewayMetrics
+from services.gateway.metrics import GatewayMetrics, RequestTimer
 from shared.config import Config
 from shared.protocol import (
     FINISH_ABORT,
@@ -84,35 +84,18 @@ class RequestHandle:
 
 
 class ChildState:
-    """Per engine request bookkeeping: routing plus what the latency metrics need."""
+    """Per engine request bookkeeping: where it was routed, and its latency timer."""
 
-    __slots__ = (
-        "handle",
-        "worker",
-        "engine",
-        "arrival",
-        "arrival_wall",
-        "started",
-        "last_token",
-        "output_tokens",
-        "prompt_counted",
-        "queue_observed",
-    )
+    __slots__ = ("engine", "handle", "timer", "worker")
 
-    def __init__(self, handle: RequestHandle, worker: int, engine: int, arrival: float, arrival_wall: float) -> None:
+    def __init__(self, handle: RequestHandle, worker: int, engine: int, timer: RequestTimer) -> None:
         self.handle = handle
         self.worker = worker
         self.engine = engine
-        self.arrival = arrival
-        self.arrival_wall = arrival_wall
-        self.started = False
-        self.last_token = arrival
-        self.output_tokens = 0
-        self.prompt_counted = False
-        self.queue_observed = False
+        self.timer = timer
 
 
-class Frontend:
+class PoolClient:
     def __init__(self, config: Config, metrics: GatewayMetrics) -> None:
         serve = config.serve
         if not serve.gateway_addr or not serve.tokenizer_addrs:
@@ -240,7 +223,9 @@ class Frontend:
             child.arrival_time = arrival_wall
             worker = shard(child.request_id, n_workers)
             child.engine = self.router.route(prompt_text(child) if self.router.num_engines > 1 else "")
-            self._children[child.request_id] = ChildState(handle, worker, child.engine, arrival, arrival_wall)
+            self._children[child.request_id] = ChildState(
+                handle, worker, child.engine, RequestTimer(arrival, arrival_wall)
+            )
             self._outputs[worker].send(encode(child))
         self.metrics.in_flight.set(len(self._requests))
         return handle
@@ -272,7 +257,7 @@ class Frontend:
                 continue
             self.router.finished(child.engine)
             by_worker.setdefault(child.worker, []).append(cid)
-            self.metrics.on_finish(child, now, "error" if error else FINISH_ABORT)
+            self.metrics.on_finish(child.timer, now, "error" if error else FINISH_ABORT)
             handle.push(RequestDelta(request_id=cid, finish_reason=FINISH_ABORT, error=error))
         for worker, ids in by_worker.items():
             self._outputs[worker].send(encode(AbortRequest(request_ids=ids)))
@@ -359,9 +344,9 @@ class Frontend:
         child = self._children.get(delta.request_id)
         if child is None:  # already aborted or failed here: the worker's late output is moot
             return
-        self.metrics.on_delta(child, delta, now)
+        self.metrics.on_delta(child.timer, delta, now)
         if delta.finish_reason is not None or delta.error is not None:
             del self._children[delta.request_id]
             self.router.finished(child.engine)
-            self.metrics.on_finish(child, now, "error" if delta.error else delta.finish_reason)
+            self.metrics.on_finish(child.timer, now, "error" if delta.error else delta.finish_reason)
         child.handle.push(delta)
