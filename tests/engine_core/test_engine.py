@@ -291,8 +291,13 @@ def test_poisoned_request_fails_alone_in_a_full_batch(tiny_path: str) -> None:
 def test_engine_and_tokenizer_pool_agree_on_model_facts(tiny_path: str, model: str, requested: int | None) -> None:
     """Both processes resolve the context length and EOS ids with shared/model_info.py: for a
     HF directory (with its generation_config.json), a bare config and a GGUF file."""
+    # The tiny HF directory holds weights only: it borrows the bundled tokenizer.
+    hf_dir = model == "hf-dir"
     config = EngineConfig(
-        model=tiny_path if model == "hf-dir" else model, max_model_len=requested, kv_cache_bytes=8 << 20
+        model=tiny_path if hf_dir else model,
+        tokenizer=bundled_model_path() if hf_dir else None,
+        max_model_len=requested,
+        kv_cache_bytes=8 << 20,
     )
     engine = LLMEngine(config)
     tokenizer = load_tokenizer(config)
