@@ -58,6 +58,10 @@ class EngineConfig(msgspec.Struct, kw_only=True):
     quantization: Literal["none", "int4"] = "none"
     """int4: steps of up to 16 rows use int4 weight-only copies of the layer matrices (CPU only;
     ~1.8x single-stream decode on a 4-bit GGUF, but greedy output then depends on the batch)."""
+    tool_call_parser: Literal["auto", "hermes", "llama3"] = "auto"
+    """How chat outputs are parsed for tool calls under tool_choice auto: hermes
+    (<tool_call> tags: Hermes, Qwen2.5/3, and the default tool prompt of templates without
+    tools), llama3 (a bare JSON call); auto: chosen from the chat template."""
     grammar_compile_timeout_s: float = 10.0
     """A structured-output grammar (JSON schema, regex, EBNF) that takes longer than this to
     compile fails its request with a 400; the engine keeps serving everyone else."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 import zlib
-from typing import Literal
+from typing import Any, Literal
 
 import msgspec
 
@@ -163,9 +163,22 @@ class ErrorInfo(msgspec.Struct, kw_only=True, omit_defaults=True):
         return cls(message=e.message, param=e.param, code=e.code)
 
 
-class ChatMessage(msgspec.Struct, kw_only=True):
+class ChatMessage(msgspec.Struct, kw_only=True, omit_defaults=True):
     role: str
     content: str
+    tool_calls: list[dict[str, Any]] | None = None
+    """An assistant turn's calls, OpenAI-shaped: {id, type: function, function: {name, arguments}}."""
+    tool_call_id: str | None = None
+    """A tool turn: the call it answers."""
+
+
+class ToolCallDelta(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """A piece of one tool call as OpenAI streams it: id and name first, then argument text."""
+
+    index: int
+    id: str | None = None
+    name: str | None = None
+    arguments: str = ""
 
 
 # --- gateway -> tokenizer worker ---------------------------------------------------
@@ -185,6 +198,14 @@ class GenerateRequest(msgspec.Struct, tag="generate", kw_only=True):
     arrival_time: float = 0.0
     engine: int | None = None
     """The engine core the gateway chose (prefix affinity); None: the worker shards by request id."""
+    tools: list[dict[str, Any]] | None = None
+    """Chat tools, OpenAI-shaped ({type: function, function: {name, description, parameters}})."""
+    tool_choice: Literal["none", "auto", "required", "named"] = "none"
+    """none: tools are shown, never parsed; auto: the output is parsed for calls; required /
+    named: the output is a grammar-forced call (a JSON array of {name, parameters} / the
+    named function's arguments)."""
+    tool_name: str | None = None
+    """The function of tool_choice named."""
 
 
 class AbortRequest(msgspec.Struct, tag="abort", kw_only=True):
@@ -305,6 +326,8 @@ class RequestDelta(msgspec.Struct, kw_only=True, omit_defaults=True):
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     """The stop string or stop token id that finished it."""
+    tool_calls: list[ToolCallDelta] | None = None
+    """Tool calls found in the output (text then holds only what is not a call)."""
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
     """Cumulative."""

@@ -3,7 +3,8 @@
 Bodies are decoded straight into msgspec Structs, so a wrong type is reported with the
 path of the offending field; every field is optional and nullable because OpenAI
 clients send `null` for unset parameters. Fields this module does not know are ignored,
-as vLLM ignores them; the README lists what is understood.
+as vLLM ignores them; the README lists what is understood. Structured outputs and tools are
+parsed in structured_outputs.py and tools.py.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import re
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 from aiohttp import web
@@ -23,10 +24,11 @@ from services.gateway.structured_outputs import (
     grammar_spec,
     logit_bias,
 )
+from services.gateway.tools import ToolError, ToolFields, plan_tools
 from shared.errors import InvalidRequest
 from shared.protocol import ChatMessage, ErrorInfo, GenerateRequest, SamplingParams
 
-CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 Int = Annotated[int, msgspec.Meta(ge=INT64_MIN, le=INT64_MAX)]
@@ -116,12 +118,26 @@ class ContentPart(msgspec.Struct):
     text: str | None = None
 
 
-class Message(msgspec.Struct):
+class MessageFunctionCall(msgspec.Struct):
+    name: str
+    arguments: str
+
+
+class MessageToolCall(msgspec.Struct):
+    id: str
+    function: MessageFunctionCall
+    type: Literal["function"] = "function"
+
+
+class Message(msgspec.Struct, kw_only=True):
     role: str
     content: str | list[ContentPart] | None = None
+    tool_calls: list[MessageToolCall] | None = None
+    tool_call_id: str | None = None
+    name: str | None = None
 
 
-class ChatBody(_SamplingFields, kw_only=True):
+class ChatBody(_SamplingFields, ToolFields, kw_only=True):
     messages: list[Message]
     max_completion_tokens: Int | None = None
     logprobs: bool | None = None
@@ -335,7 +351,7 @@ def chat_messages(messages: list[Message]) -> list[ChatMessage]:
         role = CHAT_ROLES.get(m.role)
         if role is None:
             raise InvalidRequest(
-                f"unsupported role {m.role!r}; use system, developer, user or assistant",
+                f"unsupported role {m.role!r}; use system, developer, user, assistant or tool",
                 param=f"messages[{i}].role",
             )
         if isinstance(m.content, list):
@@ -348,7 +364,18 @@ def chat_messages(messages: list[Message]) -> list[ChatMessage]:
             content = "".join(part.text for part in m.content if part.text is not None)
         else:
             content = m.content or ""  # assistant turns may carry null content
-        out.append(ChatMessage(role=role, content=content))
+        if role == "tool" and not m.tool_call_id:
+            raise ApiError(400, "a tool message needs tool_call_id", param=f"messages[{i}].tool_call_id")
+        if m.tool_calls and role != "assistant":
+            raise ApiError(400, "only assistant messages carry tool_calls", param=f"messages[{i}].tool_calls")
+        out.append(
+            ChatMessage(
+                role=role,
+                content=content,
+                tool_calls=[msgspec.to_builtins(c) for c in m.tool_calls] if m.tool_calls else None,
+                tool_call_id=m.tool_call_id if role == "tool" else None,
+            )
+        )
     return out
 
 
@@ -361,7 +388,17 @@ def parse_chat(body: bytes, served_model: str, client_id: str | None = None) -> 
         raise InvalidRequest("top_logprobs requires logprobs to be true", param="top_logprobs")
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    try:
+        tools = plan_tools(req)
+    except ToolError as e:
+        raise ApiError(400, str(e), param=e.param) from None
     params = _sampling_params(req, max_tokens, logprobs)
+    if tools.grammar is not None:
+        if params.structured_output is not None:
+            raise ApiError(
+                400, f"tool_choice {tools.choice} cannot be combined with response_format", param="tool_choice"
+            )
+        params = msgspec.structs.replace(params, structured_output=tools.grammar)
     renames = {"logprobs": "top_logprobs"}
     if req.max_completion_tokens is not None:
         renames["max_tokens"] = "max_completion_tokens"
@@ -371,6 +408,7 @@ def parse_chat(body: bytes, served_model: str, client_id: str | None = None) -> 
     children = _children(job_id, params, [{"messages": messages}])
     for child in children:
         child.add_generation_prompt = add_generation_prompt
+        child.tools, child.tool_choice, child.tool_name = tools.tools, tools.choice, tools.name
     return Job(
         request_id=job_id,
         chat=True,

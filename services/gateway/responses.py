@@ -12,7 +12,7 @@ from typing import Any
 import msgspec
 
 from services.gateway.openai_api import ApiError, Job
-from shared.protocol import RequestDelta, TextLogprob
+from shared.protocol import RequestDelta, TextLogprob, ToolCallDelta
 
 DONE = b"data: [DONE]\n\n"
 _encode = msgspec.json.encode
@@ -34,6 +34,7 @@ class ChoiceState:
         "prompt_text",
         "text_offset",
         "logprobs",
+        "tool_calls",
     )
 
     def __init__(self, index: int) -> None:
@@ -48,6 +49,8 @@ class ChoiceState:
         self.text_offset = 0
         """Completions logprobs: where the next token starts in the choice's text."""
         self.logprobs: list[TextLogprob] = []
+        self.tool_calls: list[dict[str, Any]] = []
+        """Chat: the calls parsed out of the output, OpenAI-shaped."""
 
 
 class _Accumulator:
@@ -134,6 +137,17 @@ class ResponseCollector(_Accumulator):
                 c.texts.append(d.text)
             if d.logprobs:
                 c.logprobs.extend(d.logprobs)
+            for call in d.tool_calls or ():
+                if call.id is not None:
+                    c.tool_calls.append(
+                        {
+                            "id": call.id,
+                            "type": "function",
+                            "function": {"name": call.name, "arguments": call.arguments},
+                        }
+                    )
+                else:
+                    c.tool_calls[call.index]["function"]["arguments"] += call.arguments
 
     def body(self) -> dict[str, Any]:
         job = self.job
@@ -141,9 +155,13 @@ class ResponseCollector(_Accumulator):
         for c in self.choices:
             text = "".join(c.texts)
             if job.chat:
+                message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
+                if c.tool_calls:
+                    message["tool_calls"] = c.tool_calls
+                    message["content"] = text or None
                 choice: dict[str, Any] = {
                     "index": c.index,
-                    "message": {"role": "assistant", "content": text, "refusal": None},
+                    "message": message,
                     "logprobs": _chat_logprobs(c.logprobs) if job.logprobs is not None else None,
                 }
             else:
@@ -217,6 +235,8 @@ class StreamEncoder(_Accumulator):
             text = d.prompt_text + d.text if d.prompt_text else d.text  # echo: only the first delta has it
             if text or d.logprobs:
                 out.append(self._content_chunk(c, text, d.logprobs))
+            if d.tool_calls:
+                out.append(self._tool_call_chunk(c, d.tool_calls))
             if d.finish_reason is not None:
                 final: dict[str, Any] = (
                     {"index": c.index, "delta": {}} if self.job.chat else {"index": c.index, "text": ""}
@@ -224,6 +244,17 @@ class StreamEncoder(_Accumulator):
                 final.update(logprobs=None, finish_reason=c.finish_reason, stop_reason=c.stop_reason)
                 out.append(self._chunk(final))
         return b"".join(out)
+
+    def _tool_call_chunk(self, c: ChoiceState, calls: list[ToolCallDelta]) -> bytes:
+        """As OpenAI streams calls: id, type and name first (arguments ""), then fragments."""
+        items = []
+        for call in calls:
+            if call.id is not None:
+                fn = {"name": call.name, "arguments": call.arguments}
+                items.append({"index": call.index, "id": call.id, "type": "function", "function": fn})
+            else:
+                items.append({"index": call.index, "function": {"arguments": call.arguments}})
+        return self._chunk({"index": c.index, "delta": {"tool_calls": items}, "logprobs": None, "finish_reason": None})
 
     def _content_chunk(self, c: ChoiceState, text: str, lps: list[TextLogprob] | None) -> bytes:
         if self.job.chat:

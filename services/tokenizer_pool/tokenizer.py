@@ -23,6 +23,7 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any
 
 import jinja2
 import jinja2.ext
@@ -30,6 +31,7 @@ import jinja2.sandbox
 import msgspec
 import tokenizers
 
+from services.tokenizer_pool.tool_prompt import messages_for_template, template_renders_tools
 from shared.config import BUNDLED_MODEL, EngineConfig
 from shared.errors import InvalidRequest
 from shared.model_files import ModelFiles, ModelFormat, bundled_model_path, resolve_model
@@ -118,15 +120,28 @@ class Tokenizer:
         return skip_special_tokens and token_id in self.special_ids
 
     def render_chat(
-        self, messages: Sequence[ChatMessage | Mapping[str, str]], add_generation_prompt: bool = True
+        self,
+        messages: Sequence[ChatMessage | Mapping[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: Sequence[Mapping[str, Any]] | None = None,
     ) -> str:
+        """tools: OpenAI function tools, rendered by the template if it has a tool section,
+        else by the default tool prompt (see tool_prompt.py)."""
         if not self.chat_template:
             raise InvalidRequest("this model has no chat template: use the completions API", param="messages")
-        chat = [msgspec.structs.asdict(m) if isinstance(m, ChatMessage) else dict(m) for m in messages]
+        chat = [
+            {k: v for k, v in msgspec.structs.asdict(m).items() if v is not None}
+            if isinstance(m, ChatMessage)
+            else dict(m)
+            for m in messages
+        ]
+        chat, template_tools = messages_for_template(
+            chat, [dict(t) for t in tools] if tools else None, template_renders_tools(self.chat_template)
+        )
         try:
             return _compile_template(self.chat_template).render(
                 messages=chat,
-                tools=None,
+                tools=template_tools,
                 documents=None,
                 add_generation_prompt=add_generation_prompt,
                 **self.special_tokens,

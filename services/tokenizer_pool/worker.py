@@ -20,6 +20,7 @@ import zmq
 
 from services.tokenizer_pool.detokenizer import RequestStream
 from services.tokenizer_pool.tokenizer import Tokenizer, load_tokenizer
+from services.tokenizer_pool.tool_parser import ToolCallParser, ToolParserFamily, detect_family
 from shared import zmq_utils
 from shared.config import Config
 from shared.errors import InvalidRequest, check_context_length
@@ -74,6 +75,12 @@ class TokenizerWorker:
             DetokenizeRequest: self._on_detokenize,
         }
         self._streams: dict[str, RequestStream] = {}
+        self._tool_parsers: dict[str, ToolCallParser] = {}
+        """Chat requests whose output is parsed for tool calls."""
+        family = config.engine.tool_call_parser
+        self._tool_family: ToolParserFamily = (
+            detect_family(self.tokenizer.chat_template) if family == "auto" else family
+        )
         self._parent_pid = os.getppid()
         # Before any request: ZMQ keeps order per connection, so an engine knows the vocabulary
         # (for structured outputs) by the time this worker's first request reaches it.
@@ -152,6 +159,8 @@ class TokenizerWorker:
             engine=engine,
             prompt_text=prompt_text if req.echo else None,
         )
+        if req.messages is not None and req.tools and req.tool_choice != "none":
+            self._tool_parsers[req.request_id] = ToolCallParser(req.tool_choice, self._tool_family, req.tool_name)
         self._engines[engine].send(
             encode(
                 EngineRequest(
@@ -183,7 +192,7 @@ class TokenizerWorker:
         else:
             if not req.messages:
                 raise InvalidRequest("messages is empty", param="messages")
-            text = tok.render_chat(req.messages, req.add_generation_prompt)
+            text = tok.render_chat(req.messages, req.add_generation_prompt, req.tools)
             ids = tok.encode(text, add_special_tokens=False)
         param = "messages" if req.messages is not None else "prompt"
         if not ids:
@@ -238,6 +247,7 @@ class TokenizerWorker:
         by_engine: dict[int, list[str]] = defaultdict(list)
         for request_id in request_ids:
             stream = self._streams.pop(request_id, None)
+            self._tool_parsers.pop(request_id, None)
             if stream is not None:
                 by_engine[stream.engine].append(request_id)
         for engine, ids in by_engine.items():
@@ -254,6 +264,9 @@ class TokenizerWorker:
                 continue  # aborted or stopped here; the engine had not heard yet
             try:
                 delta = stream.process(out)
+                parser = self._tool_parsers.get(out.request_id)
+                if parser is not None:
+                    _parse_tool_calls(parser, delta)
             except Exception as e:
                 log.exception("tokenizer worker %d: output of %s", self.index, out.request_id)
                 delta = RequestDelta(
@@ -269,6 +282,7 @@ class TokenizerWorker:
                     to_abort.append(out.request_id)
                 else:
                     del self._streams[out.request_id]
+                    self._tool_parsers.pop(out.request_id, None)
         self._abort_in_engines(to_abort)
         if deltas or msg.stats is not None:
             self._send_gateway(GatewayOutputs(worker=self.index, deltas=deltas, stats=msg.stats))
@@ -281,6 +295,19 @@ class TokenizerWorker:
 
     def _send_gateway(self, msg: msgspec.Struct) -> None:
         self._gateway.send(encode(msg))
+
+
+def _parse_tool_calls(parser: ToolCallParser, delta: RequestDelta) -> None:
+    """Move the calls in delta's text into delta.tool_calls; a finished request that made
+    calls finishes with tool_calls, as OpenAI's do."""
+    text, calls = parser.feed(delta.text)
+    if delta.finish_reason is not None:
+        rest, more = parser.finish()
+        text, calls = text + rest, calls + more
+        if parser.num_calls and delta.finish_reason == "stop":
+            delta.finish_reason = "tool_calls"
+    delta.text = text
+    delta.tool_calls = calls or None
 
 
 def _exit_on_sigterm(signum: int, frame: object) -> None:

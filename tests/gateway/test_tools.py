@@ -1,0 +1,124 @@
+"""Chat tools at the gateway: what reaches the workers, the 400s, and tool-call deltas in
+OpenAI's shapes (whole and streamed) through the official client."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import openai
+import pytest
+
+from shared.protocol import GenerateRequest, RequestDelta, ToolCallDelta
+from tests.gateway.fakes import MODEL, FakeWorker, Gateway
+from tests.gateway.test_gateway_errors import assert_openai_error
+
+PARAMS = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": PARAMS}}]
+CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "weather?"}]}
+
+
+async def test_tool_choices_reach_the_workers(gateway: Gateway) -> None:
+    status, body, _ = await gateway.post("/v1/chat/completions", {**CHAT, "tools": TOOLS})
+    assert status == 200, body
+    req = gateway.generates[-1]
+    assert (req.tool_choice, req.tools, req.sampling_params.structured_output) == ("auto", TOOLS, None)
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    await gateway.post("/v1/chat/completions", {**CHAT, "tools": TOOLS, "tool_choice": named})
+    req = gateway.generates[-1]
+    assert (req.tool_choice, req.tool_name) == ("named", "get_weather")
+    assert json.loads(req.sampling_params.structured_output.spec) == PARAMS
+    await gateway.post(
+        "/v1/chat/completions", {**CHAT, "tools": TOOLS, "tool_choice": "required", "parallel_tool_calls": False}
+    )
+    spec = json.loads(gateway.generates[-1].sampling_params.structured_output.spec)
+    assert spec["minItems"] == 1 and spec["maxItems"] == 1
+    assert spec["items"]["anyOf"][0]["properties"] == {"name": {"const": "get_weather"}, "parameters": PARAMS}
+    messages = [
+        {"role": "user", "content": "weather?"},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}],
+        },
+        {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
+    ]
+    status, body, _ = await gateway.post("/v1/chat/completions", {**CHAT, "messages": messages, "tools": TOOLS})
+    assert status == 200, body
+    sent = gateway.generates[-1].messages
+    assert sent[1].tool_calls[0]["function"]["name"] == "get_weather" and sent[2].tool_call_id == "c1"
+
+
+@pytest.mark.parametrize(
+    "fields,param",
+    [
+        ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
+        ({"tool_choice": "required"}, "tool_choice"),
+        ({"tools": TOOLS, "tool_choice": "sometimes"}, "tool_choice"),
+        (
+            {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"not": {}}}}]},
+            "tools[0].function.parameters",
+        ),
+        ({"tools": [{"type": "function", "function": {"name": "a b"}}]}, "tools[0].function.name"),
+        ({"tools": TOOLS * 2}, "tools[1].function.name"),
+        ({"tools": [{"type": "retrieval"}]}, "tools[0].type"),
+        ({"functions": [{"name": "f"}]}, "functions"),
+        ({"tools": TOOLS, "tool_choice": "required", "response_format": {"type": "json_object"}}, "tool_choice"),
+        ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].tool_call_id"),
+    ],
+)
+async def test_bad_tools_400(gateway: Gateway, fields: dict, param: str) -> None:
+    status, body, _ = await gateway.post("/v1/chat/completions", {**CHAT, **fields})
+    assert_openai_error(status, body, 400, param)
+
+
+async def two_calls(worker: FakeWorker, req: GenerateRequest) -> None:
+    """As a tokenizer worker's parser reports calls: ids and names first, then argument text."""
+    deltas = [
+        RequestDelta(request_id=req.request_id, text="Sure.", num_prompt_tokens=5, num_output_tokens=2),
+        RequestDelta(
+            request_id=req.request_id,
+            tool_calls=[ToolCallDelta(index=0, id="call_a", name="get_weather", arguments="")],
+            num_output_tokens=4,
+        ),
+        RequestDelta(
+            request_id=req.request_id, tool_calls=[ToolCallDelta(index=0, arguments='{"city": ')], num_output_tokens=6
+        ),
+        RequestDelta(
+            request_id=req.request_id,
+            tool_calls=[
+                ToolCallDelta(index=0, arguments='"Paris"}'),
+                ToolCallDelta(index=1, id="call_b", name="get_weather", arguments='{"city": "Rome"}'),
+            ],
+            num_output_tokens=9,
+            finish_reason="tool_calls",
+        ),
+    ]
+    for d in deltas:
+        worker.send(d)
+        await asyncio.sleep(0.005)
+
+
+async def test_tool_calls_in_openai_shapes(gateway: Gateway) -> None:
+    gateway.set_script(two_calls)
+    client = openai.AsyncOpenAI(base_url=gateway.url + "/v1", api_key="x", max_retries=0)
+    resp = await client.chat.completions.create(model=MODEL, messages=CHAT["messages"], tools=TOOLS)
+    msg = resp.choices[0].message
+    assert resp.choices[0].finish_reason == "tool_calls" and msg.content == "Sure."
+    assert [(c.id, c.function.name, json.loads(c.function.arguments)) for c in msg.tool_calls] == [
+        ("call_a", "get_weather", {"city": "Paris"}),
+        ("call_b", "get_weather", {"city": "Rome"}),
+    ]
+    stream = await client.chat.completions.create(model=MODEL, messages=CHAT["messages"], tools=TOOLS, stream=True)
+    calls: dict[int, dict] = {}
+    finish = None
+    async for chunk in stream:
+        for tc in chunk.choices[0].delta.tool_calls or []:
+            if tc.id:
+                assert tc.function.name and tc.type == "function"
+                calls[tc.index] = {"id": tc.id, "name": tc.function.name, "arguments": tc.function.arguments or ""}
+            else:
+                calls[tc.index]["arguments"] += tc.function.arguments
+        finish = chunk.choices[0].finish_reason or finish
+    assert finish == "tool_calls"
+    assert [json.loads(c["arguments"]) for c in calls.values()] == [{"city": "Paris"}, {"city": "Rome"}]
