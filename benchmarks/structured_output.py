@@ -1,0 +1,165 @@
+"""Structured-output throughput: does constrained decoding slow the batch down?
+
+Against a running server (e.g. `make serve`), at a fixed concurrency on chat completions:
+  (a) free       every request free text
+  (b) json       every request under its own JSON schema (corpus schemas made distinct per
+                 request, so the compile cache cannot hide compilation)
+  (c) mixed      half free, half JSON schema
+and reports output tok/s of each (completion tokens / wall time of the phase) and the
+ratios (b)/(a), (c)/(a) (target: >= 0.90). Free requests use ignore_eos with the same
+max_tokens, so the batch stays full; constrained requests end when their JSON is done,
+which is why the ratio is of tok/s, not of requests/s.
+
+It also compiles every corpus schema in this process with the engine's compiler (cache
+off) and reports compile time p50/p99.
+
+    .venv/bin/python benchmarks/structured_output.py --base-url http://127.0.0.1:8000 \
+        --model SmolLM2-135M-Instruct --concurrency 32 --num-requests 128 --max-tokens 128
+
+Writes benchmarks/results/structured_output.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import copy
+import json
+import os
+import sys
+import time
+from typing import Any
+
+import aiohttp
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from tests.engine_core.schema_corpus import SCHEMAS  # noqa: E402
+
+PROMPT = "Write a short description of a person, a place or a thing."
+
+
+def distinct_schema(i: int) -> dict[str, Any]:
+    """Corpus schema i % len, with a property only this request has (a new compile each)."""
+    schema = copy.deepcopy(SCHEMAS[i % len(SCHEMAS)])
+    if schema.get("type") == "object" and "properties" in schema:
+        schema["properties"][f"id{i}"] = {"type": "integer", "minimum": 0, "maximum": 9}
+    else:
+        schema = {"type": "object", "properties": {f"v{i}": schema}, "required": [f"v{i}"]}
+    return schema
+
+
+def body(model: str, max_tokens: int, schema: dict[str, Any] | None) -> dict[str, Any]:
+    b: dict[str, Any] = {
+        "model": model,
+        "messages": [{"role": "user", "content": PROMPT}],
+        "max_tokens": max_tokens,
+        "temperature": 0.8,
+    }
+    if schema is None:
+        b["ignore_eos"] = True
+    else:
+        b["response_format"] = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema, "strict": True}}
+    return b
+
+
+async def run_phase(base_url: str, bodies: list[dict[str, Any]], concurrency: int) -> dict[str, Any]:
+    queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    for b in bodies:
+        queue.put_nowait(b)
+    tokens = [0, 0]  # free, constrained
+    errors: list[str] = []
+
+    async def worker(session: aiohttp.ClientSession) -> None:
+        while not queue.empty():
+            b = queue.get_nowait()
+            async with session.post(base_url + "/v1/chat/completions", json=b) as r:
+                data = await r.json()
+            if r.status != 200:
+                errors.append(str(data)[:200])
+                continue
+            tokens["response_format" in b] += data["usage"]["completion_tokens"]
+
+    timeout = aiohttp.ClientTimeout(total=None)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker(session) for _ in range(concurrency)))
+        duration = time.perf_counter() - t0
+    total = sum(tokens)
+    return {
+        "requests": len(bodies),
+        "duration_s": round(duration, 3),
+        "output_tokens": total,
+        "output_tok_s": round(total / duration, 2),
+        "free_tokens": tokens[0],
+        "constrained_tokens": tokens[1],
+        "errors": errors,
+    }
+
+
+def compile_times(model: str) -> dict[str, float]:
+    """Every corpus schema compiled once with the engine's settings, cache off."""
+    import xgrammar as xgr
+
+    from services.engine_core.structured_output import _JSON_SEPARATORS
+    from services.tokenizer_pool.tokenizer import load_tokenizer
+    from shared.config import EngineConfig
+
+    tok = load_tokenizer(EngineConfig(model=model))
+    backend = tok.backend
+    vocab = [""] * tok.vocab_size
+    for token, idx in backend.get_vocab(with_added_tokens=True).items():
+        if idx < tok.vocab_size:
+            vocab[idx] = token
+    meta = xgr.TokenizerInfo._detect_metadata_from_hf(backend.to_str())
+    info = xgr.TokenizerInfo(vocab, vocab_type=meta["vocab_type"], vocab_size=tok.vocab_size)
+    compiler = xgr.GrammarCompiler(info, max_threads=1, cache_enabled=False)
+    times = []
+    for schema in SCHEMAS:
+        t0 = time.perf_counter()
+        compiler.compile_json_schema(json.dumps(schema), any_whitespace=False, separators=_JSON_SEPARATORS)
+        times.append((time.perf_counter() - t0) * 1000)
+    times.sort()
+    return {
+        "schemas": len(times),
+        "p50_ms": round(times[len(times) // 2], 3),
+        "p99_ms": round(times[min(len(times) - 1, int(0.99 * len(times)))], 3),
+        "max_ms": round(times[-1], 3),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--base-url", default="http://127.0.0.1:8000")
+    p.add_argument("--model", default="SmolLM2-135M-Instruct")
+    p.add_argument("--tokenizer-model", default="smollm2", help="--model as the server got it (for compile times)")
+    p.add_argument("--concurrency", type=int, default=32)
+    p.add_argument("--num-requests", type=int, default=128)
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--output", default=os.path.join(ROOT, "benchmarks", "results", "structured_output.json"))
+    args = p.parse_args(argv)
+
+    n, mt = args.num_requests, args.max_tokens
+    phases = {
+        "free": [body(args.model, mt, None) for _ in range(n)],
+        "json": [body(args.model, mt, distinct_schema(i)) for i in range(n)],
+        "mixed": [body(args.model, mt, distinct_schema(n + i) if i % 2 else None) for i in range(n)],
+    }
+    results: dict[str, Any] = {"config": vars(args), "phases": {}}
+    for name, bodies in phases.items():
+        results["phases"][name] = r = asyncio.run(run_phase(args.base_url, bodies, args.concurrency))
+        print(f"{name:6s} {r['output_tok_s']:9.1f} tok/s  ({r['output_tokens']} tokens, {r['duration_s']} s)")
+    free = results["phases"]["free"]["output_tok_s"]
+    results["ratio_json"] = round(results["phases"]["json"]["output_tok_s"] / free, 3)
+    results["ratio_mixed"] = round(results["phases"]["mixed"]["output_tok_s"] / free, 3)
+    results["compile"] = compile_times(args.tokenizer_model)
+    print(f"json/free {results['ratio_json']}, mixed/free {results['ratio_mixed']}; compile {results['compile']}")
+    os.makedirs(os.path.dirname(args.output), exist_ok=True)
+    with open(args.output, "w") as f:
+        json.dump(results, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
