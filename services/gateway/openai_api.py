@@ -24,7 +24,7 @@ from services.gateway.structured_outputs import (
     grammar_spec,
     logit_bias,
 )
-from services.gateway.tools import ToolError, ToolFields, plan_tools
+from services.gateway.tools import Tool, ToolChoice, ToolError, plan_tools
 from shared.errors import InvalidRequest
 from shared.protocol import ChatMessage, ErrorInfo, GenerateRequest, SamplingParams
 
@@ -137,12 +137,17 @@ class Message(msgspec.Struct, kw_only=True):
     name: str | None = None
 
 
-class ChatBody(_SamplingFields, ToolFields, kw_only=True):
+class ChatBody(_SamplingFields, kw_only=True):
     messages: list[Message]
     max_completion_tokens: Int | None = None
     logprobs: bool | None = None
     top_logprobs: Int | None = None
     add_generation_prompt: bool | None = None
+    tools: list[Tool] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    functions: Any = None
+    function_call: Any = None
 
 
 class TokenizeBody(msgspec.Struct, kw_only=True):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import msgspec
 
@@ -19,7 +19,7 @@ from shared.json_schema_support import check_json_schema
 from shared.protocol import GrammarSpec
 
 
-class FunctionDef(msgspec.Struct, kw_only=True):
+class FunctionDef(msgspec.Struct, kw_only=True, omit_defaults=True):
     name: str
     description: str | None = None
     parameters: dict[str, Any] | None = None
@@ -40,14 +40,17 @@ class NamedToolChoice(msgspec.Struct, kw_only=True):
     function: NamedFunction
 
 
-class ToolFields(msgspec.Struct, kw_only=True):
-    """Mixed into the chat body."""
+ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
 
-    tools: list[Tool] | None = None
-    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
-    parallel_tool_calls: bool | None = None
-    functions: Any = None
-    function_call: Any = None
+
+class ToolFields(Protocol):
+    """The chat body's tool fields (declared on ChatBody: msgspec Structs have one base)."""
+
+    tools: list[Tool] | None
+    tool_choice: ToolChoice | None
+    parallel_tool_calls: bool | None
+    functions: Any
+    function_call: Any
 
 
 class ToolError(ValueError):
