@@ -18,20 +18,24 @@ TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": 
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "weather?"}]}
 
 
+async def post(gateway: Gateway, body: dict) -> GenerateRequest:
+    """POST a chat completion; the request the worker got for it."""
+    before = {g.request_id for g in gateway.generates}
+    status, resp, _ = await gateway.post("/v1/chat/completions", body)
+    assert status == 200, resp
+    (req,) = [g for g in gateway.generates if g.request_id not in before]
+    return req
+
+
 async def test_tool_choices_reach_the_workers(gateway: Gateway) -> None:
-    status, body, _ = await gateway.post("/v1/chat/completions", {**CHAT, "tools": TOOLS})
-    assert status == 200, body
-    req = gateway.generates[-1]
+    req = await post(gateway, {**CHAT, "tools": TOOLS})
     assert (req.tool_choice, req.tools, req.sampling_params.structured_output) == ("auto", TOOLS, None)
     named = {"type": "function", "function": {"name": "get_weather"}}
-    await gateway.post("/v1/chat/completions", {**CHAT, "tools": TOOLS, "tool_choice": named})
-    req = gateway.generates[-1]
+    req = await post(gateway, {**CHAT, "tools": TOOLS, "tool_choice": named})
     assert (req.tool_choice, req.tool_name) == ("named", "get_weather")
     assert json.loads(req.sampling_params.structured_output.spec) == PARAMS
-    await gateway.post(
-        "/v1/chat/completions", {**CHAT, "tools": TOOLS, "tool_choice": "required", "parallel_tool_calls": False}
-    )
-    spec = json.loads(gateway.generates[-1].sampling_params.structured_output.spec)
+    req = await post(gateway, {**CHAT, "tools": TOOLS, "tool_choice": "required", "parallel_tool_calls": False})
+    spec = json.loads(req.sampling_params.structured_output.spec)
     assert spec["minItems"] == 1 and spec["maxItems"] == 1
     assert spec["items"]["anyOf"][0]["properties"] == {"name": {"const": "get_weather"}, "parameters": PARAMS}
     messages = [
@@ -43,9 +47,7 @@ async def test_tool_choices_reach_the_workers(gateway: Gateway) -> None:
         },
         {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
     ]
-    status, body, _ = await gateway.post("/v1/chat/completions", {**CHAT, "messages": messages, "tools": TOOLS})
-    assert status == 200, body
-    sent = gateway.generates[-1].messages
+    sent = (await post(gateway, {**CHAT, "messages": messages, "tools": TOOLS})).messages
     assert sent[1].tool_calls[0]["function"]["name"] == "get_weather" and sent[2].tool_call_id == "c1"
 
 
