@@ -236,7 +236,7 @@ class StreamEncoder(_Accumulator):
             if text or d.logprobs:
                 out.append(self._content_chunk(c, text, d.logprobs))
             if d.tool_calls:
-                out.append(self._tool_call_chunk(c, d.tool_calls))
+                out += self._tool_call_chunks(c, d.tool_calls)
             if d.finish_reason is not None:
                 final: dict[str, Any] = (
                     {"index": c.index, "delta": {}} if self.job.chat else {"index": c.index, "text": ""}
@@ -245,16 +245,18 @@ class StreamEncoder(_Accumulator):
                 out.append(self._chunk(final))
         return b"".join(out)
 
-    def _tool_call_chunk(self, c: ChoiceState, calls: list[ToolCallDelta]) -> bytes:
-        """As OpenAI streams calls: id, type and name first (arguments ""), then fragments."""
-        items = []
+    def _tool_call_chunks(self, c: ChoiceState, calls: list[ToolCallDelta]) -> list[bytes]:
+        """As OpenAI streams calls, one per chunk: id, type and name first, then argument fragments."""
+        chunks = []
         for call in calls:
             if call.id is not None:
                 fn = {"name": call.name, "arguments": call.arguments}
-                items.append({"index": call.index, "id": call.id, "type": "function", "function": fn})
+                item = {"index": call.index, "id": call.id, "type": "function", "function": fn}
             else:
-                items.append({"index": call.index, "function": {"arguments": call.arguments}})
-        return self._chunk({"index": c.index, "delta": {"tool_calls": items}, "logprobs": None, "finish_reason": None})
+                item = {"index": call.index, "function": {"arguments": call.arguments}}
+            delta = {"index": c.index, "delta": {"tool_calls": [item]}, "logprobs": None, "finish_reason": None}
+            chunks.append(self._chunk(delta))
+        return chunks
 
     def _content_chunk(self, c: ChoiceState, text: str, lps: list[TextLogprob] | None) -> bytes:
         if self.job.chat:

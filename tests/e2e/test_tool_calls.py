@@ -81,6 +81,7 @@ def test_streamed_named_call_and_multi_turn(client: openai.OpenAI) -> None:
         )
     )
     deltas = [c.choices[0].delta.tool_calls for c in chunks if c.choices and c.choices[0].delta.tool_calls]
+    assert all(len(d) == 1 for d in deltas)  # one call per chunk, as OpenAI streams them
     first = deltas[0][0]
     assert first.id and first.function.name == "get_weather" and first.function.arguments == ""
     arguments = "".join(d[0].function.arguments or "" for d in deltas[1:])
