@@ -370,9 +370,9 @@ def chat_messages(messages: list[Message]) -> list[ChatMessage]:
         else:
             content = m.content or ""  # assistant turns may carry null content
         if role == "tool" and not m.tool_call_id:
-            raise ApiError(400, "a tool message needs tool_call_id", param=f"messages[{i}].tool_call_id")
+            raise InvalidRequest("a tool message needs tool_call_id", param=f"messages[{i}].tool_call_id")
         if m.tool_calls and role != "assistant":
-            raise ApiError(400, "only assistant messages carry tool_calls", param=f"messages[{i}].tool_calls")
+            raise InvalidRequest("only assistant messages carry tool_calls", param=f"messages[{i}].tool_calls")
         out.append(
             ChatMessage(
                 role=role,
@@ -396,7 +396,7 @@ def parse_chat(body: bytes, served_model: str, client_id: str | None = None) -> 
     try:
         tools = plan_tools(req)
     except ToolError as e:
-        raise ApiError(400, str(e), param=e.param) from None
+        raise InvalidRequest(str(e), param=e.param) from None
     params = _sampling_params(req, max_tokens, logprobs)
     if tools.grammar is not None:
         if params.structured_output is not None:

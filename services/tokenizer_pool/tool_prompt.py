@@ -24,7 +24,7 @@ DEFAULT_TOOL_PROMPT = (
 
 
 def template_renders_tools(chat_template: str | None) -> bool:
-    return bool(chat_template) and "tools" in chat_template and "tool_calls" in chat_template
+    return chat_template is not None and "tools" in chat_template and "tool_calls" in chat_template
 
 
 def _arguments_as_object(call: dict[str, Any]) -> dict[str, Any]:
