@@ -107,6 +107,14 @@ class ServeConfig(msgspec.Struct, kw_only=True):
     """How often each engine core tells the gateway it is alive."""
     engine_timeout_s: float = 10.0
     """No heartbeat for this long: the engine is considered dead."""
+    max_restarts: int = 5
+    """Child processes (engine cores, tokenizer workers, the gateway) the launcher restarts within
+    restart_window_s; one more crash and it stops the whole service loudly (exit code 1)."""
+    restart_window_s: float = 300.0
+    """The window max_restarts counts crashes in."""
+    drain_timeout_s: float = 25.0
+    """On SIGTERM the gateway refuses new requests (503) and lets in-flight ones finish for up to
+    this long before it fails them and exits."""
     log_level: str = "INFO"
     """DEBUG, INFO, WARNING or ERROR."""
     kv_events_endpoint: str | None = None

@@ -411,11 +411,27 @@ class AllBlocksCleared(KVCacheEvent):
 KVCacheEvents = BlockStored | BlockRemoved | AllBlocksCleared
 
 
+# --- launcher -> gateway ------------------------------------------------------------
+
+
+class ComponentDown(msgspec.Struct, tag="component_down", kw_only=True):
+    """A child process exited (the launcher saw it) and is being restarted. The gateway fails
+    the requests it had started, parks those it had not (resubmitted once it reports again),
+    and answers 503 for requests routed to it meanwhile."""
+
+    component: str
+    """"engine" or "tokenizer_worker"."""
+    index: int
+    reason: str
+    timestamp: float
+    """Wall time of the death: reports from the component older than this are the dead one's."""
+
+
 # --- the union each process decodes its input as -------------------------------------
 
 TokenizerInput = GenerateRequest | AbortRequest | TokenizeRequest | DetokenizeRequest | EngineOutputs
 EngineInput = EngineRequest | AbortRequest | TokenizerVocab
-GatewayInput = GatewayOutputs | TokenizeResult | DetokenizeResult | WorkerHeartbeat
+GatewayInput = GatewayOutputs | TokenizeResult | DetokenizeResult | WorkerHeartbeat | ComponentDown
 
 _encoder = msgspec.msgpack.Encoder()
 

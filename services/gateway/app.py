@@ -35,11 +35,10 @@ log = logging.getLogger(__name__)
 
 METRICS: web.AppKey[GatewayMetrics] = web.AppKey("metrics", GatewayMetrics)
 STATIC_DIR = Path(__file__).parent / "static"
-# The launcher gives the gateway 30 s to drain before it kills it.
-DRAIN_TIMEOUT_S = 25.0
 # handler_cancellation: a client that disconnects cancels its handler, whose cleanup
 # aborts the engine requests (for non-streaming requests nothing else would notice).
-RUNNER_OPTIONS: dict[str, Any] = {"handler_cancellation": True, "shutdown_timeout": DRAIN_TIMEOUT_S, "access_log": None}
+# shutdown_timeout: what handlers get to write their last bytes once the drain is over.
+RUNNER_OPTIONS: dict[str, Any] = {"handler_cancellation": True, "shutdown_timeout": 5.0, "access_log": None}
 CLIENT_CLOSED_REQUEST = 499  # nginx's code for "the client went away", used in metrics only
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -240,12 +239,15 @@ def build_app(config: Config) -> web.Application:
 
 
 async def serve(config: Config) -> None:
-    """Serve until SIGTERM/SIGINT, then drain: stop listening, let in-flight requests finish
-    (up to DRAIN_TIMEOUT_S), and only then stop the tokenizer-pool client.
+    """Serve until SIGTERM/SIGINT, then drain: new requests and /health get 503 while the
+    in-flight ones finish (up to --drain-timeout-s; what is left then fails with a 503), then
+    stop listening and stop the tokenizer-pool client.
 
     Not web.run_app: it cancels its own task on a signal, which cuts the drain short.
     """
-    runner = GatewayRunner(build_app(config), handle_signals=False, **RUNNER_OPTIONS)
+    app = build_app(config)
+    pool = app[POOL_CLIENT]
+    runner = GatewayRunner(app, handle_signals=False, **RUNNER_OPTIONS)
     await runner.setup()
     await web.TCPSite(runner, config.serve.host, config.serve.port).start()
     log.info(
@@ -261,7 +263,14 @@ async def serve(config: Config) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    log.info("stopping: draining in-flight requests")
+    pool.begin_shutdown()
+    log.info("stopping: draining %d in-flight requests (up to %.0fs)", pool.num_in_flight, config.serve.drain_timeout_s)
+    deadline = loop.time() + config.serve.drain_timeout_s
+    while pool.num_in_flight and loop.time() < deadline:
+        await asyncio.sleep(0.05)
+    if pool.num_in_flight:
+        log.warning("drain timeout: failing %d requests still in flight", pool.num_in_flight)
+        pool.fail_all("the server is shutting down")
     await runner.cleanup()
 
 

@@ -178,6 +178,14 @@ class Job:
     echo: bool
     logprobs: int | None
     children: list[GenerateRequest]
+    client_chosen_id: bool = False
+    """The id came from the client's X-Request-Id, so it must not change."""
+
+    def rename(self) -> None:
+        """A new random id (children ids follow); their routing to workers and engines changes."""
+        self.request_id = request_id(self.request_id.split("-", 1)[0], None)
+        for i, child in enumerate(self.children):
+            child.request_id = f"{self.request_id}-{i}"
 
 
 _PATH = re.compile(r"at `\$\.?([^`]*)`")
@@ -345,6 +353,7 @@ def parse_completion(body: bytes, served_model: str, client_id: str | None = Non
         echo=echo,
         logprobs=req.logprobs,
         children=children,
+        client_chosen_id=client_id is not None,
     )
 
 
@@ -426,6 +435,7 @@ def parse_chat(body: bytes, served_model: str, client_id: str | None = None) -> 
         echo=False,
         logprobs=logprobs,
         children=children,
+        client_chosen_id=client_id is not None,
     )
 
 

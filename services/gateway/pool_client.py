@@ -4,8 +4,10 @@ One PULL input (every worker pushes GatewayOutputs, heartbeats and RPC results t
 read by ONE reader task, and one PUSH per worker. The reader hands each RequestDelta
 to the handle of the API request it belongs to; the HTTP handler drains that handle
 in batches, so a burst of deltas costs one wake-up and one socket write. A watchdog
-fails every in-flight request at once when a worker or engine goes silent, which is
-what guarantees that an accepted request always ends.
+fails the requests of a worker or engine that goes silent, which is what guarantees
+that an accepted request always ends. When the launcher reports a child dead (it restarts
+it), the requests that child had started fail at once and those it had not are parked and
+resubmitted once it reports again.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -22,11 +25,13 @@ import zmq
 import zmq.asyncio
 
 from services.gateway.engine_router import EngineRouter, prompt_text
+from services.gateway.liveness import ENGINE, WORKER, Component, Liveness
 from services.gateway.metrics import GatewayMetrics, RequestTimer
 from shared.config import Config
 from shared.protocol import (
     FINISH_ABORT,
     AbortRequest,
+    ComponentDown,
     DetokenizeRequest,
     DetokenizeResult,
     EngineStats,
@@ -47,8 +52,16 @@ from shared.zmq_utils import new_async_context, pull_socket, push_socket
 log = logging.getLogger(__name__)
 
 
+# Seconds a client should wait before retrying a request refused while a component restarts.
+RETRY_AFTER_S = 2
+
+
 class ServiceUnavailable(Exception):
     """A worker or engine is down (or the gateway is shutting down)."""
+
+    def __init__(self, message: str, retry_after: int | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class Overloaded(Exception):
@@ -62,7 +75,7 @@ class DuplicateRequest(Exception):
 class RequestHandle:
     """One API request: its child engine requests and the deltas not yet consumed."""
 
-    __slots__ = ("request_id", "child_ids", "_pending", "_event")
+    __slots__ = ("_event", "_pending", "child_ids", "request_id")
 
     def __init__(self, request_id: str, child_ids: list[str]) -> None:
         self.request_id = request_id
@@ -86,12 +99,21 @@ class RequestHandle:
 class ChildState:
     """Per engine request bookkeeping: where it was routed, and its latency timer."""
 
-    __slots__ = ("engine", "handle", "timer", "worker")
+    __slots__ = ("engine", "handle", "parked", "request", "timer", "wire_id", "worker")
 
-    def __init__(self, handle: RequestHandle, worker: int, engine: int, timer: RequestTimer) -> None:
+    def __init__(
+        self, handle: RequestHandle, request: GenerateRequest, worker: int, engine: int, timer: RequestTimer
+    ) -> None:
         self.handle = handle
+        self.request = request
+        """Kept to resubmit it if its engine or worker dies before it started."""
+        self.wire_id = request.request_id
+        """Its id towards the workers; a resubmitted request gets a new one, so that nothing the
+        dead incarnation still sends can be taken for the new one's output."""
         self.worker = worker
         self.engine = engine
+        self.parked = False
+        """Its engine or worker died before it started: waiting for the restart."""
         self.timer = timer
 
 
@@ -107,11 +129,13 @@ class PoolClient:
         self.max_model_len = config.engine.max_model_len or 0
         n_engines = len(serve.engine_addrs) or serve.num_engines
         self.router = EngineRouter(n_engines, serve.engine_routing)
-        self._worker_seen: list[float | None] = [None] * len(serve.tokenizer_addrs)
-        self._engine_seen: list[float | None] = [None] * n_engines
+        self.liveness = Liveness(len(serve.tokenizer_addrs), n_engines, self.timeout_s)
         self._requests: dict[str, RequestHandle] = {}
         self._children: dict[str, ChildState] = {}
         self._rpcs: dict[str, asyncio.Future[TokenizeResult | DetokenizeResult]] = {}
+        self._rpc_workers: dict[str, int] = {}
+        self._resubmitted: dict[str, str] = {}
+        """wire id -> child id, for resubmitted children."""
         self._decoder = decoder(GatewayInput)
         # One handler per message type of GatewayInput.
         self._handlers: dict[type, Callable[[Any, float], None]] = {
@@ -119,13 +143,14 @@ class PoolClient:
             WorkerHeartbeat: self._on_heartbeat,
             TokenizeResult: self._on_rpc_result,
             DetokenizeResult: self._on_rpc_result,
+            ComponentDown: self._on_component_down,
         }
         self._ctx: zmq.asyncio.Context | None = None
         self._input: zmq.asyncio.Socket | None = None
         self._outputs: list[zmq.Socket] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
-        metrics.watch_components(self.components)
+        metrics.watch_components(self.liveness.components)
 
     # --- lifecycle ---------------------------------------------------------------
 
@@ -149,7 +174,7 @@ class PoolClient:
 
     async def close(self) -> None:
         self._closing = True
-        self._fail_all("the server is shutting down", 503)
+        self.fail_all("the server is shutting down", 503)
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -165,42 +190,67 @@ class PoolClient:
     # --- health ------------------------------------------------------------------
 
     def health(self) -> str | None:
-        """None when every worker and engine has been heard from recently, else why not."""
-        now = time.monotonic()
-        for kind, seen in (("tokenizer worker", self._worker_seen), ("engine", self._engine_seen)):
-            for i, t in enumerate(seen):
-                if t is None:
-                    return f"{kind} {i} has not reported yet"
-                if now - t > self.timeout_s:
-                    return f"{kind} {i} has not reported for {now - t:.1f}s"
-        return None
+        """None when every worker and engine is up, else why not."""
+        if self._closing:
+            return "the server is shutting down"
+        return self.liveness.health()
 
-    def components(self) -> list[tuple[str, int, bool]]:
-        """(component, index, up) of every worker and engine, for the metrics."""
-        now = time.monotonic()
-        return [
-            (kind, i, t is not None and now - t <= self.timeout_s)
-            for kind, seen in (("tokenizer_worker", self._worker_seen), ("engine", self._engine_seen))
-            for i, t in enumerate(seen)
-        ]
+    def _worker_of(self, child_id: str) -> int:
+        return shard(child_id, self.liveness.count(WORKER))
+
+    def _live_engines(self) -> list[int]:
+        return [e for e in range(self.liveness.count(ENGINE)) if self.liveness.problem(ENGINE, e) is None]
+
+    def _route_problem(self, child_id: str) -> str | None:
+        """Why a child request cannot be admitted now: its worker is down, or every engine is."""
+        worker_problem = self.liveness.problem(WORKER, self._worker_of(child_id))
+        if worker_problem is not None or self._live_engines():
+            return worker_problem
+        return self.liveness.problem(ENGINE, 0)
+
+    def _route_engine(self, child: GenerateRequest) -> int:
+        """The router's engine for this request, or the least busy live one when that one is down."""
+        router = self.router
+        engine = router.route(prompt_text(child) if router.num_engines > 1 else "")
+        live = self._live_engines()
+        if live and engine not in live:
+            router.finished(engine)
+            engine = min(live, key=router.in_flight.__getitem__)
+            router.in_flight[engine] += 1
+        child.engine = engine
+        return engine
 
     async def _watchdog(self) -> None:
         interval = max(0.02, min(self.config.serve.heartbeat_s, self.timeout_s / 4))
         while True:
             await asyncio.sleep(interval)
-            problem = self.health()
-            # Requests are only admitted while healthy, so anything in flight now was
-            # routed to a component that has since gone silent: it will never answer.
-            if problem is not None and self._children:
-                log.error("failing %d in-flight requests: %s", len(self._requests), problem)
-                self._fail_all(f"the inference service is unavailable: {problem}", 503)
+            silent = self.liveness.silent()
+            # Requests are only admitted to components that report, so a request routed to
+            # one that has gone silent since will never be answered.
+            if silent and (self._children or self._rpcs):
+                self._fail_routed_to(silent, "the inference service is unavailable: ")
 
-    def _check_admission(self) -> None:
+    def _fail_routed_to(self, components: set[Component], prefix: str) -> None:
+        """Fail every request with a child (and every RPC) routed to one of these components."""
+        for child in list(self._children.values()):
+            for component in ((WORKER, child.worker), (ENGINE, child.engine)):
+                if component in components and child.request.request_id in self._children:
+                    problem = self.liveness.problem(*component) or "it stopped reporting"
+                    log.error("failing request %s: %s", child.handle.request_id, problem)
+                    self._end_children(child.handle, ErrorInfo(message=prefix + problem, status=503))
+        for request_id, fut in self._rpcs.items():
+            worker = (WORKER, self._rpc_workers.get(request_id, -1))
+            if worker in components and not fut.done():
+                problem = self.liveness.problem(*worker) or "it stopped reporting"
+                fut.set_exception(ServiceUnavailable(prefix + problem, RETRY_AFTER_S))
+
+    def _check_admission(self, child_ids: list[str]) -> None:
         if self._closing:
             raise ServiceUnavailable("the server is shutting down")
-        problem = self.health()
-        if problem is not None:
-            raise ServiceUnavailable(f"the inference service is unavailable: {problem}")
+        for cid in child_ids:
+            problem = self._route_problem(cid)
+            if problem is not None:
+                raise ServiceUnavailable(f"the inference service is unavailable: {problem}", RETRY_AFTER_S)
 
     # --- generation ----------------------------------------------------------------
 
@@ -210,7 +260,7 @@ class PoolClient:
 
     def submit(self, request_id: str, children: list[GenerateRequest]) -> RequestHandle:
         """Send the child requests of one API request; raises ServiceUnavailable / Overloaded."""
-        self._check_admission()
+        self._check_admission([c.request_id for c in children])
         if len(self._requests) >= self.max_in_flight:
             raise Overloaded(f"too many requests in flight ({self.max_in_flight}); retry later")
         if request_id in self._requests:
@@ -218,13 +268,12 @@ class PoolClient:
         handle = RequestHandle(request_id, [c.request_id for c in children])
         self._requests[request_id] = handle
         arrival, arrival_wall = time.monotonic(), time.time()
-        n_workers = len(self._outputs)
         for child in children:
             child.arrival_time = arrival_wall
-            worker = shard(child.request_id, n_workers)
-            child.engine = self.router.route(prompt_text(child) if self.router.num_engines > 1 else "")
+            worker = self._worker_of(child.request_id)
+            child.engine = self._route_engine(child)
             self._children[child.request_id] = ChildState(
-                handle, worker, child.engine, RequestTimer(arrival, arrival_wall)
+                handle, child, worker, child.engine, RequestTimer(arrival, arrival_wall)
             )
             self._outputs[worker].send(encode(child))
         self.metrics.in_flight.set(len(self._requests))
@@ -256,19 +305,72 @@ class PoolClient:
             if child is None:
                 continue
             self.router.finished(child.engine)
-            by_worker.setdefault(child.worker, []).append(cid)
+            by_worker.setdefault(child.worker, []).append(child.wire_id)
+            self._resubmitted.pop(child.wire_id, None)
             self.metrics.on_finish(child.timer, now, "error" if error else FINISH_ABORT)
             handle.push(RequestDelta(request_id=cid, finish_reason=FINISH_ABORT, error=error))
         for worker, ids in by_worker.items():
             self._outputs[worker].send(encode(AbortRequest(request_ids=ids)))
 
-    def _fail_all(self, message: str, status: int) -> None:
+    def fail_all(self, message: str, status: int = 503) -> None:
         error = ErrorInfo(message=message, status=status)
         for handle in list(self._requests.values()):
             self._end_children(handle, error)
         for fut in self._rpcs.values():
             if not fut.done():
                 fut.set_exception(ServiceUnavailable(message))
+
+    # --- crash recovery ------------------------------------------------------------------
+
+    def _on_component_down(self, msg: ComponentDown, now: float) -> None:
+        if not self.liveness.went_down(msg.component, msg.index, msg.timestamp):
+            log.error("ignoring a ComponentDown for unknown %s %d", msg.component, msg.index)
+            return
+        log.error("%s %d died (%s); it is being restarted", msg.component, msg.index, msg.reason)
+        dead = {(msg.component, msg.index)}
+        started: dict[int, RequestHandle] = {}
+        for child in self._children.values():
+            if (WORKER, child.worker) not in dead and (ENGINE, child.engine) not in dead:
+                continue
+            if child.timer.started:
+                started[id(child.handle)] = child.handle
+            elif not child.parked:
+                child.parked = True
+                # Clears the worker's state for it; a restarted worker passes the abort on to the
+                # engine, which may still hold the request.
+                self._outputs[child.worker].send(encode(AbortRequest(request_ids=[child.wire_id])))
+        name = f"{msg.component.replace('_', ' ')} {msg.index}"
+        for handle in started.values():
+            message = f"the request was lost: {name} crashed ({msg.reason}); retry it"
+            self._end_children(handle, ErrorInfo(message=message, status=503))
+        for request_id, fut in self._rpcs.items():
+            if (WORKER, self._rpc_workers.get(request_id, -1)) in dead and not fut.done():
+                fut.set_exception(ServiceUnavailable(f"{name} crashed; retry", RETRY_AFTER_S))
+        self._resubmit_parked()  # to the other engines or workers, if there are any
+
+    def _resubmit_parked(self) -> None:
+        """Send the parked requests again, as soon as a worker and an engine can take them:
+        under a new wire id, so a new route too (another engine or worker when there are
+        several) and no confusion with what the dead incarnation may still send."""
+        if not self._live_engines():
+            return
+        for cid, child in self._children.items():
+            if not child.parked:
+                continue
+            ids = (f"{cid}.{uuid.uuid4().hex[:8]}" for _ in range(16))
+            wire_id = next((w for w in ids if self.liveness.problem(WORKER, self._worker_of(w)) is None), None)
+            if wire_id is None:
+                continue  # no live worker: wait for the restart
+            self._resubmitted.pop(child.wire_id, None)
+            child.wire_id = wire_id
+            self._resubmitted[wire_id] = cid
+            request = msgspec.structs.replace(child.request, request_id=wire_id)
+            child.worker = self._worker_of(wire_id)
+            self.router.finished(child.engine)
+            child.engine = self._route_engine(request)
+            child.parked = False
+            log.info("resubmitting %s as %s to engine %d", cid, wire_id, child.engine)
+            self._outputs[child.worker].send(encode(request))
 
     # --- tokenize / detokenize RPCs ------------------------------------------------------
 
@@ -283,16 +385,26 @@ class PoolClient:
         return result
 
     async def _rpc(self, request_id: str, req: msgspec.Struct) -> TokenizeResult | DetokenizeResult:
-        self._check_admission()
+        if self._closing:
+            raise ServiceUnavailable("the server is shutting down")
+        # Stateless: any worker that is up will do, its shard first.
+        n = len(self._outputs)
+        first = shard(request_id, n)
+        worker = next((w for w in (first, *range(n)) if self.liveness.problem(WORKER, w) is None), None)
+        if worker is None:
+            problem = self.liveness.problem(WORKER, first)
+            raise ServiceUnavailable(f"the inference service is unavailable: {problem}", RETRY_AFTER_S)
         fut: asyncio.Future[TokenizeResult | DetokenizeResult] = asyncio.get_running_loop().create_future()
         self._rpcs[request_id] = fut
         try:
-            self._outputs[shard(request_id, len(self._outputs))].send(encode(req))
+            self._outputs[worker].send(encode(req))
+            self._rpc_workers[request_id] = worker
             return await asyncio.wait_for(fut, self.timeout_s)
         except asyncio.TimeoutError:
             raise ServiceUnavailable("the tokenizer worker did not answer in time") from None
         finally:
             self._rpcs.pop(request_id, None)
+            self._rpc_workers.pop(request_id, None)
 
     # --- the reader ----------------------------------------------------------------------
 
@@ -311,18 +423,21 @@ class PoolClient:
                 # One bad message must not stop the only reader: every request would hang.
                 log.exception("failed to handle %s", type(msg).__name__)
 
-    def _dispatch(self, msg: GatewayOutputs | TokenizeResult | DetokenizeResult | WorkerHeartbeat) -> None:
+    def _dispatch(
+        self, msg: GatewayOutputs | TokenizeResult | DetokenizeResult | WorkerHeartbeat | ComponentDown
+    ) -> None:
         self._handlers[type(msg)](msg, time.monotonic())
 
     def _on_outputs(self, msg: GatewayOutputs, now: float) -> None:
-        self._mark_worker(msg.worker, now)
+        self.liveness.heard(WORKER, msg.worker)
         if msg.stats is not None:
-            self._on_stats(msg.stats, now)
+            self._on_stats(msg.stats)
         for delta in msg.deltas:
             self._on_delta(delta, now)
 
     def _on_heartbeat(self, msg: WorkerHeartbeat, now: float) -> None:
-        self._mark_worker(msg.worker, now)
+        if self.liveness.heard(WORKER, msg.worker, msg.timestamp):
+            self._resubmit_parked()
         if msg.max_model_len:
             self.max_model_len = msg.max_model_len
 
@@ -331,22 +446,24 @@ class PoolClient:
         if fut is not None and not fut.done():
             fut.set_result(msg)
 
-    def _mark_worker(self, worker: int, now: float) -> None:
-        if 0 <= worker < len(self._worker_seen):
-            self._worker_seen[worker] = now
-
-    def _on_stats(self, stats: EngineStats, now: float) -> None:
-        if 0 <= stats.engine_index < len(self._engine_seen):
-            self._engine_seen[stats.engine_index] = now
+    def _on_stats(self, stats: EngineStats) -> None:
+        if self.liveness.heard(ENGINE, stats.engine_index, stats.timestamp):
+            self._resubmit_parked()
         self.metrics.on_engine_stats(stats)
 
     def _on_delta(self, delta: RequestDelta, now: float) -> None:
-        child = self._children.get(delta.request_id)
-        if child is None:  # already aborted or failed here: the worker's late output is moot
+        cid = self._resubmitted.get(delta.request_id, delta.request_id)
+        child = self._children.get(cid)
+        # None: already aborted or failed here, the worker's late output is moot. Parked or
+        # another wire id: output of a dead incarnation; the request starts over after the restart.
+        if child is None or child.parked or delta.request_id != child.wire_id:
             return
+        if cid != delta.request_id:
+            delta = msgspec.structs.replace(delta, request_id=cid)
         self.metrics.on_delta(child.timer, delta, now)
         if delta.finish_reason is not None or delta.error is not None:
-            del self._children[delta.request_id]
+            del self._children[cid]
+            self._resubmitted.pop(child.wire_id, None)
             self.router.finished(child.engine)
             self.metrics.on_finish(child.timer, now, "error" if delta.error else delta.finish_reason)
         child.handle.push(delta)

@@ -52,8 +52,25 @@ async def read_body(request: web.Request) -> bytes:
     return await request.read()
 
 
+# A request refused because a worker or engine it was routed to is restarting gets a new
+# random id (so a new route) this many times: with several, the others keep serving.
+ROUTE_ATTEMPTS = 8
+
+
 def unavailable(e: ServiceUnavailable) -> ApiError:
-    return ApiError(503, str(e), code="service_unavailable")
+    headers = {"Retry-After": str(e.retry_after)} if e.retry_after is not None else None
+    return ApiError(503, str(e), code="service_unavailable", headers=headers)
+
+
+def _submit(pool: PoolClient, job: Job) -> RequestHandle:
+    for attempt in range(ROUTE_ATTEMPTS):
+        try:
+            return pool.submit(job.request_id, job.children)
+        except ServiceUnavailable as e:
+            if e.retry_after is None or job.client_chosen_id or attempt == ROUTE_ATTEMPTS - 1:
+                raise
+            job.rename()
+    raise AssertionError("unreachable")
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
@@ -69,7 +86,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 async def _generate(request: web.Request, job: Job) -> web.StreamResponse:
     pool = request.app[POOL_CLIENT]
     try:
-        handle = pool.submit(job.request_id, job.children)
+        handle = _submit(pool, job)
     except Overloaded as e:
         raise ApiError(
             429, str(e), type_="requests", code="rate_limit_exceeded", headers={"Retry-After": "1"}

@@ -245,11 +245,21 @@ class TokenizerWorker:
 
     def _abort_in_engines(self, request_ids: list[str]) -> None:
         by_engine: dict[int, list[str]] = defaultdict(list)
+        unknown: list[str] = []
         for request_id in request_ids:
             stream = self._streams.pop(request_id, None)
             self._tool_parsers.pop(request_id, None)
             if stream is not None:
                 by_engine[stream.engine].append(request_id)
+            else:
+                unknown.append(request_id)
+        # Unknown here: finished already (engines ignore the abort), or sent to the previous
+        # incarnation of this worker, which died (the gateway aborts its requests after a
+        # restart): an engine may still be running them for nobody. Which one, only the dead
+        # worker knew (the gateway picks engines), so every engine is told.
+        if unknown:
+            for engine in range(len(self._engines)):
+                by_engine[engine] += unknown
         for engine, ids in by_engine.items():
             self._engines[engine].send(encode(AbortRequest(request_ids=ids)))
 

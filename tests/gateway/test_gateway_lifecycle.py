@@ -158,8 +158,17 @@ async def test_silent_worker_makes_the_service_unavailable(make_gateway: Gateway
     await gw.wait_for(lambda: gw.app[POOL_CLIENT].health() is not None, timeout=TIMEOUT_S + 2)
     status, body = await gw.get("/health")
     assert status == 503 and b"tokenizer worker 1" in body
-    status, body, _ = await gw.post("/tokenize", {"prompt": "hi"})
-    assert status == 503
+    # Requests are routed around it (tokenize RPCs to any worker, generations get a new id)...
+    assert (await gw.post("/tokenize", {"prompt": "hi"}))[0] == 200
+    for _ in range(4):
+        assert (await gw.post("/v1/completions", {"prompt": "hi"}))[0] == 200
+    assert all(g.request_id not in {x.request_id for x in gw.workers[1].generates} for g in gw.generates)
+    assert len(gw.workers[0].generates) == 4
+    # ...except one whose id the client chose: it can only go to worker 1.
+    client_id = next(f"id{i}" for i in range(100) if shard(f"cmpl-id{i}-0", 2) == 1)
+    status, body, resp = await gw.post("/v1/completions", {"prompt": "hi"}, headers={"X-Request-Id": client_id})
+    assert status == 503 and "tokenizer worker 1" in body["error"]["message"]
+    assert resp.headers["Retry-After"] == "2"
 
 
 async def test_shutdown_drains_in_flight_streams(gateway: Gateway) -> None:
