@@ -71,6 +71,26 @@ class EngineConfig(msgspec.Struct, kw_only=True):
     """Threads compiling grammars beside the engine's step loop."""
     cache_dir: str | None = None
     """Where slow conversions (e.g. the tokenizer built from GGUF metadata) are cached; default ~/.cache/novainfer."""
+    speculative_method: Literal["none", "ngram", "suffix"] = "none"
+    """Model-free speculative decoding: ngram proposes the continuation of the latest earlier
+    occurrence of the request's last n tokens in its own prompt and output; suffix proposes
+    from a suffix tree over the request and recent outputs. Drafts are verified in the normal
+    batch, so greedy output is unchanged and sampled output keeps its distribution."""
+    num_speculative_tokens: int = 4
+    """Draft tokens proposed (and verified) per request per step when speculating."""
+    ngram_prompt_lookup_min: int = 2
+    """Shortest suffix n-gram the ngram proposer looks up."""
+    ngram_prompt_lookup_max: int = 4
+    """Longest suffix n-gram the ngram proposer looks up (tried first)."""
+
+    def __post_init__(self) -> None:
+        if self.speculative_method != "none" and not 1 <= self.num_speculative_tokens <= 32:
+            raise ValueError(f"num_speculative_tokens must be in [1, 32], got {self.num_speculative_tokens}")
+        if not 1 <= self.ngram_prompt_lookup_min <= self.ngram_prompt_lookup_max:
+            raise ValueError(
+                "need 1 <= ngram_prompt_lookup_min <= ngram_prompt_lookup_max, got "
+                f"{self.ngram_prompt_lookup_min} and {self.ngram_prompt_lookup_max}"
+            )
 
 
 class ServeConfig(msgspec.Struct, kw_only=True):
@@ -289,7 +309,10 @@ def config_from_args(args: argparse.Namespace | None = None, env: Mapping[str, s
                 kwargs[name] = raw if isinstance(raw, bool) else _parse_value(hints[name], raw)
             except ValueError as e:
                 raise SystemExit(f"invalid value for {name} ({_flag(section, name)}): {e}") from e
-        sections[section] = cls(**kwargs)
+        try:
+            sections[section] = cls(**kwargs)
+        except ValueError as e:  # a field-combination check in __post_init__
+            raise SystemExit(f"invalid {section} configuration: {e}") from e
     return Config(**sections)
 
 

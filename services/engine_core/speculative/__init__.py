@@ -1,0 +1,1 @@
+"""Model-free speculative decoding: proposers of draft tokens (the engine verifies them)."""

@@ -1,0 +1,65 @@
+"""N-gram prompt lookup: propose what followed the latest earlier occurrence of the last n tokens.
+
+Helps where the output repeats its input (editing code, quoting or summarizing a document,
+continuing a table). Longer n-grams are tried first, as they predict better.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+
+class NgramProposer:
+    def __init__(self, min_n: int, max_n: int) -> None:
+        if not 1 <= min_n <= max_n:
+            raise ValueError(f"need 1 <= min_n <= max_n, got {min_n} and {max_n}")
+        self.min_n = min_n
+        self.max_n = max_n
+        # Each request's tokens as an int64 array grown in place, so a step converts only the
+        # tokens added since the last one rather than the whole prompt.
+        self._tokens: dict[str, tuple[np.ndarray, int]] = {}
+
+    def propose(self, request_id: str, token_ids: Sequence[int], num_prompt_tokens: int, k: int) -> list[int]:
+        del num_prompt_tokens  # the prompt and the output are one corpus here
+        if k < 1:
+            return []
+        t = self._array(request_id, token_ids)
+        length = len(t)
+        candidates: np.ndarray | None = None
+        for n in range(min(self.max_n, length - 1), self.min_n - 1, -1):
+            # Windows start at i <= length - n - 1, so every match has a next token to propose;
+            # the final window (the suffix itself) is excluded.
+            if candidates is None:
+                # Cheap prefilter: only positions whose window ends with the last token can match.
+                ends = np.flatnonzero(t[: length - 1] == t[-1])
+                candidates = ends
+            starts = candidates - (n - 1)
+            starts = starts[starts >= 0]
+            if len(starts) == 0:
+                continue
+            windows = sliding_window_view(t[: length - 1], n)[starts]
+            hits = starts[(windows == t[length - n :]).all(axis=1)]
+            if len(hits):
+                begin = int(hits[-1]) + n  # the most recent occurrence
+                return t[begin : begin + k].tolist()
+        return []
+
+    def finish(self, request_id: str, token_ids: Sequence[int], num_prompt_tokens: int) -> None:
+        self._tokens.pop(request_id, None)
+
+    def _array(self, request_id: str, token_ids: Sequence[int]) -> np.ndarray:
+        buf, filled = self._tokens.get(request_id, (np.empty(0, np.int64), 0))
+        n = len(token_ids)
+        if n < filled:  # tokens are only ever appended; anything else is a new sequence
+            filled = 0
+        if n > len(buf):
+            grown = np.empty(max(n, 2 * len(buf), 64), np.int64)
+            grown[:filled] = buf[:filled]
+            buf = grown
+        if n > filled:
+            buf[filled:n] = np.asarray(token_ids[filled:n], dtype=np.int64)
+        self._tokens[request_id] = (buf, n)
+        return buf[:n]
