@@ -82,6 +82,16 @@ class EngineConfig(msgspec.Struct, kw_only=True):
     """Shortest suffix n-gram the ngram proposer looks up."""
     ngram_prompt_lookup_max: int = 4
     """Longest suffix n-gram the ngram proposer looks up (tried first)."""
+    suffix_max_tree_depth: int = 24
+    """Suffix speculation: longest substring (match plus proposal) its suffix trees hold."""
+    suffix_cache_max_tokens: int = 65536
+    """Suffix speculation: output tokens of finished requests kept as a corpus for later ones
+    (oldest requests evicted whole; 0: each request proposes from its own tokens only).
+    Memory is at most about 2 KB per token at the default depth."""
+    suffix_max_spec_factor: float = 1.0
+    """Suffix speculation: a match of m tokens proposes at most factor * m tokens."""
+    suffix_min_token_prob: float = 0.1
+    """Suffix speculation: stop a proposal where its estimated probability falls below this."""
 
     def __post_init__(self) -> None:
         if self.speculative_method != "none" and not 1 <= self.num_speculative_tokens <= 32:
@@ -91,6 +101,14 @@ class EngineConfig(msgspec.Struct, kw_only=True):
                 "need 1 <= ngram_prompt_lookup_min <= ngram_prompt_lookup_max, got "
                 f"{self.ngram_prompt_lookup_min} and {self.ngram_prompt_lookup_max}"
             )
+        if self.suffix_max_tree_depth < 2:
+            raise ValueError(f"suffix_max_tree_depth must be at least 2, got {self.suffix_max_tree_depth}")
+        if self.suffix_cache_max_tokens < 0:
+            raise ValueError(f"suffix_cache_max_tokens must be >= 0, got {self.suffix_cache_max_tokens}")
+        if not self.suffix_max_spec_factor > 0:
+            raise ValueError(f"suffix_max_spec_factor must be > 0, got {self.suffix_max_spec_factor}")
+        if not 0.0 <= self.suffix_min_token_prob <= 1.0:
+            raise ValueError(f"suffix_min_token_prob must be in [0, 1], got {self.suffix_min_token_prob}")
 
 
 class ServeConfig(msgspec.Struct, kw_only=True):
