@@ -24,9 +24,7 @@ class Proposer(Protocol):
 
 
 def make_proposer(config: EngineConfig) -> Proposer | None:
-    """The proposer for config.speculative_method; None when speculation is off.
-
-    A suffix proposer is built as SuffixProposer(config) (it reads its own fields)."""
+    """The proposer for config.speculative_method; None when speculation is off."""
     method = config.speculative_method
     if method == "none":
         return None
@@ -35,10 +33,7 @@ def make_proposer(config: EngineConfig) -> Proposer | None:
 
         return NgramProposer(config.ngram_prompt_lookup_min, config.ngram_prompt_lookup_max)
     if method == "suffix":
-        try:
-            from services.engine_core.speculative.suffix import SuffixProposer  # type: ignore[import-not-found,unused-ignore]
-        except ImportError as e:
-            raise ValueError("speculative_method 'suffix' is not available in this build; use 'ngram'") from e
-        proposer: Proposer = SuffixProposer(config)
-        return proposer
+        from services.engine_core.speculative.suffix import SuffixProposer
+
+        return SuffixProposer(config)
     raise ValueError(f"unknown speculative_method {method!r}")

@@ -3,6 +3,7 @@ from typing import Any
 
 import pytest
 
+from services.engine_core.speculative.proposer import make_proposer
 from services.engine_core.speculative.suffix import SuffixProposer, SuffixTrie
 from shared.config import EngineConfig
 
@@ -164,6 +165,11 @@ def test_a_shorter_sequence_under_the_same_id_starts_over() -> None:
     p = proposer()
     assert p.propose("r", [1, 2, 3, 1, 2], 5, 2) == [3, 1]
     assert p.propose("r", [4, 5, 4], 3, 2) == [5, 4]
+
+
+def test_make_proposer() -> None:
+    p = make_proposer(EngineConfig(speculative_method="suffix", suffix_cache_max_tokens=7))
+    assert isinstance(p, SuffixProposer) and p.cache_max_tokens == 7
 
 
 def test_config_is_validated() -> None:
