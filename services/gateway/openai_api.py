@@ -2,9 +2,12 @@
 
 Bodies are decoded straight into msgspec Structs, so a wrong type is reported with the
 path of the offending field; every field is optional and nullable because OpenAI
-clients send `null` for unset parameters. Fields this module does not know are ignored,
-as vLLM ignores them; the README lists what is understood. Structured outputs and tools are
-parsed in structured_outputs.py and tools.py.
+clients send `null` for unset parameters. A field this module does not know is a 400
+("Unrecognized request argument supplied", as OpenAI answers), never silently ignored; the
+README lists what is understood. Message objects also accept the fields OpenAI returns on an
+assistant message (`refusal`, `annotations`, `audio`), so a client can send a reply back
+as the next turn's history. Structured outputs and tools are parsed in structured_outputs.py
+and tools.py.
 """
 
 from __future__ import annotations
@@ -106,7 +109,7 @@ class _SamplingFields(StructuredOutputFields, kw_only=True):
     user: str | None = None
 
 
-class CompletionBody(_SamplingFields, kw_only=True):
+class CompletionBody(_SamplingFields, kw_only=True, forbid_unknown_fields=True):
     prompt: Any = None
     """str, list[str], list[int] or list[list[int]]: one msgspec union cannot hold them all."""
     echo: bool | None = None
@@ -129,15 +132,23 @@ class MessageToolCall(msgspec.Struct):
     type: Literal["function"] = "function"
 
 
-class Message(msgspec.Struct, kw_only=True):
+class Message(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     role: str
     content: str | list[ContentPart] | None = None
     tool_calls: list[MessageToolCall] | None = None
     tool_call_id: str | None = None
     name: str | None = None
+    refusal: str | None = None
+    """Returned by OpenAI on assistant messages; echoed back by clients, not part of the prompt."""
+    annotations: list[Any] | None = None
+    """Likewise (URL citations); not part of the prompt."""
+    audio: Any = None
+    """Likewise; audio is not supported, so anything but null is a 400."""
+    function_call: Any = None
+    """Likewise (deprecated); anything but null is a 400: use tool_calls."""
 
 
-class ChatBody(_SamplingFields, kw_only=True):
+class ChatBody(_SamplingFields, kw_only=True, forbid_unknown_fields=True):
     messages: list[Message]
     max_completion_tokens: Int | None = None
     logprobs: bool | None = None
@@ -150,7 +161,7 @@ class ChatBody(_SamplingFields, kw_only=True):
     function_call: Any = None
 
 
-class TokenizeBody(msgspec.Struct, kw_only=True):
+class TokenizeBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     model: str | None = None
     prompt: str | None = None
     messages: list[Message] | None = None
@@ -158,7 +169,7 @@ class TokenizeBody(msgspec.Struct, kw_only=True):
     add_generation_prompt: bool | None = None
 
 
-class DetokenizeBody(msgspec.Struct, kw_only=True):
+class DetokenizeBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     tokens: list[Int]
     model: str | None = None
 
@@ -190,6 +201,7 @@ class Job:
 
 _PATH = re.compile(r"at `\$\.?([^`]*)`")
 _MISSING = re.compile(r"missing required field `([^`]*)`")
+_UNKNOWN = re.compile(r"^Object contains unknown field `([^`]*)`(?: - at `\$\.?([^`]*)`)?$")
 
 
 def _error_param(message: str) -> str | None:
@@ -204,6 +216,11 @@ def decode_body(body: bytes, cls: type[msgspec.Struct]) -> Any:
     try:
         return msgspec.json.decode(body, type=cls)
     except msgspec.ValidationError as e:
+        unknown = _UNKNOWN.match(str(e))
+        if unknown is not None:
+            where, name = unknown.group(2), unknown.group(1)
+            param = f"{where}.{name}" if where else name
+            raise InvalidRequest(f"Unrecognized request argument supplied: {param}", param=param) from None
         raise InvalidRequest(f"invalid request: {e}", param=_error_param(str(e))) from None
     except msgspec.DecodeError as e:
         raise InvalidRequest(f"the request body is not valid JSON: {e}") from None
@@ -368,6 +385,10 @@ def chat_messages(messages: list[Message]) -> list[ChatMessage]:
                 f"unsupported role {m.role!r}; use system, developer, user, assistant or tool",
                 param=f"messages[{i}].role",
             )
+        if m.audio is not None:
+            raise InvalidRequest("audio is not supported", param=f"messages[{i}].audio")
+        if m.function_call is not None:
+            raise InvalidRequest("function_call is deprecated: use tool_calls", param=f"messages[{i}].function_call")
         if isinstance(m.content, list):
             for part in m.content:
                 if part.type != "text" or part.text is None:

@@ -57,6 +57,9 @@ COMPLETION_CASES = [
     ({"prompt": [1, "a"]}, "prompt"),
     ({"prompt": [[1], []]}, "prompt"),
     ({"prompt": {"text": "hi"}}, "prompt"),
+    ({"suffix": "x"}, "suffix"),  # known to OpenAI, not supported here: an error, not a no-op
+    ({"best_of": 2}, "best_of"),
+    ({"max_token": 5}, "max_token"),  # a typo must not silently fall back to the default
 ]
 
 
@@ -83,6 +86,10 @@ CHAT_CASES = [
     ({"logprobs": 3}, "logprobs"),
     ({"max_completion_tokens": 0}, "max_completion_tokens"),
     ({"max_tokens": -5}, "max_tokens"),
+    ({"reasoning_effort": "high"}, "reasoning_effort"),
+    ({"modalities": ["audio"]}, "modalities"),
+    ({"messages": [{"role": "user", "content": "hi", "nmae": "x"}]}, "messages[0].nmae"),
+    ({"messages": [{"role": "assistant", "content": "hi", "audio": {"id": "a"}}]}, "messages[0].audio"),
 ]
 
 
@@ -91,6 +98,28 @@ async def test_chat_bad_parameters(gateway: Gateway, fields: dict, param: str) -
     body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], **fields}
     status, resp, _ = await gateway.post("/v1/chat/completions", body)
     assert_openai_error(status, resp, 400, param)
+
+
+async def test_unknown_fields_name_the_argument(gateway: Gateway) -> None:
+    status, body, _ = await gateway.post("/v1/completions", {"prompt": "hi", "frobnicate": 1})
+    err = assert_openai_error(status, body, 400, "frobnicate")
+    assert err["message"] == "Unrecognized request argument supplied: frobnicate"
+
+
+async def test_an_assistant_reply_sent_back_as_history_is_accepted(gateway: Gateway) -> None:
+    # What the openai client's ChatCompletionMessage.model_dump() gives, appended to the next turn.
+    reply = {
+        "role": "assistant",
+        "content": "Hello!",
+        "refusal": None,
+        "annotations": [],
+        "audio": None,
+        "function_call": None,
+        "tool_calls": None,
+    }
+    messages = [{"role": "user", "content": "hi"}, reply, {"role": "user", "content": "again"}]
+    status, body, _ = await gateway.post("/v1/chat/completions", {"model": MODEL, "messages": messages})
+    assert status == 200, body
 
 
 @pytest.mark.parametrize("data", [b"{not json", b"", b"[1, 2]", b'"text"'])

@@ -57,7 +57,9 @@ async def test_seed_at_the_int64_edge_with_n(gateway: Gateway) -> None:
     assert sorted(g.sampling_params.seed for g in gateway.generates) == [-(2**63), 2**63 - 1]
 
 
-@pytest.mark.parametrize("where,param", [("prompt", None), ("unknown_field", None), ("messages", "messages[0]")])
+@pytest.mark.parametrize(
+    "where,param", [("prompt", None), ("unknown_field", "unknown_field"), ("messages", "messages[0]")]
+)
 async def test_deep_nesting_is_400(gateway: Gateway, where: str, param: str | None) -> None:
     nested = b"[" * 1000 + b"]" * 1000
     if where == "messages":
