@@ -235,15 +235,19 @@ class ModelRunner:
         # memory alive until the copy has run.
         return torch.tensor(values, dtype=dtype, pin_memory=True).to(self.device, non_blocking=True)
 
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, md: AttentionMetadata) -> torch.Tensor:
+        """The final hidden states [num_tokens, hidden] of one step, through the CUDA graphs
+        where they apply, else eagerly."""
+        if self.graphs is not None and self.graphs.can_run(md):
+            return self.graphs.run(input_ids, positions, md)
+        return self.model(input_ids, positions, self.kv_caches, md, self.backend)
+
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> tuple[list[int | None], list[TokenLogprob | None]]:
         """Run one step. Returns, per request of the batch, the sampled token (None for a
         request still in the middle of its prefill) and its logprobs if asked for."""
         ids, pos, md, sample_rows = self._prepare(batch)
-        if self.graphs is not None and self.graphs.can_run(md):
-            hidden = self.graphs.run(ids, pos, md)
-        else:
-            hidden = self.model(ids, pos, self.kv_caches, md, self.backend)
+        hidden = self.forward(ids, pos, md)
         sampled: list[int | None] = [None] * len(batch.requests)
         logprobs: list[TokenLogprob | None] = [None] * len(batch.requests)
         if not sample_rows:
