@@ -32,6 +32,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Sequence
 from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -59,9 +60,16 @@ SERVERS = ("novainfer", "novainfer-bf16", "novainfer-int4", "llamacpp", "transfo
 
 
 def server_command(
-    name: str, port: int, run_dir: str, threads: int, dtype: str = "float32", llama_server: str | None = None
+    name: str,
+    port: int,
+    run_dir: str,
+    threads: int,
+    dtype: str = "float32",
+    llama_server: str | None = None,
+    extra_args: Sequence[str] = (),
 ) -> list[str]:
-    """dtype: what NovaInfer and transformers compute in (llama.cpp always runs the file's Q4_1)."""
+    """dtype: what NovaInfer and transformers compute in (llama.cpp always runs the file's Q4_1).
+    extra_args: more NovaInfer flags (e.g. benchmarks/speculative.py's speculation modes)."""
     model = bundled_model_path()
     if name.startswith("novainfer"):
         # Defaults on purpose (what `novainfer serve` does out of the box), but threads and dtype;
@@ -83,6 +91,7 @@ def server_command(
             "--dtype",
             dtype,
             *extra,
+            *extra_args,
         ]
     if name == "llamacpp":
         # Default flags but the slots: -np 64 slots (one per concurrent stream; each gets
@@ -190,11 +199,18 @@ class CpuMeter:
 
 
 class Server:
-    def __init__(self, name: str, threads: int, dtype: str, llama_server: str | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        threads: int,
+        dtype: str,
+        llama_server: str | None = None,
+        extra_args: Sequence[str] = (),
+    ) -> None:
         self.name = name
         self.port = free_port()
         self.run_dir = tempfile.mkdtemp(prefix=f"peers-{name}-")
-        self.cmd = server_command(name, self.port, self.run_dir, threads, dtype, llama_server)
+        self.cmd = server_command(name, self.port, self.run_dir, threads, dtype, llama_server, extra_args)
         # Closed in stop(): the server writes to it for as long as it runs.
         self.log = open(os.path.join(self.run_dir, "server.log"), "w")  # noqa: SIM115
         env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")

@@ -299,7 +299,9 @@ async def run_jobs(
     max_duration_s: float,
     timeout_s: float,
     seed: int,
+    on_result: Callable[[RequestSpec, Result], None] | None = None,
 ) -> dict[str, Any]:
+    """on_result: called with every finished request and its result (e.g. to compare outputs)."""
     base_url = base_url.rstrip("/").removesuffix("/v1")
     results: list[Result] = []
     running: set[int] = set()  # ids of Results whose request is in flight
@@ -322,6 +324,8 @@ async def run_jobs(
                     await send(session, base_url, spec, model, timeout_s, r)
                     running.discard(id(r))
                     results.append(r)
+                    if on_result is not None:
+                        on_result(spec, r)
                     if not r.ok:
                         return  # a conversation cannot go on without its answer
                     answers.append(r.text)

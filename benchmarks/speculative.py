@@ -1,0 +1,379 @@
+"""Speculative decoding, served: speculation off vs ngram vs suffix, through the OpenAI API.
+
+For each method in turn: start `novainfer serve` on a free loopback port (with
+`--speculative-method M --num-speculative-tokens K`, nothing for `off`), warm it up, run
+each workload at each concurrency with benchmarks/serve_bench.py's client, stop it.
+
+Workloads:
+  grounded  chat requests whose answer is largely in the prompt, built from text shipped in
+            benchmarks/data/: fix a typo in (and so repeat) one of the repo's Python files,
+            quote and summarize a passage of Genesis (KJV), continue a repeated table
+  random    serve_bench's `random` workload: random words via /v1/completions, where
+            proposals rarely match (what speculation must not slow down)
+
+Every point records output tok/s and TPOT (from the streamed client), and from the
+server's /metrics: draft tokens proposed and accepted (acceptance rate, mean accepted
+length per proposal) and generated tokens per engine step. Every method gets the same
+requests (seeded per workload and concurrency); the texts of greedy outputs are compared
+with those of `off` (`outputs_same_as_off`). Requests ignore EOS, so all methods generate
+the same number of tokens. The suffix method's corpus of earlier outputs grows across
+points, as it would on a server.
+
+Writes benchmarks/results/speculative.json (with machine_info).
+
+    .venv/bin/python benchmarks/speculative.py                          # the full run
+    .venv/bin/python benchmarks/speculative.py --concurrency 1 --min-requests 2 \\
+        --requests-per-conc 1 --output-len 16 --output /tmp/spec.json    # a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import os
+import random
+import re
+import sys
+import time
+import urllib.request
+from collections.abc import Sequence
+from typing import Any
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+sys.path.insert(0, HERE)
+
+import compare_peers as cp  # noqa: E402
+import serve_bench as sb  # noqa: E402
+from machine_info import machine_info  # noqa: E402
+
+DATA = os.path.join(HERE, "data")
+CODE_DIR = os.path.join(DATA, "code")
+PASSAGE_FILE = os.path.join(DATA, "kjv_genesis_1-11.txt")
+RESULTS = os.path.join(HERE, "results", "speculative.json")
+METHODS = ("off", "ngram", "suffix")
+WORKLOADS = ("grounded", "random")
+TASKS = ("code", "passage", "table")
+
+# ---------------------------------------------------------------- the grounded workload
+
+
+def code_files() -> list[tuple[str, str]]:
+    """(name, text) of the snapshots of the repo's own Python files under benchmarks/data/code."""
+    out = []
+    for name in sorted(os.listdir(CODE_DIR)):
+        with open(os.path.join(CODE_DIR, name)) as f:
+            out.append((name.removesuffix(".txt"), f.read()))
+    return out
+
+
+def with_typo(text: str, rng: random.Random) -> tuple[str, str]:
+    """The text with two adjacent letters of one longer identifier swapped, and that identifier."""
+    words = sorted({w for w in re.findall(r"\b[a-z_]{6,}\b", text)})
+    word = rng.choice(words)
+    i = rng.randrange(1, len(word) - 2)
+    typo = word[:i] + word[i + 1] + word[i] + word[i + 2 :]
+    pos = [m.start() for m in re.finditer(rf"\b{word}\b", text)]
+    at = rng.choice(pos)
+    return text[:at] + typo + text[at + len(word) :], word
+
+
+def code_task(rng: random.Random) -> str:
+    _, text = rng.choice(code_files())
+    broken, _ = with_typo(text, rng)
+    ask = rng.choice(
+        (
+            "The Python file below has one misspelled identifier. Output the whole corrected file, "
+            "unchanged otherwise, with no explanation.",
+            "Add type hints where they are missing in the Python file below and output the whole file.",
+        )
+    )
+    return f"{ask}\n\n```python\n{broken}```"
+
+
+def passage_task(rng: random.Random) -> str:
+    with open(PASSAGE_FILE) as f:
+        lines = [ln.rstrip() for ln in f if ln.strip()]
+    n = rng.randint(10, 18)
+    start = rng.randrange(0, len(lines) - n)
+    passage = "\n".join(lines[start : start + n])
+    ask = rng.choice(
+        (
+            "Quote the passage below word for word, then summarize it in two sentences.",
+            "Repeat the passage below exactly, then list the people it names.",
+        )
+    )
+    return f"{ask}\n\n{passage}"
+
+
+ITEMS = ("bolt", "washer", "hinge", "bracket", "spring", "gasket", "rivet", "clamp", "valve", "bearing")
+
+
+def table_task(rng: random.Random) -> str:
+    rows = ["| id | item | size (mm) | qty | unit price |", "|---|---|---|---|---|"]
+    first = rng.randrange(100, 900)
+    for i in range(rng.randint(20, 30)):
+        item = ITEMS[(first + i) % len(ITEMS)]
+        rows.append(
+            f"| {first + i} | {item} | {rng.choice((4, 6, 8, 10, 12))} | {rng.randint(1, 50)} | "
+            f"{rng.randint(1, 40)}.{rng.randrange(100):02d} |"
+        )
+    return "Continue this table with 20 more rows in exactly the same format.\n\n" + "\n".join(rows)
+
+
+def grounded_prompt(task: str, rng: random.Random) -> str:
+    return {"code": code_task, "passage": passage_task, "table": table_task}[task](rng)
+
+
+def grounded_workload(n: int, output_len: int, seed: int, extra: dict[str, Any]) -> list[sb.Job]:
+    """n chat requests cycling through the three tasks, each with its own seeded text."""
+    rng = random.Random(seed)
+    jobs: list[sb.Job] = []
+    for i in range(n):
+        content = grounded_prompt(TASKS[i % len(TASKS)], rng)
+        body = {"messages": [{"role": "user", "content": content}], "max_tokens": output_len, "temperature": 0.0}
+        spec = sb.RequestSpec("/v1/chat/completions", body | extra, output_len)
+        jobs.append(one_request(spec))
+    return jobs
+
+
+def one_request(spec: sb.RequestSpec) -> sb.Job:
+    return lambda answers: spec if not answers else None
+
+
+def jobs_for(workload: str, concurrency: int, args: argparse.Namespace) -> list[sb.Job]:
+    # Fresh prompts for every point (no prefix-cache reuse from an earlier point), the same for every method.
+    seed = args.seed * 1000 + concurrency
+    extra = {"ignore_eos": True}
+    n = max(args.requests_per_conc * concurrency, args.min_requests)
+    if workload == "grounded":
+        return grounded_workload(n, args.output_len, seed, extra)
+    if workload == "random":
+        return sb.random_workload(n, (32, 256), (args.output_len, args.output_len), seed, extra)
+    raise ValueError(workload)
+
+
+# ---------------------------------------------------------------- /metrics
+
+
+def scrape(base_url: str) -> dict[str, float]:
+    """Counters summed over their labels: the speculation ones, engine steps and generated tokens."""
+    try:
+        with urllib.request.urlopen(base_url + "/metrics", timeout=10) as r:
+            text = r.read().decode()
+    except OSError:
+        return {}
+    return parse_counters(text)
+
+
+def parse_counters(text: str) -> dict[str, float]:
+    sums: dict[str, float] = {}
+    for m in re.finditer(r"^([A-Za-z_:][\w:]*)(?:\{[^}]*\})? (\S+)$", text, re.M):
+        name = m.group(1)
+        if "spec_decode" in name or name in ("novainfer_engine_steps_total", "novainfer_generation_tokens_total"):
+            sums[name] = sums.get(name, 0.0) + float(m.group(2))
+    return sums
+
+
+def _find(counters: dict[str, float], pattern: str) -> float | None:
+    # NovaInfer's own names first; vLLM's (--metrics-compat vllm) count the same events again.
+    for prefix in ("novainfer_", "vllm:"):
+        hits = [v for k, v in counters.items() if k.startswith(prefix) and re.search(pattern, k)]
+        if hits:
+            return sum(hits)
+    return None
+
+
+def speculation_stats(before: dict[str, float], after: dict[str, float]) -> dict[str, Any]:
+    d = {k: v - before.get(k, 0.0) for k, v in after.items()}
+    drafts = _find(d, r"spec_decode_num_drafts(_total)?$")
+    proposed = _find(d, r"spec_decode_num_draft_tokens(_total)?$")
+    accepted = _find(d, r"spec_decode_num_accepted_tokens(_total)?$")
+    steps = d.get("novainfer_engine_steps_total")
+    generated = d.get("novainfer_generation_tokens_total")
+    return {
+        "spec_decode_counters": {k: v for k, v in d.items() if "spec_decode" in k},
+        "drafts": drafts,
+        "draft_tokens": proposed,
+        "accepted_tokens": accepted,
+        "acceptance_rate": accepted / proposed if accepted is not None and proposed else None,
+        # Accepted draft tokens per verified proposal (vLLM's "mean acceptance length" is this + 1).
+        "mean_accepted_length": accepted / drafts if accepted is not None and drafts else None,
+        "generated_tokens_per_step": generated / steps if generated is not None and steps else None,
+    }
+
+
+# ---------------------------------------------------------------- runs
+
+
+def method_args(method: str, k: int) -> list[str]:
+    if method == "off":
+        return []  # no speculation flag at all: runs on a build that has none
+    return ["--speculative-method", method, "--num-speculative-tokens", str(k)]
+
+
+def digest(text: str) -> str:
+    return hashlib.sha1(text.encode()).hexdigest()[:16]
+
+
+def run_point(
+    server: cp.Server, method: str, workload: str, concurrency: int, args: argparse.Namespace
+) -> tuple[dict[str, Any], dict[str, str]]:
+    outputs: dict[str, str] = {}  # request body -> digest of its output text
+
+    def record(spec: sb.RequestSpec, r: sb.Result) -> None:
+        if r.ok:
+            outputs[json.dumps(spec.body, sort_keys=True)] = digest(r.text)
+
+    before = scrape(server.url)
+    s = asyncio.run(
+        sb.run_jobs(
+            server.url,
+            cp.MODEL_NAME,
+            jobs_for(workload, concurrency, args),
+            concurrency,
+            None,
+            args.point_timeout_s,
+            args.point_timeout_s,
+            args.seed,
+            on_result=record,
+        )
+    )
+    stats = speculation_stats(before, scrape(server.url))
+    if s["truncated"]:
+        server.settle()
+    run = {
+        "method": method,
+        "workload": workload,
+        "concurrency": concurrency,
+        "completed": s["completed"],
+        "errors": s["errors"],
+        "unfinished": s["unfinished"],
+        "truncated": s["truncated"],
+        "duration_s": s["duration_s"],
+        "output_tok_per_s": s["output_tok_per_s"],
+        "tpot_mean_s": s["tpot_s"]["mean"],
+        "tpot_p50_s": s["tpot_s"]["p50"],
+        "tpot_p99_s": s["tpot_s"]["p99"],
+        "ttft_p50_s": s["ttft_s"]["p50"],
+        "output_len_mismatches": s["output_len_mismatches"],
+        **stats,
+        "error_samples": s["error_samples"],
+    }
+    rate = stats["acceptance_rate"]
+    print(
+        f"  {method:<6} {workload:<8} c={concurrency:<3} {s['output_tok_per_s']:7.1f} out tok/s  "
+        f"TPOT p50 {s['tpot_s']['p50'] * 1000:.0f}ms  "
+        f"acceptance {'-' if rate is None else f'{rate:.0%}'}  "
+        f"done {s['completed']} err {s['errors']} unfinished {s['unfinished']}",
+        flush=True,
+    )
+    return run, outputs
+
+
+def compare(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each method's point against `off` at the same workload and concurrency."""
+    base = {(r["workload"], r["concurrency"]): r for r in runs if r["method"] == "off"}
+    out = []
+    for r in runs:
+        b = base.get((r["workload"], r["concurrency"]))
+        if r["method"] == "off" or b is None:
+            continue
+        out.append(
+            {
+                "method": r["method"],
+                "workload": r["workload"],
+                "concurrency": r["concurrency"],
+                "output_tok_per_s_ratio": r["output_tok_per_s"] / b["output_tok_per_s"]
+                if b["output_tok_per_s"]
+                else None,
+                "tpot_p50_speedup": b["tpot_p50_s"] / r["tpot_p50_s"] if r["tpot_p50_s"] else None,
+                "outputs_same_as_off": r.get("outputs_same_as_off"),
+            }
+        )
+    return out
+
+
+def bench_method(
+    method: str, args: argparse.Namespace, out: dict[str, Any], baseline: dict[Any, dict[str, str]]
+) -> None:
+    server = cp.Server("novainfer", args.threads, args.dtype, extra_args=method_args(method, args.k))
+    try:
+        try:
+            ready_s = server.wait_ready()
+        except RuntimeError as e:
+            # A build without this method (or its flags): record why and go on with the others.
+            out["servers"][method] = {"command": server.cmd, "error": str(e), "log_tail": cp._log_tail(server)}
+            print(f"{method}: did not start: {e}", flush=True)
+            return
+        print(f"{method}: ready in {ready_s:.1f}s ({' '.join(server.cmd)})", flush=True)
+        out["servers"][method] = {"command": server.cmd, "ready_s": ready_s}
+        cp._warm_up(server, burst=False)
+        for workload in args.workloads:
+            for c in args.concurrency:
+                run, outputs = run_point(server, method, workload, c, args)
+                if method == "off":
+                    baseline[(workload, c)] = outputs
+                elif (workload, c) in baseline:
+                    ref = baseline[(workload, c)]
+                    common = [k for k in outputs if k in ref]
+                    run["outputs_same_as_off"] = (
+                        sum(outputs[k] == ref[k] for k in common) / len(common) if common else None
+                    )
+                out["runs"].append(run)
+                out["comparison"] = compare(out["runs"])
+                cp.save(out, args.output)
+                if server.proc.poll() is not None:
+                    raise RuntimeError(f"{method} died during {workload} c={c}: {cp._log_tail(server, 5)}")
+    finally:
+        server.stop()
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    p.add_argument("--workloads", nargs="+", choices=WORKLOADS, default=list(WORKLOADS))
+    p.add_argument("--concurrency", nargs="+", type=int, default=[1, 8, 32])
+    p.add_argument("--k", type=int, default=4, help="--num-speculative-tokens of the speculating servers")
+    p.add_argument("--output-len", type=int, default=256, help="tokens per request (EOS ignored)")
+    p.add_argument("--requests-per-conc", type=int, default=2, help="requests per point: this x concurrency ...")
+    p.add_argument("--min-requests", type=int, default=6, help="... but at least this many")
+    p.add_argument("--point-timeout-s", type=float, default=600.0)
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", default=RESULTS)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    out: dict[str, Any] = {
+        "benchmark": "speculative",
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine_info": machine_info(),
+        "config": vars(args),
+        "servers": {},
+        "runs": [],
+        "comparison": [],
+    }
+    baseline: dict[Any, dict[str, str]] = {}
+    # off first: the other methods' outputs are compared with its.
+    for method in sorted(args.methods, key=lambda m: m != "off"):
+        bench_method(method, args, out, baseline)
+    cp.save(out, args.output)
+    for c in out["comparison"]:
+        ratio = c["output_tok_per_s_ratio"]
+        print(
+            f"{c['method']:<6} {c['workload']:<8} c={c['concurrency']:<3} "
+            f"{'-' if ratio is None else f'{ratio:.2f}x'} output tok/s vs off"
+        )
+    print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
