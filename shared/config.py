@@ -86,8 +86,8 @@ class EngineConfig(msgspec.Struct, kw_only=True):
     """Suffix speculation: longest substring (match plus proposal) its suffix trees hold."""
     suffix_cache_max_tokens: int = 65536
     """Suffix speculation: output tokens of finished requests kept as a corpus for later ones
-    (oldest requests evicted whole; 0: each request proposes from its own tokens only).
-    Memory is at most about 2 KB per token at the default depth."""
+    (oldest requests evicted whole), beside the running requests' outputs; 0: each request
+    proposes from its own tokens only. Memory is at most about 2 KB per token at depth 24."""
     suffix_max_spec_factor: float = 1.0
     """Suffix speculation: a match of m tokens proposes at most factor * m tokens."""
     suffix_min_token_prob: float = 0.1

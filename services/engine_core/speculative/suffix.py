@@ -12,9 +12,11 @@ stopping when that product drops below `min_token_prob`, after `max_spec_factor 
 matches (every suffix length, in both trees) the one whose path has the highest expected
 number of accepted tokens (the sum of the path's probabilities) wins.
 
-Everything is incremental: a request's trees are extended by the tokens added since its
-last step, and the node matching each of its suffixes is carried from step to step, so a
-step costs O(max_depth + k * candidates) whatever the request's length.
+Everything is incremental: a request's own tree and the global one are extended by the
+tokens added since its last step, and the node matching each of its suffixes is carried
+from step to step, so a step costs O(max_depth + k * candidates) whatever the request's
+length. Memory: up to max_depth nodes per token of the running requests' prompts and
+outputs and of the cached outputs (suffix_cache_max_tokens bounds the latter).
 
 arctic-inference's C++ SuffixDecodingCache is the reference implementation; it is not used
 because it ships only as a source distribution that needs a C++/CUDA toolchain to build.
@@ -159,12 +161,14 @@ class SuffixTrie:
 
 
 class _RequestState:
-    __slots__ = ("global_cursor", "local", "local_cursor", "num_tokens")
+    __slots__ = ("global_cursor", "local", "local_cursor", "num_tokens", "output", "output_cursor")
 
     def __init__(self, max_depth: int, global_root: _Node) -> None:
         self.local = SuffixTrie(max_depth)
         self.local_cursor = [self.local.root]
-        self.global_cursor = [global_root]
+        self.global_cursor = [global_root]  # matches in the global tree (counts nothing)
+        self.output: list[int] = []  # the output tokens counted in the global tree so far
+        self.output_cursor = [global_root]  # where the next output token is counted
         self.num_tokens = 0
 
 
@@ -174,15 +178,16 @@ class SuffixProposer:
         self.max_spec_factor = config.suffix_max_spec_factor
         self.min_token_prob = config.suffix_min_token_prob
         self.cache_max_tokens = config.suffix_cache_max_tokens
-        # Recent requests' outputs, oldest first: the global tree holds exactly these.
+        # The global tree counts the outputs of the running requests as they grow (concurrent
+        # requests doing the same task help each other) and of the finished ones in `cached`,
+        # oldest first, evicted whole past cache_max_tokens (FIFO, as vLLM's suffix method).
         self.global_tree = SuffixTrie(self.max_depth)
         self.cached: OrderedDict[str, list[int]] = OrderedDict()
         self.cached_tokens = 0
         self._requests: dict[str, _RequestState] = {}
 
     def propose(self, request_id: str, token_ids: Sequence[int], num_prompt_tokens: int, k: int) -> list[int]:
-        del num_prompt_tokens  # the request's tree holds its prompt and output alike
-        state = self._update(request_id, token_ids)
+        state = self._update(request_id, token_ids, num_prompt_tokens)
         if k < 1:
             return []
         best: list[int] = []
@@ -199,16 +204,25 @@ class SuffixProposer:
         return best
 
     def finish(self, request_id: str, token_ids: Sequence[int], num_prompt_tokens: int) -> None:
-        self._requests.pop(request_id, None)
-        output = list(token_ids[num_prompt_tokens:])
-        if self.cache_max_tokens <= 0 or not output:
+        if self.cache_max_tokens <= 0:
+            self._requests.pop(request_id, None)
             return
-        output = output[-self.cache_max_tokens :]
+        if request_id in self._requests:  # count the tokens added since its last proposal
+            self._update(request_id, token_ids, num_prompt_tokens)
+            output = self._requests.pop(request_id).output
+        else:  # it never proposed: nothing of it is counted yet
+            output = list(token_ids[num_prompt_tokens:])
+            self.global_tree.add(output)
+        if not output:
+            return
         old = self.cached.pop(request_id, None)  # a request id reused after it ended
         if old is not None:
             self.global_tree.remove(old)
             self.cached_tokens -= len(old)
-        self.global_tree.add(output)
+        if len(output) > self.cache_max_tokens:  # alone over the bound: keep its tail
+            self.global_tree.remove(output)
+            output = output[-self.cache_max_tokens :]
+            self.global_tree.add(output)
         self.cached[request_id] = output
         self.cached_tokens += len(output)
         while self.cached_tokens > self.cache_max_tokens:
@@ -216,16 +230,24 @@ class SuffixProposer:
             self.global_tree.remove(evicted)
             self.cached_tokens -= len(evicted)
 
-    def _update(self, request_id: str, token_ids: Sequence[int]) -> _RequestState:
+    def _update(self, request_id: str, token_ids: Sequence[int], num_prompt_tokens: int) -> _RequestState:
         state = self._requests.get(request_id)
         if state is None or len(token_ids) < state.num_tokens:  # only ever appended; else a new sequence
+            if state is not None:
+                self.global_tree.remove(state.output)
             state = self._requests[request_id] = _RequestState(self.max_depth, self.global_tree.root)
         local_tree, global_tree = state.local, self.global_tree
         local_cursor, global_cursor = state.local_cursor, state.global_cursor
-        for tok in token_ids[state.num_tokens :]:
+        output_cursor, output = state.output_cursor, state.output
+        share = self.cache_max_tokens > 0
+        for i in range(state.num_tokens, len(token_ids)):
+            tok = token_ids[i]
             local_cursor = local_tree.append(local_cursor, tok)
             global_cursor = global_tree.follow(global_cursor, tok)
-        state.local_cursor, state.global_cursor = local_cursor, global_cursor
+            if share and i >= num_prompt_tokens:
+                output_cursor = global_tree.append(output_cursor, tok)
+                output.append(tok)
+        state.local_cursor, state.global_cursor, state.output_cursor = local_cursor, global_cursor, output_cursor
         state.num_tokens = len(token_ids)
         return state
 

@@ -130,6 +130,20 @@ def test_finished_outputs_become_a_corpus_for_later_requests() -> None:
     assert p.propose("c", [300, 100, 101], 3, 2) == []
 
 
+def test_running_requests_share_their_outputs_as_they_grow() -> None:
+    p = proposer()
+    p.propose("a", [100, 7, 8, 9, 10], 1, 4)  # a is still running
+    assert p.propose("b", [200, 7, 8], 1, 4) == [9, 10]
+    # a's tokens since its last proposal are counted when it ends.
+    p.finish("a", [100, 7, 8, 9, 10, 11, 12], 1)
+    assert p.cached["a"] == [7, 8, 9, 10, 11, 12]
+    assert p.propose("c", [300, 10, 11], 1, 4) == [12]
+    # Once every request ended, the global tree holds the cached outputs and nothing else.
+    p.finish("b", [200, 7, 8], 1)
+    p.finish("c", [300, 10, 11], 1)
+    assert p.global_tree.num_nodes == len(substring_counts(list(p.cached.values()), 24))
+
+
 def test_global_corpus_is_bounded_and_evicts_oldest_requests_whole() -> None:
     p = proposer(suffix_cache_max_tokens=10)
     p.finish("a", [0, 1, 2, 3, 4, 5], 1)  # 5 output tokens
@@ -144,6 +158,13 @@ def test_global_corpus_is_bounded_and_evicts_oldest_requests_whole() -> None:
     p.finish("d", [0, *range(30, 45)], 1)
     assert list(p.cached) == ["d"] and p.cached_tokens == 10
     assert p.cached["d"] == list(range(35, 45))
+    running = [[1, 2], [11, 12]]  # x's and y's outputs so far
+    assert p.global_tree.num_nodes == len(substring_counts([list(range(35, 45)), *running], 24))
+    # The same, for a request that proposed while it ran (its output was counted as it grew).
+    p.propose("e", [0, *range(50, 60)], 1, 2)
+    p.finish("e", [0, *range(50, 65)], 1)
+    assert list(p.cached) == ["e"] and p.cached["e"] == list(range(55, 65))
+    assert p.global_tree.num_nodes == len(substring_counts([list(range(55, 65)), *running], 24))
 
 
 def test_eviction_while_a_request_is_matching_is_safe() -> None:
@@ -157,14 +178,17 @@ def test_eviction_while_a_request_is_matching_is_safe() -> None:
 
 def test_no_global_corpus_when_disabled() -> None:
     p = proposer(suffix_cache_max_tokens=0)
+    assert p.propose("a", [0, 1, 2, 3], 1, 2) == []
+    assert p.global_tree.num_nodes == 0
     p.finish("a", [0, 1, 2, 3], 1)
-    assert p.cached_tokens == 0 and p.global_tree.num_nodes == 0
+    assert p.cached_tokens == 0 and p.global_tree.num_nodes == 0 and not p._requests
 
 
 def test_a_shorter_sequence_under_the_same_id_starts_over() -> None:
     p = proposer()
     assert p.propose("r", [1, 2, 3, 1, 2], 5, 2) == [3, 1]
     assert p.propose("r", [4, 5, 4], 3, 2) == [5, 4]
+    assert p.global_tree.num_nodes == 0  # the first sequence's output [3, 1, 2] is gone
 
 
 def test_make_proposer() -> None:
