@@ -136,6 +136,22 @@ def test_server_flags_ports_and_probes(overlay: tuple[str, Objects]) -> None:
         assert "nvidia.com/gpu" not in json.dumps(container["resources"])
 
 
+def test_cache_volume_is_seeded_from_the_image(overlay: tuple[str, Objects]) -> None:
+    # Kubernetes does not copy image content into a new emptyDir (Docker fills a new volume):
+    # an init container of the same image must, or the warmed caches are hidden.
+    _, objects = overlay
+    deployment, container = _server(objects)
+    pod = deployment["spec"]["template"]["spec"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    cache_dir = env["NOVAINFER_CACHE_DIR"]
+    assert re.search(rf"NOVAINFER_CACHE_DIR={re.escape(cache_dir)}\b", (ROOT / "Dockerfile").read_text())
+    mount = next(m for m in container["volumeMounts"] if m["mountPath"] == cache_dir)
+    (seed,) = pod["initContainers"]
+    assert seed["image"] == container["image"]
+    seed_mount = next(m for m in seed["volumeMounts"] if m["name"] == mount["name"])
+    assert seed["command"] == ["sh", "-c", f"cp -a {cache_dir}/. {seed_mount['mountPath']}/"]
+
+
 def test_inference_gateway_agrees(exported_metrics: set[str]) -> None:
     objects = by_kind(render(KUBE / "overlays" / "gpu-inference-gateway"))
     deployment, container = _server(objects)
