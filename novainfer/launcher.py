@@ -10,7 +10,7 @@ tokenizer workers and the engines.
 A child that dies is seen at once (its exit, polled every 50 ms) and restarted; for an
 engine core or a tokenizer worker the launcher first tells the gateway (ComponentDown),
 which fails the requests the child had started, parks those it had not for the restarted
-one, and answers 503 + Retry-After for requests routed to it meanwhile. More than
+one, and holds new requests that need it until it is back (up to --restart-wait-s). More than
 --max-restarts crashes within --restart-window-s and the whole service stops loudly
 (exit 1): a crash loop is worse than no service.
 """
@@ -153,6 +153,11 @@ class Launcher:
         while self._crashes and now - self._crashes[0] > serve.restart_window_s:
             self._crashes.popleft()
         reason = _exit_reason(child.proc.returncode)
+        if child.component is not None:
+            # First, even when giving up: the gateway fails what the child had started at once.
+            self._tell_gateway(
+                ComponentDown(component=child.component, index=child.index, reason=reason, timestamp=time.time())
+            )
         if len(self._crashes) > serve.max_restarts:
             log.error(
                 "%s %s: %d crashes within %.0fs (--max-restarts %d): stopping the service",
@@ -164,10 +169,6 @@ class Launcher:
             )
             return False
         log.error("%s (pid %d) %s: restarting it", child.name, child.proc.pid, reason)
-        if child.component is not None:
-            self._tell_gateway(
-                ComponentDown(component=child.component, index=child.index, reason=reason, timestamp=time.time())
-            )
         child.proc = self._popen(child.module, child.extra)
         log.info("restarted %s (pid %d)", child.name, child.proc.pid)
         return True

@@ -150,6 +150,10 @@ class ServeConfig(msgspec.Struct, kw_only=True):
     restart_window_s; one more crash and it stops the whole service loudly (exit code 1)."""
     restart_window_s: float = 300.0
     """The window max_restarts counts crashes in."""
+    restart_wait_s: float = 60.0
+    """A request that needs an engine core or tokenizer worker which is restarting (the launcher
+    saw it die) waits this long for it to come back, then gets 503 + Retry-After. The bundled
+    model's engine restarts in about 10 s on 2 busy CPU cores."""
     drain_timeout_s: float = 25.0
     """On SIGTERM the gateway refuses new requests (503) and lets in-flight ones finish for up to
     this long before it fails them and exits."""

@@ -10,6 +10,7 @@ alone parses in milliseconds.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import mmap
@@ -29,6 +30,7 @@ _GGUF_STRING = 8
 _GGUF_ARRAY = 9
 # Arrays longer than this (the vocabulary, the merges) are skipped; only their length is kept.
 _GGUF_MAX_ARRAY = 64
+_U64 = struct.Struct("<Q")
 
 _CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "max_sequence_length")
 _DEFAULT_CONTEXT = 2048
@@ -87,7 +89,11 @@ def _gguf_value(mm: mmap.mmap, pos: int, vtype: int) -> tuple[Any, int]:
     if count > _GGUF_MAX_ARRAY:
         if itype in _GGUF_SCALARS:
             return GGUFArray(count), pos + count * struct.calcsize(_GGUF_SCALARS[itype])
-        for _ in range(count):  # variable-size items: walk them
+        if itype == _GGUF_STRING:  # the vocabulary, the merges: hop over each string's bytes
+            for _ in range(count):
+                pos += 8 + _U64.unpack_from(mm, pos)[0]
+            return GGUFArray(count), pos
+        for _ in range(count):  # other variable-size items: walk them
             _, pos = _gguf_value(mm, pos, itype)
         return GGUFArray(count), pos
     items = []
@@ -113,6 +119,13 @@ def _unique(ids: list[int]) -> list[int]:
 
 
 def _gguf_info(path: str) -> ModelInfo:
+    st = os.stat(path)
+    return _gguf_info_of(path, st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=8)
+def _gguf_info_of(path: str, _mtime_ns: int, _size: int) -> ModelInfo:
+    """Read once per process (every process asks several times) and file version."""
     meta = read_gguf_metadata(path)
     arch = meta.get("general.architecture", "llama")
     context = meta.get(f"{arch}.context_length") or _DEFAULT_CONTEXT

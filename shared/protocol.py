@@ -157,6 +157,8 @@ class ErrorInfo(msgspec.Struct, kw_only=True, omit_defaults=True):
     """The HTTP status: 400 for an InvalidRequest, 500 for a bug, 503 for a component that is down."""
     param: str | None = None
     code: str | None = None
+    retry_after: int | None = None
+    """Seconds after which a retry may succeed (a 503 for a restarting component): Retry-After."""
 
     @classmethod
     def invalid(cls, e: InvalidRequest) -> ErrorInfo:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
@@ -214,8 +215,18 @@ class EngineCoreServer:
         self.ctx.destroy(linger=0)
 
 
-def main(config: Config) -> None:
+def main(config: Config, started: float | None = None) -> None:
+    """started: time.monotonic() when the process started, to log where start-up time goes."""
+    imported = time.monotonic()
     server = EngineCoreServer(config)
+    if started is not None:
+        log.info(
+            "engine core %d started in %.1fs: %.1fs of imports, %.1fs to load the model and allocate the KV cache",
+            server.index,
+            time.monotonic() - started,
+            imported - started,
+            time.monotonic() - imported,
+        )
     signal.signal(signal.SIGTERM, server.stop)
     signal.signal(signal.SIGINT, server.stop)
     server.run()

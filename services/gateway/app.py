@@ -39,6 +39,8 @@ STATIC_DIR = Path(__file__).parent / "static"
 # aborts the engine requests (for non-streaming requests nothing else would notice).
 # shutdown_timeout: what handlers get to write their last bytes once the drain is over.
 RUNNER_OPTIONS: dict[str, Any] = {"handler_cancellation": True, "shutdown_timeout": 5.0, "access_log": None}
+LINGER_S = 5.0
+"""How long a connection closed after an unreadable body keeps discarding what the client still sends."""
 CLIENT_CLOSED_REQUEST = 499  # nginx's code for "the client went away", used in metrics only
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -87,7 +89,14 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return ApiError(e.status, message).response()
     except (HttpProcessingError, web.RequestPayloadError) as e:
         # A body aiohttp could not read: a Content-Encoding it does not match, a broken chunk.
-        return ApiError(400, f"the request body could not be read: {_http_error_message(e)}").response()
+        # Its parser stops at the error, so the rest of the body cannot be drained and aiohttp
+        # closes the connection after the response: say so (Connection: close), or a client that
+        # pools connections sends its next request on this one and gets a reset.
+        resp = ApiError(400, f"the request body could not be read: {_http_error_message(e)}").response()
+        resp.force_close()
+        if isinstance(request.protocol, _OpenAIErrorRequestHandler):
+            request.protocol.linger_on_close = True
+        return resp
     except Exception:
         log.exception("unhandled error in %s %s", request.method, request.path)
         return ApiError(500, "internal server error").response()
@@ -102,7 +111,29 @@ def _http_error_message(e: BaseException) -> str:
 
 class _OpenAIErrorRequestHandler(RequestHandler):
     """Answers requests that fail before any handler runs (malformed HTTP framing, a bad
-    Content-Length, an unknown Content-Encoding) with OpenAI's error JSON, not aiohttp's text."""
+    Content-Length, an unknown Content-Encoding) with OpenAI's error JSON, not aiohttp's text;
+    and closes the connection after an unreadable body without destroying the answer."""
+
+    linger_on_close = False
+    """Set after a 400 for an unreadable body: the rest of that body may still be arriving."""
+
+    def force_close(self) -> None:
+        # Closing a socket with unread bytes in its receive buffer makes the kernel send a RST,
+        # which can discard the 400 before the client reads it (a connection reset on a large
+        # body). So, as HTTP servers do: half-close (FIN after the answer), discard what still
+        # arrives (data_received ignores data once _force_close is set), and close when the
+        # client does, or after LINGER_S.
+        transport = self.transport
+        if not self.linger_on_close or transport is None or transport.is_closing():
+            super().force_close()
+            return
+        self._force_close = True
+        if self._waiter:
+            self._waiter.cancel()
+        self.transport = None
+        if transport.can_write_eof():
+            transport.write_eof()
+        asyncio.get_running_loop().call_later(LINGER_S, transport.close)
 
     def handle_error(
         self, request: Any, status: int = 500, exc: BaseException | None = None, message: str | None = None
@@ -120,6 +151,15 @@ class _OpenAIErrorRequestHandler(RequestHandler):
         resp = ApiError(status, text).response()
         resp.force_close()
         return resp
+
+    def log_exception(self, *args: Any, **kw: Any) -> None:
+        # After the 400 for an unreadable body, aiohttp's lingering read of the rest of it raises
+        # the same payload error again and it closes the connection, as announced: not a bug.
+        exc = kw.get("exc_info")
+        if isinstance(exc, web.RequestPayloadError):
+            log.debug("closed a connection after an unreadable request body: %s", exc)
+            return
+        super().log_exception(*args, **kw)
 
 
 class _OpenAIErrorServer(web.Server):

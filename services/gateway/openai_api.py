@@ -68,7 +68,8 @@ class ApiError(Exception):
 
     @classmethod
     def from_info(cls, info: ErrorInfo) -> ApiError:
-        return cls(info.status, info.message, param=info.param, code=info.code)
+        headers = {"Retry-After": str(info.retry_after)} if info.retry_after is not None else None
+        return cls(info.status, info.message, param=info.param, code=info.code, headers=headers)
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}

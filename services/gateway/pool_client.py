@@ -7,7 +7,9 @@ in batches, so a burst of deltas costs one wake-up and one socket write. A watch
 fails the requests of a worker or engine that goes silent, which is what guarantees
 that an accepted request always ends. When the launcher reports a child dead (it restarts
 it), the requests that child had started fail at once and those it had not are parked and
-resubmitted once it reports again.
+resubmitted once it reports again; so are new requests that arrive meanwhile and have no
+other engine or worker to go to. A parked request waits at most serve.restart_wait_s, then
+fails with 503 + Retry-After.
 """
 
 from __future__ import annotations
@@ -99,7 +101,7 @@ class RequestHandle:
 class ChildState:
     """Per engine request bookkeeping: where it was routed, and its latency timer."""
 
-    __slots__ = ("engine", "handle", "parked", "request", "timer", "wire_id", "worker")
+    __slots__ = ("engine", "handle", "parked_at", "request", "timer", "wire_id", "worker")
 
     def __init__(
         self, handle: RequestHandle, request: GenerateRequest, worker: int, engine: int, timer: RequestTimer
@@ -112,9 +114,14 @@ class ChildState:
         dead incarnation still sends can be taken for the new one's output."""
         self.worker = worker
         self.engine = engine
-        self.parked = False
-        """Its engine or worker died before it started: waiting for the restart."""
+        self.parked_at: float | None = None
+        """Monotonic time since which it waits for a restarted engine or worker (its own died
+        before it started, or it arrived while the one it needs was restarting); None: sent."""
         self.timer = timer
+
+    @property
+    def parked(self) -> bool:
+        return self.parked_at is not None
 
 
 class PoolClient:
@@ -125,6 +132,7 @@ class PoolClient:
         self.config = config
         self.metrics = metrics
         self.timeout_s = serve.engine_timeout_s
+        self.restart_wait_s = serve.restart_wait_s
         self.max_in_flight = serve.max_queued_requests
         self.max_model_len = config.engine.max_model_len or 0
         n_engines = len(serve.engine_addrs) or serve.num_engines
@@ -169,8 +177,14 @@ class PoolClient:
         ]
 
     def begin_shutdown(self) -> None:
-        """Refuse new requests; those in flight keep streaming (the server drains them)."""
+        """Refuse new requests; those in flight keep streaming (the server drains them). Those
+        waiting for a restart fail now: nothing is restarted during a shutdown (it may be the
+        launcher giving up on a crash loop)."""
         self._closing = True
+        for child in list(self._children.values()):
+            if child.parked and child.request.request_id in self._children:
+                error = ErrorInfo(message="the server is shutting down", status=503, retry_after=RETRY_AFTER_S)
+                self._end_children(child.handle, error)
 
     async def close(self) -> None:
         self._closing = True
@@ -201,12 +215,19 @@ class PoolClient:
     def _live_engines(self) -> list[int]:
         return [e for e in range(self.liveness.count(ENGINE)) if self.liveness.problem(ENGINE, e) is None]
 
-    def _route_problem(self, child_id: str) -> str | None:
-        """Why a child request cannot be admitted now: its worker is down, or every engine is."""
-        worker_problem = self.liveness.problem(WORKER, self._worker_of(child_id))
-        if worker_problem is not None or self._live_engines():
-            return worker_problem
-        return self.liveness.problem(ENGINE, 0)
+    def _route_problem(self, child_id: str) -> tuple[str, bool] | None:
+        """Why a child request cannot be sent now (its worker is down, or every engine is), and
+        whether that is a restart worth waiting for; None when it can be sent."""
+        liveness = self.liveness
+        worker = self._worker_of(child_id)
+        worker_problem = liveness.problem(WORKER, worker)
+        if worker_problem is not None:
+            return worker_problem, liveness.restarting((WORKER, worker))
+        if self._live_engines():
+            return None
+        engines = range(liveness.count(ENGINE))
+        waitable = any(liveness.restarting((ENGINE, e)) for e in engines)
+        return liveness.problem(ENGINE, 0) or "no engine is up", waitable
 
     def _route_engine(self, child: GenerateRequest) -> int:
         """The router's engine for this request, or the least busy live one when that one is down."""
@@ -229,6 +250,20 @@ class PoolClient:
             # one that has gone silent since will never be answered.
             if silent and (self._children or self._rpcs):
                 self._fail_routed_to(silent, "the inference service is unavailable: ")
+            self._fail_waited_too_long()
+
+    def _fail_waited_too_long(self) -> None:
+        """Parked requests whose engine or worker has not come back within restart_wait_s."""
+        deadline = time.monotonic() - self.restart_wait_s
+        for child in list(self._children.values()):
+            if child.parked_at is None or child.parked_at > deadline or child.request.request_id not in self._children:
+                continue
+            message = (
+                f"the inference service is unavailable: it is restarting and did not come back within "
+                f"{self.restart_wait_s:g}s (--restart-wait-s); retry later"
+            )
+            log.error("failing request %s: it waited %gs for a restart", child.handle.request_id, self.restart_wait_s)
+            self._end_children(child.handle, ErrorInfo(message=message, status=503, retry_after=RETRY_AFTER_S))
 
     def _fail_routed_to(self, components: set[Component], prefix: str) -> None:
         """Fail every request with a child (and every RPC) routed to one of these components."""
@@ -244,13 +279,21 @@ class PoolClient:
                 problem = self.liveness.problem(*worker) or "it stopped reporting"
                 fut.set_exception(ServiceUnavailable(prefix + problem, RETRY_AFTER_S))
 
-    def _check_admission(self, child_ids: list[str]) -> None:
+    def _check_admission(self, child_ids: list[str]) -> bool:
+        """Raise ServiceUnavailable when the request cannot be served now; True when it must
+        wait for a restart (parked), False when it can be sent at once."""
         if self._closing:
             raise ServiceUnavailable("the server is shutting down")
+        wait = False
         for cid in child_ids:
-            problem = self._route_problem(cid)
-            if problem is not None:
+            route_problem = self._route_problem(cid)
+            if route_problem is None:
+                continue
+            problem, waitable = route_problem
+            if not waitable or self.restart_wait_s <= 0:
                 raise ServiceUnavailable(f"the inference service is unavailable: {problem}", RETRY_AFTER_S)
+            wait = True
+        return wait
 
     # --- generation ----------------------------------------------------------------
 
@@ -259,8 +302,9 @@ class PoolClient:
         return len(self._requests)
 
     def submit(self, request_id: str, children: list[GenerateRequest]) -> RequestHandle:
-        """Send the child requests of one API request; raises ServiceUnavailable / Overloaded."""
-        self._check_admission([c.request_id for c in children])
+        """Send the child requests of one API request, or park them when what they need is
+        restarting; raises ServiceUnavailable / Overloaded."""
+        wait = self._check_admission([c.request_id for c in children])
         if len(self._requests) >= self.max_in_flight:
             raise Overloaded(f"too many requests in flight ({self.max_in_flight}); retry later")
         if request_id in self._requests:
@@ -272,10 +316,15 @@ class PoolClient:
             child.arrival_time = arrival_wall
             worker = self._worker_of(child.request_id)
             child.engine = self._route_engine(child)
-            self._children[child.request_id] = ChildState(
-                handle, child, worker, child.engine, RequestTimer(arrival, arrival_wall)
-            )
-            self._outputs[worker].send(encode(child))
+            state = ChildState(handle, child, worker, child.engine, RequestTimer(arrival, arrival_wall))
+            self._children[child.request_id] = state
+            if wait:
+                state.parked_at = arrival
+            else:
+                self._outputs[worker].send(encode(child))
+        if wait:
+            log.info("request %s waits for a restart", request_id)
+            self._resubmit_parked()  # at once through another worker, if one is up
         self.metrics.in_flight.set(len(self._requests))
         return handle
 
@@ -335,14 +384,14 @@ class PoolClient:
             if child.timer.started:
                 started[id(child.handle)] = child.handle
             elif not child.parked:
-                child.parked = True
+                child.parked_at = now
                 # Clears the worker's state for it; a restarted worker passes the abort on to the
                 # engine, which may still hold the request.
                 self._outputs[child.worker].send(encode(AbortRequest(request_ids=[child.wire_id])))
         name = f"{msg.component.replace('_', ' ')} {msg.index}"
         for handle in started.values():
             message = f"the request was lost: {name} crashed ({msg.reason}); retry it"
-            self._end_children(handle, ErrorInfo(message=message, status=503))
+            self._end_children(handle, ErrorInfo(message=message, status=503, retry_after=RETRY_AFTER_S))
         for request_id, fut in self._rpcs.items():
             if (WORKER, self._rpc_workers.get(request_id, -1)) in dead and not fut.done():
                 fut.set_exception(ServiceUnavailable(f"{name} crashed; retry", RETRY_AFTER_S))
@@ -368,7 +417,7 @@ class PoolClient:
             child.worker = self._worker_of(wire_id)
             self.router.finished(child.engine)
             child.engine = self._route_engine(request)
-            child.parked = False
+            child.parked_at = None
             log.info("resubmitting %s as %s to engine %d", cid, wire_id, child.engine)
             self._outputs[child.worker].send(encode(request))
 

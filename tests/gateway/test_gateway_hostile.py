@@ -8,6 +8,7 @@ import asyncio
 import gzip
 from typing import Any
 
+import aiohttp
 import msgspec
 import openai
 import pytest
@@ -79,6 +80,49 @@ async def test_wrong_content_encoding_is_400(gateway: Gateway, encoding: str) ->
     status, body = await raw_request(gateway, _request(data, f"Content-Encoding: {encoding}", "Connection: close"))
     assert_openai_error(status, body, 415 if encoding == "x-nonsense" else 400)
     await assert_still_serves(gateway)
+
+
+@pytest.mark.parametrize("size", [10, 1_000_000])
+async def test_unreadable_body_closes_the_connection_after_the_answer(gateway: Gateway, size: int) -> None:
+    """aiohttp's parser stops at an undecodable body, so the connection cannot carry another
+    request: the 400 says `Connection: close`, a request pipelined behind it is not answered,
+    and the rest of a large body is drained rather than answered with a reset (a close with
+    unread bytes makes the kernel send a RST, which can destroy the 400 before it is read)."""
+    data = msgspec.json.encode({"prompt": "a" * size, "max_tokens": 2})
+    pipelined = _request(BODY)
+    host, port = gateway.url.removeprefix("http://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(_request(data, "Content-Encoding: gzip") + pipelined)
+        await writer.drain()
+        raw = await asyncio.wait_for(reader.read(), 20)  # to EOF, not ConnectionResetError
+    finally:
+        writer.close()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 ") and b"\r\nConnection: close" in head, head
+    assert_openai_error(400, msgspec.json.decode(body), 400)
+    assert gateway.generates == []
+    await assert_still_serves(gateway)
+
+
+async def test_unreadable_bodies_do_not_break_a_pooled_client(gateway: Gateway) -> None:
+    """The soak's connection resets: a pooled aiohttp client reused a connection the server
+    closed after a bad-encoding 400 that did not say it would. Every request gets its answer."""
+    bad = msgspec.json.encode({"prompt": "Hi", "max_tokens": 2})
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=4)) as session:
+
+        async def one(i: int) -> int:
+            if i % 3:
+                async with session.post(gateway.url + "/v1/completions", json={"prompt": "Hi"}) as r:
+                    return r.status
+            headers = {"Content-Encoding": "gzip", "Content-Type": "application/json"}
+            async with session.post(gateway.url + "/v1/completions", data=bad, headers=headers) as r:
+                assert r.headers["Connection"] == "close"
+                assert_openai_error(r.status, await r.json(), 400)
+                return r.status
+
+        statuses = await asyncio.gather(*(one(i) for i in range(90)))  # a ClientError fails the test
+    assert sorted(set(statuses)) == [200, 400]
 
 
 async def test_real_gzip_body_is_accepted(gateway: Gateway) -> None:

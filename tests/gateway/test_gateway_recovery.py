@@ -1,7 +1,7 @@
 """Crash recovery as the gateway sees it: the launcher's ComponentDown notice fails the
 requests the dead component had started at once, parks the ones it had not and resubmits
-them when it reports again, and meanwhile answers 503 + Retry-After for requests routed to it
-while the rest keep being served."""
+them when it reports again, holds new requests that need it until it is back (up to
+restart_wait_s, then 503 + Retry-After), while the rest keep being served."""
 
 from __future__ import annotations
 
@@ -62,15 +62,24 @@ async def test_engine_crash_fails_started_parks_queued_and_resubmits(make_gatewa
         assert not queued.done()
         status, body = await gw.get("/health")
         assert status == 503 and b"engine 0 is restarting" in body
-        refused = await session.post(gw.url + "/v1/completions", json={"prompt": "hi"})
-        assert refused.status == 503 and refused.headers["Retry-After"] == "2"
-        assert "engine 0 is restarting" in (await refused.json())["error"]["message"]
+        # New requests (streamed or not) wait for the restart rather than failing.
+        arrivals = [
+            asyncio.create_task(session.post(gw.url + "/v1/completions", json={"prompt": "hi", "stream": stream}))
+            for stream in (False, True)
+        ]
+        await gw.wait_for(lambda: gw.app[POOL_CLIENT].num_in_flight == 3)
+        await asyncio.sleep(0.2)
+        assert not any(t.done() for t in arrivals)
+        assert len(gw.generates) == 2  # nothing sent to the dead engine's workers
 
         gw.set_script(say_hello)
         for w in gw.workers:
             w.engine_alive = True  # the restarted engine reports
         resp = await asyncio.wait_for(queued, 5)
         assert resp.status == 200 and (await resp.json())["choices"][0]["text"] == "Hello, world"
+        plain, streamed = await asyncio.wait_for(asyncio.gather(*arrivals), 5)
+        assert plain.status == 200 and (await plain.json())["choices"][0]["text"] == "Hello, world"
+        assert streamed.status == 200 and (await stream_events(streamed))[-1] == "data: [DONE]"
         # The same request, sent again after the restart under a new wire id.
         (again,) = [g for g in gw.generates if g.request_id.startswith(waiting.request_id + ".")]
         assert again.prompt == "wait" and again.sampling_params == waiting.sampling_params
@@ -118,3 +127,47 @@ async def test_late_reports_of_the_dead_do_not_revive_it(make_gateway: GatewayFa
     assert pool.liveness.heard("engine", 0, t_dead + 1)
     assert not pool.liveness.went_down("engine", 5, t_dead)  # no such engine
     assert not pool.liveness.went_down("sampler", 0, t_dead)
+
+
+async def test_waiting_for_a_restart_is_bounded(make_gateway: GatewayFactory) -> None:
+    gw = await make_gateway(restart_wait_s=0.5)
+    for w in gw.workers:
+        w.engine_alive = False
+    await notify(gw, "engine", 0)
+    await gw.wait_for(lambda: gw.app[POOL_CLIENT].health() == "engine 0 is restarting")
+    async with aiohttp.ClientSession() as session:
+        t0 = time.monotonic()
+        for stream in (False, True):
+            async with session.post(gw.url + "/v1/completions", json={"prompt": "hi", "stream": stream}) as r:
+                assert r.status == 503 and r.headers["Retry-After"] == "2"
+                error = (await r.json())["error"]
+                assert error["type"] == "server_error" and "did not come back within 0.5s" in error["message"]
+        assert time.monotonic() - t0 < 5
+    assert gw.app[POOL_CLIENT].num_in_flight == 0
+    assert gw.generates == []
+
+
+async def test_no_wait_when_the_engine_is_silent_rather_than_restarting(make_gateway: GatewayFactory) -> None:
+    """Only a restart the launcher announced is worth waiting for; a silent engine is a 503 at once."""
+    gw = await make_gateway()
+    for w in gw.workers:
+        w.engine_alive = False
+    await gw.wait_for(lambda: (gw.app[POOL_CLIENT].health() or "").startswith("engine 0 has not reported"))
+    status, body, _ = await gw.post("/v1/completions", {"prompt": "hi"})
+    assert status == 503 and "has not reported" in body["error"]["message"]
+
+
+async def test_shutdown_fails_the_waiting_requests_at_once(make_gateway: GatewayFactory) -> None:
+    """The launcher stops the service after too many crashes: nothing will restart."""
+    gw = await make_gateway()
+    for w in gw.workers:
+        w.engine_alive = False
+    await notify(gw, "engine", 0)
+    await gw.wait_for(lambda: gw.app[POOL_CLIENT].health() == "engine 0 is restarting")
+    async with aiohttp.ClientSession() as session:
+        waiting = asyncio.create_task(session.post(gw.url + "/v1/completions", json={"prompt": "hi"}))
+        await gw.wait_for(lambda: gw.app[POOL_CLIENT].num_in_flight == 1)
+        gw.app[POOL_CLIENT].begin_shutdown()
+        resp = await asyncio.wait_for(waiting, 2)
+        assert resp.status == 503 and resp.headers["Retry-After"] == "2"
+        assert "shutting down" in (await resp.json())["error"]["message"]
