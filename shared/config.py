@@ -169,6 +169,9 @@ class ServeConfig(msgspec.Struct, kw_only=True):
     """Topic frame of every published event batch."""
     kv_events_buffer_steps: int = 10000
     """Event batches kept for replay."""
+    responses_store_size: int = 1000
+    """Responses the gateway keeps for previous_response_id and GET/DELETE /v1/responses/{id}
+    (least recently used dropped first; in this gateway process's memory, lost on restart; 0: none)."""
     metrics_compat: Literal["none", "vllm"] = "none"
     """vllm: /metrics also exports vLLM's series (vllm:num_requests_waiting, vllm:kv_cache_usage_perc, ...)
     for tools that hard-code them (Inference Gateway endpoint picker, KEDA, dashboards)."""

@@ -27,7 +27,8 @@ from services.gateway import serving
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.openai_api import ApiError
 from services.gateway.pool_client import PoolClient
-from services.gateway.serving import MODEL_NAME, POOL_CLIENT, json_response
+from services.gateway.responses_store import ResponseStore
+from services.gateway.serving import MODEL_NAME, POOL_CLIENT, RESPONSE_STORE, json_response
 from shared.config import Config
 from shared.errors import InvalidRequest
 
@@ -210,6 +211,7 @@ def build_app(config: Config) -> web.Application:
     app[METRICS] = metrics
     app[POOL_CLIENT] = pool
     app[MODEL_NAME] = model_name
+    app[RESPONSE_STORE] = ResponseStore(config.serve.responses_store_size)
     started = int(time.time())
 
     async def pool_ctx(_: web.Application) -> AsyncIterator[None]:
@@ -262,6 +264,9 @@ def build_app(config: Config) -> web.Application:
         [
             web.post("/v1/completions", serving.completions),
             web.post("/v1/chat/completions", serving.chat_completions),
+            web.post("/v1/responses", serving.create_response),
+            web.get("/v1/responses/{response_id}", serving.get_response),
+            web.delete("/v1/responses/{response_id}", serving.delete_response),
             web.get("/v1/models", list_models),
             web.get("/v1/models/{model}", get_model),
             web.post("/v1/requests/{request_id}/cancel", serving.cancel),

@@ -38,6 +38,8 @@ Int = Annotated[int, msgspec.Meta(ge=INT64_MIN, le=INT64_MAX)]
 """Every integer a client sends: the wire protocol is msgpack, which cannot carry more than
 64 bits, so a larger number is the client's error (400) rather than an encoding crash (500)."""
 _CLIENT_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+_ID_PREFIX = re.compile(r"[a-z]+[-_]")
+"""The kind of a response id, with its separator: cmpl-, chatcmpl-, resp_."""
 
 
 class ApiError(Exception):
@@ -195,7 +197,9 @@ class Job:
 
     def rename(self) -> None:
         """A new random id (children ids follow); their routing to workers and engines changes."""
-        self.request_id = request_id(self.request_id.split("-", 1)[0], None)
+        prefix = _ID_PREFIX.match(self.request_id)
+        assert prefix is not None, self.request_id
+        self.request_id = request_id(prefix.group(), None)
         for i, child in enumerate(self.children):
             child.request_id = f"{self.request_id}-{i}"
 
@@ -327,13 +331,14 @@ def _prompts(raw: Any) -> list[dict[str, Any]]:
 
 
 def request_id(prefix: str, client_id: str | None) -> str:
-    """The response id: the client's X-Request-Id when it sends one (so that it can cancel a
-    non-streaming request it has no response for yet), else a random one."""
+    """The response id (prefix ends with its separator, as in "chatcmpl-" or "resp_"): the
+    client's X-Request-Id when it sends one (so that it can cancel a non-streaming request it
+    has no response for yet), else a random one."""
     if client_id is None:
-        return f"{prefix}-{uuid.uuid4().hex}"
+        return f"{prefix}{uuid.uuid4().hex}"
     if not _CLIENT_REQUEST_ID.fullmatch(client_id):
         raise InvalidRequest("X-Request-Id must be 1-128 characters of [A-Za-z0-9._:-]", param="X-Request-Id")
-    return f"{prefix}-{client_id}"
+    return f"{prefix}{client_id}"
 
 
 def _check_stream_options(req: _SamplingFields) -> None:
@@ -354,7 +359,7 @@ def parse_completion(body: bytes, served_model: str, client_id: str | None = Non
     max_tokens = 16 if req.max_tokens is None else req.max_tokens  # OpenAI's completions default
     params = _sampling_params(req, max_tokens, req.logprobs)
     _validate(params, {})
-    job_id = request_id("cmpl", client_id)
+    job_id = request_id("cmpl-", client_id)
     echo = bool(req.echo)
     children = _children(job_id, params, prompts)
     for child in children:
@@ -416,7 +421,12 @@ def chat_messages(messages: list[Message]) -> list[ChatMessage]:
 
 
 def parse_chat(body: bytes, served_model: str, client_id: str | None = None) -> Job:
-    req: ChatBody = decode_body(body, ChatBody)
+    return chat_job(decode_body(body, ChatBody), served_model, client_id, "chatcmpl-")
+
+
+def chat_job(req: ChatBody, served_model: str, client_id: str | None, id_prefix: str) -> Job:
+    """A chat request as engine requests: the one path /v1/chat/completions and /v1/responses
+    (which translates its body into a ChatBody) share."""
     check_model(req.model, served_model)
     _check_stream_options(req)
     messages = chat_messages(req.messages)
@@ -439,7 +449,7 @@ def parse_chat(body: bytes, served_model: str, client_id: str | None = None) -> 
     if req.max_completion_tokens is not None:
         renames["max_tokens"] = "max_completion_tokens"
     _validate(params, renames)
-    job_id = request_id("chatcmpl", client_id)
+    job_id = request_id(id_prefix, client_id)
     add_generation_prompt = True if req.add_generation_prompt is None else req.add_generation_prompt
     children = _children(job_id, params, [{"messages": messages}])
     for child in children:

@@ -53,7 +53,7 @@ class ChoiceState:
         """Chat: the calls parsed out of the output, OpenAI-shaped."""
 
 
-class _Accumulator:
+class DeltaAccumulator:
     def __init__(self, job: Job) -> None:
         self.job = job
         self.choices = [ChoiceState(i) for i in range(len(job.children))]
@@ -125,7 +125,7 @@ def _chat_logprobs(lps: list[TextLogprob]) -> dict[str, Any]:
     }
 
 
-class ResponseCollector(_Accumulator):
+class ResponseCollector(DeltaAccumulator):
     """Non-streaming: gathers every delta, then builds the whole body."""
 
     def add(self, deltas: list[RequestDelta]) -> None:
@@ -184,7 +184,7 @@ class ResponseCollector(_Accumulator):
         }
 
 
-class StreamEncoder(_Accumulator):
+class StreamEncoder(DeltaAccumulator):
     """Streaming: each delta becomes an SSE chunk as soon as it arrives."""
 
     def __init__(self, job: Job) -> None:

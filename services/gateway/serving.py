@@ -9,7 +9,7 @@ for a client that stopped listening.
 from __future__ import annotations
 
 import uuid
-from typing import Any
+from typing import Any, Protocol
 
 import msgspec
 from aiohttp import web
@@ -27,11 +27,24 @@ from services.gateway.openai_api import (
 )
 from services.gateway.pool_client import DuplicateRequest, Overloaded, PoolClient, RequestHandle, ServiceUnavailable
 from services.gateway.responses import ResponseCollector, StreamEncoder
+from services.gateway.responses_api import (
+    ResponseRequest,
+    input_messages,
+    output_items,
+    parse_responses,
+    response_object,
+    responses_param,
+    responses_usage,
+    status_of,
+)
+from services.gateway.responses_store import ResponseStore, StoredResponse
+from services.gateway.responses_stream import ResponseEventStream
 from shared.errors import InvalidRequest
-from shared.protocol import DetokenizeRequest, TokenizeRequest
+from shared.protocol import DetokenizeRequest, RequestDelta, TokenizeRequest
 
 POOL_CLIENT: web.AppKey[PoolClient] = web.AppKey("pool_client", PoolClient)
 MODEL_NAME: web.AppKey[str] = web.AppKey("model_name", str)
+RESPONSE_STORE: web.AppKey[ResponseStore] = web.AppKey("response_store", ResponseStore)
 
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
@@ -83,10 +96,10 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     return await _generate(request, job)
 
 
-async def _generate(request: web.Request, job: Job) -> web.StreamResponse:
-    pool = request.app[POOL_CLIENT]
+def _start(pool: PoolClient, job: Job) -> RequestHandle:
+    """Submit the job, its refusals as HTTP errors."""
     try:
-        handle = _submit(pool, job)
+        return _submit(pool, job)
     except Overloaded as e:
         raise ApiError(
             429, str(e), type_="requests", code="rate_limit_exceeded", headers={"Retry-After": "1"}
@@ -95,9 +108,14 @@ async def _generate(request: web.Request, job: Job) -> web.StreamResponse:
         raise unavailable(e) from None
     except DuplicateRequest as e:
         raise InvalidRequest(str(e), param="X-Request-Id") from None
+
+
+async def _generate(request: web.Request, job: Job) -> web.StreamResponse:
+    pool = request.app[POOL_CLIENT]
+    handle = _start(pool, job)
     try:
         if job.stream:
-            return await _stream(request, job, handle)
+            return await _stream(request, job, handle, StreamEncoder(job))
         collector = ResponseCollector(job)
         while not collector.done:
             collector.add(await handle.next_batch())
@@ -106,8 +124,18 @@ async def _generate(request: web.Request, job: Job) -> web.StreamResponse:
         pool.release(handle)
 
 
-async def _stream(request: web.Request, job: Job, handle: RequestHandle) -> web.StreamResponse:
-    encoder = StreamEncoder(job)
+class SseEncoder(Protocol):
+    """Turns a request's deltas into SSE bytes: StreamEncoder, ResponseEventStream."""
+
+    @property
+    def done(self) -> bool: ...
+
+    def feed(self, deltas: list[RequestDelta]) -> bytes: ...
+
+    def end(self) -> bytes: ...
+
+
+async def _stream(request: web.Request, job: Job, handle: RequestHandle, encoder: SseEncoder) -> web.StreamResponse:
     # Headers wait for the first output, so a request rejected before its first token
     # (e.g. a prompt that is too long) gets a real HTTP error, not a 200 stream.
     payload = encoder.feed(await handle.next_batch())
@@ -127,11 +155,70 @@ async def _stream(request: web.Request, job: Job, handle: RequestHandle) -> web.
     return resp
 
 
+async def create_response(request: web.Request) -> web.StreamResponse:
+    """POST /v1/responses: the chat path underneath, Response objects and events on top."""
+    store = request.app[RESPONSE_STORE]
+    try:
+        req = parse_responses(
+            await read_body(request), request.app[MODEL_NAME], request.headers.get("X-Request-Id"), store
+        )
+        pool = request.app[POOL_CLIENT]
+        handle = _start(pool, req.job)
+        try:
+            if req.job.stream:
+                events = ResponseEventStream(req)
+                resp = await _stream(request, req.job, handle, events)
+                if events.final is not None:
+                    _store(store, req, events.final)
+                return resp
+            collector = ResponseCollector(req.job)
+            while not collector.done:
+                collector.add(await handle.next_batch())
+            choice = collector.choices[0]
+            body = response_object(
+                req, status_of(choice.finish_reason), output_items(choice), responses_usage(collector.usage())
+            )
+            _store(store, req, body)
+            return json_response(body, headers={"X-Request-Id": req.job.request_id})
+        finally:
+            pool.release(handle)
+    except ApiError as e:  # the engine's errors name chat parameters (response_format, max_tokens)
+        e.param = responses_param(e.param)
+        raise
+
+
+def _store(store: ResponseStore, req: ResponseRequest, body: dict[str, Any]) -> None:
+    if req.store:
+        # The output, sent back as input, is the assistant turn of the conversation.
+        conversation = req.conversation + input_messages(body["output"], "output")
+        store.put(body["id"], StoredResponse(response=body, conversation=conversation))
+
+
+def _stored(request: web.Request) -> StoredResponse:
+    response_id = request.match_info["response_id"]
+    stored = request.app[RESPONSE_STORE].get(response_id)
+    if stored is None:
+        raise ApiError(404, f"Response with id '{response_id}' not found.", code="response_not_found")
+    return stored
+
+
+async def get_response(request: web.Request) -> web.Response:
+    if request.query.get("stream", "false").lower() not in ("false", "0"):
+        raise InvalidRequest("stream is not supported when retrieving a stored response", param="stream")
+    return json_response(_stored(request).response)
+
+
+async def delete_response(request: web.Request) -> web.Response:
+    stored = _stored(request)
+    request.app[RESPONSE_STORE].delete(stored.response["id"])
+    return json_response({"id": stored.response["id"], "object": "response", "deleted": True})
+
+
 async def cancel(request: web.Request) -> web.Response:
     request_id = request.match_info["request_id"]
     pool = request.app[POOL_CLIENT]
     # The response id, or the X-Request-Id the client chose (the response id less its prefix).
-    candidates = (request_id, f"cmpl-{request_id}", f"chatcmpl-{request_id}")
+    candidates = (request_id, f"cmpl-{request_id}", f"chatcmpl-{request_id}", f"resp_{request_id}")
     if not any(pool.abort(candidate) for candidate in candidates):
         raise ApiError(404, f"no request {request_id!r} is in flight", param="request_id", code="request_not_found")
     return json_response({"id": request_id, "object": "request.cancelled", "cancelled": True})
