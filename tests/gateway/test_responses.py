@@ -38,7 +38,9 @@ async def sent(gw: Gateway, body: dict[str, Any]) -> GenerateRequest:
 
 
 async def test_plain_response_shape(gateway: Gateway) -> None:
-    resp = await client(gateway).responses.create(model=MODEL, input="Hi", instructions="Be brief.", metadata={"k": "v"})
+    resp = await client(gateway).responses.create(
+        model=MODEL, input="Hi", instructions="Be brief.", metadata={"k": "v"}
+    )
     assert resp.id.startswith("resp_") and resp.object == "response" and resp.status == "completed"
     assert resp.output_text == "Hello, world" and resp.model == MODEL
     (item,) = resp.output
@@ -90,7 +92,9 @@ async def test_text_format_and_tool_choice_reach_the_engine(gateway: Gateway) ->
     assert spec.kind == "json_schema" and json.loads(spec.spec) == PARAMS
     req = await sent(gateway, {"input": "x", "text": {"format": {"type": "json_object"}}})
     assert req.sampling_params.structured_output.kind == "json_object"
-    req = await sent(gateway, {"input": "x", "tools": TOOLS, "tool_choice": {"type": "function", "name": "get_weather"}})
+    req = await sent(
+        gateway, {"input": "x", "tools": TOOLS, "tool_choice": {"type": "function", "name": "get_weather"}}
+    )
     assert (req.tool_choice, req.tool_name) == ("named", "get_weather")
     req = await sent(gateway, {"input": "x", "tools": TOOLS, "tool_choice": "required", "parallel_tool_calls": False})
     assert json.loads(req.sampling_params.structured_output.spec)["maxItems"] == 1
@@ -170,7 +174,13 @@ async def test_previous_response_id_store_get_delete(gateway: Gateway) -> None:
     assert turns == [("user", "Hi"), ("assistant", "Hello, world"), ("user", "More")]
     assert second.previous_response_id == first.id
     await c.responses.create(model=MODEL, input="Again", previous_response_id=second.id)
-    assert [m.content for m in last_request(gateway).messages] == ["Hi", "Hello, world", "More", "Hello, world", "Again"]
+    assert [m.content for m in last_request(gateway).messages] == [
+        "Hi",
+        "Hello, world",
+        "More",
+        "Hello, world",
+        "Again",
+    ]
     got = await c.responses.retrieve(first.id)
     assert got.model_dump() == first.model_dump()
     assert await c.responses.delete(first.id) is None
