@@ -238,7 +238,7 @@ BAD = [
     ({"input": "x", "reasoning": {"effort": "high"}}, "reasoning"),
     ({"input": "x", "include": ["reasoning.encrypted_content"]}, "include"),
     ({"input": "x", "truncation": "auto"}, "truncation"),
-    ({"input": "x", "frequency_penalty": 1}, None),
+    ({"input": "x", "frequency_penalty": 1}, "frequency_penalty"),
     ({"input": "x", "max_output_tokens": 0}, "max_output_tokens"),
     ({"input": "x", "temperature": -1}, "temperature"),
     ({"input": "x", "text": {"format": {"type": "json_schema", "schema": PARAMS}}}, "text.format.name"),
