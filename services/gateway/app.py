@@ -267,6 +267,7 @@ def build_app(config: Config) -> web.Application:
             web.post("/v1/responses", serving.create_response),
             web.get("/v1/responses/{response_id}", serving.get_response),
             web.delete("/v1/responses/{response_id}", serving.delete_response),
+            web.get("/v1/responses/{response_id}/input_items", serving.list_input_items),
             web.get("/v1/models", list_models),
             web.get("/v1/models/{model}", get_model),
             web.post("/v1/requests/{request_id}/cancel", serving.cancel),

@@ -128,6 +128,8 @@ class ResponseRequest:
     job: Job
     conversation: list[Message]
     """The turns so far without the instructions (they do not carry over to a follow-up)."""
+    input_items: list[dict[str, Any]]
+    """This request's input, as GET /v1/responses/{id}/input_items lists it."""
     echo: dict[str, Any]
     """The request fields a Response object repeats (instructions, tools, text, ...)."""
     store: bool
@@ -230,6 +232,34 @@ def input_messages(raw: Any, param: str = "input") -> list[Message]:
                 param=f"{where}.type",
             )
     return out
+
+
+def input_items(raw: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Validated input (input_messages passed) as the items GET .../input_items lists: OpenAI's
+    item shapes, each with an id (the client's, or a new one)."""
+    if isinstance(raw, str):
+        raw = [{"role": "user", "content": raw}]
+    items = []
+    for item in raw:
+        kind = item.get("type", "message")
+        if kind == "message":
+            text_type = "output_text" if item["role"] == "assistant" else "input_text"
+            content = item["content"]
+            if isinstance(content, str):
+                content = [{"type": text_type, "text": content}]
+            parts = [{"type": p["type"], "text": p["text"]} for p in content]
+            for part in parts:
+                if part["type"] == "output_text":
+                    part["annotations"] = []
+            fields = {"role": item["role"], "content": parts}
+            items.append({"id": item.get("id") or new_id("msg_"), "type": "message", "status": "completed", **fields})
+        elif kind == "function_call":
+            fields = {k: item[k] for k in ("call_id", "name", "arguments")}
+            items.append({"id": item.get("id") or new_id("fc_"), "type": kind, "status": "completed", **fields})
+        else:
+            fields = {"call_id": item["call_id"], "output": item["output"]}
+            items.append({"id": item.get("id") or new_id("fco_"), "type": kind, "status": "completed", **fields})
+    return items
 
 
 def _chat_tools(tools: list[dict[str, Any]] | None) -> list[Tool] | None:
@@ -345,7 +375,13 @@ def parse_responses(body: bytes, served_model: str, client_id: str | None, store
         "safety_identifier": req.safety_identifier,
         "prompt_cache_key": req.prompt_cache_key,
     }
-    return ResponseRequest(job=job, conversation=conversation, echo=echo, store=req.store is not False)
+    return ResponseRequest(
+        job=job,
+        conversation=conversation,
+        input_items=input_items(req.input),
+        echo=echo,
+        store=req.store is not False,
+    )
 
 
 def response_object(

@@ -21,6 +21,8 @@ class StoredResponse:
     """The Response object as the create call returned it."""
     conversation: list[Message]
     """Its input turns (with earlier responses' ones) and its output, as chat messages."""
+    input_items: list[dict[str, Any]]
+    """Its own input items (not earlier responses'), for GET /v1/responses/{id}/input_items."""
 
 
 class ResponseStore:

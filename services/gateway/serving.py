@@ -191,7 +191,7 @@ def _store(store: ResponseStore, req: ResponseRequest, body: dict[str, Any]) -> 
     if req.store:
         # The output, sent back as input, is the assistant turn of the conversation.
         conversation = req.conversation + input_messages(body["output"], "output")
-        store.put(body["id"], StoredResponse(response=body, conversation=conversation))
+        store.put(body["id"], StoredResponse(response=body, conversation=conversation, input_items=req.input_items))
 
 
 def _stored(request: web.Request) -> StoredResponse:
@@ -206,6 +206,43 @@ async def get_response(request: web.Request) -> web.Response:
     if request.query.get("stream", "false").lower() not in ("false", "0"):
         raise InvalidRequest("stream is not supported when retrieving a stored response", param="stream")
     return json_response(_stored(request).response)
+
+
+MAX_ITEMS_LIMIT = 100
+
+
+async def list_input_items(request: web.Request) -> web.Response:
+    """GET /v1/responses/{id}/input_items: a cursor page, newest first unless order=asc."""
+    items = _stored(request).input_items
+    query = request.query
+    if query.getall("include", []) or query.getall("include[]", []):
+        raise InvalidRequest("include is not supported", param="include", code="unsupported_parameter")
+    order = query.get("order", "desc")
+    if order not in ("asc", "desc"):
+        raise InvalidRequest("order must be asc or desc", param="order")
+    try:
+        limit = int(query.get("limit", "20"))
+    except ValueError:
+        limit = 0
+    if not 1 <= limit <= MAX_ITEMS_LIMIT:
+        raise InvalidRequest(f"limit must be an integer from 1 to {MAX_ITEMS_LIMIT}", param="limit")
+    ordered = items if order == "asc" else items[::-1]
+    after = query.get("after")
+    if after is not None:
+        ids = [item["id"] for item in ordered]
+        if after not in ids:
+            raise InvalidRequest(f"no input item {after!r} in this response", param="after")
+        ordered = ordered[ids.index(after) + 1 :]
+    page = ordered[:limit]
+    return json_response(
+        {
+            "object": "list",
+            "data": page,
+            "first_id": page[0]["id"] if page else None,
+            "last_id": page[-1]["id"] if page else None,
+            "has_more": len(ordered) > limit,
+        }
+    )
 
 
 async def delete_response(request: web.Request) -> web.Response:

@@ -12,7 +12,7 @@ import openai
 import pytest
 
 from shared.protocol import GenerateRequest
-from tests.gateway.fakes import MODEL, Gateway, GatewayFactory, endless
+from tests.gateway.fakes import MODEL, Gateway, GatewayFactory, endless, fail_after_one, prompt_too_long
 from tests.gateway.test_gateway_errors import assert_openai_error
 from tests.gateway.test_tools import two_calls
 
@@ -273,3 +273,48 @@ async def test_errors_through_the_client_and_still_serving(gateway: Gateway) -> 
         await c.responses.retrieve("resp_missing")
     results = await asyncio.gather(*(c.responses.create(model=MODEL, input="Hi") for _ in range(4)))
     assert {r.output_text for r in results} == {"Hello, world"}
+
+
+async def test_engine_errors_before_and_during_the_stream(gateway: Gateway) -> None:
+    c = client(gateway)
+    gateway.set_script(prompt_too_long)
+    for stream in (False, True):
+        with pytest.raises(openai.BadRequestError) as e:
+            await c.responses.create(model=MODEL, input="long", stream=stream)
+        assert e.value.body["param"] == "input" and e.value.body["code"] == "context_length_exceeded"
+    gateway.set_script(fail_after_one)
+    events = [e async for e in await c.responses.create(model=MODEL, input="Hi", stream=True)]
+    assert [e.type for e in events][-2:] == ["response.output_text.delta", "response.failed"]
+    failed = events[-1].response
+    assert failed.status == "failed" and failed.error.code == "server_error" and failed.error.message
+    assert failed.output[0].type == "message"
+    with pytest.raises(openai.NotFoundError):
+        await c.responses.retrieve(failed.id)  # a failed response is not stored
+    with pytest.raises(openai.InternalServerError):
+        await c.responses.create(model=MODEL, input="Hi")
+
+
+async def test_input_items_listed(gateway: Gateway) -> None:
+    c = client(gateway)
+    items = [
+        {"role": "user", "content": "weather?"},
+        {"type": "function_call", "call_id": "c1", "name": "get_weather", "arguments": "{}", "id": "fc_mine"},
+        {"type": "function_call_output", "call_id": "c1", "output": "sunny"},
+    ]
+    first = await c.responses.create(model=MODEL, input=items, tools=TOOLS)
+    page = await c.responses.input_items.list(first.id, order="asc")
+    assert [i.type for i in page.data] == ["message", "function_call", "function_call_output"]
+    assert page.data[0].content[0].text == "weather?" and page.data[0].role == "user"
+    assert page.data[1].id == "fc_mine" and page.data[2].output == "sunny" and not page.has_more
+    newest = await c.responses.input_items.list(first.id, limit=2)
+    assert [i.type for i in newest.data] == ["function_call_output", "function_call"] and newest.has_more
+    rest = await c.responses.input_items.list(first.id, limit=2, after=newest.last_id)
+    assert [i.type for i in rest.data] == ["message"] and not rest.has_more
+    # Only the response's own input, not the conversation before it.
+    second = await c.responses.create(model=MODEL, input="thanks", previous_response_id=first.id)
+    (only,) = (await c.responses.input_items.list(second.id)).data
+    assert only.content[0].text == "thanks"
+    with pytest.raises(openai.NotFoundError):
+        await c.responses.input_items.list("resp_missing")
+    with pytest.raises(openai.BadRequestError):
+        await c.responses.input_items.list(first.id, limit=0)
