@@ -183,7 +183,10 @@ async def create_response(request: web.Request) -> web.StreamResponse:
         finally:
             pool.release(handle)
     except ApiError as e:  # the engine's errors name chat parameters (response_format, max_tokens)
-        e.param = responses_param(e.param)
+        param = responses_param(e.param)
+        if e.param and param and param != e.param:
+            e.message = e.message.replace(e.param, param)
+        e.param = param
         raise
 
 
