@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from services.engine_core.engine import LLMEngine
 from services.tokenizer_pool.detokenizer import RequestStream
+from services.tokenizer_pool.reasoning_parser import ReasoningParser, detect_family, reasoning_for_prompt
 from services.tokenizer_pool.tokenizer import Tokenizer, load_tokenizer
 from shared.config import EngineConfig
 from shared.errors import InvalidRequest
@@ -35,6 +36,8 @@ class CompletionOutput:
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     logprobs: list[TextLogprob] | None = None
+    reasoning_content: str | None = None
+    """chat() under a reasoning parser: the thinking (text is then the answer)."""
 
 
 @dataclass
@@ -57,6 +60,7 @@ class _Child(NamedTuple):
     stream: RequestStream
     completion: CompletionOutput
     result: RequestOutput
+    reasoning: ReasoningParser | None
 
 
 class LLM:
@@ -69,6 +73,11 @@ class LLM:
         self.engine = LLMEngine(self.config)
         self.engine.set_tokenizer_vocab(self.tokenizer.backend.to_str(), self.tokenizer.eos_token_ids)
         self._ids = itertools.count()
+        family = self.config.reasoning_parser
+        self.reasoning_family = (
+            detect_family(self.tokenizer) if family == "auto" else None if family == "none" else family
+        )
+        """How chat() splits outputs into reasoning_content and text (as the server's tokenizer pool)."""
 
     def generate(
         self,
@@ -85,7 +94,7 @@ class LLM:
                 items.append((p, self.tokenizer.encode(p)))
             else:
                 items.append((None, list(p)))
-        return self._run(items, sampling_params, use_tqdm)
+        return self._run(items, sampling_params, use_tqdm, chat=False)
 
     def chat(
         self,
@@ -102,13 +111,14 @@ class LLM:
         for conv in conversations:
             text = self.tokenizer.render_chat(conv, add_generation_prompt)
             items.append((text, self.tokenizer.apply_chat_template(conv, add_generation_prompt)))
-        return self._run(items, sampling_params, use_tqdm)
+        return self._run(items, sampling_params, use_tqdm, chat=True)
 
     def _run(
         self,
         items: list[tuple[str | None, list[int]]],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None,
         use_tqdm: bool,
+        chat: bool,
     ) -> list[RequestOutput]:
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
             params_list = [sampling_params or SamplingParams()] * len(items)
@@ -121,7 +131,7 @@ class LLM:
         streams: dict[str, _Child] = {}
         now = time.time()
         try:
-            self._add_all(items, params_list, now, results, streams)
+            self._add_all(items, params_list, now, results, streams, chat)
         except Exception:
             self.engine.abort(list(streams))  # nothing half-submitted stays in the engine
             raise
@@ -135,6 +145,7 @@ class LLM:
         now: float,
         results: list[RequestOutput],
         streams: dict[str, _Child],
+        chat: bool,
     ) -> None:
         for (text, ids), params in zip(items, params_list, strict=True):
             params.validate()
@@ -144,9 +155,12 @@ class LLM:
                 rid = f"{result.request_id}-{i}"
                 completion = CompletionOutput(index=i)
                 result.outputs.append(completion)
-                self.engine.add_request(rid, ids, child, self.tokenizer.eos_token_ids, now)
+                parser, reasoning = None, None
+                if chat and text is not None:
+                    parser, reasoning = reasoning_for_prompt(self.tokenizer, self.reasoning_family, text)
+                self.engine.add_request(rid, ids, child, self.tokenizer.eos_token_ids, now, reasoning)
                 stream = RequestStream(rid, self.tokenizer, child, num_prompt_tokens=len(ids), engine=0)
-                streams[rid] = _Child(stream, completion, result)
+                streams[rid] = _Child(stream, completion, result, parser)
 
     def _drain(
         self,
@@ -164,10 +178,13 @@ class LLM:
                     if error.status >= 500:
                         raise RuntimeError(error.message)
                     raise InvalidRequest(error.message, param=error.param, code=error.code)
-                stream, completion, result = streams[out.request_id]
+                stream, completion, result, parser = streams[out.request_id]
                 if stream.finished:
                     continue
                 delta = stream.process(out)
+                if parser is not None:
+                    parser.split(delta)
+                    completion.reasoning_content = (completion.reasoning_content or "") + delta.reasoning_text
                 completion.text += delta.text
                 completion.token_ids.extend(delta.token_ids)
                 if delta.logprobs is not None:

@@ -62,6 +62,11 @@ class EngineConfig(msgspec.Struct, kw_only=True):
     """How chat outputs are parsed for tool calls under tool_choice auto: hermes
     (<tool_call> tags: Hermes, Qwen2.5/3, and the default tool prompt of templates without
     tools), llama3 (a bare JSON call); auto: chosen from the chat template."""
+    reasoning_parser: Literal["auto", "deepseek_r1", "qwen3", "none"] = "auto"
+    """How chat outputs are split into reasoning_content and content: qwen3 (a <think>...</think>
+    block the model opens), deepseek_r1 (the output starts inside the thinking), none; auto:
+    from the chat template (none when it has no <think>). Constraints and tool parsing apply
+    to the answer only."""
     grammar_compile_timeout_s: float = 10.0
     """A structured-output grammar (JSON schema, regex, EBNF) that takes longer than this to
     compile fails its request with a 400; the engine keeps serving everyone else."""

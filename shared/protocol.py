@@ -174,6 +174,20 @@ class ChatMessage(msgspec.Struct, kw_only=True, omit_defaults=True):
     """A tool turn: the call it answers."""
 
 
+class ReasoningTokens(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """A reasoning model's thinking delimiters as token ids, for one request: the engine applies
+    the request's grammar to the answer only (after `end`). Decided by the tokenizer worker
+    from the tokenizer and the rendered prompt (services/tokenizer_pool/reasoning_parser.py)."""
+
+    end: list[int]
+    """The tokens of `</think>`: the answer starts after them."""
+    inside: bool = True
+    """The output starts inside the thinking (the prompt opened it, or the model always thinks)."""
+    start: int | None = None
+    """When the output starts outside and the model may open its thinking: the single token of
+    `<think>` (as its first output token); None: it may not (the grammar applies from the start)."""
+
+
 class ToolCallDelta(msgspec.Struct, kw_only=True, omit_defaults=True):
     """A piece of one tool call as OpenAI streams it: id and name first, then argument text."""
 
@@ -208,6 +222,10 @@ class GenerateRequest(msgspec.Struct, tag="generate", kw_only=True):
     named function's arguments)."""
     tool_name: str | None = None
     """The function of tool_choice named."""
+    parallel_tool_calls: bool = True
+    """False: at most one call is returned (tool_choice auto drops later ones)."""
+    chat_template_kwargs: dict[str, Any] | None = None
+    """Extra variables for the chat template (e.g. Qwen3's enable_thinking)."""
 
 
 class AbortRequest(msgspec.Struct, tag="abort", kw_only=True):
@@ -243,6 +261,8 @@ class EngineRequest(msgspec.Struct, tag="engine_request", kw_only=True):
     """Index into tokenizer_addrs: where this request's outputs go."""
     eos_token_ids: list[int] = []
     arrival_time: float = 0.0
+    reasoning: ReasoningTokens | None = None
+    """Set for a chat request under a reasoning parser: its grammar applies after the thinking."""
 
 
 class TokenizerVocab(msgspec.Struct, tag="tokenizer_vocab", kw_only=True):
@@ -330,6 +350,8 @@ class RequestDelta(msgspec.Struct, kw_only=True, omit_defaults=True):
     """The stop string or stop token id that finished it."""
     tool_calls: list[ToolCallDelta] | None = None
     """Tool calls found in the output (text then holds only what is not a call)."""
+    reasoning_text: str = ""
+    """Under a reasoning parser: new thinking text (text then holds only the answer)."""
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
     """Cumulative."""

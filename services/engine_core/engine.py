@@ -8,6 +8,8 @@ from __future__ import annotations
 import logging
 import time
 
+import msgspec
+
 from services.engine_core.batch import ScheduledBatch
 from services.engine_core.block_manager import BlockManager
 from services.engine_core.model_runner import ModelRunner
@@ -18,7 +20,15 @@ from shared.config import EngineConfig
 from shared.errors import InvalidRequest, check_context_length
 from shared.model_files import resolve_model
 from shared.model_info import eos_token_ids
-from shared.protocol import FINISH_ABORT, EngineOutput, EngineStats, ErrorInfo, SamplingParams, TokenLogprob
+from shared.protocol import (
+    FINISH_ABORT,
+    EngineOutput,
+    EngineStats,
+    ErrorInfo,
+    ReasoningTokens,
+    SamplingParams,
+    TokenLogprob,
+)
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +65,10 @@ class LLMEngine:
         sampling_params: SamplingParams,
         eos_token_ids: list[int] | None = None,
         arrival_time: float | None = None,
+        reasoning: ReasoningTokens | None = None,
     ) -> None:
-        """Raise InvalidRequest if the client must change the request."""
+        """Raise InvalidRequest if the client must change the request. reasoning: a reasoning
+        model's thinking delimiters; a grammar then constrains only the answer after them."""
         sampling_params.validate()
         if not prompt_token_ids:
             raise InvalidRequest("the prompt is empty", param="prompt")
@@ -82,6 +94,11 @@ class LLMEngine:
         job = self.structured_output.submit(spec)
         if job.error is not None:
             raise GrammarError(job.error)
+        if reasoning is not None and all(0 <= t < vocab for t in reasoning.end):
+            # (a `</think>` the model cannot write would never end the thinking: then the grammar
+            # applies from the first token)
+            start = reasoning.start if reasoning.start is not None and 0 <= reasoning.start < vocab else None
+            req.reasoning = msgspec.structs.replace(reasoning, start=start)
         self._compiling[request_id] = (req, job)
 
     def set_tokenizer_vocab(self, tokenizer_json: str, eos_token_ids: list[int]) -> None:
@@ -97,7 +114,7 @@ class LLMEngine:
                 compiled = self.structured_output.poll(job)
                 if compiled is None:
                     continue
-                req.grammar = self.structured_output.matcher(compiled, req.eos_token_ids)
+                req.grammar = self.structured_output.matcher(compiled, req.eos_token_ids, req.reasoning)
                 self.scheduler.add_request(req)
             except InvalidRequest as e:  # GrammarError, or the scheduler refusing the request
                 failed.append(

@@ -6,7 +6,7 @@ import enum
 import time
 from typing import Any
 
-from shared.protocol import FINISH_ABORT, FINISH_LENGTH, FINISH_STOP, SamplingParams
+from shared.protocol import FINISH_ABORT, FINISH_LENGTH, FINISH_STOP, ReasoningTokens, SamplingParams
 
 
 class RequestStatus(enum.Enum):
@@ -74,7 +74,9 @@ class Request:
         self.first_scheduled_time: float | None = None
         self.stop_token_id: int | None = None
         self.grammar: Any = None
-        """The xgrammar GrammarMatcher of a structured-output request (see structured_output.py)."""
+        """The RequestGrammar of a structured-output request (see structured_output.py)."""
+        self.reasoning: ReasoningTokens | None = None
+        """A reasoning model's thinking delimiters: the grammar applies after them."""
 
     @property
     def num_prompt_tokens(self) -> int:

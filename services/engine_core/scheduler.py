@@ -177,7 +177,7 @@ class Scheduler:
         sp = req.sampling_params
         # min_tokens needs no check here: the sampler masks stop tokens below it.
         if req.grammar is not None:
-            if not req.grammar.accept_token(token):
+            if not req.grammar.accept(token):
                 # The mask allowed only tokens the grammar accepts: a bug, so end this request
                 # alone rather than fail the step for everyone.
                 log.error("%s: sampled token %d is outside its grammar", req.request_id, token)

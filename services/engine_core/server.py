@@ -110,6 +110,7 @@ class EngineCoreServer:
                 msg.sampling_params,
                 msg.eos_token_ids or None,
                 msg.arrival_time or None,
+                msg.reasoning,
             )
             self.owner[msg.request_id] = msg.worker
         except InvalidRequest as e:

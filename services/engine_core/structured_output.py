@@ -9,11 +9,15 @@ remembered so a client repeating a bad schema costs nothing. A compile past
 --grammar-compile-timeout-s fails its request with a 400 (the thread finishes in the
 background: xgrammar cannot be interrupted).
 
-Each admitted request owns a GrammarMatcher. Every step the model runner fills one
-bitmask row per constrained request, the sampler applies the mask to exactly those
-rows (xgrammar's kernel: C++ on CPU, Triton on CUDA), and the scheduler advances the
-matcher with the sampled token. Preemption keeps the matcher: it already holds every
-emitted token, and a re-prefill samples only at its end.
+Each admitted request owns a RequestGrammar (its GrammarMatcher). Every step the model
+runner fills one bitmask row per constrained request, the sampler applies the mask to
+exactly those rows (xgrammar's kernel: C++ on CPU, Triton on CUDA), and the scheduler
+advances the matcher with the sampled token. A reasoning model's request (ReasoningTokens)
+is constrained in its answer only: while it thinks, its row allows every token but EOS (a
+constrained output may not end before its answer) and the matcher does not move; the
+tokens of `</think>` start the answer, as vLLM's `reasoning_parser.is_reasoning_end`.
+Preemption keeps the matcher: it already holds every emitted token, and a re-prefill
+samples only at its end.
 
 xgrammar is imported in the compile thread, never on the step loop, and only once a
 tokenizer worker has sent the vocabulary (TokenizerVocab) or a request needs it.
@@ -28,13 +32,13 @@ import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
 from shared.config import EngineConfig
 from shared.errors import InvalidRequest
-from shared.protocol import GrammarSpec
+from shared.protocol import GrammarSpec, ReasoningTokens
 
 if TYPE_CHECKING:
     import xgrammar as xgr
@@ -169,22 +173,84 @@ class StructuredOutputManager:
     # --- per request --------------------------------------------------------------------
 
     @staticmethod
-    def matcher(compiled: xgr.CompiledGrammar, eos_token_ids: Sequence[int]) -> xgr.GrammarMatcher:
+    def matcher(
+        compiled: xgr.CompiledGrammar, eos_token_ids: Sequence[int], reasoning: ReasoningTokens | None = None
+    ) -> RequestGrammar:
         import xgrammar as xgr
 
-        return xgr.GrammarMatcher(compiled, override_stop_tokens=list(eos_token_ids) or None)
+        m = xgr.GrammarMatcher(compiled, override_stop_tokens=list(eos_token_ids) or None)
+        return RequestGrammar(m, eos_token_ids, reasoning)
 
     def shutdown(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
 
-def fill_bitmask(matchers: Sequence[tuple[int, xgr.GrammarMatcher]], batch_size: int, vocab_size: int) -> torch.Tensor:
+def _set_bit(bitmask: torch.Tensor, row: int, token: int, allowed: bool) -> None:
+    word, bit = divmod(token, 32)
+    if word >= bitmask.shape[1]:
+        return
+    value = int(bitmask[row, word]) & 0xFFFFFFFF
+    value = value | (1 << bit) if allowed else value & ~(1 << bit)
+    bitmask[row, word] = value - (1 << 32) if value >= 1 << 31 else value  # back to int32
+
+
+class RequestGrammar:
+    """One request's grammar state: its matcher, and whether it is still thinking."""
+
+    def __init__(
+        self, matcher: xgr.GrammarMatcher, eos_token_ids: Sequence[int], reasoning: ReasoningTokens | None = None
+    ) -> None:
+        self.matcher = matcher
+        self._eos = list(eos_token_ids)
+        self._end = list(reasoning.end) if reasoning is not None else []
+        self._start = reasoning.start if reasoning is not None else None
+        self.phase: Literal["reasoning", "maybe", "answer"] = "answer"
+        """reasoning: thinking, unconstrained; maybe: the first token may open the thinking
+        (`start`) or begin the answer; answer: constrained."""
+        if reasoning is not None and reasoning.end:
+            if reasoning.inside:
+                self.phase = "reasoning"
+            elif reasoning.start is not None:
+                self.phase = "maybe"
+        self._tail: list[int] = []
+        """The last len(end) tokens of the thinking."""
+
+    def fill(self, bitmask: torch.Tensor, row: int) -> None:
+        """This request's row of the step's mask (the row starts all allowed)."""
+        if self.phase == "reasoning":
+            for t in self._eos:
+                _set_bit(bitmask, row, t, allowed=False)
+            return
+        self.matcher.fill_next_token_bitmask(bitmask, row)
+        if self.phase == "maybe" and self._start is not None:
+            _set_bit(bitmask, row, self._start, allowed=True)
+
+    def accept(self, token: int) -> bool:
+        """Advance with the sampled token; False if the grammar rejects it (a bug: the mask allowed it)."""
+        if self.phase == "maybe":
+            if token == self._start:
+                self.phase = "reasoning"
+                return True
+            self.phase = "answer"
+        if self.phase == "reasoning":
+            self._tail = [*self._tail, token][-len(self._end) :]
+            if self._tail == self._end:
+                self.phase = "answer"
+            return True
+        return bool(self.matcher.accept_token(token))
+
+    def is_terminated(self) -> bool:
+        """The answer is complete and an end token was accepted."""
+        return self.phase == "answer" and bool(self.matcher.is_terminated())
+
+
+def fill_bitmask(grammars: Sequence[tuple[int, RequestGrammar]], batch_size: int, vocab_size: int) -> torch.Tensor:
     """A [batch_size, ceil(V/32)] int32 mask (all allowed) with the given rows filled."""
     import xgrammar as xgr
 
     bitmask = xgr.allocate_token_bitmask(batch_size, vocab_size)
-    for row, m in matchers:
-        m.fill_next_token_bitmask(bitmask, row)
+    for row, g in grammars:
+        g.fill(bitmask, row)
     return bitmask
 
 

@@ -162,6 +162,10 @@ class ChatBody(_SamplingFields, kw_only=True, forbid_unknown_fields=True):
     parallel_tool_calls: bool | None = None
     functions: Any = None
     function_call: Any = None
+    chat_template_kwargs: dict[str, Any] | None = None
+
+
+_TEMPLATE_RESERVED = {"messages", "tools", "documents", "add_generation_prompt"}
 
 
 class TokenizeBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -449,12 +453,20 @@ def chat_job(req: ChatBody, served_model: str, client_id: str | None, id_prefix:
     if req.max_completion_tokens is not None:
         renames["max_tokens"] = "max_completion_tokens"
     _validate(params, renames)
+    reserved = sorted(_TEMPLATE_RESERVED & set(req.chat_template_kwargs or ()))
+    if reserved:
+        raise InvalidRequest(
+            f"chat_template_kwargs must not set {', '.join(reserved)}: they are request fields",
+            param="chat_template_kwargs",
+        )
     job_id = request_id(id_prefix, client_id)
     add_generation_prompt = True if req.add_generation_prompt is None else req.add_generation_prompt
     children = _children(job_id, params, [{"messages": messages}])
     for child in children:
         child.add_generation_prompt = add_generation_prompt
         child.tools, child.tool_choice, child.tool_name = tools.tools, tools.choice, tools.name
+        child.parallel_tool_calls = req.parallel_tool_calls is not False
+        child.chat_template_kwargs = req.chat_template_kwargs or None
     return Job(
         request_id=job_id,
         chat=True,

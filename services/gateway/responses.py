@@ -35,6 +35,7 @@ class ChoiceState:
         "text_offset",
         "logprobs",
         "tool_calls",
+        "reasoning",
     )
 
     def __init__(self, index: int) -> None:
@@ -51,6 +52,8 @@ class ChoiceState:
         self.logprobs: list[TextLogprob] = []
         self.tool_calls: list[dict[str, Any]] = []
         """Chat: the calls parsed out of the output, OpenAI-shaped."""
+        self.reasoning: list[str] = []
+        """Chat under a reasoning parser: the thinking (reasoning_content)."""
 
 
 class DeltaAccumulator:
@@ -135,6 +138,8 @@ class ResponseCollector(DeltaAccumulator):
             c = self._apply(d)
             if d.text:
                 c.texts.append(d.text)
+            if d.reasoning_text:
+                c.reasoning.append(d.reasoning_text)
             if d.logprobs:
                 c.logprobs.extend(d.logprobs)
             for call in d.tool_calls or ():
@@ -156,6 +161,8 @@ class ResponseCollector(DeltaAccumulator):
             text = "".join(c.texts)
             if job.chat:
                 message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
+                if c.reasoning:
+                    message["reasoning_content"] = "".join(c.reasoning)
                 if c.tool_calls:
                     message["tool_calls"] = c.tool_calls
                     message["content"] = text or None
@@ -233,6 +240,8 @@ class StreamEncoder(DeltaAccumulator):
                 break
             c = self._apply(d)
             text = d.prompt_text + d.text if d.prompt_text else d.text  # echo: only the first delta has it
+            if d.reasoning_text:
+                out.append(self._reasoning_chunk(c, d.reasoning_text))
             if text or d.logprobs:
                 out.append(self._content_chunk(c, text, d.logprobs))
             if d.tool_calls:
@@ -257,6 +266,11 @@ class StreamEncoder(DeltaAccumulator):
             delta = {"index": c.index, "delta": {"tool_calls": [item]}, "logprobs": None, "finish_reason": None}
             chunks.append(self._chunk(delta))
         return chunks
+
+    def _reasoning_chunk(self, c: ChoiceState, text: str) -> bytes:
+        return self._chunk(
+            {"index": c.index, "delta": {"reasoning_content": text}, "logprobs": None, "finish_reason": None}
+        )
 
     def _content_chunk(self, c: ChoiceState, text: str, lps: list[TextLogprob] | None) -> bytes:
         if self.job.chat:

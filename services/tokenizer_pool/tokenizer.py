@@ -124,9 +124,11 @@ class Tokenizer:
         messages: Sequence[ChatMessage | Mapping[str, Any]],
         add_generation_prompt: bool = True,
         tools: Sequence[Mapping[str, Any]] | None = None,
+        template_kwargs: Mapping[str, Any] | None = None,
     ) -> str:
         """tools: OpenAI function tools, rendered by the template if it has a tool section,
-        else by the default tool prompt (see tool_prompt.py)."""
+        else by the default tool prompt (see tool_prompt.py). template_kwargs: extra template
+        variables (the request's chat_template_kwargs, e.g. Qwen3's enable_thinking)."""
         if not self.chat_template:
             raise InvalidRequest("this model has no chat template: use the completions API", param="messages")
         chat = [
@@ -138,14 +140,16 @@ class Tokenizer:
         chat, template_tools = messages_for_template(
             chat, [dict(t) for t in tools] if tools else None, template_renders_tools(self.chat_template)
         )
+        variables = {
+            **self.special_tokens,
+            **(template_kwargs or {}),
+            "messages": chat,
+            "tools": template_tools,
+            "documents": None,
+            "add_generation_prompt": add_generation_prompt,
+        }
         try:
-            return _compile_template(self.chat_template).render(
-                messages=chat,
-                tools=template_tools,
-                documents=None,
-                add_generation_prompt=add_generation_prompt,
-                **self.special_tokens,
-            )
+            return _compile_template(self.chat_template).render(**variables)
         except jinja2.TemplateError as e:  # e.g. raise_exception('roles must alternate'): bad input
             raise InvalidRequest(f"chat template: {e}", param="messages") from e
 

@@ -9,6 +9,8 @@ Per request, one ToolCallParser turns each text delta into (content, tool-call d
 - required: the grammar forced a JSON array of `{"name", "parameters"}`: parsed at the end.
 - named: the grammar forced the arguments of the named function: the call's id and name
   go first, then every text delta is an argument fragment (as OpenAI streams them).
+With `parallel_tool_calls: false` (max_calls=1) calls after the first are dropped (required
+is held to one call by its grammar already).
 """
 
 from __future__ import annotations
@@ -68,10 +70,13 @@ class ToolCallParser:
         mode: Literal["auto", "required", "named"],
         family: ToolParserFamily = "hermes",
         tool_name: str | None = None,
+        max_calls: int | None = None,
     ) -> None:
         self.mode = mode
         self.family = family
         self.tool_name = tool_name
+        self.max_calls = max_calls
+        """None: any number of calls; else later calls are dropped."""
         self.num_calls = 0
         self._buf = ""
         self._in_call = False
@@ -82,6 +87,20 @@ class ToolCallParser:
         return delta
 
     def feed(self, text: str) -> tuple[str, list[ToolCallDelta]]:
+        text, calls = self._feed(text)
+        return text, self._limit(calls)
+
+    def finish(self) -> tuple[str, list[ToolCallDelta]]:
+        """What is left once the output ended."""
+        text, calls = self._finish()
+        return text, self._limit(calls)
+
+    def _limit(self, calls: list[ToolCallDelta]) -> list[ToolCallDelta]:
+        if self.max_calls is None:
+            return calls
+        return [c for c in calls if c.index < self.max_calls]
+
+    def _feed(self, text: str) -> tuple[str, list[ToolCallDelta]]:
         if self.mode == "named":
             calls = []
             if self.num_calls == 0:
@@ -94,8 +113,7 @@ class ToolCallParser:
             return self._feed_whole()
         return self._feed_hermes()
 
-    def finish(self) -> tuple[str, list[ToolCallDelta]]:
-        """What is left once the output ended."""
+    def _finish(self) -> tuple[str, list[ToolCallDelta]]:
         buf, self._buf = self._buf, ""
         if self.mode == "named":
             return "", []

@@ -19,8 +19,10 @@ import msgspec
 import zmq
 
 from services.tokenizer_pool.detokenizer import RequestStream
+from services.tokenizer_pool.reasoning_parser import ReasoningParser, detect_family, reasoning_for_prompt
 from services.tokenizer_pool.tokenizer import Tokenizer, load_tokenizer
-from services.tokenizer_pool.tool_parser import ToolCallParser, ToolParserFamily, detect_family
+from services.tokenizer_pool.tool_parser import ToolCallParser, ToolParserFamily
+from services.tokenizer_pool.tool_parser import detect_family as detect_tool_family
 from shared import zmq_utils
 from shared.config import Config
 from shared.errors import InvalidRequest, check_context_length
@@ -79,7 +81,13 @@ class TokenizerWorker:
         """Chat requests whose output is parsed for tool calls."""
         family = config.engine.tool_call_parser
         self._tool_family: ToolParserFamily = (
-            detect_family(self.tokenizer.chat_template) if family == "auto" else family
+            detect_tool_family(self.tokenizer.chat_template) if family == "auto" else family
+        )
+        self._reasoning_parsers: dict[str, ReasoningParser] = {}
+        """Chat requests whose output is split into reasoning and content."""
+        reasoning = config.engine.reasoning_parser
+        self._reasoning_family = (
+            detect_family(self.tokenizer) if reasoning == "auto" else None if reasoning == "none" else reasoning
         )
         self._parent_pid = os.getppid()
         # Before any request: ZMQ keeps order per connection, so an engine knows the vocabulary
@@ -160,7 +168,14 @@ class TokenizerWorker:
             prompt_text=prompt_text if req.echo else None,
         )
         if req.messages is not None and req.tools and req.tool_choice != "none":
-            self._tool_parsers[req.request_id] = ToolCallParser(req.tool_choice, self._tool_family, req.tool_name)
+            self._tool_parsers[req.request_id] = ToolCallParser(
+                req.tool_choice, self._tool_family, req.tool_name, max_calls=None if req.parallel_tool_calls else 1
+            )
+        reasoning = None
+        if req.messages is not None:
+            parser, reasoning = reasoning_for_prompt(self.tokenizer, self._reasoning_family, prompt_text)
+            if parser is not None:
+                self._reasoning_parsers[req.request_id] = parser
         self._engines[engine].send(
             encode(
                 EngineRequest(
@@ -170,6 +185,7 @@ class TokenizerWorker:
                     worker=self.index,
                     eos_token_ids=self.tokenizer.eos_token_ids,
                     arrival_time=req.arrival_time,
+                    reasoning=reasoning,
                 )
             )
         )
@@ -192,7 +208,7 @@ class TokenizerWorker:
         else:
             if not req.messages:
                 raise InvalidRequest("messages is empty", param="messages")
-            text = tok.render_chat(req.messages, req.add_generation_prompt, req.tools)
+            text = tok.render_chat(req.messages, req.add_generation_prompt, req.tools, req.chat_template_kwargs)
             ids = tok.encode(text, add_special_tokens=False)
         param = "messages" if req.messages is not None else "prompt"
         if not ids:
@@ -249,6 +265,7 @@ class TokenizerWorker:
         for request_id in request_ids:
             stream = self._streams.pop(request_id, None)
             self._tool_parsers.pop(request_id, None)
+            self._reasoning_parsers.pop(request_id, None)
             if stream is not None:
                 by_engine[stream.engine].append(request_id)
             else:
@@ -274,6 +291,9 @@ class TokenizerWorker:
                 continue  # aborted or stopped here; the engine had not heard yet
             try:
                 delta = stream.process(out)
+                reasoning = self._reasoning_parsers.get(out.request_id)
+                if reasoning is not None:
+                    reasoning.split(delta)  # tool calls are parsed out of the answer only
                 parser = self._tool_parsers.get(out.request_id)
                 if parser is not None:
                     _parse_tool_calls(parser, delta)
@@ -293,6 +313,7 @@ class TokenizerWorker:
                 else:
                     del self._streams[out.request_id]
                     self._tool_parsers.pop(out.request_id, None)
+                    self._reasoning_parsers.pop(out.request_id, None)
         self._abort_in_engines(to_abort)
         if deltas or msg.stats is not None:
             self._send_gateway(GatewayOutputs(worker=self.index, deltas=deltas, stats=msg.stats))
