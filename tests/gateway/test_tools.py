@@ -124,3 +124,45 @@ async def test_tool_calls_in_openai_shapes(gateway: Gateway) -> None:
         finish = chunk.choices[0].finish_reason or finish
     assert finish == "tool_calls"
     assert [json.loads(c["arguments"]) for c in calls.values()] == [{"city": "Paris"}, {"city": "Rome"}]
+
+
+async def test_parallel_tool_calls_and_template_kwargs_reach_the_workers(gateway: Gateway) -> None:
+    req = await post(gateway, {**CHAT, "tools": TOOLS})
+    assert req.parallel_tool_calls and req.chat_template_kwargs is None
+    req = await post(
+        gateway,
+        {**CHAT, "tools": TOOLS, "parallel_tool_calls": False, "chat_template_kwargs": {"enable_thinking": False}},
+    )
+    assert not req.parallel_tool_calls and req.chat_template_kwargs == {"enable_thinking": False}
+    status, body, _ = await gateway.post("/v1/chat/completions", {**CHAT, "chat_template_kwargs": {"messages": []}})
+    assert_openai_error(status, body, 400, "chat_template_kwargs")
+
+
+async def think_then_answer(worker: FakeWorker, req: GenerateRequest) -> None:
+    """As a tokenizer worker's reasoning parser reports a thinking model's output."""
+    deltas = [
+        RequestDelta(request_id=req.request_id, reasoning_text="The user", num_prompt_tokens=5, num_output_tokens=2),
+        RequestDelta(request_id=req.request_id, reasoning_text=" asks.", num_output_tokens=4),
+        RequestDelta(request_id=req.request_id, text='{"a": 1}', num_output_tokens=9, finish_reason="stop"),
+    ]
+    for d in deltas:
+        worker.send(d)
+        await asyncio.sleep(0.005)
+
+
+async def test_reasoning_content_in_openai_shapes(gateway: Gateway) -> None:
+    gateway.set_script(think_then_answer)
+    client = openai.AsyncOpenAI(base_url=gateway.url + "/v1", api_key="x", max_retries=0)
+    resp = await client.chat.completions.create(model=MODEL, messages=CHAT["messages"])
+    msg = resp.choices[0].message
+    assert (msg.reasoning_content, msg.content) == ("The user asks.", '{"a": 1}')  # type: ignore[attr-defined]
+    stream = await client.chat.completions.create(model=MODEL, messages=CHAT["messages"], stream=True)
+    reasoning = content = ""
+    async for chunk in stream:
+        delta = chunk.choices[0].delta
+        reasoning += getattr(delta, "reasoning_content", None) or ""
+        content += delta.content or ""
+    assert (reasoning, content) == ("The user asks.", '{"a": 1}')
+    gateway.set_script(two_calls)  # no reasoning: no reasoning_content key at all
+    status, body, _ = await gateway.post("/v1/chat/completions", CHAT)
+    assert status == 200 and "reasoning_content" not in body["choices"][0]["message"]

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 
 from services.tokenizer_pool.reasoning_parser import (
+    PromptState,
     ReasoningParser,
     ReasoningParserFamily,
-    PromptState,
     detect_family,
     prompt_state,
     reasoning_for_prompt,
@@ -103,7 +103,7 @@ QWEN3_TEMPLATE = (
 )
 R1_TEMPLATE = (
     "{% for m in messages %}{{ m.content }}{% endfor %}"
-    "{% if add_generation_prompt %}<｜Assistant｜><think>\n{% endif %}"
+    "{% if add_generation_prompt %}<\uff5cAssistant\uff5c><think>\n{% endif %}"
 )
 
 

@@ -135,3 +135,12 @@ def test_default_tool_prompt_for_templates_without_tools() -> None:
     # a template with a tool section gets the tools and the arguments as objects
     out, template_tools = messages_for_template(msgs, tools, renders_tools=True)
     assert template_tools == tools and out[2]["tool_calls"][0]["function"]["arguments"] == {"a": 1}
+
+
+@pytest.mark.parametrize("chunks", splits(QWEN_OUTPUT))
+def test_parallel_tool_calls_false_keeps_the_first_call(chunks: list[str]) -> None:
+    text, calls = run(ToolCallParser("auto", "hermes", max_calls=1), chunks)
+    assert text.strip() == "Let me check."
+    assert calls == [{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}]
+    two = '{"name": "a", "parameters": {"x": 1}}; {"name": "b", "parameters": {}}'
+    assert run(ToolCallParser("auto", "llama3", max_calls=1), [two])[1] == [{"name": "a", "arguments": {"x": 1}}]
