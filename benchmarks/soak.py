@@ -10,8 +10,10 @@ and in the middle (after half the requests started) one engine core is killed wi
 Every request has a deadline (--hang-s). It reports, into benchmarks/results/soak.json:
   lost     accepted (200) but neither completed nor ended with an error (e.g. a stream cut without one);
   hung     no end within the deadline;
-  5xx      server errors, split into those of the kill (the killed engine's in-flight requests,
-           whose message says so) and the others (the target is 0);
+  5xx      server errors, split into the killed engine's in-flight requests (a 503, or an in-band
+           error, saying that the request was lost because the engine crashed) and all others
+           (the target is 0): a request that arrived during the restart and was refused rather
+           than held (--restart-wait-s) is one of the others, counted apart as well;
   p50/p99  latency of the successful normal requests;
   RSS      of the whole process tree before (after a warm-up) and after, and its growth;
   KV       the engines' KV-cache usage once idle (the target is 0).
@@ -63,6 +65,8 @@ class Stats:
     outcomes: dict[str, int] = field(default_factory=dict)
     latencies: list[float] = field(default_factory=list)
     server_errors_kill: int = 0
+    server_errors_restart: int = 0
+    """Of the others: refused or failed because a component was restarting or down."""
     server_errors_other: list[str] = field(default_factory=list)
     lost: list[str] = field(default_factory=list)
     hung: int = 0
@@ -71,10 +75,13 @@ class Stats:
         self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
 
     def server_error(self, message: str) -> None:
-        if "crashed" in message or "restarting" in message:
+        # The gateway's words for the requests a dead engine had started (pool_client.py).
+        if "the request was lost" in message and "crashed" in message:
             self.server_errors_kill += 1
-        else:
-            self.server_errors_other.append(message[:200])
+            return
+        if "unavailable" in message or "restarting" in message:
+            self.server_errors_restart += 1
+        self.server_errors_other.append(message[:200])
 
 
 def free_port() -> int:
@@ -299,8 +306,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "lost": len(stats.lost),
         "lost_examples": stats.lost[:10],
         "hung": stats.hung,
-        "server_errors_of_the_kill": stats.server_errors_kill,
+        "server_errors_killed_engine_in_flight": stats.server_errors_kill,
         "server_errors_other": len(stats.server_errors_other),
+        "server_errors_other_during_restart": stats.server_errors_restart,
         "server_error_examples": stats.server_errors_other[:10],
         "latency_p50_s": pct(0.5),
         "latency_p99_s": pct(0.99),

@@ -26,6 +26,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from services.gateway import serving
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.openai_api import ApiError
+from services.gateway.openapi import openapi_spec
 from services.gateway.pool_client import PoolClient
 from services.gateway.responses_store import ResponseStore
 from services.gateway.serving import MODEL_NAME, POOL_CLIENT, RESPONSE_STORE, json_response
@@ -257,6 +258,11 @@ def build_app(config: Config) -> web.Application:
     async def version(_: web.Request) -> web.Response:
         return json_response({"version": _version()})
 
+    spec = openapi_spec(_version())
+
+    async def openapi(_: web.Request) -> web.Response:
+        return json_response(spec)
+
     async def index(_: web.Request) -> web.FileResponse:
         return web.FileResponse(STATIC_DIR / "index.html")
 
@@ -276,6 +282,7 @@ def build_app(config: Config) -> web.Application:
             web.get("/health", health),
             web.get("/metrics", metrics_endpoint),
             web.get("/version", version),
+            web.get("/openapi.json", openapi),
             web.get("/", index),
             # The chat page's scripts, styles and vendored libraries (no CDN: it works offline).
             web.static("/static", STATIC_DIR),
