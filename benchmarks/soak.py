@@ -343,6 +343,8 @@ def main() -> None:
         "server_args", nargs="*", help="extra `novainfer serve` flags (after --), e.g. -- --max-num-seqs 64"
     )
     args = parser.parse_args()
+    # SIGTERM (e.g. from `timeout`) unwinds like Ctrl-C, so the server this script started is stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     result = asyncio.run(run(args))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
