@@ -12,8 +12,9 @@ Workloads:
             proposals rarely match (what speculation must not slow down)
 
 Every point records output tok/s and TPOT (from the streamed client), and from the
-server's /metrics: draft tokens proposed and accepted (acceptance rate, mean accepted
-length per proposal) and generated tokens per engine step. Every method gets the same
+server's /metrics: draft tokens proposed and accepted (acceptance rate; mean accepted
+length: tokens per verified proposal, the target's own included, as vLLM counts it) and
+generated tokens per engine step. Every method gets the same
 requests (seeded per workload and concurrency); the texts of greedy outputs are compared
 with those of `off` (`outputs_same_as_off`). Requests ignore EOS, so all methods generate
 the same number of tokens. The suffix method's corpus of earlier outputs grows across
@@ -173,7 +174,11 @@ def parse_counters(text: str) -> dict[str, float]:
     sums: dict[str, float] = {}
     for m in re.finditer(r"^([A-Za-z_:][\w:]*)(?:\{[^}]*\})? (\S+)$", text, re.M):
         name = m.group(1)
-        if "spec_decode" in name or name in ("novainfer_engine_steps_total", "novainfer_generation_tokens_total"):
+        # Counters only: a gauge's difference means nothing.
+        if ("spec_decode" in name and name.endswith("_total")) or name in (
+            "novainfer_engine_steps_total",
+            "novainfer_generation_tokens_total",
+        ):
             sums[name] = sums.get(name, 0.0) + float(m.group(2))
     return sums
 
@@ -200,8 +205,8 @@ def speculation_stats(before: dict[str, float], after: dict[str, float]) -> dict
         "draft_tokens": proposed,
         "accepted_tokens": accepted,
         "acceptance_rate": accepted / proposed if accepted is not None and proposed else None,
-        # Accepted draft tokens per verified proposal (vLLM's "mean acceptance length" is this + 1).
-        "mean_accepted_length": accepted / drafts if accepted is not None and drafts else None,
+        # Tokens a verification row yields, the target's own included (vLLM's and /metrics' definition).
+        "mean_accepted_length": 1 + accepted / drafts if accepted is not None and drafts else None,
         "generated_tokens_per_step": generated / steps if generated is not None and steps else None,
     }
 

@@ -72,6 +72,7 @@ novainfer_spec_decode_num_draft_tokens_total{engine="0"} 80
 novainfer_spec_decode_num_accepted_tokens_total{engine="0"} 50
 novainfer_spec_decode_num_accepted_tokens_per_pos_total{position="0"} 20
 vllm:spec_decode_num_accepted_tokens_total{model_name="m"} 50
+novainfer_spec_decode_acceptance_ratio{engine="0"} 0.6
 novainfer_engine_steps_total 40
 novainfer_generation_tokens_total 100
 novainfer_prefix_cache_hits_total 7
@@ -82,9 +83,10 @@ def test_speculation_stats_from_metrics() -> None:
     before = spec.parse_counters("novainfer_engine_steps_total 10\nnovainfer_generation_tokens_total 10\n")
     after = spec.parse_counters(METRICS)
     assert "novainfer_prefix_cache_hits_total" not in after
+    assert "novainfer_spec_decode_acceptance_ratio" not in after  # a gauge
     s = spec.speculation_stats(before, after)
     assert s["drafts"] == 20 and s["draft_tokens"] == 80 and s["accepted_tokens"] == 50
-    assert s["acceptance_rate"] == 50 / 80 and s["mean_accepted_length"] == 50 / 20
+    assert s["acceptance_rate"] == 50 / 80 and s["mean_accepted_length"] == 1 + 50 / 20
     assert s["generated_tokens_per_step"] == 90 / 30
     none = spec.speculation_stats({}, spec.parse_counters("novainfer_engine_steps_total 1\n"))
     assert none["acceptance_rate"] is None and none["mean_accepted_length"] is None
