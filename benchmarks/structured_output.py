@@ -1,6 +1,7 @@
 """Structured-output throughput: does constrained decoding slow the batch down?
 
-Against a running server (e.g. `make serve`), at a fixed concurrency on chat completions:
+Against a running server (--base-url), or one it starts itself (`novainfer serve` with
+--serve-args, stopped at the end), at a fixed concurrency on chat completions:
   (a) free       every request free text
   (b) json       every request under its own JSON schema (corpus schemas made distinct per
                  request, so the compile cache cannot hide compilation)
@@ -13,8 +14,8 @@ which is why the ratio is of tok/s, not of requests/s.
 It also compiles every corpus schema in this process with the engine's compiler (cache
 off) and reports compile time p50/p99.
 
-    .venv/bin/python benchmarks/structured_output.py --base-url http://127.0.0.1:8000 \
-        --model SmolLM2-135M-Instruct --concurrency 32 --num-requests 128 --max-tokens 128
+    .venv/bin/python benchmarks/structured_output.py --concurrency 32 --num-requests 128 --max-tokens 128
+    .venv/bin/python benchmarks/structured_output.py --base-url http://127.0.0.1:8000 --model SmolLM2-135M-Instruct
 
 Writes benchmarks/results/structured_output.json.
 """
@@ -23,11 +24,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import copy
 import json
 import os
+import shlex
+import signal
+import socket
+import subprocess
 import sys
+import tempfile
 import time
+import urllib.request
+from collections.abc import Iterator
 from typing import Any
 
 import aiohttp
@@ -38,6 +47,38 @@ sys.path.insert(0, ROOT)
 from tests.engine_core.schema_corpus import SCHEMAS  # noqa: E402
 
 PROMPT = "Write a short description of a person, a place or a thing."
+START_TIMEOUT_S = 300
+
+
+@contextlib.contextmanager
+def own_server(serve_args: list[str]) -> Iterator[str]:
+    """`novainfer serve` on a free port; its base URL once /health answers 200; SIGTERM at the end."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    run_dir = tempfile.mkdtemp(prefix="nso-", dir="/tmp")
+    cmd = [sys.executable, "-m", "novainfer.cli", "serve", "--port", str(port), "--run-dir", run_dir, *serve_args]
+    proc = subprocess.Popen(cmd, cwd=ROOT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("novainfer serve did not start")
+            try:
+                with urllib.request.urlopen(base + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.5)
+        yield base
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def distinct_schema(i: int) -> dict[str, Any]:
@@ -131,7 +172,8 @@ def compile_times(model: str) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--base-url", default="http://127.0.0.1:8000")
+    p.add_argument("--base-url", default=None, help="a running server; default: start one with --serve-args")
+    p.add_argument("--serve-args", default="", help="extra `novainfer serve` flags for the server it starts")
     p.add_argument("--model", default="SmolLM2-135M-Instruct")
     p.add_argument("--tokenizer-model", default="smollm2", help="--model as the server got it (for compile times)")
     p.add_argument("--concurrency", type=int, default=32)
@@ -147,9 +189,11 @@ def main(argv: list[str] | None = None) -> int:
         "mixed": [body(args.model, mt, distinct_schema(n + i) if i % 2 else None) for i in range(n)],
     }
     results: dict[str, Any] = {"config": vars(args), "phases": {}}
-    for name, bodies in phases.items():
-        results["phases"][name] = r = asyncio.run(run_phase(args.base_url, bodies, args.concurrency))
-        print(f"{name:6s} {r['output_tok_s']:9.1f} tok/s  ({r['output_tokens']} tokens, {r['duration_s']} s)")
+    with contextlib.ExitStack() as stack:
+        base_url = args.base_url or stack.enter_context(own_server(shlex.split(args.serve_args)))
+        for name, bodies in phases.items():
+            results["phases"][name] = r = asyncio.run(run_phase(base_url, bodies, args.concurrency))
+            print(f"{name:6s} {r['output_tok_s']:9.1f} tok/s  ({r['output_tokens']} tokens, {r['duration_s']} s)")
     free = results["phases"]["free"]["output_tok_s"]
     results["ratio_json"] = round(results["phases"]["json"]["output_tok_s"] / free, 3)
     results["ratio_mixed"] = round(results["phases"]["mixed"]["output_tok_s"] / free, 3)
