@@ -6,11 +6,11 @@ Each tree is a depth-bounded suffix trie: every substring of up to `max_depth` t
 sequences added is a path from the root, and each node counts the occurrences of its
 substring. The proposal for a match of length m follows the most frequent child from the
 match's node, multiplying each step's empirical probability (the child's share of the
-    node's continuations) and
-stopping when that product drops below `min_token_prob`, after `max_spec_factor * m` tokens
-(a longer match is more trustworthy, so it may speculate more), or after k. Of all the
-matches (every suffix length, in both trees) the one whose path has the highest expected
-number of accepted tokens (the sum of the path's probabilities) wins.
+node's continuations) and stopping when that product drops below `min_token_prob`, after
+`max_spec_factor * m` tokens (a longer match is more trustworthy, so it may speculate
+more), or after k. Of all the matches (every suffix length, in both trees) the one whose
+path has the highest expected number of accepted tokens (the sum of the path's
+probabilities) wins.
 
 Everything is incremental: a request's own tree and the global one are extended by the
 tokens added since its last step, and the node matching each of its suffixes is carried
