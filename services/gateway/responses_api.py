@@ -223,12 +223,15 @@ def input_messages(raw: Any, param: str = "input") -> list[Message]:
                 out[-1].tool_calls = [*(out[-1].tool_calls or []), call]
             else:
                 out.append(Message(role="assistant", content=None, tool_calls=[call]))
+        elif kind == "reasoning":
+            pass  # earlier thinking is not sent back to the model (as reasoning chat templates drop it)
         elif kind == "function_call_output":
             fo: FunctionCallOutputItem = _convert(item, FunctionCallOutputItem, where)
             out.append(Message(role="tool", content=_text(fo.output, f"{where}.output"), tool_call_id=fo.call_id))
         else:
             raise InvalidRequest(
-                f"input item type {kind!r} is not supported; use message, function_call or function_call_output",
+                f"input item type {kind!r} is not supported; use message, function_call, function_call_output"
+                " or reasoning",
                 param=f"{where}.type",
             )
     return out
@@ -256,6 +259,8 @@ def input_items(raw: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
         elif kind == "function_call":
             fields = {k: item[k] for k in ("call_id", "name", "arguments")}
             items.append({"id": item.get("id") or new_id("fc_"), "type": kind, "status": "completed", **fields})
+        elif kind == "reasoning":
+            items.append({**item, "id": item.get("id") or new_id("rs_")})
         else:
             fields = {"call_id": item["call_id"], "output": item["output"]}
             items.append({"id": item.get("id") or new_id("fco_"), "type": kind, "status": "completed", **fields})
@@ -424,6 +429,15 @@ def output_text_part(text: str) -> dict[str, Any]:
     return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
 
 
+def reasoning_item(item_id: str, text: str, status: str) -> dict[str, Any]:
+    """A reasoning model's thinking, in full (the model's own text, not a summary)."""
+    return {"id": item_id, "type": "reasoning", "summary": [], "content": [reasoning_text_part(text)], "status": status}
+
+
+def reasoning_text_part(text: str) -> dict[str, Any]:
+    return {"type": "reasoning_text", "text": text}
+
+
 def function_call_item(item_id: str, call_id: str, name: str, arguments: str, status: str) -> dict[str, Any]:
     return {
         "id": item_id,
@@ -436,10 +450,13 @@ def function_call_item(item_id: str, call_id: str, name: str, arguments: str, st
 
 
 def output_items(c: ChoiceState) -> list[dict[str, Any]]:
-    """A finished choice as output items: its text as one message (also when empty and there is
-    no call, so a response always has output), then one function_call item per tool call."""
+    """A finished choice as output items: its thinking (under a reasoning parser) as a reasoning
+    item, its text as one message (also when empty and there is no call, so a response always
+    has output), then one function_call item per tool call."""
     text = "".join(c.texts)
     items = []
+    if c.reasoning:
+        items.append(reasoning_item(new_id("rs_"), "".join(c.reasoning), status_of(c.finish_reason)))
     if text or not c.tool_calls:
         items.append(message_item(new_id("msg_"), text, status_of(c.finish_reason)))
     for call in c.tool_calls:

@@ -21,6 +21,8 @@ from services.gateway.responses_api import (
     message_item,
     new_id,
     output_text_part,
+    reasoning_item,
+    reasoning_text_part,
     response_object,
     responses_usage,
     status_of,
@@ -71,6 +73,8 @@ class ResponseEventStream(DeltaAccumulator):
                 self._unfinished = 0
                 return b"".join(out)
             c = self._apply(d)
+            if d.reasoning_text:
+                out += self._text_delta(d.reasoning_text, "reasoning")
             if d.text:
                 out += self._text_delta(d.text)
             for call in d.tool_calls or ():
@@ -82,34 +86,32 @@ class ResponseEventStream(DeltaAccumulator):
     def end(self) -> bytes:
         return b""  # the terminal response.* event was the last
 
-    def _text_delta(self, text: str) -> list[bytes]:
+    def _text_delta(self, text: str, kind: str = "message") -> list[bytes]:
+        """Answer text (a message item) or thinking (a reasoning item), opening the item first."""
         out = []
-        if self._open is None or self._output[self._open]["type"] != "message":
+        if self._open is None or self._output[self._open]["type"] != kind:
             out += self._close("completed")
-            out += self._open_message()
+            out += self._open_text_item(kind)
         assert self._open is not None
         self._text.append(text)
+        fields: dict[str, Any] = {"logprobs": []} if kind == "message" else {}
+        event = "response.output_text.delta" if kind == "message" else "response.reasoning_text.delta"
         item_id = self._output[self._open]["id"]
-        out.append(
-            self._event(
-                "response.output_text.delta",
-                item_id=item_id,
-                output_index=self._open,
-                content_index=0,
-                delta=text,
-                logprobs=[],
-            )
-        )
+        out.append(self._event(event, item_id=item_id, output_index=self._open, content_index=0, delta=text, **fields))
         return out
 
-    def _open_message(self) -> list[bytes]:
-        item = {"id": new_id("msg_"), "type": "message", "role": "assistant", "status": "in_progress", "content": []}
+    def _open_text_item(self, kind: str) -> list[bytes]:
+        if kind == "message":
+            item = {"id": new_id("msg_"), "type": kind, "role": "assistant", "status": "in_progress", "content": []}
+        else:
+            item = reasoning_item(new_id("rs_"), "", "in_progress") | {"content": []}
         self._open = len(self._output)
         self._output.append(item)
         self._text = []
+        part = output_text_part("") if kind == "message" else reasoning_text_part("")
         return [
             self._event("response.output_item.added", output_index=self._open, item=item),
-            self._part_event("response.content_part.added", output_text_part("")),
+            self._part_event("response.content_part.added", part),
         ]
 
     def _part_event(self, type_: str, part: dict[str, Any]) -> bytes:
@@ -144,19 +146,18 @@ class ResponseEventStream(DeltaAccumulator):
         if self._open is None:
             return []
         index, item = self._open, self._output[self._open]
-        if item["type"] == "message":
+        if item["type"] in ("message", "reasoning"):
             text = "".join(self._text)
-            item.update(message_item(item["id"], text, status))
+            fields: dict[str, Any]
+            if item["type"] == "message":
+                item.update(message_item(item["id"], text, status))
+                done, part, fields = "response.output_text.done", output_text_part(text), {"logprobs": []}
+            else:
+                item.update(reasoning_item(item["id"], text, status))
+                done, part, fields = "response.reasoning_text.done", reasoning_text_part(text), {}
             out = [
-                self._event(
-                    "response.output_text.done",
-                    item_id=item["id"],
-                    output_index=index,
-                    content_index=0,
-                    text=text,
-                    logprobs=[],
-                ),
-                self._part_event("response.content_part.done", output_text_part(text)),
+                self._event(done, item_id=item["id"], output_index=index, content_index=0, text=text, **fields),
+                self._part_event("response.content_part.done", part),
             ]
         else:
             item["status"] = status
@@ -176,8 +177,9 @@ class ResponseEventStream(DeltaAccumulator):
     def _finish(self, finish_reason: str | None) -> list[bytes]:
         status = status_of(finish_reason)
         out = []
-        if not self._output:  # as a whole response has: an (empty) message
-            out += self._open_message()
+        if not any(item["type"] != "reasoning" for item in self._output):  # as a whole response: a message
+            out += self._close(status)
+            out += self._open_text_item("message")
         out += self._close(status)
         self.final = response_object(self.req, status, self._output, responses_usage(self.usage()))
         kind = "response.completed" if status == "completed" else "response.incomplete"

@@ -11,8 +11,16 @@ import aiohttp
 import openai
 import pytest
 
-from shared.protocol import GenerateRequest
-from tests.gateway.fakes import MODEL, Gateway, GatewayFactory, endless, fail_after_one, prompt_too_long
+from shared.protocol import GenerateRequest, RequestDelta
+from tests.gateway.fakes import (
+    MODEL,
+    FakeWorker,
+    Gateway,
+    GatewayFactory,
+    endless,
+    fail_after_one,
+    prompt_too_long,
+)
 from tests.gateway.test_gateway_errors import assert_openai_error
 from tests.gateway.test_tools import two_calls
 
@@ -318,3 +326,53 @@ async def test_input_items_listed(gateway: Gateway) -> None:
         await c.responses.input_items.list("resp_missing")
     with pytest.raises(openai.BadRequestError):
         await c.responses.input_items.list(first.id, limit=0)
+
+
+async def think_then_answer(worker: FakeWorker, req: GenerateRequest) -> None:
+    """As a tokenizer worker under a reasoning parser splits the output."""
+    deltas = [
+        RequestDelta(request_id=req.request_id, reasoning_text="Hmm, ", num_prompt_tokens=5, num_output_tokens=2),
+        RequestDelta(request_id=req.request_id, reasoning_text="easy.", num_output_tokens=4),
+        RequestDelta(request_id=req.request_id, text="Four.", num_output_tokens=6, finish_reason="stop"),
+    ]
+    for d in deltas:
+        worker.send(d)
+        await asyncio.sleep(0.005)
+
+
+async def test_reasoning_items(gateway: Gateway) -> None:
+    gateway.set_script(think_then_answer)
+    c = client(gateway)
+    resp = await c.responses.create(model=MODEL, input="2+2?")
+    assert [i.type for i in resp.output] == ["reasoning", "message"]
+    assert resp.output[0].content[0].text == "Hmm, easy." and resp.output_text == "Four."
+    events = [e async for e in await c.responses.create(model=MODEL, input="2+2?", stream=True)]
+    assert [e.type for e in events] == [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.content_part.added",
+        "response.reasoning_text.delta",
+        "response.reasoning_text.delta",
+        "response.reasoning_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        "response.output_item.added",
+        "response.content_part.added",
+        "response.output_text.delta",
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        "response.completed",
+    ]
+    assert events[6].text == "Hmm, easy." and events[2].item.type == "reasoning"
+    final = events[-1].response
+    assert [i.model_dump(exclude={"id"}) for i in final.output] == [i.model_dump(exclude={"id"}) for i in resp.output]
+    # Sent back as input, the reasoning item is accepted and left out of the prompt.
+    history = [{"role": "user", "content": "2+2?"}, *(i.model_dump(exclude_none=True) for i in resp.output)]
+    await c.responses.create(model=MODEL, input=[*history, {"role": "user", "content": "and 3+3?"}])
+    assert [(m.role, m.content) for m in last_request(gateway).messages] == [
+        ("user", "2+2?"),
+        ("assistant", "Four."),
+        ("user", "and 3+3?"),
+    ]
