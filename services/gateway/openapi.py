@@ -13,6 +13,7 @@ from typing import Any
 import msgspec
 
 from services.gateway.openai_api import ChatBody, CompletionBody, DetokenizeBody, TokenizeBody
+from services.gateway.responses_api import ResponsesBody
 
 SCHEMAS = "#/components/schemas/{name}"
 
@@ -64,17 +65,23 @@ _GENERATE_ERRORS = (400, 401, 404, 413, 415, 429, 500, 503)
 
 
 def openapi_spec(version: str) -> dict[str, Any]:
-    (completion, chat, tokenize, detokenize, _), components = msgspec.json.schema_components(
-        [CompletionBody, ChatBody, TokenizeBody, DetokenizeBody, ErrorResponse], ref_template=SCHEMAS
+    (completion, chat, responses, tokenize, detokenize, _), components = msgspec.json.schema_components(
+        [CompletionBody, ChatBody, ResponsesBody, TokenizeBody, DetokenizeBody, ErrorResponse], ref_template=SCHEMAS
     )
     model_param = {"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}
     request_id = {"name": "request_id", "in": "path", "required": True, "schema": {"type": "string"}}
+    response_id = {"name": "response_id", "in": "path", "required": True, "schema": {"type": "string"}}
+    page = [
+        {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 100}},
+        {"name": "order", "in": "query", "schema": {"enum": ["asc", "desc"]}},
+        {"name": "after", "in": "query", "schema": {"type": "string"}},
+    ]
     return {
         "openapi": "3.1.0",
         "info": {
             "title": "NovaInfer",
             "version": version,
-            "description": "OpenAI-compatible completions and chat completions, plus vLLM's tokenize/detokenize.",
+            "description": "OpenAI-compatible completions, chat completions and responses; vLLM's tokenize/detokenize.",
         },
         "paths": {
             "/v1/completions": {
@@ -82,6 +89,19 @@ def openapi_spec(version: str) -> dict[str, Any]:
             },
             "/v1/chat/completions": {
                 "post": _operation("Create a chat completion", chat, stream=True, errors=_GENERATE_ERRORS)
+            },
+            "/v1/responses": {
+                "post": _operation("Create a response (Responses API)", responses, stream=True, errors=_GENERATE_ERRORS)
+            },
+            "/v1/responses/{response_id}": {
+                "get": {**_operation("A stored response", errors=(400, 401, 404)), "parameters": [response_id]},
+                "delete": {**_operation("Delete a stored response", errors=(401, 404)), "parameters": [response_id]},
+            },
+            "/v1/responses/{response_id}/input_items": {
+                "get": {
+                    **_operation("A stored response's input items", errors=(400, 401, 404)),
+                    "parameters": [response_id, *page],
+                }
             },
             "/v1/models": {"get": _operation("List the served model", errors=(401,))},
             "/v1/models/{model}": {

@@ -22,6 +22,7 @@ from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 
 from services.gateway.openai_api import ChatBody, CompletionBody, DetokenizeBody, TokenizeBody
+from services.gateway.responses_api import ResponsesBody
 from tests.gateway.fakes import MODEL, Gateway
 from tests.gateway.test_gateway_fuzz import live_gateway  # noqa: F401 (a fixture)
 
@@ -44,7 +45,7 @@ def test_openapi_json_is_generated_from_the_request_structs(live_gateway: Gatewa
     doc = spec(live_gateway)
     assert doc["openapi"].startswith("3.1")
     schemas = doc["components"]["schemas"]
-    for struct in (CompletionBody, ChatBody, TokenizeBody, DetokenizeBody):
+    for struct in (CompletionBody, ChatBody, ResponsesBody, TokenizeBody, DetokenizeBody):
         assert set(schemas[struct.__name__]["properties"]) == set(struct.__struct_fields__)
     completions = doc["paths"]["/v1/completions"]["post"]
     assert completions["requestBody"]["content"]["application/json"]["schema"] == {
@@ -66,11 +67,19 @@ def openai_error_shape(ctx: Any, response: Any, case: Any) -> bool | None:
     return True
 
 
-BODIES = [("/v1/completions", "POST"), ("/v1/chat/completions", "POST"), ("/tokenize", "POST"), ("/detokenize", "POST")]
+BODIES = [
+    ("/v1/completions", "POST"),
+    ("/v1/chat/completions", "POST"),
+    ("/v1/responses", "POST"),
+    ("/tokenize", "POST"),
+    ("/detokenize", "POST"),
+]
 # Path parameters are any string: there is no invalid one to generate.
 OPERATIONS = [(*op, GenerationMode.POSITIVE) for op in BODIES] + [(*op, GenerationMode.NEGATIVE) for op in BODIES]
 OPERATIONS += [("/v1/models/{model}", "GET", GenerationMode.POSITIVE)]
 OPERATIONS += [("/v1/requests/{request_id}/cancel", "POST", GenerationMode.POSITIVE)]
+OPERATIONS += [("/v1/responses/{response_id}", method, GenerationMode.POSITIVE) for method in ("GET", "DELETE")]
+OPERATIONS += [("/v1/responses/{response_id}/input_items", "GET", mode) for mode in GenerationMode]
 
 
 @pytest.mark.parametrize("path,method,mode", OPERATIONS, ids=[f"{m} {p} {g.value}" for p, m, g in OPERATIONS])
