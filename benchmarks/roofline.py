@@ -4,7 +4,7 @@ Measured in one run, on the same machine, with the engine's thread count:
 - memory bandwidth: the best of N full reads (torch sum) of a >= 1 GiB float32 tensor, and of
   N copies (read + write) of it;
 - GEMM peak: the best FLOP/s of square float32 and bfloat16 matmuls at sizes that reach it;
-- per mode (benchmarks/perplexity.py's MODES: fp32, bf16, int4, ...), through the engine's own
+- per mode (benchmarks/perplexity.py's: fp32, bf16, int4, and each with --compile-decode), through the engine's own
   ModelRunner.forward + LM head + argmax on a paged KV cache:
   - the single-stream decode step (batch 1, --context tokens of context):
     roofline ratio = (bytes the step must read: the weights it multiplies by + the K/V it
@@ -41,7 +41,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, HERE)
 
 from machine_info import machine_info  # noqa: E402
-from perplexity import MODES  # noqa: E402
+from perplexity import MODES as DENSE_MODES  # noqa: E402
 
 from services.engine_core.attention.base import AttentionMetadata  # noqa: E402
 from services.engine_core.model_runner import ModelRunner  # noqa: E402
@@ -49,6 +49,12 @@ from services.engine_core.models.llama import CausalLM  # noqa: E402
 from shared.config import EngineConfig  # noqa: E402
 
 RESULTS = os.path.join(HERE, "results", "roofline.json")
+MAX_NUM_SEQS = 128  # the server's default: the compiled modes compile its whole batch-size ladder
+# perplexity.py's modes, each also with --compile-decode (which changes decode steps only).
+MODES = {
+    **DENSE_MODES,
+    **{f"{m}-compiled": ({**o, "compile_decode": True}, rows) for m, (o, rows) in DENSE_MODES.items()},
+}
 
 
 def best_time(fn: Callable[[], object], reps: int) -> float:
@@ -148,7 +154,7 @@ def step_flops(runner: ModelRunner, batch: int, context: int) -> float:
 
 def engine_config(mode: str, threads: int, **extra: Any) -> EngineConfig:
     overrides, _ = MODES[mode]
-    return EngineConfig(num_threads=threads, **{**overrides, **extra})
+    return EngineConfig(num_threads=threads, max_num_seqs=MAX_NUM_SEQS, **{**overrides, **extra})
 
 
 def startup_child(mode: str, threads: int, cache_dir: str) -> None:
@@ -162,13 +168,14 @@ def startup_child(mode: str, threads: int, cache_dir: str) -> None:
     print(json.dumps({"construct_s": t1 - t0, "first_token_s": t2 - t1, "construct_to_first_token_s": t2 - t0}))
 
 
-def startup(mode: str, threads: int) -> dict[str, Any]:
+def startup(mode: str, threads: int, quick: bool) -> dict[str, Any]:
     """Cold (fresh weight and Inductor caches) then warm (the same caches), each a new process."""
     out: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="novainfer-roofline-") as tmp:
         env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": os.path.join(tmp, "inductor")}
         for run in ("cold", "warm"):
             cmd = [sys.executable, __file__, "--startup-child", mode, "--threads", str(threads), "--cache-dir", tmp]
+            cmd += ["--quick"] if quick else []
             t0 = time.perf_counter()
             p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
             if p.returncode != 0:
@@ -192,6 +199,9 @@ def main() -> int:
     p.add_argument("--cache-dir", help=argparse.SUPPRESS)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    if args.quick:
+        global MAX_NUM_SEQS
+        MAX_NUM_SEQS = 8
     if args.startup_child:
         startup_child(args.startup_child, args.threads, args.cache_dir)
         return 0
@@ -272,7 +282,7 @@ def main() -> int:
     runners.clear()
     if not args.no_startup:
         for mode in args.modes:
-            out["modes"][mode]["startup"] = s = startup(mode, args.threads)
+            out["modes"][mode]["startup"] = s = startup(mode, args.threads, args.quick)
             print(
                 f"{mode}: start-up to first token cold {s['cold']['construct_to_first_token_s']:.1f}s, "
                 f"warm {s['warm']['construct_to_first_token_s']:.1f}s",

@@ -55,6 +55,11 @@ class EngineConfig(msgspec.Struct, kw_only=True):
     """Seed for random weights and for sampling without a request seed."""
     enforce_eager: bool = False
     """Disable CUDA graphs."""
+    compile_decode: bool = False
+    """CPU only: run pure-decode steps through torch.compile'd (Inductor C++) layers, compiled at
+    start-up for each batch size of the CUDA-graph ladder (1, 2, 4, 8, 16, 32, ... max_num_seqs) and
+    cached on disk under cache_dir. Fewer, fused ops per token; output then differs from the exact
+    fp32 eager mode in the last bits (greedy output may diverge after many tokens)."""
     quantization: Literal["none", "int4"] = "none"
     """int4: steps of up to 16 rows use int4 weight-only copies of the layer matrices (CPU only;
     ~1.8x single-stream decode on a 4-bit GGUF, but greedy output then depends on the batch)."""

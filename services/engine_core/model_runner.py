@@ -16,10 +16,11 @@ import torch
 
 from services.engine_core.attention import AttentionMetadata, get_backend
 from services.engine_core.batch import ScheduledBatch
+from services.engine_core.compiled_decode import CompiledDecode, use_cache_dir
 from services.engine_core.cuda_graph import DecodeGraphs, Graph
 from services.engine_core.sampler import Sampler, SamplingBatch
 from services.engine_core.structured_output import fill_bitmask
-from services.engine_core.weight_loader import load_model
+from services.engine_core.weight_loader import engine_cache_dir, load_model
 from shared.config import EngineConfig, available_cores
 from shared.model_info import max_model_len
 from shared.protocol import TokenLogprob
@@ -48,7 +49,10 @@ class ModelRunner:
         self.config = config
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
+        if config.compile_decode and self.device.type != "cpu":
+            raise ValueError("--compile-decode is for CPUs (on CUDA, decode steps replay CUDA graphs)")
         if self.device.type == "cpu":
+            # Before any compilation: Inductor bakes the thread count into its kernels.
             torch.set_num_threads(config.num_threads or available_cores())
         torch.manual_seed(config.seed)
 
@@ -74,6 +78,11 @@ class ModelRunner:
                 self.graphs = self._capture_graphs()
             else:
                 log.info("CUDA graphs need the triton attention backend: running %s eagerly", self.backend.name)
+        self.compiled: CompiledDecode | None = None
+        if config.compile_decode:
+            use_cache_dir(engine_cache_dir(config))
+            self.compiled = CompiledDecode(self.model, self.backend, config.max_num_seqs)
+            self.compiled.compile(self.kv_caches)
         log.info(
             "model %s loaded in %.2fs on %s (%s, %s attention); KV cache: %d blocks of %d tokens (%d tokens, %.1f MiB)",
             self.model_config.architecture,
@@ -236,10 +245,12 @@ class ModelRunner:
         return torch.tensor(values, dtype=dtype, pin_memory=True).to(self.device, non_blocking=True)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, md: AttentionMetadata) -> torch.Tensor:
-        """The final hidden states [num_tokens, hidden] of one step, through the CUDA graphs
-        where they apply, else eagerly."""
+        """The final hidden states [num_tokens, hidden] of one step: through the CUDA graphs or
+        the compiled CPU decode where they apply, else eagerly."""
         if self.graphs is not None and self.graphs.can_run(md):
             return self.graphs.run(input_ids, positions, md)
+        if self.compiled is not None and self.compiled.can_run(md):
+            return self.compiled.run(input_ids, positions, self.kv_caches, md)
         return self.model(input_ids, positions, self.kv_caches, md, self.backend)
 
     @torch.inference_mode()

@@ -98,7 +98,7 @@ def load_model(engine_config: EngineConfig, device: torch.device, dtype: torch.d
     files = resolve_model(engine_config.model)
     layer_types: frozenset[str] = frozenset()
     if files.format is ModelFormat.GGUF:
-        cfg, layer_types, weights = _gguf_weights(files.path, _cache_dir(engine_config))
+        cfg, layer_types, weights = _gguf_weights(files.path, engine_cache_dir(engine_config))
     else:
         cfg = ModelConfig.from_hf_config(files.hf_config())
     # The RoPE table needs no more rows than the context every process enforces.
@@ -146,7 +146,8 @@ def init_random_weights(model: CausalLM, seed: int) -> None:
             param.normal_(0.0, INIT_STD, generator=gen)
 
 
-def _cache_dir(engine_config: EngineConfig) -> str:
+def engine_cache_dir(engine_config: EngineConfig) -> str:
+    """Where the engine caches slow conversions (dequantized weights, compiled kernels)."""
     return os.path.expanduser(engine_config.cache_dir or "~/.cache/novainfer")
 
 

@@ -117,6 +117,10 @@ class DecoderLayer(nn.Module):
         self.int4 = Int4Layer.quantize(self.qkv_weight, self.o_weight, self.gate_up_weight, self.down_weight)
         self.int4_max_rows = max_rows
 
+    def int4_for(self, rows: int) -> Int4Layer | None:
+        """The int4 weights a step of `rows` rows multiplies by, or None for the dense ones."""
+        return self.int4 if rows <= self.int4_max_rows else None
+
     def forward(
         self,
         h: Tensor,
@@ -128,36 +132,17 @@ class DecoderLayer(nn.Module):
         backend: AttentionBackend,
     ) -> None:
         """Advance the residual stream h [T, hidden] through this layer, in place."""
-        q4 = self.int4 if h.shape[0] <= self.int4_max_rows else None
-        x = F.rms_norm(h, self.hidden_shape, self.attn_norm, self.eps)
-        attn = self.attention(x, cos, sin, k_cache, v_cache, md, backend, q4)
-        if q4 is not None:
-            h.add_(q4.o(attn))
-        else:
-            h.addmm_(attn, self.o_weight.t())
-        x = F.rms_norm(h, self.hidden_shape, self.mlp_norm, self.eps)
-        gate_up = q4.gate_up(x) if q4 is not None else F.linear(x, self.gate_up_weight)
-        gate, up = gate_up.chunk(2, dim=-1)
-        act = F.silu(gate, inplace=True).mul_(up)
-        if q4 is not None:
-            h.add_(q4.down(act))
-        else:
-            h.addmm_(act, self.down_weight.t())
+        q, k, v = self.attn_in(h, cos, sin)
+        backend.write_kv(k, v, k_cache, v_cache, md)
+        attn = backend.forward(q, k, v, k_cache, v_cache, md, self.scale)
+        self.attn_out_mlp(h, attn)
 
-    def attention(
-        self,
-        x: Tensor,
-        cos: Tensor,
-        sin: Tensor,
-        k_cache: Tensor,
-        v_cache: Tensor,
-        md: AttentionMetadata,
-        backend: AttentionBackend,
-        q4: Int4Layer | None = None,
-    ) -> Tensor:
-        """q4: the int4 weights to use instead of the dense ones (see forward)."""
+    def attn_in(self, h: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Everything before attention: h [T, hidden] -> q [T, heads, d], k and v [T, kv_heads, d]."""
         n, n_kv, d = self.num_heads, self.num_kv_heads, self.head_dim
-        t = x.shape[0]
+        t = h.shape[0]
+        q4 = self.int4_for(t)
+        x = F.rms_norm(h, self.hidden_shape, self.attn_norm, self.eps)
         if q4 is not None:
             qkv = q4.qkv(x)
             if self.qkv_bias is not None:
@@ -172,8 +157,26 @@ class DecoderLayer(nn.Module):
             qk[:, :n] *= self.q_norm
             qk[:, n:] *= self.k_norm
         q, k = apply_rope(qk, cos, sin).split((n, n_kv), dim=1)
-        backend.write_kv(k, v, k_cache, v_cache, md)
-        return backend.forward(q, k, v, k_cache, v_cache, md, self.scale).reshape(t, n * d)
+        return q, k, v
+
+    def attn_out_mlp(self, h: Tensor, attn: Tensor) -> Tensor:
+        """Everything after attention: adds the output projection of attn [T, heads, d] and
+        then the MLP to h [T, hidden], in place; returns h."""
+        q4 = self.int4_for(h.shape[0])
+        attn = attn.reshape(h.shape[0], -1)
+        if q4 is not None:
+            h.add_(q4.o(attn))
+        else:
+            h.addmm_(attn, self.o_weight.t())
+        x = F.rms_norm(h, self.hidden_shape, self.mlp_norm, self.eps)
+        gate_up = q4.gate_up(x) if q4 is not None else F.linear(x, self.gate_up_weight)
+        gate, up = gate_up.chunk(2, dim=-1)
+        act = F.silu(gate, inplace=True).mul_(up)
+        if q4 is not None:
+            h.add_(q4.down(act))
+        else:
+            h.addmm_(act, self.down_weight.t())
+        return h
 
 
 class CausalLM(nn.Module):
