@@ -78,11 +78,7 @@ class ModelRunner:
                 self.graphs = self._capture_graphs()
             else:
                 log.info("CUDA graphs need the triton attention backend: running %s eagerly", self.backend.name)
-        self.compiled: CompiledDecode | None = None
-        if config.compile_decode:
-            use_cache_dir(engine_cache_dir(config))
-            self.compiled = CompiledDecode(self.model, self.backend, config.max_num_seqs)
-            self.compiled.compile(self.kv_caches)
+        self.compiled = self._compile_decode() if config.compile_decode else None
         log.info(
             "model %s loaded in %.2fs on %s (%s, %s attention); KV cache: %d blocks of %d tokens (%d tokens, %.1f MiB)",
             self.model_config.architecture,
@@ -172,6 +168,18 @@ class ModelRunner:
             return graphs
         except Exception:
             log.warning("CUDA graph capture failed: running every step eagerly", exc_info=True)
+            return None
+
+    def _compile_decode(self) -> CompiledDecode | None:
+        # Like graph capture, compiling only buys speed: a host without a working C++ compiler
+        # (Inductor needs one) must cost speed, not the service.
+        use_cache_dir(engine_cache_dir(self.config))
+        try:
+            compiled = CompiledDecode(self.model, self.backend, self.config.max_num_seqs)
+            compiled.compile(self.kv_caches)
+            return compiled
+        except Exception:
+            log.warning("compiling the decode step failed: running every step eagerly", exc_info=True)
             return None
 
     def _decode_graphs(self, make_graph: Callable[[], Graph] | None = None) -> DecodeGraphs:

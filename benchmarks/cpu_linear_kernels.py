@@ -1,0 +1,134 @@
+"""Which CPU matmul kernel is fastest for each of SmolLM2's weight matrices at each batch size.
+
+Candidates, all in torch 2.13 without custom C++: dense float32 and bfloat16 `F.linear` (oneDNN;
+AMX for bf16 where the CPU has it), and the weight-only kernels `_weight_int4pack_mm_for_cpu`
+(4-bit groups of 32, what --quantization int4 uses) and `_weight_int8pack_mm` (8-bit, one scale
+per output row), both with bfloat16 activations. Rows 1..256 stand for the step's batch size.
+Each (matrix, rows) times every kernel interleaved, repeated, and keeps the median, because the
+machine is shared. Reports per rows the fastest kernel summed over a layer's four matrices (and
+the LM head), and the weight bytes each kernel reads. Writes benchmarks/results/cpu_linear_kernels.json.
+
+    .venv/bin/python benchmarks/cpu_linear_kernels.py
+    .venv/bin/python benchmarks/cpu_linear_kernels.py --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
+
+from machine_info import machine_info  # noqa: E402
+
+from services.engine_core.models.int4 import GROUP, Int4Weight  # noqa: E402
+
+RESULTS = os.path.join(HERE, "results", "cpu_linear_kernels.json")
+# SmolLM2-135M: name -> (out, in) of the fused matrices (q|k|v, o, gate|up, down) and the LM head.
+MATRICES = {"qkv": (960, 576), "o": (576, 576), "gate_up": (3072, 576), "down": (576, 1536), "lm_head": (49152, 576)}
+ROWS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
+
+
+def kernels(weight: torch.Tensor) -> dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], int, torch.dtype]]:
+    """name -> (x -> x @ weight.T, weight bytes read, activation dtype)."""
+    bf16 = weight.to(torch.bfloat16)
+    q4 = Int4Weight.quantize(weight)
+    scale = weight.abs().amax(1).clamp_min(1e-8) / 127
+    q8 = (weight / scale[:, None]).round().clamp(-127, 127).to(torch.int8)
+    scale8 = scale.to(torch.bfloat16)
+    return {
+        "fp32": (lambda x: F.linear(x, weight), weight.nbytes, torch.float32),
+        "bf16": (lambda x: F.linear(x, bf16), bf16.nbytes, torch.bfloat16),
+        "int4pack": (
+            lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(x, q4.packed, GROUP, q4.scales_zeros),
+            q4.packed.nbytes + q4.scales_zeros.nbytes,
+            torch.bfloat16,
+        ),
+        "int8pack": (
+            lambda x: torch.ops.aten._weight_int8pack_mm(x, q8, scale8),
+            q8.nbytes + scale8.nbytes,
+            torch.bfloat16,
+        ),
+    }
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=15)
+    p.add_argument("--quick", action="store_true", help="a smoke check, not figures")
+    p.add_argument("--output", default=RESULTS)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    rows_list = [1, 16, 64] if args.quick else ROWS
+    rounds = 2 if args.quick else args.rounds
+    torch.manual_seed(0)
+
+    times: dict[str, dict[int, dict[str, float]]] = {}
+    bytes_read: dict[str, dict[str, int]] = {}
+    for name, (n, k) in MATRICES.items():
+        w = torch.randn(n, k) * 0.05
+        ks = kernels(w)
+        bytes_read[name] = {kn: b for kn, (_, b, _) in ks.items()}
+        times[name] = {}
+        for rows in rows_list:
+            xs = {dt: torch.randn(rows, k).to(dt) for dt in (torch.float32, torch.bfloat16)}
+            samples: dict[str, list[float]] = {kn: [] for kn in ks}
+            for fn, _, dt in ks.values():
+                fn(xs[dt])  # warm-up
+            for _ in range(rounds):
+                for kn, (fn, _, dt) in ks.items():
+                    x = xs[dt]
+                    t0 = time.perf_counter()
+                    fn(x)
+                    samples[kn].append(time.perf_counter() - t0)
+            times[name][rows] = {kn: statistics.median(s) * 1e6 for kn, s in samples.items()}
+            best = min(times[name][rows], key=times[name][rows].__getitem__)
+            cells = "  ".join(f"{kn} {us:8.0f}" for kn, us in times[name][rows].items())
+            print(f"{name:<8} rows {rows:>3}: {cells}  (us; fastest {best})", flush=True)
+
+    # Per rows: a whole decoder layer (its four matrices) with each kernel, and the fastest.
+    layer = [m for m in MATRICES if m != "lm_head"]
+    per_rows: dict[int, dict[str, Any]] = {}
+    for rows in rows_list:
+        layer_us = {kn: sum(times[m][rows][kn] for m in layer) for kn in times["qkv"][rows]}
+        head_us = times["lm_head"][rows]
+        per_rows[rows] = {
+            "layer_us": layer_us,
+            "fastest_layer_kernel": min(layer_us, key=layer_us.__getitem__),
+            "lm_head_us": head_us,
+            "fastest_lm_head_kernel": min(head_us, key=head_us.__getitem__),
+        }
+    out = {
+        "benchmark": "cpu_linear_kernels",
+        "machine": machine_info(),
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "threads": args.threads,
+        "quick": args.quick,
+        "matrices": MATRICES,
+        "weight_bytes": bytes_read,
+        "median_us": times,
+        "per_rows": per_rows,
+    }
+    for rows, r in per_rows.items():
+        print(f"rows {rows:>3}: layer fastest {r['fastest_layer_kernel']}, lm_head fastest {r['fastest_lm_head_kernel']}")
+    os.makedirs(os.path.dirname(args.output), exist_ok=True)
+    with open(args.output, "w") as f:
+        json.dump(out, f, indent=1)
+    print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
