@@ -122,7 +122,9 @@ def main() -> int:
         "per_rows": per_rows,
     }
     for rows, r in per_rows.items():
-        print(f"rows {rows:>3}: layer fastest {r['fastest_layer_kernel']}, lm_head fastest {r['fastest_lm_head_kernel']}")
+        print(
+            f"rows {rows:>3}: layer fastest {r['fastest_layer_kernel']}, lm_head fastest {r['fastest_lm_head_kernel']}"
+        )
     os.makedirs(os.path.dirname(args.output), exist_ok=True)
     with open(args.output, "w") as f:
         json.dump(out, f, indent=1)
