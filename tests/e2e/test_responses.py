@@ -140,3 +140,23 @@ def test_bad_inputs_and_the_server_keeps_serving(client: openai.OpenAI) -> None:
         client.responses.create(model=MODEL, input=ASK, background=True)
     resp = client.responses.create(model=MODEL, input=ASK, max_output_tokens=4)
     assert resp.output_text
+
+
+def test_streamed_named_call_equals_the_whole_one(client: openai.OpenAI) -> None:
+    kwargs: dict = {
+        "model": MODEL,
+        "input": "Weather in Rome, in celsius?",
+        "tools": TOOLS,
+        "tool_choice": {"type": "function", "name": "get_weather"},
+        "max_output_tokens": 60,
+        "temperature": 0,
+    }
+    whole = client.responses.create(**kwargs)
+    (call,) = [item for item in whole.output if item.type == "function_call"]
+    jsonschema.validate(json.loads(call.arguments), WEATHER)
+    events = list(client.responses.create(**kwargs, stream=True))
+    deltas = "".join(e.delta for e in events if e.type == "response.function_call_arguments.delta")
+    (done,) = [e for e in events if e.type == "response.function_call_arguments.done"]
+    assert deltas == done.arguments == call.arguments
+    (streamed,) = [item for item in events[-1].response.output if item.type == "function_call"]
+    assert (streamed.name, streamed.arguments) == ("get_weather", call.arguments)
