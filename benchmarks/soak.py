@@ -20,7 +20,7 @@ Every request has a deadline (--hang-s). It reports, into benchmarks/results/soa
 Targets: 0 lost, 0 hung, 0 other 5xx, KV back to 0, RSS growth under 5%.
 
     .venv/bin/python benchmarks/soak.py                        # 2,000 requests at concurrency 128
-    .venv/bin/python benchmarks/soak.py --requests 40 --concurrency 8 --out /tmp/soak-smoke.json
+    .venv/bin/python benchmarks/soak.py --requests 16 --concurrency 4 --warmup 2 --out /tmp/soak-smoke.json
 """
 
 from __future__ import annotations
@@ -253,7 +253,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as session:
             await wait_healthy(session, url, args.start_timeout_s)
             model = (await (await session.get(url + "/v1/models")).json())["data"][0]["id"]
-            for w in range(min(16, args.requests)):  # warm-up, so RSS "before" is the steady state
+            for w in range(args.warmup):  # so that RSS "before" is the steady state
                 await one(w, "normal", session, url, model, Stats(), rng)
             rss_before = rss_bytes(tree(server.pid))
             sem = asyncio.Semaphore(args.concurrency)
@@ -334,6 +334,7 @@ def main() -> None:
     parser.add_argument("--cancel-frac", type=float, default=0.1)
     parser.add_argument("--disconnect-frac", type=float, default=0.1)
     parser.add_argument("--bad-frac", type=float, default=0.1)
+    parser.add_argument("--warmup", type=int, default=16, help="requests before RSS is measured")
     parser.add_argument("--no-kill-engine", dest="kill_engine", action="store_false")
     parser.add_argument("--hang-s", type=float, default=300.0, help="a request not ended by then is hung")
     parser.add_argument("--start-timeout-s", type=float, default=600.0)
