@@ -9,6 +9,7 @@ from typing import Any
 
 import aiohttp
 import openai
+import pydantic
 import pytest
 
 from shared.protocol import GenerateRequest, RequestDelta
@@ -376,3 +377,41 @@ async def test_reasoning_items(gateway: Gateway) -> None:
         ("assistant", "Four."),
         ("user", "and 3+3?"),
     ]
+
+
+async def json_answer(worker: FakeWorker, req: GenerateRequest) -> None:
+    for i, piece in enumerate(['{"city": ', '"Paris"}']):
+        last = i == 1
+        worker.send(
+            RequestDelta(
+                request_id=req.request_id,
+                text=piece,
+                num_prompt_tokens=5,
+                num_output_tokens=i + 1,
+                finish_reason="stop" if last else None,
+            )
+        )
+        await asyncio.sleep(0.005)
+
+
+class City(pydantic.BaseModel):
+    city: str
+
+
+async def test_sdk_parse_and_stream_helpers(gateway: Gateway) -> None:
+    """The SDK's helpers rebuild responses from the events and parse text.format outputs."""
+    gateway.set_script(json_answer)
+    c = client(gateway)
+    parsed = await c.responses.parse(model=MODEL, input="a city", text_format=City)
+    assert parsed.output_parsed == City(city="Paris")
+    spec = last_request(gateway).sampling_params.structured_output
+    assert spec.kind == "json_schema" and json.loads(spec.spec)["required"] == ["city"]
+    async with c.responses.stream(model=MODEL, input="a city", text_format=City) as stream:
+        deltas = [e.delta async for e in stream if e.type == "response.output_text.delta"]
+        final = await stream.get_final_response()
+    assert "".join(deltas) == final.output_text == '{"city": "Paris"}'
+    assert final.output_parsed == City(city="Paris")
+    gateway.set_script(two_calls)
+    async with c.responses.stream(model=MODEL, input="weather?", tools=TOOLS) as stream:
+        final = await stream.get_final_response()
+    assert [i.type for i in final.output] == ["message", "function_call", "function_call"]
