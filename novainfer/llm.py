@@ -184,7 +184,8 @@ class LLM:
                 delta = stream.process(out)
                 if parser is not None:
                     parser.split(delta)
-                    completion.reasoning_content = (completion.reasoning_content or "") + delta.reasoning_text
+                    if delta.reasoning_text:  # None, as the server omits it, when there was no thinking
+                        completion.reasoning_content = (completion.reasoning_content or "") + delta.reasoning_text
                 completion.text += delta.text
                 completion.token_ids.extend(delta.token_ids)
                 if delta.logprobs is not None:
