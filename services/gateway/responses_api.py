@@ -1,6 +1,6 @@
 """The Responses API (`POST /v1/responses`): its request body, translated into the chat request
-/v1/chat/completions serves (one path to the engine: chat_job), and the Response object built
-from what came back.
+/v1/chat/completions serves (one path to the engine: chat_job). The Response object built from
+what came back is responses_output.py; the stream's events, responses_stream.py.
 
 The body is decoded strictly: a field this module does not know is a 400, and so is a known
 one this server cannot honour (built-in tools, background mode, reasoning effort, ...), so a
@@ -12,8 +12,6 @@ follow-up turn is the same chat request a client of /v1/chat/completions would s
 from __future__ import annotations
 
 import re
-import time
-import uuid
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -30,7 +28,7 @@ from services.gateway.openai_api import (
     chat_job,
     decode_body,
 )
-from services.gateway.responses import ChoiceState
+from services.gateway.responses_output import new_id
 from services.gateway.responses_store import ResponseStore
 from services.gateway.structured_outputs import JsonSchemaFormat, ResponseFormat
 from services.gateway.tools import FunctionDef, NamedFunction, NamedToolChoice, Tool, ToolChoice
@@ -133,10 +131,6 @@ class ResponseRequest:
     echo: dict[str, Any]
     """The request fields a Response object repeats (instructions, tools, text, ...)."""
     store: bool
-
-
-def new_id(prefix: str) -> str:
-    return f"{prefix}{uuid.uuid4().hex}"
 
 
 def _unsupported(param: str, why: str = "is not supported by this server") -> InvalidRequest:
@@ -387,89 +381,3 @@ def parse_responses(body: bytes, served_model: str, client_id: str | None, store
         echo=echo,
         store=req.store is not False,
     )
-
-
-def response_object(
-    req: ResponseRequest,
-    status: str,
-    output: list[dict[str, Any]],
-    usage: dict[str, Any] | None = None,
-    error: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    return {
-        "id": req.job.request_id,
-        "object": "response",
-        "created_at": req.job.created,
-        "status": status,
-        "background": False,
-        "completed_at": int(time.time()) if status == "completed" else None,
-        "error": error,
-        "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
-        "output": output,
-        "usage": usage,
-        **req.echo,
-    }
-
-
-def status_of(finish_reason: str | None) -> str:
-    return "incomplete" if finish_reason == "length" else "completed"
-
-
-def message_item(item_id: str, text: str, status: str) -> dict[str, Any]:
-    return {
-        "id": item_id,
-        "type": "message",
-        "role": "assistant",
-        "status": status,
-        "content": [output_text_part(text)],
-    }
-
-
-def output_text_part(text: str) -> dict[str, Any]:
-    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
-
-
-def reasoning_item(item_id: str, text: str, status: str) -> dict[str, Any]:
-    """A reasoning model's thinking, in full (the model's own text, not a summary)."""
-    return {"id": item_id, "type": "reasoning", "summary": [], "content": [reasoning_text_part(text)], "status": status}
-
-
-def reasoning_text_part(text: str) -> dict[str, Any]:
-    return {"type": "reasoning_text", "text": text}
-
-
-def function_call_item(item_id: str, call_id: str, name: str, arguments: str, status: str) -> dict[str, Any]:
-    return {
-        "id": item_id,
-        "type": "function_call",
-        "call_id": call_id,
-        "name": name,
-        "arguments": arguments,
-        "status": status,
-    }
-
-
-def output_items(c: ChoiceState) -> list[dict[str, Any]]:
-    """A finished choice as output items: its thinking (under a reasoning parser) as a reasoning
-    item, its text as one message (also when empty and there is no call, so a response always
-    has output), then one function_call item per tool call."""
-    text = "".join(c.texts)
-    items = []
-    if c.reasoning:
-        items.append(reasoning_item(new_id("rs_"), "".join(c.reasoning), status_of(c.finish_reason)))
-    if text or not c.tool_calls:
-        items.append(message_item(new_id("msg_"), text, status_of(c.finish_reason)))
-    for call in c.tool_calls:
-        fn = call["function"]
-        items.append(function_call_item(new_id("fc_"), call["id"], fn["name"], fn["arguments"], "completed"))
-    return items
-
-
-def responses_usage(chat_usage: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "input_tokens": chat_usage["prompt_tokens"],
-        "input_tokens_details": {"cached_tokens": chat_usage["prompt_tokens_details"]["cached_tokens"]},
-        "output_tokens": chat_usage["completion_tokens"],
-        "output_tokens_details": {"reasoning_tokens": 0},
-        "total_tokens": chat_usage["total_tokens"],
-    }

@@ -15,8 +15,8 @@ import msgspec
 
 from services.gateway.openai_api import ApiError
 from services.gateway.responses import DeltaAccumulator
-from services.gateway.responses_api import (
-    ResponseRequest,
+from services.gateway.responses_api import ResponseRequest
+from services.gateway.responses_output import (
     function_call_item,
     message_item,
     new_id,

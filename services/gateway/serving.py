@@ -27,16 +27,8 @@ from services.gateway.openai_api import (
 )
 from services.gateway.pool_client import DuplicateRequest, Overloaded, PoolClient, RequestHandle, ServiceUnavailable
 from services.gateway.responses import ResponseCollector, StreamEncoder
-from services.gateway.responses_api import (
-    ResponseRequest,
-    input_messages,
-    output_items,
-    parse_responses,
-    response_object,
-    responses_param,
-    responses_usage,
-    status_of,
-)
+from services.gateway.responses_api import ResponseRequest, input_messages, parse_responses, responses_param
+from services.gateway.responses_output import output_items, response_object, responses_usage, status_of
 from services.gateway.responses_store import ResponseStore, StoredResponse
 from services.gateway.responses_stream import ResponseEventStream
 from shared.errors import InvalidRequest
