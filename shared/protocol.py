@@ -321,6 +321,15 @@ class EngineStats(msgspec.Struct, kw_only=True):
     last_step_time_s: float = 0.0
     last_batch_size: int = 0
     last_num_batched_tokens: int = 0
+    spec_num_drafts: int = 0
+    """Speculative decoding: verification rows that carried draft tokens."""
+    spec_num_draft_tokens: int = 0
+    """Draft tokens verified."""
+    spec_num_accepted_tokens: int = 0
+    """Draft tokens accepted (each one a token produced without a step of its own)."""
+    spec_num_accepted_tokens_per_pos: list[int] = []
+    """Accepted drafts by position in their row (index 0: first draft); one entry per
+    speculative token; [] when speculation is off."""
 
 
 class EngineOutputs(msgspec.Struct, tag="engine_outputs", kw_only=True):

@@ -208,6 +208,17 @@ class BlockManager:
         req.block_table = []
         req.chain_ids = []
 
+    def release_unused_blocks(self, req: Request) -> None:
+        """Free the blocks past the request's tokens (those only rejected draft tokens used).
+        They hold no computed token, so none is registered in the prefix cache."""
+        keep = self.blocks_needed(req.num_tokens)
+        while len(req.block_table) > keep:
+            block = req.block_table.pop()
+            self._ref[block] -= 1
+            assert self._ref[block] == 0 and self._key[block] is None, "a draft block is shared or cached"
+            self._num_used -= 1
+            self._free.appendleft(block)  # hot in caches: hand it out next
+
     def reset_prefix_cache(self) -> None:
         """Forget every cached block (e.g. after weights changed). Blocks in use stay
         allocated, merely unregistered; requests keep running unaffected."""

@@ -15,6 +15,7 @@ from services.engine_core.block_manager import BlockManager
 from services.engine_core.model_runner import ModelRunner
 from services.engine_core.request import Request, RequestStatus
 from services.engine_core.scheduler import Scheduler
+from services.engine_core.speculative.proposer import make_proposer
 from services.engine_core.structured_output import CompileJob, GrammarError, StructuredOutputManager
 from shared.config import EngineConfig
 from shared.errors import InvalidRequest, check_context_length
@@ -51,12 +52,19 @@ class LLMEngine:
         )
         self.scheduler = Scheduler(config, self.block_manager, self.max_model_len)
         self.structured_output = StructuredOutputManager(config, self.model_config.vocab_size)
+        self.proposer = make_proposer(config)
         self._compiling: dict[str, tuple[Request, CompileJob]] = {}
         """Structured-output requests whose grammar is compiling; the scheduler has not seen them."""
         self._steps = 0
         self._last_step_time = 0.0
         self._last_batch_size = 0
         self._last_num_tokens = 0
+        # Speculative decoding counters (vLLM's): verification rows with drafts, their draft
+        # tokens, the accepted ones, and accepted ones by draft position.
+        self._spec_drafts = 0
+        self._spec_draft_tokens = 0
+        self._spec_accepted_tokens = 0
+        self._spec_accepted_per_pos = [0] * (config.num_speculative_tokens if self.proposer else 0)
 
     def add_request(
         self,
@@ -140,6 +148,8 @@ class LLMEngine:
 
     def abort(self, request_ids: list[str]) -> list[EngineOutput]:
         compiling = [self._compiling.pop(rid)[0] for rid in request_ids if rid in self._compiling]
+        aborted = self.scheduler.abort(request_ids)
+        self._release(aborted)
         return [
             EngineOutput(
                 request_id=r.request_id,
@@ -147,8 +157,14 @@ class LLMEngine:
                 num_prompt_tokens=r.num_prompt_tokens,
                 num_cached_tokens=r.num_cached_tokens,
             )
-            for r in compiling + self.scheduler.abort(request_ids)
+            for r in compiling + aborted
         ]
+
+    def _release(self, requests: list[Request]) -> None:
+        """Requests that left the scheduler: the proposer may keep their tokens as a corpus."""
+        if self.proposer is not None:
+            for r in requests:
+                self.proposer.finish(r.request_id, r.all_token_ids, r.num_prompt_tokens)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished or bool(self._compiling)
@@ -163,6 +179,9 @@ class LLMEngine:
         got a new token or finished."""
         t0 = time.perf_counter()
         outputs = self._admit_compiled() if self._compiling else []
+        if self.proposer is not None:
+            # Here rather than after the previous step: its outputs are already on their way.
+            self._propose()
         batch = self.scheduler.schedule()
         if not batch.requests:
             return outputs
@@ -172,20 +191,26 @@ class LLMEngine:
             log.exception("engine step of %d requests failed: finding the request(s) responsible", len(batch))
             sampled, logprobs, failed = self._execute_isolated(batch)
             outputs += self._fail(failed, f"internal engine error while running this request: {e!r}")
-        self.scheduler.update(batch, sampled)
+        num_before = [r.num_output_tokens for r in batch.requests]
+        finished = self.scheduler.update(batch, sampled)
+        if batch.spec_token_ids:
+            self._count_acceptance(batch, sampled)
+        if self.proposer is not None:
+            self._release(finished)
         for i, req in enumerate(batch.requests):
-            token = sampled[i]
-            if token is None:
+            # The tokens update() appended: a stop inside an accepted run drops those after it.
+            new_tokens = req.output_token_ids[num_before[i] :]
+            if not new_tokens:
                 continue
-            first = req.num_output_tokens == 1
+            first = num_before[i] == 0
             lp = logprobs[i]
             outputs.append(
                 EngineOutput(
                     request_id=req.request_id,
-                    new_token_ids=[token],
+                    new_token_ids=new_tokens,
                     finish_reason=req.status.finish_reason,
                     stop_token_id=req.stop_token_id if req.status is RequestStatus.FINISHED_STOPPED else None,
-                    logprobs=[lp] if lp is not None else None,
+                    logprobs=lp[: len(new_tokens)] if lp is not None else None,
                     num_prompt_tokens=req.num_prompt_tokens,
                     num_cached_tokens=req.num_cached_tokens,
                     first_scheduled_time=req.first_scheduled_time if first else None,
@@ -197,9 +222,33 @@ class LLMEngine:
         self._last_num_tokens = batch.total_tokens
         return outputs
 
+    def _propose(self) -> None:
+        """Draft tokens for every request whose next step is a decode. Structured-output
+        requests do not speculate: their drafts would have to be checked against the grammar."""
+        assert self.proposer is not None
+        k = self.config.num_speculative_tokens
+        for req in self.scheduler.running:
+            req.spec_token_ids = []
+            if req.grammar is not None or req.num_tokens - req.num_computed_tokens != 1:
+                continue
+            if req.spec_acceptance.should_propose():
+                req.spec_token_ids = self.proposer.propose(req.request_id, req.all_token_ids, req.num_prompt_tokens, k)
+
+    def _count_acceptance(self, batch: ScheduledBatch, sampled: list[list[int]]) -> None:
+        for i, drafts in enumerate(batch.spec_token_ids):
+            if not drafts or not sampled[i]:
+                continue
+            accepted = len(sampled[i]) - 1
+            batch.requests[i].spec_acceptance.record(len(drafts), accepted)
+            self._spec_drafts += 1
+            self._spec_draft_tokens += len(drafts)
+            self._spec_accepted_tokens += accepted
+            for pos in range(accepted):
+                self._spec_accepted_per_pos[pos] += 1
+
     def _execute_isolated(
         self, batch: ScheduledBatch
-    ) -> tuple[list[int | None], list[TokenLogprob | None], list[Request]]:
+    ) -> tuple[list[list[int]], list[list[TokenLogprob] | None], list[Request]]:
         """Run a batch whose step raised by halves, down to the single requests that still
         raise: those are returned as failed (with no token), every other request gets its
         step. One poisoned request costs about 2 log2(batch size) extra forwards, once.
@@ -211,18 +260,11 @@ class LLMEngine:
             return whole, whole_logprobs, []
         except Exception:
             if len(batch) == 1:
-                return [None], [None], list(batch.requests)
+                return [[]], [None], list(batch.requests)
         mid = len(batch) // 2
-        halves = [
-            ScheduledBatch(
-                requests=batch.requests[lo:hi],
-                num_new_tokens=batch.num_new_tokens[lo:hi],
-                sample_flags=batch.sample_flags[lo:hi],
-            )
-            for lo, hi in ((0, mid), (mid, len(batch)))
-        ]
-        sampled: list[int | None] = []
-        logprobs: list[TokenLogprob | None] = []
+        halves = [batch.rows(lo, hi) for lo, hi in ((0, mid), (mid, len(batch)))]
+        sampled: list[list[int]] = []
+        logprobs: list[list[TokenLogprob] | None] = []
         failed: list[Request] = []
         for half in halves:
             s, lp, f = self._execute_isolated(half)
@@ -235,6 +277,8 @@ class LLMEngine:
         """End these requests with an error (their KV blocks are freed); the others carry on."""
         for req in requests:
             log.error("request %s failed in the engine: %s", req.request_id, message)
+        failed = self.scheduler.abort([r.request_id for r in requests])
+        self._release(failed)
         return [
             EngineOutput(
                 request_id=r.request_id,
@@ -242,7 +286,7 @@ class LLMEngine:
                 num_prompt_tokens=r.num_prompt_tokens,
                 error=ErrorInfo(message=message, status=500),
             )
-            for r in self.scheduler.abort([r.request_id for r in requests])
+            for r in failed
         ]
 
     def stats(self) -> EngineStats:
@@ -262,4 +306,8 @@ class LLMEngine:
             last_step_time_s=self._last_step_time,
             last_batch_size=self._last_batch_size,
             last_num_batched_tokens=self._last_num_tokens,
+            spec_num_drafts=self._spec_drafts,
+            spec_num_draft_tokens=self._spec_draft_tokens,
+            spec_num_accepted_tokens=self._spec_accepted_tokens,
+            spec_num_accepted_tokens_per_pos=list(self._spec_accepted_per_pos),
         )

@@ -3,6 +3,12 @@
 Owns the weights, the paged KV cache and the attention backend. The batch is
 flattened into one row per new token (see attention/base.py), so decodes and
 prefill chunks run in the same forward.
+
+Speculative decoding: a row with k draft tokens is a (k + 1)-token chunk, causal within
+itself like a prefill chunk; its last k + 1 positions are all sampled, each as if the
+drafts before it were accepted (their penalties, min_tokens and seeded draw are those of
+that position). The drafts are accepted up to the first position where the sampled token
+differs, and that sampled token is the step's last token (verify_drafts).
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from services.engine_core.batch import ScheduledBatch
 from services.engine_core.compiled_decode import CompiledDecode, use_cache_dir
 from services.engine_core.cuda_graph import DecodeGraphs, Graph
 from services.engine_core.sampler import Sampler, SamplingBatch
+from services.engine_core.speculative.verify import verify_drafts
 from services.engine_core.structured_output import fill_bitmask
 from services.engine_core.weight_loader import engine_cache_dir, load_model
 from shared.config import EngineConfig, available_cores
@@ -123,12 +130,14 @@ class ModelRunner:
     @torch.inference_mode()
     def _profile_forward(self) -> torch.Tensor:
         """The largest step the scheduler can make (a full token budget, and as many logits
-        rows as requests), through a one-block cache. Returns the logits."""
+        rows as requests, times 1 + k when they verify k drafts), through a one-block cache.
+        Returns the logits."""
         n = self.config.max_num_batched_tokens
+        rows_per_req = 1 + self.config.num_speculative_tokens if self.config.speculative_method != "none" else 1
         probe_caches = self._allocate_kv_cache(1)
         ids = torch.zeros(n, dtype=torch.long, device=self.device)
         hidden = self.model(ids, torch.zeros_like(ids), probe_caches, self._dummy_metadata(n), self.backend)
-        return self.model.compute_logits(hidden[-min(n, self.config.max_num_seqs) :])
+        return self.model.compute_logits(hidden[-min(n, self.config.max_num_seqs * rows_per_req) :])
 
     def _dummy_metadata(self, n: int) -> AttentionMetadata:
         # One request of n tokens, every one in block 0 (written to slot 0): enough to size
@@ -215,7 +224,9 @@ class ModelRunner:
         for i, (req, n) in enumerate(zip(batch.requests, batch.num_new_tokens, strict=True)):
             start = req.num_computed_tokens
             end = start + n
-            input_ids.extend(req.all_token_ids[start:end])
+            drafts = batch.drafts(i)
+            input_ids.extend(req.all_token_ids[start : end - len(drafts)])
+            input_ids.extend(drafts)
             positions.extend(range(start, end))
             table = req.block_table
             table_rows[i, : len(table)] = table
@@ -224,8 +235,8 @@ class ModelRunner:
                 slots.extend(range(base + max(start, blk * bs), base + min(end, (blk + 1) * bs)))
             query_start.append(query_start[-1] + n)
             seq_lens.append(end)
-            if batch.sample_flags[i]:
-                sample_rows.append(query_start[-1] - 1)
+            if batch.sample_flags[i]:  # every draft position too: each is verified
+                sample_rows.extend(range(query_start[-1] - 1 - len(drafts), query_start[-1]))
 
         i32 = torch.int32
         md = AttentionMetadata(
@@ -262,27 +273,45 @@ class ModelRunner:
         return self.model(input_ids, positions, self.kv_caches, md, self.backend)
 
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch) -> tuple[list[int | None], list[TokenLogprob | None]]:
-        """Run one step. Returns, per request of the batch, the sampled token (None for a
-        request still in the middle of its prefill) and its logprobs if asked for."""
+    def execute(self, batch: ScheduledBatch) -> tuple[list[list[int]], list[list[TokenLogprob] | None]]:
+        """Run one step. Returns, per request of the batch, its new tokens ([] for a request
+        still in the middle of its prefill; its accepted drafts then one sampled token for a
+        row that verifies drafts, else one sampled token) and their logprobs if asked for."""
         ids, pos, md, sample_rows = self._prepare(batch)
         hidden = self.forward(ids, pos, md)
-        sampled: list[int | None] = [None] * len(batch.requests)
-        logprobs: list[TokenLogprob | None] = [None] * len(batch.requests)
+        sampled: list[list[int]] = [[] for _ in batch.requests]
+        logprobs: list[list[TokenLogprob] | None] = [None] * len(batch.requests)
         if not sample_rows:
             return sampled, logprobs
 
+        # One sampling row per verified position: row j of a request with drafts d sees the
+        # outputs so far plus d[:j], as it would have had those drafts been sampled.
         sampling_reqs = [i for i, flag in enumerate(batch.sample_flags) if flag]
-        reqs = [batch.requests[i] for i in sampling_reqs]
+        row_reqs: list[int] = []
+        outputs: list[list[int]] = []
+        num_outputs: list[int] = []
+        for i in sampling_reqs:
+            req, drafts = batch.requests[i], batch.drafts(i)
+            so_far = req.output_token_ids
+            row_reqs += [i] * (len(drafts) + 1)
+            num_outputs += range(len(so_far), len(so_far) + len(drafts) + 1)
+            sp = req.sampling_params
+            if drafts and (sp.repetition_penalty != 1.0 or sp.frequency_penalty or sp.presence_penalty):
+                outputs += [so_far + drafts[:j] for j in range(len(drafts) + 1)]
+            else:  # only the counts matter (seeds, min_tokens): no copies
+                outputs += [so_far] * (len(drafts) + 1)
+        reqs = [batch.requests[i] for i in row_reqs]
         row_index = self._to_device(sample_rows, torch.long)
         logits = self.model.compute_logits(hidden.index_select(0, row_index))
         sbatch = SamplingBatch.build(
             params=[r.sampling_params for r in reqs],
             prompt_token_ids=[r.prompt_token_ids for r in reqs],
-            output_token_ids=[r.output_token_ids for r in reqs],
+            output_token_ids=outputs,
             eos_token_ids=[r.eos_token_ids for r in reqs],
             device=self.device,
+            num_output_tokens=num_outputs,
         )
+        # Requests with a grammar never carry drafts: one row each.
         grammars = [(j, r.grammar) for j, r in enumerate(reqs) if r.grammar is not None]
         if grammars:
             # On a GPU the forward is still running: the masks are filled while it does.
@@ -294,10 +323,18 @@ class ModelRunner:
         top = None
         if out.top_logprobs is not None:
             top = (out.top_logprobs[0].tolist(), out.top_logprobs[1].tolist())
-        for j, i in enumerate(sampling_reqs):
-            sampled[i] = tokens[j]
-            k = reqs[j].sampling_params.logprobs
+        row = 0
+        for i in sampling_reqs:
+            drafts = batch.drafts(i)
+            accepted = verify_drafts(drafts, tokens[row : row + len(drafts) + 1])
+            sampled[i] = accepted
+            k = batch.requests[i].sampling_params.logprobs
             if k is not None and lp is not None:
-                alts = list(zip(top[1][j][:k], top[0][j][:k], strict=True)) if (top and k) else []
-                logprobs[i] = TokenLogprob(tokens[j], lp[j], alts)
+                logprobs[i] = [
+                    TokenLogprob(
+                        tokens[j], lp[j], list(zip(top[1][j][:k], top[0][j][:k], strict=True)) if (top and k) else []
+                    )
+                    for j in range(row, row + len(accepted))
+                ]
+            row += len(drafts) + 1
         return sampled, logprobs

@@ -6,6 +6,7 @@ import enum
 import time
 from typing import Any
 
+from services.engine_core.speculative.acceptance import AcceptanceTracker
 from shared.protocol import FINISH_ABORT, FINISH_LENGTH, FINISH_STOP, ReasoningTokens, SamplingParams
 
 
@@ -77,6 +78,9 @@ class Request:
         """The RequestGrammar of a structured-output request (see structured_output.py)."""
         self.reasoning: ReasoningTokens | None = None
         """A reasoning model's thinking delimiters: the grammar applies after them."""
+        self.spec_token_ids: list[int] = []
+        """Draft tokens proposed for the next step (speculative decoding): verified, never trusted."""
+        self.spec_acceptance = AcceptanceTracker()
 
     @property
     def num_prompt_tokens(self) -> int:

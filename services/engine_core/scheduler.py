@@ -5,6 +5,13 @@ budget; the engine runs the model on that batch and hands the sampled tokens to
 `update()`. Decodes (1 token) are scheduled before prefill chunks, so a long prompt is
 spread over several steps instead of stalling the requests that are generating.
 
+Speculative decoding: a decoding request may carry draft tokens (req.spec_token_ids, set by
+the engine's proposer); its row then verifies them too, 1 + k tokens like a small prefill
+chunk. Drafts are scheduled last, from the token budget and free blocks left once every
+request has its share, so speculation never starves or preempts anyone. update() keeps the
+accepted drafts' K/V and rolls the rest back: num_computed_tokens only ever counts accepted
+tokens (so prefix-cache blocks only ever hold them), and blocks past them are freed.
+
 Liveness: add_request only admits requests whose prompt + 1 token fits the whole cache,
 and a request finishes (length) once it would outgrow the cache, so any one request can
 always run alone. Only the newest running request is ever preempted, so the oldest one
@@ -16,6 +23,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Sequence
 
 from services.engine_core.batch import ScheduledBatch
 from services.engine_core.block_manager import BlockManager
@@ -111,13 +119,33 @@ class Scheduler:
                 scheduled[req] = n
                 budget -= n
 
-        # Under memory pressure admitting more would only cause more preemption.
+        # Under memory pressure admitting more (or speculating) would only cause more preemption.
+        drafts: dict[Request, list[int]] = {}
         if not preempted:
-            self._admit(scheduled, budget)
+            budget = self._admit(scheduled, budget)
+            self._schedule_drafts(scheduled, budget, drafts)
 
-        return ScheduledBatch.of(scheduled, preempted)
+        return ScheduledBatch.of(scheduled, preempted, drafts)
 
-    def _admit(self, scheduled: dict[Request, int], budget: int) -> None:
+    def _schedule_drafts(self, scheduled: dict[Request, int], budget: int, drafts: dict[Request, list[int]]) -> None:
+        """Extend decode rows by their draft tokens while budget and free blocks last."""
+        bm = self.block_manager
+        for req, n in list(scheduled.items()):
+            if budget <= 0:
+                break
+            if not req.spec_token_ids or n != 1 or req.num_computed_tokens + 1 != req.num_tokens:
+                continue
+            # No draft past what the request may still produce: the step adds up to k + 1 tokens.
+            room = min(req.max_tokens - req.num_output_tokens, self._len_limit - req.num_tokens) - 1
+            k = min(len(req.spec_token_ids), budget, room)
+            if k <= 0 or not bm.allocate_slots(req, 1 + k):
+                continue
+            scheduled[req] = 1 + k
+            drafts[req] = req.spec_token_ids[:k]
+            budget -= k
+
+    def _admit(self, scheduled: dict[Request, int], budget: int) -> int:
+        """Admit waiting requests in order while they fit; returns the budget left."""
         bm = self.block_manager
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = next(iter(self.waiting.values()))
@@ -136,6 +164,7 @@ class Scheduler:
             self.running.append(req)
             scheduled[req] = n
             budget -= n
+        return budget
 
     def _preempt(self, req: Request) -> None:
         """Preemption by recompute: drop the K/V, keep the outputs, resume first."""
@@ -147,28 +176,40 @@ class Scheduler:
         self.num_preempted += 1
         self.preemptions_total += 1
 
-    def update(self, batch: ScheduledBatch, sampled: list[int | None]) -> list[Request]:
-        """Apply a step's results; sampled[i] is the token sampled for request i, None for
-        rows that did not sample. Returns the requests that finished in this step."""
+    def update(self, batch: ScheduledBatch, sampled: Sequence[Sequence[int]]) -> list[Request]:
+        """Apply a step's results; sampled[i] are the tokens request i produced: [] for rows
+        that did not sample, else its accepted draft tokens then one token of the target model
+        (one token without drafts). Tokens after a stop are dropped. Returns the requests that
+        finished in this step."""
         if len(sampled) != len(batch.requests):
-            raise ValueError(f"got {len(sampled)} sampled tokens for a batch of {len(batch.requests)}")
+            raise ValueError(f"got {len(sampled)} sampled rows for a batch of {len(batch.requests)}")
         bm = self.block_manager
         finished: list[Request] = []
         for i, (req, n) in enumerate(zip(batch.requests, batch.num_new_tokens, strict=True)):
             if req.status is not RequestStatus.RUNNING:  # aborted since schedule()
                 continue
-            req.num_computed_tokens += n
+            drafts = batch.drafts(i)
+            # The known tokens are computed now; a draft's K/V counts only once it is accepted.
+            req.num_computed_tokens += n - len(drafts)
+            tokens = sampled[i] if batch.sample_flags[i] else ()
+            if len(tokens) > len(drafts) + 1:
+                raise ValueError(f"{req.request_id}: {len(tokens)} tokens from {len(drafts)} drafts")
+            status = None
+            for j, token in enumerate(tokens):
+                if j > 0:  # tokens[j - 1] equals the draft that was input at this position
+                    req.num_computed_tokens += 1
+                req.append_output_token(token)
+                status = self._check_stop(req, token)
+                if status is not None:
+                    break
             bm.cache_full_blocks(req)
-            token = sampled[i]
-            if token is None or not batch.sample_flags[i]:
-                continue
-            req.append_output_token(token)
-            status = self._check_stop(req, token)
             if status is not None:
                 req.status = status
                 bm.free(req)
                 del self._requests[req.request_id]
                 finished.append(req)
+            elif drafts:
+                bm.release_unused_blocks(req)  # the rejected drafts' slots
         if finished:
             self.running = [r for r in self.running if not r.finished]
         return finished

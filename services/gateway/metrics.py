@@ -122,6 +122,7 @@ class _EngineCollector(Collector):
             ("prefix_cache_hits", "Prompt tokens found in the prefix cache.", "prefix_hits_total"),
             ("num_preemptions", "Preemptions since the engine started.", "preemptions_total"),
             ("engine_steps", "Engine steps since the engine started.", "steps_total"),
+            *_SPEC_COUNTERS,
         ]
         snapshot = sorted(self.stats.items())
         for name, doc, field in gauges:
@@ -134,6 +135,24 @@ class _EngineCollector(Collector):
             for idx, st in snapshot:
                 counter.add_metric([self.model_name, str(idx)], getattr(st, field))
             yield counter
+        yield _accepted_per_pos(PREFIX, self.model_name, snapshot)
+        ratio = GaugeMetricFamily(
+            PREFIX + "spec_decode_acceptance_ratio",
+            "Speculative decoding: accepted / verified draft tokens since the engine started (0 before any).",
+            labels=labels,
+        )
+        mean = GaugeMetricFamily(
+            PREFIX + "spec_decode_mean_accepted_length",
+            "Speculative decoding: tokens per verification row since the engine started, the target's own "
+            "token included (1 + accepted / drafts; 0 before any).",
+            labels=labels,
+        )
+        for idx, st in snapshot:
+            tokens, drafts = st.spec_num_draft_tokens, st.spec_num_drafts
+            ratio.add_metric([self.model_name, str(idx)], st.spec_num_accepted_tokens / tokens if tokens else 0.0)
+            mean.add_metric([self.model_name, str(idx)], 1 + st.spec_num_accepted_tokens / drafts if drafts else 0.0)
+        yield ratio
+        yield mean
         up = GaugeMetricFamily(
             PREFIX + "component_up",
             "1 if the component reported within engine_timeout_s, else 0.",
@@ -160,6 +179,7 @@ class _EngineCollector(Collector):
             ),
             ("prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens.", "prefix_hits_total"),
             ("num_preemptions", "Cumulative number of preemption from the engine.", "preemptions_total"),
+            *_SPEC_COUNTERS,
         ]
         for name, doc, field in gauges:
             fam = GaugeMetricFamily(VLLM_PREFIX + name, doc, labels=labels)
@@ -171,6 +191,7 @@ class _EngineCollector(Collector):
             for idx, st in snapshot:
                 counter.add_metric([self.model_name, str(idx)], getattr(st, field))
             yield counter
+        yield _accepted_per_pos(VLLM_PREFIX, self.model_name, snapshot)
         # vLLM's info gauge: constant 1, the cache configuration in its labels.
         info = GaugeMetricFamily(
             VLLM_PREFIX + "cache_config_info",
@@ -180,6 +201,30 @@ class _EngineCollector(Collector):
         for idx, st in snapshot:
             info.add_metric([self.model_name, str(idx), str(self.block_size), str(st.num_blocks)], 1.0)
         yield info
+
+
+_SPEC_COUNTERS = [
+    ("spec_decode_num_drafts", "Speculative decoding: verification rows that carried drafts.", "spec_num_drafts"),
+    ("spec_decode_num_draft_tokens", "Speculative decoding: draft tokens verified.", "spec_num_draft_tokens"),
+    (
+        "spec_decode_num_accepted_tokens",
+        "Speculative decoding: draft tokens accepted.",
+        "spec_num_accepted_tokens",
+    ),
+]
+"""The same names natively and under vLLM's prefix, as vLLM's SpecDecodingProm has them."""
+
+
+def _accepted_per_pos(prefix: str, model_name: str, snapshot: list[tuple[int, EngineStats]]) -> Metric:
+    counter = CounterMetricFamily(
+        prefix + "spec_decode_num_accepted_tokens_per_pos",
+        "Speculative decoding: accepted draft tokens by position in their row (0: the first draft).",
+        labels=["model_name", "engine", "position"],
+    )
+    for idx, st in snapshot:
+        for pos, n in enumerate(st.spec_num_accepted_tokens_per_pos):
+            counter.add_metric([model_name, str(idx), str(pos)], n)
+    return counter
 
 
 class RequestTimer:

@@ -40,7 +40,7 @@ def make_req(prompt: list[int] | int, max_tokens: int = 16, eos: tuple[int, ...]
 
 def step(s: Scheduler, token: int | None = 1000) -> tuple[ScheduledBatch, list[Request]]:
     batch = s.schedule()
-    sampled = [token if batch.sample_flags[i] else None for i in range(len(batch))]
+    sampled = [[token] if batch.sample_flags[i] and token is not None else [] for i in range(len(batch))]
     return batch, s.update(batch, sampled)
 
 
@@ -193,7 +193,7 @@ def test_abort_between_schedule_and_update() -> None:
     s.add_request(b)
     batch = s.schedule()
     s.abort([a.request_id])
-    done = s.update(batch, [5, 5])
+    done = s.update(batch, [[5], [5]])
     assert done == [] and a.output_token_ids == [] and b.output_token_ids == [5]
     assert s.running == [b] and s.block_manager.usage == 1 / 64
 
@@ -332,7 +332,7 @@ def test_randomized_simulation_finishes_everything(seed: int, caching: bool) -> 
         batch = s.schedule()
         assert batch.total_tokens <= s.config.max_num_batched_tokens
         assert s.num_running <= 4 and len(set(map(id, batch.requests))) == len(batch)
-        sampled: list[int | None] = []
+        sampled: list[list[int]] = []
         for i, (r, n) in enumerate(zip(batch.requests, batch.num_new_tokens, strict=True)):
             c = r.num_computed_tokens
             assert n >= 1 and len(r.block_table) * bs >= c + n
@@ -340,7 +340,7 @@ def test_randomized_simulation_finishes_everything(seed: int, caching: bool) -> 
                 kv[r.block_table[pos // bs] * bs + pos % bs] = r.all_token_ids[pos]
             for pos in range(c + n):  # ...then attend over the whole context
                 assert kv[r.block_table[pos // bs] * bs + pos % bs] == r.all_token_ids[pos]
-            sampled.append(fake_model(r.all_token_ids) if batch.sample_flags[i] else None)
+            sampled.append([fake_model(r.all_token_ids)] if batch.sample_flags[i] else [])
         for r in s.update(batch, sampled):
             finished[r.request_id] = step_no
         step_no += 1

@@ -181,6 +181,10 @@ class FakeWorker:
                         steps_total=10,
                         last_step_time_s=0.01,
                         last_batch_size=4,
+                        spec_num_drafts=5,
+                        spec_num_draft_tokens=12,
+                        spec_num_accepted_tokens=8,
+                        spec_num_accepted_tokens_per_pos=[4, 3, 1],
                     )
                     self.output.send(encode(GatewayOutputs(worker=self.index, deltas=[], stats=stats)))
             await asyncio.sleep(HEARTBEAT_S)

@@ -25,6 +25,10 @@ REQUIRED = {
     "vllm:prefix_cache_hits_total",
     "vllm:num_preemptions_total",
     "vllm:cache_config_info",
+    "vllm:spec_decode_num_drafts_total",
+    "vllm:spec_decode_num_draft_tokens_total",
+    "vllm:spec_decode_num_accepted_tokens_total",
+    "vllm:spec_decode_num_accepted_tokens_per_pos_total",
 }
 
 
@@ -87,6 +91,13 @@ async def test_vllm_series_match_table(make_gateway: GatewayFactory) -> None:
     assert native[("vllm:generation_tokens_total", (("model_name", MODEL),))] == 3
     assert native[("vllm:time_to_first_token_seconds_count", (("model_name", MODEL),))] == 1
     assert native[("vllm:request_success_total", (("finished_reason", "stop"), ("model_name", MODEL)))] == 1
+    assert native[("vllm:spec_decode_num_drafts_total", engine)] == 5
+    assert native[("vllm:spec_decode_num_accepted_tokens_total", engine)] == 8
+    assert native[("novainfer_spec_decode_num_draft_tokens_total", engine)] == 12
+    per_pos = (("engine", "0"), ("model_name", MODEL), ("position", "1"))
+    assert native[("vllm:spec_decode_num_accepted_tokens_per_pos_total", per_pos)] == 3
+    assert native[("novainfer_spec_decode_acceptance_ratio", engine)] == 8 / 12
+    assert native[("novainfer_spec_decode_mean_accepted_length", engine)] == 1 + 8 / 5
     info = [lbl for s, lbl in fams["vllm:cache_config_info"][1]]
     assert info[0]["block_size"] == str(gw.config.engine.block_size)
 

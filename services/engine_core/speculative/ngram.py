@@ -1,5 +1,9 @@
 """N-gram prompt lookup: propose what followed the latest earlier occurrence of the last n tokens.
 
+The drafts are the k tokens after that occurrence, read as if the drafts were already part of
+the text: when the occurrence is close to the end, the text is repeating itself and the drafts
+go on repeating (for a loop of one token, k copies of it).
+
 Helps where the output repeats its input (editing code, quoting or summarizing a document,
 continuing a table). Longer n-grams are tried first, as they predict better.
 """
@@ -44,7 +48,10 @@ class NgramProposer:
             hits = starts[(windows == t[length - n :]).all(axis=1)]
             if len(hits):
                 begin = int(hits[-1]) + n  # the most recent occurrence
-                return t[begin : begin + k].tolist()
+                follow = t[begin : begin + k].tolist()
+                # A match near the end means the text is looping with period len(follow): the
+                # drafts continue the loop, as the lookup would once they were accepted.
+                return [follow[j % len(follow)] for j in range(k)]
         return []
 
     def finish(self, request_id: str, token_ids: Sequence[int], num_prompt_tokens: int) -> None:

@@ -17,13 +17,16 @@ def test_proposes_continuation_of_the_longest_then_latest_match() -> None:
 
 def test_short_continuations_and_no_match() -> None:
     p = NgramProposer(2, 4)
-    assert p.propose("r", [5, 6, 7, 5, 6], 5, 8) == [7, 5, 6]  # up to the end of the tokens
+    # a match near the end: the text loops, and so do the drafts
+    assert p.propose("r", [5, 6, 7, 5, 6], 5, 8) == [7, 5, 6, 7, 5, 6, 7, 5]
+    assert p.propose("l", [1, 2, 4, 4, 4], 5, 3) == [4, 4, 4]
     assert p.propose("q", [1, 2, 3, 4], 4, 3) == []
     assert p.propose("q", [1], 1, 3) == []
     assert p.propose("q", [1, 2, 3, 4], 4, 0) == []
     # min_n = 2: a lone repeated token is not enough
     assert p.propose("z", [1, 7, 2, 7], 4, 2) == []
     assert NgramProposer(1, 2).propose("z", [1, 7, 2, 7], 4, 2) == [2, 7]
+    assert NgramProposer(1, 2).propose("z", [1, 7, 2, 7], 4, 3) == [2, 7, 2]
 
 
 def test_incremental_growth_matches_a_fresh_proposer() -> None:
