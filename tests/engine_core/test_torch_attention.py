@@ -19,6 +19,8 @@ SHAPES = [(4, 4, 64), (9, 3, 64), (8, 1, 128)]
 # a "decode" row with nothing cached); a chunk with no context and chunks after a prefix-cache hit
 # (aligned 16 and unaligned 19).
 MIXED = ([1, 7, 1, 20, 1, 1, 13, 1], [36, 0, 32, 16, 0, 70, 19, 5])
+SPEC = ([4, 1, 9, 2, 1, 11], [36, 70, 19, 150, 0, 0])
+"""Speculative decoding: rows verifying drafts (1 + k tokens after a context) among plain decodes."""
 
 
 def run(batch, backend) -> torch.Tensor:
@@ -28,9 +30,10 @@ def run(batch, backend) -> torch.Tensor:
 
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
-def test_mixed_batch_matches_reference(paged_batch, relative_error, shape, dtype, tol):
+@pytest.mark.parametrize("lens", [MIXED, SPEC], ids=["mixed", "spec"])
+def test_mixed_batch_matches_reference(paged_batch, relative_error, shape, dtype, tol, lens):
     num_heads, num_kv, head_dim = shape
-    batch = paged_batch(*MIXED, num_heads=num_heads, num_kv_heads=num_kv, head_dim=head_dim, dtype=dtype)
+    batch = paged_batch(*lens, num_heads=num_heads, num_kv_heads=num_kv, head_dim=head_dim, dtype=dtype)
     out = run(batch, TorchAttentionBackend())
     ref = reference_attention(batch.query, batch.k_cache, batch.v_cache, batch.md, batch.scale)
     assert relative_error(out, ref) < tol

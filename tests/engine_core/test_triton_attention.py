@@ -47,6 +47,9 @@ SHAPES = [(4, 4, 64), (9, 3, 64), (8, 1, 128), (6, 2, 128)]
 # chunk with no context and chunks after a prefix-cache hit (aligned 16, unaligned 19).
 MIXED = ([1, 7, 1, 20, 1, 1, 13], [36, 0, 32, 16, 0, 70, 19])
 DECODE = ([1] * 5, [36, 0, 32, 150, 9])
+# Speculative decoding: decode rows verifying drafts (1 + k tokens after a long context) next to
+# plain decodes and a prefill chunk.
+SPEC = ([4, 1, 9, 2, 1, 11], [36, 70, 19, 150, 0, 0])
 
 
 def attention(batch, num_splits: int = 1, pad_rows: int = 0) -> torch.Tensor:
@@ -75,7 +78,7 @@ def reference(batch) -> torch.Tensor:
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("lens", [MIXED, DECODE], ids=["mixed", "decode"])
+@pytest.mark.parametrize("lens", [MIXED, DECODE, SPEC], ids=["mixed", "decode", "spec"])
 def test_attention_matches_reference(paged_batch, relative_error, lens, shape, dtype):
     num_heads, num_kv, head_dim = shape
     batch = paged_batch(*lens, num_heads=num_heads, num_kv_heads=num_kv, head_dim=head_dim, dtype=dtype, device=DEVICE)

@@ -337,3 +337,27 @@ def test_rejected_draft_slots_are_released() -> None:
             assert req.num_computed_tokens == req.num_tokens - 1
     stats = engine.stats()
     assert stats.spec_num_draft_tokens >= 8 * len(engine.scheduler.running) and stats.spec_num_accepted_tokens == 0
+
+
+def test_poisoned_request_fails_alone_while_others_speculate() -> None:
+    """A request that makes the step raise is isolated by re-running the batch by halves;
+    the halves keep their rows' drafts, and everyone else's output is unchanged."""
+    prompts = prompts_for(512, seed=10)
+    clean = run(make_engine(), prompts, GREEDY)
+    engine = spec_engine(k=4)
+    for i, p in enumerate(prompts):
+        engine.add_request(f"r{i}", p, GREEDY)
+    poison = SamplingParams(max_tokens=12, min_tokens=4, temperature=0.0)
+    engine.add_request("poison", prompts[0], poison)
+    poison.stop_token_ids = [10**9]  # past add_request's check, as a validation bug would let it in
+    out: dict[str, list[int]] = {f"r{i}": [] for i in range(len(prompts))}
+    errors = []
+    while engine.has_unfinished():
+        for o in engine.step():
+            if o.error is not None:
+                errors.append(o.request_id)
+            else:
+                out[o.request_id].extend(o.new_token_ids)
+    assert errors == ["poison"]
+    assert out == clean
+    assert engine.block_manager.usage == 0 and engine.stats().spec_num_accepted_tokens > 0
