@@ -54,8 +54,10 @@ def make_engine(model: str = "tiny-llama", **kw: object) -> LLMEngine:
     return LLMEngine(msgspec.structs.replace(base, **kw))
 
 
-def spec_engine(model: str = "tiny-llama", proposer: object = None, k: int = 3, **kw: object) -> LLMEngine:
-    engine = make_engine(model, speculative_method="ngram", num_speculative_tokens=k, ngram_prompt_lookup_min=1, **kw)
+def spec_engine(
+    model: str = "tiny-llama", proposer: object = None, k: int = 3, method: str = "ngram", **kw: object
+) -> LLMEngine:
+    engine = make_engine(model, speculative_method=method, num_speculative_tokens=k, ngram_prompt_lookup_min=1, **kw)
     if proposer is not None:
         engine.proposer = proposer  # type: ignore[assignment]
     return engine
@@ -95,8 +97,8 @@ def check_all_proposers(model: str, prompts: list[list[int]], params: SamplingPa
     engine = make_engine(model, **kw)
     vocab = engine.model_config.vocab_size
     reference = run(engine, prompts, params)
-    ngram = spec_engine(model, k=k, **kw)
-    assert run(ngram, prompts, params) == reference
+    for method in ("ngram", "suffix"):
+        assert run(spec_engine(model, k=k, method=method, **kw), prompts, params) == reference, method
     right = spec_engine(model, OracleProposer(reference, vocab), k=k, **kw)
     assert run(right, prompts, params) == reference
     stats = right.stats()
