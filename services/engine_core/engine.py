@@ -232,7 +232,8 @@ class LLMEngine:
             if req.grammar is not None or req.num_tokens - req.num_computed_tokens != 1:
                 continue
             if req.spec_acceptance.should_propose():
-                req.spec_token_ids = self.proposer.propose(req.request_id, req.all_token_ids, req.num_prompt_tokens, k)
+                drafts = self.proposer.propose(req.request_id, req.all_token_ids, req.num_prompt_tokens, k)
+                req.spec_token_ids = drafts[:k]
 
     def _count_acceptance(self, batch: ScheduledBatch, sampled: list[list[int]]) -> None:
         for i, drafts in enumerate(batch.spec_token_ids):
