@@ -33,7 +33,7 @@ async def test_chat_non_streaming_sync_client(gateway: Gateway) -> None:
             {"role": "system", "content": "Be brief."},
             {"role": "user", "content": [{"type": "text", "text": "Hi "}, {"type": "text", "text": "there"}]},
         ],
-        extra_body={"top_k": 5, "unknown_field": 1},
+        extra_body={"top_k": 5},
     )
     assert resp.id.startswith("chatcmpl-") and resp.object == "chat.completion" and resp.model == MODEL
     assert resp.created > 0

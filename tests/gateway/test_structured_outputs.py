@@ -76,11 +76,11 @@ REFUSED = [
     ({"guided_choice": []}, "guided_choice"),
     ({"guided_regex": ""}, "guided_regex"),
     ({"structured_outputs": {"regex": "a", "choice": ["a"]}}, "structured_outputs.choice"),
-    ({"structured_outputs": {"whitespace_pattern": " "}}, "structured_outputs"),
+    ({"structured_outputs": {"whitespace_pattern": " "}}, "structured_outputs.whitespace_pattern"),
     ({"response_format": {"type": "json_object"}, "guided_regex": "a"}, "guided_regex"),
     ({"response_format": {"type": "json_object"}, "min_tokens": 3}, "min_tokens"),
     (
-        {"guided_json": {"type": "string", "maxLength": 1}, "guided_json_too": 1, "guided_grammar": "x" * 70000},
+        {"guided_json": {"type": "string", "maxLength": 1}, "guided_grammar": "x" * 70000},
         "guided_grammar",
     ),
     ({"logit_bias": {"abc": 1}}, "logit_bias"),
