@@ -36,6 +36,7 @@ import json
 import os
 import random
 import re
+import signal
 import sys
 import time
 import urllib.request
@@ -356,6 +357,7 @@ def make_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, cp._interrupt)  # a killed run still stops the server it started
     out: dict[str, Any] = {
         "benchmark": "speculative",
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
