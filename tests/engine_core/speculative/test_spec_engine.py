@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
+import time
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,7 +25,7 @@ from services.engine_core.engine import LLMEngine
 from services.tokenizer_pool.tokenizer import load_tokenizer
 from shared.config import EngineConfig
 from shared.model_files import resolve_model
-from shared.protocol import SamplingParams
+from shared.protocol import GrammarSpec, SamplingParams
 
 GREEDY = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
 
@@ -363,3 +365,44 @@ def test_poisoned_request_fails_alone_while_others_speculate() -> None:
     assert errors == ["poison"]
     assert out == clean
     assert engine.block_manager.usage == 0 and engine.stats().spec_num_accepted_tokens > 0
+
+
+def test_structured_output_requests_decode_beside_speculating_ones() -> None:
+    """A grammar-constrained request does not speculate; in a batch with requests that do,
+    its grammar mask lands on its own row and every output is as without speculation."""
+    tok = load_tokenizer(EngineConfig())  # tiny-llama borrows the bundled tokenizer
+
+    overlap = False
+
+    def outputs(engine: LLMEngine) -> dict[str, list[int]]:
+        nonlocal overlap
+        engine.set_tokenizer_vocab(tok.backend.to_str(), tok.eos_token_ids)
+        prompts = prompts_for(512, seed=11)[:3]
+        regex = SamplingParams(
+            max_tokens=24, temperature=1.0, seed=3, structured_output=GrammarSpec(kind="regex", spec="[a-z]{10,20}")
+        )
+        engine.add_request("g", prompts[0], regex)
+        deadline = time.monotonic() + 60
+        while engine.only_compiling and time.monotonic() < deadline:
+            time.sleep(0.01)  # the grammar compiles beside the step loop
+            engine.step()
+        for i, p in enumerate(prompts):
+            engine.add_request(f"r{i}", p, GREEDY)
+        out: dict[str, list[int]] = {"r0": [], "r1": [], "r2": [], "g": []}
+        while engine.has_unfinished() and time.monotonic() < deadline:
+            steps = engine.step()
+            running = engine.scheduler.running
+            overlap |= any(r.grammar for r in running) and any(r.spec_token_ids for r in running)
+            for o in steps:
+                assert o.error is None, o.error
+                out[o.request_id].extend(o.new_token_ids)
+        assert not engine.has_unfinished() and engine.block_manager.usage == 0
+        return out
+
+    engine = spec_engine(k=4)
+    got = outputs(engine)
+    assert overlap, "the grammar request never shared a step with drafts"
+    assert got == outputs(make_engine())
+    assert engine.stats().spec_num_accepted_tokens > 0
+    text = tok.decode(got["g"])
+    assert re.fullmatch("[a-z]{10,20}", text), text
