@@ -52,6 +52,7 @@ MODES: dict[str, tuple[dict[str, Any], int]] = {
     "fp32": ({"dtype": "float32"}, 0),
     "bf16": ({"dtype": "bfloat16"}, 0),
     "int4": ({"dtype": "float32", "quantization": "int4"}, 16),
+    "int4-head": ({"dtype": "float32", "quantization": "int4", "int4_lm_head": True}, 16),
 }
 
 

@@ -55,6 +55,10 @@ class EngineConfig(msgspec.Struct, kw_only=True):
     """Seed for random weights and for sampling without a request seed."""
     enforce_eager: bool = False
     """Disable CUDA graphs."""
+    int4_lm_head: bool = False
+    """With --quantization int4: the LM head (the largest matrix, 49152 x 576 in SmolLM2, read
+    whole every decode step) also gets an int4 copy for steps of up to 16 rows; re-quantized
+    from the checkpoint's (Q8_0 in the bundled GGUF), so lossy: see docs/benchmarks.md."""
     compile_decode: bool = False
     """CPU only: run pure-decode steps through torch.compile'd (Inductor C++) layers, compiled at
     start-up for each batch size of the CUDA-graph ladder (1, 2, 4, 8, 16, 32, ... max_num_seqs) and

@@ -109,8 +109,12 @@ def load_model(engine_config: EngineConfig, device: torch.device, dtype: torch.d
         model.load_weights(_safetensors_weights(files))
     else:
         init_random_weights(model, engine_config.seed)
+    if engine_config.int4_lm_head and engine_config.quantization != "int4":
+        raise ValueError("--int4-lm-head needs --quantization int4")
     if engine_config.quantization == "int4":
         _add_int4_copies(model, layer_types)
+        if engine_config.int4_lm_head and not model.quantize_int4_lm_head():
+            log.warning("the LM head's shape does not fit the int4 kernel: it stays dense")
     return model.eval(), cfg
 
 

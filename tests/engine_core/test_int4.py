@@ -150,3 +150,20 @@ def test_int4_layers_compute_with_their_dequantized_weights(name: str) -> None:
     seq = torch.randint(0, quantized.cfg.vocab_size, (12,), generator=torch.Generator().manual_seed(2)).tolist()
     ours, ref = prefill_logits(quantized, seq), prefill_logits(dense, seq)
     assert ((ours - ref).norm() / ref.norm()).item() < 2e-2
+
+
+def test_int4_lm_head_for_small_steps_only() -> None:
+    model, _ = load_model(EngineConfig(model="tiny-llama", quantization="int4", int4_lm_head=True), CPU, torch.float32)
+    dense, _ = load_model(EngineConfig(model="tiny-llama"), CPU, torch.float32)
+    assert model.lm_head_int4 is not None and dense.lm_head_int4 is None
+    hidden = torch.randn(MAX_ROWS + 1, model.cfg.hidden_size, generator=torch.Generator().manual_seed(0))
+    small, ref = model.compute_logits(hidden[:MAX_ROWS]), dense.compute_logits(hidden[:MAX_ROWS])
+    assert not torch.equal(small, ref)
+    err = ((small - ref).abs().max() / ref.abs().max()).item()
+    assert err < 0.05, err
+    assert torch.equal(model.compute_logits(hidden), dense.compute_logits(hidden))  # a large step: dense
+
+
+def test_int4_lm_head_needs_int4() -> None:
+    with pytest.raises(ValueError, match="needs --quantization int4"):
+        load_model(EngineConfig(model="tiny-llama", int4_lm_head=True), CPU, torch.float32)

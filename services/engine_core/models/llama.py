@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from services.engine_core.attention.base import AttentionBackend, AttentionMetadata
 from services.engine_core.model_config import ModelConfig
 from services.engine_core.models import int4
-from services.engine_core.models.int4 import Int4Layer
+from services.engine_core.models.int4 import Int4Layer, Int4Weight
 
 # HF parameter names of one layer -> (our attribute, index of the shard in a fused weight).
 _LAYER_WEIGHTS: dict[str, tuple[str, int | None]] = {
@@ -202,6 +202,8 @@ class CausalLM(nn.Module):
         )
         self.norm = _param((cfg.hidden_size,), dtype, device)
         self.lm_head = None if cfg.tie_word_embeddings else _param((cfg.vocab_size, cfg.hidden_size), dtype, device)
+        # Set by quantize_int4_lm_head: steps the layers run in int4 use it instead.
+        self.lm_head_int4: Int4Weight | None = None
         # Angles in float32 then cast, as transformers does, so bf16 models round the same way.
         positions = torch.arange(max_positions or cfg.max_position_embeddings, dtype=torch.float32)
         angles = torch.outer(positions, rope_inv_freq(cfg)).to(device)
@@ -237,8 +239,19 @@ class CausalLM(nn.Module):
             layer.quantize_int4(max_rows)
         return True
 
+    def quantize_int4_lm_head(self) -> bool:
+        """Give the LM head an int4 copy for steps the layers run in int4 (call after
+        quantize_int4). False, and nothing changes, where the kernel cannot pack it."""
+        head = self.embed if self.lm_head is None else self.lm_head
+        if not int4.supported(head):
+            return False
+        self.lm_head_int4 = Int4Weight.quantize(head)
+        return True
+
     def compute_logits(self, hidden: Tensor) -> Tensor:
         """hidden [N, hidden] (rows of forward's output) -> float32 logits [N, vocab]."""
+        if self.lm_head_int4 is not None and hidden.shape[0] <= self.layers[0].int4_max_rows:
+            return self.lm_head_int4(hidden).float()
         head = self.embed if self.lm_head is None else self.lm_head
         return F.linear(hidden, head).float()
 
