@@ -53,6 +53,8 @@ MODES: dict[str, tuple[dict[str, Any], int]] = {
     "bf16": ({"dtype": "bfloat16"}, 0),
     "int4": ({"dtype": "float32", "quantization": "int4"}, 16),
     "int4-head": ({"dtype": "float32", "quantization": "int4", "int4_lm_head": True}, 16),
+    # int4 for steps of <= 16 rows, dense bf16 (AMX) above: the fastest kernel at each size.
+    "int4-bf16": ({"dtype": "bfloat16", "quantization": "int4"}, 16),
 }
 
 

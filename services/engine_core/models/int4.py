@@ -59,7 +59,10 @@ class Int4Weight:
 
     def __call__(self, x: Tensor) -> Tensor:
         """x [rows, in] -> x @ weight.T [rows, out], in x's dtype."""
-        out = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), self.packed, GROUP, self.scales_zeros)
+        # The kernel needs contiguous rows; in bf16 models the cast is a no-op that keeps views
+        # such as the gate half of gate|up.
+        rows = x.to(torch.bfloat16).contiguous()
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.packed, GROUP, self.scales_zeros)
         return out.to(x.dtype)
 
     def dequantize(self) -> Tensor:
