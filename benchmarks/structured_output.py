@@ -35,13 +35,8 @@ import copy
 import json
 import os
 import shlex
-import signal
-import socket
-import subprocess
 import sys
-import tempfile
 import time
-import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
@@ -51,6 +46,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from compare_peers import Server  # noqa: E402
 from machine_info import machine_info  # noqa: E402
 
 from tests.engine_core.schema_corpus import SCHEMAS  # noqa: E402
@@ -61,33 +57,14 @@ START_TIMEOUT_S = 300
 
 @contextlib.contextmanager
 def own_server(serve_args: list[str]) -> Iterator[str]:
-    """`novainfer serve` on a free port; its base URL once /health answers 200; SIGTERM at the end."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    run_dir = tempfile.mkdtemp(prefix="nso-", dir="/tmp")
-    cmd = [sys.executable, "-m", "novainfer.cli", "serve", "--port", str(port), "--run-dir", run_dir, *serve_args]
-    proc = subprocess.Popen(cmd, cwd=ROOT)
-    base = f"http://127.0.0.1:{port}"
+    """`novainfer serve` (compare_peers' server, all cores, fp32) with serve_args; its base URL once
+    /health answers 200; stopped at the end."""
+    server = Server("novainfer", threads=os.cpu_count() or 1, dtype="float32", extra_args=serve_args)
     try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("novainfer serve did not start")
-            try:
-                with urllib.request.urlopen(base + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                time.sleep(0.5)
-        yield base
+        server.wait_ready(START_TIMEOUT_S)
+        yield server.url
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        server.stop()
 
 
 def distinct_schema(i: int) -> dict[str, Any]:
