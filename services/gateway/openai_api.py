@@ -110,6 +110,8 @@ class _SamplingFields(StructuredOutputFields, kw_only=True):
     include_stop_str_in_output: bool | None = None
     skip_special_tokens: bool | None = None
     user: str | None = None
+    no_stop_trim: bool | None = None
+    return_hidden_states: bool | None = None
 
 
 class CompletionBody(_SamplingFields, kw_only=True, forbid_unknown_fields=True):
@@ -163,6 +165,31 @@ class ChatBody(_SamplingFields, kw_only=True, forbid_unknown_fields=True):
     functions: Any = None
     function_call: Any = None
     chat_template_kwargs: dict[str, Any] | None = None
+    continue_final_message: bool | None = None
+    separate_reasoning: bool | None = None
+    stream_reasoning: bool | None = None
+    include_reasoning: bool | None = None
+
+
+ROUTER_FIELD_DEFAULTS = {
+    "no_stop_trim": False,
+    "return_hidden_states": False,
+    "continue_final_message": False,
+    "separate_reasoning": True,
+    "stream_reasoning": True,
+    "include_reasoning": True,
+}
+"""SGLang/vLLM extension fields that off-the-shelf routers (vllm-router, SGLang's router)
+re-serialize into every body they forward, set to these defaults. The defaults are what
+NovaInfer does anyway, so they are accepted; any other value is a feature NovaInfer does not
+have, hence a 400 rather than a silent no-op."""
+
+
+def _check_router_fields(req: _SamplingFields) -> None:
+    for name, default in ROUTER_FIELD_DEFAULTS.items():
+        value = getattr(req, name, None)
+        if value is not None and value != default:
+            raise InvalidRequest(f"{name}: {str(value).lower()} is not supported", param=name)
 
 
 _TEMPLATE_RESERVED = {"messages", "tools", "documents", "add_generation_prompt"}
@@ -356,6 +383,7 @@ def parse_completion(body: bytes, served_model: str, client_id: str | None = Non
     req: CompletionBody = decode_body(body, CompletionBody)
     check_model(req.model, served_model)
     _check_stream_options(req)
+    _check_router_fields(req)
     if req.echo and req.logprobs is not None:
         # OpenAI would return the prompt tokens' logprobs; the engine does not compute them.
         raise InvalidRequest("echo together with logprobs is not supported", param="logprobs")
@@ -433,6 +461,7 @@ def chat_job(req: ChatBody, served_model: str, client_id: str | None, id_prefix:
     (which translates its body into a ChatBody) share."""
     check_model(req.model, served_model)
     _check_stream_options(req)
+    _check_router_fields(req)
     messages = chat_messages(req.messages)
     if req.top_logprobs is not None and not req.logprobs:
         raise InvalidRequest("top_logprobs requires logprobs to be true", param="top_logprobs")

@@ -60,6 +60,8 @@ COMPLETION_CASES = [
     ({"suffix": "x"}, "suffix"),  # known to OpenAI, not supported here: an error, not a no-op
     ({"best_of": 2}, "best_of"),
     ({"max_token": 5}, "max_token"),  # a typo must not silently fall back to the default
+    ({"no_stop_trim": True}, "no_stop_trim"),  # a router extension field at a value not implemented
+    ({"return_hidden_states": True}, "return_hidden_states"),
 ]
 
 
@@ -88,6 +90,8 @@ CHAT_CASES = [
     ({"max_tokens": -5}, "max_tokens"),
     ({"reasoning_effort": "high"}, "reasoning_effort"),
     ({"modalities": ["audio"]}, "modalities"),
+    ({"separate_reasoning": False}, "separate_reasoning"),
+    ({"continue_final_message": True}, "continue_final_message"),
     ({"messages": [{"role": "user", "content": "hi", "nmae": "x"}]}, "messages[0].nmae"),
     ({"messages": [{"role": "assistant", "content": "hi", "audio": {"id": "a"}}]}, "messages[0].audio"),
 ]
@@ -104,6 +108,39 @@ async def test_unknown_fields_name_the_argument(gateway: Gateway) -> None:
     status, body, _ = await gateway.post("/v1/completions", {"prompt": "hi", "frobnicate": 1})
     err = assert_openai_error(status, body, 400, "frobnicate")
     assert err["message"] == "Unrecognized request argument supplied: frobnicate"
+
+
+# What vllm-router 0.x forwards (recorded): its typed request structs re-serialize SGLang's
+# extension fields at their defaults into every body.
+ROUTER_CHAT_FIELDS = {
+    "stream": False,
+    "logprobs": False,
+    "no_stop_trim": False,
+    "ignore_eos": False,
+    "continue_final_message": False,
+    "skip_special_tokens": True,
+    "separate_reasoning": True,
+    "stream_reasoning": True,
+    "return_hidden_states": False,
+    "include_reasoning": True,
+}
+ROUTER_COMPLETION_FIELDS = {
+    "stream": False,
+    "echo": False,
+    "no_stop_trim": False,
+    "ignore_eos": False,
+    "skip_special_tokens": True,
+    "return_hidden_states": False,
+}
+
+
+async def test_bodies_forwarded_by_vllm_router_are_accepted(gateway: Gateway) -> None:
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3, **ROUTER_CHAT_FIELDS}
+    status, body, _ = await gateway.post("/v1/chat/completions", chat)
+    assert status == 200, body
+    completion = {"model": MODEL, "prompt": "Hi", "max_tokens": 3, **ROUTER_COMPLETION_FIELDS}
+    status, body, _ = await gateway.post("/v1/completions", completion)
+    assert status == 200, body
 
 
 async def test_an_assistant_reply_sent_back_as_history_is_accepted(gateway: Gateway) -> None:
