@@ -129,10 +129,10 @@ def weight_bytes_read(model: CausalLM, rows: int) -> int:
             if q4 is None or name not in _INT4_MATRICES:
                 total += tensor.numel() * tensor.element_size()
         if q4 is not None:
-            total += sum(w.packed.nbytes + w.scales_zeros.nbytes for w in q4)
+            total += sum(w.nbytes for w in q4)
     head = model.embed if model.lm_head is None else model.lm_head
-    head_q4 = model.lm_head_int4 if rows <= model.layers[0].int4_max_rows else None
-    total += head.nbytes if head_q4 is None else head_q4.packed.nbytes + head_q4.scales_zeros.nbytes
+    head_q = model.lm_head_quantized if rows <= model.layers[0].int4_max_rows else None
+    total += head.nbytes if head_q is None else head_q.nbytes
     total += model.norm.nbytes
     total += rows * model.embed.shape[1] * model.embed.element_size()
     return total

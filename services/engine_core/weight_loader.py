@@ -113,8 +113,11 @@ def load_model(engine_config: EngineConfig, device: torch.device, dtype: torch.d
         raise ValueError("--int4-lm-head needs --quantization int4")
     if engine_config.quantization == "int4":
         _add_int4_copies(model, layer_types)
-        if engine_config.int4_lm_head and not model.quantize_int4_lm_head():
-            log.warning("the LM head's shape does not fit the int4 kernel: it stays dense")
+        if engine_config.int4_lm_head:
+            if not model.quantize_lm_head(4):
+                log.warning("the LM head's shape does not fit the int4 kernel: it stays dense")
+        else:
+            model.quantize_lm_head(8)
     return model.eval(), cfg
 
 

@@ -155,7 +155,7 @@ def test_int4_layers_compute_with_their_dequantized_weights(name: str) -> None:
 def test_int4_lm_head_for_small_steps_only() -> None:
     model, _ = load_model(EngineConfig(model="tiny-llama", quantization="int4", int4_lm_head=True), CPU, torch.float32)
     dense, _ = load_model(EngineConfig(model="tiny-llama"), CPU, torch.float32)
-    assert model.lm_head_int4 is not None and dense.lm_head_int4 is None
+    assert isinstance(model.lm_head_quantized, Int4Weight) and dense.lm_head_quantized is None
     hidden = torch.randn(MAX_ROWS + 1, model.cfg.hidden_size, generator=torch.Generator().manual_seed(0))
     small, ref = model.compute_logits(hidden[:MAX_ROWS]), dense.compute_logits(hidden[:MAX_ROWS])
     assert not torch.equal(small, ref)

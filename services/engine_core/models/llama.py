@@ -27,6 +27,7 @@ from services.engine_core.attention.base import AttentionBackend, AttentionMetad
 from services.engine_core.model_config import ModelConfig
 from services.engine_core.models import int4
 from services.engine_core.models.int4 import Int4Layer, Int4Weight
+from services.engine_core.models.int8 import Int8Weight
 
 # HF parameter names of one layer -> (our attribute, index of the shard in a fused weight).
 _LAYER_WEIGHTS: dict[str, tuple[str, int | None]] = {
@@ -202,8 +203,8 @@ class CausalLM(nn.Module):
         )
         self.norm = _param((cfg.hidden_size,), dtype, device)
         self.lm_head = None if cfg.tie_word_embeddings else _param((cfg.vocab_size, cfg.hidden_size), dtype, device)
-        # Set by quantize_int4_lm_head: steps the layers run in int4 use it instead.
-        self.lm_head_int4: Int4Weight | None = None
+        # Set by quantize_lm_head: steps the layers run in int4 multiply by it instead.
+        self.lm_head_quantized: Int4Weight | Int8Weight | None = None
         # Angles in float32 then cast, as transformers does, so bf16 models round the same way.
         positions = torch.arange(max_positions or cfg.max_position_embeddings, dtype=torch.float32)
         angles = torch.outer(positions, rope_inv_freq(cfg)).to(device)
@@ -239,19 +240,26 @@ class CausalLM(nn.Module):
             layer.quantize_int4(max_rows)
         return True
 
-    def quantize_int4_lm_head(self) -> bool:
-        """Give the LM head an int4 copy for steps the layers run in int4 (call after
-        quantize_int4). False, and nothing changes, where the kernel cannot pack it."""
+    def quantize_lm_head(self, bits: int) -> bool:
+        """Give the LM head a weight-only copy for the steps the layers run in int4 (call after
+        quantize_int4): int8 per output row (models/int8.py: lossless in practice, half of
+        bf16's bytes) or int4 in groups (a quarter, but lossy). False, and nothing changes,
+        where the kernel cannot take the matrix."""
         head = self.embed if self.lm_head is None else self.lm_head
+        if bits == 8:
+            self.lm_head_quantized = Int8Weight.quantize(head)
+            return True
+        if bits != 4:
+            raise ValueError(f"the LM head is quantized to 8 or 4 bits, not {bits}")
         if not int4.supported(head):
             return False
-        self.lm_head_int4 = Int4Weight.quantize(head)
+        self.lm_head_quantized = Int4Weight.quantize(head)
         return True
 
     def compute_logits(self, hidden: Tensor) -> Tensor:
         """hidden [N, hidden] (rows of forward's output) -> float32 logits [N, vocab]."""
-        if self.lm_head_int4 is not None and hidden.shape[0] <= self.layers[0].int4_max_rows:
-            return self.lm_head_int4(hidden).float()
+        if self.lm_head_quantized is not None and hidden.shape[0] <= self.layers[0].int4_max_rows:
+            return self.lm_head_quantized(hidden).float()
         head = self.embed if self.lm_head is None else self.lm_head
         return F.linear(hidden, head).float()
 
