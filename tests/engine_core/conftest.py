@@ -34,6 +34,7 @@ def build_paged_batch(
     device: str | torch.device = "cpu",
     seed: int = 0,
     pad_rows: int = 0,
+    shuffle_blocks: bool = True,
 ) -> PagedBatch:
     """A step's batch over a NaN-poisoned cache: only each request's cached context (positions
     before context_lens[i]) holds values, so reading any slot it should not (a partial last
@@ -45,7 +46,7 @@ def build_paged_batch(
     seq_lens = [c + q for c, q in zip(context_lens, query_lens, strict=True)]
     blocks_per_req = [-(-s // block_size) for s in seq_lens]
     num_blocks = sum(blocks_per_req) + 3  # a few blocks no request owns
-    order = torch.randperm(num_blocks, generator=gen).tolist()
+    order = torch.randperm(num_blocks, generator=gen).tolist() if shuffle_blocks else list(range(num_blocks))
     block_tables = torch.zeros(len(seq_lens), max(blocks_per_req) + 1, dtype=torch.int32)
     taken = 0
     for i, n in enumerate(blocks_per_req):

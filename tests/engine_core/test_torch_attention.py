@@ -50,6 +50,33 @@ def test_decode_groups_by_length_and_budget(paged_batch, relative_error, monkeyp
     assert relative_error(out, ref) < 1e-5
 
 
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize(
+    "context_lens, shuffle, path",
+    [
+        ([40], False, "block_range"),  # one stream on consecutive blocks: read in place
+        ([40], True, "blocks"),
+        ([31, 31, 31], False, "blocks"),  # equal lengths: whole blocks, no mask
+        ([15, 15, 15, 15], True, "blocks"),  # context ends on a block boundary
+        ([31, 20, 31], True, "slots"),  # different lengths: padded slots and a mask
+    ],
+)
+def test_pure_decode_paths(paged_batch, relative_error, dtype, tol, context_lens, shuffle, path):
+    n = len(context_lens)
+    batch = paged_batch(
+        [1] * n, context_lens, num_heads=9, num_kv_heads=3, head_dim=64, dtype=dtype, shuffle_blocks=shuffle
+    )
+    backend = TorchAttentionBackend()
+    out = run(batch, backend)
+    ref = reference_attention(batch.query, batch.k_cache, batch.v_cache, batch.md, batch.scale)
+    assert relative_error(out, ref) < tol
+    assert backend._plan is not None
+    (group,) = backend._plan.decode_groups
+    assert getattr(group, path) is not None
+    # Equal lengths keep the step's row order, so the query and output are used as they are.
+    assert (group.rows is None) == (path != "slots")
+
+
 def test_plan_is_reused_across_layers_and_rebuilt_per_step(paged_batch, relative_error):
     backend = TorchAttentionBackend()
     for step, shape in enumerate((MIXED, ([1, 1, 3], [4, 50, 0]))):

@@ -6,6 +6,13 @@ the decode rows of a batch (query length 1) are gathered, padded to the longest 
 buffer and go through one SDPA call per layer (one per group of similar lengths when lengths
 differ widely, so padding stays bounded); only prefill chunks (few per step) are handled one
 request at a time.
+
+A decode group whose requests all have the same context length (always so for a single stream)
+needs no padding and no mask: whole blocks are gathered (a few dozen indices, not one per token)
+and the context is a prefix of them; a lone request whose blocks are consecutive in the cache
+(the usual case for one stream: the block manager hands out free blocks in order) is attended
+over in place, with no copy at all. When that group is the whole step, the query is used and the
+output returned as they are. A single-stream step is then three views and one SDPA call per layer.
 """
 
 from __future__ import annotations
@@ -59,14 +66,23 @@ _DECODE_GROUP_TOKENS = 32768
 
 @dataclass
 class _DecodeGroup:
-    rows: torch.Tensor
-    """int64 [n]: the group's rows of the flattened batch."""
-    slots: torch.Tensor
-    """int64 [n * max_len]: cache slot of every context position, padded positions pointing at
-    the request's last token so the gathered K/V stay finite whatever the cache holds past a
-    request's end (a NaN there would survive a masked softmax)."""
-    valid: torch.Tensor
-    """bool [n, 1, 1, max_len]: which padded positions are real context."""
+    num_reqs: int
+    max_len: int
+    rows: torch.Tensor | None
+    """int64 [n]: the group's rows of the flattened batch; None when they are all the step's
+    rows, in order (query and output need no gather or scatter)."""
+    block_range: slice | None = None
+    """One request whose blocks are consecutive cache blocks: its context is read in place."""
+    blocks: torch.Tensor | None = None
+    """int32 [n * blocks]: the blocks holding each request's context, when every request has the
+    same context length (max_len): the context is the first max_len slots of its blocks."""
+    slots: torch.Tensor | None = None
+    """int64 [n * max_len], for requests of different lengths: cache slot of every context
+    position, padded positions pointing at the request's last token so the gathered K/V stay
+    finite whatever the cache holds past a request's end (a NaN there would survive a masked
+    softmax)."""
+    valid: torch.Tensor | None = None
+    """bool [n, 1, 1, max_len], with slots: which padded positions are real context."""
 
 
 @dataclass
@@ -125,12 +141,23 @@ class TorchAttentionBackend(AttentionBackend):
         groups = []
         for reqs in _group_decodes(decodes, md.seq_lens_cpu):
             max_len = md.seq_lens_cpu[reqs[0]]
+            n = len(reqs)
+            whole_step = not prefills and reqs == list(range(md.num_reqs))
+            group = _DecodeGroup(n, max_len, None if whole_step else torch.tensor([starts[i] for i in reqs]))
             req_idx = torch.tensor(reqs, device=device)
-            seq_lens = md.seq_lens[req_idx]
-            slots = _context_slots(md.block_tables[req_idx], seq_lens, max_len, block_size)
-            valid = torch.arange(max_len, device=device) < seq_lens.unsqueeze(1)
-            rows = torch.tensor([starts[i] for i in reqs], device=device)
-            groups.append(_DecodeGroup(rows, slots.reshape(-1), valid[:, None, None, :]))
+            if all(md.seq_lens_cpu[i] == max_len for i in reqs):
+                tables = md.block_tables[req_idx, : -(-max_len // block_size)]
+                first = int(tables[0, 0])
+                if n == 1 and tables[0].tolist() == list(range(first, first + tables.shape[1])):
+                    group.block_range = slice(first, first + tables.shape[1])
+                else:
+                    group.blocks = tables.reshape(-1)
+            else:
+                seq_lens = md.seq_lens[req_idx]
+                group.slots = _context_slots(md.block_tables[req_idx], seq_lens, max_len, block_size).reshape(-1)
+                valid = torch.arange(max_len, device=device) < seq_lens.unsqueeze(1)
+                group.valid = valid[:, None, None, :]
+            groups.append(group)
         return _Plan(starts, groups, prefills)
 
     def _buffers(self, rows: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -149,6 +176,30 @@ class TorchAttentionBackend(AttentionBackend):
         k_buf, v_buf = self._buffers(len(slots), k_slots)
         return torch.index_select(k_slots, 0, slots, out=k_buf), torch.index_select(v_slots, 0, slots, out=v_buf)
 
+    def _decode(
+        self, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, group: _DecodeGroup, scale: float
+    ) -> torch.Tensor:
+        """Attention of a decode group's query rows [n, heads, d] over their contexts."""
+        n, n_heads, d = query.shape
+        n_kv = k_cache.shape[2]
+        if group.block_range is not None:
+            k, v = k_cache[group.block_range], v_cache[group.block_range]
+        elif group.blocks is not None:
+            k, v = self._gather(k_cache.view(k_cache.shape[0], -1), v_cache.view(v_cache.shape[0], -1), group.blocks)
+        else:
+            assert group.slots is not None
+            k, v = self._gather(k_cache.view(-1, n_kv * d), v_cache.view(-1, n_kv * d), group.slots)
+        # The query heads sharing a KV head become that head's "query rows": one plain SDPA
+        # per group reads each KV head once, instead of repeating K/V for GQA.
+        o = F.scaled_dot_product_attention(
+            query.view(n, n_kv, n_heads // n_kv, d),
+            k.view(n, -1, n_kv, d)[:, : group.max_len].transpose(1, 2),
+            v.view(n, -1, n_kv, d)[:, : group.max_len].transpose(1, 2),
+            attn_mask=group.valid,
+            scale=scale,
+        )
+        return o.reshape(n, n_heads, d)
+
     def forward(self, query, key, value, k_cache, v_cache, md: AttentionMetadata, scale: float):
         n_heads, d = query.shape[1], query.shape[2]
         block_size, n_kv = k_cache.shape[1], k_cache.shape[2]
@@ -157,23 +208,16 @@ class TorchAttentionBackend(AttentionBackend):
             self._plan, self._plan_md = self._make_plan(md, block_size), md
         plan = self._plan
         assert plan is not None
+        if len(plan.decode_groups) == 1 and plan.decode_groups[0].rows is None:
+            return self._decode(query, k_cache, v_cache, plan.decode_groups[0], scale)
         k_slots = k_cache.view(-1, n_kv * d)
         v_slots = v_cache.view(-1, n_kv * d)
         out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
 
         for group in plan.decode_groups:
-            n = len(group.rows)
-            k, v = self._gather(k_slots, v_slots, group.slots)
-            # The query heads sharing a KV head become that head's "query rows": one plain SDPA
-            # per group reads each KV head once, instead of repeating K/V for GQA.
-            o = F.scaled_dot_product_attention(
-                query.index_select(0, group.rows).view(n, n_kv, q_per_kv, d),
-                k.view(n, -1, n_kv, d).transpose(1, 2),
-                v.view(n, -1, n_kv, d).transpose(1, 2),
-                attn_mask=group.valid,
-                scale=scale,
-            )
-            out.index_copy_(0, group.rows, o.reshape(n, n_heads, d))
+            assert group.rows is not None
+            o = self._decode(query.index_select(0, group.rows), k_cache, v_cache, group, scale)
+            out.index_copy_(0, group.rows, o)
 
         for i in plan.prefills:
             rows = slice(plan.starts[i], plan.starts[i + 1])
