@@ -57,16 +57,18 @@ class EngineConfig(msgspec.Struct, kw_only=True):
     """Disable CUDA graphs."""
     int4_lm_head: bool = False
     """With --quantization int4: the LM head (the largest matrix, 49152 x 576 in SmolLM2, read
-    whole every decode step) also gets an int4 copy for steps of up to 16 rows; re-quantized
-    from the checkpoint's (Q8_0 in the bundled GGUF), so lossy: see docs/benchmarks.md."""
+    whole every decode step) gets an int4 copy for steps of up to 16 rows instead of the int8
+    one; re-quantized from the checkpoint's (Q8_0 in the bundled GGUF), so lossy: see
+    docs/benchmarks.md."""
     compile_decode: bool = False
     """CPU only: run pure-decode steps through torch.compile'd (Inductor C++) layers, compiled at
     start-up for each batch size of the CUDA-graph ladder (1, 2, 4, 8, 16, 32, ... max_num_seqs) and
     cached on disk under cache_dir. Fewer, fused ops per token; output then differs from the exact
     fp32 eager mode in the last bits (greedy output may diverge after many tokens)."""
     quantization: Literal["none", "int4"] = "none"
-    """int4: steps of up to 16 rows use int4 weight-only copies of the layer matrices (CPU only;
-    ~1.8x single-stream decode on a 4-bit GGUF, but greedy output then depends on the batch)."""
+    """int4: steps of up to 16 rows use int4 weight-only copies of the layer matrices and an int8
+    copy of the LM head (CPU only; ~1.8x single-stream decode on a 4-bit GGUF, but greedy output
+    then depends on the batch)."""
     tool_call_parser: Literal["auto", "hermes", "llama3"] = "auto"
     """How chat outputs are parsed for tool calls under tool_choice auto: hermes
     (<tool_call> tags: Hermes, Qwen2.5/3, and the default tool prompt of templates without
