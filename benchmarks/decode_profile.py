@@ -2,15 +2,19 @@
 
 For each mode (perplexity.py's), an LLMEngine (the engine the server steps, without its
 processes) decodes one greedy request whose prompt is --context tokens long. Over --steps decode
-steps, modes interleaved step by step (the machine is shared), it times engine.step() and, inside
-it, the model runner's input building (`prepare`), the forward through the layers, the LM head,
-the sampler, and the rest (scheduler, block manager, output building: `engine`). Then
-torch.profiler over --profile-steps more steps counts the aten ops Python issues per step and
-their time by kind (inclusive of the kernels they call); `python` is the part of the profiled
-forward that no op accounts for (interpreter, dispatch, the profiler's own overhead).
+steps per variant (mode x torch thread count), variants interleaved in blocks of a few steps (the
+machine is shared), it times engine.step() and, inside it, the model runner's input building
+(`prepare`), the forward through the layers, the LM head, the sampler, and the rest (scheduler,
+block manager, output building: `engine`). Then torch.profiler over --profile-steps more steps
+(at the first thread count) counts the aten ops Python issues per step and their time by kind
+(inclusive of the kernels they call); `python (between ops)` is the part of the profiled steps
+that no op accounts for (interpreter, dispatch, the profiler's own overhead).
 
-    .venv/bin/python benchmarks/decode_profile.py                        # int4-bf16, int4, fp32
+    .venv/bin/python benchmarks/decode_profile.py                       # int4-bf16, int4, fp32; 2 and 1 threads
     .venv/bin/python benchmarks/decode_profile.py --modes int4-bf16 --threads 1 --steps 20
+    OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/decode_profile.py --output /tmp/passive.json
+
+OpenMP's wait policy is read once per process, so compare it across runs (it is recorded).
 """
 
 from __future__ import annotations
@@ -76,7 +80,7 @@ KINDS = {
 
 
 class Timed:
-    """Wraps a callable, adding each call's wall time to totals[name]."""
+    """Wraps a callable, adding each call's wall time to totals[name] (totals may be swapped)."""
 
     def __init__(self, fn: Callable[..., Any], totals: dict[str, float], name: str) -> None:
         self.fn, self.totals, self.name = fn, totals, name
@@ -89,22 +93,25 @@ class Timed:
             self.totals[self.name] += time.perf_counter() - t0
 
 
-def build_engine(mode: str, threads: int, context: int, steps: int) -> tuple[LLMEngine, dict[str, float]]:
+def build_engine(mode: str, threads: int, context: int, steps: int) -> tuple[LLMEngine, list[Timed]]:
     overrides, _ = MODES[mode]
     engine = LLMEngine(EngineConfig(num_threads=threads, max_num_seqs=8, kv_cache_bytes=256 << 20, **overrides))
     runner = engine.runner
     totals: dict[str, float] = defaultdict(float)
-    runner._prepare = Timed(runner._prepare, totals, "prepare")  # type: ignore[method-assign]
-    runner.forward = Timed(runner.forward, totals, "forward")  # type: ignore[method-assign]
-    runner.model.compute_logits = Timed(runner.model.compute_logits, totals, "lm_head")  # type: ignore[method-assign]
-    runner.sampler = Timed(runner.sampler, totals, "sampler")  # type: ignore[assignment]
+    timers = [
+        Timed(runner._prepare, totals, "prepare"),
+        Timed(runner.forward, totals, "forward"),
+        Timed(runner.model.compute_logits, totals, "lm_head"),
+        Timed(runner.sampler, totals, "sampler"),
+    ]
+    runner._prepare, runner.forward, runner.model.compute_logits, runner.sampler = timers  # type: ignore[method-assign,assignment]
     prompt = torch.randint(100, 20000, (context,), generator=torch.Generator().manual_seed(0)).tolist()
     params = SamplingParams(max_tokens=10 * steps + 100, temperature=0.0, ignore_eos=True)
     engine.add_request("profiled", prompt, params)
     # Prefill (the whole prompt in chunks) until the first decode step.
     while not any(r.num_computed_tokens >= context for r in engine.scheduler.running):
         engine.step()
-    return engine, totals
+    return engine, timers
 
 
 def profile_ops(engine: LLMEngine, steps: int) -> dict[str, Any]:
@@ -128,55 +135,71 @@ def profile_ops(engine: LLMEngine, steps: int) -> dict[str, Any]:
     return {"profiled_step_ms": wall * 1e3 / steps, "aten_ops_per_step": ops / steps, "by_kind": kinds}
 
 
+BLOCK = 5
+"""Steps a variant runs before the next one takes over (thread-count switches stay rare)."""
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--modes", nargs="+", choices=list(MODES), default=["int4-bf16", "int4", "fp32"])
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, nargs="+", default=[2, 1], help="torch thread counts to compare")
     p.add_argument("--context", type=int, default=512, help="prompt tokens before the decode steps")
-    p.add_argument("--steps", type=int, default=60, help="timed decode steps per mode")
+    p.add_argument("--steps", type=int, default=60, help="timed decode steps per variant")
     p.add_argument("--profile-steps", type=int, default=10)
     p.add_argument("--output", default=RESULTS)
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
-
-    engines = {m: build_engine(m, args.threads, args.context, args.steps) for m in args.modes}
-    step_ms: dict[str, list[float]] = {m: [] for m in args.modes}
-    for totals in (t for _, t in engines.values()):
-        totals.clear()
-    for _ in range(args.steps):
-        for mode, (engine, _) in engines.items():
-            t0 = time.perf_counter()
-            engine.step()
-            step_ms[mode].append((time.perf_counter() - t0) * 1e3)
+    variants = [(m, t) for m in args.modes for t in args.threads]
+    engines = {m: build_engine(m, max(args.threads), args.context, len(args.threads) * args.steps) for m in args.modes}
+    totals = {v: defaultdict(float) for v in variants}
+    step_ms: dict[tuple[str, int], list[float]] = {v: [] for v in variants}
+    for _ in range(-(-args.steps // BLOCK)):
+        for mode, threads in variants:
+            engine, timers = engines[mode]
+            torch.set_num_threads(threads)
+            for timer in timers:
+                timer.totals = totals[(mode, threads)]
+            for _ in range(BLOCK):
+                t0 = time.perf_counter()
+                engine.step()
+                step_ms[(mode, threads)].append((time.perf_counter() - t0) * 1e3)
 
     out: dict[str, Any] = {
         "benchmark": "decode_profile",
         "machine": machine_info(),
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "threads": args.threads,
+        "omp_env": {k: v for k, v in os.environ.items() if k.startswith(("OMP_", "GOMP_", "KMP_"))},
         "context": args.context,
-        "steps": args.steps,
-        "modes": {},
+        "steps": len(step_ms[variants[0]]),
+        "variants": [],
     }
-    for mode, (engine, totals) in engines.items():
-        parts = {k: totals[k] * 1e3 / args.steps for k in PARTS}
-        mean_step = statistics.fmean(step_ms[mode])
+    for mode, threads in variants:
+        engine, timers = engines[mode]
+        n = len(step_ms[(mode, threads)])
+        parts = {k: totals[(mode, threads)][k] * 1e3 / n for k in PARTS}
+        mean_step = statistics.fmean(step_ms[(mode, threads)])
         parts["engine"] = mean_step - sum(parts.values())
-        out["modes"][mode] = r = {
+        r = {
+            "mode": mode,
             "config": MODES[mode][0],
-            "step_ms_median": statistics.median(step_ms[mode]),
+            "threads": threads,
+            "step_ms_median": statistics.median(step_ms[(mode, threads)]),
             "step_ms_mean": mean_step,
             "parts_ms_mean": parts,
-            "ops": profile_ops(engine, args.profile_steps),
         }
         print(
-            f"{mode}: step {r['step_ms_median']:.2f} ms median; "
-            + ", ".join(f"{k} {v:.2f}" for k, v in parts.items())
-            + f"; {r['ops']['aten_ops_per_step']:.0f} aten ops/step",
+            f"{mode}, {threads} threads: step {r['step_ms_median']:.2f} ms median; "
+            + ", ".join(f"{k} {v:.2f}" for k, v in parts.items()),
             flush=True,
         )
-        for kind, v in sorted(r["ops"]["by_kind"].items(), key=lambda kv: -kv[1]["ms_per_step"]):
-            print(f"    {kind:36s} {v['ops_per_step']:6.0f} ops {v['ms_per_step']:7.2f} ms", flush=True)
+        if threads == args.threads[0]:
+            torch.set_num_threads(threads)
+            for timer in timers:
+                timer.totals = defaultdict(float)
+            r["ops"] = ops = profile_ops(engine, args.profile_steps)
+            print(f"    {ops['aten_ops_per_step']:.0f} aten ops/step (profiled: {ops['profiled_step_ms']:.2f} ms)")
+            for kind, v in sorted(ops["by_kind"].items(), key=lambda kv: -kv[1]["ms_per_step"]):
+                print(f"    {kind:36s} {v['ops_per_step']:6.0f} ops {v['ms_per_step']:7.2f} ms", flush=True)
+        out["variants"].append(r)
     os.makedirs(os.path.dirname(args.output), exist_ok=True)
     with open(args.output, "w") as f:
         json.dump(out, f, indent=1)
