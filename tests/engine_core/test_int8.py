@@ -1,4 +1,4 @@
-"""The int8 weight-only LM head that int4 steps multiply by (models/int8.py)."""
+"""The int8 LM head that int4 steps multiply by (models/int8.py)."""
 
 from __future__ import annotations
 
@@ -13,31 +13,54 @@ from shared.config import EngineConfig
 CPU = torch.device("cpu")
 
 
+def weight_only(q: Int8Weight) -> Int8Weight:
+    """The same matrix through the fallback kernel (_weight_int8pack_mm)."""
+    q._packed = None
+    return q
+
+
+def test_quantize_rounds_each_row_to_255_levels() -> None:
+    weight = torch.randn(80, 64, generator=torch.Generator().manual_seed(0))
+    q = Int8Weight.quantize(weight.to(torch.bfloat16))
+    assert q.values.dtype == torch.int8 and q.scales.dtype == torch.float32
+    step = weight.to(torch.bfloat16).float().abs().amax(1, keepdim=True) / 127
+    assert ((q.dequantize() - weight.to(torch.bfloat16).float()).abs() <= step / 2 + 1e-6).all()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_matmul_is_the_dequantized_matrix(dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("kernel", ["onednn", "weight_only"])
+def test_matmul_is_the_dequantized_matrix(dtype: torch.dtype, kernel: str) -> None:
     g = torch.Generator().manual_seed(0)
-    weight = torch.randn(80, 64, generator=g).to(dtype)
-    q = Int8Weight.quantize(weight)
-    assert q.values.dtype == torch.int8 and q.scales.dtype == dtype
-    # Rounding to the nearest of 255 levels per row: at most half a step off (plus, in bf16, the
-    # scale's own rounding: at most 127 x 2^-9 of a step).
-    step = weight.float().abs().amax(1, keepdim=True) / 127
-    slack = 0.5 if dtype == torch.float32 else 0.75
-    assert ((q.dequantize() - weight.float()).abs() <= slack * step + 1e-6).all()
+    q = Int8Weight.quantize(torch.randn(80, 64, generator=g))
+    if kernel == "weight_only":
+        weight_only(q)
     x = torch.randn(3, 64, generator=g).to(dtype)
     out = q(x)
-    assert out.dtype == dtype and out.shape == (3, 80)
+    assert out.dtype == torch.float32 and out.shape == (3, 80)
     ref = x.float() @ q.dequantize().t()
-    tol = 1e-4 if dtype == torch.float32 else 2e-2
-    assert ((out.float() - ref).norm() / ref.norm()).item() < tol
+    # onednn quantizes each activation row to 8 bits (about 0.5 % of error), the weight-only
+    # kernel rounds activations and scales to bf16.
+    tol = 2e-2
+    assert ((out - ref).norm() / ref.norm()).item() < tol
 
 
-def test_zero_row_stays_finite() -> None:
+def test_a_row_does_not_depend_on_the_others() -> None:
+    g = torch.Generator().manual_seed(1)
+    q = Int8Weight.quantize(torch.randn(96, 64, generator=g))
+    x = torch.randn(5, 64, generator=g)
+    x[3] *= 100  # a row with a much larger range must not coarsen the others' quantization
+    batch = q(x)
+    for i in range(5):
+        assert torch.equal(q(x[i : i + 1])[0], batch[i])
+
+
+def test_zero_rows_stay_finite() -> None:
     weight = torch.zeros(16, 32)
     weight[1] = 1.0
     q = Int8Weight.quantize(weight)
     assert torch.isfinite(q.scales).all()
-    assert torch.equal(q(torch.ones(1, 32))[0, 0], torch.tensor(0.0))
+    out = q(torch.cat((torch.ones(1, 32), torch.zeros(1, 32))))
+    assert torch.isfinite(out).all() and out[0, 0] == 0 and out[0, 1] == 32 and not out[1].any()
 
 
 def test_int4_mode_gets_an_int8_head_for_small_steps_only() -> None:
@@ -47,5 +70,5 @@ def test_int4_mode_gets_an_int8_head_for_small_steps_only() -> None:
     hidden = torch.randn(MAX_ROWS + 1, model.cfg.hidden_size, generator=torch.Generator().manual_seed(0))
     small, ref = model.compute_logits(hidden[:MAX_ROWS]), dense.compute_logits(hidden[:MAX_ROWS])
     assert small.dtype == torch.float32
-    assert ((small - ref).norm() / ref.norm()).item() < 1e-2
+    assert ((small - ref).norm() / ref.norm()).item() < 2e-2
     assert torch.equal(model.compute_logits(hidden), dense.compute_logits(hidden))  # a large step: dense

@@ -1,46 +1,78 @@
-"""Int8 weight-only matmul for the LM head of steps of a few rows on a CPU.
+"""Int8 LM head for steps of a few rows on a CPU.
 
 The LM head is the largest matrix of a small model (49152 x 576 in SmolLM2: 56 MB in bf16, a
 third of what a 4-bit decode step reads) and every decode step reads all of it for one row of
 logits. One int8 value per weight and a scale per output row (symmetric, round to nearest)
-halve those bytes against bf16, and torch's CPU kernel `_weight_int8pack_mm` multiplies the
-activations (in their own dtype) by them directly. Unlike int4 (groups of 32, which costs the
-head ~4 % of perplexity), int8 per row is lossless in practice: the bundled GGUF stores the head
-as Q8_0 already, and greedy tokens and perplexity stay those of the dense head
-(docs/benchmarks.md).
+halve those bytes against bf16. Unlike int4 (groups of 32, which costs the head ~4 % of
+perplexity), int8 per row is lossless in practice: the bundled GGUF stores the head as Q8_0
+already, and perplexity and greedy tokens stay those of the dense head (docs/benchmarks.md).
+
+The multiply is oneDNN's int8 x int8 matmul (`onednn.qlinear_pointwise`, VNNI/AMX dot
+products), with each activation row quantized to 8 bits by its own max |x|, as llama.cpp does
+for its Q8_0 dot products: a row's logits do not depend on the other rows of the step. That
+kernel is ~2.5x faster here than torch's weight-only `_weight_int8pack_mm`, which converts
+every weight to float before multiplying (at one row it is bound by that, not by memory);
+the weight-only kernel remains the fallback where oneDNN's int8 matmul is not available.
 """
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import Tensor
 
+log = logging.getLogger(__name__)
+
+# Activations are quantized to uint8 around this zero point (oneDNN's fast u8 x s8 form).
+_ZERO_POINT = 128
+
 
 class Int8Weight:
-    """One [out, in] matrix as int8 values and a scale per output row (in the activations' dtype)."""
+    """One [out, in] matrix as int8 values and a float32 scale per output row."""
 
     def __init__(self, values: Tensor, scales: Tensor) -> None:
         self.values, self.scales = values, scales
+        self._packed: Tensor | None = None
+        self._zero_points = torch.zeros(values.shape[0], dtype=torch.long)
+        try:
+            self._packed = torch.ops.onednn.qlinear_prepack(values, None)
+            self(torch.zeros(1, values.shape[1]))  # a build whose kernel cannot run fails here, not mid-step
+        except (AttributeError, RuntimeError, NotImplementedError) as e:
+            log.info("oneDNN int8 matmul unavailable (%s): the int8 LM head uses _weight_int8pack_mm", e)
+            self._packed = None
 
     @classmethod
     @torch.no_grad()
     def quantize(cls, weight: Tensor) -> Int8Weight:
         """Symmetric per output row: w ~= q * scale, q in [-127, 127], scale = max |w| / 127."""
         if weight.device.type != "cpu":
-            raise ValueError(f"int8 weights are for the CPU kernel, got a matrix on {weight.device}")
+            raise ValueError(f"int8 weights are for the CPU kernels, got a matrix on {weight.device}")
         w = weight.float()
         scale = (w.abs().amax(dim=1) / 127).clamp_min(torch.finfo(torch.float32).tiny)
         values = (w / scale[:, None]).round_().clamp_(-127, 127).to(torch.int8)
-        return cls(values, scale.to(weight.dtype))
+        return cls(values, scale)
 
     def __call__(self, x: Tensor) -> Tensor:
-        """x [rows, in] in the dtype of the scales -> x @ weight.T [rows, out] in that dtype."""
-        return torch.ops.aten._weight_int8pack_mm(x.contiguous(), self.values, self.scales)
+        """x [rows, in] -> x @ weight.T [rows, out] in float32 (what logits are kept in)."""
+        if self._packed is None:
+            # The weight-only kernel is fast only with bf16 activations (~10x slower in fp32).
+            rows = x.to(torch.bfloat16).contiguous()
+            return torch.ops.aten._weight_int8pack_mm(rows, self.values, self.scales.to(torch.bfloat16)).float()
+        x = x.float()
+        # Each row by its own scale; the kernel then sees scale 1 and adds nothing across rows.
+        row_scale = x.abs().amax(dim=1, keepdim=True).clamp_min_(torch.finfo(torch.float32).tiny).div_(127)
+        xq = (x / row_scale).round_().add_(_ZERO_POINT).to(torch.uint8)
+        out = torch.ops.onednn.qlinear_pointwise(
+            xq, 1.0, _ZERO_POINT, self._packed, self.scales, self._zero_points,
+            None, 1.0, 0, torch.float32, "none", [], "",
+        )  # fmt: skip
+        return out.mul_(row_scale)
 
     @property
     def nbytes(self) -> int:
         return self.values.nbytes + self.scales.nbytes
 
     def dequantize(self) -> Tensor:
-        """The matrix the kernel multiplies by, as float32 (for tests and error checks)."""
-        return self.values.float() * self.scales.float()[:, None]
+        """The weight matrix the kernel multiplies by, as float32 (for tests and error checks)."""
+        return self.values.float() * self.scales[:, None]
