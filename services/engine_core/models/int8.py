@@ -10,7 +10,7 @@ already, and perplexity and greedy tokens stay those of the dense head (docs/ben
 The multiply is oneDNN's int8 x int8 matmul (`onednn.qlinear_pointwise`, VNNI/AMX dot
 products), with each activation row quantized to 8 bits by its own max |x|, as llama.cpp does
 for its Q8_0 dot products: a row's logits do not depend on the other rows of the step. That
-kernel is ~2.5x faster here than torch's weight-only `_weight_int8pack_mm`, which converts
+kernel is about 2x faster here than torch's weight-only `_weight_int8pack_mm`, which converts
 every weight to float before multiplying (at one row it is bound by that, not by memory);
 the weight-only kernel remains the fallback where oneDNN's int8 matmul is not available.
 """
