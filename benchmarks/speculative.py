@@ -10,6 +10,10 @@ Workloads:
             quote and summarize a passage of Genesis (KJV), continue a repeated table
   random    serve_bench's `random` workload: random words via /v1/completions, where
             proposals rarely match (what speculation must not slow down)
+  structured  (not in the default list) chat requests with a JSON-schema response_format:
+            convert a parts table in the prompt into a JSON array of objects with the same
+            five fields each, the repeating structured text agents ask for; the drafts are
+            checked against the grammar (docs/speculative_decoding.md)
 
 Every point records output tok/s and TPOT (from the streamed client), and from the
 server's /metrics: draft tokens proposed and accepted (acceptance rate; mean accepted
@@ -25,6 +29,8 @@ Writes benchmarks/results/speculative.json (with machine_info).
     .venv/bin/python benchmarks/speculative.py                          # the full run
     .venv/bin/python benchmarks/speculative.py --concurrency 1 --min-requests 2 \\
         --requests-per-conc 1 --output-len 16 --output /tmp/spec.json    # a smoke run
+    .venv/bin/python benchmarks/speculative.py --workloads structured --concurrency 1 8 \\
+        --output benchmarks/results/speculative_structured.json           # structured outputs
 """
 
 from __future__ import annotations
@@ -57,7 +63,8 @@ CODE_DIR = os.path.join(DATA, "code")
 PASSAGE_FILE = os.path.join(DATA, "kjv_genesis_1-11.txt")
 RESULTS = os.path.join(HERE, "results", "speculative.json")
 METHODS = ("off", "ngram", "suffix")
-WORKLOADS = ("grounded", "random")
+WORKLOADS = ("grounded", "random", "structured")
+DEFAULT_WORKLOADS = ("grounded", "random")
 TASKS = ("code", "passage", "table")
 
 # ---------------------------------------------------------------- the grounded workload
@@ -114,7 +121,8 @@ def passage_task(rng: random.Random) -> str:
 ITEMS = ("bolt", "washer", "hinge", "bracket", "spring", "gasket", "rivet", "clamp", "valve", "bearing")
 
 
-def table_task(rng: random.Random) -> str:
+def table_rows(rng: random.Random) -> list[str]:
+    """A markdown parts table of 20-30 rows."""
     rows = ["| id | item | size (mm) | qty | unit price |", "|---|---|---|---|---|"]
     first = rng.randrange(100, 900)
     for i in range(rng.randint(20, 30)):
@@ -123,7 +131,11 @@ def table_task(rng: random.Random) -> str:
             f"| {first + i} | {item} | {rng.choice((4, 6, 8, 10, 12))} | {rng.randint(1, 50)} | "
             f"{rng.randint(1, 40)}.{rng.randrange(100):02d} |"
         )
-    return "Continue this table with 20 more rows in exactly the same format.\n\n" + "\n".join(rows)
+    return rows
+
+
+def table_task(rng: random.Random) -> str:
+    return "Continue this table with 20 more rows in exactly the same format.\n\n" + "\n".join(table_rows(rng))
 
 
 def grounded_prompt(task: str, rng: random.Random) -> str:
@@ -142,6 +154,49 @@ def grounded_workload(n: int, output_len: int, seed: int, extra: dict[str, Any])
     return jobs
 
 
+PARTS_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "parts": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "properties": {
+                    "id": {"type": "integer"},
+                    "item": {"type": "string"},
+                    "size_mm": {"type": "integer"},
+                    "qty": {"type": "integer"},
+                    "unit_price": {"type": "number"},
+                },
+                "required": ["id", "item", "size_mm", "qty", "unit_price"],
+                "additionalProperties": False,
+            },
+        }
+    },
+    "required": ["parts"],
+    "additionalProperties": False,
+}
+
+
+def structured_workload(n: int, output_len: int, seed: int, extra: dict[str, Any]) -> list[sb.Job]:
+    """n chat requests turning a parts table into JSON under a schema (response_format)."""
+    rng = random.Random(seed)
+    jobs: list[sb.Job] = []
+    for _ in range(n):
+        content = (
+            "Convert every row of this table, in order, into an object of the `parts` array "
+            "(fields id, item, size_mm, qty, unit_price).\n\n" + "\n".join(table_rows(rng))
+        )
+        body = {
+            "messages": [{"role": "user", "content": content}],
+            "max_tokens": output_len,
+            "temperature": 0.0,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "parts", "schema": PARTS_SCHEMA}},
+        }
+        jobs.append(one_request(sb.RequestSpec("/v1/chat/completions", body | extra, output_len)))
+    return jobs
+
+
 def one_request(spec: sb.RequestSpec) -> sb.Job:
     return lambda answers: spec if not answers else None
 
@@ -155,6 +210,8 @@ def jobs_for(workload: str, concurrency: int, args: argparse.Namespace) -> list[
         return grounded_workload(n, args.output_len, seed, extra)
     if workload == "random":
         return sb.random_workload(n, (32, 256), (args.output_len, args.output_len), seed, extra)
+    if workload == "structured":
+        return structured_workload(n, args.output_len, seed, extra)
     raise ValueError(workload)
 
 
@@ -341,7 +398,7 @@ def bench_method(
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
-    p.add_argument("--workloads", nargs="+", choices=WORKLOADS, default=list(WORKLOADS))
+    p.add_argument("--workloads", nargs="+", choices=WORKLOADS, default=list(DEFAULT_WORKLOADS))
     p.add_argument("--concurrency", nargs="+", type=int, default=[1, 8, 32])
     p.add_argument("--k", type=int, default=4, help="--num-speculative-tokens of the speculating servers")
     p.add_argument("--output-len", type=int, default=256, help="tokens per request (EOS ignored)")

@@ -223,17 +223,20 @@ class LLMEngine:
         return outputs
 
     def _propose(self) -> None:
-        """Draft tokens for every request whose next step is a decode. Structured-output
-        requests do not speculate: their drafts would have to be checked against the grammar."""
+        """Draft tokens for every request whose next step is a decode. A structured-output
+        request's drafts stop before the first token its grammar rejects: the target could
+        never sample it there, so verifying it and what follows would be wasted rows."""
         assert self.proposer is not None
         k = self.config.num_speculative_tokens
         for req in self.scheduler.running:
             req.spec_token_ids = []
-            if req.grammar is not None or req.num_tokens - req.num_computed_tokens != 1:
+            if req.num_tokens - req.num_computed_tokens != 1:
                 continue
             if req.spec_acceptance.should_propose():
-                drafts = self.proposer.propose(req.request_id, req.all_token_ids, req.num_prompt_tokens, k)
-                req.spec_token_ids = drafts[:k]
+                drafts = self.proposer.propose(req.request_id, req.all_token_ids, req.num_prompt_tokens, k)[:k]
+                if drafts and req.grammar is not None:
+                    drafts = drafts[: req.grammar.validate(drafts)]
+                req.spec_token_ids = drafts
 
     def _count_acceptance(self, batch: ScheduledBatch, sampled: list[list[int]]) -> None:
         for i, drafts in enumerate(batch.spec_token_ids):

@@ -7,8 +7,9 @@ prefill chunks run in the same forward.
 Speculative decoding: a row with k draft tokens is a (k + 1)-token chunk, causal within
 itself like a prefill chunk; its last k + 1 positions are all sampled, each as if the
 drafts before it were accepted (their penalties, min_tokens and seeded draw are those of
-that position). The drafts are accepted up to the first position where the sampled token
-differs, and that sampled token is the step's last token (verify_drafts).
+that position, and a grammar request's mask is its grammar's state after those drafts).
+The drafts are accepted up to the first position where the sampled token differs, and that
+sampled token is the step's last token (verify_drafts).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from services.engine_core.compiled_decode import CompiledDecode, use_cache_dir
 from services.engine_core.cuda_graph import DecodeGraphs, Graph
 from services.engine_core.sampler import Sampler, SamplingBatch
 from services.engine_core.speculative.verify import verify_drafts
-from services.engine_core.structured_output import fill_bitmask
+from services.engine_core.structured_output import RequestGrammar, fill_bitmask
 from services.engine_core.weight_loader import engine_cache_dir, load_model
 from shared.config import EngineConfig, available_cores
 from shared.model_info import max_model_len
@@ -290,8 +291,13 @@ class ModelRunner:
         row_reqs: list[int] = []
         outputs: list[list[int]] = []
         num_outputs: list[int] = []
+        # A grammar request's rows are masked each by its grammar's state after the drafts
+        # before that row: (its first row, grammar, drafts).
+        grammars: list[tuple[int, RequestGrammar, list[int]]] = []
         for i in sampling_reqs:
             req, drafts = batch.requests[i], batch.drafts(i)
+            if req.grammar is not None:
+                grammars.append((len(row_reqs), req.grammar, drafts))
             so_far = req.output_token_ids
             row_reqs += [i] * (len(drafts) + 1)
             num_outputs += range(len(so_far), len(so_far) + len(drafts) + 1)
@@ -311,12 +317,10 @@ class ModelRunner:
             device=self.device,
             num_output_tokens=num_outputs,
         )
-        # Requests with a grammar never carry drafts: one row each.
-        grammars = [(j, r.grammar) for j, r in enumerate(reqs) if r.grammar is not None]
         if grammars:
             # On a GPU the forward is still running: the masks are filled while it does.
             sbatch.grammar_bitmask = fill_bitmask(grammars, len(reqs), logits.shape[1])
-            sbatch.grammar_rows = [j for j, _ in grammars]
+            sbatch.grammar_rows = [r for first, _, drafts in grammars for r in range(first, first + len(drafts) + 1)]
         out = self.sampler(logits, sbatch)
         tokens = out.token_ids.tolist()  # the one device->host copy of the step
         lp = out.logprobs.tolist() if out.logprobs is not None else None

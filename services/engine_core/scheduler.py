@@ -10,7 +10,8 @@ the engine's proposer); its row then verifies them too, 1 + k tokens like a smal
 chunk. Drafts are scheduled last, from the token budget and free blocks left once every
 request has its share, so speculation never starves or preempts anyone. update() keeps the
 accepted drafts' K/V and rolls the rest back: num_computed_tokens only ever counts accepted
-tokens (so prefix-cache blocks only ever hold them), and blocks past them are freed.
+tokens (so prefix-cache blocks only ever hold them), and blocks past them are freed; a
+structured-output request's grammar advances by the tokens kept, in order, and no further.
 
 Liveness: add_request only admits requests whose prompt + 1 token fits the whole cache,
 and a request finishes (length) once it would outgrow the cache, so any one request can

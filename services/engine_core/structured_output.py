@@ -12,7 +12,15 @@ background: xgrammar cannot be interrupted).
 Each admitted request owns a RequestGrammar (its GrammarMatcher). Every step the model
 runner fills one bitmask row per constrained request, the sampler applies the mask to
 exactly those rows (xgrammar's kernel: C++ on CPU, Triton on CUDA), and the scheduler
-advances the matcher with the sampled token. A reasoning model's request (ReasoningTokens)
+advances the matcher with the sampled token.
+
+Speculative decoding (as vLLM's StructuredOutputManager): the engine cuts a request's drafts
+at the first token the grammar rejects (`validate`), since the target could never sample
+it; a row verifying k drafts gets k + 1 mask rows, each the matcher's state after the
+drafts before it (`fill`: the matcher is advanced through the drafts and rolled back), so
+every position samples exactly as plain decoding would there; and the scheduler advances
+the matcher by the accepted tokens only. Lookahead never outlives the call that makes it:
+the matcher always holds exactly the request's output tokens. A reasoning model's request (ReasoningTokens)
 is constrained in its answer only: while it thinks, its row allows every token but EOS (a
 constrained output may not end before its answer) and the matcher does not move; the
 tokens of `</think>` start the answer, as vLLM's `reasoning_parser.is_reasoning_end`.
@@ -30,8 +38,9 @@ import logging
 import re
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
@@ -214,9 +223,31 @@ class RequestGrammar:
                 self.phase = "maybe"
         self._tail: list[int] = []
         """The last len(end) tokens of the thinking."""
+        self._moves = 0
+        """Tokens the matcher has accepted, lookahead included (what a rollback undoes)."""
 
-    def fill(self, bitmask: torch.Tensor, row: int) -> None:
-        """This request's row of the step's mask (the row starts all allowed)."""
+    def fill(self, bitmask: torch.Tensor, row: int, drafts: Sequence[int] = ()) -> None:
+        """This request's rows of the step's mask (they start all allowed): row for the next
+        token, then one per draft, each for the token after the drafts before it. A row
+        after a draft the grammar rejects, or after its end, stays all allowed: the target
+        never samples a rejected draft, so nothing after one is ever kept."""
+        with self._lookahead():
+            for j in range(len(drafts) + 1):
+                self._fill_row(bitmask, row + j)
+                if j == len(drafts) or not self.accept(drafts[j]) or self.is_terminated():
+                    break
+
+    def validate(self, drafts: Sequence[int]) -> int:
+        """How many leading drafts the grammar accepts in a row (the matcher is left as it was)."""
+        n = 0
+        with self._lookahead():
+            for token in drafts:
+                if self.is_terminated() or not self.accept(token):
+                    break
+                n += 1
+        return n
+
+    def _fill_row(self, bitmask: torch.Tensor, row: int) -> None:
         if self.phase == "reasoning":
             for t in self._eos:
                 _set_bit(bitmask, row, t, allowed=False)
@@ -226,31 +257,55 @@ class RequestGrammar:
             _set_bit(bitmask, row, self._start, allowed=True)
 
     def accept(self, token: int) -> bool:
-        """Advance with the sampled token; False if the grammar rejects it (a bug: the mask allowed it)."""
+        """Advance by one token; False if the grammar rejects it (the state is then unchanged).
+        Thinking accepts every token but EOS, as its mask row allows."""
         if self.phase == "maybe":
             if token == self._start:
                 self.phase = "reasoning"
                 return True
+            if not self.matcher.accept_token(token):
+                return False
+            self._moves += 1
             self.phase = "answer"
+            return True
         if self.phase == "reasoning":
+            if token in self._eos:
+                return False
             self._tail = [*self._tail, token][-len(self._end) :]
             if self._tail == self._end:
                 self.phase = "answer"
             return True
-        return bool(self.matcher.accept_token(token))
+        if not self.matcher.accept_token(token):
+            return False
+        self._moves += 1
+        return True
+
+    @contextmanager
+    def _lookahead(self) -> Iterator[None]:
+        """Whatever the block accepts is undone when it exits (the matcher rolled back)."""
+        phase, tail, moves = self.phase, self._tail, self._moves
+        try:
+            yield
+        finally:
+            if self._moves > moves:
+                self.matcher.rollback(self._moves - moves)
+            self.phase, self._tail, self._moves = phase, tail, moves
 
     def is_terminated(self) -> bool:
         """The answer is complete and an end token was accepted."""
         return self.phase == "answer" and bool(self.matcher.is_terminated())
 
 
-def fill_bitmask(grammars: Sequence[tuple[int, RequestGrammar]], batch_size: int, vocab_size: int) -> torch.Tensor:
-    """A [batch_size, ceil(V/32)] int32 mask (all allowed) with the given rows filled."""
+def fill_bitmask(
+    grammars: Sequence[tuple[int, RequestGrammar, Sequence[int]]], batch_size: int, vocab_size: int
+) -> torch.Tensor:
+    """A [batch_size, ceil(V/32)] int32 mask (all allowed) with each (first row, grammar,
+    drafts) filled: len(drafts) + 1 rows from its first row on."""
     import xgrammar as xgr
 
     bitmask = xgr.allocate_token_bitmask(batch_size, vocab_size)
-    for row, g in grammars:
-        g.fill(bitmask, row)
+    for row, g, drafts in grammars:
+        g.fill(bitmask, row, drafts)
     return bitmask
 
 

@@ -108,3 +108,15 @@ def test_comparison_against_off() -> None:
     (c,) = spec.compare(runs)
     assert c["method"] == "suffix" and c["output_tok_per_s_ratio"] == 2.0 and c["tpot_p50_speedup"] == 2.0
     assert c["outputs_same_as_off"] == 1.0
+
+
+def test_structured_workload_asks_for_the_table_as_schema_json() -> None:
+    args = spec.make_parser().parse_args(["--requests-per-conc", "1", "--min-requests", "3", "--output-len", "64"])
+    requests = [job([]) for job in spec.jobs_for("structured", 1, args)]
+    assert len(requests) == 3
+    for r in requests:
+        assert r is not None and r.path == "/v1/chat/completions" and r.max_tokens == 64
+        assert r.body["response_format"]["json_schema"]["schema"] == spec.PARTS_SCHEMA
+        assert r.body["ignore_eos"] is True and r.body["temperature"] == 0.0
+        assert "| id | item |" in r.body["messages"][0]["content"]
+    assert len({r.body["messages"][0]["content"] for r in requests if r}) == 3

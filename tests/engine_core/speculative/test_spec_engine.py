@@ -368,8 +368,9 @@ def test_poisoned_request_fails_alone_while_others_speculate() -> None:
 
 
 def test_structured_output_requests_decode_beside_speculating_ones() -> None:
-    """A grammar-constrained request does not speculate; in a batch with requests that do,
-    its grammar mask lands on its own row and every output is as without speculation."""
+    """A grammar-constrained request in a batch with requests that speculate: its grammar mask
+    lands on its own rows and every output is as without speculation (test_spec_structured.py
+    covers grammar requests' own drafts)."""
     tok = load_tokenizer(EngineConfig())  # tiny-llama borrows the bundled tokenizer
 
     overlap = False
