@@ -56,7 +56,17 @@ LLAMA_BUILDS = {
 SETUP_LLAMACPP = os.path.join(HERE, "peers", "setup_llamacpp.sh")
 MODEL_NAME = "SmolLM2-135M-Instruct"
 MAX_CONCURRENCY = 64
-SERVERS = ("novainfer", "novainfer-bf16", "novainfer-int4", "llamacpp", "transformers")
+# NovaInfer's modes by their flags. `novainfer` is what `novainfer serve` runs out of the box (on
+# a CPU with native bf16 and this Q4_1 file: bf16 + int4 copies, see run_mode.py); the others pin
+# one mode whatever the default is.
+NOVAINFER_MODES: dict[str, list[str]] = {
+    "novainfer": [],
+    "novainfer-exact": ["--exact"],
+    "novainfer-bf16": ["--dtype", "bfloat16", "--quantization", "none"],
+    "novainfer-int4": ["--dtype", "float32", "--quantization", "int4"],
+    "novainfer-int4-bf16": ["--dtype", "bfloat16", "--quantization", "int4"],
+}
+SERVERS = (*NOVAINFER_MODES, "llamacpp", "transformers")
 
 
 def server_command(
@@ -68,15 +78,12 @@ def server_command(
     llama_server: str | None = None,
     extra_args: Sequence[str] = (),
 ) -> list[str]:
-    """dtype: what NovaInfer and transformers compute in (llama.cpp always runs the file's Q4_1).
-    extra_args: more NovaInfer flags (e.g. benchmarks/speculative.py's speculation modes)."""
+    """dtype: what transformers computes in (llama.cpp always runs the file's Q4_1; NovaInfer
+    runs its mode, NOVAINFER_MODES). extra_args: more NovaInfer flags (e.g.
+    benchmarks/speculative.py's speculation modes)."""
     model = bundled_model_path()
-    if name.startswith("novainfer"):
-        # Defaults on purpose (what `novainfer serve` does out of the box), but threads and dtype;
-        # novainfer-bf16 computes in bf16 whatever --dtype says; novainfer-int4 adds int4 copies
-        # of the file's Q4_1 layer weights for small steps.
-        extra = ["--quantization", "int4"] if name == "novainfer-int4" else []
-        dtype = "bfloat16" if name == "novainfer-bf16" else dtype
+    if name in NOVAINFER_MODES:
+        # Defaults on purpose (what `novainfer serve` does out of the box), but threads and the mode.
         return [
             sys.executable,
             "-m",
@@ -88,9 +95,7 @@ def server_command(
             run_dir,
             "--num-threads",
             str(threads),
-            "--dtype",
-            dtype,
-            *extra,
+            *NOVAINFER_MODES[name],
             *extra_args,
         ]
     if name == "llamacpp":
@@ -540,7 +545,7 @@ def main() -> int:
         "--dtype",
         default="float32",
         choices=["float32", "bfloat16"],
-        help="what NovaInfer and transformers compute in (llama.cpp runs the file's Q4_1 either way)",
+        help="what transformers computes in (llama.cpp runs the file's Q4_1, NovaInfer the mode its name says)",
     )
     p.add_argument("--output", default=RESULTS)
     p.add_argument("--img-prefix", default="peers", help="plots go to docs/img/PREFIX_{throughput,ttft,tpot}.png")

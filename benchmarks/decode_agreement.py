@@ -1,10 +1,10 @@
 """Greedy agreement of the fast CPU modes with the exact mode, and their batch invariance.
 
-The exact mode (fp32, eager) is token-for-token with transformers and batch-invariant (the
-parity tests assert it). The faster modes (bf16, int4, --compile-decode) round differently, so
-their greedy output may drift from it after some tokens, and may depend on which other
-requests share a step (int4 takes a different kernel above 16 rows; compiled steps are padded
-to a batch-size bucket). This reports, not asserts, both:
+The exact mode (--exact: fp32, no int4, eager) is token-for-token with transformers and
+batch-invariant (the parity tests assert it). The faster modes (`default`, the CPU default;
+bf16, int4, --compile-decode) round differently, so their greedy output may drift from it
+after some tokens, and may depend on which other requests share a step (int4 takes a
+different kernel above 16 rows; compiled steps are padded to a batch-size bucket). This reports, not asserts, both:
 - agreement: per prompt, how many leading tokens equal the exact mode's (alone, batch 1);
 - batch invariance: whether each prompt's output alone equals its output in a batch of all
   the prompts, decoded together.
@@ -12,6 +12,7 @@ Prompts are windows of benchmarks/data/kjv_genesis_1-11.txt (public domain); gre
 ignore_eos. Writes benchmarks/results/decode_agreement.json.
 
     .venv/bin/python benchmarks/decode_agreement.py                       # every mode
+    .venv/bin/python benchmarks/decode_agreement.py --modes default bf16 int4 int4-bf16   # no compiling
     .venv/bin/python benchmarks/decode_agreement.py --modes fp32-compiled --prompts 4 --tokens 16
 """
 
@@ -67,14 +68,17 @@ def main() -> int:
     with open(TEXT) as f:
         text = f.read()
     outputs: dict[str, dict[str, list[list[int]]]] = {}
+    run_modes: dict[str, str] = {}
     prompts: list[list[int]] = []
     for mode in modes:
-        overrides, _ = MODES[mode]
+        # The reference is --exact itself (MODES' fp32 pins the same: float32, no int4, eager).
+        overrides = {"exact": True} if mode == EXACT else MODES[mode][0]
         llm = LLM(config=EngineConfig(num_threads=args.threads, max_num_seqs=max(args.prompts, 1), **overrides))
         if not prompts:
             ids = llm.tokenizer.encode(text)
             stride = len(ids) // args.prompts
             prompts = [ids[i * stride : i * stride + args.prompt_tokens] for i in range(args.prompts)]
+        run_modes[mode] = llm.engine.runner.mode
         t0 = time.perf_counter()
         outputs[mode] = {
             "alone": generate(llm, prompts, args.tokens, together=False),
@@ -90,7 +94,8 @@ def main() -> int:
         alone, together = outputs[mode]["alone"], outputs[mode]["together"]
         prefixes = [common_prefix(a, e) for a, e in zip(alone, exact, strict=True)]
         results[mode] = {
-            "config": MODES[mode][0],
+            "config": {"exact": True} if mode == EXACT else MODES[mode][0],
+            "run_mode": run_modes[mode],
             "prompts_identical_to_exact": sum(a == e for a, e in zip(alone, exact, strict=True)),
             "mean_tokens_agreeing_before_first_difference": sum(prefixes) / len(prefixes),
             "tokens_agreeing_per_prompt": prefixes,

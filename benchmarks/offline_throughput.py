@@ -1,7 +1,7 @@
 """Offline throughput: NovaInfer's engine vs transformers' `generate`, side by side.
 
 Same 128 requests for both (prompt lengths uniform in [16, 256], output lengths
-uniform in [16, 128], ignore_eos, greedy), the bundled SmolLM2-135M in fp32.
+uniform in [16, 128], ignore_eos, greedy), the bundled SmolLM2-135M in fp32 (the engine in --exact).
 transformers runs static batches of 32 in arrival order (left-padded; each batch
 runs to its longest output). Throughput counts the requested output tokens only.
 Also single-stream decode tokens/s for both, and the floor any fp32 implementation
@@ -133,7 +133,7 @@ def main() -> None:
 
     threads = available_cores()
     torch.set_num_threads(threads)
-    llm = LLM(config=EngineConfig(num_threads=threads))
+    llm = LLM(config=EngineConfig(num_threads=threads, exact=True))  # fp32, against transformers' fp32
     hf = load_hf()
     reqs = workload(args.requests, llm.engine.model_config.vocab_size, args.seed)
 
@@ -158,7 +158,7 @@ def main() -> None:
     hf_decode = decode_rate(lambda p, n: hf_generate(hf, [p], n), prompt, args.decode_tokens)
     int4_decode = int4_tps = None
     if args.int4:
-        int4 = LLM(config=EngineConfig(num_threads=threads, quantization="int4"))
+        int4 = LLM(config=EngineConfig(num_threads=threads, dtype="float32", quantization="int4"))
         int4_decode = decode_rate(run_on(int4), prompt, args.decode_tokens)
         print(
             f"int4 decode: {int4_decode:.1f} tok/s (fp32 {engine_decode:.1f}, transformers {hf_decode:.1f})", flush=True
@@ -172,7 +172,7 @@ def main() -> None:
     bf16_tps = None
     if args.bf16:
         del llm, hf
-        bf16 = LLM(config=EngineConfig(num_threads=threads, dtype="bfloat16"))
+        bf16 = LLM(config=EngineConfig(num_threads=threads, dtype="bfloat16", quantization="none"))
         bench_engine_throughput(bf16, reqs[:4])
         bf16_tps = bench_engine_throughput(bf16, reqs)
 

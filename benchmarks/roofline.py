@@ -258,6 +258,7 @@ def main() -> int:
         flops = step_flops(runner, args.batch, args.context)
         r: dict[str, Any] = {
             "config": MODES[mode][0],
+            "run_mode": runner.mode,
             "single_stream": {
                 "step_ms_median": t1 * 1e3,
                 "step_ms_min": min(steps[(mode, 1)]) * 1e3,

@@ -363,7 +363,7 @@ def compare(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def bench_method(
     method: str, args: argparse.Namespace, out: dict[str, Any], baseline: dict[Any, dict[str, str]]
 ) -> None:
-    server = cp.Server("novainfer", args.threads, args.dtype, extra_args=method_args(method, args.k))
+    server = cp.Server(args.mode, args.threads, "float32", extra_args=method_args(method, args.k))
     try:
         try:
             ready_s = server.wait_ready()
@@ -406,7 +406,14 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-requests", type=int, default=6, help="... but at least this many")
     p.add_argument("--point-timeout-s", type=float, default=600.0)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    p.add_argument("--dtype", default="float32")
+    p.add_argument(
+        "--mode",
+        default="novainfer-exact",
+        choices=list(cp.NOVAINFER_MODES),
+        help="NovaInfer's mode (compare_peers.NOVAINFER_MODES); exact by default, where speculation's "
+        "outputs must equal the non-speculative ones token for token (the fast modes' kernels round "
+        "differently by batch size)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", default=RESULTS)
     return p

@@ -419,7 +419,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="novainfer-bench-") as tmp:
         for k, threads in enumerate(thread_counts):
             cfg = EngineConfig(
-                dtype="float32",
+                exact=True,  # fp32, no int4: the mode of the published results
                 device="cpu",
                 kv_cache_bytes=args.kv_cache_bytes,
                 max_num_seqs=args.max_num_seqs,

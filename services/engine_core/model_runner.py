@@ -25,6 +25,8 @@ from services.engine_core.attention import AttentionMetadata, get_backend
 from services.engine_core.batch import ScheduledBatch
 from services.engine_core.compiled_decode import CompiledDecode, use_cache_dir
 from services.engine_core.cuda_graph import DecodeGraphs, Graph
+from services.engine_core.models.int4 import Int4Weight
+from services.engine_core.run_mode import describe, resolve_device, resolve_dtype
 from services.engine_core.sampler import Sampler, SamplingBatch
 from services.engine_core.speculative.verify import verify_drafts
 from services.engine_core.structured_output import RequestGrammar, fill_bitmask
@@ -35,28 +37,14 @@ from shared.protocol import TokenLogprob
 
 log = logging.getLogger(__name__)
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if name not in _DTYPES:
-        raise ValueError(f"unknown dtype {name!r}: expected auto, {', '.join(_DTYPES)}")
-    return _DTYPES[name]
+_MODE_HINT = " (--exact: float32, token for token with transformers and batch-invariant)"
 
 
 class ModelRunner:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self.device = resolve_device(config.device)
-        self.dtype = resolve_dtype(config.dtype, self.device)
+        self.dtype = resolve_dtype(config, self.device)
         if config.compile_decode and self.device.type != "cpu":
             raise ValueError("--compile-decode is for CPUs (on CUDA, decode steps replay CUDA graphs)")
         if self.device.type == "cpu":
@@ -87,6 +75,14 @@ class ModelRunner:
             else:
                 log.info("CUDA graphs need the triton attention backend: running %s eagerly", self.backend.name)
         self.compiled = self._compile_decode() if config.compile_decode else None
+        self.mode = describe(
+            self.dtype,
+            int4=self.model.layers[0].int4 is not None,
+            int4_lm_head=isinstance(self.model.lm_head_quantized, Int4Weight),
+            compiled=self.compiled is not None,
+            exact=config.exact,
+        )
+        log.info("run mode: %s%s", self.mode, _MODE_HINT if self.device.type == "cpu" and not config.exact else "")
         log.info(
             "model %s loaded in %.2fs on %s (%s, %s attention); KV cache: %d blocks of %d tokens (%d tokens, %.1f MiB)",
             self.model_config.architecture,

@@ -4,8 +4,9 @@ Every source is turned into (HF parameter name, tensor) pairs and handed to
 CausalLM.load_weights, which owns the mapping to fused parameters and the checks.
 A GGUF file is dequantized to float32 once and cached on disk as safetensors (reading
 its metadata and dequantizing take seconds; the cache loads in a fraction of that).
-With --quantization int4 the layers also get int4 copies of their matrices for small CPU
-steps (models/int4.py): the same weights as a 4-bit GGUF's, or lossy for other checkpoints.
+With int4 quantization (the CPU default for a Q4_0/Q4_1 GGUF, see run_mode.py) the layers also
+get int4 copies of their matrices for small CPU steps (models/int4.py): the same weights as a
+4-bit GGUF's, or lossy for other checkpoints.
 """
 
 from __future__ import annotations
@@ -16,14 +17,16 @@ import logging
 import os
 import re
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, get_args, get_type_hints
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from services.engine_core.model_config import ModelConfig
-from services.engine_core.models import CausalLM, build_model
+from services.engine_core.models import CausalLM, build_model, int4
+from services.engine_core.models.int4 import Int4Layer, Int4Weight
+from services.engine_core.run_mode import resolve_quantization
 from shared.config import EngineConfig
 from shared.model_files import ModelFiles, ModelFormat, resolve_model
 from shared.model_info import max_model_len
@@ -61,7 +64,6 @@ FOUR_BIT_GGUF_TYPES = frozenset(
         "TQ2_0",
     }
 )
-QUANTIZATION_MODES: tuple[str, ...] = get_args(get_type_hints(EngineConfig)["quantization"])
 
 # llama.cpp tensor names -> HF names ("{}" is the layer index).
 _GGUF_GLOBAL_NAMES = {
@@ -89,18 +91,19 @@ _GGUF_LAYER_RE = re.compile(r"blk\.(\d+)\.(.+)")
 
 
 def load_model(engine_config: EngineConfig, device: torch.device, dtype: torch.dtype) -> tuple[CausalLM, ModelConfig]:
-    if engine_config.quantization not in QUANTIZATION_MODES:
-        raise ValueError(
-            f"unknown quantization {engine_config.quantization!r}: expected {', '.join(QUANTIZATION_MODES)}"
-        )
-    if engine_config.quantization == "int4" and device.type != "cpu":
-        raise ValueError("--quantization int4 runs on a CPU only (its kernel is torch's CPU int4 matmul)")
+    """The model in `dtype` on `device`, with int4 copies of its layer matrices where the
+    (resolved) quantization says so: run_mode.resolve_quantization, once the checkpoint's
+    weight types are known."""
     files = resolve_model(engine_config.model)
     layer_types: frozenset[str] = frozenset()
+    cache_dir = engine_cache_dir(engine_config)
     if files.format is ModelFormat.GGUF:
-        cfg, layer_types, weights = _gguf_weights(files.path, engine_cache_dir(engine_config))
+        cfg, layer_types, weights = _gguf_weights(files.path, cache_dir)
     else:
         cfg = ModelConfig.from_hf_config(files.hf_config())
+    quantization = resolve_quantization(engine_config, device, layer_types)
+    if engine_config.int4_lm_head and quantization != "int4":
+        raise ValueError("--int4-lm-head needs int4 quantization (--quantization int4, or auto on a Q4_0/Q4_1 GGUF)")
     # The RoPE table needs no more rows than the context every process enforces.
     model = build_model(cfg, dtype=dtype, device=device, max_positions=max_model_len(engine_config, files))
     if files.format is ModelFormat.GGUF:
@@ -109,10 +112,14 @@ def load_model(engine_config: EngineConfig, device: torch.device, dtype: torch.d
         model.load_weights(_safetensors_weights(files))
     else:
         init_random_weights(model, engine_config.seed)
-    if engine_config.int4_lm_head and engine_config.quantization != "int4":
-        raise ValueError("--int4-lm-head needs --quantization int4")
-    if engine_config.quantization == "int4":
-        _add_int4_copies(model, layer_types)
+    if quantization == "int4":
+        # Packing costs about as long as loading the rest (0.6 s for SmolLM2): a GGUF's int4
+        # copies are cached beside its dequantized weights, keyed by the file and the dense dtype
+        # they are packed from.
+        int4_cache = (
+            _gguf_cache_path(files.path, cache_dir, f"int4-{dtype}") if files.format is ModelFormat.GGUF else None
+        )
+        _add_int4_copies(model, layer_types, int4_cache)
         if engine_config.int4_lm_head:
             if not model.quantize_lm_head(4):
                 log.warning("the LM head's shape does not fit the int4 kernel: it stays dense")
@@ -121,10 +128,13 @@ def load_model(engine_config: EngineConfig, device: torch.device, dtype: torch.d
     return model.eval(), cfg
 
 
-def _add_int4_copies(model: CausalLM, layer_types: frozenset[str]) -> None:
-    if not model.quantize_int4():
-        log.warning("int4 weights do not fit this model's matrix shapes: running dense weights only")
-        return
+def _add_int4_copies(model: CausalLM, layer_types: frozenset[str], cache_path: str | None) -> None:
+    if cache_path is None or not _read_int4_cache(model, cache_path):
+        if not model.quantize_int4():
+            log.warning("int4 weights do not fit this model's matrix shapes: running dense weights only")
+            return
+        if cache_path is not None:
+            _write_int4_cache(model, cache_path)
     rows = model.layers[0].int4_max_rows
     if layer_types and layer_types <= FOUR_BIT_GGUF_TYPES:
         log.info(
@@ -176,14 +186,22 @@ def _safetensors_weights(files: ModelFiles) -> Iterator[tuple[str, torch.Tensor]
 # --- GGUF ---------------------------------------------------------------------------
 
 
+def _gguf_cache_path(path: str, cache_dir: str, variant: str = "") -> str:
+    """Where a conversion of the GGUF file at path is cached: keyed by the file's identity, the
+    cache format and torch's version (packed layouts are the kernels'), and variant."""
+    stat = os.stat(path)
+    source = f"{os.path.realpath(path)}|{stat.st_size}|{stat.st_mtime_ns}|v{_CACHE_VERSION}"
+    if variant:
+        source += f"|{variant}|torch {torch.__version__}"
+    key = hashlib.sha256(source.encode()).hexdigest()
+    stem = os.path.splitext(os.path.basename(path))[0]
+    return os.path.join(cache_dir, f"{stem}-{key[:16]}{'-' + variant.split('-')[0] if variant else ''}.safetensors")
+
+
 def _gguf_weights(path: str, cache_dir: str) -> tuple[ModelConfig, frozenset[str], Iterator[tuple[str, torch.Tensor]]]:
     """The config, the GGUF types of the layer matrices, and the weights (HF names, float32),
     from the cache when it is fresh."""
-    stat = os.stat(path)
-    source = f"{os.path.realpath(path)}|{stat.st_size}|{stat.st_mtime_ns}|v{_CACHE_VERSION}"
-    key = hashlib.sha256(source.encode()).hexdigest()
-    stem = os.path.splitext(os.path.basename(path))[0]
-    cache_path = os.path.join(cache_dir, f"{stem}-{key[:16]}.safetensors")
+    cache_path = _gguf_cache_path(path, cache_dir)
     if os.path.isfile(cache_path):
         try:
             return _read_gguf_cache(cache_path)
@@ -250,16 +268,53 @@ def _read_gguf_cache(path: str) -> tuple[ModelConfig, frozenset[str], Iterator[t
     return cfg, layer_types, weights()
 
 
+def _read_int4_cache(model: CausalLM, path: str) -> bool:
+    """Give the layers the int4 copies cached at path; False (nothing changed) if there are none."""
+    if not os.path.isfile(path):
+        return False
+    try:
+        with safe_open(path, framework="pt") as f:
+            copies = [
+                Int4Layer(
+                    *(
+                        Int4Weight(f.get_tensor(f"{i}.{name}.packed"), f.get_tensor(f"{i}.{name}.scales_zeros"))
+                        for name in Int4Layer._fields
+                    )
+                )
+                for i in range(len(model.layers))
+            ]
+    except Exception as e:  # a truncated or foreign file: pack again (and rewrite it)
+        log.warning("ignoring unreadable int4 cache %s: %s", path, e)
+        return False
+    for layer, copy in zip(model.layers, copies, strict=True):
+        layer.int4, layer.int4_max_rows = copy, int4.MAX_ROWS
+    return True
+
+
+def _write_int4_cache(model: CausalLM, path: str) -> None:
+    tensors = {}
+    for i, layer in enumerate(model.layers):
+        assert layer.int4 is not None
+        for name, weight in zip(Int4Layer._fields, layer.int4, strict=True):
+            tensors[f"{i}.{name}.packed"] = weight.packed
+            tensors[f"{i}.{name}.scales_zeros"] = weight.scales_zeros
+    _save_atomically(path, tensors, {}, "int4 weight copies")
+
+
 def _write_gguf_cache(
     path: str, cfg: ModelConfig, layer_types: frozenset[str], tensors: dict[str, torch.Tensor]
 ) -> None:
+    metadata = {_CACHE_CONFIG_KEY: cfg.to_json(), _CACHE_TYPES_KEY: ",".join(sorted(layer_types))}
+    _save_atomically(path, tensors, metadata, "dequantized GGUF weights")
+
+
+def _save_atomically(path: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str], what: str) -> None:
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        metadata = {_CACHE_CONFIG_KEY: cfg.to_json(), _CACHE_TYPES_KEY: ",".join(sorted(layer_types))}
         save_file(tensors, tmp, metadata=metadata)
         os.replace(tmp, path)  # atomic: concurrent engines never read a half-written cache
     except OSError as e:
-        log.warning("could not cache dequantized GGUF weights at %s: %s", path, e)
+        log.warning("could not cache %s at %s: %s", what, path, e)
         if os.path.exists(tmp):
             os.remove(tmp)

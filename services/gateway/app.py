@@ -234,6 +234,7 @@ def build_app(config: Config) -> web.Application:
             "owned_by": "novainfer",
             "root": config.engine.model,
             "max_model_len": pool.max_model_len or None,
+            "run_mode": pool.run_mode or None,
         }
 
     async def list_models(_: web.Request) -> web.Response:

@@ -135,6 +135,8 @@ class PoolClient:
         self.restart_wait_s = serve.restart_wait_s
         self.max_in_flight = serve.max_queued_requests
         self.max_model_len = config.engine.max_model_len or 0
+        # The engines' resolved dtype/quantization (the config may say auto), once one reports.
+        self.run_mode = ""
         n_engines = len(serve.engine_addrs) or serve.num_engines
         self.router = EngineRouter(n_engines, serve.engine_routing)
         self.liveness = Liveness(len(serve.tokenizer_addrs), n_engines, self.timeout_s)
@@ -498,6 +500,8 @@ class PoolClient:
     def _on_stats(self, stats: EngineStats) -> None:
         if self.liveness.heard(ENGINE, stats.engine_index, stats.timestamp):
             self._resubmit_parked()
+        if stats.run_mode:
+            self.run_mode = stats.run_mode
         self.metrics.on_engine_stats(stats)
 
     def _on_delta(self, delta: RequestDelta, now: float) -> None:

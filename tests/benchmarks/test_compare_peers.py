@@ -27,11 +27,12 @@ def test_llamacpp_runs_with_default_flags_but_its_slots() -> None:
 
 def test_novainfer_variants_differ_only_in_their_mode() -> None:
     base = cp.server_command("novainfer", 1, "/r", 2)
-    bf16 = cp.server_command("novainfer-bf16", 1, "/r", 2)
-    int4 = cp.server_command("novainfer-int4", 1, "/r", 2)
-    assert base[base.index("--dtype") + 1] == "float32"
-    assert bf16[bf16.index("--dtype") + 1] == "bfloat16"
-    assert int4[-2:] == ["--quantization", "int4"]
+    # Plain `novainfer` is the default configuration: no mode flags at all.
+    assert not {"--dtype", "--quantization", "--exact"} & set(base)
+    for name, flags in cp.NOVAINFER_MODES.items():
+        cmd = cp.server_command(name, 1, "/r", 2, dtype="bfloat16")  # dtype is transformers' only
+        assert cmd == base + flags, name
+    assert cp.server_command("novainfer-exact", 1, "/r", 2)[-1] == "--exact"
 
 
 def test_machine_info_records_the_cpu_features() -> None:

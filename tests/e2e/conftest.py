@@ -109,7 +109,9 @@ def start_server(tmp_dir: str, *extra: str, api_key: str | None = None) -> Serve
 
 @pytest.fixture(scope="session")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    s = start_server(str(tmp_path_factory.mktemp("serve")), "--max-queued-requests", "256")
+    # The exact mode: its greedy output is compared token for token with transformers and the
+    # offline engine (test_openai_client.py); the default mode is served by test_run_mode.py.
+    s = start_server(str(tmp_path_factory.mktemp("serve")), "--max-queued-requests", "256", "--exact")
     yield s
     s.stop()
     assert s.proc.returncode == 0

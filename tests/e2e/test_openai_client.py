@@ -77,7 +77,7 @@ def test_greedy_chat_equals_offline_engine_and_transformers(client: openai.OpenA
     text = resp.choices[0].message.content
     assert "Paris" in text
 
-    llm = LLM(config=EngineConfig(kv_cache_bytes=64 << 20))
+    llm = LLM(config=EngineConfig(kv_cache_bytes=64 << 20, exact=True))  # as the session server
     offline = llm.chat(QUESTION, SamplingParams(max_tokens=40, temperature=0), use_tqdm=False)[0].outputs[0]
     assert text == offline.text
     assert resp.choices[0].finish_reason == offline.finish_reason

@@ -32,6 +32,7 @@ def spec_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         "5",
         "--metrics-compat",
         "vllm",
+        "--exact",  # greedy output equal to the offline engine's needs batch-invariant kernels
     )
     yield s
     s.stop()
@@ -40,7 +41,7 @@ def spec_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 
 @pytest.fixture(scope="module")
 def offline() -> LLM:
-    return LLM(config=EngineConfig(kv_cache_bytes=64 << 20))
+    return LLM(config=EngineConfig(kv_cache_bytes=64 << 20, exact=True))
 
 
 def test_ngram_serves_the_non_speculative_output(spec_server: Server, offline: LLM, tmp_path: Path) -> None:

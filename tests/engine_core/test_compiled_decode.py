@@ -21,6 +21,7 @@ def _config(tmp_path, **extra) -> EngineConfig:
         max_num_seqs=4,
         max_num_batched_tokens=64,
         compile_decode=True,
+        dtype="float32",  # the tolerance below is float32's (the CPU default may be bf16)
         cache_dir=str(tmp_path),
         **extra,
     )

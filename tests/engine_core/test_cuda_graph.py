@@ -36,6 +36,7 @@ def _engine() -> LLMEngine:
     return LLMEngine(
         EngineConfig(
             model="tiny-qwen3",
+            exact=True,  # replay == eager token for token
             attention_backend="triton",
             block_size=4,
             kv_cache_bytes=4 << 20,

@@ -4,6 +4,7 @@ recovers a 4-bit GGUF's weights, and the model uses them only for steps of few r
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator
 
 import pytest
@@ -61,8 +62,8 @@ def test_unsupported_shapes_are_refused(shape: tuple[int, int]) -> None:
 @pytest.fixture(scope="module")
 def smollm2_pair() -> tuple[torch.nn.Module, torch.nn.Module]:
     """The bundled model (Q4_1 layer weights) with int4 copies, and with dense weights only."""
-    auto, _ = load_model(EngineConfig(quantization="int4"), CPU, torch.float32)
-    dense, _ = load_model(EngineConfig(), CPU, torch.float32)
+    auto, _ = load_model(EngineConfig(), CPU, torch.float32)  # quantization auto: int4 for Q4_1
+    dense, _ = load_model(EngineConfig(quantization="none"), CPU, torch.float32)
     return auto, dense
 
 
@@ -144,6 +145,27 @@ def test_gguf_cache_remembers_the_weight_types(tmp_path, caplog) -> None:
     ] * 2
 
 
+def test_int4_copies_are_cached_per_file_and_dtype(tmp_path, caplog) -> None:
+    config = EngineConfig(cache_dir=str(tmp_path))  # quantization auto: int4 for this Q4_1 file
+    first, _ = load_model(config, CPU, torch.float32)  # packs and writes the int4 cache
+    (int4_cache,) = [n for n in os.listdir(tmp_path) if n.endswith("-int4.safetensors")]
+    cached, _ = load_model(config, CPU, torch.float32)
+    for a, b in zip(first.layers, cached.layers, strict=True):
+        assert a.int4 is not None and b.int4 is not None and b.int4_max_rows == MAX_ROWS
+        for x, y in zip(a.int4, b.int4, strict=True):
+            assert torch.equal(x.packed, y.packed) and torch.equal(x.scales_zeros, y.scales_zeros)
+    # Packed from bf16 dense weights, the copies differ: a cache of their own.
+    load_model(config, CPU, torch.bfloat16)
+    assert len([n for n in os.listdir(tmp_path) if n.endswith("-int4.safetensors")]) == 2
+    # A damaged cache is repacked (and rewritten), never trusted.
+    with open(tmp_path / int4_cache, "wb") as f:
+        f.write(b"not safetensors")
+    repacked, _ = load_model(config, CPU, torch.float32)
+    assert any("ignoring unreadable int4 cache" in r.message for r in caplog.records)
+    assert torch.equal(repacked.layers[3].int4.down.packed, first.layers[3].int4.down.packed)
+    assert os.path.getsize(tmp_path / int4_cache) > 1000
+
+
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen2", "tiny-qwen3"])
 def test_int4_layers_compute_with_their_dequantized_weights(name: str) -> None:
     """The int4 path of every architecture (q/k/v bias, q/k norms) equals the dense path run on
@@ -176,7 +198,7 @@ def test_int4_lm_head_for_small_steps_only() -> None:
 
 
 def test_int4_lm_head_needs_int4() -> None:
-    with pytest.raises(ValueError, match="needs --quantization int4"):
+    with pytest.raises(ValueError, match="needs int4 quantization"):
         load_model(EngineConfig(model="tiny-llama", int4_lm_head=True), CPU, torch.float32)
 
 

@@ -182,7 +182,7 @@ def test_unsupported_configs_are_rejected() -> None:
 @pytest.mark.parametrize("name", TINY)
 def test_hf_safetensors_parity(name: str, tmp_path) -> None:
     hf = hf_tiny_model(name, tmp_path)
-    model, cfg = load_model(EngineConfig(model=save_hf(hf, tmp_path / "hf")), CPU, torch.float32)
+    model, cfg = load_model(EngineConfig(model=save_hf(hf, tmp_path / "hf"), exact=True), CPU, torch.float32)
     assert cfg == ModelConfig.from_hf_config(resolve_model(name).hf_config())
     check_against_hf(model, hf, cfg.vocab_size, tol=1e-5)
 
@@ -246,7 +246,7 @@ def test_gguf_parity(name: str, tmp_path) -> None:
     cfg = ModelConfig.from_hf_config(resolve_model(name).hf_config())
     path = str(tmp_path / f"{name}.gguf")
     write_gguf(hf, cfg, path)
-    model, got = load_model(EngineConfig(model=path, cache_dir=str(tmp_path / "cache")), CPU, torch.float32)
+    model, got = load_model(EngineConfig(model=path, cache_dir=str(tmp_path / "cache"), exact=True), CPU, torch.float32)
     assert got.rms_norm_eps == pytest.approx(cfg.rms_norm_eps)  # stored as float32
     assert got == dataclasses.replace(cfg, rms_norm_eps=got.rms_norm_eps)
     check_against_hf(model, hf, cfg.vocab_size, tol=1e-5)
@@ -262,7 +262,8 @@ def smollm2_hf() -> torch.nn.Module:
 
 
 def test_smollm2_gguf_parity(smollm2_hf: torch.nn.Module, tmp_path) -> None:
-    engine_config = EngineConfig(model="smollm2", cache_dir=str(tmp_path))
+    # Exact: the CPU default would add int4 copies of this Q4_1 file's layers (test_int4.py).
+    engine_config = EngineConfig(model="smollm2", cache_dir=str(tmp_path), exact=True)
     model, cfg = load_model(engine_config, CPU, torch.float32)
     assert (cfg.architecture, cfg.num_layers, cfg.tie_word_embeddings) == ("llama", 30, True)
     assert cfg.vocab_size == 49152

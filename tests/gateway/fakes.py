@@ -172,6 +172,7 @@ class FakeWorker:
                     stats = EngineStats(
                         engine_index=0,
                         timestamp=time.time(),
+                        run_mode="bfloat16+int4",
                         num_running=1,
                         num_waiting=2,
                         kv_usage=0.25,

@@ -70,8 +70,8 @@ def test_help_shows_each_fields_doc_default_and_env() -> None:
     parser = argparse.ArgumentParser()
     add_config_args(parser)
     text = " ".join(parser.format_help().split())
-    assert "--quantization QUANTIZATION {none,int4} int4: steps of up to 16 rows" in text
-    assert "(default: none; env NOVAINFER_QUANTIZATION)" in text
+    assert "--quantization QUANTIZATION {auto,none,int4} auto: int4 on a CPU when" in text
+    assert "(default: auto; env NOVAINFER_QUANTIZATION)" in text
     assert "Requests in flight past which the gateway answers 429. (default: 512; env" in text
     assert "--api-key API_KEY Bearer token required on /v1/*; unset: no auth. (default: unset;" in text
     for cls in (EngineConfig, ServeConfig):
@@ -86,3 +86,23 @@ def test_literal_fields_refuse_other_values() -> None:
     with pytest.raises(SystemExit, match="'fp8' is not one of auto, float32, bfloat16, float16"):
         config_from_args(parser.parse_args([]), env={"NOVAINFER_DTYPE": "fp8"})
     assert config_from_args(parser.parse_args(["--dtype", "bfloat16"]), env={}).engine.dtype == "bfloat16"
+
+
+def test_exact_mode_flag_and_its_conflicts() -> None:
+    assert parse_config(["--exact"]).engine.exact
+    # Saying the same thing twice is fine; saying the opposite is a clear CLI error.
+    assert parse_config(["--exact", "--dtype", "float32", "--quantization", "none"]).engine.exact
+    for conflict, named in [
+        (["--dtype", "bfloat16"], "--dtype bfloat16"),
+        (["--quantization", "int4"], "--quantization int4"),
+        (["--compile-decode"], "--compile-decode"),
+        (["--int4-lm-head"], "--int4-lm-head"),
+    ]:
+        with pytest.raises(SystemExit, match=f"--exact runs float32 without int4 or compilation: drop {named}"):
+            parse_config(["--exact", *conflict])
+    with pytest.raises(SystemExit, match="drop --dtype float16"):
+        config_from_args(None, env={"NOVAINFER_EXACT": "1", "NOVAINFER_DTYPE": "float16"})
+    # The defaults stay `auto`: the engine resolves them for its device and checkpoint.
+    engine = parse_config([]).engine
+    assert (engine.dtype, engine.quantization, engine.exact) == ("auto", "auto", False)
+    assert config_to_args(parse_config(["--exact"])) == ["--exact"]

@@ -52,7 +52,8 @@ class OracleProposer:
 
 
 def make_engine(model: str = "tiny-llama", **kw: object) -> LLMEngine:
-    base = EngineConfig(model=model, kv_cache_bytes=16 << 20, block_size=4, max_num_batched_tokens=256)
+    # Exact: speculation's guarantee (greedy output unchanged) is checked token for token.
+    base = EngineConfig(model=model, kv_cache_bytes=16 << 20, block_size=4, max_num_batched_tokens=256, exact=True)
     return LLMEngine(msgspec.structs.replace(base, **kw))
 
 

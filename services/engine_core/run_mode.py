@@ -1,0 +1,83 @@
+"""How the engine runs its model (device, dtype, int4 copies), resolved from Config's `auto`
+values here and nowhere else.
+
+The CPU default is the fastest mode whose quality matches llama.cpp's on the same file
+(docs/benchmarks.md, perplexity and served throughput): bfloat16 weights and activations
+where the CPU multiplies bf16 natively (AVX512_BF16 or AMX), plus int4 copies of the layer
+matrices for steps of few rows when the checkpoint itself stores them as 4-bit GGUF groups
+(Q4_0/Q4_1: the copies hold the file's own weights, see models/int4.py). A float checkpoint
+is never re-quantized unless asked (--quantization int4): that would lose quality nobody
+chose. On CUDA the default is bfloat16 without int4 (its kernel is CPU-only).
+
+The exact mode (--exact) is float32 with nothing else: greedy output is token for token
+transformers' and does not depend on what else is in the batch. It is what the parity tests
+run. The fast modes differ from it in the last bits, so their greedy output can diverge
+after many tokens and can depend on the batch (benchmarks/decode_agreement.py reports both).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from shared.config import EngineConfig
+
+# GGUF types whose groups of 32 the int4 kernel's layout holds (nearly) as the file stores
+# them, so `--quantization auto` repacks them; other files stay dense unless asked.
+AUTO_INT4_GGUF_TYPES = frozenset({"Q4_0", "Q4_1"})
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+@functools.cache
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU has bf16 dot-product instructions (AVX512_BF16 or AMX-BF16), which
+    torch's bf16 matmuls (oneDNN) use; without them bf16 is emulated and no faster than fp32."""
+    try:
+        caps = torch.cpu.get_capabilities()
+    except (AttributeError, RuntimeError):  # a torch without the query: assume the safe answer
+        return False
+    return bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))
+
+
+def resolve_dtype(config: EngineConfig, device: torch.device) -> torch.dtype:
+    if config.exact:
+        return torch.float32
+    if config.dtype == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16
+        return torch.bfloat16 if device.type == "cpu" and cpu_has_native_bf16() else torch.float32
+    if config.dtype not in _DTYPES:
+        raise ValueError(f"unknown dtype {config.dtype!r}: expected auto, {', '.join(_DTYPES)}")
+    return _DTYPES[config.dtype]
+
+
+def resolve_quantization(config: EngineConfig, device: torch.device, layer_types: frozenset[str]) -> str:
+    """'int4' or 'none'. layer_types: the GGUF types of the checkpoint's layer matrices
+    (empty for safetensors and random weights), known once the checkpoint is opened."""
+    if config.exact:
+        return "none"
+    if config.quantization == "auto":
+        use_int4 = device.type == "cpu" and bool(layer_types) and layer_types <= AUTO_INT4_GGUF_TYPES
+        return "int4" if use_int4 else "none"
+    if config.quantization not in ("none", "int4"):
+        raise ValueError(f"unknown quantization {config.quantization!r}: expected auto, none, int4")
+    if config.quantization == "int4" and device.type != "cpu":
+        raise ValueError("--quantization int4 runs on a CPU only (its kernel is torch's CPU int4 matmul)")
+    return config.quantization
+
+
+def describe(dtype: torch.dtype, int4: bool, int4_lm_head: bool, compiled: bool, exact: bool) -> str:
+    """The mode in a few words, as the start-up log and /v1/models show it: 'exact (float32)',
+    'bfloat16+int4', 'float32+int4+int4-lm-head+compiled', ..."""
+    name = str(dtype).removeprefix("torch.")
+    if exact:
+        return f"exact ({name})"
+    parts = [name] + ["int4"] * int4 + ["int4-lm-head"] * int4_lm_head + ["compiled"] * compiled
+    return "+".join(parts)

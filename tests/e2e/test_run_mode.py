@@ -1,0 +1,36 @@
+"""`novainfer serve` out of the box: the mode the CPU defaults resolve to is the one /v1/models
+reports, and it serves sensible greedy answers. Not compared token for token with transformers:
+that is the exact mode's guarantee (the session server of conftest.py runs --exact)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import openai
+import torch
+
+from services.engine_core.run_mode import cpu_has_native_bf16
+from tests.e2e.conftest import start_server
+
+MODEL = "SmolLM2-135M-Instruct"
+
+
+def test_default_mode_is_reported_and_serves(tmp_path: Path) -> None:
+    server = start_server(str(tmp_path))
+    try:
+        client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        # /health answered 200, so every engine has reported, and with it its mode.
+        (card,) = client.models.list().data
+        dtype = "bfloat16" if torch.cuda.is_available() or cpu_has_native_bf16() else "float32"
+        # The bundled model is a Q4_1 GGUF: int4 copies of its layers on a CPU.
+        assert card.to_dict()["run_mode"] == (dtype if torch.cuda.is_available() else f"{dtype}+int4")
+        resp = client.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": "What is the capital of France?"}],
+            max_tokens=24,
+            temperature=0,
+        )
+        assert "Paris" in resp.choices[0].message.content
+    finally:
+        server.stop()
+    assert server.proc.returncode == 0

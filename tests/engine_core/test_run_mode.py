@@ -1,0 +1,63 @@
+"""How `auto` resolves per device and checkpoint (run_mode.py): the CPU default is bf16 where
+the CPU multiplies bf16 natively, with int4 copies only of a Q4_0/Q4_1 GGUF's layers; --exact
+is float32 with nothing else."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from services.engine_core import run_mode
+from services.engine_core.model_runner import ModelRunner
+from services.engine_core.run_mode import cpu_has_native_bf16, describe, resolve_dtype, resolve_quantization
+from shared.config import EngineConfig
+
+CPU, CUDA = torch.device("cpu"), torch.device("cuda")
+Q4_1, Q4_K_M = frozenset({"Q4_1"}), frozenset({"Q4_K", "Q6_K"})
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_dtype_is_bf16_where_the_cpu_has_bf16_dot_products(monkeypatch, native: bool) -> None:
+    monkeypatch.setattr(run_mode, "cpu_has_native_bf16", lambda: native)
+    assert resolve_dtype(EngineConfig(), CPU) == (torch.bfloat16 if native else torch.float32)
+    assert resolve_dtype(EngineConfig(), CUDA) == torch.bfloat16
+    assert resolve_dtype(EngineConfig(exact=True), CPU) == torch.float32
+    assert resolve_dtype(EngineConfig(exact=True), CUDA) == torch.float32
+    assert resolve_dtype(EngineConfig(dtype="float32"), CPU) == torch.float32
+    assert resolve_dtype(EngineConfig(dtype="bfloat16"), CPU) == torch.bfloat16
+
+
+def test_native_bf16_follows_the_cpu_flags() -> None:
+    caps = torch.cpu.get_capabilities()
+    assert cpu_has_native_bf16() == bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))
+
+
+def test_auto_quantization_repacks_only_4bit_gguf_layers_on_a_cpu() -> None:
+    auto = EngineConfig()
+    assert resolve_quantization(auto, CPU, Q4_1) == "int4"
+    assert resolve_quantization(auto, CPU, frozenset({"Q4_0"})) == "int4"
+    assert resolve_quantization(auto, CPU, frozenset()) == "none"  # safetensors or random weights
+    assert resolve_quantization(auto, CPU, Q4_K_M) == "none"  # not the int4 kernel's layout
+    assert resolve_quantization(auto, CPU, frozenset({"F32"})) == "none"
+    assert resolve_quantization(auto, CUDA, Q4_1) == "none"
+    assert resolve_quantization(EngineConfig(exact=True), CPU, Q4_1) == "none"
+    assert resolve_quantization(EngineConfig(quantization="none"), CPU, Q4_1) == "none"
+    assert resolve_quantization(EngineConfig(quantization="int4"), CPU, frozenset()) == "int4"  # asked: lossy
+    with pytest.raises(ValueError, match="CPU only"):
+        resolve_quantization(EngineConfig(quantization="int4"), CUDA, Q4_1)
+
+
+def test_describe() -> None:
+    assert describe(torch.float32, False, False, False, exact=True) == "exact (float32)"
+    assert describe(torch.bfloat16, True, False, False, exact=False) == "bfloat16+int4"
+    assert describe(torch.float32, True, True, True, exact=False) == "float32+int4+int4-lm-head+compiled"
+
+
+def test_runner_reports_its_resolved_mode() -> None:
+    small = dict(model="tiny-llama", kv_cache_bytes=1 << 20, max_num_batched_tokens=64)
+    default = ModelRunner(EngineConfig(**small))  # type: ignore[arg-type]
+    # Random weights are float: auto adds no int4 copies.
+    assert default.mode == ("bfloat16" if cpu_has_native_bf16() else "float32")
+    assert default.model.layers[0].int4 is None
+    exact = ModelRunner(EngineConfig(**small, exact=True))  # type: ignore[arg-type]
+    assert exact.mode == "exact (float32)" and exact.dtype == torch.float32
