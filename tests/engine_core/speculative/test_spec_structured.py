@@ -90,7 +90,8 @@ def greedy(spec: GrammarSpec | None, max_tokens: int = 32, **kw: object) -> Samp
 
 
 def new_engine(model: str = "tiny-llama", k: int = 0, method: str = "ngram", **kw: object) -> LLMEngine:
-    config = EngineConfig(model=model, kv_cache_bytes=16 << 20, block_size=4, max_num_batched_tokens=256)
+    # Exact: speculation's guarantee (output unchanged) is checked token for token.
+    config = EngineConfig(model=model, kv_cache_bytes=16 << 20, block_size=4, max_num_batched_tokens=256, exact=True)
     if k:
         kw.update(speculative_method=method, num_speculative_tokens=k, ngram_prompt_lookup_min=1)
     engine = LLMEngine(msgspec.structs.replace(config, **kw))
@@ -468,7 +469,13 @@ def test_reasoning_model_unchanged(tmp_path: Path) -> None:
         kw: dict[str, object] = {"speculative_method": "suffix", "num_speculative_tokens": k} if k else {}
         e = LLMEngine(
             EngineConfig(
-                model=model, kv_cache_bytes=32 << 20, block_size=4, max_num_batched_tokens=256, max_model_len=512, **kw
+                model=model,
+                kv_cache_bytes=32 << 20,
+                block_size=4,
+                max_num_batched_tokens=256,
+                max_model_len=512,
+                exact=True,  # compared token for token with speculation on and off
+                **kw,
             )
         )
         e.set_tokenizer_vocab(tok.backend.to_str(), tok.eos_token_ids)
