@@ -1,8 +1,10 @@
 """`novainfer serve --speculative-method ngram` through the official `openai` client: the
-output is the non-speculative engine's, token for token, and the speculation metrics move."""
+output is the non-speculative engine's, token for token, and the speculation metrics move,
+for plain and for structured-output requests (JSON schema, tool calls)."""
 
 from __future__ import annotations
 
+import json
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -74,3 +76,76 @@ def test_ngram_serves_the_non_speculative_output(spec_server: Server, offline: L
     accepted = [line for line in metrics.splitlines() if line.startswith("novainfer_spec_decode_num_accepted_tokens")]
     assert drafts and float(drafts[0].split()[-1]) > 0
     assert accepted and float(accepted[0].split()[-1]) > 0
+
+
+def _counter(base_url: str, name: str) -> float:
+    with urllib.request.urlopen(base_url + "/metrics", timeout=10) as r:
+        lines = r.read().decode().splitlines()
+    return sum(float(line.split()[-1]) for line in lines if line.startswith(name) and not line.startswith("#"))
+
+
+PARTS = "\n".join(
+    f"| {i} | {item} | {qty} |"
+    for i, (item, qty) in enumerate([("bolt", 4), ("nut", 9), ("washer", 2), ("hinge", 7)] * 2)
+)
+PARTS_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "parts": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "properties": {"id": {"type": "integer"}, "item": {"type": "string"}, "qty": {"type": "integer"}},
+                "required": ["id", "item", "qty"],
+                "additionalProperties": False,
+            },
+        }
+    },
+    "required": ["parts"],
+    "additionalProperties": False,
+}
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}, "unit": {"enum": ["celsius", "fahrenheit"]}},
+            "required": ["city", "unit"],
+        },
+    },
+}
+
+
+def test_structured_outputs_speculate_and_match_the_plain_server(spec_server: Server, server: Server) -> None:
+    """A JSON-schema response and tool calls (required and named), greedy and seeded: the same
+    from the speculating server as from the plain one, and the structured requests' drafts
+    are accepted (the table repeats its field names)."""
+    clients = [
+        openai.OpenAI(base_url=s.base_url + "/v1", api_key="unused", max_retries=0, timeout=300)
+        for s in (spec_server, server)
+    ]
+    table = [{"role": "user", "content": f"Turn this table into JSON.\n\n| id | item | qty |\n{PARTS}"}]
+    cities = [{"role": "user", "content": "Get the weather in Paris, Rome, Oslo, Paris, Rome and Oslo."}]
+    fmt = {"type": "json_schema", "json_schema": {"name": "parts", "schema": PARTS_SCHEMA}}
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    requests = [
+        {"messages": table, "response_format": fmt, "max_tokens": 64, "temperature": 0},
+        {"messages": table, "response_format": fmt, "max_tokens": 40, "temperature": 0.7, "seed": 3},
+        {"messages": cities, "tools": [WEATHER_TOOL], "tool_choice": "required", "max_tokens": 64, "temperature": 0},
+        {"messages": cities, "tools": [WEATHER_TOOL], "tool_choice": named, "max_tokens": 40, "temperature": 0},
+    ]
+    accepted = _counter(spec_server.base_url, "novainfer_spec_decode_num_accepted_tokens_total")
+    for body in requests:
+        got, want = (c.chat.completions.create(model=MODEL, **body) for c in clients)  # type: ignore[call-overload]
+        g, w = got.choices[0], want.choices[0]
+        assert g.message.content == w.message.content
+        assert g.finish_reason == w.finish_reason
+        assert got.usage.completion_tokens == want.usage.completion_tokens
+        calls = [(t.function.name, t.function.arguments) for t in g.message.tool_calls or []]
+        assert calls == [(t.function.name, t.function.arguments) for t in w.message.tool_calls or []]
+        if "response_format" in body and g.finish_reason == "stop":
+            assert isinstance(json.loads(g.message.content or "")["parts"], list)
+        if "tools" in body and g.finish_reason != "length":
+            assert calls and all(name == "get_weather" for name, _ in calls)
+    assert _counter(spec_server.base_url, "novainfer_spec_decode_num_accepted_tokens_total") > accepted
