@@ -100,7 +100,12 @@ class EngineConfig(msgspec.Struct, kw_only=True):
     from a suffix tree over the request and recent outputs. Drafts are verified in the normal
     batch, so greedy output is unchanged and sampled output keeps its distribution."""
     num_speculative_tokens: int = 4
-    """Draft tokens proposed (and verified) per request per step when speculating."""
+    """Draft tokens proposed (and verified) per request per step when speculating: the most,
+    with adaptive draft lengths."""
+    speculative_adaptive_draft_length: bool = True
+    """Choose each request's draft length per step (0 to num_speculative_tokens) from its
+    acceptance rate and the measured cost of verification rows, for the most tokens per
+    second; off: always num_speculative_tokens (until acceptance stays low)."""
     ngram_prompt_lookup_min: int = 2
     """Shortest suffix n-gram the ngram proposer looks up."""
     ngram_prompt_lookup_max: int = 4

@@ -15,6 +15,8 @@ from services.engine_core.block_manager import BlockManager
 from services.engine_core.model_runner import ModelRunner
 from services.engine_core.request import Request, RequestStatus
 from services.engine_core.scheduler import Scheduler
+from services.engine_core.speculative.acceptance import AcceptanceTracker
+from services.engine_core.speculative.draft_length import StepCost
 from services.engine_core.speculative.proposer import make_proposer
 from services.engine_core.structured_output import CompileJob, GrammarError, StructuredOutputManager
 from shared.config import EngineConfig
@@ -65,6 +67,9 @@ class LLMEngine:
         self._spec_draft_tokens = 0
         self._spec_accepted_tokens = 0
         self._spec_accepted_per_pos = [0] * (config.num_speculative_tokens if self.proposer else 0)
+        self._adaptive_k = self.proposer is not None and config.speculative_adaptive_draft_length
+        self._step_cost = StepCost()
+        """Time of decode/verify steps by their number of tokens: what a draft costs (adaptive k)."""
 
     def add_request(
         self,
@@ -93,6 +98,8 @@ class LLMEngine:
             eos_token_ids = self.eos_token_ids
         max_tokens = self.max_model_len - n if sampling_params.max_tokens is None else sampling_params.max_tokens
         req = Request(request_id, prompt_token_ids, sampling_params, eos_token_ids, arrival_time, max_tokens)
+        if self._adaptive_k:
+            req.spec_acceptance = AcceptanceTracker(adaptive=True)
         spec = sampling_params.structured_output
         if spec is None:
             self.scheduler.add_request(req)
@@ -186,7 +193,10 @@ class LLMEngine:
         if not batch.requests:
             return outputs
         try:
+            t_exec = time.perf_counter()
             sampled, logprobs = self.runner.execute(batch)
+            if self._adaptive_k and _only_decodes(batch):
+                self._step_cost.record(batch.total_tokens, time.perf_counter() - t_exec)
         except Exception as e:
             log.exception("engine step of %d requests failed: finding the request(s) responsible", len(batch))
             sampled, logprobs, failed = self._execute_isolated(batch)
@@ -227,12 +237,19 @@ class LLMEngine:
         request's drafts stop before the first token its grammar rejects: the target could
         never sample it there, so verifying it and what follows would be wasted rows."""
         assert self.proposer is not None
-        k = self.config.num_speculative_tokens
+        max_k = self.config.num_speculative_tokens
+        decodes = []
         for req in self.scheduler.running:
             req.spec_token_ids = []
-            if req.num_tokens - req.num_computed_tokens != 1:
-                continue
-            if req.spec_acceptance.should_propose():
+            if req.num_tokens - req.num_computed_tokens == 1:
+                decodes.append(req)
+        slope = self._step_cost.relative_slope(len(decodes)) if self._adaptive_k else 0.0
+        for req in decodes:
+            if self._adaptive_k:
+                k = req.spec_acceptance.draft_length(max_k, len(decodes), slope)
+            else:
+                k = max_k if req.spec_acceptance.should_propose() else 0
+            if k > 0:
                 drafts = self.proposer.propose(req.request_id, req.all_token_ids, req.num_prompt_tokens, k)[:k]
                 if drafts and req.grammar is not None:
                     drafts = drafts[: req.grammar.validate(drafts)]
@@ -316,3 +333,8 @@ class LLMEngine:
             spec_num_accepted_tokens=self._spec_accepted_tokens,
             spec_num_accepted_tokens_per_pos=list(self._spec_accepted_per_pos),
         )
+
+
+def _only_decodes(batch: ScheduledBatch) -> bool:
+    """Every row decodes one token or verifies drafts: no prefill chunk in the step."""
+    return all(batch.sample_flags) and all(n == 1 + len(batch.drafts(i)) for i, n in enumerate(batch.num_new_tokens))

@@ -1,38 +1,83 @@
-"""Per-request acceptance tracking: stop proposing for a request whose drafts keep failing.
+"""Per-request acceptance tracking: how many drafts a request proposes, and when it stops.
 
-A rejected draft costs a verification row's compute for nothing, so a request whose
-acceptance stays low backs off (exponentially, capped) and re-probes now and then: text
-that starts repeating its input later is still sped up.
+A rejected draft costs verification compute for nothing. With adaptive draft lengths (the
+default) the request keeps a running estimate of its acceptance rate alpha, and the draft
+length is the one with the best expected tokens per unit of step time (draft_length.py); when
+that is 0 the request backs off (exponentially, capped) and then probes with one draft, so
+text that starts repeating its input later is still sped up. With a fixed draft length a
+request whose acceptance stays low over a window backs off the same way.
 """
 
 from __future__ import annotations
 
+from services.engine_core.speculative.draft_length import best_draft_length
+
 _WINDOW = 16
-"""Draft tokens judged together."""
+"""Fixed draft length: draft tokens judged together."""
 _MIN_RATE = 0.2
-"""Below this acceptance rate over a window the request backs off."""
+"""Fixed draft length: below this acceptance rate over a window the request backs off."""
 _FIRST_BACKOFF = 4
 _MAX_BACKOFF = 64
-"""Steps without proposals after a bad window: doubling from the first to the max."""
+"""Steps without proposals after a bad window (or a draft length of 0): doubling from the first to the max."""
+_RECENCY = 0.7
+"""Weight of the earlier verifications in alpha at each new one: text moves in and out of copying quickly."""
+_PRIOR_ALPHA = 0.5
+_PRIOR_WEIGHT = 1.0
+"""alpha starts at the prior, worth this many draft positions."""
 
 
 class AcceptanceTracker:
-    __slots__ = ("_accepted", "_backoff", "_proposed", "_skip")
+    __slots__ = ("_accepted", "_accepted_sum", "_backoff", "_probe", "_proposed", "_skip", "_tried_sum", "adaptive")
 
-    def __init__(self) -> None:
+    def __init__(self, adaptive: bool = False) -> None:
+        self.adaptive = adaptive
+        """Adaptive draft lengths (draft_length()); else a fixed one (should_propose())."""
         self._proposed = 0
         self._accepted = 0
         self._skip = 0
         self._backoff = 0
+        self._probe = False
+        # Recency-weighted draft positions tried and accepted (a rejection ends a run, so a
+        # verification of k drafts with a accepted tried a + 1 positions, k when all passed).
+        self._tried_sum = 0.0
+        self._accepted_sum = 0.0
+
+    @property
+    def alpha(self) -> float:
+        """The estimated chance that a draft is accepted, given the drafts before it were."""
+        return (self._accepted_sum + _PRIOR_ALPHA * _PRIOR_WEIGHT) / (self._tried_sum + _PRIOR_WEIGHT)
+
+    def draft_length(self, max_k: int, num_decodes: int, relative_slope: float) -> int:
+        """Adaptive: the drafts to propose this step (0: decode plainly). Called once per step the request decodes."""
+        if self._skip > 0:
+            self._skip -= 1
+            return 0
+        k = best_draft_length(self.alpha, max_k, num_decodes, relative_slope)
+        if k > 0:
+            self._backoff = 0
+            self._probe = False
+            return k
+        if self._probe:  # the backoff ran out: one cheap draft re-measures alpha
+            self._probe = False
+            return 1
+        self._backoff = min(max(2 * self._backoff, _FIRST_BACKOFF), _MAX_BACKOFF)
+        self._skip = self._backoff - 1  # this step is the first of them
+        self._probe = True
+        return 0
 
     def should_propose(self) -> bool:
-        """Called once per step the request decodes."""
+        """Fixed draft length: whether to propose this step. Called once per step the request decodes."""
         if self._skip > 0:
             self._skip -= 1
             return False
         return True
 
     def record(self, proposed: int, accepted: int) -> None:
+        tried = accepted + (accepted < proposed)
+        self._tried_sum = self._tried_sum * _RECENCY + tried
+        self._accepted_sum = self._accepted_sum * _RECENCY + accepted
+        if self.adaptive:
+            return
         self._proposed += proposed
         self._accepted += accepted
         if self._proposed < _WINDOW:

@@ -60,6 +60,8 @@ def make_engine(model: str = "tiny-llama", **kw: object) -> LLMEngine:
 def spec_engine(
     model: str = "tiny-llama", proposer: object = None, k: int = 3, method: str = "ngram", **kw: object
 ) -> LLMEngine:
+    # A fixed draft length by default: these tests verify rows of exactly k drafts.
+    kw.setdefault("speculative_adaptive_draft_length", False)
     engine = make_engine(model, speculative_method=method, num_speculative_tokens=k, ngram_prompt_lookup_min=1, **kw)
     if proposer is not None:
         engine.proposer = proposer  # type: ignore[assignment]
@@ -127,6 +129,34 @@ def test_greedy_unchanged_bundled_model() -> None:
 @pytest.mark.parametrize("k", [1, 3, 8])
 def test_greedy_unchanged_for_k(k: int) -> None:
     check_all_proposers("tiny-llama", prompts_for(512, seed=k), GREEDY, k=k)
+
+
+@pytest.mark.parametrize("method", ["ngram", "suffix"])
+def test_greedy_unchanged_with_adaptive_draft_lengths(method: str) -> None:
+    """Draft lengths chosen per request and step (rows of 0 to 8 drafts side by side)."""
+    prompts = prompts_for(512, seed=5)
+    reference = run(make_engine(), prompts, GREEDY)
+    engine = spec_engine(k=8, method=method, speculative_adaptive_draft_length=True)
+    assert run(engine, prompts, GREEDY) == reference
+    right = spec_engine(proposer=OracleProposer(reference, 512), k=8, speculative_adaptive_draft_length=True)
+    assert run(right, prompts, GREEDY) == reference
+    stats = right.stats()
+    assert stats.spec_num_accepted_tokens == stats.spec_num_draft_tokens > 0
+    # Always right: the draft length grows to the most allowed.
+    assert stats.spec_num_accepted_tokens_per_pos[7] > 0
+
+
+def test_adaptive_draft_length_stops_wrong_drafts() -> None:
+    """Always wrong: drafting stops after a few probes, and the output is unchanged."""
+    prompts = prompts_for(512, seed=6)
+    reference = run(make_engine(), prompts, GREEDY)
+    wrong = spec_engine(
+        proposer=OracleProposer(reference, 512, wrong=True), k=8, speculative_adaptive_draft_length=True
+    )
+    assert run(wrong, prompts, GREEDY) == reference
+    stats = wrong.stats()
+    num_decodes = sum(len(v) for v in reference.values())
+    assert stats.spec_num_accepted_tokens == 0 and stats.spec_num_draft_tokens < num_decodes / 2
 
 
 def test_greedy_unchanged_with_chunked_prefill_and_a_tight_budget() -> None:
