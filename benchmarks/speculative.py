@@ -8,8 +8,12 @@ Workloads:
   grounded  chat requests whose answer is largely in the prompt, built from text shipped in
             benchmarks/data/: fix a typo in (and so repeat) one of the repo's Python files,
             quote and summarize a passage of Genesis (KJV), continue a repeated table
-  random    serve_bench's `random` workload: random words via /v1/completions, where
-            proposals rarely match (what speculation must not slow down)
+  random    serve_bench's `random` workload: random words via /v1/completions, greedy,
+            EOS ignored (the small model tends to loop there, which proposals do predict)
+  random-sampled
+            random words via /v1/completions sampled at temperature 1.0 with a seed per
+            request, EOS honoured: proposals rarely match, so this is what useless drafts
+            cost (seeded: every method generates the same tokens)
   structured  (not in the default list) chat requests with a JSON-schema response_format:
             convert a parts table in the prompt into a JSON array of objects with the same
             five fields each, the repeating structured text agents ask for; the drafts are
@@ -20,8 +24,8 @@ server's /metrics: draft tokens proposed and accepted (acceptance rate; mean acc
 length: tokens per verified proposal, the target's own included, as vLLM counts it) and
 generated tokens per engine step. Every method gets the same
 requests (seeded per workload and concurrency); the texts of greedy outputs are compared
-with those of `off` (`outputs_same_as_off`). Requests ignore EOS, so all methods generate
-the same number of tokens. The suffix method's corpus of earlier outputs grows across
+with those of `off` (`outputs_same_as_off`). Requests ignore EOS (but random-sampled's,
+seeded), so all methods generate the same number of tokens. The suffix method's corpus of earlier outputs grows across
 points, as it would on a server.
 
 Writes benchmarks/results/speculative.json (with machine_info).
@@ -63,8 +67,8 @@ CODE_DIR = os.path.join(DATA, "code")
 PASSAGE_FILE = os.path.join(DATA, "kjv_genesis_1-11.txt")
 RESULTS = os.path.join(HERE, "results", "speculative.json")
 METHODS = ("off", "ngram", "suffix")
-WORKLOADS = ("grounded", "random", "structured")
-DEFAULT_WORKLOADS = ("grounded", "random")
+WORKLOADS = ("grounded", "random", "random-sampled", "structured")
+DEFAULT_WORKLOADS = ("grounded", "random", "random-sampled")
 TASKS = ("code", "passage", "table")
 
 # ---------------------------------------------------------------- the grounded workload
@@ -210,9 +214,27 @@ def jobs_for(workload: str, concurrency: int, args: argparse.Namespace) -> list[
         return grounded_workload(n, args.output_len, seed, extra)
     if workload == "random":
         return sb.random_workload(n, (32, 256), (args.output_len, args.output_len), seed, extra)
+    if workload == "random-sampled":
+        return random_sampled_workload(n, args.output_len, seed)
     if workload == "structured":
         return structured_workload(n, args.output_len, seed, extra)
     raise ValueError(workload)
+
+
+def random_sampled_workload(n: int, output_len: int, seed: int) -> list[sb.Job]:
+    """Random-word completions sampled at temperature 1.0, each with its own seed (the same
+    tokens with speculation on or off), ending at EOS or output_len tokens."""
+    rng = random.Random(seed)
+    jobs: list[sb.Job] = []
+    for _ in range(n):
+        body = {
+            "prompt": sb.random_words(rng, rng.randint(32, 256)),
+            "max_tokens": output_len,
+            "temperature": 1.0,
+            "seed": rng.randrange(2**31),
+        }
+        jobs.append(one_request(sb.RequestSpec("/v1/completions", body, output_len)))
+    return jobs
 
 
 # ---------------------------------------------------------------- /metrics
@@ -272,10 +294,12 @@ def speculation_stats(before: dict[str, float], after: dict[str, float]) -> dict
 # ---------------------------------------------------------------- runs
 
 
-def method_args(method: str, k: int) -> list[str]:
+def method_args(method: str, k: int, fixed_k: bool = False) -> list[str]:
     if method == "off":
         return []  # no speculation flag at all: runs on a build that has none
-    return ["--speculative-method", method, "--num-speculative-tokens", str(k)]
+    fixed = ["--no-speculative-adaptive-draft-length"] if fixed_k else []
+    return ["--speculative-method", method, "--num-speculative-tokens", str(k), *fixed]
+
 
 
 def digest(text: str) -> str:
@@ -363,7 +387,7 @@ def compare(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def bench_method(
     method: str, args: argparse.Namespace, out: dict[str, Any], baseline: dict[Any, dict[str, str]]
 ) -> None:
-    server = cp.Server(args.mode, args.threads, "float32", extra_args=method_args(method, args.k))
+    server = cp.Server(args.mode, args.threads, "float32", extra_args=method_args(method, args.k, args.fixed_k))
     try:
         try:
             ready_s = server.wait_ready()
@@ -401,7 +425,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--workloads", nargs="+", choices=WORKLOADS, default=list(DEFAULT_WORKLOADS))
     p.add_argument("--concurrency", nargs="+", type=int, default=[1, 8, 32])
     p.add_argument("--k", type=int, default=4, help="--num-speculative-tokens of the speculating servers")
-    p.add_argument("--output-len", type=int, default=256, help="tokens per request (EOS ignored)")
+    p.add_argument("--fixed-k", action="store_true", help="always k drafts (--no-speculative-adaptive-draft-length)")
+    p.add_argument("--output-len", type=int, default=256, help="tokens per request (EOS ignored but in random-sampled)")
     p.add_argument("--requests-per-conc", type=int, default=2, help="requests per point: this x concurrency ...")
     p.add_argument("--min-requests", type=int, default=6, help="... but at least this many")
     p.add_argument("--point-timeout-s", type=float, default=600.0)

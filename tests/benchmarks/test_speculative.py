@@ -47,12 +47,13 @@ def test_code_task_repeats_a_repo_file_with_one_typo() -> None:
 
 def test_flags_and_method_args() -> None:
     args = spec.make_parser().parse_args([])
-    assert args.methods == ["off", "ngram", "suffix"] and args.workloads == ["grounded", "random"]
+    assert args.methods == ["off", "ngram", "suffix"] and args.workloads == ["grounded", "random", "random-sampled"]
     assert args.concurrency == [1, 8, 32] and args.output.endswith("benchmarks/results/speculative.json")
     args = spec.make_parser().parse_args(["--methods", "suffix", "--concurrency", "1", "--k", "8"])
     assert args.methods == ["suffix"] and args.concurrency == [1] and args.k == 8
     assert spec.method_args("off", 4) == []
     assert spec.method_args("suffix", 8) == ["--speculative-method", "suffix", "--num-speculative-tokens", "8"]
+    assert spec.method_args("suffix", 8, fixed_k=True)[-1] == "--no-speculative-adaptive-draft-length"
     cmd = cp.server_command("novainfer", 1, "/r", 2, extra_args=spec.method_args("ngram", 3))
     assert cmd[-4:] == ["--speculative-method", "ngram", "--num-speculative-tokens", "3"]
 
@@ -63,6 +64,17 @@ def test_point_sizes() -> None:
     assert len(spec.jobs_for("random", 8, args)) == 16
     r = spec.jobs_for("random", 8, args)[0]([])
     assert r is not None and r.path == "/v1/completions" and r.max_tokens == 9
+
+
+def test_random_sampled_workload_is_seeded_sampling_that_may_stop() -> None:
+    args = spec.make_parser().parse_args(["--requests-per-conc", "1", "--min-requests", "4", "--output-len", "9"])
+    requests = [job([]) for job in spec.jobs_for("random-sampled", 1, args)]
+    bodies = [r.body for r in requests if r is not None]
+    assert len(bodies) == 4 and all(r is not None and r.path == "/v1/completions" for r in requests)
+    assert all(b["temperature"] == 1.0 and b["max_tokens"] == 9 and "ignore_eos" not in b for b in bodies)
+    assert len({b["seed"] for b in bodies}) == 4  # each its own seed ...
+    again = [job([]) for job in spec.jobs_for("random-sampled", 1, args)]
+    assert [r.body for r in again if r] == bodies  # ... the same for every method
 
 
 METRICS = """# HELP novainfer_spec_decode_num_drafts_total x
