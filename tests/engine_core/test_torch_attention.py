@@ -114,3 +114,25 @@ def test_reference_matches_dense_causal_sdpa(paged_batch, relative_error, num_he
             scale=batch.scale,
         ).transpose(0, 1)
         assert relative_error(ref[rows], dense) < 1e-5
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize(
+    "query_lens, context_lens, shuffle, path",
+    [
+        ([5], [40], False, "block_range"),  # one stream verifying 4 drafts, consecutive blocks: in place
+        ([5], [40], True, "slots"),
+        ([9, 1, 3], [31, 20, 16], False, "block_range"),  # beside decodes; a context ending on a block
+        ([9, 1, 3], [31, 20, 16], True, "slots"),
+    ],
+)
+def test_chunk_with_context_paths(paged_batch, relative_error, dtype, tol, query_lens, context_lens, shuffle, path):
+    batch = paged_batch(
+        query_lens, context_lens, num_heads=9, num_kv_heads=3, head_dim=64, dtype=dtype, shuffle_blocks=shuffle
+    )
+    backend = TorchAttentionBackend()
+    out = run(batch, backend)
+    ref = reference_attention(batch.query, batch.k_cache, batch.v_cache, batch.md, batch.scale)
+    assert relative_error(out, ref) < tol
+    assert backend._plan is not None and backend._plan.chunks
+    assert all(getattr(chunk, path) is not None for chunk in backend._plan.chunks)

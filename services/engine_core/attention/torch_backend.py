@@ -13,6 +13,8 @@ and the context is a prefix of them; a lone request whose blocks are consecutive
 (the usual case for one stream: the block manager hands out free blocks in order) is attended
 over in place, with no copy at all. When that group is the whole step, the query is used and the
 output returned as they are. A single-stream step is then three views and one SDPA call per layer.
+Rows of several tokens (prefill chunks, and decodes verifying draft tokens) read a context in
+consecutive blocks in place too; their slots and causal masks are made once per step.
 """
 
 from __future__ import annotations
@@ -86,10 +88,26 @@ class _DecodeGroup:
 
 
 @dataclass
+class _Chunk:
+    """A row of several query tokens (a prefill chunk, or a decode verifying draft tokens)."""
+
+    rows: slice
+    q_len: int
+    seq_len: int
+    block_range: slice | None = None
+    """Its context in consecutive cache blocks: read in place (as a lone decode's)."""
+    slots: torch.Tensor | None = None
+    """Else int64 [seq_len]: the cache slot of every context position, to gather."""
+    mask: torch.Tensor | None = None
+    """bool [q_len, seq_len], with a cached context: causal over the chunk, all of the context
+    before it (None: no cached context, the chunk's own K/V are the whole context)."""
+
+
+@dataclass
 class _Plan:
     starts: list[int]
     decode_groups: list[_DecodeGroup]
-    prefills: list[int]
+    chunks: list[_Chunk]
 
 
 def _context_slots(block_table: torch.Tensor, seq_lens: torch.Tensor, max_len: int, block_size: int) -> torch.Tensor:
@@ -158,7 +176,24 @@ class TorchAttentionBackend(AttentionBackend):
                 valid = torch.arange(max_len, device=device) < seq_lens.unsqueeze(1)
                 group.valid = valid[:, None, None, :]
             groups.append(group)
-        return _Plan(starts, groups, prefills)
+        # Built once per step, not per layer: a verification row's context slots and mask cost
+        # more than its attention when remade in every layer.
+        chunks = []
+        for i in prefills:
+            q_len, seq_len = md.query_lens_cpu[i], md.seq_lens_cpu[i]
+            chunk = _Chunk(slice(starts[i], starts[i + 1]), q_len, seq_len)
+            if seq_len > q_len:
+                n_blocks = -(-seq_len // block_size)
+                table = md.block_tables[i, :n_blocks].tolist()
+                if table == list(range(table[0], table[0] + n_blocks)):
+                    chunk.block_range = slice(table[0], table[0] + n_blocks)
+                else:
+                    slots = _context_slots(md.block_tables[i : i + 1], md.seq_lens[i : i + 1], seq_len, block_size)
+                    chunk.slots = slots.view(-1)
+                pos = torch.arange(seq_len, device=device)
+                chunk.mask = pos.unsqueeze(0) <= pos[seq_len - q_len :].unsqueeze(1)
+            chunks.append(chunk)
+        return _Plan(starts, groups, chunks)
 
     def _buffers(self, rows: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Two [rows, kv_heads * head_dim] views of the workspace, which grows by half again
@@ -219,17 +254,19 @@ class TorchAttentionBackend(AttentionBackend):
             o = self._decode(query.index_select(0, group.rows), k_cache, v_cache, group, scale)
             out.index_copy_(0, group.rows, o)
 
-        for i in plan.prefills:
-            rows = slice(plan.starts[i], plan.starts[i + 1])
-            q_len, seq_len = md.query_lens_cpu[i], md.seq_lens_cpu[i]
-            if seq_len == q_len:
+        for chunk in plan.chunks:
+            rows, q_len, seq_len = chunk.rows, chunk.q_len, chunk.seq_len
+            if chunk.mask is None:
                 # No cached context: the chunk's own K/V are the whole context.
                 k, v, mask, causal = key[rows], value[rows], None, True
             else:
-                slots = _context_slots(md.block_tables[i : i + 1], md.seq_lens[i : i + 1], seq_len, block_size)
-                k, v = self._gather(k_slots, v_slots, slots.view(-1))
-                pos = torch.arange(seq_len, device=query.device)
-                mask, causal = pos.unsqueeze(0) <= pos[seq_len - q_len :].unsqueeze(1), False
+                if chunk.block_range is not None:
+                    k, v = k_cache[chunk.block_range], v_cache[chunk.block_range]
+                    k, v = k.reshape(-1, n_kv * d)[:seq_len], v.reshape(-1, n_kv * d)[:seq_len]
+                else:
+                    assert chunk.slots is not None
+                    k, v = self._gather(k_slots, v_slots, chunk.slots)
+                mask, causal = chunk.mask, False
             # 4-D with K/V broadcast over each KV head's query heads: SDPA's CPU flash kernel takes
             # this without copying K/V, while 3-D or enable_gqa inputs fall back to the math path.
             k = k.view(-1, n_kv, d).transpose(0, 1)[:, None].expand(n_kv, q_per_kv, -1, d)
