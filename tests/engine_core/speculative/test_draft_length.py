@@ -20,6 +20,18 @@ def test_step_cost_fits_a_line() -> None:
     assert cost.relative_slope(1) == pytest.approx(0.01 / 0.06)
 
 
+def test_step_cost_ignores_drift_between_slow_and_fast_periods() -> None:
+    """A shared machine: a slow period that happens to verify more drafts is not a steep slope."""
+    cost = StepCost()
+    for i in range(60):
+        slow = 3.0 if (i // 10) % 2 else 1.0  # 10 steps fast, 10 slow, ...
+        n = 5 if slow > 1 and i % 2 else 1  # drafts verified mostly in the slow periods
+        cost.record(n, slow * (0.05 + 0.005 * n))
+    a, b = cost.fit()  # type: ignore[misc]
+    assert 0.05 < b / a < 0.2  # the true 0.1, where a raw least squares fit reads ~1
+    assert cost.relative_slope(1) < 0.2
+
+
 def test_step_cost_of_one_size_uses_the_prior_slope() -> None:
     cost = StepCost()
     for _ in range(10):
