@@ -301,7 +301,6 @@ def method_args(method: str, k: int, fixed_k: bool = False) -> list[str]:
     return ["--speculative-method", method, "--num-speculative-tokens", str(k), *fixed]
 
 
-
 def digest(text: str) -> str:
     return hashlib.sha1(text.encode()).hexdigest()[:16]
 
