@@ -216,20 +216,29 @@ class TorchAttentionBackend(AttentionBackend):
     ) -> torch.Tensor:
         """Attention of a decode group's query rows [n, heads, d] over their contexts."""
         n, n_heads, d = query.shape
-        n_kv = k_cache.shape[2]
+        block_size, n_kv = k_cache.shape[1], k_cache.shape[2]
+        # K/V come as token rows of [kv_heads, d], each request's `req_tokens` in a row from `first`.
+        first = 0
         if group.block_range is not None:
-            k, v = k_cache[group.block_range], v_cache[group.block_range]
+            k, v, req_tokens = k_cache, v_cache, 0
+            first = group.block_range.start * block_size
         elif group.blocks is not None:
             k, v = self._gather(k_cache.view(k_cache.shape[0], -1), v_cache.view(v_cache.shape[0], -1), group.blocks)
+            req_tokens = len(group.blocks) // n * block_size
         else:
             assert group.slots is not None
             k, v = self._gather(k_cache.view(-1, n_kv * d), v_cache.view(-1, n_kv * d), group.slots)
+            req_tokens = group.max_len
+        # [n, kv_heads, max_len, d] views in one op each (not view, slice and transpose: at one
+        # token a step, every op of the 30 layers shows in the step time).
+        shape = (n, n_kv, group.max_len, d)
+        strides = (req_tokens * n_kv * d, d, n_kv * d, 1)
         # The query heads sharing a KV head become that head's "query rows": one plain SDPA
         # per group reads each KV head once, instead of repeating K/V for GQA.
         o = F.scaled_dot_product_attention(
             query.view(n, n_kv, n_heads // n_kv, d),
-            k.view(n, -1, n_kv, d)[:, : group.max_len].transpose(1, 2),
-            v.view(n, -1, n_kv, d)[:, : group.max_len].transpose(1, 2),
+            k.as_strided(shape, strides, k.storage_offset() + first * n_kv * d),
+            v.as_strided(shape, strides, v.storage_offset() + first * n_kv * d),
             attn_mask=group.valid,
             scale=scale,
         )

@@ -93,7 +93,6 @@ class DecoderLayer(nn.Module):
         self.eps = cfg.rms_norm_eps
         self.scale = d**-0.5
         self.hidden_shape = (hidden,)
-        self.qk_size = (cfg.num_heads + cfg.num_kv_heads) * d
         self.shard_sizes = {
             "qkv_weight": (cfg.num_heads * d, cfg.num_kv_heads * d, cfg.num_kv_heads * d),
             "qkv_bias": (cfg.num_heads * d, cfg.num_kv_heads * d, cfg.num_kv_heads * d),
@@ -151,8 +150,7 @@ class DecoderLayer(nn.Module):
         else:
             qkv = F.linear(x, self.qkv_weight, self.qkv_bias)
         # q and k sit side by side in qkv, so they are normalised and rotated as one tensor.
-        qk = qkv[:, : self.qk_size].view(t, n + n_kv, d)
-        v = qkv[:, self.qk_size :].view(t, n_kv, d)
+        qk, v = qkv.view(t, n + 2 * n_kv, d).split((n + n_kv, n_kv), dim=1)
         if self.q_norm is not None and self.k_norm is not None:
             qk = F.rms_norm(qk, (d,), eps=self.eps)
             qk[:, :n] *= self.q_norm
