@@ -161,13 +161,15 @@ class TorchAttentionBackend(AttentionBackend):
             max_len = md.seq_lens_cpu[reqs[0]]
             n = len(reqs)
             whole_step = not prefills and reqs == list(range(md.num_reqs))
-            group = _DecodeGroup(n, max_len, None if whole_step else torch.tensor([starts[i] for i in reqs]))
+            group = _DecodeGroup(
+                n, max_len, None if whole_step else torch.tensor([starts[i] for i in reqs], device=device)
+            )
             req_idx = torch.tensor(reqs, device=device)
             if all(md.seq_lens_cpu[i] == max_len for i in reqs):
                 tables = md.block_tables[req_idx, : -(-max_len // block_size)]
-                first = int(tables[0, 0])
-                if n == 1 and tables[0].tolist() == list(range(first, first + tables.shape[1])):
-                    group.block_range = slice(first, first + tables.shape[1])
+                own = tables[0].tolist() if n == 1 else []
+                if own and own == list(range(own[0], own[0] + len(own))):
+                    group.block_range = slice(own[0], own[0] + len(own))
                 else:
                     group.blocks = tables.reshape(-1)
             else:
