@@ -3,7 +3,8 @@
 Candidates, all in torch 2.13 without custom C++: dense float32 and bfloat16 `F.linear` (oneDNN;
 AMX for bf16 where the CPU has it), and the weight-only kernels `_weight_int4pack_mm_for_cpu`
 (4-bit groups of 32, what --quantization int4 uses) and `_weight_int8pack_mm` (8-bit, one scale
-per output row), both with bfloat16 activations. Rows 1..256 stand for the step's batch size.
+per output row), both with bfloat16 activations, and oneDNN's int8 x int8 matmul with the
+activations quantized per row (models/int8.py, the int8 LM head's kernel). Rows 1..256 stand for the step's batch size.
 Each (matrix, rows) times every kernel interleaved, repeated, and keeps the median, because the
 machine is shared. Reports per rows the fastest kernel summed over a layer's four matrices (and
 the LM head), and the weight bytes each kernel reads. Writes benchmarks/results/cpu_linear_kernels.json.
@@ -33,6 +34,7 @@ sys.path.insert(0, HERE)
 from machine_info import machine_info  # noqa: E402
 
 from services.engine_core.models.int4 import GROUP, Int4Weight  # noqa: E402
+from services.engine_core.models.int8 import Int8Weight  # noqa: E402
 
 RESULTS = os.path.join(HERE, "results", "cpu_linear_kernels.json")
 # SmolLM2-135M: name -> (out, in) of the fused matrices (q|k|v, o, gate|up, down) and the LM head.
@@ -47,6 +49,7 @@ def kernels(weight: torch.Tensor) -> dict[str, tuple[Callable[[torch.Tensor], to
     scale = weight.abs().amax(1).clamp_min(1e-8) / 127
     q8 = (weight / scale[:, None]).round().clamp(-127, 127).to(torch.int8)
     scale8 = scale.to(torch.bfloat16)
+    w8a8 = Int8Weight.quantize(weight)
     return {
         "fp32": (lambda x: F.linear(x, weight), weight.nbytes, torch.float32),
         "bf16": (lambda x: F.linear(x, bf16), bf16.nbytes, torch.bfloat16),
@@ -60,6 +63,8 @@ def kernels(weight: torch.Tensor) -> dict[str, tuple[Callable[[torch.Tensor], to
             q8.nbytes + scale8.nbytes,
             torch.bfloat16,
         ),
+        # int8 x int8 through oneDNN, activations quantized per row (what the int8 LM head runs).
+        "int8_onednn": (w8a8, w8a8.nbytes, torch.bfloat16),
     }
 
 
