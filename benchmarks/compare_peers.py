@@ -398,6 +398,10 @@ def bench_server(name: str, args: argparse.Namespace, out: dict[str, Any]) -> No
         ready_s = server.ready_s if server.ready_s is not None else server.wait_ready()
         print(f"{name}: ready in {ready_s:.1f}s ({' '.join(server.cmd)})", flush=True)
         out["servers"][name] = {"command": server.cmd, "ready_s": ready_s}
+        if name in NOVAINFER_MODES:
+            # What the defaults resolved to on this machine (plain `novainfer` pins nothing).
+            out["servers"][name]["run_mode"] = run_mode(server.url)
+            print(f"{name}: run mode {out['servers'][name]['run_mode']}", flush=True)
         if name != "llamacpp":
             _warm_up(server, burst=False)
         for workload in args.workloads:
@@ -408,6 +412,12 @@ def bench_server(name: str, args: argparse.Namespace, out: dict[str, Any]) -> No
                     raise RuntimeError(f"{name} died during {workload} c={c}: {_log_tail(server, 5)}")
     finally:
         server.stop()
+
+
+def run_mode(base_url: str) -> str | None:
+    """The mode a NovaInfer server runs in, as its /v1/models reports it."""
+    with urllib.request.urlopen(base_url + "/v1/models", timeout=10) as r:
+        return json.load(r)["data"][0].get("run_mode")
 
 
 def _no_nan(x: Any) -> Any:
