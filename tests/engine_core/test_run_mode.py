@@ -54,7 +54,7 @@ def test_describe() -> None:
 
 
 def test_runner_reports_its_resolved_mode() -> None:
-    small = dict(model="tiny-llama", kv_cache_bytes=1 << 20, max_num_batched_tokens=64)
+    small = dict(model="tiny-llama", device="cpu", kv_cache_bytes=1 << 20, max_num_batched_tokens=64)
     default = ModelRunner(EngineConfig(**small))  # type: ignore[arg-type]
     # Random weights are float: auto adds no int4 copies.
     assert default.mode == ("bfloat16" if cpu_has_native_bf16() else "float32")
