@@ -3,7 +3,7 @@
 A rejected draft costs verification compute for nothing. With adaptive draft lengths (the
 default) the request keeps a running estimate of its acceptance rate alpha, and the draft
 length is the one with the best expected tokens per unit of step time (draft_length.py); when
-that is 0 the request backs off (exponentially, capped) and then probes with one draft, so
+that is 0 the request backs off (exponentially, capped) and then probes afresh, so
 text that starts repeating its input later is still sped up. With a fixed draft length a
 request whose acceptance stays low over a window backs off the same way.
 """
@@ -54,12 +54,15 @@ class AcceptanceTracker:
             return 0
         k = best_draft_length(self.alpha, max_k, num_decodes, relative_slope)
         if k > 0:
-            self._backoff = 0
             self._probe = False
             return k
-        if self._probe:  # the backoff ran out: one cheap draft re-measures alpha
+        if self._probe:
+            # The backoff ran out: the text may have changed since (a model that starts quoting
+            # or looping), so alpha starts again from the prior, and the probe drafts what that
+            # prior pays for (at least one draft).
             self._probe = False
-            return 1
+            self._tried_sum = self._accepted_sum = 0.0
+            return max(best_draft_length(self.alpha, max_k, num_decodes, relative_slope), 1)
         self._backoff = min(max(2 * self._backoff, _FIRST_BACKOFF), _MAX_BACKOFF)
         self._skip = self._backoff - 1  # this step is the first of them
         self._probe = True
@@ -77,6 +80,8 @@ class AcceptanceTracker:
         self._tried_sum = self._tried_sum * _RECENCY + tried
         self._accepted_sum = self._accepted_sum * _RECENCY + accepted
         if self.adaptive:
+            if self.alpha >= _PRIOR_ALPHA:  # drafts pay again: a later backoff starts short
+                self._backoff = 0
             return
         self._proposed += proposed
         self._accepted += accepted
