@@ -23,7 +23,7 @@ _RECENCY = 0.7
 """Weight of the earlier verifications in alpha at each new one: text moves in and out of copying quickly."""
 _PRIOR_ALPHA = 0.5
 _PRIOR_WEIGHT = 1.0
-"""alpha starts at the prior, worth this many draft positions."""
+"""alpha starts at the prior (and again at every probe), worth this many draft positions."""
 
 
 class AcceptanceTracker:
@@ -38,14 +38,19 @@ class AcceptanceTracker:
         self._backoff = 0
         self._probe = False
         # Recency-weighted draft positions tried and accepted (a rejection ends a run, so a
-        # verification of k drafts with a accepted tried a + 1 positions, k when all passed).
-        self._tried_sum = 0.0
-        self._accepted_sum = 0.0
+        # verification of k drafts with a accepted tried a + 1 positions, k when all passed),
+        # starting from the prior's pseudo-counts, which fade like any other verification's:
+        # drafts that always fail drive alpha to 0, not to a floor that keeps paying for them.
+        self._reset_alpha()
+
+    def _reset_alpha(self) -> None:
+        self._tried_sum = _PRIOR_WEIGHT
+        self._accepted_sum = _PRIOR_ALPHA * _PRIOR_WEIGHT
 
     @property
     def alpha(self) -> float:
         """The estimated chance that a draft is accepted, given the drafts before it were."""
-        return (self._accepted_sum + _PRIOR_ALPHA * _PRIOR_WEIGHT) / (self._tried_sum + _PRIOR_WEIGHT)
+        return self._accepted_sum / self._tried_sum
 
     def draft_length(self, max_k: int, num_decodes: int, relative_slope: float) -> int:
         """Adaptive: the drafts to propose this step (0: decode plainly). Called once per step the request decodes."""
@@ -58,11 +63,10 @@ class AcceptanceTracker:
             return k
         if self._probe:
             # The backoff ran out: the text may have changed since (a model that starts quoting
-            # or looping), so alpha starts again from the prior, and the probe drafts what that
-            # prior pays for (at least one draft).
+            # or looping), so alpha starts again from the prior, and one cheap draft probes it.
             self._probe = False
-            self._tried_sum = self._accepted_sum = 0.0
-            return max(best_draft_length(self.alpha, max_k, num_decodes, relative_slope), 1)
+            self._reset_alpha()
+            return 1
         self._backoff = min(max(2 * self._backoff, _FIRST_BACKOFF), _MAX_BACKOFF)
         self._skip = self._backoff - 1  # this step is the first of them
         self._probe = True

@@ -61,26 +61,26 @@ def test_alpha_follows_recent_verifications() -> None:
     assert t.alpha > 0.9
     for _ in range(12):
         t.record(4, 0)  # each rejection at the first draft is one position tried
-    assert t.alpha < 0.2
+    assert t.alpha < 0.06  # no floor: the prior fades too
 
 
 def test_adaptive_backoff_then_probe() -> None:
     t = AcceptanceTracker(adaptive=True)
     for _ in range(8):
         t.record(4, 0)
-    # Not worth a draft: 4 steps without, then a probe from the prior alpha (0.5: 2 drafts at
-    # 17% a draft), single drafts while alpha still pays, then 8 steps without ...
-    assert [t.draft_length(8, 1, 0.17) for _ in range(5)] == [0, 0, 0, 0, 2]
-    t.record(2, 0)
+    # Not worth a draft: 4 steps without, then a probe of one draft from the prior alpha,
+    # single drafts while alpha still pays, then 8 steps without ...
+    assert [t.draft_length(8, 1, 0.17) for _ in range(5)] == [0, 0, 0, 0, 1]
+    t.record(1, 0)
     singles = 0
     while (k := t.draft_length(8, 1, 0.17)) > 0 and singles < 5:
         assert k == 1
         t.record(1, 0)
         singles += 1
-    assert k == 0 and 1 <= singles <= 3
-    assert [t.draft_length(8, 1, 0.17) for _ in range(8)] == [0] * 7 + [2]
+    assert k == 0 and singles <= 2
+    assert [t.draft_length(8, 1, 0.17) for _ in range(8)] == [0] * 7 + [1]
     # ... until a probe is accepted and alpha pays for drafts again.
-    t.record(2, 2)
+    t.record(1, 1)
     assert t.alpha > 0.5 and t.draft_length(8, 1, 0.17) >= 2
     # The window rule of fixed draft lengths does not apply.
     assert t.should_propose()
