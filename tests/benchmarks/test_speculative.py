@@ -14,24 +14,50 @@ import compare_peers as cp
 import speculative as spec
 
 
-def test_grounded_workload_is_seeded_chat_over_the_shipped_texts() -> None:
-    jobs = spec.grounded_workload(6, 32, seed=3, extra={"ignore_eos": True})
+def test_grounded_workload_is_seeded_requests_over_the_shipped_texts() -> None:
+    jobs = spec.grounded_workload(12, 32, seed=3, extra={})
     requests = [job([]) for job in jobs]
     assert all(job(["an answer"]) is None for job in jobs)  # one request per job
-    for r in requests:
-        assert r is not None and r.path == "/v1/chat/completions" and r.max_tokens == 32
-        assert r.body["max_tokens"] == 32 and r.body["temperature"] == 0.0 and r.body["ignore_eos"] is True
-    contents = [r.body["messages"][0]["content"] for r in requests if r is not None]
-    # The three tasks in turn, each grounded in its input.
-    assert "```python" in contents[0] and "```python" in contents[3]
+    items = spec.grounded_items(12, seed=3)
+    # Code, passage and table in turn, each kind alternating its variants, so 12 items hold every variant twice.
+    assert [it.task for it in items[:6]] == [
+        "code-rename",
+        "passage-quote",
+        "table",
+        "code-fix",
+        "passage-summarize",
+        "table",
+    ]
+    assert sorted(it.task for it in items) == sorted([it.task for it in items[:6]] * 2)
+    for r, it in zip(requests, items, strict=True):
+        assert r is not None and r.path == it.path and r.max_tokens == 32
+        assert r.body["max_tokens"] == 32 and r.body["temperature"] == 0.0
+        assert "ignore_eos" not in r.body  # an answer ends where the model ends it
+        assert it.source in it.prompt or it.task == "code-fix"
+    code, quote, table, fix = items[0], items[1], items[2], items[3]
+    assert code.path == "/v1/chat/completions" and "```python\n" + code.source in code.prompt
+    assert "Rename the function" in code.prompt
+    assert fix.source not in fix.prompt and len(fix.prompt) > len(fix.source)  # the typo is in the prompt
     with open(spec.PASSAGE_FILE) as f:
-        kjv = f.read().split("\n")
-    assert contents[1].split("\n\n", 1)[1].split("\n")[0] in kjv
-    assert "| id | item |" in contents[2] and contents[2].count("\n|") >= 20
-    again = [job([]) for job in spec.grounded_workload(6, 32, seed=3, extra={"ignore_eos": True})]
+        kjv = " ".join(f.read().split())
+    assert quote.source in kjv and quote.source[0].isupper() and quote.source[-1] in ".:;?!"
+    assert requests[1] is not None and requests[1].body["messages"][0]["content"].endswith(quote.source)
+    # A table to continue is a completion: the prompt is the text to go on with.
+    assert table.path == "/v1/completions" and requests[2] is not None
+    assert requests[2].body["prompt"].endswith("|\n") and table.prompt.count("\n|") >= 20
+    again = [job([]) for job in spec.grounded_workload(12, 32, seed=3, extra={})]
     assert [r.body for r in again if r] == [r.body for r in requests if r]
-    other = [job([]) for job in spec.grounded_workload(6, 32, seed=4, extra={})]
+    other = [job([]) for job in spec.grounded_workload(12, 32, seed=4, extra={})]
     assert [r.body for r in other if r] != [r.body for r in requests if r]
+
+
+def test_code_snippets_are_the_shipped_files_functions() -> None:
+    snippets = spec.code_snippets()
+    assert len(snippets) >= 8
+    texts = "".join(t for _, t in spec.code_files())
+    for s in snippets:
+        assert s in texts and s.startswith(("def ", "class ")) and 5 <= s.count("\n") <= 30
+    assert spec.camel_case("push_socket") == "pushSocket" and spec.camel_case("_tune") == "tune"
 
 
 def test_code_task_repeats_a_repo_file_with_one_typo() -> None:
@@ -61,6 +87,7 @@ def test_flags_and_method_args() -> None:
 def test_point_sizes() -> None:
     args = spec.make_parser().parse_args(["--requests-per-conc", "2", "--min-requests", "6", "--output-len", "9"])
     assert len(spec.jobs_for("grounded", 1, args)) == 6
+    assert "ignore_eos" not in spec.jobs_for("grounded", 1, args)[0]([]).body  # type: ignore[union-attr]
     assert len(spec.jobs_for("random", 8, args)) == 16
     r = spec.jobs_for("random", 8, args)[0]([])
     assert r is not None and r.path == "/v1/completions" and r.max_tokens == 9
