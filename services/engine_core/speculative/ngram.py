@@ -13,7 +13,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
 
 
 class NgramProposer:
@@ -31,28 +30,25 @@ class NgramProposer:
         if k < 1:
             return []
         t = self._array(request_id, token_ids)
-        length = len(t)
-        candidates: np.ndarray | None = None
-        for n in range(min(self.max_n, length - 1), self.min_n - 1, -1):
-            # Windows start at i <= length - n - 1, so every match has a next token to propose;
-            # the final window (the suffix itself) is excluded.
-            if candidates is None:
-                # Cheap prefilter: only positions whose window ends with the last token can match.
-                ends = np.flatnonzero(t[: length - 1] == t[-1])
-                candidates = ends
-            starts = candidates - (n - 1)
-            starts = starts[starts >= 0]
-            if len(starts) == 0:
-                continue
-            windows = sliding_window_view(t[: length - 1], n)[starts]
-            hits = starts[(windows == t[length - n :]).all(axis=1)]
-            if len(hits):
-                begin = int(hits[-1]) + n  # the most recent occurrence
-                follow = t[begin : begin + k].tolist()
-                # A match near the end means the text is looping with period len(follow): the
-                # drafts continue the loop, as the lookup would once they were accepted.
-                return [follow[j % len(follow)] for j in range(k)]
-        return []
+        last = len(t) - 1
+        # Earlier positions j (j < last, so each has a next token to propose) whose token is the
+        # latest one: matches of length 1. Extend all of them backwards a token at a time,
+        # keeping those that still match, up to max_n: what is left are the longest matches.
+        ends = np.flatnonzero(t[:last] == t[last])
+        n = 1
+        while n < self.max_n and len(ends):
+            room = ends[ends >= n]
+            longer = room[t[room - n] == t[last - n]]
+            if not len(longer):
+                break
+            ends, n = longer, n + 1
+        if n < self.min_n or not len(ends):
+            return []
+        begin = int(ends[-1]) + 1  # the most recent of the longest matches
+        follow = t[begin : begin + k].tolist()
+        # A match near the end means the text is looping with period len(follow): the
+        # drafts continue the loop, as the lookup would once they were accepted.
+        return [follow[j % len(follow)] for j in range(k)]
 
     def finish(self, request_id: str, token_ids: Sequence[int], num_prompt_tokens: int) -> None:
         self._tokens.pop(request_id, None)
