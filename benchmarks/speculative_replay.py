@@ -38,11 +38,14 @@ sys.path.insert(0, HERE)
 
 import compare_peers as cp  # noqa: E402
 import speculative as spec  # noqa: E402
+import speculative_items as si  # noqa: E402
 from machine_info import machine_info  # noqa: E402
 
+from novainfer.llm import LLM  # noqa: E402
 from services.engine_core.speculative.acceptance import AcceptanceTracker  # noqa: E402
 from services.engine_core.speculative.proposer import Proposer, make_proposer  # noqa: E402
 from shared.config import EngineConfig  # noqa: E402
+from shared.protocol import SamplingParams  # noqa: E402
 
 RESULTS = os.path.join(HERE, "results", "speculative_replay.json")
 DEFAULT_COST = "1:1.11,2:1.22,3:1.77,4:1.79,6:2.37,8:2.38"
@@ -134,10 +137,8 @@ def replay_item(
     accepted_per_step: list[int] = []
     i = 1
     while i < len(output):
-        if config.fixed:
-            k = config.k if tracker.should_propose() else 0
-        else:
-            k = tracker.draft_length(config.k, 1, slope)
+        # One decode row in the step: the request is alone, as in the single-stream point.
+        k = tracker.draft_length(config.k, 1, slope) if not config.fixed else config.k * tracker.should_propose()
         guess: list[int] = []
         if k > 0:
             t0 = time.perf_counter()
@@ -174,11 +175,6 @@ def replay_item(
 
 def generate_outputs(n: int, output_len: int, seed: int, threads: int) -> list[dict[str, Any]]:
     """The grounded items' greedy outputs, in one batched run of the exact mode."""
-    from novainfer.llm import LLM
-    from shared.protocol import SamplingParams
-
-    import speculative_items as si
-
     items = spec.grounded_items(n, seed)
     llm = LLM(exact=True, num_threads=threads)
     prompts = [si.prompt_ids(llm, item) for item in items]
@@ -247,7 +243,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         out["replays"][config.name] = {"items": rows, "total": total}
         print(
             f"{config.name:<28} x{total['speedup']:.2f}  tok/step {total['tokens_per_step']:.2f}  "
-            f"acceptance {total['acceptance_rate'] or 0:.0%}  mean acc. length {total['mean_accepted_length'] or 0:.2f}  "
+            f"acceptance {total['acceptance_rate'] or 0:.0%}  "
+            f"mean acc. length {total['mean_accepted_length'] or 0:.2f}  "
             "per item x " + " ".join(f"{r['speedup']:.2f}" for r in rows),
             flush=True,
         )
