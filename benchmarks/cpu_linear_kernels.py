@@ -40,6 +40,7 @@ RESULTS = os.path.join(HERE, "results", "cpu_linear_kernels.json")
 # SmolLM2-135M: name -> (out, in) of the fused matrices (q|k|v, o, gate|up, down) and the LM head.
 MATRICES = {"qkv": (960, 576), "o": (576, 576), "gate_up": (3072, 576), "down": (576, 1536), "lm_head": (49152, 576)}
 ROWS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
+KERNELS = ["fp32", "bf16", "int4pack", "int8pack", "int8_onednn"]
 
 
 def kernels(weight: torch.Tensor) -> dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], int, torch.dtype]]:
@@ -73,48 +74,76 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--quick", action="store_true", help="a smoke check, not figures")
+    p.add_argument("--rows", type=int, nargs="+", default=ROWS, help="row counts (the step's rows) to time")
+    p.add_argument("--kernels", nargs="+", choices=KERNELS, default=KERNELS, help="kernels to compare")
+    p.add_argument("--matrices", nargs="+", choices=list(MATRICES), default=list(MATRICES), help="matrices to time")
     p.add_argument("--output", default=RESULTS)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    rows_list = [1, 16, 64] if args.quick else ROWS
+    rows_list = [1, 16, 64] if args.quick else args.rows
     rounds = 2 if args.quick else args.rounds
     torch.manual_seed(0)
 
     times: dict[str, dict[int, dict[str, float]]] = {}
     bytes_read: dict[str, dict[str, int]] = {}
-    for name, (n, k) in MATRICES.items():
+    for name in args.matrices:
+        n, k = MATRICES[name]
         w = torch.randn(n, k) * 0.05
-        ks = kernels(w)
+        ks = {kn: v for kn, v in kernels(w).items() if kn in args.kernels}
         bytes_read[name] = {kn: b for kn, (_, b, _) in ks.items()}
-        times[name] = {}
+        # Every round times every (rows, kernel) once, so a slow spell of the shared machine
+        # spreads over all of them instead of spoiling one row count's figures.
+        xs = {rows: {dt: torch.randn(rows, k).to(dt) for dt in (torch.float32, torch.bfloat16)} for rows in rows_list}
+        samples: dict[int, dict[str, list[float]]] = {rows: {kn: [] for kn in ks} for rows in rows_list}
         for rows in rows_list:
-            xs = {dt: torch.randn(rows, k).to(dt) for dt in (torch.float32, torch.bfloat16)}
-            samples: dict[str, list[float]] = {kn: [] for kn in ks}
             for fn, _, dt in ks.values():
-                fn(xs[dt])  # warm-up
-            for _ in range(rounds):
+                fn(xs[rows][dt])  # warm-up
+        for _ in range(rounds):
+            for rows in rows_list:
                 for kn, (fn, _, dt) in ks.items():
-                    x = xs[dt]
+                    x = xs[rows][dt]
                     t0 = time.perf_counter()
                     fn(x)
-                    samples[kn].append(time.perf_counter() - t0)
-            times[name][rows] = {kn: statistics.median(s) * 1e6 for kn, s in samples.items()}
+                    samples[rows][kn].append(time.perf_counter() - t0)
+        times[name] = {}
+        for rows in rows_list:
+            times[name][rows] = {kn: statistics.median(s) * 1e6 for kn, s in samples[rows].items()}
             best = min(times[name][rows], key=times[name][rows].__getitem__)
             cells = "  ".join(f"{kn} {us:8.0f}" for kn, us in times[name][rows].items())
             print(f"{name:<8} rows {rows:>3}: {cells}  (us; fastest {best})", flush=True)
 
     # Per rows: a whole decoder layer (its four matrices) with each kernel, and the fastest.
-    layer = [m for m in MATRICES if m != "lm_head"]
+    layer = [m for m in MATRICES if m != "lm_head" and m in times]
     per_rows: dict[int, dict[str, Any]] = {}
     for rows in rows_list:
-        layer_us = {kn: sum(times[m][rows][kn] for m in layer) for kn in times["qkv"][rows]}
-        head_us = times["lm_head"][rows]
-        per_rows[rows] = {
-            "layer_us": layer_us,
-            "fastest_layer_kernel": min(layer_us, key=layer_us.__getitem__),
-            "lm_head_us": head_us,
-            "fastest_lm_head_kernel": min(head_us, key=head_us.__getitem__),
-        }
+        r: dict[str, Any] = {}
+        if layer:
+            r["layer_us"] = {kn: sum(times[m][rows][kn] for m in layer) for kn in times[layer[0]][rows]}
+            r["fastest_layer_kernel"] = min(r["layer_us"], key=r["layer_us"].__getitem__)
+        if "lm_head" in times:
+            r["lm_head_us"] = times["lm_head"][rows]
+            r["fastest_lm_head_kernel"] = min(r["lm_head_us"], key=r["lm_head_us"].__getitem__)
+        per_rows[rows] = r
+    # Where each weight-only kernel stops beating dense bf16 (what int4.MAX_ROWS and the int8
+    # head's cutoff are chosen from): the largest row count up to which it wins at every count.
+    crossover: dict[str, dict[str, int]] = {}
+    for name, by_rows in times.items():
+        for kn in ("int4pack", "int8_onednn"):
+            if kn in ks and "bf16" in ks:
+                wins = [rows for rows in rows_list if by_rows[rows][kn] < by_rows[rows]["bf16"]]
+                last = 0
+                for rows in rows_list:
+                    if rows not in wins:
+                        break
+                    last = rows
+                crossover.setdefault(name, {})[kn] = last
+    if layer and all(("int4pack" in ks, "bf16" in ks)):
+        wins_layer = [
+            rows for rows in rows_list if per_rows[rows]["layer_us"]["int4pack"] < per_rows[rows]["layer_us"]["bf16"]
+        ]
+        print(f"int4pack beats bf16 for a whole layer at rows {wins_layer}")
+    for name, c in crossover.items():
+        print(f"{name:<8} beats dense bf16 up to rows: " + ", ".join(f"{kn} {v}" for kn, v in c.items()))
     out = {
         "benchmark": "cpu_linear_kernels",
         "machine": machine_info(),
@@ -125,11 +154,9 @@ def main() -> int:
         "weight_bytes": bytes_read,
         "median_us": times,
         "per_rows": per_rows,
+        "beats_bf16_up_to_rows": crossover,
+        "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA", "default"),
     }
-    for rows, r in per_rows.items():
-        print(
-            f"rows {rows:>3}: layer fastest {r['fastest_layer_kernel']}, lm_head fastest {r['fastest_lm_head_kernel']}"
-        )
     os.makedirs(os.path.dirname(args.output), exist_ok=True)
     with open(args.output, "w") as f:
         json.dump(out, f, indent=1)

@@ -47,18 +47,19 @@ from shared.model_files import bundled_model_path  # noqa: E402
 
 TEXT = os.path.join(HERE, "data", "kjv_genesis_1-11.txt")
 RESULTS = os.path.join(HERE, "results", "perplexity.json")
-# mode -> (EngineConfig overrides, rows per step). Every mode but `default` pins dtype and
-# quantization, whatever the defaults resolve to.
+# mode -> (EngineConfig overrides, rows per step: 0 for whole chunks; in int4 modes the run
+# takes the rows the int4 copies serve, int4.max_rows, so that they are used). Every mode but
+# `default` pins dtype and quantization, whatever the defaults resolve to.
 MODES: dict[str, tuple[dict[str, Any], int]] = {
     # What `novainfer serve` runs out of the box (run_mode.py; here bf16 + int4 where the CPU has
-    # native bf16): 16 rows a step, so that int4, if chosen, is used.
+    # native bf16): steps the int4 copies serve, so that int4, if chosen, is used.
     "default": ({}, 16),
     # The exact mode (--exact is the same: float32, no int4, eager).
     "fp32": ({"dtype": "float32", "quantization": "none"}, 0),
     "bf16": ({"dtype": "bfloat16", "quantization": "none"}, 0),
     "int4": ({"dtype": "float32", "quantization": "int4"}, 16),
     "int4-head": ({"dtype": "float32", "quantization": "int4", "int4_lm_head": True}, 16),
-    # int4 for steps of <= 16 rows, dense bf16 (AMX) above: the fastest kernel at each size.
+    # int4 for steps of <= int4.max_rows rows, dense bf16 (AMX) above: the fastest kernel at each size.
     "int4-bf16": ({"dtype": "bfloat16", "quantization": "int4"}, 16),
 }
 
@@ -116,6 +117,8 @@ def novainfer_mode(mode: str, text: str, ctx: int, threads: int) -> dict[str, An
     t0 = time.perf_counter()
     runner = ModelRunner(config)
     startup_s = time.perf_counter() - t0
+    if step:
+        step = runner.model.layers[0].int4_max_rows or step
     tok = load_tokenizer(config)
     tokens = tok.encode(text, add_special_tokens=True)
     plain = tok.encode(text, add_special_tokens=False)

@@ -131,7 +131,7 @@ def weight_bytes_read(model: CausalLM, rows: int) -> int:
         if q4 is not None:
             total += sum(w.nbytes for w in q4)
     head = model.embed if model.lm_head is None else model.lm_head
-    head_q = model.lm_head_quantized if rows <= model.layers[0].int4_max_rows else None
+    head_q = model.lm_head_quantized if rows <= model.lm_head_max_rows else None
     total += head.nbytes if head_q is None else head_q.nbytes
     total += model.norm.nbytes
     total += rows * model.embed.shape[1] * model.embed.element_size()

@@ -287,7 +287,7 @@ def _read_int4_cache(model: CausalLM, path: str) -> bool:
         log.warning("ignoring unreadable int4 cache %s: %s", path, e)
         return False
     for layer, copy in zip(model.layers, copies, strict=True):
-        layer.int4, layer.int4_max_rows = copy, int4.MAX_ROWS
+        layer.int4, layer.int4_max_rows = copy, int4.max_rows(layer.qkv_weight.dtype)
     return True
 
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from services.engine_core.model_config import ModelConfig
-from services.engine_core.models import build_model
-from services.engine_core.models.int4 import GROUP, MAX_ROWS, Int4Weight
+from services.engine_core.models import build_model, int4
+from services.engine_core.models.int4 import GROUP, MAX_ROWS, MAX_ROWS_AMX, Int4Weight
 from services.engine_core.weight_loader import load_model
 from shared.config import EngineConfig
 from shared.model_files import resolve_model
@@ -211,6 +211,33 @@ def test_int4_in_a_bfloat16_model() -> None:
         for q, d in zip(model.layers, dense.layers, strict=True):
             for attr in ("qkv", "o", "gate_up", "down"):
                 getattr(d, f"{attr}_weight").copy_(getattr(q.int4, attr).dequantize())
-    seq = torch.randint(0, 512, (MAX_ROWS,), generator=torch.Generator().manual_seed(2)).tolist()
+    rows = model.layers[0].int4_max_rows
+    assert rows == int4.max_rows(torch.bfloat16)
+    seq = torch.randint(0, 512, (rows,), generator=torch.Generator().manual_seed(2)).tolist()
     ours, ref = prefill_logits(model, seq), prefill_logits(dense, seq)
     assert ((ours - ref).norm() / ref.norm()).item() < 3e-2
+
+
+def test_int4_cutoff_by_the_dense_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Steps past int4.max_rows rows multiply by the dense weights: 8 rows over bf16 on AMX,
+    where dense bf16 is fast, 16 over float32 or bf16 without AMX (measured crossovers)."""
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert int4.max_rows(torch.bfloat16) == MAX_ROWS_AMX == 8
+    assert int4.max_rows(torch.float32) == MAX_ROWS == 16
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")  # oneDNN capped below AMX
+    assert int4.max_rows(torch.bfloat16) == MAX_ROWS
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_AMX")
+    assert int4.max_rows(torch.bfloat16) == MAX_ROWS_AMX
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert int4.max_rows(torch.bfloat16) == MAX_ROWS
+
+
+def test_bfloat16_model_switches_to_dense_past_its_cutoff(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    model, _ = load_model(EngineConfig(model="tiny-llama", quantization="int4"), CPU, torch.bfloat16)
+    layer = model.layers[0]
+    assert layer.int4_max_rows == MAX_ROWS_AMX
+    assert layer.int4_for(MAX_ROWS_AMX) is layer.int4 and layer.int4_for(MAX_ROWS_AMX + 1) is None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from services.engine_core.models.int4 import MAX_ROWS
+from services.engine_core.models import int8
 from services.engine_core.models.int8 import Int8Weight
 from services.engine_core.weight_loader import load_model
 from shared.config import EngineConfig
@@ -64,11 +64,16 @@ def test_zero_rows_stay_finite() -> None:
 
 
 def test_int4_mode_gets_an_int8_head_for_small_steps_only() -> None:
+    """The head has its own cutoff (int8.MAX_ROWS), far past the layers' int4 one: a step of 8
+    requests verifying drafts keeps the int8 head."""
     model, _ = load_model(EngineConfig(model="tiny-llama", quantization="int4"), CPU, torch.float32)
     dense, _ = load_model(EngineConfig(model="tiny-llama"), CPU, torch.float32)
     assert isinstance(model.lm_head_quantized, Int8Weight) and dense.lm_head_quantized is None
-    hidden = torch.randn(MAX_ROWS + 1, model.cfg.hidden_size, generator=torch.Generator().manual_seed(0))
-    small, ref = model.compute_logits(hidden[:MAX_ROWS]), dense.compute_logits(hidden[:MAX_ROWS])
+    rows = model.lm_head_max_rows
+    assert rows == model.lm_head_quantized.max_rows >= model.layers[0].int4_max_rows
+    assert rows == int8.MAX_ROWS or model.lm_head_quantized._packed is None  # (the fallback kernel: 16)
+    hidden = torch.randn(rows + 1, model.cfg.hidden_size, generator=torch.Generator().manual_seed(0))
+    small, ref = model.compute_logits(hidden[:rows]), dense.compute_logits(hidden[:rows])
     assert small.dtype == torch.float32
     assert ((small - ref).norm() / ref.norm()).item() < 2e-2
     assert torch.equal(model.compute_logits(hidden), dense.compute_logits(hidden))  # a large step: dense

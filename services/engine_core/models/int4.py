@@ -10,20 +10,49 @@ Q4_1 values by each group's min and max recovers the file's q, d and m; only the
 offset are rounded to bfloat16, the kernel's type, as are the activations it multiplies.
 
 The kernel unpacks the weights for every row block, so past a few rows the dense matmul is
-faster: the layers keep both and each step picks by its row count (MAX_ROWS, measured on a
-2-core x86 machine: int4 is 2-3.6x faster than float32 up to 16 rows).
+faster: the layers keep both and each step picks by its row count (max_rows()).
 """
 
 from __future__ import annotations
 
+import os
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 GROUP = 32
-MAX_ROWS = 16
 _N_MULTIPLE = 16  # the packing kernel's requirement on output features
+
+# Up to how many rows the int4 kernel beats the dense matmul it stands in for. Its cost grows
+# with every row (it unpacks the weights per row block) while a dense matmul's stays nearly flat
+# over the first tens of rows, so the crossover depends on how fast the dense kernel is
+# (benchmarks/cpu_linear_kernels.py, SmolLM2's four layer matrices, A/B interleaved medians):
+MAX_ROWS_AMX = 8
+"""Dense bf16 on AMX tiles (2-core Xeon with AMX, 2026-12-02): int4 wins for a whole layer up to
+4 rows with one thread (at 8 rows 1.31 vs 1.13 ms per layer) and up to 8 with two (o, gate|up
+and down: 0.64 vs 0.80 ms at 8 rows, 0.87 vs 0.77 at 10); at 16 rows it costs 1.25x (two
+threads) to 2.2x (one) the dense layer. The engine runs one thread per core, so 8. Past it a step
+of 8 requests that verifies a few drafts pays dense bf16's nearly flat cost per row, not int4's."""
+MAX_ROWS = 16
+"""Dense bf16 without AMX (AVX512_BF16 dot products: the same machine with
+ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16) and dense float32: int4 still wins at 16 rows (a layer 2.2
+vs 2.6 ms in bf16 with one thread; 2-3.6x against float32), and is about even at 24-32."""
+
+
+def _has_amx() -> bool:
+    """Whether oneDNN's dense bf16 matmuls run on AMX tiles here."""
+    isa = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()
+    if isa and isa != "ALL" and "AMX" not in isa:
+        return False  # the user capped oneDNN below AMX
+    is_amx = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private in torch 2.13: guard it
+    return bool(is_amx is not None and is_amx())
+
+
+def max_rows(dense_dtype: torch.dtype) -> int:
+    """The largest step, in rows, that multiplies by the int4 copies rather than the dense
+    weights of dtype dense_dtype (see MAX_ROWS_AMX and MAX_ROWS)."""
+    return MAX_ROWS_AMX if dense_dtype == torch.bfloat16 and _has_amx() else MAX_ROWS
 
 
 def supported(weight: Tensor) -> bool:

@@ -26,6 +26,14 @@ log = logging.getLogger(__name__)
 
 # Activations are quantized to uint8 around this zero point (oneDNN's fast u8 x s8 form).
 _ZERO_POINT = 128
+MAX_ROWS = 128
+"""Up to how many rows oneDNN's int8 matmul beats the dense bf16 head (benchmarks/
+cpu_linear_kernels.py, SmolLM2's 49152 x 576 head, one thread, 2-core Xeon with AMX, 2026-12-02):
+8.2 vs 22 ms at 16 rows, 14 vs 28 at 64, 26 vs 38 at 128, 101 vs 62 at 256. Without AMX the
+dense head is slower still (at 32 rows 13 vs 52 ms). Unlike the layers' int4 kernel its cost
+grows slowly with rows, so the head keeps its own cutoff rather than the layers'."""
+_MAX_ROWS_FALLBACK = 16
+"""The weight-only fallback converts every weight to float per call: only for few rows."""
 
 
 class Int8Weight:
@@ -68,6 +76,11 @@ class Int8Weight:
             None, 1.0, 0, torch.float32, "none", [], "",
         )  # fmt: skip
         return out.mul_(row_scale)
+
+    @property
+    def max_rows(self) -> int:
+        """The largest step, in logits rows, this head is faster for than the dense one."""
+        return MAX_ROWS if self._packed is not None else _MAX_ROWS_FALLBACK
 
     @property
     def nbytes(self) -> int:

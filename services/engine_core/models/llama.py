@@ -201,8 +201,9 @@ class CausalLM(nn.Module):
         )
         self.norm = _param((cfg.hidden_size,), dtype, device)
         self.lm_head = None if cfg.tie_word_embeddings else _param((cfg.vocab_size, cfg.hidden_size), dtype, device)
-        # Set by quantize_lm_head: steps the layers run in int4 multiply by it instead.
+        # Set by quantize_lm_head: steps of up to lm_head_max_rows logits rows multiply by it instead.
         self.lm_head_quantized: Int4Weight | Int8Weight | None = None
+        self.lm_head_max_rows = 0
         # Angles in float32 then cast, as transformers does, so bf16 models round the same way.
         positions = torch.arange(max_positions or cfg.max_position_embeddings, dtype=torch.float32)
         angles = torch.outer(positions, rope_inv_freq(cfg)).to(device)
@@ -226,37 +227,42 @@ class CausalLM(nn.Module):
             layer(h, cos, sin, k_cache, v_cache, md, backend)
         return F.rms_norm(h, self.hidden_shape, self.norm, self.cfg.rms_norm_eps)
 
-    def quantize_int4(self, max_rows: int = int4.MAX_ROWS) -> bool:
-        """Give every layer int4 copies of its matrices for steps of up to max_rows rows (the
+    def quantize_int4(self, max_rows: int | None = None) -> bool:
+        """Give every layer int4 copies of its matrices for steps of up to max_rows rows (by
+        default where the int4 kernel beats the dense weights' dtype: int4.max_rows; the
         embedding and LM head stay dense). False, and nothing changes, where the kernel does
         not apply: not on a CPU, or a matrix shape it cannot pack."""
         layer = self.layers[0]
         matrices = (layer.qkv_weight, layer.o_weight, layer.gate_up_weight, layer.down_weight)
         if not all(int4.supported(w) for w in matrices):
             return False
+        rows = int4.max_rows(layer.qkv_weight.dtype) if max_rows is None else max_rows
         for layer in self.layers:
-            layer.quantize_int4(max_rows)
+            layer.quantize_int4(rows)
         return True
 
     def quantize_lm_head(self, bits: int) -> bool:
-        """Give the LM head a weight-only copy for the steps the layers run in int4 (call after
-        quantize_int4): int8 per output row (models/int8.py: lossless in practice, half of
-        bf16's bytes) or int4 in groups (a quarter, but lossy). False, and nothing changes,
-        where the kernel cannot take the matrix."""
+        """Give the LM head a weight-only copy (with int4 layers, after quantize_int4): int8 per
+        output row (models/int8.py: lossless in practice, half of bf16's bytes) or int4 in groups
+        (a quarter, but lossy). Steps of up to lm_head_max_rows logits rows multiply by it: the
+        head's own cutoff, since the int8 kernel stays ahead of the dense head far past where the
+        layers' int4 kernel falls behind. False, and nothing changes, where the kernel cannot
+        take the matrix."""
         head = self.embed if self.lm_head is None else self.lm_head
         if bits == 8:
-            self.lm_head_quantized = Int8Weight.quantize(head)
+            q8 = Int8Weight.quantize(head)
+            self.lm_head_quantized, self.lm_head_max_rows = q8, q8.max_rows
             return True
         if bits != 4:
             raise ValueError(f"the LM head is quantized to 8 or 4 bits, not {bits}")
         if not int4.supported(head):
             return False
-        self.lm_head_quantized = Int4Weight.quantize(head)
+        self.lm_head_quantized, self.lm_head_max_rows = Int4Weight.quantize(head), int4.max_rows(head.dtype)
         return True
 
     def compute_logits(self, hidden: Tensor) -> Tensor:
         """hidden [N, hidden] (rows of forward's output) -> float32 logits [N, vocab]."""
-        if self.lm_head_quantized is not None and hidden.shape[0] <= self.layers[0].int4_max_rows:
+        if self.lm_head_quantized is not None and hidden.shape[0] <= self.lm_head_max_rows:
             return self.lm_head_quantized(hidden).float()
         head = self.embed if self.lm_head is None else self.lm_head
         return F.linear(hidden, head).float()
