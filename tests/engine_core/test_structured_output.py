@@ -179,8 +179,8 @@ def test_compile_timeout_fails_only_that_request(monkeypatch: pytest.MonkeyPatch
 
 @pytest.mark.parametrize("engine_args", [{"dtype": "bfloat16"}, {"quantization": "int4"}], ids=["bfloat16", "int4"])
 def test_schemas_under_bf16_and_int4(engine_args: dict[str, str]) -> None:
-    """The reduced-precision modes (bf16 logits; int4 layers for steps of <= 16 rows, so a batch
-    of 8 runs through them): the mask still holds and every output validates."""
+    """The reduced-precision modes (bf16 logits; int4 layers for steps of <= int4.max_rows rows,
+    8 or 16, so a batch of 8 runs through them): the mask still holds and every output validates."""
     llm = LLM(config=EngineConfig(kv_cache_bytes=128 << 20, max_num_seqs=8, **engine_args))
     schemas = SCHEMAS[::7]  # 8 of the corpus, nested objects to anyOf and $ref
     prompts = [[{"role": "user", "content": f"Reply with JSON matching this schema: {json.dumps(s)}"}] for s in schemas]

@@ -121,12 +121,16 @@ def test_reference_matches_dense_causal_sdpa(paged_batch, relative_error, num_he
     "query_lens, context_lens, shuffle, path",
     [
         ([5], [40], False, "block_range"),  # one stream verifying 4 drafts, consecutive blocks: in place
-        ([5], [40], True, "slots"),
-        ([9, 1, 3], [31, 20, 16], False, "block_range"),  # beside decodes; a context ending on a block
-        ([9, 1, 3], [31, 20, 16], True, "slots"),
+        ([5], [40], True, "blocks"),
+        ([3, 3, 3], [31, 31, 31], True, "blocks"),  # equal contexts: whole blocks, no padding
+        ([9, 9, 9], [31, 20, 15], True, "slots"),  # different contexts: padded slots, masked
+        ([16, 16], [0, 0], False, "blocks"),  # short prompts with nothing cached: causal over themselves
     ],
 )
-def test_chunk_with_context_paths(paged_batch, relative_error, dtype, tol, query_lens, context_lens, shuffle, path):
+def test_short_rows_are_attended_in_groups(
+    paged_batch, relative_error, dtype, tol, query_lens, context_lens, shuffle, path
+):
+    """Rows of a few tokens (verifications) go through one grouped call per query length."""
     batch = paged_batch(
         query_lens, context_lens, num_heads=9, num_kv_heads=3, head_dim=64, dtype=dtype, shuffle_blocks=shuffle
     )
@@ -134,5 +138,28 @@ def test_chunk_with_context_paths(paged_batch, relative_error, dtype, tol, query
     out = run(batch, backend)
     ref = reference_attention(batch.query, batch.k_cache, batch.v_cache, batch.md, batch.scale)
     assert relative_error(out, ref) < tol
-    assert backend._plan is not None and backend._plan.chunks
-    assert all(getattr(chunk, path) is not None for chunk in backend._plan.chunks)
+    assert backend._plan is not None and not backend._plan.chunks
+    (group,) = backend._plan.decode_groups
+    assert group.q_len == query_lens[0] and getattr(group, path) is not None
+    assert group.rows is None  # the whole step: query and output used in place
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_short_rows_of_several_lengths_beside_chunks(paged_batch, relative_error, dtype, tol, shuffle):
+    """A group per query length (plain decodes, verifications of 2 and 8 drafts) among long
+    prefill chunks, rows interleaved."""
+    query_lens = [3, 1, 9, 20, 3, 1, 17, 9]
+    context_lens = [31, 20, 16, 40, 70, 5, 0, 31]
+    batch = paged_batch(
+        query_lens, context_lens, num_heads=9, num_kv_heads=3, head_dim=64, dtype=dtype, shuffle_blocks=shuffle
+    )
+    backend = TorchAttentionBackend()
+    out = run(batch, backend)
+    ref = reference_attention(batch.query, batch.k_cache, batch.v_cache, batch.md, batch.scale)
+    assert relative_error(out, ref) < tol
+    assert backend._plan is not None
+    assert {g.q_len for g in backend._plan.decode_groups} == {1, 3, 9}
+    assert sorted(c.q_len for c in backend._plan.chunks) == [17, 20]
+    if not shuffle:
+        assert all(c.block_range is not None for c in backend._plan.chunks if c.mask is not None)

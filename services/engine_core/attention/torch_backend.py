@@ -13,8 +13,15 @@ and the context is a prefix of them; a lone request whose blocks are consecutive
 (the usual case for one stream: the block manager hands out free blocks in order) is attended
 over in place, with no copy at all. When that group is the whole step, the query is used and the
 output returned as they are. A single-stream step is then three views and one SDPA call per layer.
-Rows of several tokens (prefill chunks, and decodes verifying draft tokens) read a context in
-consecutive blocks in place too; their slots and causal masks are made once per step.
+
+Rows of a few tokens (up to _SHORT_QUERY: decodes verifying draft tokens, short prefill chunks)
+are grouped the same way, by query length: each KV head's query rows are its query heads times
+the row's tokens, with an additive causal mask made once per step. One SDPA call then serves a
+group of verification rows, and reads each KV head once, which is what keeps a verification
+row's attention near a decode row's (a row of 1 + k tokens attended on its own, with K/V
+broadcast over the query heads and a boolean mask, cost 2-3x as much). Longer rows (prefill
+chunks) are attended one request at a time; they too read a context in consecutive blocks in
+place, with slots and causal masks made once per step.
 """
 
 from __future__ import annotations
@@ -64,15 +71,26 @@ def reference_attention(
 # Padded context positions per batched decode call: bounds the gather buffer (and so memory
 # when one long request shares a batch with many short ones) at ~25 MB per K/V for SmolLM2 fp32.
 _DECODE_GROUP_TOKENS = 32768
+_SHORT_QUERY = 16
+"""Rows of up to this many query tokens are attended in groups (as decodes are); longer ones one
+by one. Covers a verification row of up to 15 drafts."""
 
 
 @dataclass
 class _DecodeGroup:
+    """Requests whose rows have the same query length q_len (1: plain decodes), attended in one call."""
+
     num_reqs: int
     max_len: int
     rows: torch.Tensor | None
-    """int64 [n]: the group's rows of the flattened batch; None when they are all the step's
-    rows, in order (query and output need no gather or scatter)."""
+    """int64 [n * q_len]: the group's rows of the flattened batch, request by request; None when
+    they are all the step's rows, in order (query and output need no gather or scatter)."""
+    q_len: int = 1
+    causal: torch.Tensor | None = None
+    """q_len > 1: additive float [n, 1, q_per_kv * q_len, max_len] mask in the query's dtype,
+    rows (query head in its KV group, token): position p is seen by token t of a request of
+    context L when p <= L - q_len + t (its context and the row's tokens up to t; padded
+    positions never)."""
     block_range: slice | None = None
     """One request whose blocks are consecutive cache blocks: its context is read in place."""
     blocks: torch.Tensor | None = None
@@ -84,7 +102,7 @@ class _DecodeGroup:
     finite whatever the cache holds past a request's end (a NaN there would survive a masked
     softmax)."""
     valid: torch.Tensor | None = None
-    """bool [n, 1, 1, max_len], with slots: which padded positions are real context."""
+    """bool [n, 1, 1, max_len], with slots and q_len 1: which padded positions are real context."""
 
 
 @dataclass
@@ -151,35 +169,20 @@ class TorchAttentionBackend(AttentionBackend):
         k_cache.view(-1, n_kv, d).index_copy_(0, md.slot_mapping, key)
         v_cache.view(-1, n_kv, d).index_copy_(0, md.slot_mapping, value)
 
-    def _make_plan(self, md: AttentionMetadata, block_size: int) -> _Plan:
+    def _make_plan(self, md: AttentionMetadata, block_size: int, q_per_kv: int, dtype: torch.dtype) -> _Plan:
         starts = list(accumulate(md.query_lens_cpu, initial=0))
-        decodes = [i for i, q_len in enumerate(md.query_lens_cpu) if q_len == 1]
-        prefills = [i for i, q_len in enumerate(md.query_lens_cpu) if q_len > 1]
+        by_q_len: dict[int, list[int]] = {}
+        for i, q_len in enumerate(md.query_lens_cpu):
+            if q_len <= _SHORT_QUERY:
+                by_q_len.setdefault(q_len, []).append(i)
+        prefills = [i for i, q_len in enumerate(md.query_lens_cpu) if q_len > _SHORT_QUERY]
         device = md.block_tables.device
         groups = []
-        for reqs in _group_decodes(decodes, md.seq_lens_cpu):
-            max_len = md.seq_lens_cpu[reqs[0]]
-            n = len(reqs)
-            whole_step = not prefills and reqs == list(range(md.num_reqs))
-            group = _DecodeGroup(
-                n, max_len, None if whole_step else torch.tensor([starts[i] for i in reqs], device=device)
-            )
-            req_idx = torch.tensor(reqs, device=device)
-            if all(md.seq_lens_cpu[i] == max_len for i in reqs):
-                tables = md.block_tables[req_idx, : -(-max_len // block_size)]
-                own = tables[0].tolist() if n == 1 else []
-                if own and own == list(range(own[0], own[0] + len(own))):
-                    group.block_range = slice(own[0], own[0] + len(own))
-                else:
-                    group.blocks = tables.reshape(-1)
-            else:
-                seq_lens = md.seq_lens[req_idx]
-                group.slots = _context_slots(md.block_tables[req_idx], seq_lens, max_len, block_size).reshape(-1)
-                valid = torch.arange(max_len, device=device) < seq_lens.unsqueeze(1)
-                group.valid = valid[:, None, None, :]
-            groups.append(group)
-        # Built once per step, not per layer: a verification row's context slots and mask cost
-        # more than its attention when remade in every layer.
+        for q_len, short in sorted(by_q_len.items()):
+            for reqs in _group_decodes(short, md.seq_lens_cpu):
+                groups.append(self._group(md, block_size, q_per_kv, dtype, starts, q_len, reqs, not prefills))
+        # Built once per step, not per layer: a chunk's context slots and mask cost more than its
+        # attention when remade in every layer.
         chunks = []
         for i in prefills:
             q_len, seq_len = md.query_lens_cpu[i], md.seq_lens_cpu[i]
@@ -196,6 +199,50 @@ class TorchAttentionBackend(AttentionBackend):
                 chunk.mask = pos.unsqueeze(0) <= pos[seq_len - q_len :].unsqueeze(1)
             chunks.append(chunk)
         return _Plan(starts, groups, chunks)
+
+    @staticmethod
+    def _group(
+        md: AttentionMetadata,
+        block_size: int,
+        q_per_kv: int,
+        dtype: torch.dtype,
+        starts: list[int],
+        q_len: int,
+        reqs: list[int],
+        no_prefills: bool,
+    ) -> _DecodeGroup:
+        """The plan of one group: requests `reqs`, each with q_len query rows."""
+        device = md.block_tables.device
+        max_len = md.seq_lens_cpu[reqs[0]]
+        n = len(reqs)
+        whole_step = no_prefills and reqs == list(range(md.num_reqs))
+        rows = None if whole_step else torch.tensor([starts[i] + t for i in reqs for t in range(q_len)], device=device)
+        group = _DecodeGroup(n, max_len, rows, q_len)
+        req_idx = torch.tensor(reqs, device=device)
+        equal = all(md.seq_lens_cpu[i] == max_len for i in reqs)
+        if equal:
+            tables = md.block_tables[req_idx, : -(-max_len // block_size)]
+            own = tables[0].tolist() if n == 1 else []
+            if own and own == list(range(own[0], own[0] + len(own))):
+                group.block_range = slice(own[0], own[0] + len(own))
+            else:
+                group.blocks = tables.reshape(-1)
+        else:
+            seq_lens = md.seq_lens[req_idx]
+            group.slots = _context_slots(md.block_tables[req_idx], seq_lens, max_len, block_size).reshape(-1)
+            if q_len == 1:
+                valid = torch.arange(max_len, device=device) < seq_lens.unsqueeze(1)
+                group.valid = valid[:, None, None, :]
+        if q_len > 1:
+            # Token t of a request of context L sees positions <= L - q_len + t: causal within
+            # the row, and no padding. Additive and in the query's dtype: SDPA's CPU kernel takes
+            # it without converting per call (a boolean mask cost ~20 % more here).
+            last = torch.tensor([md.seq_lens_cpu[i] for i in reqs], device=device) - q_len
+            limit = last[:, None] + torch.arange(q_len, device=device)  # [n, q_len]
+            seen = torch.arange(max_len, device=device) <= limit[:, :, None]  # [n, q_len, max_len]
+            seen = seen[:, None].expand(n, q_per_kv, q_len, max_len).reshape(n, 1, q_per_kv * q_len, max_len)
+            group.causal = torch.zeros(seen.shape, dtype=dtype, device=device).masked_fill_(~seen, float("-inf"))
+        return group
 
     def _buffers(self, rows: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Two [rows, kv_heads * head_dim] views of the workspace, which grows by half again
@@ -216,9 +263,11 @@ class TorchAttentionBackend(AttentionBackend):
     def _decode(
         self, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, group: _DecodeGroup, scale: float
     ) -> torch.Tensor:
-        """Attention of a decode group's query rows [n, heads, d] over their contexts."""
-        n, n_heads, d = query.shape
+        """Attention of a group's query rows [n * q_len, heads, d] over their contexts."""
+        n, q_len = group.num_reqs, group.q_len
+        n_heads, d = query.shape[1], query.shape[2]
         block_size, n_kv = k_cache.shape[1], k_cache.shape[2]
+        q_per_kv = n_heads // n_kv
         # K/V come as token rows of [kv_heads, d], each request's `req_tokens` in a row from `first`.
         first = 0
         if group.block_range is not None:
@@ -235,23 +284,29 @@ class TorchAttentionBackend(AttentionBackend):
         # token a step, every op of the 30 layers shows in the step time).
         shape = (n, n_kv, group.max_len, d)
         strides = (req_tokens * n_kv * d, d, n_kv * d, 1)
-        # The query heads sharing a KV head become that head's "query rows": one plain SDPA
-        # per group reads each KV head once, instead of repeating K/V for GQA.
+        # The query heads sharing a KV head (times the row's tokens) become that head's "query
+        # rows": one plain SDPA per group reads each KV head once, instead of repeating K/V for GQA.
+        if q_len == 1:
+            q = query.view(n, n_kv, q_per_kv, d)
+        else:
+            q = query.view(n, q_len, n_kv, q_per_kv, d).permute(0, 2, 3, 1, 4).reshape(n, n_kv, q_per_kv * q_len, d)
         o = F.scaled_dot_product_attention(
-            query.view(n, n_kv, n_heads // n_kv, d),
+            q,
             k.as_strided(shape, strides, k.storage_offset() + first * n_kv * d),
             v.as_strided(shape, strides, v.storage_offset() + first * n_kv * d),
-            attn_mask=group.valid,
+            attn_mask=group.valid if q_len == 1 else group.causal,
             scale=scale,
         )
-        return o.reshape(n, n_heads, d)
+        if q_len == 1:
+            return o.reshape(n, n_heads, d)
+        return o.view(n, n_kv, q_per_kv, q_len, d).permute(0, 3, 1, 2, 4).reshape(n * q_len, n_heads, d)
 
     def forward(self, query, key, value, k_cache, v_cache, md: AttentionMetadata, scale: float):
         n_heads, d = query.shape[1], query.shape[2]
         block_size, n_kv = k_cache.shape[1], k_cache.shape[2]
         q_per_kv = n_heads // n_kv
         if self._plan_md is not md:
-            self._plan, self._plan_md = self._make_plan(md, block_size), md
+            self._plan, self._plan_md = self._make_plan(md, block_size, q_per_kv, query.dtype), md
         plan = self._plan
         assert plan is not None
         if len(plan.decode_groups) == 1 and plan.decode_groups[0].rows is None:

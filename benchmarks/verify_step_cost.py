@@ -1,0 +1,183 @@
+"""What verifying drafts costs in one engine step, offline, and where the cost goes.
+
+Builds the engine's ModelRunner (the bundled SmolLM2-135M, the default CPU mode unless --exact)
+and times `ModelRunner.execute` on steps of B decoding requests (--batch, e.g. 1 and 8), each
+--context tokens in, where every request verifies k drafts (--drafts, e.g. 0..8: 1 + k query
+rows a request; the drafts are always wrong, which costs the same as right ones). Each step is
+split into its parts, timed on their own in the same round:
+  prepare   ModelRunner._prepare (block tables, slots, metadata: host-side Python)
+  forward   the model's forward over the B (1 + k) rows (linear layers + attention)
+  linear    of that, the layers' matmuls alone, at the same row count (int4 or dense, as the
+            step picks: models/int4.py max_rows)
+  lm_head   compute_logits over the B (1 + k) sampled rows (int8 head: models/int8.py)
+  rest      execute - prepare - forward - lm_head: sampling rows, draft acceptance, logprobs
+Every round times every (B, k) once and the medians are reported, since the machine is shared;
+ratios are against k = 0 at the same B. Also reports which kernel the step's size picks. Writes
+benchmarks/results/verify_step_cost.json with machine_info.
+
+    .venv/bin/python benchmarks/verify_step_cost.py                            # B 1 and 8, k 0..8 (~2 min)
+    .venv/bin/python benchmarks/verify_step_cost.py --quick                    # a smoke check
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from typing import Any
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+sys.path.insert(0, HERE)
+
+from machine_info import machine_info  # noqa: E402
+
+from services.engine_core.batch import ScheduledBatch  # noqa: E402
+from services.engine_core.model_runner import ModelRunner  # noqa: E402
+from services.engine_core.request import Request, RequestStatus  # noqa: E402
+from shared.config import EngineConfig, available_cores  # noqa: E402
+from shared.protocol import SamplingParams  # noqa: E402
+
+RESULTS = os.path.join(HERE, "results", "verify_step_cost.json")
+PARTS = ("execute", "prepare", "forward", "linear", "lm_head")
+
+
+def make_requests(runner: ModelRunner, batch: int, context: int, max_drafts: int) -> list[Request]:
+    """`batch` decoding requests, `context` tokens each already in the cache (on blocks of their own)."""
+    bs = runner.block_size
+    blocks = -(-(context + max_drafts + 1) // bs)
+    if batch * blocks > runner.num_blocks:
+        raise SystemExit(f"{batch} x {context} tokens do not fit the KV cache ({runner.num_blocks} blocks)")
+    gen = torch.Generator().manual_seed(0)
+    reqs = []
+    for i in range(batch):
+        prompt = torch.randint(100, 40000, (context,), generator=gen).tolist()
+        r = Request(f"r{i}", prompt, SamplingParams(temperature=0.0, max_tokens=10_000))
+        r.status = RequestStatus.RUNNING
+        r.num_computed_tokens = context - 1  # the last prompt token is this step's decode row
+        r.block_table = list(range(i * blocks, (i + 1) * blocks))
+        reqs.append(r)
+    return reqs
+
+
+def step_batch(reqs: list[Request], k: int) -> ScheduledBatch:
+    # Always-wrong drafts: token 1 never follows (the sampled token is compared, not trusted).
+    drafts = [[1] * k for _ in reqs]
+    return ScheduledBatch(reqs, [1 + k] * len(reqs), [True] * len(reqs), spec_token_ids=drafts if k else [])
+
+
+@torch.inference_mode()
+def time_parts(runner: ModelRunner, batch: ScheduledBatch) -> dict[str, float]:
+    out: dict[str, float] = {}
+    t0 = time.perf_counter()
+    runner.execute(batch)
+    out["execute"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    ids, pos, md, sample_rows = runner._prepare(batch)
+    out["prepare"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    hidden = runner.forward(ids, pos, md)
+    out["forward"] = time.perf_counter() - t0
+    rows = hidden.index_select(0, torch.tensor(sample_rows))
+    t0 = time.perf_counter()
+    runner.model.compute_logits(rows)
+    out["lm_head"] = time.perf_counter() - t0
+    x = torch.randn(ids.shape[0], runner.model_config.hidden_size, dtype=runner.dtype)
+    t0 = time.perf_counter()
+    linear_layers(runner, x)
+    out["linear"] = time.perf_counter() - t0
+    return out
+
+
+def linear_layers(runner: ModelRunner, x: torch.Tensor) -> None:
+    """The four matmuls of every layer at x's row count, with the kernel the step would pick."""
+    mc = runner.model_config
+    heads_x = torch.empty(x.shape[0], mc.num_heads * mc.head_dim, dtype=x.dtype)
+    act = torch.empty(x.shape[0], mc.intermediate_size, dtype=x.dtype)
+    for layer in runner.model.layers:
+        q4 = layer.int4_for(x.shape[0])
+        if q4 is not None:
+            q4.qkv(x), q4.o(heads_x), q4.gate_up(x), q4.down(act)
+        else:
+            x @ layer.qkv_weight.t(), heads_x @ layer.o_weight.t()
+            x @ layer.gate_up_weight.t(), act @ layer.down_weight.t()
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--drafts", type=int, nargs="+", default=list(range(9)))
+    p.add_argument("--context", type=int, default=600, help="tokens each request already has (grounded prompts: 300-1100)")
+    p.add_argument("--rounds", type=int, default=25)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: the engine's, one per core)")
+    p.add_argument("--exact", action="store_true", help="the exact float32 mode instead of the default")
+    p.add_argument("--quick", action="store_true", help="a smoke check, not figures")
+    p.add_argument("--output", default=RESULTS)
+    args = p.parse_args()
+    drafts = [0, 2] if args.quick else args.drafts
+    rounds = 2 if args.quick else args.rounds
+    threads = args.threads or available_cores()
+    config = EngineConfig(num_threads=threads, exact=args.exact, max_num_seqs=max(args.batch))
+    runner = ModelRunner(config)
+    print(f"run mode {runner.mode}, {threads} threads; int4 up to {runner.model.layers[0].int4_max_rows} rows, "
+          f"quantized LM head up to {runner.model.lm_head_max_rows}", flush=True)  # fmt: skip
+    requests = {b: make_requests(runner, b, args.context, max(drafts)) for b in args.batch}
+    points = [(b, k) for b in args.batch for k in drafts]
+    samples: dict[tuple[int, int], dict[str, list[float]]] = {pt: {n: [] for n in PARTS} for pt in points}
+    for b, k in points:
+        time_parts(runner, step_batch(requests[b], k))  # warm-up
+    for _ in range(rounds):
+        for b, k in points:
+            for name, s in time_parts(runner, step_batch(requests[b], k)).items():
+                samples[(b, k)][name].append(s)
+
+    results: list[dict[str, Any]] = []
+    for b in args.batch:
+        base = statistics.median(samples[(b, drafts[0])]["execute"])
+        print(f"batch {b}: ms (x the step without drafts)")
+        for k in drafts:
+            med = {n: statistics.median(v) * 1e3 for n, v in samples[(b, k)].items()}
+            med["rest"] = med["execute"] - med["prepare"] - med["forward"] - med["lm_head"]
+            rows = b * (1 + k)
+            layer0 = runner.model.layers[0]
+            entry = {
+                "batch": b,
+                "drafts": k,
+                "rows": rows,
+                "int4_layers": layer0.int4_for(rows) is not None,
+                "quantized_lm_head": runner.model.lm_head_quantized is not None and rows <= runner.model.lm_head_max_rows,
+                "median_ms": med,
+                "x_no_drafts": med["execute"] / (base * 1e3),
+            }
+            results.append(entry)
+            cells = "  ".join(f"{n} {v:6.1f}" for n, v in med.items())
+            kernel = "int4" if entry["int4_layers"] else "dense"
+            print(f"  k {k} ({rows:>3} rows, {kernel:>5}): {cells}  = {entry['x_no_drafts']:.2f}x", flush=True)
+    out = {
+        "benchmark": "verify_step_cost",
+        "machine": machine_info(),
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "run_mode": runner.mode,
+        "threads": threads,
+        "context": args.context,
+        "rounds": rounds,
+        "quick": args.quick,
+        "int4_max_rows": runner.model.layers[0].int4_max_rows,
+        "lm_head_max_rows": runner.model.lm_head_max_rows,
+        "points": results,
+    }
+    os.makedirs(os.path.dirname(args.output), exist_ok=True)
+    with open(args.output, "w") as f:
+        json.dump(out, f, indent=1)
+    print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
