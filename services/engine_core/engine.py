@@ -69,7 +69,7 @@ class LLMEngine:
         self._spec_accepted_per_pos = [0] * (config.num_speculative_tokens if self.proposer else 0)
         self._adaptive_k = self.proposer is not None and config.speculative_adaptive_draft_length
         self._step_cost = StepCost()
-        """Time of decode/verify steps by their number of tokens: what a draft costs (adaptive k)."""
+        """Time of decode/verify steps by their decode rows and draft tokens: what a draft costs (adaptive k)."""
 
     def add_request(
         self,
@@ -196,7 +196,8 @@ class LLMEngine:
             t_exec = time.perf_counter()
             sampled, logprobs = self.runner.execute(batch)
             if self._adaptive_k and _only_decodes(batch):
-                self._step_cost.record(batch.total_tokens, time.perf_counter() - t_exec)
+                num_decodes = len(batch.requests)
+                self._step_cost.record(num_decodes, batch.total_tokens - num_decodes, time.perf_counter() - t_exec)
         except Exception as e:
             log.exception("engine step of %d requests failed: finding the request(s) responsible", len(batch))
             sampled, logprobs, failed = self._execute_isolated(batch)

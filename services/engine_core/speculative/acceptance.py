@@ -3,8 +3,9 @@
 A rejected draft costs verification compute for nothing. With adaptive draft lengths (the
 default) the request keeps a running estimate of its acceptance rate alpha, and the draft
 length is the one with the best expected tokens per unit of step time (draft_length.py); when
-that is 0 the request backs off (exponentially, capped) and then probes afresh, so
-text that starts repeating its input later is still sped up. With a fixed draft length a
+that is 0 the request backs off (exponentially, capped) and then probes afresh with one draft,
+so text that starts repeating its input later is still sped up; a probe that fails backs off
+again at once (it is the test, not the start of another run of failing drafts). With a fixed draft length a
 request whose acceptance stays low over a window backs off the same way.
 """
 
@@ -27,7 +28,17 @@ _PRIOR_WEIGHT = 1.0
 
 
 class AcceptanceTracker:
-    __slots__ = ("_accepted", "_accepted_sum", "_backoff", "_probe", "_proposed", "_skip", "_tried_sum", "adaptive")
+    __slots__ = (
+        "_accepted",
+        "_accepted_sum",
+        "_backoff",
+        "_probe",
+        "_probing",
+        "_proposed",
+        "_skip",
+        "_tried_sum",
+        "adaptive",
+    )
 
     def __init__(self, adaptive: bool = False) -> None:
         self.adaptive = adaptive
@@ -37,6 +48,9 @@ class AcceptanceTracker:
         self._skip = 0
         self._backoff = 0
         self._probe = False
+        """The next draft length of 0 is a probe instead (the backoff ran out)."""
+        self._probing = False
+        """The drafts being verified are a probe."""
         # Recency-weighted draft positions tried and accepted (a rejection ends a run, so a
         # verification of k drafts with a accepted tried a + 1 positions, k when all passed),
         # starting from the prior's pseudo-counts, which fade like any other verification's:
@@ -57,20 +71,26 @@ class AcceptanceTracker:
         if self._skip > 0:
             self._skip -= 1
             return 0
-        k = best_draft_length(self.alpha, max_k, num_decodes, relative_slope)
-        if k > 0:
-            self._probe = False
-            return k
+        self._probing = False
         if self._probe:
             # The backoff ran out: the text may have changed since (a model that starts quoting
             # or looping), so alpha starts again from the prior, and one cheap draft probes it.
             self._probe = False
+            self._probing = True
             self._reset_alpha()
             return 1
-        self._backoff = min(max(2 * self._backoff, _FIRST_BACKOFF), _MAX_BACKOFF)
-        self._skip = self._backoff - 1  # this step is the first of them
-        self._probe = True
+        k = best_draft_length(self.alpha, max_k, num_decodes, relative_slope)
+        if k > 0:
+            return k
+        self._back_off()
+        self._skip -= 1  # this step is the first of them
         return 0
+
+    def _back_off(self) -> None:
+        """No drafts for the next backoff steps (doubling from the last, capped), then a probe."""
+        self._backoff = min(max(2 * self._backoff, _FIRST_BACKOFF), _MAX_BACKOFF)
+        self._skip = self._backoff
+        self._probe = True
 
     def should_propose(self) -> bool:
         """Fixed draft length: whether to propose this step. Called once per step the request decodes."""
@@ -84,8 +104,11 @@ class AcceptanceTracker:
         self._tried_sum = self._tried_sum * _RECENCY + tried
         self._accepted_sum = self._accepted_sum * _RECENCY + accepted
         if self.adaptive:
-            if self.alpha >= _PRIOR_ALPHA:  # drafts pay again: a later backoff starts short
+            if self._probing and accepted == 0:
+                self._back_off()  # a failed probe: no run of drafts while alpha fades from the prior
+            elif self.alpha >= _PRIOR_ALPHA:  # drafts pay again: a later backoff starts short
                 self._backoff = 0
+            self._probing = False
             return
         self._proposed += proposed
         self._accepted += accepted

@@ -1,20 +1,21 @@
 """How many drafts a request proposes this step: the k that buys the most tokens per second.
 
 A verification row with k drafts is not free: on a CPU the target model is compute-bound
-past one row (a 135M model in fp32 on 2 cores: a row of 1 + 4 tokens costs ~1.8x a decode
-row, 1 + 8 ~2.3x), on a GPU it is nearly free until the batch is large. So the draft
-length is chosen per request and step from two online estimates:
+past a few rows, and the int4 kernel of the default CPU mode costs more with every row, so a
+single stream pays 10-40 % of a step per draft; in a batch running dense bf16 matmuls a draft
+token costs ~1 % of the step; on a GPU drafts are nearly free until the batch is large. So the
+draft length is chosen per request and step from two online estimates:
 
-- the step cost, t(n) = a + b n in the step's number of tokens, fitted over the steps that
-  only decode and verify (StepCost);
+- b, what one draft token adds to a step, and t0(B), the step of B decode rows without
+  drafts, fitted over the steps that only decode and verify (StepCost);
 - the request's acceptance rate alpha: the chance a draft is accepted given the ones before
   it were (AcceptanceTracker), so a draft run of k yields 1 + alpha + ... + alpha^k tokens.
 
-With B decode rows in the step and t0 = t(B), request r drafting k makes the step yield
-B + g(k) tokens in t0 + b k seconds (g(k) = alpha + ... + alpha^k): k is the argmax of that
-rate, 0 (a plain decode) when no draft pays for itself. This is the "expected gain vs cost"
-rule of dynamic speculation lengths (e.g. DISCO, and SGLang's/vLLM's acceptance-driven
-draft lengths), with the cost measured on the machine rather than assumed.
+With B decode rows in the step, request r drafting k makes the step yield B + g(k) tokens
+(g(k) = alpha + ... + alpha^k) in t0(B) + b k seconds: k is the argmax of that rate, 0 (a plain
+decode) when no draft pays for itself. This is the "expected gain vs cost" rule of dynamic
+speculation lengths (e.g. DISCO, and SGLang's/vLLM's acceptance-driven draft lengths), with
+the cost measured on the machine rather than assumed.
 """
 
 from __future__ import annotations
@@ -22,55 +23,65 @@ from __future__ import annotations
 _DECAY = 0.97
 """Weight of the history per step recorded: about the last 30 steps count."""
 _PRIOR_SLOPE = 0.1
-"""b / a before the fit has seen consecutive steps of different sizes (a CPU's rough figure)."""
+"""b / t0 before the fit has seen consecutive steps of different draft counts (a CPU's rough figure)."""
+_MIN_SLOPE = 0.01
+"""b / t0 is at least this: a draft token is a row through every matmul, the LM head and the
+sampler, never free. A fit reading ~0 (noise around a small cost) would otherwise make any
+acceptance above 0 worth drafting for, and drafts that keep failing would never stop."""
 _MAX_SLOPE = 1.0
-"""b / a is capped here: a draft token costing more than a whole decode row is noise."""
+"""b / t0 is capped here: a draft token costing more than a whole step is noise."""
 
 
 class StepCost:
-    """t(n) = a + b n, the time of a step of n tokens that only decodes and verifies.
+    """t(B, D) = t0(B) + b D: the time of a step of B decode rows that verifies D draft tokens.
 
-    b is fitted on the differences between consecutive steps (dt = b dn, least squares with
-    exponential forgetting), not on the raw times: a CPU shared with other processes drifts
-    between fast and slow periods, and a raw fit reads a slow period that happened to verify
-    more drafts as a steep slope. Consecutive steps see about the same machine."""
+    b is fitted on the differences between consecutive steps with the same B (dt = b dD, least
+    squares with exponential forgetting), not on raw times: a CPU shared with other processes
+    drifts between fast and slow periods, and a raw fit reads a slow period that happened to
+    verify more drafts as a steep slope; and a step of more requests costs more for reasons a
+    draft does not (each request's own context to attend over, its sampling), so steps where B
+    changed say nothing about a draft's cost. Consecutive steps see about the same machine."""
 
-    __slots__ = ("_last", "_sdd", "_sdt", "_sn", "_st", "_sw")
+    __slots__ = ("_by_batch", "_last", "_sdd", "_sdt")
 
     def __init__(self) -> None:
-        self._sw = self._sn = self._st = 0.0  # decayed count, sizes and times: the means
-        self._sdd = self._sdt = 0.0  # decayed sums of dn * dn and dn * dt
-        self._last: tuple[int, float] | None = None
+        self._sdd = self._sdt = 0.0  # decayed sums of dD * dD and dD * dt
+        self._last: tuple[int, int, float] | None = None
+        self._by_batch: dict[int, list[float]] = {}
+        """B -> decayed [count, draft tokens, seconds] of its steps: t0(B) = mean t - b mean D."""
 
-    def record(self, num_tokens: int, seconds: float) -> None:
+    def record(self, num_decodes: int, num_drafts: int, seconds: float) -> None:
         d = _DECAY
-        self._sw = self._sw * d + 1.0
-        self._sn = self._sn * d + num_tokens
-        self._st = self._st * d + seconds
-        if self._last is not None:
-            dn, dt = num_tokens - self._last[0], seconds - self._last[1]
-            self._sdd = self._sdd * d + dn * dn
-            self._sdt = self._sdt * d + dn * dt
-        self._last = (num_tokens, seconds)
+        if self._last is not None and self._last[0] == num_decodes:
+            dd, dt = num_drafts - self._last[1], seconds - self._last[2]
+            self._sdd = self._sdd * d + dd * dd
+            self._sdt = self._sdt * d + dd * dt
+        self._last = (num_decodes, num_drafts, seconds)
+        sums = self._by_batch.setdefault(num_decodes, [0.0, 0.0, 0.0])
+        sums[0] = sums[0] * d + 1.0
+        sums[1] = sums[1] * d + num_drafts
+        sums[2] = sums[2] * d + seconds
 
-    def fit(self) -> tuple[float, float] | None:
-        """(a, b), or None before any step was recorded."""
-        if self._sw == 0.0:
+    def slope(self) -> float | None:
+        """b in seconds per draft token, or None before draft counts were seen to change."""
+        return max(self._sdt / self._sdd, 0.0) if self._sdd >= 1.0 else None
+
+    def base(self, num_decodes: int) -> float | None:
+        """t0: the step of num_decodes decode rows without drafts (from the nearest B recorded)."""
+        if not self._by_batch:
             return None
-        mn, mt = self._sn / self._sw, self._st / self._sw
-        # The slope relative to a: prior until size changes were seen, then fitted and capped.
-        rel = _PRIOR_SLOPE
-        if self._sdd >= 1.0:
-            b = max(self._sdt / self._sdd, 0.0)
-            rel = min(b / max(mt - b * mn, 1e-9), _MAX_SLOPE) if mt > b * mn else _MAX_SLOPE
-        a = mt / (1.0 + rel * mn)
-        return a, rel * a
+        batch = min(self._by_batch, key=lambda n: (abs(n - num_decodes), n))
+        w, drafts, seconds = self._by_batch[batch]
+        return seconds / w - (self.slope() or 0.0) * drafts / w
 
     def relative_slope(self, num_decodes: int) -> float:
-        """b / t(num_decodes): what one more token costs, as a share of the step without drafts."""
-        fit = self.fit()
-        a, b = fit if fit is not None else (1.0, _PRIOR_SLOPE)
-        return b / (a + b * num_decodes)
+        """b / t0(num_decodes): what one more draft token costs, as a share of the step without drafts."""
+        b, t0 = self.slope(), self.base(num_decodes)
+        if b is None or t0 is None:
+            return _PRIOR_SLOPE
+        if t0 <= b:
+            return _MAX_SLOPE
+        return min(max(b / t0, _MIN_SLOPE), _MAX_SLOPE)
 
 
 def best_draft_length(alpha: float, max_k: int, num_decodes: int, relative_slope: float) -> int:

@@ -8,15 +8,15 @@ from services.engine_core.speculative.acceptance import AcceptanceTracker
 from services.engine_core.speculative.draft_length import StepCost, best_draft_length
 
 
-def test_step_cost_fits_a_line() -> None:
+def test_step_cost_fits_the_cost_of_a_draft() -> None:
     cost = StepCost()
-    assert cost.fit() is None
-    assert cost.relative_slope(1) == pytest.approx(0.1 / 1.1)  # the prior before any step
+    assert cost.slope() is None and cost.base(1) is None
+    assert cost.relative_slope(1) == pytest.approx(0.1)  # the prior before any step
     for _ in range(5):
-        for n in (1, 2, 5, 9):
-            cost.record(n, 0.05 + 0.01 * n)
-    a, b = cost.fit()  # type: ignore[misc]
-    assert a == pytest.approx(0.05) and b == pytest.approx(0.01)
+        for drafts in (0, 1, 4, 8):
+            cost.record(1, drafts, 0.06 + 0.01 * drafts)
+    assert cost.slope() == pytest.approx(0.01)
+    assert cost.base(1) == pytest.approx(0.06)
     assert cost.relative_slope(1) == pytest.approx(0.01 / 0.06)
 
 
@@ -25,23 +25,47 @@ def test_step_cost_ignores_drift_between_slow_and_fast_periods() -> None:
     cost = StepCost()
     for i in range(60):
         slow = 3.0 if (i // 10) % 2 else 1.0  # 10 steps fast, 10 slow, ...
-        n = 5 if slow > 1 and i % 2 else 1  # drafts verified mostly in the slow periods
-        cost.record(n, slow * (0.05 + 0.005 * n))
-    a, b = cost.fit()  # type: ignore[misc]
-    assert 0.05 < b / a < 0.2  # the true 0.1, where a raw least squares fit reads ~1
-    assert cost.relative_slope(1) < 0.2
+        drafts = 4 if slow > 1 and i % 2 else 0  # drafts verified mostly in the slow periods
+        cost.record(1, drafts, slow * (0.055 + 0.005 * drafts))
+    assert 0.05 < cost.relative_slope(1) < 0.2  # the true ~0.09 at the fast periods' cost, where a raw fit reads ~1
+
+
+def test_step_cost_of_more_requests_is_not_the_cost_of_drafts() -> None:
+    """Steps of 1 to 8 requests: each request costs a decode row (its own context, its
+    sampling), a draft only a few percent of the step. Only steps of the same batch size are
+    compared, and each batch size has its own base."""
+    cost = StepCost()
+    for i in range(80):
+        batch = 1 + (i // 10) % 8
+        drafts = batch * (i % 3)
+        cost.record(batch, drafts, 0.02 + 0.005 * batch + 0.001 * drafts)
+    assert cost.slope() == pytest.approx(0.001)
+    assert cost.base(8) == pytest.approx(0.06) and cost.base(1) == pytest.approx(0.025)
+    assert cost.relative_slope(8) == pytest.approx(0.001 / 0.06)
+    assert cost.base(20) == cost.base(8)  # an unseen size: the nearest one recorded
 
 
 def test_step_cost_of_one_size_uses_the_prior_slope() -> None:
     cost = StepCost()
     for _ in range(10):
-        cost.record(1, 0.11)
-    a, b = cost.fit()  # type: ignore[misc]
-    assert a + b == pytest.approx(0.11) and b / a == pytest.approx(0.1)
+        cost.record(1, 0, 0.11)
+    assert cost.slope() is None and cost.base(1) == pytest.approx(0.11)
+    assert cost.relative_slope(1) == pytest.approx(0.1)
+
+
+def test_drafts_are_never_free() -> None:
+    """A fit reading 0 (noise around a small cost): a draft still costs _MIN_SLOPE of the step,
+    so drafts that are rarely accepted stop."""
+    cost = StepCost()
+    for i in range(40):
+        cost.record(4, 4 * (i % 2), 0.05)
+    assert cost.slope() == 0.0
+    assert cost.relative_slope(4) == pytest.approx(0.01)
+    assert best_draft_length(0.01, 8, 4, cost.relative_slope(4)) == 0
 
 
 def test_best_draft_length() -> None:
-    # Free drafts: as many as allowed, whatever the acceptance.
+    # Free drafts (a GPU): as many as allowed, whatever the acceptance.
     assert best_draft_length(0.3, 8, 1, 0.0) == 8
     # Costly drafts that are never accepted: none.
     assert best_draft_length(0.0, 8, 1, 0.1) == 0
@@ -84,3 +108,31 @@ def test_adaptive_backoff_then_probe() -> None:
     assert t.alpha > 0.5 and t.draft_length(8, 1, 0.17) >= 2
     # The window rule of fixed draft lengths does not apply.
     assert t.should_propose()
+
+
+def test_a_failed_probe_backs_off_at_once() -> None:
+    """Cheap drafts (1 % of a step each): a probe that fails does not start a run of single
+    drafts while alpha fades from the prior; the next backoff is twice as long."""
+    t = AcceptanceTracker(adaptive=True)
+    for _ in range(10):
+        t.record(4, 0)
+    lengths = [t.draft_length(8, 1, 0.01) for _ in range(5)]
+    assert lengths == [0, 0, 0, 0, 1]
+    t.record(1, 0)
+    assert [t.draft_length(8, 1, 0.01) for _ in range(9)] == [0] * 8 + [1]
+    t.record(1, 0)
+    assert [t.draft_length(8, 1, 0.01) for _ in range(17)] == [0] * 16 + [1]
+
+
+def test_always_wrong_drafts_cost_few_verifications() -> None:
+    """From a fresh request (the prior alpha) with cheap drafts: failures until alpha no longer
+    pays, then only probes."""
+    t = AcceptanceTracker(adaptive=True)
+    drafted = []
+    for _ in range(128):
+        k = t.draft_length(4, 8, 0.01)
+        if k:
+            t.record(k, 0)
+        drafted.append(k)
+    assert sum(drafted) <= 20
+    assert sum(1 for k in drafted if k) <= 12
