@@ -23,7 +23,9 @@ from __future__ import annotations
 _DECAY = 0.97
 """Weight of the history per step recorded: about the last 30 steps count."""
 _PRIOR_SLOPE = 0.1
-"""b / t0 before the fit has seen consecutive steps of different draft counts (a CPU's rough figure)."""
+"""Before the fit has seen consecutive steps of different draft counts: a token (a draft, or a
+decode row) costs this share of a step's fixed part (a CPU's rough figure), so b / t0(B) =
+0.1 / (1 + 0.1 B)."""
 _MIN_SLOPE = 0.01
 """b / t0 is at least this: a draft token is a row through every matmul, the LM head and the
 sampler, never free. A fit reading ~0 (noise around a small cost) would otherwise make any
@@ -78,7 +80,7 @@ class StepCost:
         """b / t0(num_decodes): what one more draft token costs, as a share of the step without drafts."""
         b, t0 = self.slope(), self.base(num_decodes)
         if b is None or t0 is None:
-            return _PRIOR_SLOPE
+            return _PRIOR_SLOPE / (1.0 + _PRIOR_SLOPE * num_decodes)
         if t0 <= b:
             return _MAX_SLOPE
         return min(max(b / t0, _MIN_SLOPE), _MAX_SLOPE)

@@ -11,7 +11,8 @@ from services.engine_core.speculative.draft_length import StepCost, best_draft_l
 def test_step_cost_fits_the_cost_of_a_draft() -> None:
     cost = StepCost()
     assert cost.slope() is None and cost.base(1) is None
-    assert cost.relative_slope(1) == pytest.approx(0.1)  # the prior before any step
+    assert cost.relative_slope(1) == pytest.approx(0.1 / 1.1)  # the prior before any step
+    assert cost.relative_slope(8) == pytest.approx(0.1 / 1.8)
     for _ in range(5):
         for drafts in (0, 1, 4, 8):
             cost.record(1, drafts, 0.06 + 0.01 * drafts)
@@ -50,7 +51,7 @@ def test_step_cost_of_one_size_uses_the_prior_slope() -> None:
     for _ in range(10):
         cost.record(1, 0, 0.11)
     assert cost.slope() is None and cost.base(1) == pytest.approx(0.11)
-    assert cost.relative_slope(1) == pytest.approx(0.1)
+    assert cost.relative_slope(1) == pytest.approx(0.1 / 1.1)
 
 
 def test_drafts_are_never_free() -> None:
