@@ -4,7 +4,8 @@ The exact mode (--exact: fp32, no int4, eager) is token-for-token with transform
 batch-invariant (the parity tests assert it). The faster modes (`default`, the CPU default;
 bf16, int4, --compile-decode) round differently, so their greedy output may drift from it
 after some tokens, and may depend on which other requests share a step (int4 takes a
-different kernel above 16 rows; compiled steps are padded to a batch-size bucket). This reports, not asserts, both:
+different kernel above int4.max_rows rows; compiled steps are padded to a batch-size bucket).
+This reports, not asserts, both:
 - agreement: per prompt, how many leading tokens equal the exact mode's (alone, batch 1);
 - batch invariance: whether each prompt's output alone equals its output in a batch of all
   the prompts, decoded together.

@@ -200,7 +200,7 @@ def main() -> None:
         "hf_decode_ms": round(1e3 / hf_decode, 2),
         "decode_ratio_bound": round(1e3 / hf_decode / floor_ms, 3),
         "engine_bf16_tokens_per_s": None if bf16_tps is None else round(bf16_tps, 2),
-        # --quantization int4: int4 copies of the layers' Q4_1 weights for steps of <= 16 rows.
+        # --quantization int4: int4 copies of the layers' Q4_1 weights for steps of <= int4.max_rows rows.
         "engine_int4_decode_tokens_per_s": None if int4_decode is None else round(int4_decode, 2),
         "int4_decode_ratio": None if int4_decode is None else round(int4_decode / hf_decode, 3),
         "engine_int4_tokens_per_s": None if int4_tps is None else round(int4_tps, 2),

@@ -7,8 +7,9 @@ chunks of --ctx tokens, put BOS first in each chunk, and score the second half o
 chunk (each token predicted from at least ctx/2 tokens of context).
 
 NovaInfer runs its real model code and paged KV cache, in steps of at most --step tokens:
-a dense mode takes a chunk in one step, `int4` takes it 16 rows at a time, because its
-int4 weights are only used for steps of <= 16 rows (what decoding does).
+a dense mode takes a chunk in one step, an int4 mode takes it int4.max_rows rows at a time
+(8 over bf16 with AMX, else 16), because its int4 weights are only used for steps that small
+(what decoding does).
 
 The text, benchmarks/data/kjv_genesis_1-11.txt, is Genesis 1-11 of the King James Bible
 (public domain), as printed by Debian's `bible-kjv` package.

@@ -113,7 +113,9 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     p.add_argument("--drafts", type=int, nargs="+", default=list(range(9)))
-    p.add_argument("--context", type=int, default=600, help="tokens each request already has (grounded prompts: 300-1100)")
+    p.add_argument(
+        "--context", type=int, default=600, help="tokens each request already has (grounded prompts: 300-1100)"
+    )
     p.add_argument("--rounds", type=int, default=25)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: the engine's, one per core)")
     p.add_argument("--exact", action="store_true", help="the exact float32 mode instead of the default")
@@ -151,7 +153,8 @@ def main() -> int:
                 "drafts": k,
                 "rows": rows,
                 "int4_layers": layer0.int4_for(rows) is not None,
-                "quantized_lm_head": runner.model.lm_head_quantized is not None and rows <= runner.model.lm_head_max_rows,
+                "quantized_lm_head": runner.model.lm_head_quantized is not None
+                and rows <= runner.model.lm_head_max_rows,
                 "median_ms": med,
                 "x_no_drafts": med["execute"] / (base * 1e3),
             }

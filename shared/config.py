@@ -59,7 +59,7 @@ class EngineConfig(msgspec.Struct, kw_only=True):
     int4_lm_head: bool = False
     """With int4 quantization (auto on a 4-bit GGUF, or --quantization int4): the LM head (the
     largest matrix, 49152 x 576 in SmolLM2, read whole every decode step) gets an int4 copy for
-    steps of up to 16 rows instead of the int8 one; re-quantized from the checkpoint's (Q8_0 in
+    the steps the int4 layers serve instead of the int8 one; re-quantized from the checkpoint's (Q8_0 in
     the bundled GGUF), so lossy: see docs/benchmarks.md."""
     compile_decode: bool = False
     """CPU only: run pure-decode steps through torch.compile'd (Inductor C++) layers, compiled at
@@ -69,8 +69,9 @@ class EngineConfig(msgspec.Struct, kw_only=True):
     quantization: Literal["auto", "none", "int4"] = "auto"
     """auto: int4 on a CPU when the checkpoint's layer matrices are 4-bit GGUF (Q4_0/Q4_1, repacked
     as the file stores them), else none (a float checkpoint is not re-quantized unless asked: that
-    is lossy). int4: steps of up to 16 rows use int4 weight-only copies of the layer matrices and
-    an int8 copy of the LM head (CPU only; ~1.8x single-stream decode; greedy output then depends
+    is lossy). int4: steps of up to 8 rows (over bf16 on a CPU with AMX; else 16: models/int4.py)
+    use int4 weight-only copies of the layer matrices, and steps of up to 128 logits rows an int8
+    copy of the LM head (CPU only; ~1.8x single-stream decode; greedy output then depends
     on the batch)."""
     exact: bool = False
     """The exact mode: float32, no int4, no compiled decode. Greedy output is token for token
