@@ -21,6 +21,14 @@ RUN pip wheel --no-cache-dir --no-deps --wheel-dir /dist .
 
 # --- the runtime bases: a Python and nothing else -------------------------------------------
 FROM ${CPU_BASE_IMAGE} AS cpu-base
+# g++ builds the fused CPU decode kernels (services/engine_core/fused_cpu) for the host's CPU at
+# the first start, cached under /cache (the image build warms it for the build host's CPU);
+# without it the engine runs the slower eager decode step. The base has Python's headers, the
+# torch wheel its own. Unpinned apt versions: the base's release pins them.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends g++ \
+    && rm -rf /var/lib/apt/lists/*
 
 FROM ${CUDA_BASE_IMAGE} AS cuda-base
 # The CUDA libraries come with torch's wheels; the base brings the driver hooks and the

@@ -55,6 +55,8 @@ MODES: dict[str, tuple[dict[str, Any], int]] = {
     # What `novainfer serve` runs out of the box (run_mode.py; here bf16 + int4 where the CPU has
     # native bf16): steps the int4 copies serve, so that int4, if chosen, is used.
     "default": ({}, 16),
+    # The default without its fused C++ decode step (--no-fused-cpu-decode): the eager ops.
+    "default-eager": ({"fused_cpu_decode": False}, 16),
     # The exact mode (--exact is the same: float32, no int4, eager).
     "fp32": ({"dtype": "float32", "quantization": "none"}, 0),
     "bf16": ({"dtype": "bfloat16", "quantization": "none"}, 0),

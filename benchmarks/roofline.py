@@ -44,6 +44,7 @@ from machine_info import machine_info  # noqa: E402
 from perplexity import MODES as DENSE_MODES  # noqa: E402
 
 from services.engine_core.attention.base import AttentionMetadata  # noqa: E402
+from services.engine_core.fused_cpu import extension as fused_extension  # noqa: E402
 from services.engine_core.model_runner import ModelRunner  # noqa: E402
 from services.engine_core.models.llama import CausalLM  # noqa: E402
 from shared.config import EngineConfig  # noqa: E402
@@ -161,6 +162,8 @@ def engine_config(mode: str, threads: int, **extra: Any) -> EngineConfig:
 
 def startup_child(mode: str, threads: int, cache_dir: str) -> None:
     """Run in a subprocess: construction to first token, printed as JSON on the last line."""
+    # Only cache_dir counts as built: a cold start builds the fused decode kernels too.
+    fused_extension.DEFAULT_CACHE_DIR = cache_dir
     t0 = time.perf_counter()
     runner = ModelRunner(engine_config(mode, threads, cache_dir=cache_dir, kv_cache_bytes=64 << 20))
     t1 = time.perf_counter()

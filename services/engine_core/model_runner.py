@@ -25,7 +25,10 @@ from services.engine_core.attention import AttentionMetadata, get_backend
 from services.engine_core.batch import ScheduledBatch
 from services.engine_core.compiled_decode import CompiledDecode, use_cache_dir
 from services.engine_core.cuda_graph import DecodeGraphs, Graph
+from services.engine_core.fused_cpu import decode as fused_decode
+from services.engine_core.fused_cpu import extension as fused_extension
 from services.engine_core.models.int4 import Int4Weight
+from services.engine_core.models.int8 import Int8Weight
 from services.engine_core.run_mode import describe, resolve_device, resolve_dtype
 from services.engine_core.sampler import Sampler, SamplingBatch
 from services.engine_core.speculative.verify import verify_drafts
@@ -75,12 +78,15 @@ class ModelRunner:
             else:
                 log.info("CUDA graphs need the triton attention backend: running %s eagerly", self.backend.name)
         self.compiled = self._compile_decode() if config.compile_decode else None
+        self.fused = self._fused_decode()
+        head = self.model.lm_head_quantized
         self.mode = describe(
             self.dtype,
             int4=self.model.layers[0].int4 is not None,
-            int4_lm_head=isinstance(self.model.lm_head_quantized, Int4Weight),
+            lm_head="int4" if isinstance(head, Int4Weight) else "int8" if isinstance(head, Int8Weight) else None,
             compiled=self.compiled is not None,
             exact=config.exact,
+            fused=self.fused is not None,
         )
         log.info("run mode: %s%s", self.mode, _MODE_HINT if self.device.type == "cpu" and not config.exact else "")
         log.info(
@@ -188,6 +194,27 @@ class ModelRunner:
             log.warning("compiling the decode step failed: running every step eagerly", exc_info=True)
             return None
 
+    def _fused_decode(self) -> fused_decode.FusedDecode | None:
+        """The fused C++ decode path where it applies (fused_cpu/decode.py), else None."""
+        if not self.config.fused_cpu_decode or self.config.exact or self.compiled is not None:
+            return None
+        why_not = fused_decode.supported(self.model, self.dtype, self.device)
+        if why_not is not None:
+            if self.device.type == "cpu":
+                log.info("fused CPU decode not used: %s", why_not)
+            return None
+        t0 = time.perf_counter()
+        ext = fused_extension.load(engine_cache_dir(self.config))
+        if ext is None:  # already warned
+            return None
+        try:
+            fused = fused_decode.FusedDecode(ext, self.model)
+        except Exception:
+            log.warning("the fused CPU decode path failed to start: running decode steps eagerly", exc_info=True)
+            return None
+        log.info("fused CPU decode kernels ready in %.2fs", time.perf_counter() - t0)
+        return fused
+
     def _decode_graphs(self, make_graph: Callable[[], Graph] | None = None) -> DecodeGraphs:
         """make_graph: see DecodeGraphs (tests pass EagerGraph to run the graph path on a CPU)."""
         return DecodeGraphs(
@@ -265,6 +292,8 @@ class ModelRunner:
         the compiled CPU decode where they apply, else eagerly."""
         if self.graphs is not None and self.graphs.can_run(md):
             return self.graphs.run(input_ids, positions, md)
+        if self.fused is not None and self.fused.can_run(md):
+            return self.fused.run(input_ids, positions, self.kv_caches, md)
         if self.compiled is not None and self.compiled.can_run(md):
             return self.compiled.run(input_ids, positions, self.kv_caches, md)
         return self.model(input_ids, positions, self.kv_caches, md, self.backend)

@@ -73,11 +73,15 @@ def resolve_quantization(config: EngineConfig, device: torch.device, layer_types
     return config.quantization
 
 
-def describe(dtype: torch.dtype, int4: bool, int4_lm_head: bool, compiled: bool, exact: bool) -> str:
+def describe(
+    dtype: torch.dtype, int4: bool, lm_head: str | None, compiled: bool, exact: bool, fused: bool = False
+) -> str:
     """The mode in a few words, as the start-up log and /v1/models show it: 'exact (float32)',
-    'bfloat16+int4', 'float32+int4+int4-lm-head+compiled', ..."""
+    'bfloat16+int4+int8-lm-head+fused-decode', 'float32+int4+int4-lm-head+compiled', ...
+    lm_head: the quantized LM head's kind ('int8', 'int4') or None for a dense one."""
     name = str(dtype).removeprefix("torch.")
     if exact:
         return f"exact ({name})"
-    parts = [name] + ["int4"] * int4 + ["int4-lm-head"] * int4_lm_head + ["compiled"] * compiled
+    parts = [name] + ["int4"] * int4 + [f"{lm_head}-lm-head"] * (lm_head is not None)
+    parts += ["compiled"] * compiled + ["fused-decode"] * fused
     return "+".join(parts)

@@ -5,6 +5,8 @@ flip near-ties (benchmarks/decode_agreement.py reports how often)."""
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 import openai
@@ -23,8 +25,14 @@ def test_default_mode_is_reported_and_serves(tmp_path: Path) -> None:
         # /health answered 200, so every engine has reported, and with it its mode.
         (card,) = client.models.list().data
         dtype = "bfloat16" if torch.cuda.is_available() or cpu_has_native_bf16() else "float32"
-        # The bundled model is a Q4_1 GGUF: int4 copies of its layers on a CPU.
-        assert card.to_dict()["run_mode"] == (dtype if torch.cuda.is_available() else f"{dtype}+int4")
+        # The bundled model is a Q4_1 GGUF: int4 copies of its layers and an int8 LM head on a CPU,
+        # and, in bf16 where a C++ compiler built the fused kernels, the fused decode step.
+        if torch.cuda.is_available():
+            expected = dtype
+        else:
+            fused = dtype == "bfloat16" and shutil.which(os.environ.get("CXX", "c++")) is not None
+            expected = f"{dtype}+int4+int8-lm-head" + ("+fused-decode" if fused else "")
+        assert card.to_dict()["run_mode"] == expected
         resp = client.chat.completions.create(
             model=MODEL,
             messages=[{"role": "user", "content": "What is the capital of France?"}],

@@ -48,9 +48,13 @@ def test_auto_quantization_repacks_only_4bit_gguf_layers_on_a_cpu() -> None:
 
 
 def test_describe() -> None:
-    assert describe(torch.float32, False, False, False, exact=True) == "exact (float32)"
-    assert describe(torch.bfloat16, True, False, False, exact=False) == "bfloat16+int4"
-    assert describe(torch.float32, True, True, True, exact=False) == "float32+int4+int4-lm-head+compiled"
+    assert describe(torch.float32, False, None, False, exact=True) == "exact (float32)"
+    assert describe(torch.bfloat16, True, None, False, exact=False) == "bfloat16+int4"
+    assert describe(torch.float32, True, "int4", True, exact=False) == "float32+int4+int4-lm-head+compiled"
+    assert (
+        describe(torch.bfloat16, True, "int8", False, exact=False, fused=True)
+        == "bfloat16+int4+int8-lm-head+fused-decode"
+    )
 
 
 def test_runner_reports_its_resolved_mode() -> None:

@@ -1,0 +1,200 @@
+// One C++ call per pure-decode step of a Llama-family model in the CPU fast mode (bf16
+// activations, int4 layer matrices): embedding, 30 layers of norm -> int4 q|k|v -> RoPE + KV
+// write -> paged attention -> int4 o + residual + norm -> int4 gate|up -> SiLU x mul -> int4
+// down + residual + norm, and the final norm. Python issues one call a step instead of ~900 ops;
+// the matmuls are torch's own int4 kernel (aten::_weight_int4pack_mm_for_cpu, what
+// models/int4.py calls), the rest the kernels in the headers beside this file.
+// torch/extension.h would pull in the whole C++ frontend (torch::nn, ...) and double the build
+// time: ATen and the pybind11 casters for tensors are all this needs.
+#include <ATen/ATen.h>
+#include <ATen/record_function.h>
+#include <pybind11/stl.h>
+#include <torch/csrc/utils/pybind.h>
+
+#include <optional>
+#include <vector>
+
+#include "activation.h"
+#include "attention.h"
+#include "norm.h"
+#include "rope.h"
+
+namespace novainfer {
+namespace {
+
+constexpr int64_t kInt4Group = 32;  // models/int4.py GROUP
+
+at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales_zeros) {
+  return at::_weight_int4pack_mm_for_cpu(x, packed, kInt4Group, scales_zeros);
+}
+
+const at::Tensor* opt(const std::vector<at::Tensor>& v, size_t i) { return v.empty() ? nullptr : &v[i]; }
+
+void check_bf16(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kBFloat16 && t.is_contiguous(), name,
+              " must be a contiguous bf16 CPU tensor");
+}
+
+}  // namespace
+
+// The model's weights, held by reference (the tensors the Python model owns), and its KV cache.
+class FusedDecoder {
+ public:
+  FusedDecoder(at::Tensor embed, at::Tensor rope_cos, at::Tensor rope_sin, at::Tensor final_norm,
+               std::vector<at::Tensor> attn_norm, std::vector<at::Tensor> qkv, std::vector<at::Tensor> qkv_sz,
+               std::vector<at::Tensor> qkv_bias, std::vector<at::Tensor> q_norm, std::vector<at::Tensor> k_norm,
+               std::vector<at::Tensor> o, std::vector<at::Tensor> o_sz, std::vector<at::Tensor> mlp_norm,
+               std::vector<at::Tensor> gate_up, std::vector<at::Tensor> gate_up_sz, std::vector<at::Tensor> down,
+               std::vector<at::Tensor> down_sz, int64_t n_heads, int64_t n_kv, int64_t head_dim, double eps,
+               double scale)
+      : embed_(std::move(embed)), cos_(std::move(rope_cos)), sin_(std::move(rope_sin)),
+        final_norm_(std::move(final_norm)), attn_norm_(std::move(attn_norm)), qkv_(std::move(qkv)),
+        qkv_sz_(std::move(qkv_sz)), qkv_bias_(std::move(qkv_bias)), q_norm_(std::move(q_norm)),
+        k_norm_(std::move(k_norm)), o_(std::move(o)), o_sz_(std::move(o_sz)), mlp_norm_(std::move(mlp_norm)),
+        gate_up_(std::move(gate_up)), gate_up_sz_(std::move(gate_up_sz)), down_(std::move(down)),
+        down_sz_(std::move(down_sz)), layout_{n_heads, n_kv, head_dim}, eps_(eps), scale_(scale) {
+    const size_t L = attn_norm_.size();
+    for (const auto* v : {&qkv_, &qkv_sz_, &o_, &o_sz_, &mlp_norm_, &gate_up_, &gate_up_sz_, &down_, &down_sz_}) {
+      TORCH_CHECK(v->size() == L, "every per-layer list needs one tensor per layer");
+    }
+    for (const auto* v : {&qkv_bias_, &q_norm_, &k_norm_}) {
+      TORCH_CHECK(v->empty() || v->size() == L, "optional per-layer lists are empty or one per layer");
+    }
+    TORCH_CHECK(head_dim % 2 == 0 && n_heads % n_kv == 0, "need an even head_dim and n_heads % n_kv == 0");
+    for (auto* t : {&embed_, &cos_, &sin_, &final_norm_}) check_bf16(*t, "embed, rope tables and norms");
+    for (const auto& t : attn_norm_) check_bf16(t, "attn_norm");
+    for (const auto& t : mlp_norm_) check_bf16(t, "mlp_norm");
+  }
+
+  void set_kv_caches(std::vector<at::Tensor> k_caches, std::vector<at::Tensor> v_caches) {
+    TORCH_CHECK(k_caches.size() == attn_norm_.size() && v_caches.size() == attn_norm_.size(),
+                "one K and one V cache per layer");
+    for (const auto& t : k_caches) check_bf16(t, "k_cache");
+    for (const auto& t : v_caches) check_bf16(t, "v_cache");
+    k_caches_ = std::move(k_caches);
+    v_caches_ = std::move(v_caches);
+  }
+
+  // input_ids, positions, slot_mapping: int64 [T]; block_tables: int32 [T, max_blocks];
+  // seq_lens: int32 [T]. Every row is one request's one new token. Returns the final-normed
+  // hidden states [T, hidden] (bf16).
+  at::Tensor forward(const at::Tensor& input_ids, const at::Tensor& positions, const at::Tensor& block_tables,
+                     const at::Tensor& seq_lens, const at::Tensor& slot_mapping) {
+    TORCH_CHECK(!k_caches_.empty(), "set_kv_caches first");
+    TORCH_CHECK(input_ids.dim() == 1 && positions.sizes() == input_ids.sizes() &&
+                    slot_mapping.sizes() == input_ids.sizes() && seq_lens.size(0) == input_ids.size(0) &&
+                    block_tables.size(0) == input_ids.size(0),
+                "one row per request: ids, positions, slots, seq_lens and block tables of the same length");
+    TORCH_CHECK(positions.scalar_type() == at::kLong && slot_mapping.scalar_type() == at::kLong &&
+                    block_tables.scalar_type() == at::kInt && seq_lens.scalar_type() == at::kInt,
+                "positions and slots int64, block tables and seq_lens int32");
+    at::Tensor pos = positions.contiguous(), slots = slot_mapping.contiguous(), lens = seq_lens.contiguous();
+    at::Tensor tables = block_tables.stride(1) == 1 ? block_tables : block_tables.contiguous();
+    const int64_t T = input_ids.size(0), n = layout_.n_heads, d = layout_.d;
+    // The residual stream in fp32: SmolLM2's reaches ~700 in a few dimensions and later layers
+    // cancel most of it, where a bf16 stream (1 ulp = 4 at 700) loses the small remainder.
+    at::Tensor h = embed_.index_select(0, input_ids).to(at::kFloat);
+    at::Tensor x = at::empty({T, h.size(1)}, embed_.options());
+    at::Tensor q = at::empty({T, n, d}, h.options());
+    at::Tensor attn = at::empty({T, n * d}, embed_.options());
+    add_rms_norm<float>(h, nullptr, attn_norm_[0], eps_, x);
+    const size_t L = attn_norm_.size();
+    for (size_t i = 0; i < L; ++i) {
+      at::Tensor qkv = int4_mm(x, qkv_[i], qkv_sz_[i]);
+      {
+        // Named for torch.profiler (benchmarks/decode_profile.py); free when it is off.
+        RECORD_FUNCTION("novainfer::rope_write_kv", std::vector<c10::IValue>());
+        rope_write_kv(qkv, opt(qkv_bias_, i), opt(q_norm_, i), opt(k_norm_, i), eps_, pos, cos_, sin_, slots, layout_,
+                      q, k_caches_[i], v_caches_[i]);
+      }
+      {
+        RECORD_FUNCTION("novainfer::decode_attention", std::vector<c10::IValue>());
+        decode_attention(q, k_caches_[i], v_caches_[i], tables, lens, scale_, attn);
+      }
+      at::Tensor o = int4_mm(attn, o_[i], o_sz_[i]);
+      {
+        RECORD_FUNCTION("novainfer::add_rms_norm", std::vector<c10::IValue>());
+        add_rms_norm<float>(h, &o, mlp_norm_[i], eps_, x);
+      }
+      at::Tensor gate_up = int4_mm(x, gate_up_[i], gate_up_sz_[i]);
+      at::Tensor act = at::empty({T, gate_up.size(1) / 2}, embed_.options());
+      {
+        RECORD_FUNCTION("novainfer::silu_mul", std::vector<c10::IValue>());
+        silu_mul(gate_up, act);
+      }
+      at::Tensor down = int4_mm(act, down_[i], down_sz_[i]);
+      {
+        RECORD_FUNCTION("novainfer::add_rms_norm", std::vector<c10::IValue>());
+        add_rms_norm<float>(h, &down, i + 1 < L ? attn_norm_[i + 1] : final_norm_, eps_, x);
+      }
+    }
+    return x;
+  }
+
+ private:
+  at::Tensor embed_, cos_, sin_, final_norm_;
+  std::vector<at::Tensor> attn_norm_, qkv_, qkv_sz_, qkv_bias_, q_norm_, k_norm_, o_, o_sz_, mlp_norm_, gate_up_,
+      gate_up_sz_, down_, down_sz_, k_caches_, v_caches_;
+  QKVLayout layout_;
+  double eps_, scale_;
+};
+
+}  // namespace novainfer
+
+namespace py = pybind11;
+using novainfer::FusedDecoder;
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  py::class_<FusedDecoder>(m, "FusedDecoder")
+      .def(py::init<at::Tensor, at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>,
+                    std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
+                    std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
+                    std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>, int64_t, int64_t,
+                    int64_t, double, double>())
+      .def("set_kv_caches", &FusedDecoder::set_kv_caches)
+      .def("forward", &FusedDecoder::forward, py::call_guard<py::gil_scoped_release>());
+
+  // The kernels one by one, for the tests (tests/engine_core/fused_cpu/).
+  m.def(
+      "add_rms_norm",
+      [](at::Tensor h, std::optional<at::Tensor> delta, at::Tensor weight, double eps) {
+        at::Tensor out = at::empty(h.sizes(), weight.options());
+        if (h.scalar_type() == at::kFloat) {
+          novainfer::add_rms_norm<float>(h, delta ? &*delta : nullptr, weight, eps, out);
+        } else {
+          novainfer::add_rms_norm<novainfer::bf16>(h, delta ? &*delta : nullptr, weight, eps, out);
+        }
+        return out;
+      },
+      "h [T, H] (fp32 or bf16; updated in place when delta is given) -> RMSNorm(h (+ delta)) * weight");
+  m.def(
+      "silu_mul",
+      [](at::Tensor gate_up) {
+        at::Tensor out = at::empty({gate_up.size(0), gate_up.size(1) / 2}, gate_up.options());
+        novainfer::silu_mul(gate_up, out);
+        return out;
+      },
+      "gate_up [T, 2I] -> silu(gate) * up [T, I]");
+  m.def(
+      "rope_write_kv",
+      [](at::Tensor qkv, std::optional<at::Tensor> bias, std::optional<at::Tensor> q_norm,
+         std::optional<at::Tensor> k_norm, double eps, at::Tensor positions, at::Tensor cos, at::Tensor sin,
+         at::Tensor slots, int64_t n_heads, at::Tensor k_cache, at::Tensor v_cache) {
+        const int64_t n_kv = k_cache.size(2), d = k_cache.size(3);
+        at::Tensor q = at::empty({qkv.size(0), n_heads, d}, qkv.options().dtype(at::kFloat));
+        novainfer::rope_write_kv(qkv, bias ? &*bias : nullptr, q_norm ? &*q_norm : nullptr,
+                                 k_norm ? &*k_norm : nullptr, eps, positions, cos, sin, slots, {n_heads, n_kv, d}, q,
+                                 k_cache, v_cache);
+        return q;
+      },
+      "rotates q and k of qkv, writes k and v to their cache slots; returns q (fp32)");
+  m.def(
+      "decode_attention",
+      [](at::Tensor q, at::Tensor k_cache, at::Tensor v_cache, at::Tensor block_tables, at::Tensor seq_lens,
+         double scale) {
+        at::Tensor out = at::empty({q.size(0), q.size(1) * q.size(2)}, k_cache.options());
+        novainfer::decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, out);
+        return out;
+      },
+      "paged decode attention of q [T, heads, d] (fp32) -> [T, heads * d] (bf16)");
+}

@@ -1,0 +1,48 @@
+"""The built fused CPU extension, shared by the tests here; they skip where there is no C++
+compiler (the engine then runs its eager path, which test_decode.py checks)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from types import ModuleType
+
+import pytest
+import torch
+
+from services.engine_core.attention.base import AttentionMetadata
+from services.engine_core.fused_cpu import extension
+
+
+@pytest.fixture(scope="session")
+def ext() -> ModuleType:
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        pytest.skip("no C++ compiler: the fused CPU decode kernels cannot be built here")
+    module = extension.load(extension.DEFAULT_CACHE_DIR)
+    assert module is not None, "a compiler is present but the fused CPU decode kernels did not build (see the log)"
+    return module
+
+
+def decode_metadata(batch: int, context: int, block_size: int) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+    """A pure-decode step of `batch` requests, request i `context + i` tokens in, each on its own
+    blocks (benchmarks/roofline.py's, with lengths that differ)."""
+    seq_lens = [context + i + 1 for i in range(batch)]
+    blocks = -(-max(seq_lens) // block_size)
+    table = torch.arange(batch * blocks, dtype=torch.int32).view(batch, blocks)
+    slots = torch.tensor(
+        [int(table[i, (s - 1) // block_size]) * block_size + (s - 1) % block_size for i, s in enumerate(seq_lens)]
+    )
+    md = AttentionMetadata(
+        num_reqs=batch,
+        num_tokens=batch,
+        query_start_loc=torch.arange(batch + 1, dtype=torch.int32),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
+        block_tables=table,
+        slot_mapping=slots,
+        max_query_len=1,
+        max_seq_len=max(seq_lens),
+        query_lens_cpu=[1] * batch,
+        seq_lens_cpu=seq_lens,
+    )
+    ids = torch.randint(0, 1000, (batch,), generator=torch.Generator().manual_seed(batch))
+    return ids, torch.tensor([s - 1 for s in seq_lens]), md

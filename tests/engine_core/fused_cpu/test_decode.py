@@ -1,0 +1,157 @@
+"""The fused decode path in the engine: where it applies (the CPU default, bf16 + int4, pure
+decode steps), that its logits and greedy tokens stay close to the eager fast mode's on the
+bundled model, that the exact mode never uses it, and that a failed build falls back cleanly."""
+
+from __future__ import annotations
+
+import logging
+import os
+from types import ModuleType
+
+import pytest
+import torch
+
+from services.engine_core.attention.base import AttentionMetadata
+from services.engine_core.fused_cpu import extension
+from services.engine_core.model_runner import ModelRunner
+from services.engine_core.run_mode import cpu_has_native_bf16
+from shared.config import EngineConfig
+from tests.engine_core.conftest import rel_error
+from tests.engine_core.fused_cpu.conftest import decode_metadata
+
+pytestmark = pytest.mark.skipif(
+    torch.cuda.is_available() or not cpu_has_native_bf16(), reason="the fused path is the bf16 CPU default's"
+)
+
+CONFIG = EngineConfig(kv_cache_bytes=64 << 20, max_num_seqs=8)
+
+
+@pytest.fixture(scope="module")
+def runners(ext: ModuleType) -> tuple[ModelRunner, ModelRunner]:
+    """The default mode with the fused path and without it (eager), on the bundled model."""
+    fused = ModelRunner(CONFIG)
+    eager = ModelRunner(EngineConfig(**{**_fields(CONFIG), "fused_cpu_decode": False}))
+    return fused, eager
+
+
+def _fields(config: EngineConfig) -> dict:
+    return {f: getattr(config, f) for f in config.__struct_fields__}
+
+
+def test_default_mode_uses_it(runners: tuple[ModelRunner, ModelRunner]) -> None:
+    fused, eager = runners
+    assert fused.fused is not None and fused.mode == "bfloat16+int4+int8-lm-head+fused-decode"
+    assert eager.fused is None and eager.mode == "bfloat16+int4+int8-lm-head"
+
+
+def _prefilled(
+    runner: ModelRunner, contexts: list[int]
+) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], AttentionMetadata, torch.Tensor, torch.Tensor]:
+    """A KV cache holding each request's prompt of random tokens (prefilled eagerly, request i on
+    its own blocks), and the decode step that follows: (caches, metadata, input ids, positions)."""
+    bs = runner.block_size
+    per_req = max(-(-(c + 1) // bs) for c in contexts)
+    table = torch.arange(len(contexts) * per_req, dtype=torch.int32).view(len(contexts), per_req)
+    caches = runner._allocate_kv_cache(table.numel())
+    gen = torch.Generator().manual_seed(len(contexts))
+    next_ids = []
+    for i, n in enumerate(contexts):
+        prompt = torch.randint(100, 20000, (n,), generator=gen)
+        slots = table[i].long().repeat_interleave(bs) * bs + torch.arange(bs).repeat(per_req)
+        md = AttentionMetadata(
+            1, n, torch.tensor([0, n], dtype=torch.int32), torch.tensor([n], dtype=torch.int32), table[i : i + 1],
+            slots[:n], n, n, [n], [n],
+        )  # fmt: skip
+        hidden = runner.model(prompt, torch.arange(n), caches, md, runner.backend)
+        next_ids.append(int(runner.model.compute_logits(hidden[-1:]).argmax()))
+    seq_lens = [n + 1 for n in contexts]
+    slots = [int(table[i, n // bs]) * bs + n % bs for i, n in enumerate(contexts)]
+    md = AttentionMetadata(
+        len(contexts), len(contexts), torch.arange(len(contexts) + 1, dtype=torch.int32),
+        torch.tensor(seq_lens, dtype=torch.int32), table, torch.tensor(slots), 1, max(seq_lens),
+        [1] * len(contexts), seq_lens,
+    )  # fmt: skip
+    return caches, md, torch.tensor(next_ids), torch.tensor(contexts)
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("contexts", [[40], [512], [17, 3, 64], [5 + 7 * i for i in range(16)]])
+def test_logits_close_to_eager(runners: tuple[ModelRunner, ModelRunner], contexts: list[int]) -> None:
+    """One decode step after real (random-token) prompts, fused vs eager on copies of one cache.
+    (A cache of random K/V would not do: the model amplifies rounding chaotically on such input.)"""
+    fused, _ = runners
+    caches, md, ids, pos = _prefilled(fused, contexts)
+    copies = [(k.clone(), v.clone()) for k, v in caches]
+    assert fused.fused is not None and fused.fused.can_run(md)
+    got = fused.model.compute_logits(fused.fused.run(ids, pos, caches, md))
+    ref = fused.model.compute_logits(fused.model(ids, pos, copies, md, fused.backend))
+    cos = torch.nn.functional.cosine_similarity(got, ref, dim=-1)
+    # Typically > 0.9999; rows differ in how much rounding their 30 layers amplify.
+    assert cos.mean() > 0.999 and cos.min() > 0.99, cos
+    assert (got.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.75
+    # This step's K/V went to its slots (and nowhere else), equal up to the rounding that
+    # accumulates over the layers.
+    n_kv, d = caches[0][0].shape[2:]
+    written = torch.zeros(caches[0][0].shape[0] * caches[0][0].shape[1], dtype=torch.bool)
+    written[md.slot_mapping] = True
+    for (k, v), (k_ref, v_ref) in zip(caches, copies, strict=True):
+        for got_c, ref_c in ((k, k_ref), (v, v_ref)):
+            got_c, ref_c = got_c.view(-1, n_kv, d), ref_c.view(-1, n_kv, d)
+            assert rel_error(got_c[written], ref_c[written]) < 0.05
+            assert torch.equal(got_c[~written], ref_c[~written])
+
+
+def test_greedy_tokens_mostly_match_eager(runners: tuple[ModelRunner, ModelRunner]) -> None:
+    """Reported, not required equal: the fused kernels round once where eager ops round after
+    each op, so near-ties may flip and greedy text then drifts (as between any two fast modes)."""
+    from services.engine_core.engine import LLMEngine
+    from shared.protocol import SamplingParams
+
+    outputs = []
+    for fused_on in (True, False):
+        engine = LLMEngine(EngineConfig(**{**_fields(CONFIG), "fused_cpu_decode": fused_on}))
+        assert (engine.runner.fused is not None) == fused_on
+        prompts = [[504, 3575, 282, 4649, 314], [1780, 2567, 47, 2119, 3575, 282, 9138, 30, 198], [28, 29, 30]]
+        params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+        for i, p in enumerate(prompts):
+            engine.add_request(f"r{i}", p, params)
+        tokens: dict[str, list[int]] = {}
+        while engine.has_unfinished():
+            for out in engine.step():
+                tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+        outputs.append([tokens[f"r{i}"] for i in range(len(prompts))])
+    same_prefix = [
+        next((j for j, (a, b) in enumerate(zip(x, y, strict=True)) if a != b), len(x))
+        for x, y in zip(*outputs, strict=True)
+    ]
+    print(f"greedy tokens equal to the eager fast mode's before the first difference: {same_prefix} of 24")
+    assert sum(same_prefix) >= 24  # on average the first 8 agree (typically all 24 do)
+
+
+def test_exact_mode_never_uses_it(ext: ModuleType) -> None:
+    runner = ModelRunner(EngineConfig(exact=True, kv_cache_bytes=16 << 20))
+    assert runner.fused is None and runner.mode == "exact (float32)"
+
+
+def test_failed_build_falls_back_to_eager(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: os.PathLike, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A compiler that fails (here: `false`), with no build cached anywhere: one warning, and
+    the engine runs its eager decode path."""
+    monkeypatch.setattr(extension, "_modules", {})
+    monkeypatch.setattr(extension, "DEFAULT_CACHE_DIR", str(tmp_path / "default"))
+    monkeypatch.setenv("CXX", "false")
+    with caplog.at_level(logging.WARNING):
+        runner = ModelRunner(EngineConfig(**{**_fields(CONFIG), "cache_dir": str(tmp_path)}))
+    assert runner.fused is None and runner.mode == "bfloat16+int4+int8-lm-head"
+    assert [r for r in caplog.records if "fused CPU decode kernels are unavailable" in r.getMessage()]
+    ids, pos, md = decode_metadata(1, 3, runner.block_size)
+    with torch.inference_mode():
+        assert runner.forward(ids, pos, md).isfinite().all()
+
+
+def test_no_compiler_falls_back(monkeypatch: pytest.MonkeyPatch, tmp_path: os.PathLike) -> None:
+    monkeypatch.setattr(extension, "_modules", {})
+    monkeypatch.setattr(extension, "DEFAULT_CACHE_DIR", str(tmp_path / "default"))
+    monkeypatch.setenv("CXX", "no-such-compiler")
+    assert extension.load(str(tmp_path)) is None
