@@ -68,10 +68,11 @@ class EngineConfig(msgspec.Struct, kw_only=True):
     fp32 eager mode in the last bits (greedy output may diverge after many tokens)."""
     fused_cpu_decode: bool = True
     """CPU, bf16 + int4 (the default fast mode): run each pure-decode step the int4 copies serve
-    (up to 8 requests with AMX, 16 without) as one call into fused C++ kernels (services/engine_core/fused_cpu/: RMSNorm, RoPE + KV write,
-    SiLU x mul, paged attention around torch's int4 matmuls) instead of ~900 eager ops. Built
-    with the system C++ compiler at the first start and cached under cache_dir; without a
-    compiler the engine warns and runs the eager path. Never used by --exact."""
+    (up to 8 requests with AMX, 16 without) as one call into fused C++ kernels
+    (services/engine_core/fused_cpu/: RMSNorm, RoPE + KV write, SiLU x mul, paged attention
+    around torch's int4 matmuls) instead of ~900 eager ops. Built with the system C++ compiler
+    at the first start and cached under cache_dir; without a compiler the engine warns and runs
+    the eager path. Never used by --exact."""
     quantization: Literal["auto", "none", "int4"] = "auto"
     """auto: int4 on a CPU when the checkpoint's layer matrices are 4-bit GGUF (Q4_0/Q4_1, repacked
     as the file stores them), else none (a float checkpoint is not re-quantized unless asked: that
