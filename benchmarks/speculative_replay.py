@@ -50,7 +50,8 @@ from shared.protocol import SamplingParams  # noqa: E402
 RESULTS = os.path.join(HERE, "results", "speculative_replay.json")
 DEFAULT_COST = "1:1.11,2:1.22,3:1.77,4:1.79,6:2.37,8:2.38"
 """A row of 1 + k tokens in decode steps: fp32 on this repo's 2-core CPU, the midpoints of the
-A/B measurements in docs/benchmarks.md; linear between the points, flat past the last slope."""
+A/B measurements in docs/benchmarks.md; linear between the points, and past the last one each
+draft adds the mean per-draft cost up to it."""
 DEFAULT_CONFIGS = (
     "ngram:k=4:max_n=4",
     "ngram:k=4",
@@ -111,13 +112,27 @@ class StepCosts:
         for i in range(1, len(ks)):
             if k <= ks[i]:
                 return cs[i - 1] + (cs[i] - cs[i - 1]) * (k - ks[i - 1]) / (ks[i] - ks[i - 1])
-        slope = (cs[-1] - cs[-2]) / (ks[-1] - ks[-2]) if len(ks) > 1 else 0.0
+        # (Between two measured points the slope can be noise, e.g. ~0 from 6 to 8 drafts.)
+        slope = (cs[-1] - 1.0) / ks[-1] if ks[-1] else 0.0
         return cs[-1] + slope * (k - ks[-1])
 
     def relative_slope(self, max_k: int) -> float:
         """The least-squares slope of cost(k) - 1 over k = 1..max_k: the engine's linear fit of it."""
         ks = range(1, max_k + 1)
         return sum(k * (self(k) - 1.0) for k in ks) / sum(k * k for k in ks)
+
+
+def best_by_table(alpha: float, max_k: int, costs: StepCosts) -> int:
+    """The adaptive rule of draft_length.best_draft_length for one decode row, with the cost of
+    each k read from the measured curve rather than from a straight line through it."""
+    best_k, best_rate = 0, 1.0
+    gain, term = 0.0, 1.0
+    for k in range(1, max_k + 1):
+        term *= alpha
+        gain += term
+        if (1.0 + gain) / costs(k) > best_rate:
+            best_k, best_rate = k, (1.0 + gain) / costs(k)
+    return best_k
 
 
 def replay_item(
@@ -127,8 +142,11 @@ def replay_item(
     output: list[int],
     config: ReplayConfig,
     costs: StepCosts,
+    chooser: str = "linear",
 ) -> dict[str, Any]:
-    """The decode steps of one request (the first token comes from its prefill) under config."""
+    """The decode steps of one request (the first token comes from its prefill) under config.
+    chooser: how an adaptive draft length is costed, "linear" as the engine does (a slope per
+    draft) or "table" (each k's own cost, best_by_table)."""
     tokens = [*prompt, *output[:1]]
     tracker = AcceptanceTracker(adaptive=not config.fixed)
     slope = costs.relative_slope(config.k)
@@ -138,7 +156,14 @@ def replay_item(
     i = 1
     while i < len(output):
         # One decode row in the step: the request is alone, as in the single-stream point.
-        k = tracker.draft_length(config.k, 1, slope) if not config.fixed else config.k * tracker.should_propose()
+        if config.fixed:
+            k = config.k * tracker.should_propose()
+        else:
+            k = tracker.draft_length(config.k, 1, slope)
+            if chooser == "table" and k > 0:
+                # The tracker still decides when to back off and probe (by the straight line);
+                # while it drafts, the table picks how many.
+                k = max(best_by_table(tracker.alpha, config.k, costs), 1)
         guess: list[int] = []
         if k > 0:
             t0 = time.perf_counter()
@@ -198,6 +223,12 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-len", type=int, default=256)
     p.add_argument("--seed", type=int, default=1001, help="the items' seed (speculative.py's single stream: 1001)")
     p.add_argument("--cost", default=DEFAULT_COST, help="k:cost,... a row of 1 + k tokens in decode steps")
+    p.add_argument(
+        "--chooser",
+        choices=("linear", "table"),
+        default="linear",
+        help="adaptive draft lengths costed as the engine does (linear) or by each k's measured cost (table)",
+    )
     p.add_argument("--outputs", help="the greedy outputs of an earlier run (its JSON); generated if absent")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--output", default=RESULTS)
@@ -226,7 +257,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         assert proposer is not None
         # One proposer over the items in order, as one server: the suffix cache carries earlier outputs.
         rows = [
-            replay_item(proposer, f"r{i}", o["prompt_ids"], o["output_ids"], config, costs)
+            replay_item(proposer, f"r{i}", o["prompt_ids"], o["output_ids"], config, costs, args.chooser)
             for i, o in enumerate(outputs)
         ]
         decode_tokens = sum(max(len(o["output_ids"]) - 1, 0) for o in outputs)

@@ -31,7 +31,11 @@ def test_configs_parse_into_engine_configs() -> None:
 def test_step_costs_interpolate_between_measured_points() -> None:
     costs = sr.StepCosts("2:1.2,4:2.0")
     assert costs(0) == 1.0 and costs(1) == pytest.approx(1.1) and costs(3) == pytest.approx(1.6)
-    assert costs(6) == pytest.approx(2.8)  # past the last point: its slope goes on
+    assert costs(6) == pytest.approx(2.5)  # past the last point: the mean cost per draft up to it
+    # The table rule reads each k's own cost: 2 drafts at 1.2 beat 4 at 2.0 even at alpha 0.99.
+    assert sr.best_by_table(0.5, 4, costs) == 2 and sr.best_by_table(0.99, 4, costs) == 2
+    assert sr.best_by_table(0.99, 4, sr.StepCosts("2:1.2,4:1.3")) == 4
+    assert sr.best_by_table(0.05, 4, costs) == 0
     assert sr.StepCosts("1:1.5").relative_slope(1) == pytest.approx(0.5)
 
 
@@ -66,7 +70,8 @@ def test_main_on_saved_outputs(tmp_path: str) -> None:
     with open(saved, "w") as f:
         json.dump({"outputs": outputs}, f)
     out = os.path.join(str(tmp_path), "replay.json")
-    assert sr.main(["--outputs", saved, "--configs", "ngram:k=4:fixed", "suffix:k=8", "--output", out]) == 0
+    argv = ["--outputs", saved, "--configs", "ngram:k=4:fixed", "suffix:k=8", "--chooser", "table", "--output", out]
+    assert sr.main(argv) == 0
     with open(out) as f:
         data = json.load(f)
     assert set(data["replays"]) == {"ngram:k=4:fixed", "suffix:k=8"}
