@@ -5,9 +5,10 @@ For each method in turn: start `novainfer serve` on a free loopback port (with
 each workload at each concurrency with benchmarks/serve_bench.py's client, stop it.
 
 Workloads:
-  grounded  chat requests whose answer is largely in the prompt, built from text shipped in
-            benchmarks/data/: fix a typo in (and so repeat) one of the repo's Python files,
-            quote and summarize a passage of Genesis (KJV), continue a repeated table
+  grounded  requests whose answer is largely in the prompt, built from text shipped in
+            benchmarks/data/ (grounded_items): rename a function of, or fix a typo in, one
+            function of the repo's Python files (chat); repeat or summarize a few sentences
+            of Genesis (KJV, chat); continue a parts table (/v1/completions); EOS honoured
   random    serve_bench's `random` workload: random words via /v1/completions, greedy,
             EOS ignored (the small model tends to loop there, which proposals do predict)
   random-sampled
@@ -24,9 +25,10 @@ server's /metrics: draft tokens proposed and accepted (acceptance rate; mean acc
 length: tokens per verified proposal, the target's own included, as vLLM counts it) and
 generated tokens per engine step. Every method gets the same
 requests (seeded per workload and concurrency); the texts of greedy outputs are compared
-with those of `off` (`outputs_same_as_off`). Requests ignore EOS (but random-sampled's,
-seeded), so all methods generate the same number of tokens. The suffix method's corpus of earlier outputs grows across
-points, as it would on a server.
+with those of `off` (`outputs_same_as_off`). `random` and `structured` requests ignore EOS;
+`grounded` and `random-sampled` ones end at it, greedy or seeded, so every method generates
+the same tokens (in the exact mode). The suffix method's corpus of earlier outputs grows
+across points, as it would on a server.
 
 Writes benchmarks/results/speculative.json (with machine_info).
 

@@ -53,7 +53,7 @@ DEFAULT_COST = "1:1.11,2:1.22,3:1.77,4:1.79,6:2.37,8:2.38"
 A/B measurements in docs/benchmarks.md; linear between the points, and past the last one each
 draft adds the mean per-draft cost up to it."""
 DEFAULT_CONFIGS = (
-    "ngram:k=4:max_n=4",
+    "ngram:k=8:max_n=16",
     "ngram:k=4",
     "ngram:k=8",
     "suffix:k=4",

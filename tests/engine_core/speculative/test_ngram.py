@@ -1,3 +1,5 @@
+import random
+
 import pytest
 
 from services.engine_core.speculative.ngram import NgramProposer
@@ -49,3 +51,24 @@ def test_config_is_validated() -> None:
         EngineConfig(speculative_method="ngram", num_speculative_tokens=0)
     with pytest.raises(ValueError):
         EngineConfig(ngram_prompt_lookup_min=3, ngram_prompt_lookup_max=2)
+
+
+def reference(tokens: list[int], min_n: int, max_n: int, k: int) -> list[int]:
+    """Brute force: the longest n in [min_n, max_n] whose last n tokens occur earlier, its latest occurrence."""
+    for n in range(min(max_n, len(tokens) - 1), min_n - 1, -1):
+        suffix = tokens[len(tokens) - n :]
+        for start in range(len(tokens) - n - 1, -1, -1):
+            if tokens[start : start + n] == suffix:
+                follow = tokens[start + n : start + n + k]
+                return [follow[j % len(follow)] for j in range(k)] if k > 0 else []
+    return []
+
+
+def test_lookup_equals_the_brute_force_definition() -> None:
+    rng = random.Random(0)
+    for _ in range(2000):
+        min_n = rng.randint(1, 3)
+        max_n = rng.randint(min_n, 8)
+        tokens = [rng.randrange(rng.choice((2, 3, 5))) for _ in range(rng.randint(1, 40))]
+        k = rng.randint(0, 6)
+        assert NgramProposer(min_n, max_n).propose("r", tokens, 0, k) == reference(tokens, min_n, max_n, k)
