@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import os
 
+# Before torch is imported: the exact mode's batch invariance (services/engine_core/__init__.py).
+os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
+
 import torch
 
 if not torch.cuda.is_available():

@@ -29,7 +29,7 @@ from services.engine_core.fused_cpu import decode as fused_decode
 from services.engine_core.fused_cpu import extension as fused_extension
 from services.engine_core.models.int4 import Int4Weight
 from services.engine_core.models.int8 import Int8Weight
-from services.engine_core.run_mode import describe, resolve_device, resolve_dtype
+from services.engine_core.run_mode import blas_batch_invariant, describe, resolve_device, resolve_dtype
 from services.engine_core.sampler import Sampler, SamplingBatch
 from services.engine_core.speculative.verify import verify_drafts
 from services.engine_core.structured_output import RequestGrammar, fill_bitmask
@@ -63,7 +63,7 @@ class ModelRunner:
             log.warning(
                 "--max-model-len %d exceeds the model's context: using %d", config.max_model_len, self.max_model_len
             )
-        self.backend = get_backend(config.attention_backend, self.device)
+        self.backend = get_backend(config.attention_backend, self.device, batch_invariant=config.exact)
         self.block_size = config.block_size
         self.num_blocks = self._num_kv_blocks()
         self.kv_caches = self._allocate_kv_cache(self.num_blocks)
@@ -89,6 +89,12 @@ class ModelRunner:
             fused=self.fused is not None,
         )
         log.info("run mode: %s%s", self.mode, _MODE_HINT if self.device.type == "cpu" and not config.exact else "")
+        if config.exact and self.device.type == "cpu" and not blas_batch_invariant():
+            log.warning(
+                "exact mode without MKL's strict CNR mode (MKL_CBWR=AUTO,STRICT, read when torch loads MKL: "
+                "set it before torch is imported): greedy output is unaffected, but logits depend on the "
+                "batch in the last bits, so a seeded sampled output can differ with the batch and speculation"
+            )
         log.info(
             "model %s loaded in %.2fs on %s (%s, %s attention); KV cache: %d blocks of %d tokens (%d tokens, %.1f MiB)",
             self.model_config.architecture,

@@ -11,13 +11,23 @@ chose. On CUDA the default is bfloat16 without int4 (its kernel is CPU-only).
 
 The exact mode (--exact) is float32 with nothing else: greedy output is token for token
 transformers' and does not depend on what else is in the batch. It is what the parity tests
-run. The fast modes differ from it in the last bits, so their greedy output can diverge
-after many tokens and can depend on the batch (benchmarks/decode_agreement.py reports both).
+run. On a CPU it is batch-invariant to the bit: a token's logits are the same whatever else is
+in its step and however its tokens were grouped into steps (decoded one by one, verified as
+drafts, prefilled in any chunks), so seeded sampling is too. Two things make it so: the
+attention backend attends every query row in one canonical form (attention/torch_backend.py),
+and MKL's float32 GEMM runs in its strict CNR mode (services/engine_core/__init__.py), where
+each output row is computed the same way whatever the number of rows (by default MKL picks
+other kernels for 1, a few and many rows, which round differently).
+
+The fast modes differ from it in the last bits, so their greedy output can diverge after many
+tokens and can depend on the batch (benchmarks/decode_agreement.py reports both).
 """
 
 from __future__ import annotations
 
+import ctypes
 import functools
+from pathlib import Path
 
 import torch
 
@@ -27,6 +37,26 @@ from shared.config import EngineConfig
 # them, so `--quantization auto` repacks them; other files stay dense unless asked.
 AUTO_INT4_GGUF_TYPES = frozenset({"Q4_0", "Q4_1"})
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+_MKL_CBWR_ALL = -1
+_MKL_CBWR_STRICT = 0x10000
+
+
+@functools.cache
+def blas_batch_invariant() -> bool:
+    """Whether torch's float32 GEMM computes each output row independently of the row count:
+    its MKL runs in strict CNR mode (MKL_CBWR=...,STRICT, read when MKL loads)."""
+    if not torch.backends.mkl.is_available():
+        return False
+    for lib in sorted((Path(torch.__file__).parent / "lib").glob("libtorch_cpu.*")):
+        try:
+            get = ctypes.CDLL(str(lib)).mkl_serv_cbwr_get  # mkl_cbwr_get, as torch links MKL in
+        except (OSError, AttributeError):
+            continue
+        get.argtypes, get.restype = [ctypes.c_int], ctypes.c_int
+        return bool(get(_MKL_CBWR_ALL) & _MKL_CBWR_STRICT)
+    return False
 
 
 def resolve_device(name: str) -> torch.device:

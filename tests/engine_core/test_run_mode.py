@@ -9,7 +9,13 @@ import torch
 
 from services.engine_core import run_mode
 from services.engine_core.model_runner import ModelRunner
-from services.engine_core.run_mode import cpu_has_native_bf16, describe, resolve_dtype, resolve_quantization
+from services.engine_core.run_mode import (
+    blas_batch_invariant,
+    cpu_has_native_bf16,
+    describe,
+    resolve_dtype,
+    resolve_quantization,
+)
 from shared.config import EngineConfig
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
@@ -65,3 +71,17 @@ def test_runner_reports_its_resolved_mode() -> None:
     assert default.model.layers[0].int4 is None
     exact = ModelRunner(EngineConfig(**small, exact=True))  # type: ignore[arg-type]
     assert exact.mode == "exact (float32)" and exact.dtype == torch.float32
+
+
+@pytest.mark.skipif(not torch.backends.mkl.is_available(), reason="MKL's CNR mode is the batch-invariant GEMM")
+def test_float32_gemm_rows_do_not_depend_on_the_row_count() -> None:
+    """MKL_CBWR=AUTO,STRICT (set before torch loads MKL: tests/conftest.py, and
+    services/engine_core/__init__.py for the engine's processes): a row's product is the same
+    bits alone, among a few rows and among many, as the exact mode's batch invariance needs."""
+    assert blas_batch_invariant()
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(1536, 576, generator=gen)
+    x = torch.randn(64, 576, generator=gen)
+    alone = torch.nn.functional.linear(x[:1], w)
+    for rows in (2, 5, 9, 17, 64):
+        assert torch.equal(torch.nn.functional.linear(x[:rows], w)[:1], alone), rows

@@ -28,22 +28,23 @@ def triton_interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
 
 
-def get_backend(name: str, device: torch.device | str) -> AttentionBackend:
+def get_backend(name: str, device: torch.device | str, batch_invariant: bool = False) -> AttentionBackend:
     """'auto': triton on CUDA (torch if triton is not installed), torch elsewhere. 'triton' on a
-    CPU device only runs under the Triton interpreter (TRITON_INTERPRET=1, tests)."""
+    CPU device only runs under the Triton interpreter (TRITON_INTERPRET=1, tests).
+    batch_invariant: the torch backend attends every query row in one canonical form (torch_backend.py)."""
     device = torch.device(device)
     if name not in BACKEND_NAMES:
         raise ValueError(f"unknown attention backend {name!r}; choose one of {', '.join(BACKEND_NAMES)}")
     if name == "auto":
         if device.type != "cuda":
-            return TorchAttentionBackend()
+            return TorchAttentionBackend(batch_invariant)
         try:
             return _triton_backend(device)
         except ImportError as e:
             log.warning("triton is not importable (%s): using the torch attention backend on %s", e, device)
-            return TorchAttentionBackend()
+            return TorchAttentionBackend(batch_invariant)
     if name == "torch":
-        return TorchAttentionBackend()
+        return TorchAttentionBackend(batch_invariant)
     if device.type != "cuda" and not triton_interpreter_enabled():
         raise ValueError(
             f"the triton attention backend needs a CUDA device, not {device} "
