@@ -308,8 +308,8 @@ class TorchAttentionBackend(AttentionBackend):
         pos = torch.arange(max(units, default=0), device=device)
         for length, members in units.items():
             singles = [m for m in members if len(m[1]) == 1]
-            for first, contexts, i in [m for m in members if len(m[1]) > 1]:
-                calls.append(self._invariant_call(md, block_size, length, first, contexts, [i], pos))
+            for first, row_contexts, req in [m for m in members if len(m[1]) > 1]:
+                calls.append(self._invariant_call(md, block_size, length, first, row_contexts, [req], pos))
             if singles:
                 calls.append(
                     self._invariant_call(
