@@ -529,9 +529,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     cp.save(out, args.output)
     for c in out["comparison"]:
         ratio = c["output_tok_per_s_ratio"]
+        same = c["outputs_same_as_off"]
         print(
             f"{c['method']:<6} {c['workload']:<8} c={c['concurrency']:<3} "
-            f"{'-' if ratio is None else f'{ratio:.2f}x'} output tok/s vs off"
+            f"{'-' if ratio is None else f'{ratio:.2f}x'} output tok/s vs off, "
+            f"{'-' if same is None else f'{same:.0%}'} of outputs identical to off"
         )
     print(f"wrote {args.output}")
     return 0
