@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import os
 
-# Before torch is imported: the exact mode's batch invariance (services/engine_core/__init__.py).
+# Before any GEMM: the exact mode's batch invariance (run_mode.use_batch_invariant_blas), for
+# the whole test process, whose first GEMM may come from a test of another mode.
 os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
 import torch

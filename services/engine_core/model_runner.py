@@ -29,7 +29,7 @@ from services.engine_core.fused_cpu import decode as fused_decode
 from services.engine_core.fused_cpu import extension as fused_extension
 from services.engine_core.models.int4 import Int4Weight
 from services.engine_core.models.int8 import Int8Weight
-from services.engine_core.run_mode import blas_batch_invariant, describe, resolve_device, resolve_dtype
+from services.engine_core.run_mode import describe, use_batch_invariant_blas, resolve_device, resolve_dtype
 from services.engine_core.sampler import Sampler, SamplingBatch
 from services.engine_core.speculative.verify import verify_drafts
 from services.engine_core.structured_output import RequestGrammar, fill_bitmask
@@ -54,6 +54,8 @@ class ModelRunner:
             # Before any compilation: Inductor bakes the thread count into its kernels.
             torch.set_num_threads(config.num_threads or available_cores())
         torch.manual_seed(config.seed)
+        # Before any float32 GEMM of this process: MKL reads its mode at the first one.
+        blas_invariant = config.exact and self.device.type == "cpu" and use_batch_invariant_blas()
 
         t0 = time.perf_counter()
         self.model, self.model_config = load_model(config, self.device, self.dtype)
@@ -89,10 +91,10 @@ class ModelRunner:
             fused=self.fused is not None,
         )
         log.info("run mode: %s%s", self.mode, _MODE_HINT if self.device.type == "cpu" and not config.exact else "")
-        if config.exact and self.device.type == "cpu" and not blas_batch_invariant():
+        if config.exact and self.device.type == "cpu" and not blas_invariant:
             log.warning(
-                "exact mode without MKL's strict CNR mode (MKL_CBWR=AUTO,STRICT, read when torch loads MKL: "
-                "set it before torch is imported): greedy output is unaffected, but logits depend on the "
+                "exact mode without MKL's strict CNR mode (MKL_CBWR=AUTO,STRICT, read at this process's first "
+                "float32 GEMM: set it before using torch): greedy output is unaffected, but logits depend on the "
                 "batch in the last bits, so a seeded sampled output can differ with the batch and speculation"
             )
         log.info(

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import os
 from pathlib import Path
 
 import torch
@@ -43,10 +44,21 @@ _MKL_CBWR_ALL = -1
 _MKL_CBWR_STRICT = 0x10000
 
 
-@functools.cache
+def use_batch_invariant_blas() -> bool:
+    """Ask MKL for its strict CNR mode, where a float32 GEMM computes each output row the same
+    way whatever the row count (the exact mode's batch invariance), and say whether it is on.
+    MKL reads MKL_CBWR at its first GEMM, not when torch loads it, so an exact engine sets it
+    before loading weights; a process that has already multiplied float32 matrices keeps the
+    mode it started with (the engine then warns). Only the exact mode asks: strict mode gives
+    up MKL's single-row GEMV kernel, which fp32 modes that are not exact keep. A user's own
+    MKL_CBWR wins."""
+    os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
+    return blas_batch_invariant()
+
+
 def blas_batch_invariant() -> bool:
     """Whether torch's float32 GEMM computes each output row independently of the row count:
-    its MKL runs in strict CNR mode (MKL_CBWR=...,STRICT, read when MKL loads)."""
+    its MKL runs in strict CNR mode (MKL_CBWR=...,STRICT, read at MKL's first GEMM)."""
     if not torch.backends.mkl.is_available():
         return False
     for lib in sorted((Path(torch.__file__).parent / "lib").glob("libtorch_cpu.*")):

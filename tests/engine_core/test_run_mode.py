@@ -4,6 +4,10 @@ is float32 with nothing else."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -75,9 +79,9 @@ def test_runner_reports_its_resolved_mode() -> None:
 
 @pytest.mark.skipif(not torch.backends.mkl.is_available(), reason="MKL's CNR mode is the batch-invariant GEMM")
 def test_float32_gemm_rows_do_not_depend_on_the_row_count() -> None:
-    """MKL_CBWR=AUTO,STRICT (set before torch loads MKL: tests/conftest.py, and
-    services/engine_core/__init__.py for the engine's processes): a row's product is the same
-    bits alone, among a few rows and among many, as the exact mode's batch invariance needs."""
+    """MKL_CBWR=AUTO,STRICT (set before any GEMM: tests/conftest.py here, the exact engine in
+    its process): a row's product is the same bits alone, among a few rows and among many, as
+    the exact mode's batch invariance needs."""
     assert blas_batch_invariant()
     gen = torch.Generator().manual_seed(0)
     w = torch.randn(1536, 576, generator=gen)
@@ -85,3 +89,22 @@ def test_float32_gemm_rows_do_not_depend_on_the_row_count() -> None:
     alone = torch.nn.functional.linear(x[:1], w)
     for rows in (2, 5, 9, 17, 64):
         assert torch.equal(torch.nn.functional.linear(x[:rows], w)[:1], alone), rows
+
+
+@pytest.mark.skipif(not torch.backends.mkl.is_available(), reason="MKL's CNR mode is the batch-invariant GEMM")
+@pytest.mark.parametrize("exact", [True, False])
+def test_only_the_exact_mode_turns_on_mkls_strict_mode(exact: bool) -> None:
+    """Strict mode costs MKL's single-row GEMV kernel, so only an exact engine asks for it, in
+    a process that starts without it (a fresh interpreter: MKL keeps the mode of its first GEMM)."""
+    code = (
+        "from services.engine_core.model_runner import ModelRunner\n"
+        "from services.engine_core.run_mode import blas_batch_invariant\n"
+        "from shared.config import EngineConfig\n"
+        "ModelRunner(EngineConfig(model='tiny-llama', device='cpu', kv_cache_bytes=1 << 20,"
+        f" max_num_batched_tokens=64, exact={exact}))\n"
+        "print(blas_batch_invariant())\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "MKL_CBWR"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == str(exact)
