@@ -29,7 +29,7 @@ from services.engine_core.fused_cpu import decode as fused_decode
 from services.engine_core.fused_cpu import extension as fused_extension
 from services.engine_core.models.int4 import Int4Weight
 from services.engine_core.models.int8 import Int8Weight
-from services.engine_core.run_mode import describe, use_batch_invariant_blas, resolve_device, resolve_dtype
+from services.engine_core.run_mode import describe, resolve_device, resolve_dtype, use_batch_invariant_blas
 from services.engine_core.sampler import Sampler, SamplingBatch
 from services.engine_core.speculative.verify import verify_drafts
 from services.engine_core.structured_output import RequestGrammar, fill_bitmask
