@@ -16,7 +16,6 @@ the LM head), and the weight bytes each kernel reads. Writes benchmarks/results/
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -31,7 +30,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
-from machine_info import machine_info  # noqa: E402
+from machine_info import machine_info, write_results  # noqa: E402
 
 from services.engine_core.models.int4 import GROUP, Int4Weight  # noqa: E402
 from services.engine_core.models.int8 import Int8Weight  # noqa: E402
@@ -157,10 +156,7 @@ def main() -> int:
         "beats_bf16_up_to_rows": crossover,
         "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA", "default"),
     }
-    os.makedirs(os.path.dirname(args.output), exist_ok=True)
-    with open(args.output, "w") as f:
-        json.dump(out, f, indent=1)
-    print(f"wrote {args.output}")
+    write_results(args.output, out)
     return 0
 
 

@@ -20,7 +20,6 @@ OpenMP's wait policy is read once per process, so compare it across runs (it is 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -37,7 +36,7 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 sys.path.insert(0, HERE)
 
-from machine_info import machine_info  # noqa: E402
+from machine_info import machine_info, write_results  # noqa: E402
 from perplexity import MODES  # noqa: E402
 
 from services.engine_core.engine import LLMEngine  # noqa: E402
@@ -206,10 +205,7 @@ def main() -> int:
             for kind, v in sorted(ops["by_kind"].items(), key=lambda kv: -kv[1]["ms_per_step"]):
                 print(f"    {kind:36s} {v['ops_per_step']:6.0f} ops {v['ms_per_step']:7.2f} ms", flush=True)
         out["variants"].append(r)
-    os.makedirs(os.path.dirname(args.output), exist_ok=True)
-    with open(args.output, "w") as f:
-        json.dump(out, f, indent=1)
-    print(f"wrote {args.output}")
+    write_results(args.output, out)
     return 0
 
 

@@ -3,6 +3,7 @@ different instruction sets (AVX-512, AMX or not) are never compared as if alike.
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 from typing import Any
@@ -64,3 +65,11 @@ def machine_info() -> dict[str, Any]:
     except ImportError:
         pass
     return info
+
+
+def write_results(path: str, results: dict[str, Any]) -> None:
+    """Write a benchmark's results JSON (creating its folder) and say where it went."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(results, f, indent=1)
+    print(f"wrote {path}")

@@ -40,7 +40,7 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 sys.path.insert(0, HERE)
 
-from machine_info import machine_info  # noqa: E402
+from machine_info import machine_info, write_results  # noqa: E402
 from perplexity import MODES as DENSE_MODES  # noqa: E402
 
 from services.engine_core.attention.base import AttentionMetadata  # noqa: E402
@@ -294,10 +294,7 @@ def main() -> int:
                 f"warm {s['warm']['construct_to_first_token_s']:.1f}s",
                 flush=True,
             )
-    os.makedirs(os.path.dirname(args.output), exist_ok=True)
-    with open(args.output, "w") as f:
-        json.dump(out, f, indent=1)
-    print(f"wrote {args.output}")
+    write_results(args.output, out)
     return 0
 
 

@@ -22,7 +22,6 @@ benchmarks/results/verify_step_cost.json with machine_info.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -36,7 +35,7 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 sys.path.insert(0, HERE)
 
-from machine_info import machine_info  # noqa: E402
+from machine_info import machine_info, write_results  # noqa: E402
 
 from services.engine_core.batch import ScheduledBatch  # noqa: E402
 from services.engine_core.model_runner import ModelRunner  # noqa: E402
@@ -175,10 +174,7 @@ def main() -> int:
         "lm_head_max_rows": runner.model.lm_head_max_rows,
         "points": results,
     }
-    os.makedirs(os.path.dirname(args.output), exist_ok=True)
-    with open(args.output, "w") as f:
-        json.dump(out, f, indent=1)
-    print(f"wrote {args.output}")
+    write_results(args.output, out)
     return 0
 
 
