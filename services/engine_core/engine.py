@@ -245,9 +245,10 @@ class LLMEngine:
             if req.num_tokens - req.num_computed_tokens == 1:
                 decodes.append(req)
         slope = self._step_cost.relative_slope(len(decodes)) if self._adaptive_k else 0.0
+        fixed = self._step_cost.relative_fixed(len(decodes)) if self._adaptive_k else 0.0
         for req in decodes:
             if self._adaptive_k:
-                k = req.spec_acceptance.draft_length(max_k, len(decodes), slope)
+                k = req.spec_acceptance.draft_length(max_k, len(decodes), slope, fixed)
             else:
                 k = max_k if req.spec_acceptance.should_propose() else 0
             if k > 0:

@@ -66,7 +66,7 @@ class AcceptanceTracker:
         """The estimated chance that a draft is accepted, given the drafts before it were."""
         return self._accepted_sum / self._tried_sum
 
-    def draft_length(self, max_k: int, num_decodes: int, relative_slope: float) -> int:
+    def draft_length(self, max_k: int, num_decodes: int, relative_slope: float, relative_fixed: float = 0.0) -> int:
         """Adaptive: the drafts to propose this step (0: decode plainly). Called once per step the request decodes."""
         if self._skip > 0:
             self._skip -= 1
@@ -79,7 +79,7 @@ class AcceptanceTracker:
             self._probing = True
             self._reset_alpha()
             return 1
-        k = best_draft_length(self.alpha, max_k, num_decodes, relative_slope)
+        k = best_draft_length(self.alpha, max_k, num_decodes, relative_slope, relative_fixed)
         if k > 0:
             return k
         self._back_off()

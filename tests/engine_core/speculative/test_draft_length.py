@@ -137,3 +137,41 @@ def test_always_wrong_drafts_cost_few_verifications() -> None:
         drafted.append(k)
     assert sum(drafted) <= 20
     assert sum(1 for k in drafted if k) <= 12
+
+
+def test_step_cost_fits_a_fixed_cost_of_verifying_any_drafts() -> None:
+    """The CPU default: a decode-only step is one fused call, a step with drafts runs eagerly,
+    so the first draft costs 70 % of a step and each one after it 1 %."""
+    cost = StepCost()
+    for _ in range(6):
+        for drafts in (0, 2, 8, 0, 4, 1):
+            cost.record(8, drafts, 0.05 + (0.035 + 0.0005 * drafts if drafts else 0.0))
+    fit = cost.fit()
+    assert fit is not None and fit[0] == pytest.approx(0.035) and fit[1] == pytest.approx(0.0005)
+    assert cost.base(8) == pytest.approx(0.05)
+    assert cost.relative_fixed(8) == pytest.approx(0.7)
+    # Eight decode rows: no request's drafts make up for 70 % of a step, even at alpha 0.9.
+    assert best_draft_length(0.9, 8, 8, cost.relative_slope(8), cost.relative_fixed(8)) == 0
+    # One stream: accepted drafts still pay for it.
+    assert best_draft_length(0.9, 8, 1, 0.01, 0.7) == 8
+
+
+def test_step_cost_without_drafts_keeps_its_fit() -> None:
+    """Long runs without drafts (backed off) do not fade the fit back to the prior."""
+    cost = StepCost()
+    for drafts in (0, 4, 0, 8, 0, 2) * 3:
+        cost.record(1, drafts, 0.01 + 0.001 * drafts)
+    for _ in range(300):
+        cost.record(1, 0, 0.01)
+    assert cost.slope() == pytest.approx(0.001)
+
+
+def test_step_cost_cannot_tell_a_fixed_cost_from_drafts_of_one_size() -> None:
+    """Steps alternating between 0 and 4 drafts: the fixed part and the slope are one
+    unknown, carried by the slope as before."""
+    cost = StepCost()
+    for i in range(20):
+        drafts = 4 * (i % 2)
+        cost.record(1, drafts, 0.05 + (0.02 + 0.001 * drafts if drafts else 0.0))
+    assert cost.fit() == (0.0, pytest.approx(0.006))
+    assert cost.relative_fixed(1) == 0.0
