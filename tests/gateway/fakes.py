@@ -48,7 +48,7 @@ from shared.zmq_utils import pull_socket, push_socket
 MODEL = "test-model"
 TOKENS = ["Hello", ",", " world"]
 HEARTBEAT_S = 0.05
-TIMEOUT_S = 1.0
+TIMEOUT_S = 2.0  # a fake worker that misses heartbeats this long is silent; 1 s flaked on a loaded 2-core machine
 
 Script = Callable[["FakeWorker", GenerateRequest], Awaitable[None]]
 
