@@ -29,6 +29,18 @@ def run(batch, backend) -> torch.Tensor:
     return backend.forward(batch.query, batch.key, batch.value, batch.k_cache, batch.v_cache, batch.md, batch.scale)
 
 
+def _attend_gqa(paged_batch, relative_error, dtype, tol, query_lens, context_lens, shuffle) -> TorchAttentionBackend:
+    """Attend a 9-query-head, 3-KV-head batch; check it against the reference; return the backend (its plan)."""
+    batch = paged_batch(
+        query_lens, context_lens, num_heads=9, num_kv_heads=3, head_dim=64, dtype=dtype, shuffle_blocks=shuffle
+    )
+    backend = TorchAttentionBackend()
+    out = run(batch, backend)
+    ref = reference_attention(batch.query, batch.k_cache, batch.v_cache, batch.md, batch.scale)
+    assert relative_error(out, ref) < tol
+    return backend
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("lens", [MIXED, SPEC], ids=["mixed", "spec"])
@@ -132,13 +144,7 @@ def test_short_rows_are_attended_in_groups(
     paged_batch, relative_error, dtype, tol, query_lens, context_lens, shuffle, path
 ):
     """Rows of a few tokens (verifications) go through one grouped call per query length."""
-    batch = paged_batch(
-        query_lens, context_lens, num_heads=9, num_kv_heads=3, head_dim=64, dtype=dtype, shuffle_blocks=shuffle
-    )
-    backend = TorchAttentionBackend()
-    out = run(batch, backend)
-    ref = reference_attention(batch.query, batch.k_cache, batch.v_cache, batch.md, batch.scale)
-    assert relative_error(out, ref) < tol
+    backend = _attend_gqa(paged_batch, relative_error, dtype, tol, query_lens, context_lens, shuffle)
     assert backend._plan is not None and not backend._plan.chunks
     (group,) = backend._plan.decode_groups
     assert group.q_len == query_lens[0] and getattr(group, path) is not None
@@ -152,13 +158,7 @@ def test_short_rows_of_several_lengths_beside_chunks(paged_batch, relative_error
     prefill chunks, rows interleaved."""
     query_lens = [3, 1, 9, 20, 3, 1, 17, 9]
     context_lens = [31, 20, 16, 40, 70, 5, 0, 31]
-    batch = paged_batch(
-        query_lens, context_lens, num_heads=9, num_kv_heads=3, head_dim=64, dtype=dtype, shuffle_blocks=shuffle
-    )
-    backend = TorchAttentionBackend()
-    out = run(batch, backend)
-    ref = reference_attention(batch.query, batch.k_cache, batch.v_cache, batch.md, batch.scale)
-    assert relative_error(out, ref) < tol
+    backend = _attend_gqa(paged_batch, relative_error, dtype, tol, query_lens, context_lens, shuffle)
     assert backend._plan is not None
     assert {g.q_len for g in backend._plan.decode_groups} == {1, 3, 9}
     assert sorted(c.q_len for c in backend._plan.chunks) == [17, 20]
