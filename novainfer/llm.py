@@ -38,6 +38,8 @@ class CompletionOutput:
     logprobs: list[TextLogprob] | None = None
     reasoning_content: str | None = None
     """chat() under a reasoning parser: the thinking (text is then the answer)."""
+    num_reasoning_tokens: int = 0
+    """chat() under a reasoning parser: how many of token_ids are the thinking (its tags included)."""
 
 
 @dataclass
@@ -183,7 +185,8 @@ class LLM:
                     continue
                 delta = stream.process(out)
                 if parser is not None:
-                    parser.split(delta)
+                    parser.split(delta, stream)
+                    completion.num_reasoning_tokens = delta.num_reasoning_tokens
                     if delta.reasoning_text:  # None, as the server omits it, when there was no thinking
                         completion.reasoning_content = (completion.reasoning_content or "") + delta.reasoning_text
                 completion.text += delta.text

@@ -366,6 +366,8 @@ class RequestDelta(msgspec.Struct, kw_only=True, omit_defaults=True):
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
     """Cumulative."""
+    num_reasoning_tokens: int = 0
+    """Cumulative: under a reasoning parser, the output tokens of the thinking (its tags included)."""
     num_cached_tokens: int = 0
     prompt_text: str | None = None
     """Only in the first delta of an echo request."""

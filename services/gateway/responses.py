@@ -30,6 +30,7 @@ class ChoiceState:
         "stop_reason",
         "prompt_tokens",
         "output_tokens",
+        "reasoning_tokens",
         "cached_tokens",
         "prompt_text",
         "text_offset",
@@ -45,6 +46,8 @@ class ChoiceState:
         self.stop_reason: str | int | None = None
         self.prompt_tokens = 0
         self.output_tokens = 0
+        self.reasoning_tokens = 0
+        """Chat under a reasoning parser: how many of output_tokens are the thinking."""
         self.cached_tokens = 0
         self.prompt_text = ""
         self.text_offset = 0
@@ -73,6 +76,7 @@ class DeltaAccumulator:
             c.prompt_tokens = d.num_prompt_tokens
             c.cached_tokens = d.num_cached_tokens
         c.output_tokens = d.num_output_tokens or c.output_tokens + len(d.token_ids)
+        c.reasoning_tokens = max(c.reasoning_tokens, d.num_reasoning_tokens)
         if d.prompt_text is not None:
             c.prompt_text = d.prompt_text
             c.text_offset = len(d.prompt_text)
@@ -93,12 +97,15 @@ class DeltaAccumulator:
                 prompt += reported[0].prompt_tokens
                 cached += reported[0].cached_tokens
         completion = sum(c.output_tokens for c in self.choices)
-        return {
+        usage: dict[str, Any] = {
             "prompt_tokens": prompt,
             "completion_tokens": completion,
             "total_tokens": prompt + completion,
             "prompt_tokens_details": {"cached_tokens": cached},
         }
+        if self.job.chat:  # as OpenAI's: the thinking's share of completion_tokens
+            usage["completion_tokens_details"] = {"reasoning_tokens": sum(c.reasoning_tokens for c in self.choices)}
+        return usage
 
     def _completion_logprobs(self, c: ChoiceState, lps: list[TextLogprob]) -> dict[str, Any]:
         offsets = []

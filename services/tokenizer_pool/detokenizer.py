@@ -9,6 +9,7 @@ Two guarantees the gateway relies on:
 
 from __future__ import annotations
 
+import bisect
 import logging
 from typing import Any
 
@@ -110,6 +111,8 @@ class RequestStream:
         self._prompt_text = prompt_text
         self._pending = ""
         """Stable text held back because it may be the start of a stop string."""
+        self._text_ends: list[int] = []
+        """Per output token whose text was decoded: the length of the output text once it was."""
 
     def process(self, out: EngineOutput) -> RequestDelta:
         """Fold one engine output in; the delta carries the text that may now be shown."""
@@ -131,7 +134,9 @@ class RequestStream:
             if i == last and out.stop_token_id is not None and token_id == out.stop_token_id:
                 break  # the stop token counts as output but its text is never shown
             shown += 1
-            emitted, stop_string = self._append(self._detok.add(token_id))
+            new = self._detok.add(token_id)
+            self._text_ends.append(self._text_len + len(new))
+            emitted, stop_string = self._append(new)
             text.append(emitted)
             if stop_string is not None:
                 break
@@ -142,7 +147,10 @@ class RequestStream:
             finish_reason, stop_reason = FINISH_STOP, stop_string
             self.abort_in_engine = out.finish_reason is None
         elif out.finish_reason is not None:
-            emitted, stop_string = self._append(self._detok.flush(), final=True)
+            rest = self._detok.flush()
+            if self._text_ends:  # held bytes: the last token's text
+                self._text_ends[-1] += len(rest)
+            emitted, stop_string = self._append(rest, final=True)
             text.append(emitted)
             if stop_string is not None:
                 finish_reason, stop_reason = FINISH_STOP, stop_string
@@ -164,6 +172,17 @@ class RequestStream:
             finish_reason=finish_reason,
             stop_reason=stop_reason,
         )
+
+    @property
+    def _text_len(self) -> int:
+        return self._text_ends[-1] if self._text_ends else 0
+
+    def num_tokens_for(self, chars: int) -> int:
+        """How many output tokens it took to produce the first `chars` characters of the
+        output text (a token that completes them and starts what follows counts)."""
+        if chars <= 0:
+            return 0
+        return min(bisect.bisect_left(self._text_ends, chars) + 1, len(self._text_ends))
 
     def _append(self, new: str, final: bool = False) -> tuple[str, str | None]:
         """Add stable text; return (text to emit now, the stop string hit or None)."""

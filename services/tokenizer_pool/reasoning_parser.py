@@ -13,6 +13,10 @@ why), streamed or not. Text that may be the start of a tag is held back until it
 a tag split across stream chunks is never shown; whitespace between `</think>` and the
 answer is dropped.
 
+The parser also knows how much of the output text is thinking (`reasoning_chars`, its tags
+included), which the request's stream turns into a count of tokens: the usage's
+`reasoning_tokens`.
+
 The same decision, in token ids, goes to the engine (`ReasoningTokens`): it applies the
 request's grammar to the answer only.
 """
@@ -20,11 +24,14 @@ request's grammar to the answer only.
 from __future__ import annotations
 
 import logging
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from services.tokenizer_pool.tokenizer import Tokenizer
 from shared.errors import InvalidRequest
 from shared.protocol import ReasoningTokens, RequestDelta
+
+if TYPE_CHECKING:
+    from services.tokenizer_pool.detokenizer import RequestStream
 
 log = logging.getLogger(__name__)
 
@@ -81,10 +88,16 @@ class ReasoningParser:
         self._at_reasoning_start = True
         """No reasoning text yet: a `<think>` here is the model opening it (dropped)."""
         self._buf = ""
+        self._fed = 0
+        """Characters of output text fed so far."""
+        self.reasoning_chars = 0
+        """How many leading characters of the output text are thinking (its tags included):
+        all fed so far while it thinks, fixed once `</think>` is seen."""
 
     def feed(self, text: str) -> tuple[str, str]:
         """(reasoning, content) that may be shown now."""
         self._buf += text
+        self._fed += len(text)
         reasoning: list[str] = []
         content: list[str] = []
         while self._buf:
@@ -116,6 +129,7 @@ class ReasoningParser:
                 reasoning.append(buf[:end])
                 self._buf = buf[end + len(THINK_END) :]
                 self._phase = "answer_start"
+                self.reasoning_chars = self._fed - len(self._buf)
                 continue
             if self._phase == "answer_start":  # the whitespace between </think> and the answer
                 head = buf.lstrip()
@@ -126,16 +140,20 @@ class ReasoningParser:
                 continue
             content.append(buf)
             self._buf = ""
+        if self._phase == "reasoning":
+            self.reasoning_chars = self._fed
         return "".join(reasoning), "".join(content)
 
-    def split(self, delta: RequestDelta) -> None:
+    def split(self, delta: RequestDelta, stream: RequestStream) -> None:
         """Move the thinking in delta's text into delta.reasoning_text (so that tool calls are
-        parsed out of the answer only); a finished delta takes what was held back."""
+        parsed out of the answer only); a finished delta takes what was held back. Sets
+        delta.num_reasoning_tokens from the stream the delta came from."""
         reasoning, content = self.feed(delta.text)
         if delta.finish_reason is not None:
             more_reasoning, more_content = self.finish()
             reasoning, content = reasoning + more_reasoning, content + more_content
         delta.text, delta.reasoning_text = content, reasoning
+        delta.num_reasoning_tokens = stream.num_tokens_for(self.reasoning_chars)
 
     def finish(self) -> tuple[str, str]:
         """What is held back, once the output ended."""

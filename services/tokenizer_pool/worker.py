@@ -293,7 +293,7 @@ class TokenizerWorker:
                 delta = stream.process(out)
                 reasoning = self._reasoning_parsers.get(out.request_id)
                 if reasoning is not None:
-                    reasoning.split(delta)  # tool calls are parsed out of the answer only
+                    reasoning.split(delta, stream)  # tool calls are parsed out of the answer only
                 parser = self._tool_parsers.get(out.request_id)
                 if parser is not None:
                     _parse_tool_calls(parser, delta)

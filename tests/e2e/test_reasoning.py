@@ -70,15 +70,23 @@ def test_reasoning_split_and_schema_on_the_answer(client: openai.OpenAI, served:
     assert reasoning and set(reasoning.replace("<think>", "")) <= {"H"}, reasoning
     jsonschema.validate(json.loads(choice.message.content), SCHEMA)
 
-    stream = create(client, served, response_format=FORMAT, stream=True)
+    details = resp.usage.completion_tokens_details
+    assert details is not None and 0 < details.reasoning_tokens < resp.usage.completion_tokens
+
+    stream = create(client, served, response_format=FORMAT, stream=True, stream_options={"include_usage": True})
     streamed_reasoning = content = ""
-    finish = None
+    finish = usage = None
     for chunk in stream:
+        if chunk.usage is not None:
+            usage = chunk.usage
+        if not chunk.choices:
+            continue
         delta = chunk.choices[0].delta
         streamed_reasoning += getattr(delta, "reasoning_content", None) or ""
         content += delta.content or ""
         finish = chunk.choices[0].finish_reason or finish
     assert (streamed_reasoning, content, finish) == (reasoning, choice.message.content, "stop")
+    assert usage == resp.usage  # the same seed: the same output, the same counts
 
 
 def test_enable_thinking_false_constrains_from_the_first_token(

@@ -55,6 +55,7 @@ def test_qwen3_opens_its_thinking_and_the_schema_applies_after_it(qwen3: LLM) ->
         assert c.finish_reason == "stop", c
         assert c.token_ids[0] == THINK and END_THINK in c.token_ids
         assert c.reasoning_content and set(c.reasoning_content.replace("<think>", "")) <= set("Hmm"), c
+        assert c.num_reasoning_tokens == c.token_ids.index(END_THINK) + 1  # <think> ... </think>
         jsonschema.validate(json.loads(c.text), SCHEMA)
 
 

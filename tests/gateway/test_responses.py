@@ -21,6 +21,7 @@ from tests.gateway.fakes import (
     endless,
     fail_after_one,
     prompt_too_long,
+    say_hello,
 )
 from tests.gateway.test_gateway_errors import assert_openai_error
 from tests.gateway.test_tools import two_calls
@@ -331,10 +332,13 @@ async def test_input_items_listed(gateway: Gateway) -> None:
 
 async def think_then_answer(worker: FakeWorker, req: GenerateRequest) -> None:
     """As a tokenizer worker under a reasoning parser splits the output."""
+    rid = req.request_id
     deltas = [
-        RequestDelta(request_id=req.request_id, reasoning_text="Hmm, ", num_prompt_tokens=5, num_output_tokens=2),
-        RequestDelta(request_id=req.request_id, reasoning_text="easy.", num_output_tokens=4),
-        RequestDelta(request_id=req.request_id, text="Four.", num_output_tokens=6, finish_reason="stop"),
+        RequestDelta(
+            request_id=rid, reasoning_text="Hmm, ", num_prompt_tokens=5, num_output_tokens=2, num_reasoning_tokens=2
+        ),
+        RequestDelta(request_id=rid, reasoning_text="easy.", num_output_tokens=4, num_reasoning_tokens=4),
+        RequestDelta(request_id=rid, text="Four.", num_output_tokens=6, num_reasoning_tokens=4, finish_reason="stop"),
     ]
     for d in deltas:
         worker.send(d)
@@ -347,6 +351,8 @@ async def test_reasoning_items(gateway: Gateway) -> None:
     resp = await c.responses.create(model=MODEL, input="2+2?")
     assert [i.type for i in resp.output] == ["reasoning", "message"]
     assert resp.output[0].content[0].text == "Hmm, easy." and resp.output_text == "Four."
+    assert resp.usage is not None
+    assert (resp.usage.output_tokens, resp.usage.output_tokens_details.reasoning_tokens) == (6, 4)
     events = [e async for e in await c.responses.create(model=MODEL, input="2+2?", stream=True)]
     assert [e.type for e in events] == [
         "response.created",
@@ -369,6 +375,7 @@ async def test_reasoning_items(gateway: Gateway) -> None:
     assert events[6].text == "Hmm, easy." and events[2].item.type == "reasoning"
     final = events[-1].response
     assert [i.model_dump(exclude={"id"}) for i in final.output] == [i.model_dump(exclude={"id"}) for i in resp.output]
+    assert final.usage is not None and final.usage.output_tokens_details.reasoning_tokens == 4
     # Sent back as input, the reasoning item is accepted and left out of the prompt.
     history = [{"role": "user", "content": "2+2?"}, *(i.model_dump(exclude_none=True) for i in resp.output)]
     await c.responses.create(model=MODEL, input=[*history, {"role": "user", "content": "and 3+3?"}])
@@ -377,6 +384,34 @@ async def test_reasoning_items(gateway: Gateway) -> None:
         ("assistant", "Four."),
         ("user", "and 3+3?"),
     ]
+
+
+async def test_reasoning_tokens_in_chat_usage(gateway: Gateway) -> None:
+    """completion_tokens_details.reasoning_tokens, whole and in the streamed usage chunk, summed over n."""
+    gateway.set_script(think_then_answer)
+    c = client(gateway)
+    ask = [{"role": "user", "content": "2+2?"}]
+    resp = await c.chat.completions.create(model=MODEL, messages=ask, n=2)
+    assert resp.usage is not None and resp.usage.completion_tokens_details is not None
+    assert (resp.usage.completion_tokens, resp.usage.completion_tokens_details.reasoning_tokens) == (12, 8)
+    chunks = [
+        chunk
+        async for chunk in await c.chat.completions.create(
+            model=MODEL,
+            messages=ask,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    ]
+    usage = chunks[-1].usage
+    assert usage is not None and usage.completion_tokens_details is not None
+    assert (usage.completion_tokens, usage.completion_tokens_details.reasoning_tokens) == (6, 4)
+    assert all(chunk.usage is None for chunk in chunks[:-1])
+    # Without thinking, the count is there and 0, as OpenAI's is.
+    gateway.set_script(say_hello)
+    plain = await c.chat.completions.create(model=MODEL, messages=ask)
+    assert plain.usage is not None and plain.usage.completion_tokens_details is not None
+    assert plain.usage.completion_tokens_details.reasoning_tokens == 0
 
 
 async def json_answer(worker: FakeWorker, req: GenerateRequest) -> None:

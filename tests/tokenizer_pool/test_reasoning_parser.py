@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from services.tokenizer_pool.detokenizer import RequestStream
 from services.tokenizer_pool.reasoning_parser import (
     PromptState,
     ReasoningParser,
@@ -14,7 +15,7 @@ from services.tokenizer_pool.reasoning_parser import (
     reasoning_for_prompt,
 )
 from services.tokenizer_pool.tokenizer import Tokenizer
-from shared.protocol import ReasoningTokens, RequestDelta
+from shared.protocol import EngineOutput, ReasoningTokens, RequestDelta, SamplingParams
 
 QWEN3_OUT = "<think>\nThe user greets me. I greet back.\n</think>\n\nHello! How can I help?"
 R1_OUT = "The user greets me. I greet back.\n</think>\n\nHello! How can I help?"
@@ -67,19 +68,62 @@ def test_tags_are_never_shown_while_streaming() -> None:
     assert steps == [("", ""), ("Hmm", ""), (" ok", ""), ("", ""), ("", "Hi"), ("", "")]
 
 
-def test_split_moves_the_thinking_out_of_a_delta() -> None:
+def test_split_moves_the_thinking_out_of_a_delta(smol_tokenizer: Tokenizer) -> None:
+    # The deltas' text comes from the test, not from a stream's tokens (counted below).
+    no_tokens = RequestStream("r", smol_tokenizer, SamplingParams(), num_prompt_tokens=1, engine=0)
     parser = ReasoningParser("deepseek_r1")
     first = RequestDelta(request_id="r", text="Let me think</th")
-    parser.split(first)
+    parser.split(first, no_tokens)
     assert (first.reasoning_text, first.text) == ("Let me think", "")
     last = RequestDelta(request_id="r", text="ink>42", finish_reason="stop")
-    parser.split(last)
+    parser.split(last, no_tokens)
     assert (last.reasoning_text, last.text) == ("", "42")
     cut = RequestDelta(request_id="r", text="", finish_reason="length")
     parser = ReasoningParser("qwen3")
     parser.feed("<think>abc</thi")
-    parser.split(cut)  # the held partial tag is thinking, flushed at the end
+    parser.split(cut, no_tokens)  # the held partial tag is thinking, flushed at the end
     assert (cut.reasoning_text, cut.text) == ("</thi", "")
+
+
+@pytest.mark.parametrize(
+    ("family", "thinking", "answer"),
+    [
+        ("qwen3", "<think>\nThe user greets me. I greet back.\n</think>", "\n\nHello! How can I help?"),
+        ("deepseek_r1", "The user greets me.\n</think>", "\n\nHello!"),
+        ("qwen3", "", "Hello! How can I help?"),  # no thinking: none counted
+        ("qwen3", "<think>\nStill thinking when max_tokens", ""),  # cut inside: all of it
+    ],
+)
+@pytest.mark.parametrize("per_step", [1, 3, 100])
+def test_reasoning_tokens_counted(
+    smol_tokenizer: Tokenizer, family: ReasoningParserFamily, thinking: str, answer: str, per_step: int
+) -> None:
+    """The tokens of the thinking (SmolLM2 spells the tags in several tokens), its tags included
+    and the EOS that ends the output not, whatever the engine's steps hold."""
+    thinking_ids = smol_tokenizer.encode(thinking, add_special_tokens=False) if thinking else []
+    answer_ids = smol_tokenizer.encode(answer, add_special_tokens=False) if answer else []
+    eos = smol_tokenizer.eos_token_ids[0]
+    ids = thinking_ids + answer_ids + ([eos] if answer else [])
+    stream = RequestStream("r", smol_tokenizer, SamplingParams(), num_prompt_tokens=1, engine=0)
+    parser = ReasoningParser(family)
+    counts, reasoning, content = [], "", ""
+    for i in range(0, len(ids), per_step):
+        step = ids[i : i + per_step]
+        last = i + per_step >= len(ids)
+        finish = ("stop" if answer else "length") if last else None
+        stop = eos if last and answer else None
+        delta = stream.process(
+            EngineOutput(request_id="r", new_token_ids=step, finish_reason=finish, stop_token_id=stop)
+        )
+        parser.split(delta, stream)
+        counts.append(delta.num_reasoning_tokens)
+        reasoning, content = reasoning + delta.reasoning_text, content + delta.text
+    assert counts == sorted(counts) and counts[-1] == len(thinking_ids), counts
+    assert content == answer.lstrip("\n")
+    # As the text arrives (once `<think>` is known to open it): each token of the thinking counts.
+    if per_step == 1 and thinking:
+        inside = range(3, len(thinking_ids) - 3)  # past `<think>`, before a possible `</`
+        assert [counts[k] for k in inside] == [k + 1 for k in inside], counts
 
 
 @pytest.mark.parametrize(
