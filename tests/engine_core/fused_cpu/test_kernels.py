@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from services.engine_core.attention.base import AttentionMetadata
 from services.engine_core.attention.torch_backend import reference_attention
 from services.engine_core.models.llama import apply_rope
 from tests.engine_core.conftest import build_paged_batch, rel_error
@@ -125,3 +126,98 @@ def test_decode_attention_same_at_any_thread_count(ext: ModuleType, threads: int
     finally:
         torch.set_num_threads(before)
     assert rel_error(out.view_as(ref), ref) < 1e-2
+
+
+def cached_step(
+    query_lens: list[int], context_lens: list[int], n_heads: int, n_kv: int, d: int, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata, float]:
+    """A step's q (fp32) and its bf16 paged caches with the step's own K/V already written (as
+    rope_write_kv leaves them), over build_paged_batch's NaN-poisoned, shuffled blocks."""
+    batch = build_paged_batch(query_lens, context_lens, num_heads=n_heads, num_kv_heads=n_kv, head_dim=d, seed=seed)
+    k_cache, v_cache, md = batch.k_cache.to(BF16), batch.v_cache.to(BF16), batch.md
+    k_cache.view(-1, n_kv, d).index_copy_(0, md.slot_mapping, batch.key.to(BF16))
+    v_cache.view(-1, n_kv, d).index_copy_(0, md.slot_mapping, batch.value.to(BF16))
+    return batch.query.float().contiguous(), k_cache, v_cache, md, batch.scale
+
+
+def paged(ext: ModuleType, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, md: AttentionMetadata, scale: float):
+    return ext.paged_attention(q, k, v, md.block_tables, md.query_start_loc, md.seq_lens, scale)
+
+
+@pytest.mark.parametrize(
+    "n_heads, n_kv, d",
+    [(9, 3, 64), (4, 2, 16), (8, 8, 128), (4, 1, 32), (6, 2, 40)],
+)
+@pytest.mark.parametrize(
+    "query_lens, context_lens",
+    [
+        ([1], [0]),
+        ([17], [0]),  # a prefill-like chunk: every row causal within the group
+        ([9], [2091]),  # a verify group ending at 2100, across a split boundary
+        ([1, 2, 3, 5, 8, 13, 17], [0, 15, 126, 127, 255, 700, 1000]),
+        ([4, 1, 9, 1, 16], [12, 2099, 119, 31, 240]),
+    ],
+)
+def test_paged_attention(
+    ext: ModuleType, n_heads: int, n_kv: int, d: int, query_lens: list[int], context_lens: list[int]
+) -> None:
+    """Rows grouped by request, q_len 1..17 mixed, causal by position, against the per-request
+    torch reference (explicit softmax over the gathered context, future positions masked).
+    Reading a slot outside a request's context would turn its rows NaN."""
+    q, k_cache, v_cache, md, scale = cached_step(query_lens, context_lens, n_heads, n_kv, d)
+    ref = reference_attention(q, k_cache.float(), v_cache.float(), md, scale)
+    out = paged(ext, q, k_cache, v_cache, md, scale)
+    assert out.shape == (sum(query_lens), n_heads * d) and out.dtype == BF16
+    for r in range(md.num_reqs):  # per request: a short one's error is not hidden by a long one's
+        rows = slice(int(md.query_start_loc[r]), int(md.query_start_loc[r + 1]))
+        assert rel_error(out.view_as(ref)[rows], ref[rows]) < 1e-2, f"request {r}"
+
+
+def single(md: AttentionMetadata, r: int, seq_len: int, q_len: int = 1) -> AttentionMetadata:
+    """Request r of md alone, with q_len rows ending at position seq_len - 1 (same cache)."""
+    return AttentionMetadata(
+        num_reqs=1,
+        num_tokens=q_len,
+        query_start_loc=torch.tensor([0, q_len], dtype=torch.int32),
+        seq_lens=torch.tensor([seq_len], dtype=torch.int32),
+        block_tables=md.block_tables[r : r + 1].clone(),
+        slot_mapping=torch.zeros(q_len, dtype=torch.int64),
+        max_query_len=q_len,
+        max_seq_len=seq_len,
+        query_lens_cpu=[q_len],
+        seq_lens_cpu=[seq_len],
+    )
+
+
+def test_paged_attention_row_alone_equals_row_in_a_batch(ext: ModuleType) -> None:
+    """Batch invariance: a decode row's output bits do not depend on the other rows of the step
+    (their number, lengths, or the threads the step's splits spread over)."""
+    contexts = [3, 1500, 127, 128, 600, 40, 2047, 255]
+    q, k_cache, v_cache, md, scale = cached_step([1] * 8, contexts, 9, 3, 64, seed=5)
+    batched = paged(ext, q, k_cache, v_cache, md, scale)
+    for r, ctx in enumerate(contexts):
+        alone = paged(ext, q[r : r + 1], k_cache, v_cache, single(md, r, ctx + 1), scale)
+        assert torch.equal(alone, batched[r : r + 1]), f"row {r} (context {ctx})"
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert torch.equal(paged(ext, q, k_cache, v_cache, md, scale), batched)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_paged_attention_verify_rows_equal_decode_rows(ext: ModuleType) -> None:
+    """Every row of a verify group (a decode row and its drafts: consecutive positions of one
+    request), in a step mixed with other requests, gets exactly the bits a lone decode row at its
+    position gets from the same cache: what keeps greedy output unchanged by speculation."""
+    query_lens, contexts = [9, 1, 4, 17], [250, 900, 0, 1020]  # groups across split boundaries
+    q, k_cache, v_cache, md, scale = cached_step(query_lens, contexts, 9, 3, 64, seed=7)
+    step = paged(ext, q, k_cache, v_cache, md, scale)
+    for r, (q_len, ctx) in enumerate(zip(query_lens, contexts, strict=True)):
+        start = int(md.query_start_loc[r])
+        for j in range(q_len):
+            row = start + j
+            decode = paged(ext, q[row : row + 1], k_cache, v_cache, single(md, r, ctx + j + 1), scale)
+            assert torch.equal(decode, step[row : row + 1]), f"request {r}, row {j}"
+        group = paged(ext, q[start : start + q_len], k_cache, v_cache, single(md, r, ctx + q_len, q_len), scale)
+        assert torch.equal(group, step[start : start + q_len]), f"request {r} alone"

@@ -162,4 +162,134 @@ inline void decode_attention(const at::Tensor& q, const at::Tensor& k_cache, con
   });
 }
 
+// The context of every request is cut at fixed multiples of kSplitTokens, whatever else the
+// step holds: a row's splits, their chunks and the merge order depend only on its own position,
+// so its output is bit-identical alone, in any batch, at any thread count, and as a row of a
+// verify group or as a decode row at the same position (speculation must not change the output).
+constexpr int64_t kSplitTokens = 128;
+static_assert(kSplitTokens % kChunk == 0, "chunks never straddle a split");
+
+// Paged causal attention of a step's rows grouped by request, GQA, K/V read in place through
+// the block table. The design follows sgl-kernel's decode_attention_cpu and extend_attention_cpu
+// (sgl-project/sglang, sgl-kernel/csrc/cpu, Apache-2.0): flash decoding over KV splits, online
+// softmax in fp32, the splits merged by their log-sum-exp. Each (request, KV head, split) work
+// item converts every K/V row of its split to fp32 once and updates all q_len x G query heads of
+// the group with it (a verify group's 1 + k rows share the read); a row only takes the tokens up
+// to its own position (causal).
+//
+// q [T, n_heads, d] fp32; k_cache / v_cache [blocks, bs, n_kv, d] bf16; block_tables [R, >= blocks
+// of the request's context] int32; query_start_loc [R + 1] int32 (request r's rows are
+// query_start_loc[r] .. query_start_loc[r + 1] - 1); seq_lens [R] int32 (the context after this
+// step, its rows included: request r's rows are at positions seq_lens[r] - q_len .. seq_lens[r] - 1).
+// out [T, n_heads * d] bf16.
+inline void paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                            const at::Tensor& block_tables, const at::Tensor& query_start_loc,
+                            const at::Tensor& seq_lens, double scale, at::Tensor& out) {
+  const int64_t T = q.size(0), n_heads = q.size(1), d = q.size(2);
+  const int64_t bs = k_cache.size(1), n_kv = k_cache.size(2), G = n_heads / n_kv;
+  const int64_t R = seq_lens.size(0);
+  const int64_t table_stride = block_tables.stride(0);
+  const int32_t* tables = block_tables.data_ptr<int32_t>();
+  const int32_t* starts = query_start_loc.data_ptr<int32_t>();
+  const int32_t* lens = seq_lens.data_ptr<int32_t>();
+  const float* qp = q.data_ptr<float>();
+  const bf16* kc = bf16_data(k_cache);
+  const bf16* vc = bf16_data(v_cache);
+  bf16* op = bf16_data_mut(out);
+  const float sc = float(scale);
+
+  // Work items (request, split, KV head), in that order; per row, its request's splits' states
+  // (unnormalised output [n_heads, d], running max and sum [n_heads]) from row_base[t] on.
+  std::vector<int64_t> item_req, item_split, row_base(T + 1, 0);
+  for (int64_t r = 0; r < R; ++r) {
+    TORCH_CHECK(starts[r + 1] - starts[r] <= lens[r], "request ", r, " has more rows than context");
+    const int64_t splits = at::divup(int64_t(lens[r]), kSplitTokens);
+    for (int64_t s = 0; s < splits; ++s) {
+      item_req.push_back(r);
+      item_split.push_back(s);
+    }
+    for (int64_t t = starts[r]; t < starts[r + 1]; ++t) row_base[t + 1] = row_base[t] + splits;
+  }
+  const int64_t states = row_base[T] * n_heads;
+  std::vector<float> acc(states * d), mx(states, -std::numeric_limits<float>::infinity()), sum(states, 0.f);
+
+  at::parallel_for(0, int64_t(item_req.size()) * n_kv, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> score(kChunk), keys(kChunk * d), values(kChunk * d);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t r = item_req[item / n_kv], split = item_split[item / n_kv], g = item % n_kv;
+      const int64_t len = lens[r], row0 = starts[r], q_len = starts[r + 1] - row0;
+      const int64_t first = split * kSplitTokens, last = std::min(len, first + kSplitTokens);
+      const int64_t first_pos = len - q_len;  // the position of the request's first row
+      const int32_t* table = tables + r * table_stride;
+      for (int64_t c0 = first; c0 < last; c0 += kChunk) {
+        const int64_t n = std::min(kChunk, last - c0);
+        // The chunk's K and V rows in fp32, converted once for the q_len x G query heads that read them.
+        for (int64_t j = 0; j < n; ++j) {
+          const int64_t pos = c0 + j;
+          const int64_t offset = ((int64_t(table[pos / bs]) * bs + pos % bs) * n_kv + g) * d;
+          to_float(kc + offset, keys.data() + j * d, d);
+          to_float(vc + offset, values.data() + j * d, d);
+        }
+        for (int64_t i = 0; i < q_len; ++i) {
+          // Causal: row i sees positions up to first_pos + i. The arithmetic on a row's tokens
+          // depends only on how many it sees here, never on the other rows.
+          const int64_t visible = std::min(n, first_pos + i + 1 - c0);
+          if (visible <= 0) continue;
+          const int64_t t = row0 + i;
+          const int64_t slot = (row_base[t] + split) * n_heads + g * G;
+          for (int64_t h = 0; h < G; ++h) {
+            float* s = score.data();
+            float* m = mx.data() + slot + h;
+            float* l = sum.data() + slot + h;
+            qk_scores(qp + (t * n_heads + g * G + h) * d, keys.data(), visible, d, sc, s);
+            float new_max = *m;
+            for (int64_t j = 0; j < visible; ++j) new_max = std::max(new_max, s[j]);
+            float chunk_sum = 0.f;
+            int64_t j = 0;
+            for (; j + fVec::size() <= visible; j += fVec::size()) {
+              const fVec p = (fVec::loadu(s + j) - fVec(new_max)).exp_u20();
+              p.store(s + j);
+              chunk_sum += at::vec::vec_reduce_all<float>([](fVec& x, fVec& y) { return x + y; }, p);
+            }
+            for (; j < visible; ++j) {
+              s[j] = std::exp(s[j] - new_max);
+              chunk_sum += s[j];
+            }
+            const float correction = std::exp(*m - new_max);  // 0 on the first chunk (m = -inf)
+            *l = *l * correction + chunk_sum;
+            *m = new_max;
+            pv_accumulate(acc.data() + (slot + h) * d, correction, s, values.data(), visible, d);
+          }
+        }
+      }
+    }
+  });
+
+  // Merge each row's splits, in split order: weights exp(m_s - max_s m_s); the splits past the
+  // row's position (a verify group's earlier rows) have l = 0 and m = -inf and are skipped, so
+  // a row merges exactly what a decode row at its position merges.
+  at::parallel_for(0, T, rows_grain(n_heads * d), [&](int64_t begin, int64_t end) {
+    std::vector<float> o(d);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t splits = row_base[t + 1] - row_base[t];
+      for (int64_t hq = 0; hq < n_heads; ++hq) {
+        float top = -std::numeric_limits<float>::infinity();
+        for (int64_t s = 0; s < splits; ++s) top = std::max(top, mx[(row_base[t] + s) * n_heads + hq]);
+        std::fill(o.begin(), o.end(), 0.f);
+        float total = 0.f;
+        for (int64_t s = 0; s < splits; ++s) {
+          const int64_t idx = (row_base[t] + s) * n_heads + hq;
+          if (sum[idx] == 0.f) continue;
+          const float w = std::exp(mx[idx] - top);
+          total += w * sum[idx];
+          scale_add(o.data(), 1.f, w, acc.data() + idx * d, d);
+        }
+        bf16* dst = op + (t * n_heads + hq) * d;
+        const float inv = 1.f / total;
+        for (int64_t i = 0; i < d; ++i) dst[i] = bf16(o[i] * inv);
+      }
+    }
+  });
+}
+
 }  // namespace novainfer

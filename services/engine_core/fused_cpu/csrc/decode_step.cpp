@@ -197,4 +197,23 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         return out;
       },
       "paged decode attention of q [T, heads, d] (fp32) -> [T, heads * d] (bf16)");
+  m.def(
+      "paged_attention",
+      [](at::Tensor q, at::Tensor k_cache, at::Tensor v_cache, at::Tensor block_tables, at::Tensor query_start_loc,
+         at::Tensor seq_lens, double scale) {
+        TORCH_CHECK(q.scalar_type() == at::kFloat && q.is_contiguous() && q.dim() == 3,
+                    "q must be a contiguous fp32 [T, heads, d]");
+        TORCH_CHECK(block_tables.scalar_type() == at::kInt && query_start_loc.scalar_type() == at::kInt &&
+                        seq_lens.scalar_type() == at::kInt,
+                    "block tables, query_start_loc and seq_lens int32");
+        TORCH_CHECK(query_start_loc.numel() == seq_lens.numel() + 1 && block_tables.size(0) == seq_lens.numel() &&
+                        query_start_loc[-1].item<int64_t>() == q.size(0),
+                    "one block table and seq_len per request, query_start_loc [R + 1] ending at T");
+        at::Tensor out = at::empty({q.size(0), q.size(1) * q.size(2)}, k_cache.options());
+        at::Tensor tables = block_tables.stride(1) == 1 ? block_tables : block_tables.contiguous();
+        novainfer::paged_attention(q, k_cache, v_cache, tables, query_start_loc.contiguous(), seq_lens.contiguous(),
+                                   scale, out);
+        return out;
+      },
+      "paged causal attention of q [T, heads, d] (fp32), rows grouped by request -> [T, heads * d] (bf16)");
 }
