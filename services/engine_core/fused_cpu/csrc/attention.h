@@ -1,9 +1,15 @@
-// Paged decode attention: one query row per request, GQA, K/V read in place through the block
+// Paged decode attention: one query row at a time, GQA, K/V read in place through the block
 // table. The design is sgl-kernel's decode_attention_cpu (flash decoding): the context is cut
 // into splits so that even one request with a few KV heads gives every thread work; each
-// (request, KV head, split) runs an online softmax over its tokens for all the query heads that
+// (row, KV head, split) runs an online softmax over its tokens for all the query heads that
 // share the KV head (each K/V row is read and converted once for the group), in fp32; a second
 // pass merges the splits by their log-sum-exp.
+//
+// Row-invariant: the splits are fixed runs of kSplitTokens positions, merged in order, so a
+// row's output bits depend on its own query, context and length only, never on the other rows
+// of the step or their count. A request's verification rows then get exactly the bits each
+// would get as a lone decode row, which is what keeps greedy output unchanged by speculation
+// (fused_cpu/decode.py).
 #pragma once
 
 #include <algorithm>
@@ -14,9 +20,10 @@
 
 namespace novainfer {
 
-// Tokens per online-softmax chunk, and the fewest tokens worth a split of their own.
+// Tokens per online-softmax chunk, and per split (a multiple of kChunk): 128 gives a single
+// 600-token row with 3 KV heads 15 work items, enough for a few threads.
 constexpr int64_t kChunk = 32;
-constexpr int64_t kMinSplitTokens = 64;
+constexpr int64_t kSplitTokens = 128;
 
 // s[j] = dot(q, keys[j]) * scale for the n rows of keys [n, d]. For the usual head sizes the
 // query sits in registers for the whole chunk (d a compile-time constant).
@@ -80,9 +87,8 @@ inline void decode_attention(const at::Tensor& q, const at::Tensor& k_cache, con
 
   int64_t max_len = 0;
   for (int64_t t = 0; t < T; ++t) max_len = std::max<int64_t>(max_len, lens[t]);
-  // Enough splits for 4 work items per thread, none shorter than kMinSplitTokens.
-  const int64_t want = at::divup(4 * at::get_num_threads(), T * n_kv);
-  const int64_t splits = std::max<int64_t>(1, std::min(want, max_len / kMinSplitTokens));
+  // Shorter rows leave their last splits empty: they weigh nothing in the merge.
+  const int64_t splits = std::max<int64_t>(1, at::divup(max_len, kSplitTokens));
 
   // Per (row, kv head, split): the group's unnormalised outputs [G, d], running max and sum [G].
   const int64_t items = T * n_kv * splits;
@@ -92,8 +98,8 @@ inline void decode_attention(const at::Tensor& q, const at::Tensor& k_cache, con
     std::vector<float> score(G * kChunk), keys(kChunk * d), values(kChunk * d);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t t = item / (n_kv * splits), g = (item / splits) % n_kv, split = item % splits;
-      const int64_t len = lens[t], per = at::divup(len, splits);
-      const int64_t first = std::min(len, split * per), last = std::min(len, first + per);
+      const int64_t len = lens[t];
+      const int64_t first = std::min(len, split * kSplitTokens), last = std::min(len, first + kSplitTokens);
       float* a = acc.data() + item * G * d;
       float* m = mx.data() + item * G;
       float* l = sum.data() + item * G;
@@ -162,11 +168,6 @@ inline void decode_attention(const at::Tensor& q, const at::Tensor& k_cache, con
   });
 }
 
-// The context of every request is cut at fixed multiples of kSplitTokens, whatever else the
-// step holds: a row's splits, their chunks and the merge order depend only on its own position,
-// so its output is bit-identical alone, in any batch, at any thread count, and as a row of a
-// verify group or as a decode row at the same position (speculation must not change the output).
-constexpr int64_t kSplitTokens = 128;
 static_assert(kSplitTokens % kChunk == 0, "chunks never straddle a split");
 
 // Paged causal attention of a step's rows grouped by request, GQA, K/V read in place through
@@ -176,6 +177,11 @@ static_assert(kSplitTokens % kChunk == 0, "chunks never straddle a split");
 // item converts every K/V row of its split to fp32 once and updates all q_len x G query heads of
 // the group with it (a verify group's 1 + k rows share the read); a row only takes the tokens up
 // to its own position (causal).
+//
+// Batch-invariant: every request's context is cut at fixed multiples of kSplitTokens, whatever
+// else the step holds, so a row's splits, their chunks, the tokens it sees in each and the merge
+// order depend only on its own position: its output bits are the same alone, in any batch, at
+// any thread count, and as a row of a verify group or as a decode row at the same position.
 //
 // q [T, n_heads, d] fp32; k_cache / v_cache [blocks, bs, n_kv, d] bf16; block_tables [R, >= blocks
 // of the request's context] int32; query_start_loc [R + 1] int32 (request r's rows are
