@@ -180,7 +180,8 @@ class ReasoningTokens(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=T
     from the tokenizer and the rendered prompt (services/tokenizer_pool/reasoning_parser.py)."""
 
     end: list[int]
-    """The tokens of `</think>`: the answer starts after them."""
+    """The tokens of `</think>` (its standard encoding): the answer starts after their bytes,
+    whatever tokens the model spells them in."""
     inside: bool = True
     """The output starts inside the thinking (the prompt opened it, or the model always thinks)."""
     start: int | None = None

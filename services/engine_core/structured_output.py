@@ -22,8 +22,11 @@ every position samples exactly as plain decoding would there; and the scheduler 
 the matcher by the accepted tokens only. Lookahead never outlives the call that makes it:
 the matcher always holds exactly the request's output tokens. A reasoning model's request (ReasoningTokens)
 is constrained in its answer only: while it thinks, its row allows every token but EOS (a
-constrained output may not end before its answer) and the matcher does not move; the
-tokens of `</think>` start the answer, as vLLM's `reasoning_parser.is_reasoning_end`.
+constrained output may not end before its answer) and the matcher does not move; the answer
+starts after `</think>`, as vLLM's `reasoning_parser.is_reasoning_end`. The marker is found in
+the bytes of the tokens (the vocabulary's, from xgrammar), not as one token sequence: a model
+may spell a multi-token `</think>` in other tokens than its standard encoding (`</` `think>`
+or one character at a time), and the answer must still be constrained.
 Preemption keeps the matcher: it already holds every emitted token, and a re-prefill
 samples only at its end.
 
@@ -95,6 +98,8 @@ class StructuredOutputManager:
         self._cache_bytes = config.grammar_cache_mb << 20
         self._executor = ThreadPoolExecutor(max(1, config.grammar_compile_threads), thread_name_prefix="grammar")
         self._compiler: Future[xgr.GrammarCompiler] | None = None
+        self._token_bytes: list[bytes] = []
+        """Every token's bytes (set with the compiler): where a reasoning request's `</think>` is."""
         self._failed: OrderedDict[GrammarSpec, str] = OrderedDict()
 
     # --- vocabulary ---------------------------------------------------------------------
@@ -126,6 +131,7 @@ class StructuredOutputManager:
             stop_token_ids=[t for t in eos_token_ids if t < self.vocab_size] or None,
             add_prefix_space=meta["add_prefix_space"],
         )
+        self._token_bytes = info.decoded_vocab
         log.info("grammar compiler ready (%s vocabulary of %d tokens)", meta["vocab_type"].name, self.vocab_size)
         return xgr.GrammarCompiler(info, max_threads=1, cache_enabled=True, cache_limit_bytes=self._cache_bytes)
 
@@ -181,14 +187,14 @@ class StructuredOutputManager:
 
     # --- per request --------------------------------------------------------------------
 
-    @staticmethod
     def matcher(
-        compiled: xgr.CompiledGrammar, eos_token_ids: Sequence[int], reasoning: ReasoningTokens | None = None
+        self, compiled: xgr.CompiledGrammar, eos_token_ids: Sequence[int], reasoning: ReasoningTokens | None = None
     ) -> RequestGrammar:
+        """A request's grammar state (its grammar compiled, so the vocabulary's bytes are known)."""
         import xgrammar as xgr
 
         m = xgr.GrammarMatcher(compiled, override_stop_tokens=list(eos_token_ids) or None)
-        return RequestGrammar(m, eos_token_ids, reasoning)
+        return RequestGrammar(m, eos_token_ids, reasoning, self._token_bytes)
 
     def shutdown(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
@@ -207,22 +213,31 @@ class RequestGrammar:
     """One request's grammar state: its matcher, and whether it is still thinking."""
 
     def __init__(
-        self, matcher: xgr.GrammarMatcher, eos_token_ids: Sequence[int], reasoning: ReasoningTokens | None = None
+        self,
+        matcher: xgr.GrammarMatcher,
+        eos_token_ids: Sequence[int],
+        reasoning: ReasoningTokens | None = None,
+        token_bytes: Sequence[bytes] = (),
     ) -> None:
         self.matcher = matcher
         self._eos = list(eos_token_ids)
-        self._end = list(reasoning.end) if reasoning is not None else []
+        self._token_bytes = token_bytes
+        self._end = b""
+        """The bytes of `</think>` (of its standard tokens): the answer starts after them."""
+        if reasoning is not None and all(0 <= t < len(token_bytes) for t in reasoning.end):
+            self._end = b"".join(token_bytes[t] for t in reasoning.end)
         self._start = reasoning.start if reasoning is not None else None
         self.phase: Literal["reasoning", "maybe", "answer"] = "answer"
         """reasoning: thinking, unconstrained; maybe: the first token may open the thinking
         (`start`) or begin the answer; answer: constrained."""
-        if reasoning is not None and reasoning.end:
+        if reasoning is not None and self._end:
             if reasoning.inside:
                 self.phase = "reasoning"
             elif reasoning.start is not None:
                 self.phase = "maybe"
-        self._tail: list[int] = []
-        """The last len(end) tokens of the thinking."""
+        self._tail = b""
+        """The last len(end) - 1 bytes of the thinking: a marker that ends in the next token
+        may begin in them."""
         self._moves = 0
         """Tokens the matcher has accepted, lookahead included (what a rollback undoes)."""
 
@@ -271,9 +286,11 @@ class RequestGrammar:
         if self.phase == "reasoning":
             if token in self._eos:
                 return False
-            self._tail = [*self._tail, token][-len(self._end) :]
-            if self._tail == self._end:
+            text = self._tail + (self._token_bytes[token] if 0 <= token < len(self._token_bytes) else b"")
+            if self._end in text:
                 self.phase = "answer"
+            else:
+                self._tail = text[max(0, len(text) - len(self._end) + 1) :]
             return True
         if not self.matcher.accept_token(token):
             return False

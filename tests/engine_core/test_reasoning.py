@@ -1,17 +1,23 @@
 """Constraints on the answer only: a random-weight Qwen3 that thinks (forced with logit_bias),
-under a JSON schema, through the offline API (same tokenizer-pool parser, same engine)."""
+under a JSON schema, through the offline API (same tokenizer-pool parser, same engine); the
+engine's end of the thinking whatever tokens spell `</think>`."""
 
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import jsonschema
 import pytest
 
 from novainfer.llm import LLM
+from services.engine_core.structured_output import StructuredOutputManager
+from services.tokenizer_pool.tokenizer import Tokenizer, load_tokenizer
 from shared.config import EngineConfig
-from shared.protocol import GrammarSpec, SamplingParams
+from shared.protocol import GrammarSpec, ReasoningTokens, SamplingParams
 from tests.engine_core import thinking_model
 from tests.engine_core.thinking_model import END_THINK, THINK
 
@@ -82,3 +88,58 @@ def test_deepseek_r1_starts_inside_the_thinking(tmp_path: Path) -> None:
     f = free.outputs[0]
     assert f.finish_reason == "length" and f.reasoning_content and set(f.reasoning_content) <= set("Hmm")
     assert f.text and set(f.text.replace("</think>", "")) <= set("Hmm")
+
+
+@pytest.fixture(scope="module")
+def answer_grammar() -> Iterator[tuple[StructuredOutputManager, Any, Tokenizer]]:
+    """The schema compiled for the bundled vocabulary, where `</think>` is three tokens."""
+    tok = load_tokenizer(EngineConfig())
+    manager = StructuredOutputManager(EngineConfig(), tok.backend.get_vocab_size())
+    manager.set_vocab(tok.backend.to_str(), tok.eos_token_ids)
+    job = manager.submit(GrammarSpec(kind="json_schema", spec=json.dumps(SCHEMA)))
+    deadline = time.monotonic() + 60
+    while (compiled := manager.poll(job)) is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    yield manager, compiled, tok
+    manager.shutdown()
+
+
+def spellings(tok: Tokenizer, *pieces: str) -> list[int]:
+    """The pieces' tokens, each encoded alone (so not the standard encoding of their concatenation)."""
+    return [t for p in pieces for t in tok.encode(p, add_special_tokens=False)]
+
+
+@pytest.mark.parametrize(
+    ("thinking", "ends"),
+    [
+        (["Hmm", "</think>"], True),  # the standard encoding: `</` `think` `>`
+        (["Hmm", *"</think>"], True),  # one character at a time
+        (["Hmm </", "think", ">"], True),  # glued to the text before it
+        (["Hmm", "</thin", "k>"], True),
+        (["Hmm", "</thin", "ks>"], False),
+        (["Hmm", "</", "think"], False),
+    ],
+)
+def test_end_of_thinking_in_any_tokenization(
+    answer_grammar: tuple[StructuredOutputManager, Any, Tokenizer], thinking: list[str], ends: bool
+) -> None:
+    """The engine finds `</think>` in the tokens' bytes: the grammar applies after it however it
+    is spelled, and a lookahead across it (speculative drafts) is undone."""
+    manager, compiled, tok = answer_grammar
+    end = tok.encode("</think>", add_special_tokens=False)
+    assert len(end) > 1
+    ids = spellings(tok, *thinking)
+    answer = tok.encode('{"answer": "yes"}', add_special_tokens=False)
+    g = manager.matcher(compiled, tok.eos_token_ids, ReasoningTokens(end=end))
+    filler = spellings(tok, "Hmm")[0]
+    # The answer is constrained (the filler is no JSON); the thinking is not.
+    assert g.validate([*ids, filler]) == len(ids) + (0 if ends else 1)
+    assert g.validate([*ids, *answer]) == len(ids) + len(answer)
+    assert g.phase == "reasoning"  # the lookaheads were undone
+    for t in ids:
+        assert g.accept(t)
+    assert g.phase == ("answer" if ends else "reasoning")
+    if ends:
+        assert not g.accept(filler)
+        assert all(g.accept(t) for t in answer) and g.accept(tok.eos_token_ids[0]) and g.is_terminated()
