@@ -14,6 +14,16 @@ import time
 WORKER = "tokenizer_worker"
 ENGINE = "engine"
 Component = tuple[str, int]
+# Seconds a client should wait before retrying a request refused while a component restarts.
+RETRY_AFTER_S = 2
+
+
+class ServiceUnavailable(Exception):
+    """A worker or engine is down (or the gateway is shutting down): a 503."""
+
+    def __init__(self, message: str, retry_after: int | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class Liveness:

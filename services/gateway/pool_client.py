@@ -9,7 +9,7 @@ that an accepted request always ends. When the launcher reports a child dead (it
 it), the requests that child had started fail at once and those it had not are parked and
 resubmitted once it reports again; so are new requests that arrive meanwhile and have no
 other engine or worker to go to. A parked request waits at most serve.restart_wait_s, then
-fails with 503 + Retry-After.
+fails with 503 + Retry-After. Tokenize / detokenize calls: worker_rpcs.py.
 """
 
 from __future__ import annotations
@@ -27,8 +27,9 @@ import zmq
 import zmq.asyncio
 
 from services.gateway.engine_router import EngineRouter, prompt_text
-from services.gateway.liveness import ENGINE, WORKER, Component, Liveness
+from services.gateway.liveness import ENGINE, RETRY_AFTER_S, WORKER, Component, Liveness, ServiceUnavailable
 from services.gateway.metrics import GatewayMetrics, RequestTimer
+from services.gateway.worker_rpcs import WorkerRpcs
 from shared.config import Config
 from shared.protocol import (
     FINISH_ABORT,
@@ -52,18 +53,6 @@ from shared.protocol import (
 from shared.zmq_utils import new_async_context, pull_socket, push_socket
 
 log = logging.getLogger(__name__)
-
-
-# Seconds a client should wait before retrying a request refused while a component restarts.
-RETRY_AFTER_S = 2
-
-
-class ServiceUnavailable(Exception):
-    """A worker or engine is down (or the gateway is shutting down)."""
-
-    def __init__(self, message: str, retry_after: int | None = None) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
 
 
 class Overloaded(Exception):
@@ -142,8 +131,7 @@ class PoolClient:
         self.liveness = Liveness(len(serve.tokenizer_addrs), n_engines, self.timeout_s)
         self._requests: dict[str, RequestHandle] = {}
         self._children: dict[str, ChildState] = {}
-        self._rpcs: dict[str, asyncio.Future[TokenizeResult | DetokenizeResult]] = {}
-        self._rpc_workers: dict[str, int] = {}
+        self._rpcs = WorkerRpcs(self.liveness, self.timeout_s, serve.heartbeat_s, self._send_worker)
         self._resubmitted: dict[str, str] = {}
         """wire id -> child id, for resubmitted children."""
         self._decoder = decoder(GatewayInput)
@@ -275,11 +263,9 @@ class PoolClient:
                     problem = self.liveness.problem(*component) or "it stopped reporting"
                     log.error("failing request %s: %s", child.handle.request_id, problem)
                     self._end_children(child.handle, ErrorInfo(message=prefix + problem, status=503))
-        for request_id, fut in self._rpcs.items():
-            worker = (WORKER, self._rpc_workers.get(request_id, -1))
-            if worker in components and not fut.done():
-                problem = self.liveness.problem(*worker) or "it stopped reporting"
-                fut.set_exception(ServiceUnavailable(prefix + problem, RETRY_AFTER_S))
+        workers = {index for kind, index in components if kind == WORKER}
+        if workers:
+            self._rpcs.on_workers_down(workers, prefix + "no tokenizer worker is up")
 
     def _check_admission(self, child_ids: list[str]) -> bool:
         """Raise ServiceUnavailable when the request cannot be served now; True when it must
@@ -367,9 +353,7 @@ class PoolClient:
         error = ErrorInfo(message=message, status=status)
         for handle in list(self._requests.values()):
             self._end_children(handle, error)
-        for fut in self._rpcs.values():
-            if not fut.done():
-                fut.set_exception(ServiceUnavailable(message))
+        self._rpcs.fail_all(message)
 
     # --- crash recovery ------------------------------------------------------------------
 
@@ -394,9 +378,8 @@ class PoolClient:
         for handle in started.values():
             message = f"the request was lost: {name} crashed ({msg.reason}); retry it"
             self._end_children(handle, ErrorInfo(message=message, status=503, retry_after=RETRY_AFTER_S))
-        for request_id, fut in self._rpcs.items():
-            if (WORKER, self._rpc_workers.get(request_id, -1)) in dead and not fut.done():
-                fut.set_exception(ServiceUnavailable(f"{name} crashed; retry", RETRY_AFTER_S))
+        if msg.component == WORKER:
+            self._rpcs.on_workers_down({msg.index}, f"{name} crashed and no other tokenizer worker is up; retry")
         self._resubmit_parked()  # to the other engines or workers, if there are any
 
     def _resubmit_parked(self) -> None:
@@ -438,24 +421,10 @@ class PoolClient:
     async def _rpc(self, request_id: str, req: msgspec.Struct) -> TokenizeResult | DetokenizeResult:
         if self._closing:
             raise ServiceUnavailable("the server is shutting down")
-        # Stateless: any worker that is up will do, its shard first.
-        n = len(self._outputs)
-        first = shard(request_id, n)
-        worker = next((w for w in (first, *range(n)) if self.liveness.problem(WORKER, w) is None), None)
-        if worker is None:
-            problem = self.liveness.problem(WORKER, first)
-            raise ServiceUnavailable(f"the inference service is unavailable: {problem}", RETRY_AFTER_S)
-        fut: asyncio.Future[TokenizeResult | DetokenizeResult] = asyncio.get_running_loop().create_future()
-        self._rpcs[request_id] = fut
-        try:
-            self._outputs[worker].send(encode(req))
-            self._rpc_workers[request_id] = worker
-            return await asyncio.wait_for(fut, self.timeout_s)
-        except asyncio.TimeoutError:
-            raise ServiceUnavailable("the tokenizer worker did not answer in time") from None
-        finally:
-            self._rpcs.pop(request_id, None)
-            self._rpc_workers.pop(request_id, None)
+        return await self._rpcs.call(request_id, req)
+
+    def _send_worker(self, worker: int, payload: bytes) -> None:
+        self._outputs[worker].send(payload)
 
     # --- the reader ----------------------------------------------------------------------
 
@@ -493,9 +462,7 @@ class PoolClient:
             self.max_model_len = msg.max_model_len
 
     def _on_rpc_result(self, msg: TokenizeResult | DetokenizeResult, now: float) -> None:
-        fut = self._rpcs.get(msg.request_id)
-        if fut is not None and not fut.done():
-            fut.set_result(msg)
+        self._rpcs.on_result(msg)
 
     def _on_stats(self, stats: EngineStats) -> None:
         if self.liveness.heard(ENGINE, stats.engine_index, stats.timestamp):

@@ -135,12 +135,14 @@ class FakeWorker:
         self.decoder = decoder(TokenizerInput)
         self.script: Script = say_hello
         self.alive = True
-        """False: no heartbeats (a dead worker)."""
+        """False: no heartbeats and no tokenize / detokenize answers (a dead worker)."""
         self.engine_alive = True
         """False: no engine stats (a dead engine behind a live worker)."""
         self.generates: list[GenerateRequest] = []
         self.aborted: set[str] = set()
         self.abort_messages: list[list[str]] = []
+        self.rpcs_dropped: list[str] = []
+        """Tokenize / detokenize requests that reached it while dead."""
         self.tasks: list[asyncio.Task[None]] = []
 
     def send(self, *deltas: RequestDelta) -> None:
@@ -156,6 +158,8 @@ class FakeWorker:
             elif isinstance(msg, AbortRequest):
                 self.abort_messages.append(msg.request_ids)
                 self.aborted.update(msg.request_ids)
+            elif isinstance(msg, (TokenizeRequest, DetokenizeRequest)) and not self.alive:
+                self.rpcs_dropped.append(msg.request_id)
             elif isinstance(msg, TokenizeRequest):
                 ids = [len(w) for w in (msg.prompt or "").split()]
                 self.output.send(encode(TokenizeResult(request_id=msg.request_id, token_ids=ids, max_model_len=2048)))

@@ -171,3 +171,34 @@ async def test_shutdown_fails_the_waiting_requests_at_once(make_gateway: Gateway
         resp = await asyncio.wait_for(waiting, 2)
         assert resp.status == 503 and resp.headers["Retry-After"] == "2"
         assert "shutting down" in (await resp.json())["error"]["message"]
+
+
+async def test_tokenize_calls_on_a_dying_worker_go_to_a_live_one(make_gateway: GatewayFactory) -> None:
+    """/tokenize and /detokenize are stateless: a call the dead worker took is sent again to the
+    live one, whether the launcher reports the death or the worker just goes silent."""
+    gw = await make_gateway()
+    dead = gw.workers[1]
+    tokenized = {"count": 3, "max_model_len": 2048, "tokens": [1, 2, 3]}
+    for reported in (True, False):
+        dead.alive = False
+        dead.rpcs_dropped.clear()
+        async with aiohttp.ClientSession() as session:
+
+            async def call(path: str, body: dict[str, object]) -> tuple[int, object]:
+                async with session.post(gw.url + path, json=body) as r:
+                    return r.status, await r.json()
+
+            # Random ids, sharded over the two workers: the dead one takes about half of them.
+            calls = [call("/tokenize", {"prompt": "a bb ccc"}) for _ in range(12)]
+            calls += [call("/detokenize", {"tokens": [1, 2]}) for _ in range(12)]
+            results = asyncio.gather(*calls)
+            await gw.wait_for(lambda: len(dead.rpcs_dropped) > 0)
+            if reported:
+                await notify(gw, "tokenizer_worker", 1)
+            assert await asyncio.wait_for(results, 10) == [(200, tokenized)] * 12 + [(200, {"prompt": "1 2"})] * 12
+        # New calls while it is down go to the live worker only.
+        before = len(dead.rpcs_dropped)
+        assert (await gw.post("/tokenize", {"prompt": "a bb ccc"}))[:2] == (200, tokenized)
+        assert len(dead.rpcs_dropped) == before
+        dead.alive = True
+        await gw.wait_for(lambda: gw.app[POOL_CLIENT].health() is None, timeout=5)
