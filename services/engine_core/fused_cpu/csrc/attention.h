@@ -170,6 +170,213 @@ inline void decode_attention(const at::Tensor& q, const at::Tensor& k_cache, con
 
 static_assert(kSplitTokens % kChunk == 0, "chunks never straddle a split");
 
+// The micro-kernels of paged_attention. Each computes every query head's values with the same
+// sequence of operations whether it runs alone or beside others (the heads of a group only
+// share loads and fill the FMA pipeline), which keeps a row's bits independent of its group.
+
+// Accumulator vectors a micro-kernel keeps in registers: half the register file (32 zmm with
+// AVX-512, 16 ymm otherwise), the other half for operands.
+constexpr int64_t kAccVecs = fVec::size() == 16 ? 16 : 8;
+static_assert(kChunk % 16 == 0, "a chunk is whole 16-key groups");
+
+// A chunk of one KV head's context, read from the paged cache and converted to fp32 once for
+// every query head of its work item: keys and values [kChunk, d], the keys past a short last
+// chunk zero (scores nobody reads, computed with the rest).
+struct ChunkKV {
+  std::vector<float> keys, values;
+  int64_t d;
+
+  explicit ChunkKV(int64_t d_) : keys(kChunk * d_, 0.f), values(kChunk * d_), d(d_) {}
+
+  void load(const bf16* kc, const bf16* vc, const int32_t* table, int64_t bs, int64_t n_kv, int64_t g, int64_t c0,
+            int64_t n) {
+    for (int64_t j = 0; j < n; ++j) {
+      const int64_t pos = c0 + j;
+      const int64_t offset = ((int64_t(table[pos / bs]) * bs + pos % bs) * n_kv + g) * d;
+      to_float(kc + offset, keys.data() + j * d, d);
+      to_float(vc + offset, values.data() + j * d, d);
+    }
+    std::fill(keys.begin() + n * d, keys.end(), 0.f);
+  }
+};
+
+#if defined(CPU_CAPABILITY_AVX512)
+// Lane k of the result = the sum of a[k]'s 16 lanes, the 16 sums by one pairwise tree of
+// shuffles and adds (45 instructions where 16 separate horizontal sums take ~140).
+inline __m512 reduce_add_16(const __m512* a) {
+  __m512 b[8], c[4], d[2];
+  // b[k]: per 128-bit lane, [a[2k] lanes 0+2, a[2k] lanes 1+3, a[2k+1] 0+2, a[2k+1] 1+3]
+  for (int k = 0; k < 8; ++k) {
+    b[k] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * k], a[2 * k + 1], 0x44),
+                         _mm512_shuffle_f32x4(a[2 * k], a[2 * k + 1], 0xEE));
+  }
+  // c[m]: 128-bit lane L holds the 4 partial sums of a[4m + L]
+  for (int m = 0; m < 4; ++m) {
+    c[m] = _mm512_add_ps(_mm512_shuffle_f32x4(b[2 * m], b[2 * m + 1], 0x88),
+                         _mm512_shuffle_f32x4(b[2 * m], b[2 * m + 1], 0xDD));
+  }
+  // d[n]: in lane L, [a[8n + L] 0+2, 1+3, a[8n + 4 + L] 0+2, 1+3]
+  for (int n = 0; n < 2; ++n) {
+    d[n] = _mm512_add_ps(_mm512_shuffle_ps(c[2 * n], c[2 * n + 1], 0x44),
+                         _mm512_shuffle_ps(c[2 * n], c[2 * n + 1], 0xEE));
+  }
+  // element 4L + i holds the sum of a[4i + L]; put the sum of a[k] at element k
+  const __m512 e = _mm512_add_ps(_mm512_shuffle_ps(d[0], d[1], 0x88), _mm512_shuffle_ps(d[0], d[1], 0xDD));
+  const __m512i order = _mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0);
+  return _mm512_permutexvar_ps(order, e);
+}
+
+// s[0:16] = scale * dot(q, keys[j]) for 16 keys [16, D].
+template <int64_t D>
+inline void qk_16(const float* q, const float* keys, float scale, float* s) {
+  constexpr int64_t V = D / 16;
+  __m512 qv[V], dots[16];
+  for (int64_t v = 0; v < V; ++v) qv[v] = _mm512_loadu_ps(q + v * 16);
+  for (int64_t j = 0; j < 16; ++j) {
+    __m512 a = _mm512_mul_ps(qv[0], _mm512_loadu_ps(keys + j * D));
+    for (int64_t v = 1; v < V; ++v) a = _mm512_fmadd_ps(qv[v], _mm512_loadu_ps(keys + j * D + v * 16), a);
+    dots[j] = a;
+  }
+  _mm512_storeu_ps(s, _mm512_mul_ps(reduce_add_16(dots), _mm512_set1_ps(scale)));
+}
+#endif
+
+// Scores [nq, kChunk] of nq query heads against a chunk's keys [kChunk, d] (zero past its end).
+// Every head's scores are computed the same way whatever the others.
+inline void qk_chunk(const float* const* qs, int64_t nq, const float* keys, int64_t d, float scale, float* s) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if (d == 64 || d == 128) {
+    for (int64_t h = 0; h < nq; ++h) {
+      for (int64_t j = 0; j < kChunk; j += 16) {
+        if (d == 64) {
+          qk_16<64>(qs[h], keys + j * 64, scale, s + h * kChunk + j);
+        } else {
+          qk_16<128>(qs[h], keys + j * 128, scale, s + h * kChunk + j);
+        }
+      }
+    }
+    return;
+  }
+#endif
+  for (int64_t h = 0; h < nq; ++h) {
+    for (int64_t j = 0; j < kChunk; ++j) s[h * kChunk + j] = dot(qs[h], keys + j * d, d) * scale;
+  }
+}
+
+// A query head's running state in one split: unnormalised output [d], max and sum of exp, and
+// how many of the current chunk's tokens it sees.
+struct HeadState {
+  float* acc;
+  float* max;
+  float* sum;
+  int64_t visible;
+};
+
+// acc_m = acc_m * correction_m + sum_j p_m[j] * values[j] for M heads seeing the same n tokens,
+// the accumulators in registers (head size D a compile-time constant).
+template <int64_t M, int64_t D>
+inline void pv_block(const HeadState* heads, const float* corrections, const float* const* ps, const float* values,
+                     int64_t n) {
+  constexpr int64_t V = D / fVec::size();
+  fVec a[M][V];
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t v = 0; v < V; ++v) a[m][v] = fVec::loadu(heads[m].acc + v * fVec::size()) * fVec(corrections[m]);
+  }
+  for (int64_t j = 0; j < n; ++j) {
+    fVec x[V];
+    for (int64_t v = 0; v < V; ++v) x[v] = fVec::loadu(values + j * D + v * fVec::size());
+    for (int64_t m = 0; m < M; ++m) {
+      const fVec pj(ps[m][j]);
+      for (int64_t v = 0; v < V; ++v) a[m][v] = at::vec::fmadd(pj, x[v], a[m][v]);
+    }
+  }
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t v = 0; v < V; ++v) a[m][v].store(heads[m].acc + v * fVec::size());
+  }
+}
+
+template <int64_t D>
+constexpr int64_t pv_heads() {
+  return std::max<int64_t>(1, kAccVecs / (D / fVec::size()));
+}
+
+template <int64_t D, int64_t M = pv_heads<D>()>
+inline void pv_rest(const HeadState* heads, int64_t count, const float* corrections, const float* const* ps,
+                    const float* values, int64_t n) {
+  if constexpr (M > 0) {
+    if (count == M) return pv_block<M, D>(heads, corrections, ps, values, n);
+    pv_rest<D, M - 1>(heads, count, corrections, ps, values, n);
+  }
+}
+
+// The heads [first, first + count) see the same tokens: PV in groups of pv_heads<D>().
+template <int64_t D>
+inline void pv_group(const HeadState* heads, int64_t count, const float* corrections, const float* const* ps,
+                     const float* values) {
+  const int64_t n = heads[0].visible;
+  constexpr int64_t M = pv_heads<D>();
+  int64_t h = 0;
+  for (; h + M <= count; h += M) pv_block<M, D>(heads + h, corrections + h, ps + h, values, n);
+  pv_rest<D>(heads + h, count - h, corrections + h, ps + h, values, n);
+}
+
+// Folds a chunk into nq heads' states: each head's scores (s [nq, kChunk], overwritten by their
+// exp) over its visible tokens update its max and sum; then acc = acc * correction + P V, the
+// heads that see the same tokens (consecutive: visible grows with the row) sharing V's loads.
+inline void online_softmax_pv(const HeadState* heads, int64_t nq, float* s, const float* values, int64_t d) {
+  constexpr int64_t kRun = 64;  // heads per run at most (a longer run is cut: each head is on its own anyway)
+  float corrections[kRun];
+  const float* ps[kRun];
+  for (int64_t first = 0; first < nq;) {
+    // A run of heads that see the same tokens.
+    int64_t count = 1;
+    while (first + count < nq && count < kRun && heads[first + count].visible == heads[first].visible) ++count;
+    for (int64_t e = 0; e < count; ++e) {
+      const HeadState& hs = heads[first + e];
+      float* p = s + (first + e) * kChunk;
+      const int64_t n = hs.visible;
+      const int64_t whole = n / fVec::size() * fVec::size();
+      float new_max = *hs.max;
+      if (whole > 0) {
+        fVec top = fVec::loadu(p);
+        for (int64_t j = fVec::size(); j < whole; j += fVec::size()) top = at::vec::maximum(top, fVec::loadu(p + j));
+        const auto larger = [](fVec& a, fVec& b) { return at::vec::maximum(a, b); };
+        new_max = std::max(new_max, at::vec::vec_reduce_all<float>(larger, top));
+      }
+      for (int64_t j = whole; j < n; ++j) new_max = std::max(new_max, p[j]);
+      fVec sums(0.f);
+      for (int64_t j = 0; j < whole; j += fVec::size()) {
+        const fVec x = (fVec::loadu(p + j) - fVec(new_max)).exp_u20();
+        x.store(p + j);
+        sums = sums + x;
+      }
+      float chunk_sum = at::vec::vec_reduce_all<float>([](fVec& a, fVec& b) { return a + b; }, sums);
+      for (int64_t j = whole; j < n; ++j) {
+        p[j] = std::exp(p[j] - new_max);
+        chunk_sum += p[j];
+      }
+      corrections[e] = std::exp(*hs.max - new_max);  // 0 on a head's first chunk (max = -inf)
+      *hs.sum = *hs.sum * corrections[e] + chunk_sum;
+      *hs.max = new_max;
+      ps[e] = p;
+    }
+    const HeadState* run = heads + first;
+    if (d == 64 && 64 % fVec::size() == 0) {
+      pv_group<64>(run, count, corrections, ps, values);
+    } else if (d == 128 && 128 % fVec::size() == 0) {
+      pv_group<128>(run, count, corrections, ps, values);
+    } else {
+      for (int64_t e = 0; e < count; ++e) {
+        const int64_t n = run[e].visible;
+        for (int64_t j = 0; j < n; ++j) {
+          scale_add(run[e].acc, j == 0 ? corrections[e] : 1.f, ps[e][j], values + j * d, d);
+        }
+      }
+    }
+    first += count;
+  }
+}
+
 // Paged causal attention of a step's rows grouped by request, GQA, K/V read in place through
 // the block table. The design follows sgl-kernel's decode_attention_cpu and extend_attention_cpu
 // (sgl-project/sglang, sgl-kernel/csrc/cpu, Apache-2.0): flash decoding over KV splits, online
@@ -219,8 +426,15 @@ inline void paged_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
   const int64_t states = row_base[T] * n_heads;
   std::vector<float> acc(states * d), mx(states, -std::numeric_limits<float>::infinity()), sum(states, 0.f);
 
+  int64_t max_q_len = 1;
+  for (int64_t r = 0; r < R; ++r) max_q_len = std::max<int64_t>(max_q_len, starts[r + 1] - starts[r]);
+  const int64_t max_heads = max_q_len * G;  // query heads one work item updates
+
   at::parallel_for(0, int64_t(item_req.size()) * n_kv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> score(kChunk), keys(kChunk * d), values(kChunk * d);
+    ChunkKV chunk(d);
+    std::vector<float> score(max_heads * kChunk);
+    std::vector<const float*> queries(max_heads);
+    std::vector<HeadState> heads(max_heads);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t r = item_req[item / n_kv], split = item_split[item / n_kv], g = item % n_kv;
       const int64_t len = lens[r], row0 = starts[r], q_len = starts[r + 1] - row0;
@@ -229,44 +443,21 @@ inline void paged_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
       const int32_t* table = tables + r * table_stride;
       for (int64_t c0 = first; c0 < last; c0 += kChunk) {
         const int64_t n = std::min(kChunk, last - c0);
-        // The chunk's K and V rows in fp32, converted once for the q_len x G query heads that read them.
-        for (int64_t j = 0; j < n; ++j) {
-          const int64_t pos = c0 + j;
-          const int64_t offset = ((int64_t(table[pos / bs]) * bs + pos % bs) * n_kv + g) * d;
-          to_float(kc + offset, keys.data() + j * d, d);
-          to_float(vc + offset, values.data() + j * d, d);
-        }
-        for (int64_t i = 0; i < q_len; ++i) {
-          // Causal: row i sees positions up to first_pos + i. The arithmetic on a row's tokens
-          // depends only on how many it sees here, never on the other rows.
+        chunk.load(kc, vc, table, bs, n_kv, g, c0, n);
+        // Causal: row i sees positions up to first_pos + i, so this chunk's first `visible`
+        // tokens; rows before i0 see none of it.
+        const int64_t i0 = std::max<int64_t>(0, c0 - first_pos);
+        int64_t nq = 0;
+        for (int64_t i = i0; i < q_len; ++i) {
+          const int64_t t = row0 + i, slot = (row_base[t] + split) * n_heads + g * G;
           const int64_t visible = std::min(n, first_pos + i + 1 - c0);
-          if (visible <= 0) continue;
-          const int64_t t = row0 + i;
-          const int64_t slot = (row_base[t] + split) * n_heads + g * G;
-          for (int64_t h = 0; h < G; ++h) {
-            float* s = score.data();
-            float* m = mx.data() + slot + h;
-            float* l = sum.data() + slot + h;
-            qk_scores(qp + (t * n_heads + g * G + h) * d, keys.data(), visible, d, sc, s);
-            float new_max = *m;
-            for (int64_t j = 0; j < visible; ++j) new_max = std::max(new_max, s[j]);
-            float chunk_sum = 0.f;
-            int64_t j = 0;
-            for (; j + fVec::size() <= visible; j += fVec::size()) {
-              const fVec p = (fVec::loadu(s + j) - fVec(new_max)).exp_u20();
-              p.store(s + j);
-              chunk_sum += at::vec::vec_reduce_all<float>([](fVec& x, fVec& y) { return x + y; }, p);
-            }
-            for (; j < visible; ++j) {
-              s[j] = std::exp(s[j] - new_max);
-              chunk_sum += s[j];
-            }
-            const float correction = std::exp(*m - new_max);  // 0 on the first chunk (m = -inf)
-            *l = *l * correction + chunk_sum;
-            *m = new_max;
-            pv_accumulate(acc.data() + (slot + h) * d, correction, s, values.data(), visible, d);
+          for (int64_t h = 0; h < G; ++h, ++nq) {
+            queries[nq] = qp + (t * n_heads + g * G + h) * d;
+            heads[nq] = {acc.data() + (slot + h) * d, mx.data() + slot + h, sum.data() + slot + h, visible};
           }
         }
+        qk_chunk(queries.data(), nq, chunk.keys.data(), d, sc, score.data());
+        online_softmax_pv(heads.data(), nq, score.data(), chunk.values.data(), d);
       }
     }
   });
