@@ -8,11 +8,13 @@ split into its parts, timed on their own in the same round:
   prepare   ModelRunner._prepare (block tables, slots, metadata: host-side Python)
   forward   the model's forward over the B (1 + k) rows (linear layers + attention)
   linear    of that, the layers' matmuls alone, at the same row count (int4 or dense, as the
-            step picks: models/int4.py max_rows)
+            step picks: the fused CPU step takes the int4 copies for up to int4_max_rows
+            requests however many drafts they verify, the eager path by rows, models/int4.py)
   lm_head   compute_logits over the B (1 + k) sampled rows (int8 head: models/int8.py)
   rest      execute - prepare - forward - lm_head: sampling rows, draft acceptance, logprobs
 Every round times every (B, k) once and the medians are reported, since the machine is shared;
-ratios are against k = 0 at the same B. Also reports which kernel the step's size picks. Writes
+ratios are against k = 0 at the same B. Also reports which kernel the step picks and whether it
+ran as one fused C++ call (fused_cpu/decode.py). Writes
 benchmarks/results/verify_step_cost.json with machine_info.
 
     .venv/bin/python benchmarks/verify_step_cost.py                            # B 1 and 8, k 0..8 (~2 min)
@@ -37,6 +39,7 @@ sys.path.insert(0, HERE)
 
 from machine_info import machine_info, write_results  # noqa: E402
 
+from services.engine_core.attention.base import AttentionMetadata  # noqa: E402
 from services.engine_core.batch import ScheduledBatch  # noqa: E402
 from services.engine_core.model_runner import ModelRunner  # noqa: E402
 from services.engine_core.request import Request, RequestStatus  # noqa: E402
@@ -85,23 +88,32 @@ def time_parts(runner: ModelRunner, batch: ScheduledBatch) -> dict[str, float]:
     out["forward"] = time.perf_counter() - t0
     rows = hidden.index_select(0, torch.tensor(sample_rows))
     t0 = time.perf_counter()
-    runner.model.compute_logits(rows)
+    runner.model.compute_logits(rows, len(batch.requests))
     out["lm_head"] = time.perf_counter() - t0
     x = torch.randn(ids.shape[0], runner.model_config.hidden_size, dtype=runner.dtype)
     t0 = time.perf_counter()
-    linear_layers(runner, x)
+    linear_layers(runner, x, uses_int4(runner, md))
     out["linear"] = time.perf_counter() - t0
     return out
 
 
-def linear_layers(runner: ModelRunner, x: torch.Tensor) -> None:
-    """The four matmuls of every layer at x's row count, with the kernel the step would pick."""
+def is_fused(runner: ModelRunner, md: AttentionMetadata) -> bool:
+    return runner.fused is not None and runner.fused.can_run(md)
+
+
+def uses_int4(runner: ModelRunner, md: AttentionMetadata) -> bool:
+    """Whether the step multiplies by the layers' int4 copies (as the fused step or the eager one picks)."""
+    return is_fused(runner, md) or runner.model.layers[0].int4_for(md.num_tokens) is not None
+
+
+def linear_layers(runner: ModelRunner, x: torch.Tensor, int4: bool) -> None:
+    """The four matmuls of every layer at x's row count, with the kernel the step picks."""
     mc = runner.model_config
     heads_x = torch.empty(x.shape[0], mc.num_heads * mc.head_dim, dtype=x.dtype)
     act = torch.empty(x.shape[0], mc.intermediate_size, dtype=x.dtype)
     for layer in runner.model.layers:
-        q4 = layer.int4_for(x.shape[0])
-        if q4 is not None:
+        q4 = layer.int4
+        if int4 and q4 is not None:
             q4.qkv(x), q4.o(heads_x), q4.gate_up(x), q4.down(act)
         else:
             x @ layer.qkv_weight.t(), heads_x @ layer.o_weight.t()
@@ -146,21 +158,22 @@ def main() -> int:
             med = {n: statistics.median(v) * 1e3 for n, v in samples[(b, k)].items()}
             med["rest"] = med["execute"] - med["prepare"] - med["forward"] - med["lm_head"]
             rows = b * (1 + k)
-            layer0 = runner.model.layers[0]
+            md = runner._prepare(step_batch(requests[b], k))[2]
             entry = {
                 "batch": b,
                 "drafts": k,
                 "rows": rows,
-                "int4_layers": layer0.int4_for(rows) is not None,
+                "fused": is_fused(runner, md),
+                "int4_layers": uses_int4(runner, md),
                 "quantized_lm_head": runner.model.lm_head_quantized is not None
-                and rows <= runner.model.lm_head_max_rows,
+                and b <= runner.model.lm_head_max_rows,  # chosen by the rows without drafts
                 "median_ms": med,
                 "x_no_drafts": med["execute"] / (base * 1e3),
             }
             results.append(entry)
             cells = "  ".join(f"{n} {v:6.1f}" for n, v in med.items())
-            kernel = "int4" if entry["int4_layers"] else "dense"
-            print(f"  k {k} ({rows:>3} rows, {kernel:>5}): {cells}  = {entry['x_no_drafts']:.2f}x", flush=True)
+            kernel = ("int4" if entry["int4_layers"] else "dense") + (" fused" if entry["fused"] else "")
+            print(f"  k {k} ({rows:>3} rows, {kernel:>10}): {cells}  = {entry['x_no_drafts']:.2f}x", flush=True)
     out = {
         "benchmark": "verify_step_cost",
         "machine": machine_info(),

@@ -37,6 +37,9 @@ class AttentionMetadata:
     # Host-side copies, so CPU backends can plan without device syncs.
     query_lens_cpu: list[int]
     seq_lens_cpu: list[int]
+    num_draft_tokens: int = 0
+    """Of num_tokens, the speculative drafts this step verifies (each request's rows are its
+    new tokens, then its drafts): the step without them is num_tokens - num_draft_tokens rows."""
 
     @property
     def is_pure_decode(self) -> bool:

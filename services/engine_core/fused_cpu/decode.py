@@ -1,12 +1,20 @@
-"""Pure-decode steps of the CPU fast mode as one C++ call (csrc/decode_step.cpp).
+"""Decode steps of the CPU fast mode as one C++ call (csrc/decode_step.cpp).
 
 The default CPU mode (bf16 activations, int4 layer matrices, models/int4.py) spends a
 single-stream decode step mostly on issuing ~900 small eager ops, not on reading weights
-(docs/benchmarks.md, the decode profile). Here a decode-only step of up to int4_max_rows
-requests is one call into C++ that runs the whole forward: the int4 matmuls are torch's own
-kernel, the norms, RoPE + KV-cache write, SiLU x mul and paged attention fused kernels
-(csrc/*.h, after sgl-kernel's CPU kernels). Prefill chunks, draft verification and larger
-batches keep the eager path, as does every mode but bf16 + int4 (the exact mode in particular).
+(docs/benchmarks.md, the decode profile). Here a decode step of up to int4_max_rows requests,
+each a decode row or a decode row and the speculative drafts it verifies, is one call into C++
+that runs the whole forward: the int4 matmuls are torch's own kernel, the norms, RoPE + KV-cache
+write, SiLU x mul and paged attention fused kernels (csrc/*.h, after sgl-kernel's CPU kernels).
+Prefill chunks, larger batches and every mode but bf16 + int4 (the exact mode in particular)
+keep the eager path.
+
+Which weights: the int4 copies whenever the step's requests are few enough for them (what a
+step of the same requests without drafts multiplies by), however many rows the drafts add. Each
+fused kernel is row-invariant (a row's result does not depend on the step's other rows or their
+count: the int4 matmul and the int8 LM head by test, the attention by its fixed KV splits), so a
+draft verified here gets the bits it would get decoded alone, and greedy output is the same with
+speculation on or off (tests/engine_core/fused_cpu/test_verify.py).
 
 Numerics: the fused kernels accumulate in fp32 and round once where the eager ops round after
 each op (and keep q in fp32), so outputs differ from the eager fast mode in the last bf16 bits;
@@ -78,13 +86,17 @@ class FusedDecode:
         self._kv_caches: list[tuple[Tensor, Tensor]] | None = None
 
     def can_run(self, md: AttentionMetadata) -> bool:
-        return md.is_pure_decode and md.num_reqs <= self.max_rows
+        """A step of decodes (one new token per request, each with the drafts it verifies, if
+        any), of few enough requests for the int4 copies."""
+        return md.num_tokens - md.num_draft_tokens == md.num_reqs and md.num_reqs <= self.max_rows
 
     def run(
         self, input_ids: Tensor, positions: Tensor, kv_caches: list[tuple[Tensor, Tensor]], md: AttentionMetadata
     ) -> Tensor:
-        """The final hidden states [num_reqs, hidden] of a pure-decode step (one row per request)."""
+        """The final hidden states [num_tokens, hidden] of a decode step."""
         if kv_caches is not self._kv_caches:
             self._decoder.set_kv_caches([k for k, _ in kv_caches], [v for _, v in kv_caches])
             self._kv_caches = kv_caches
-        return self._decoder.forward(input_ids, positions, md.block_tables, md.seq_lens, md.slot_mapping)
+        return self._decoder.forward(
+            input_ids, positions, md.block_tables, md.seq_lens, md.query_start_loc, md.slot_mapping
+        )

@@ -260,9 +260,15 @@ class CausalLM(nn.Module):
         self.lm_head_quantized, self.lm_head_max_rows = Int4Weight.quantize(head), int4.max_rows(head.dtype)
         return True
 
-    def compute_logits(self, hidden: Tensor) -> Tensor:
-        """hidden [N, hidden] (rows of forward's output) -> float32 logits [N, vocab]."""
-        if self.lm_head_quantized is not None and hidden.shape[0] <= self.lm_head_max_rows:
+    def compute_logits(self, hidden: Tensor, rows_without_drafts: int | None = None) -> Tensor:
+        """hidden [N, hidden] (rows of forward's output) -> float32 logits [N, vocab].
+
+        rows_without_drafts: in a step that verifies drafts, the rows it would have without them
+        (one per sampled request). The head is chosen by that count, so a draft's logits come
+        from the head its lone decode would use: the quantized kernels are row-invariant
+        (tests/engine_core/fused_cpu/test_row_invariance.py), so they are then the same bits."""
+        rows = hidden.shape[0] if rows_without_drafts is None else rows_without_drafts
+        if self.lm_head_quantized is not None and rows <= self.lm_head_max_rows:
             return self.lm_head_quantized(hidden).float()
         head = self.embed if self.lm_head is None else self.lm_head
         return F.linear(hidden, head).float()

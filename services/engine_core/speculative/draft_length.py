@@ -8,9 +8,10 @@ draft length is chosen per request and step from two online estimates:
 
 - b, what one draft token adds to a step, f, what a step pays once for verifying any drafts
   at all, and t0(B), the step of B decode rows without drafts, fitted over the steps that only
-  decode and verify (StepCost). f is the CPU default's: its decode-only steps run as one fused
-  C++ call (fused_cpu/), a step with drafts runs the eager path, so the first draft of a step
-  costs most of a step and the ones after it little;
+  decode and verify (StepCost). f is for a step with drafts that takes another path than one
+  without (it was the CPU default's while only decode-only steps ran as one fused C++ call,
+  fused_cpu/: the first draft of a step cost most of a step); where both take the same path
+  the fit finds it near 0;
 - the request's acceptance rate alpha: the chance a draft is accepted given the ones before
   it were (AcceptanceTracker), so a draft run of k yields 1 + alpha + ... + alpha^k tokens.
 

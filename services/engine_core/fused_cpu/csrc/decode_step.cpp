@@ -1,7 +1,8 @@
-// One C++ call per pure-decode step of a Llama-family model in the CPU fast mode (bf16
-// activations, int4 layer matrices): embedding, 30 layers of norm -> int4 q|k|v -> RoPE + KV
-// write -> paged attention -> int4 o + residual + norm -> int4 gate|up -> SiLU x mul -> int4
-// down + residual + norm, and the final norm. Python issues one call a step instead of ~900 ops;
+// One C++ call per decode step of a Llama-family model in the CPU fast mode (bf16 activations,
+// int4 layer matrices), its requests' rows each one new token or one token and the drafts it
+// verifies: embedding, 30 layers of norm -> int4 q|k|v -> RoPE + KV write -> paged attention ->
+// int4 o + residual + norm -> int4 gate|up -> SiLU x mul -> int4 down + residual + norm, and the
+// final norm. Python issues one call a step instead of ~900 ops;
 // the matmuls are torch's own int4 kernel (aten::_weight_int4pack_mm_for_cpu, what
 // models/int4.py calls), the rest the kernels in the headers beside this file.
 // torch/extension.h would pull in the whole C++ frontend (torch::nn, ...) and double the build
@@ -33,6 +34,36 @@ const at::Tensor* opt(const std::vector<at::Tensor>& v, size_t i) { return v.emp
 void check_bf16(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kBFloat16 && t.is_contiguous(), name,
               " must be a contiguous bf16 CPU tensor");
+}
+
+// Each query row's block table and context length, from the requests': row j of a request of
+// q rows and context n (this step's rows included) attends to its first n - q + j + 1 positions,
+// causal within the request's rows as a prefill chunk. The K/V of all rows are in the cache
+// before any row attends (rope_write_kv runs first), so this is exact causal attention.
+struct RowContexts {
+  at::Tensor tables, lens;
+};
+
+RowContexts row_contexts(const at::Tensor& block_tables, const at::Tensor& seq_lens, const at::Tensor& query_start,
+                         int64_t T) {
+  const int64_t R = seq_lens.size(0);
+  if (R == T) return {block_tables, seq_lens};  // one row per request: the requests' own
+  const int32_t* qs = query_start.data_ptr<int32_t>();
+  const int32_t* lens = seq_lens.data_ptr<int32_t>();
+  TORCH_CHECK(qs[0] == 0 && qs[R] == T, "query_start_loc must run from 0 to the number of rows");
+  at::Tensor row_req = at::empty({T}, seq_lens.options().dtype(at::kLong));
+  at::Tensor row_lens = at::empty({T}, seq_lens.options());
+  int64_t* req = row_req.data_ptr<int64_t>();
+  int32_t* row_len = row_lens.data_ptr<int32_t>();
+  for (int64_t r = 0; r < R; ++r) {
+    const int32_t q = qs[r + 1] - qs[r];
+    TORCH_CHECK(q >= 1 && q <= lens[r], "request ", r, " has ", q, " rows and a context of ", lens[r]);
+    for (int32_t j = 0; j < q; ++j) {
+      req[qs[r] + j] = r;
+      row_len[qs[r] + j] = lens[r] - q + j + 1;
+    }
+  }
+  return {block_tables.index_select(0, row_req), row_lens};
 }
 
 }  // namespace
@@ -75,22 +106,28 @@ class FusedDecoder {
     v_caches_ = std::move(v_caches);
   }
 
-  // input_ids, positions, slot_mapping: int64 [T]; block_tables: int32 [T, max_blocks];
-  // seq_lens: int32 [T]. Every row is one request's one new token. Returns the final-normed
-  // hidden states [T, hidden] (bf16).
+  // input_ids, positions, slot_mapping: int64 [T], one per row; block_tables: int32 [R,
+  // max_blocks], seq_lens: int32 [R] (context after this step) and query_start_loc: int32 [R + 1]
+  // (request r's rows are query_start_loc[r]:query_start_loc[r + 1]), one per request, as in
+  // attention/base.py's AttentionMetadata. A request's rows are consecutive positions ending at
+  // its seq_len: one decode row, or a decode row and the drafts it verifies. Returns the
+  // final-normed hidden states [T, hidden] (bf16).
   at::Tensor forward(const at::Tensor& input_ids, const at::Tensor& positions, const at::Tensor& block_tables,
-                     const at::Tensor& seq_lens, const at::Tensor& slot_mapping) {
+                     const at::Tensor& seq_lens, const at::Tensor& query_start_loc, const at::Tensor& slot_mapping) {
     TORCH_CHECK(!k_caches_.empty(), "set_kv_caches first");
     TORCH_CHECK(input_ids.dim() == 1 && positions.sizes() == input_ids.sizes() &&
-                    slot_mapping.sizes() == input_ids.sizes() && seq_lens.size(0) == input_ids.size(0) &&
-                    block_tables.size(0) == input_ids.size(0),
-                "one row per request: ids, positions, slots, seq_lens and block tables of the same length");
+                    slot_mapping.sizes() == input_ids.sizes() && block_tables.size(0) == seq_lens.size(0) &&
+                    query_start_loc.size(0) == seq_lens.size(0) + 1,
+                "ids, positions and slots one per row; block tables and seq_lens one per request, "
+                "query_start_loc one more");
     TORCH_CHECK(positions.scalar_type() == at::kLong && slot_mapping.scalar_type() == at::kLong &&
-                    block_tables.scalar_type() == at::kInt && seq_lens.scalar_type() == at::kInt,
-                "positions and slots int64, block tables and seq_lens int32");
-    at::Tensor pos = positions.contiguous(), slots = slot_mapping.contiguous(), lens = seq_lens.contiguous();
-    at::Tensor tables = block_tables.stride(1) == 1 ? block_tables : block_tables.contiguous();
+                    block_tables.scalar_type() == at::kInt && seq_lens.scalar_type() == at::kInt &&
+                    query_start_loc.scalar_type() == at::kInt,
+                "positions and slots int64, block tables, seq_lens and query_start_loc int32");
+    at::Tensor pos = positions.contiguous(), slots = slot_mapping.contiguous();
     const int64_t T = input_ids.size(0), n = layout_.n_heads, d = layout_.d;
+    const RowContexts rows = row_contexts(block_tables.stride(1) == 1 ? block_tables : block_tables.contiguous(),
+                                          seq_lens.contiguous(), query_start_loc.contiguous(), T);
     // The residual stream in fp32: SmolLM2's reaches ~700 in a few dimensions and later layers
     // cancel most of it, where a bf16 stream (1 ulp = 4 at 700) loses the small remainder.
     at::Tensor h = embed_.index_select(0, input_ids).to(at::kFloat);
@@ -109,7 +146,7 @@ class FusedDecoder {
       }
       {
         RECORD_FUNCTION("novainfer::decode_attention", std::vector<c10::IValue>());
-        decode_attention(q, k_caches_[i], v_caches_[i], tables, lens, scale_, attn);
+        decode_attention(q, k_caches_[i], v_caches_[i], rows.tables, rows.lens, scale_, attn);
       }
       at::Tensor o = int4_mm(attn, o_[i], o_sz_[i]);
       {

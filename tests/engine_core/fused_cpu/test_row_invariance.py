@@ -1,0 +1,110 @@
+"""Row invariance of every kernel a fused CPU step runs: a row's result is bit-identical whatever
+the other rows of the call are and however many there are. Together these make a fused step's
+row the same bits as a lone decode of that token (test_verify.py), so verifying drafts there
+does not change greedy output. The dense bf16 matmul (oneDNN) is not row-invariant, which is
+why a step picks its weights by its number of requests, not rows (fused_cpu/decode.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from types import ModuleType
+
+import pytest
+import torch
+
+from services.engine_core.models.int4 import Int4Weight
+from services.engine_core.models.int8 import Int8Weight
+from tests.engine_core.conftest import build_paged_batch
+from tests.engine_core.fused_cpu.test_kernels import rope_tables
+
+BF16 = torch.bfloat16
+
+
+def randn(*shape: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def assert_row_invariant(f: Callable[[slice], torch.Tensor], n: int) -> None:
+    """f(rows), a kernel's output for the given rows of its inputs, is f(all n rows)[rows] to the
+    bit for every prefix and suffix of the n rows."""
+    full = f(slice(0, n))
+    for m in range(1, n + 1):
+        for rows in (slice(0, m), slice(n - m, n)):
+            assert torch.equal(f(rows), full[rows]), f"rows {rows.start}:{rows.stop} of {n}"
+
+
+def rows_of(kernel: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> Callable[[slice], torch.Tensor]:
+    return lambda rows: kernel(x[rows].contiguous())
+
+
+@pytest.mark.parametrize("out_features, in_features", [(960, 576), (3072, 576), (576, 1536), (128, 64)])
+def test_int4_matmul(out_features: int, in_features: int) -> None:
+    """torch's _weight_int4pack_mm_for_cpu, SmolLM2's four layer shapes and a tiny one: up to 72
+    rows (8 requests verifying 8 drafts each)."""
+    weight = Int4Weight.quantize(randn(out_features, in_features).to(BF16))
+    assert_row_invariant(rows_of(weight, randn(72, in_features, seed=1).to(BF16)), 72)
+
+
+def test_int8_lm_head() -> None:
+    """The int8 LM head (oneDNN's u8 x s8 matmul, integer accumulation, a scale per row) over its
+    whole range of rows (models/int8.py MAX_ROWS)."""
+    head = Int8Weight.quantize(randn(4096, 576))
+    assert_row_invariant(rows_of(head, randn(head.max_rows, 576, seed=1).to(BF16)), head.max_rows)
+
+
+def test_add_rms_norm_and_silu_mul(ext: ModuleType) -> None:
+    weight = (1 + 0.1 * randn(576, seed=3)).to(BF16)
+    h, delta = 100 * randn(40, 576, seed=1), randn(40, 576, seed=2).to(BF16)
+    for with_delta in (False, True):
+
+        def norm(rows: slice, with_delta: bool = with_delta) -> torch.Tensor:
+            return ext.add_rms_norm(h[rows].clone(), delta[rows].contiguous() if with_delta else None, weight, 1e-5)
+
+        assert_row_invariant(norm, 40)
+    assert_row_invariant(rows_of(ext.silu_mul, (3 * randn(40, 2 * 1536, seed=4)).to(BF16)), 40)
+
+
+@pytest.mark.parametrize("variant", ["llama", "qwen2-bias", "qwen3-qk-norm"])
+def test_rope_write_kv(ext: ModuleType, variant: str) -> None:
+    """q (returned) and the k and v written to the cache."""
+    n_heads, n_kv, d, bs, n = 9, 3, 64, 16, 40
+    width = (n_heads + 2 * n_kv) * d
+    qkv = randn(n, width, seed=1).to(BF16)
+    bias = randn(width, seed=2).to(BF16) if variant == "qwen2-bias" else None
+    q_norm = (1 + 0.1 * randn(d, seed=3)).to(BF16) if variant == "qwen3-qk-norm" else None
+    k_norm = (1 + 0.1 * randn(d, seed=4)).to(BF16) if variant == "qwen3-qk-norm" else None
+    cos, sin = rope_tables(1000, d)
+    positions = torch.randint(0, 1000, (n,), generator=torch.Generator().manual_seed(5))
+    slots = torch.randperm(4 * n, generator=torch.Generator().manual_seed(6))[:n]
+
+    def rope(rows: slice) -> torch.Tensor:
+        k_cache = torch.zeros(4 * n // bs, bs, n_kv, d, dtype=BF16)
+        v_cache = torch.zeros_like(k_cache)
+        q = ext.rope_write_kv(
+            qkv[rows].contiguous(), bias, q_norm, k_norm, 1e-6, positions[rows].contiguous(), cos, sin,
+            slots[rows].contiguous(), n_heads, k_cache, v_cache,
+        )  # fmt: skip
+        written = torch.cat((k_cache.view(-1, n_kv * d), v_cache.view(-1, n_kv * d)), dim=1)[slots[rows]]
+        return torch.cat((q.view(q.shape[0], -1), written.float()), dim=1)
+
+    assert_row_invariant(rope, n)
+
+
+def test_decode_attention(ext: ModuleType) -> None:
+    """A row alone, and among rows of other requests with shorter and far longer contexts: the
+    fixed KV splits give it the same bits."""
+    lens = [700, 1, 31, 2100, 64, 129, 300, 5]
+    n_heads, n_kv, d = 9, 3, 64
+    batch = build_paged_batch([1] * len(lens), lens, num_heads=n_heads, num_kv_heads=n_kv, head_dim=d)
+    k_cache, v_cache, md = batch.k_cache.to(BF16), batch.v_cache.to(BF16), batch.md
+    k_cache.view(-1, n_kv, d).index_copy_(0, md.slot_mapping, batch.key.to(BF16))
+    v_cache.view(-1, n_kv, d).index_copy_(0, md.slot_mapping, batch.value.to(BF16))
+    q = batch.query.float().contiguous()
+    full = ext.decode_attention(q, k_cache, v_cache, md.block_tables, md.seq_lens, batch.scale)
+    for i in range(len(lens)):
+        for rows in ([i], [i, (i + 3) % len(lens)], list(range(i, len(lens)))):
+            index = torch.tensor(rows)
+            out = ext.decode_attention(
+                q[index].contiguous(), k_cache, v_cache, md.block_tables[index], md.seq_lens[index], batch.scale
+            )
+            assert torch.equal(out[0], full[i]), (i, rows)

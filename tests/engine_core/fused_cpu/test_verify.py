@@ -1,0 +1,186 @@
+"""Steps that verify speculative drafts in the fused CPU path (fused_cpu/decode.py): which steps
+run fused, that a verification step's logits stay close to the eager default's, that every row
+of it is bit-identical to a lone decode of the same token (the kernels are row-invariant:
+test_row_invariance.py), and so that greedy output with speculation equals output without it in
+the default mode, for up to int4_max_rows requests, whatever the proposer and k."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from types import ModuleType
+
+import pytest
+import torch
+
+from services.engine_core.attention.base import AttentionMetadata
+from services.engine_core.fused_cpu.decode import FusedDecode
+from services.engine_core.model_runner import ModelRunner
+from services.engine_core.run_mode import cpu_has_native_bf16
+from services.tokenizer_pool.tokenizer import load_tokenizer
+from shared.config import EngineConfig
+from shared.protocol import SamplingParams
+from tests.engine_core.fused_cpu.conftest import decode_metadata
+from tests.engine_core.fused_cpu.test_decode import _prefilled
+from tests.engine_core.speculative.test_spec_engine import GREEDY, check_all_proposers, prompts_for
+
+pytestmark = pytest.mark.skipif(
+    torch.cuda.is_available() or not cpu_has_native_bf16(), reason="the fused path is the bf16 CPU default's"
+)
+
+I32 = torch.int32
+
+
+@pytest.fixture(scope="module")
+def runner(ext: ModuleType) -> ModelRunner:
+    """The default mode on the bundled model."""
+    runner = ModelRunner(EngineConfig(kv_cache_bytes=64 << 20, max_num_seqs=8))
+    assert runner.fused is not None
+    return runner
+
+
+def verify_step(
+    table: torch.Tensor, contexts: list[int], tokens: list[list[int]], block_size: int
+) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+    """The step where request i (its blocks table[i], contexts[i] tokens in the cache) feeds
+    tokens[i]: its next token, then the drafts it verifies. (ids, positions, metadata)"""
+    ids, positions, slots, query_start, seq_lens = [], [], [], [0], []
+    for i, (context, row) in enumerate(zip(contexts, tokens, strict=True)):
+        ids += row
+        for pos in range(context, context + len(row)):
+            positions.append(pos)
+            slots.append(int(table[i, pos // block_size]) * block_size + pos % block_size)
+        query_start.append(query_start[-1] + len(row))
+        seq_lens.append(context + len(row))
+    md = AttentionMetadata(
+        num_reqs=len(contexts),
+        num_tokens=len(ids),
+        query_start_loc=torch.tensor(query_start, dtype=I32),
+        seq_lens=torch.tensor(seq_lens, dtype=I32),
+        block_tables=table,
+        slot_mapping=torch.tensor(slots),
+        max_query_len=max(len(r) for r in tokens),
+        max_seq_len=max(seq_lens),
+        query_lens_cpu=[len(r) for r in tokens],
+        seq_lens_cpu=seq_lens,
+        num_draft_tokens=len(ids) - len(contexts),
+    )
+    return torch.tensor(ids), torch.tensor(positions), md
+
+
+def drafted(next_ids: torch.Tensor, drafts: list[int], seed: int) -> list[list[int]]:
+    """Each request's next token followed by drafts[i] random drafts."""
+    rng = random.Random(seed)
+    return [[int(t)] + [rng.randrange(100, 20000) for _ in range(k)] for t, k in zip(next_ids, drafts, strict=True)]
+
+
+def test_runs_decode_and_verify_steps(runner: ModelRunner) -> None:
+    """Steps of decodes with or without drafts, of up to the int4 copies' number of requests;
+    prefill chunks and more requests stay eager."""
+    fused = runner.fused
+    assert isinstance(fused, FusedDecode)
+    limit = fused.max_rows
+    assert fused.can_run(decode_metadata(limit, 10, 16)[2])
+    assert not fused.can_run(decode_metadata(limit + 1, 10, 16)[2])
+    table = torch.arange(limit * 4, dtype=I32).view(limit, 4)
+    tokens = [[5] * (1 + (i % 5)) for i in range(limit)]
+    _, _, md = verify_step(table, [20] * limit, tokens, 16)
+    assert md.num_tokens > limit and fused.can_run(md)  # rows past the cut-off: it counts requests
+    md.num_draft_tokens -= 1  # one row that is not a draft: a prefill chunk
+    assert not fused.can_run(md)
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize(("contexts", "drafts"), [([40], [8]), ([512], [3]), ([17, 3, 64], [2, 0, 5])])
+def test_logits_close_to_eager(runner: ModelRunner, contexts: list[int], drafts: list[int]) -> None:
+    caches, md0, next_ids, _ = _prefilled(runner, contexts, room=1 + max(drafts))
+    copies = [(k.clone(), v.clone()) for k, v in caches]
+    ids, pos, md = verify_step(md0.block_tables, contexts, drafted(next_ids, drafts, 0), runner.block_size)
+    assert runner.fused is not None and runner.fused.can_run(md)
+    got = runner.model.compute_logits(runner.fused.run(ids, pos, caches, md))
+    ref = runner.model.compute_logits(runner.model(ids, pos, copies, md, runner.backend))
+    cos = torch.nn.functional.cosine_similarity(got, ref, dim=-1)
+    assert cos.mean() > 0.999 and cos.min() > 0.99, cos
+    assert (got.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.75
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize(("contexts", "drafts"), [([40], [8]), ([130, 3, 64, 7], [3, 0, 8, 1])])
+def test_rows_equal_lone_decodes(runner: ModelRunner, contexts: list[int], drafts: list[int]) -> None:
+    """Every row of a verification step (hidden states and logits) is bit-identical to decoding
+    its token alone, one step per token, after the tokens before it."""
+    assert runner.fused is not None
+    caches, md0, next_ids, _ = _prefilled(runner, contexts, room=1 + max(drafts))
+    lone_caches = [(k.clone(), v.clone()) for k, v in caches]
+    tokens = drafted(next_ids, drafts, 1)
+    ids, pos, md = verify_step(md0.block_tables, contexts, tokens, runner.block_size)
+    hidden = runner.fused.run(ids, pos, caches, md)
+    logits = runner.model.compute_logits(hidden)
+    row = 0
+    for i, (context, request_tokens) in enumerate(zip(contexts, tokens, strict=True)):
+        for j, token in enumerate(request_tokens):
+            one = verify_step(md0.block_tables[i : i + 1], [context + j], [[token]], runner.block_size)
+            lone = runner.fused.run(*one[:2], lone_caches, one[2])
+            assert torch.equal(lone[0], hidden[row]), (i, j)
+            assert torch.equal(runner.model.compute_logits(lone)[0], logits[row]), (i, j)
+            row += 1
+
+
+@pytest.fixture
+def counted_verify_steps(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
+    """The number of draft tokens of each fused step that verified any."""
+    counts: list[int] = []
+    run = FusedDecode.run
+
+    def counting(self: FusedDecode, *args: object) -> torch.Tensor:
+        md = args[-1]
+        assert isinstance(md, AttentionMetadata)
+        if md.num_draft_tokens:
+            counts.append(md.num_draft_tokens)
+        return run(self, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(FusedDecode, "run", counting)
+    yield counts
+
+
+DEFAULT_MODE: dict[str, object] = dict(exact=False)
+"""The default mode (the speculative tests' engines are exact); random-weight checkpoints need
+int4 asked for (auto quantizes 4-bit GGUFs only)."""
+
+
+@pytest.mark.parametrize("model", ["tiny-llama", "tiny-qwen2", "tiny-qwen3"])
+@pytest.mark.parametrize("k", [1, 3, 8])
+def test_greedy_unchanged_random_weight_models(
+    ext: ModuleType, counted_verify_steps: list[int], model: str, k: int
+) -> None:
+    """ngram, suffix, always-right and always-wrong proposers; 5 requests in one batch."""
+    check_all_proposers(model, prompts_for(512, seed=k), GREEDY, k=k, quantization="int4", **DEFAULT_MODE)
+    assert counted_verify_steps and max(counted_verify_steps) > k  # several requests' drafts in one fused step
+
+
+@pytest.mark.parametrize("k", [1, 3, 8])
+def test_greedy_unchanged_bundled_model(ext: ModuleType, counted_verify_steps: list[int], k: int) -> None:
+    tok = load_tokenizer(EngineConfig())
+    text = "def add(a, b):\n    return a + b\n\n"
+    prompts = [tok.encode(text * 3), tok.encode("The capital of France is"), tok.encode("1, 2, 3, 4, 5, 6,")]
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    check_all_proposers("smollm2", prompts, params, k=k, **DEFAULT_MODE)
+    assert counted_verify_steps
+
+
+@torch.inference_mode()
+def test_lm_head_chosen_by_rows_without_drafts(runner: ModelRunner) -> None:
+    """More sampled rows than the int8 head's cut-off, from 5 requests: still the int8 head (the
+    one their lone decodes use), so each row's logits are its lone decode's bits."""
+    model = runner.model
+    hidden = torch.randn(model.lm_head_max_rows + 12, model.cfg.hidden_size).to(torch.bfloat16)
+    logits = model.compute_logits(hidden, 5)
+    for row in (0, 77, hidden.shape[0] - 1):
+        assert torch.equal(logits[row], model.compute_logits(hidden[row : row + 1])[0])
+
+
+def test_greedy_unchanged_with_32_drafts(ext: ModuleType, counted_verify_steps: list[int]) -> None:
+    """5 requests verifying up to 32 drafts each, more sampled rows than the int8 head's cut-off."""
+    params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+    check_all_proposers("tiny-llama", prompts_for(512, seed=9), params, k=32, quantization="int4", **DEFAULT_MODE)
+    assert max(counted_verify_steps) + 5 > 128
