@@ -76,7 +76,7 @@ KINDS = {
     "aten::to": "views, slices, casts",
     "aten::contiguous": "views, slices, casts",
     # The fused decode step's own kernels (services/engine_core/fused_cpu), recorded by name.
-    "novainfer::decode_attention": "attention (fused)",
+    "novainfer::paged_attention": "attention (fused)",
     "novainfer::add_rms_norm": "RMSNorm",
     "novainfer::rope_write_kv": "RoPE + KV-cache writes (fused)",
     "novainfer::silu_mul": "RoPE, SiLU x mul, residual adds",

@@ -1,7 +1,8 @@
 """Each fused CPU decode kernel (services/engine_core/fused_cpu/csrc) against the eager torch
 ops it replaces, within bf16 tolerance: RMSNorm with the residual add, SiLU x mul, RoPE with the
-KV-cache write (+ Qwen2's bias and Qwen3's q/k norms), and paged decode attention over GQA
-shapes, contexts that cross block boundaries and batches of different lengths."""
+KV-cache write (+ Qwen2's bias and Qwen3's q/k norms), and paged attention (rows grouped by
+request, causal) over GQA shapes, contexts that cross block boundaries and splits, and batches
+of different lengths and query lengths. Their row invariance: test_row_invariance.py."""
 
 from __future__ import annotations
 
@@ -88,46 +89,6 @@ def test_rope_write_kv(ext: ModuleType, n_heads: int, n_kv: int, d: int, variant
     assert not k_slots[others].any() and not v_slots[others].any()  # nothing else written
 
 
-@pytest.mark.parametrize(
-    "n_heads, n_kv, d",
-    [(9, 3, 64), (4, 2, 16), (8, 8, 128), (4, 1, 32), (6, 2, 40)],
-)
-@pytest.mark.parametrize(
-    "context_lens",
-    [[0], [15], [16], [511], [1000], [3, 16, 47, 200], [700, 1, 31, 64, 64, 129]],
-)
-def test_decode_attention(ext: ModuleType, n_heads: int, n_kv: int, d: int, context_lens: list[int]) -> None:
-    """Over a NaN-poisoned paged cache with shuffled blocks: reading any slot outside a request's
-    context would turn its output NaN."""
-    batch = build_paged_batch([1] * len(context_lens), context_lens, num_heads=n_heads, num_kv_heads=n_kv, head_dim=d)
-    k_cache, v_cache, md = batch.k_cache.to(BF16), batch.v_cache.to(BF16), batch.md
-    k_cache.view(-1, n_kv, d).index_copy_(0, md.slot_mapping, batch.key.to(BF16))
-    v_cache.view(-1, n_kv, d).index_copy_(0, md.slot_mapping, batch.value.to(BF16))
-    q = batch.query.float().contiguous()
-    ref = reference_attention(q, k_cache.float(), v_cache.float(), md, batch.scale)
-    out = ext.decode_attention(q, k_cache, v_cache, md.block_tables, md.seq_lens, batch.scale)
-    assert out.shape == (len(context_lens), n_heads * d) and out.dtype == BF16
-    assert rel_error(out.view_as(ref), ref) < 1e-2
-
-
-@pytest.mark.parametrize("threads", [1, 2])
-def test_decode_attention_same_at_any_thread_count(ext: ModuleType, threads: int) -> None:
-    """The context splits are fixed runs of positions, whatever the thread count: the same bits."""
-    batch = build_paged_batch([1, 1], [300, 77], num_heads=9, num_kv_heads=3, head_dim=64)
-    k_cache, v_cache, md = batch.k_cache.to(BF16), batch.v_cache.to(BF16), batch.md
-    k_cache.view(-1, 3, 64).index_copy_(0, md.slot_mapping, batch.key.to(BF16))
-    v_cache.view(-1, 3, 64).index_copy_(0, md.slot_mapping, batch.value.to(BF16))
-    q = batch.query.float().contiguous()
-    ref = reference_attention(q, k_cache.float(), v_cache.float(), md, batch.scale)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        out = ext.decode_attention(q, k_cache, v_cache, md.block_tables, md.seq_lens, batch.scale)
-    finally:
-        torch.set_num_threads(before)
-    assert rel_error(out.view_as(ref), ref) < 1e-2
-
-
 def cached_step(
     query_lens: list[int], context_lens: list[int], n_heads: int, n_kv: int, d: int, seed: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata, float]:
@@ -140,8 +101,29 @@ def cached_step(
     return batch.query.float().contiguous(), k_cache, v_cache, md, batch.scale
 
 
-def paged(ext: ModuleType, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, md: AttentionMetadata, scale: float):
+def paged(
+    ext: ModuleType, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, md: AttentionMetadata, scale: float
+) -> torch.Tensor:
+    """ext.paged_attention over md's requests."""
     return ext.paged_attention(q, k, v, md.block_tables, md.query_start_loc, md.seq_lens, scale)
+
+
+@pytest.mark.parametrize(
+    "n_heads, n_kv, d",
+    [(9, 3, 64), (4, 2, 16), (8, 8, 128), (4, 1, 32), (6, 2, 40)],
+)
+@pytest.mark.parametrize(
+    "context_lens",
+    [[0], [15], [16], [511], [1000], [3, 16, 47, 200], [700, 1, 31, 64, 64, 129]],
+)
+def test_paged_attention_decode_rows(ext: ModuleType, n_heads: int, n_kv: int, d: int, context_lens: list[int]) -> None:
+    """A pure-decode step (one row per request), over a NaN-poisoned paged cache with shuffled
+    blocks: reading any slot outside a request's context would turn its output NaN."""
+    q, k_cache, v_cache, md, scale = cached_step([1] * len(context_lens), context_lens, n_heads, n_kv, d)
+    ref = reference_attention(q, k_cache.float(), v_cache.float(), md, scale)
+    out = paged(ext, q, k_cache, v_cache, md, scale)
+    assert out.shape == (len(context_lens), n_heads * d) and out.dtype == BF16
+    assert rel_error(out.view_as(ref), ref) < 1e-2
 
 
 @pytest.mark.parametrize(
@@ -171,53 +153,3 @@ def test_paged_attention(
     for r in range(md.num_reqs):  # per request: a short one's error is not hidden by a long one's
         rows = slice(int(md.query_start_loc[r]), int(md.query_start_loc[r + 1]))
         assert rel_error(out.view_as(ref)[rows], ref[rows]) < 1e-2, f"request {r}"
-
-
-def single(md: AttentionMetadata, r: int, seq_len: int, q_len: int = 1) -> AttentionMetadata:
-    """Request r of md alone, with q_len rows ending at position seq_len - 1 (same cache)."""
-    return AttentionMetadata(
-        num_reqs=1,
-        num_tokens=q_len,
-        query_start_loc=torch.tensor([0, q_len], dtype=torch.int32),
-        seq_lens=torch.tensor([seq_len], dtype=torch.int32),
-        block_tables=md.block_tables[r : r + 1].clone(),
-        slot_mapping=torch.zeros(q_len, dtype=torch.int64),
-        max_query_len=q_len,
-        max_seq_len=seq_len,
-        query_lens_cpu=[q_len],
-        seq_lens_cpu=[seq_len],
-    )
-
-
-def test_paged_attention_row_alone_equals_row_in_a_batch(ext: ModuleType) -> None:
-    """Batch invariance: a decode row's output bits do not depend on the other rows of the step
-    (their number, lengths, or the threads the step's splits spread over)."""
-    contexts = [3, 1500, 127, 128, 600, 40, 2047, 255]
-    q, k_cache, v_cache, md, scale = cached_step([1] * 8, contexts, 9, 3, 64, seed=5)
-    batched = paged(ext, q, k_cache, v_cache, md, scale)
-    for r, ctx in enumerate(contexts):
-        alone = paged(ext, q[r : r + 1], k_cache, v_cache, single(md, r, ctx + 1), scale)
-        assert torch.equal(alone, batched[r : r + 1]), f"row {r} (context {ctx})"
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        assert torch.equal(paged(ext, q, k_cache, v_cache, md, scale), batched)
-    finally:
-        torch.set_num_threads(before)
-
-
-def test_paged_attention_verify_rows_equal_decode_rows(ext: ModuleType) -> None:
-    """Every row of a verify group (a decode row and its drafts: consecutive positions of one
-    request), in a step mixed with other requests, gets exactly the bits a lone decode row at its
-    position gets from the same cache: what keeps greedy output unchanged by speculation."""
-    query_lens, contexts = [9, 1, 4, 17], [250, 900, 0, 1020]  # groups across split boundaries
-    q, k_cache, v_cache, md, scale = cached_step(query_lens, contexts, 9, 3, 64, seed=7)
-    step = paged(ext, q, k_cache, v_cache, md, scale)
-    for r, (q_len, ctx) in enumerate(zip(query_lens, contexts, strict=True)):
-        start = int(md.query_start_loc[r])
-        for j in range(q_len):
-            row = start + j
-            decode = paged(ext, q[row : row + 1], k_cache, v_cache, single(md, r, ctx + j + 1), scale)
-            assert torch.equal(decode, step[row : row + 1]), f"request {r}, row {j}"
-        group = paged(ext, q[start : start + q_len], k_cache, v_cache, single(md, r, ctx + q_len, q_len), scale)
-        assert torch.equal(group, step[start : start + q_len]), f"request {r} alone"

@@ -12,10 +12,10 @@ from types import ModuleType
 import pytest
 import torch
 
+from services.engine_core.attention.base import AttentionMetadata
 from services.engine_core.models.int4 import Int4Weight
 from services.engine_core.models.int8 import Int8Weight
-from tests.engine_core.conftest import build_paged_batch
-from tests.engine_core.fused_cpu.test_kernels import rope_tables
+from tests.engine_core.fused_cpu.test_kernels import cached_step, paged, rope_tables
 
 BF16 = torch.bfloat16
 
@@ -90,21 +90,56 @@ def test_rope_write_kv(ext: ModuleType, variant: str) -> None:
     assert_row_invariant(rope, n)
 
 
-def test_decode_attention(ext: ModuleType) -> None:
-    """A row alone, and among rows of other requests with shorter and far longer contexts: the
-    fixed KV splits give it the same bits."""
+def single(md: AttentionMetadata, r: int, seq_len: int, q_len: int = 1) -> AttentionMetadata:
+    """Request r of md alone, with q_len rows ending at position seq_len - 1 (same cache)."""
+    return AttentionMetadata(
+        num_reqs=1,
+        num_tokens=q_len,
+        query_start_loc=torch.tensor([0, q_len], dtype=torch.int32),
+        seq_lens=torch.tensor([seq_len], dtype=torch.int32),
+        block_tables=md.block_tables[r : r + 1].clone(),
+        slot_mapping=torch.zeros(q_len, dtype=torch.int64),
+        max_query_len=q_len,
+        max_seq_len=seq_len,
+        query_lens_cpu=[q_len],
+        seq_lens_cpu=[seq_len],
+    )
+
+
+def test_paged_attention_decode_rows(ext: ModuleType) -> None:
+    """A decode row alone, and among rows of other requests with shorter and far longer contexts,
+    and at one thread: the fixed KV splits give it the same bits."""
     lens = [700, 1, 31, 2100, 64, 129, 300, 5]
-    n_heads, n_kv, d = 9, 3, 64
-    batch = build_paged_batch([1] * len(lens), lens, num_heads=n_heads, num_kv_heads=n_kv, head_dim=d)
-    k_cache, v_cache, md = batch.k_cache.to(BF16), batch.v_cache.to(BF16), batch.md
-    k_cache.view(-1, n_kv, d).index_copy_(0, md.slot_mapping, batch.key.to(BF16))
-    v_cache.view(-1, n_kv, d).index_copy_(0, md.slot_mapping, batch.value.to(BF16))
-    q = batch.query.float().contiguous()
-    full = ext.decode_attention(q, k_cache, v_cache, md.block_tables, md.seq_lens, batch.scale)
+    q, k_cache, v_cache, md, scale = cached_step([1] * len(lens), lens, 9, 3, 64)
+    full = paged(ext, q, k_cache, v_cache, md, scale)
     for i in range(len(lens)):
         for rows in ([i], [i, (i + 3) % len(lens)], list(range(i, len(lens)))):
             index = torch.tensor(rows)
-            out = ext.decode_attention(
-                q[index].contiguous(), k_cache, v_cache, md.block_tables[index], md.seq_lens[index], batch.scale
-            )
+            out = ext.paged_attention(
+                q[index].contiguous(), k_cache, v_cache, md.block_tables[index],
+                torch.arange(len(rows) + 1, dtype=torch.int32), md.seq_lens[index], scale,
+            )  # fmt: skip
             assert torch.equal(out[0], full[i]), (i, rows)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert torch.equal(paged(ext, q, k_cache, v_cache, md, scale), full)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_paged_attention_verify_rows_equal_decode_rows(ext: ModuleType) -> None:
+    """Every row of a verify group (a decode row and its drafts: consecutive positions of one
+    request, sharing each KV read), in a step mixed with other requests, gets exactly the bits a
+    lone decode row at its position gets from the same cache."""
+    query_lens, contexts = [9, 1, 4, 17], [250, 900, 0, 1020]  # groups across split boundaries
+    q, k_cache, v_cache, md, scale = cached_step(query_lens, contexts, 9, 3, 64, seed=7)
+    step = paged(ext, q, k_cache, v_cache, md, scale)
+    for r, (q_len, ctx) in enumerate(zip(query_lens, contexts, strict=True)):
+        start = int(md.query_start_loc[r])
+        for j in range(q_len):
+            row = start + j
+            decode = paged(ext, q[row : row + 1], k_cache, v_cache, single(md, r, ctx + j + 1), scale)
+            assert torch.equal(decode, step[row : row + 1]), f"request {r}, row {j}"
+        group = paged(ext, q[start : start + q_len], k_cache, v_cache, single(md, r, ctx + q_len, q_len), scale)
+        assert torch.equal(group, step[start : start + q_len]), f"request {r} alone"

@@ -1,15 +1,18 @@
-// Paged decode attention: one query row at a time, GQA, K/V read in place through the block
-// table. The design is sgl-kernel's decode_attention_cpu (flash decoding): the context is cut
+// Paged causal attention of a step's rows grouped by request (decode rows, and a decode row with
+// the speculative drafts it verifies), GQA, K/V read in place through the block table. The
+// design follows sgl-kernel's decode_attention_cpu and extend_attention_cpu (sgl-project/sglang,
+// sgl-kernel/csrc/cpu, Apache-2.0; none of their code is copied): flash decoding, the context cut
 // into splits so that even one request with a few KV heads gives every thread work; each
-// (row, KV head, split) runs an online softmax over its tokens for all the query heads that
-// share the KV head (each K/V row is read and converted once for the group), in fp32; a second
-// pass merges the splits by their log-sum-exp.
+// (request, KV head, split) work item runs an online softmax in fp32 over its tokens for all the
+// query heads of all the request's rows that share the KV head, so each K/V row is read and
+// converted once for a verify group's 1 + k rows x G heads; a second pass merges each row's
+// splits by their log-sum-exp.
 //
-// Row-invariant: the splits are fixed runs of kSplitTokens positions, merged in order, so a
-// row's output bits depend on its own query, context and length only, never on the other rows
-// of the step or their count. A request's verification rows then get exactly the bits each
-// would get as a lone decode row, which is what keeps greedy output unchanged by speculation
-// (fused_cpu/decode.py).
+// Batch-invariant: the splits are fixed runs of kSplitTokens positions, merged in order, and a
+// head's arithmetic does not depend on which heads share its work item, so a row's output bits
+// depend on its own query, context and position only: the same alone, in any batch, at any
+// thread count, and as a row of a verify group or as a decode row at the same position, which is
+// what keeps greedy output unchanged by speculation (fused_cpu/decode.py).
 #pragma once
 
 #include <algorithm>
@@ -20,153 +23,12 @@
 
 namespace novainfer {
 
-// Tokens per online-softmax chunk, and per split (a multiple of kChunk): 128 gives a single
-// 600-token row with 3 KV heads 15 work items, enough for a few threads.
+// Tokens per online-softmax chunk, and per split (a multiple of kChunk). Splits of 64..512
+// tokens cost the same on the 2-core dev machine at batch 1 and 8 (benchmarks/
+// paged_attention_kernel.py); 128 gives a single 600-token row with 3 KV heads 15 work items,
+// enough for a few threads.
 constexpr int64_t kChunk = 32;
 constexpr int64_t kSplitTokens = 128;
-
-// s[j] = dot(q, keys[j]) * scale for the n rows of keys [n, d]. For the usual head sizes the
-// query sits in registers for the whole chunk (d a compile-time constant).
-template <int64_t D>
-inline void qk_scores_fixed(const float* q, const float* keys, int64_t n, float scale, float* s) {
-  constexpr int64_t V = D / fVec::size();
-  fVec qv[V];
-  for (int64_t v = 0; v < V; ++v) qv[v] = fVec::loadu(q + v * fVec::size());
-  for (int64_t j = 0; j < n; ++j) {
-    const float* k = keys + j * D;
-    fVec acc = qv[0] * fVec::loadu(k);
-    for (int64_t v = 1; v < V; ++v) acc = at::vec::fmadd(qv[v], fVec::loadu(k + v * fVec::size()), acc);
-    s[j] = at::vec::vec_reduce_all<float>([](fVec& x, fVec& y) { return x + y; }, acc) * scale;
-  }
-}
-
-inline void qk_scores(const float* q, const float* keys, int64_t n, int64_t d, float scale, float* s) {
-  if (d == 64 && 64 % fVec::size() == 0) return qk_scores_fixed<64>(q, keys, n, scale, s);
-  if (d == 128 && 128 % fVec::size() == 0) return qk_scores_fixed<128>(q, keys, n, scale, s);
-  for (int64_t j = 0; j < n; ++j) s[j] = dot(q, keys + j * d, d) * scale;
-}
-
-// acc[0:d] = acc * correction + sum_j p[j] * values[j], the accumulator in registers for the
-// usual head sizes.
-template <int64_t D>
-inline void pv_accumulate_fixed(float* acc, float correction, const float* p, const float* values, int64_t n) {
-  constexpr int64_t V = D / fVec::size();
-  fVec av[V];
-  for (int64_t v = 0; v < V; ++v) av[v] = fVec::loadu(acc + v * fVec::size()) * fVec(correction);
-  for (int64_t j = 0; j < n; ++j) {
-    const fVec pj(p[j]);
-    const float* x = values + j * D;
-    for (int64_t v = 0; v < V; ++v) av[v] = at::vec::fmadd(pj, fVec::loadu(x + v * fVec::size()), av[v]);
-  }
-  for (int64_t v = 0; v < V; ++v) av[v].store(acc + v * fVec::size());
-}
-
-inline void pv_accumulate(float* acc, float correction, const float* p, const float* values, int64_t n, int64_t d) {
-  if (d == 64 && 64 % fVec::size() == 0) return pv_accumulate_fixed<64>(acc, correction, p, values, n);
-  if (d == 128 && 128 % fVec::size() == 0) return pv_accumulate_fixed<128>(acc, correction, p, values, n);
-  for (int64_t j = 0; j < n; ++j) scale_add(acc, j == 0 ? correction : 1.f, p[j], values + j * d, d);
-  if (n == 0) scale_add(acc, correction, 0.f, acc, d);
-}
-
-// q [T, n_heads, d] fp32; k_cache / v_cache [blocks, bs, n_kv, d] bf16; block_tables [T, >= blocks
-// of the row's context] int32; seq_lens [T] int32 (this step's token included). out [T, n_heads * d]
-// bf16.
-inline void decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                             const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale,
-                             at::Tensor& out) {
-  const int64_t T = q.size(0), n_heads = q.size(1), d = q.size(2);
-  const int64_t bs = k_cache.size(1), n_kv = k_cache.size(2), G = n_heads / n_kv;
-  const int64_t table_stride = block_tables.stride(0);
-  const int32_t* tables = block_tables.data_ptr<int32_t>();
-  const int32_t* lens = seq_lens.data_ptr<int32_t>();
-  const float* qp = q.data_ptr<float>();
-  const bf16* kc = bf16_data(k_cache);
-  const bf16* vc = bf16_data(v_cache);
-  bf16* op = bf16_data_mut(out);
-  const float sc = float(scale);
-
-  int64_t max_len = 0;
-  for (int64_t t = 0; t < T; ++t) max_len = std::max<int64_t>(max_len, lens[t]);
-  // Shorter rows leave their last splits empty: they weigh nothing in the merge.
-  const int64_t splits = std::max<int64_t>(1, at::divup(max_len, kSplitTokens));
-
-  // Per (row, kv head, split): the group's unnormalised outputs [G, d], running max and sum [G].
-  const int64_t items = T * n_kv * splits;
-  std::vector<float> acc(items * G * d), mx(items * G), sum(items * G);
-
-  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> score(G * kChunk), keys(kChunk * d), values(kChunk * d);
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t t = item / (n_kv * splits), g = (item / splits) % n_kv, split = item % splits;
-      const int64_t len = lens[t];
-      const int64_t first = std::min(len, split * kSplitTokens), last = std::min(len, first + kSplitTokens);
-      float* a = acc.data() + item * G * d;
-      float* m = mx.data() + item * G;
-      float* l = sum.data() + item * G;
-      std::fill(a, a + G * d, 0.f);
-      std::fill(m, m + G, -std::numeric_limits<float>::infinity());
-      std::fill(l, l + G, 0.f);
-      const float* qg = qp + (t * n_heads + g * G) * d;
-      const int32_t* table = tables + t * table_stride;
-      for (int64_t c0 = first; c0 < last; c0 += kChunk) {
-        const int64_t n = std::min(kChunk, last - c0);
-        // The chunk's K and V rows in fp32, converted once for the G query heads that read them.
-        for (int64_t j = 0; j < n; ++j) {
-          const int64_t pos = c0 + j;
-          const int64_t offset = ((int64_t(table[pos / bs]) * bs + pos % bs) * n_kv + g) * d;
-          to_float(kc + offset, keys.data() + j * d, d);
-          to_float(vc + offset, values.data() + j * d, d);
-        }
-        for (int64_t h = 0; h < G; ++h) {
-          float* s = score.data() + h * kChunk;
-          qk_scores(qg + h * d, keys.data(), n, d, sc, s);
-          float new_max = m[h];
-          for (int64_t j = 0; j < n; ++j) new_max = std::max(new_max, s[j]);
-          float chunk_sum = 0.f;
-          int64_t j = 0;
-          for (; j + fVec::size() <= n; j += fVec::size()) {
-            const fVec p = (fVec::loadu(s + j) - fVec(new_max)).exp_u20();
-            p.store(s + j);
-            chunk_sum += at::vec::vec_reduce_all<float>([](fVec& x, fVec& y) { return x + y; }, p);
-          }
-          for (; j < n; ++j) {
-            s[j] = std::exp(s[j] - new_max);
-            chunk_sum += s[j];
-          }
-          const float correction = std::exp(m[h] - new_max);  // 0 on the first chunk (m = -inf)
-          l[h] = l[h] * correction + chunk_sum;
-          m[h] = new_max;
-          pv_accumulate(a + h * d, correction, s, values.data(), n, d);
-        }
-      }
-    }
-  });
-
-  // Merge the splits of each (row, query head): weights exp(m_s - max_s m_s); empty splits
-  // (a row shorter than the others) have l = 0 and m = -inf and weigh nothing.
-  at::parallel_for(0, T * n_kv, rows_grain(splits * G * d), [&](int64_t begin, int64_t end) {
-    std::vector<float> o(d);
-    for (int64_t tg = begin; tg < end; ++tg) {
-      const int64_t t = tg / n_kv, g = tg % n_kv;
-      for (int64_t h = 0; h < G; ++h) {
-        float top = -std::numeric_limits<float>::infinity();
-        for (int64_t s = 0; s < splits; ++s) top = std::max(top, mx[(tg * splits + s) * G + h]);
-        std::fill(o.begin(), o.end(), 0.f);
-        float total = 0.f;
-        for (int64_t s = 0; s < splits; ++s) {
-          const int64_t idx = (tg * splits + s) * G + h;
-          if (sum[idx] == 0.f) continue;
-          const float w = std::exp(mx[idx] - top);
-          total += w * sum[idx];
-          scale_add(o.data(), 1.f, w, acc.data() + idx * d, d);
-        }
-        bf16* dst = op + (t * n_heads + g * G + h) * d;
-        const float inv = 1.f / total;
-        for (int64_t i = 0; i < d; ++i) dst[i] = bf16(o[i] * inv);
-      }
-    }
-  });
-}
 
 static_assert(kSplitTokens % kChunk == 0, "chunks never straddle a split");
 
@@ -377,19 +239,6 @@ inline void online_softmax_pv(const HeadState* heads, int64_t nq, float* s, cons
   }
 }
 
-// Paged causal attention of a step's rows grouped by request, GQA, K/V read in place through
-// the block table. The design follows sgl-kernel's decode_attention_cpu and extend_attention_cpu
-// (sgl-project/sglang, sgl-kernel/csrc/cpu, Apache-2.0): flash decoding over KV splits, online
-// softmax in fp32, the splits merged by their log-sum-exp. Each (request, KV head, split) work
-// item converts every K/V row of its split to fp32 once and updates all q_len x G query heads of
-// the group with it (a verify group's 1 + k rows share the read); a row only takes the tokens up
-// to its own position (causal).
-//
-// Batch-invariant: every request's context is cut at fixed multiples of kSplitTokens, whatever
-// else the step holds, so a row's splits, their chunks, the tokens it sees in each and the merge
-// order depend only on its own position: its output bits are the same alone, in any batch, at
-// any thread count, and as a row of a verify group or as a decode row at the same position.
-//
 // q [T, n_heads, d] fp32; k_cache / v_cache [blocks, bs, n_kv, d] bf16; block_tables [R, >= blocks
 // of the request's context] int32; query_start_loc [R + 1] int32 (request r's rows are
 // query_start_loc[r] .. query_start_loc[r + 1] - 1); seq_lens [R] int32 (the context after this

@@ -36,36 +36,6 @@ void check_bf16(const at::Tensor& t, const char* name) {
               " must be a contiguous bf16 CPU tensor");
 }
 
-// Each query row's block table and context length, from the requests': row j of a request of
-// q rows and context n (this step's rows included) attends to its first n - q + j + 1 positions,
-// causal within the request's rows as a prefill chunk. The K/V of all rows are in the cache
-// before any row attends (rope_write_kv runs first), so this is exact causal attention.
-struct RowContexts {
-  at::Tensor tables, lens;
-};
-
-RowContexts row_contexts(const at::Tensor& block_tables, const at::Tensor& seq_lens, const at::Tensor& query_start,
-                         int64_t T) {
-  const int64_t R = seq_lens.size(0);
-  if (R == T) return {block_tables, seq_lens};  // one row per request: the requests' own
-  const int32_t* qs = query_start.data_ptr<int32_t>();
-  const int32_t* lens = seq_lens.data_ptr<int32_t>();
-  TORCH_CHECK(qs[0] == 0 && qs[R] == T, "query_start_loc must run from 0 to the number of rows");
-  at::Tensor row_req = at::empty({T}, seq_lens.options().dtype(at::kLong));
-  at::Tensor row_lens = at::empty({T}, seq_lens.options());
-  int64_t* req = row_req.data_ptr<int64_t>();
-  int32_t* row_len = row_lens.data_ptr<int32_t>();
-  for (int64_t r = 0; r < R; ++r) {
-    const int32_t q = qs[r + 1] - qs[r];
-    TORCH_CHECK(q >= 1 && q <= lens[r], "request ", r, " has ", q, " rows and a context of ", lens[r]);
-    for (int32_t j = 0; j < q; ++j) {
-      req[qs[r] + j] = r;
-      row_len[qs[r] + j] = lens[r] - q + j + 1;
-    }
-  }
-  return {block_tables.index_select(0, row_req), row_lens};
-}
-
 }  // namespace
 
 // The model's weights, held by reference (the tensors the Python model owns), and its KV cache.
@@ -126,8 +96,10 @@ class FusedDecoder {
                 "positions and slots int64, block tables, seq_lens and query_start_loc int32");
     at::Tensor pos = positions.contiguous(), slots = slot_mapping.contiguous();
     const int64_t T = input_ids.size(0), n = layout_.n_heads, d = layout_.d;
-    const RowContexts rows = row_contexts(block_tables.stride(1) == 1 ? block_tables : block_tables.contiguous(),
-                                          seq_lens.contiguous(), query_start_loc.contiguous(), T);
+    at::Tensor tables = block_tables.stride(1) == 1 ? block_tables : block_tables.contiguous();
+    at::Tensor lens = seq_lens.contiguous(), starts = query_start_loc.contiguous();
+    const int32_t* qs = starts.data_ptr<int32_t>();
+    TORCH_CHECK(qs[0] == 0 && qs[seq_lens.size(0)] == T, "query_start_loc must run from 0 to the number of rows");
     // The residual stream in fp32: SmolLM2's reaches ~700 in a few dimensions and later layers
     // cancel most of it, where a bf16 stream (1 ulp = 4 at 700) loses the small remainder.
     at::Tensor h = embed_.index_select(0, input_ids).to(at::kFloat);
@@ -145,8 +117,8 @@ class FusedDecoder {
                       q, k_caches_[i], v_caches_[i]);
       }
       {
-        RECORD_FUNCTION("novainfer::decode_attention", std::vector<c10::IValue>());
-        decode_attention(q, k_caches_[i], v_caches_[i], rows.tables, rows.lens, scale_, attn);
+        RECORD_FUNCTION("novainfer::paged_attention", std::vector<c10::IValue>());
+        paged_attention(q, k_caches_[i], v_caches_[i], tables, starts, lens, scale_, attn);
       }
       at::Tensor o = int4_mm(attn, o_[i], o_sz_[i]);
       {
@@ -225,15 +197,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         return q;
       },
       "rotates q and k of qkv, writes k and v to their cache slots; returns q (fp32)");
-  m.def(
-      "decode_attention",
-      [](at::Tensor q, at::Tensor k_cache, at::Tensor v_cache, at::Tensor block_tables, at::Tensor seq_lens,
-         double scale) {
-        at::Tensor out = at::empty({q.size(0), q.size(1) * q.size(2)}, k_cache.options());
-        novainfer::decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, out);
-        return out;
-      },
-      "paged decode attention of q [T, heads, d] (fp32) -> [T, heads * d] (bf16)");
   m.def(
       "paged_attention",
       [](at::Tensor q, at::Tensor k_cache, at::Tensor v_cache, at::Tensor block_tables, at::Tensor query_start_loc,
