@@ -8,11 +8,13 @@ import os
 import torch
 
 from services.engine_core.attention.base import AttentionBackend, AttentionMetadata
+from services.engine_core.attention.batch_invariant import BatchInvariantTorchBackend
 from services.engine_core.attention.torch_backend import TorchAttentionBackend
 
 __all__ = [
     "AttentionBackend",
     "AttentionMetadata",
+    "BatchInvariantTorchBackend",
     "TorchAttentionBackend",
     "get_backend",
     "triton_interpreter_enabled",
@@ -31,20 +33,20 @@ def triton_interpreter_enabled() -> bool:
 def get_backend(name: str, device: torch.device | str, batch_invariant: bool = False) -> AttentionBackend:
     """'auto': triton on CUDA (torch if triton is not installed), torch elsewhere. 'triton' on a
     CPU device only runs under the Triton interpreter (TRITON_INTERPRET=1, tests).
-    batch_invariant: the torch backend attends every query row in one canonical form (torch_backend.py)."""
+    batch_invariant: the torch backend attends every query row in one canonical form (batch_invariant.py)."""
     device = torch.device(device)
     if name not in BACKEND_NAMES:
         raise ValueError(f"unknown attention backend {name!r}; choose one of {', '.join(BACKEND_NAMES)}")
     if name == "auto":
         if device.type != "cuda":
-            return TorchAttentionBackend(batch_invariant)
+            return _torch_backend(batch_invariant)
         try:
             return _triton_backend(device)
         except ImportError as e:
             log.warning("triton is not importable (%s): using the torch attention backend on %s", e, device)
-            return TorchAttentionBackend(batch_invariant)
+            return _torch_backend(batch_invariant)
     if name == "torch":
-        return TorchAttentionBackend(batch_invariant)
+        return _torch_backend(batch_invariant)
     if device.type != "cuda" and not triton_interpreter_enabled():
         raise ValueError(
             f"the triton attention backend needs a CUDA device, not {device} "
@@ -54,6 +56,10 @@ def get_backend(name: str, device: torch.device | str, batch_invariant: bool = F
         return _triton_backend(device)
     except ImportError as e:
         raise RuntimeError(f"the triton attention backend needs the triton package: {e}") from e
+
+
+def _torch_backend(batch_invariant: bool) -> AttentionBackend:
+    return BatchInvariantTorchBackend() if batch_invariant else TorchAttentionBackend()
 
 
 def _triton_backend(device: torch.device) -> AttentionBackend:

@@ -23,23 +23,13 @@ broadcast over the query heads and a boolean mask, cost 2-3x as much). Longer ro
 chunks) are attended one request at a time; they too read a context in consecutive blocks in
 place, with slots and causal masks made once per step.
 
-Batch invariance (the exact mode): SDPA's result for a query row depends, in the last bits, on
-the shape of its call: how many query rows share a causal chunk (a verification row of 1 + k
-tokens vs a decode row) and how far the context is padded (a decode group's longest request).
-So a step's attention would depend on the batch around a request and on how its tokens were
-grouped into steps, and a seeded sampled token can flip when a draw lies near a token boundary.
-With `batch_invariant` every query row is computed in one canonical form: its own batch entry
-of an SDPA call over its context rounded up to a multiple of _INVARIANT_BUCKET positions, the
-excess masked (the kernel computes each batch entry alone, and masked positions add exact
-zeros). A token's attention output is then the same bits whether it was decoded alone, in a
-batch, verified as a draft or computed in any prefill chunk. The rows of one request in one
-bucket (a prefill chunk's, a verification row's) share one K/V gather; decodes in one bucket
-share one call.
+The exact mode needs every row's bits independent of the batch around it: that is the
+subclass in batch_invariant.py, which reuses this backend's K/V writes and gather workspace.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from itertools import accumulate
 
 import torch
@@ -134,37 +124,11 @@ class _Chunk:
     before it (None: no cached context, the chunk's own K/V are the whole context)."""
 
 
-_INVARIANT_BUCKET = 64
-"""Batch-invariant attention: the context lengths one call shape covers. Larger: fewer calls for
-a prefill chunk and more decodes per call; smaller: fewer masked positions computed."""
-
-
-@dataclass
-class _InvariantCall:
-    """Query rows of the same rounded-up context length, attended in one SDPA call."""
-
-    rows: torch.Tensor
-    """int64 [n]: the rows of the flattened batch."""
-    length: int
-    """The context length of the call: each row's own, rounded up to _INVARIANT_BUCKET."""
-    slots: torch.Tensor
-    """int64 [length] (one request's rows: one context, shared) or [n * length] (one per row): the
-    cache slot of every position, those past a request's last token pointing at it so the K/V
-    read stay finite whatever the cache holds there (a NaN would survive a masked softmax)."""
-    valid: torch.Tensor
-    """bool [n, 1, 1, length]: which positions are each row's context."""
-
-    @property
-    def shared(self) -> bool:
-        return len(self.slots) == self.length
-
-
 @dataclass
 class _Plan:
     starts: list[int]
     decode_groups: list[_DecodeGroup]
     chunks: list[_Chunk]
-    invariant_calls: list[_InvariantCall] = field(default_factory=list)
 
 
 def _context_slots(block_table: torch.Tensor, seq_lens: torch.Tensor, max_len: int, block_size: int) -> torch.Tensor:
@@ -194,8 +158,7 @@ def _group_decodes(decodes: list[int], seq_lens: list[int]) -> list[list[int]]:
 class TorchAttentionBackend(AttentionBackend):
     name = "torch"
 
-    def __init__(self, batch_invariant: bool = False) -> None:
-        self.batch_invariant = batch_invariant
+    def __init__(self) -> None:
         # Every layer of a step sees the same metadata object: plan once per step, not per layer.
         # The engine builds a fresh AttentionMetadata each step and never mutates one.
         self._plan_md: AttentionMetadata | None = None
@@ -210,8 +173,6 @@ class TorchAttentionBackend(AttentionBackend):
         v_cache.view(-1, n_kv, d).index_copy_(0, md.slot_mapping, value)
 
     def _make_plan(self, md: AttentionMetadata, block_size: int, q_per_kv: int, dtype: torch.dtype) -> _Plan:
-        if self.batch_invariant:
-            return self._invariant_plan(md, block_size)
         starts = list(accumulate(md.query_lens_cpu, initial=0))
         by_q_len: dict[int, list[int]] = {}
         for i, q_len in enumerate(md.query_lens_cpu):
@@ -286,96 +247,6 @@ class TorchAttentionBackend(AttentionBackend):
             group.causal = torch.zeros(seen.shape, dtype=dtype, device=device).masked_fill_(~seen, float("-inf"))
         return group
 
-    def _invariant_plan(self, md: AttentionMetadata, block_size: int) -> _Plan:
-        """Row j of request i has context c = seq_len - q_len + 1 + j, and is attended over
-        positions [0, round_up(c)) with those from c on masked: grouped into calls by that
-        length, one request's several rows together, single rows of all requests together."""
-        device = md.block_tables.device
-        bucket = _INVARIANT_BUCKET
-        # length -> [(first row, rows' contexts, request)]
-        units: dict[int, list[tuple[int, list[int], int]]] = {}
-        row = 0
-        for i, (q_len, seq_len) in enumerate(zip(md.query_lens_cpu, md.seq_lens_cpu, strict=True)):
-            contexts = range(seq_len - q_len + 1, seq_len + 1)
-            j = 0
-            while j < q_len:
-                length = -(-contexts[j] // bucket) * bucket
-                n = min(q_len - j, length - contexts[j] + 1)  # the rows whose context rounds up to length
-                units.setdefault(length, []).append((row + j, list(contexts[j : j + n]), i))
-                j += n
-            row += q_len
-        calls = []
-        pos = torch.arange(max(units, default=0), device=device)
-        for length, members in units.items():
-            singles = [m for m in members if len(m[1]) == 1]
-            for first, row_contexts, req in [m for m in members if len(m[1]) > 1]:
-                calls.append(self._invariant_call(md, block_size, length, first, row_contexts, [req], pos))
-            if singles:
-                calls.append(
-                    self._invariant_call(
-                        md,
-                        block_size,
-                        length,
-                        [r for r, _, _ in singles],
-                        [c[0] for _, c, _ in singles],
-                        [i for _, _, i in singles],
-                        pos,
-                    )
-                )
-        return _Plan([], [], [], calls)
-
-    @staticmethod
-    def _invariant_call(
-        md: AttentionMetadata,
-        block_size: int,
-        length: int,
-        rows: int | list[int],
-        contexts: list[int],
-        reqs: list[int],
-        pos: torch.Tensor,
-    ) -> _InvariantCall:
-        """rows: a request's consecutive rows from this one (reqs: that request), or one row per
-        request of reqs."""
-        device = md.block_tables.device
-        p = pos[:length]
-        idx = torch.tensor(reqs, device=device)
-        last = md.seq_lens[idx].long() - 1
-        clamped = torch.minimum(p[None, :], last[:, None])  # [len(reqs), length]
-        table = md.block_tables[idx].long()
-        slots = table.gather(1, clamped // block_size) * block_size + clamped % block_size
-        ctx = torch.tensor(contexts, device=device)
-        row_ids = (
-            torch.arange(rows, rows + len(contexts), device=device)
-            if isinstance(rows, int)
-            else torch.tensor(rows, device=device)
-        )
-        valid = (p[None, :] < ctx[:, None])[:, None, None, :]
-        return _InvariantCall(row_ids, length, slots.reshape(-1), valid)
-
-    def _invariant_forward(
-        self, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan: _Plan, scale: float
-    ) -> torch.Tensor:
-        n_heads, d = query.shape[1], query.shape[2]
-        n_kv = k_cache.shape[2]
-        k_slots = k_cache.view(-1, n_kv * d)
-        v_slots = v_cache.view(-1, n_kv * d)
-        out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
-        for call in plan.invariant_calls:
-            n, length = len(call.rows), call.length
-            k, v = self._gather(k_slots, v_slots, call.slots)
-            # [n, kv_heads, length, d] views; one request's rows share its context (stride 0)
-            shape = (n, n_kv, length, d)
-            strides = (0 if call.shared else length * n_kv * d, d, n_kv * d, 1)
-            o = F.scaled_dot_product_attention(
-                query.index_select(0, call.rows).view(n, n_kv, n_heads // n_kv, d),
-                k.as_strided(shape, strides, k.storage_offset()),
-                v.as_strided(shape, strides, v.storage_offset()),
-                attn_mask=call.valid,
-                scale=scale,
-            )
-            out.index_copy_(0, call.rows, o.reshape(n, n_heads, d))
-        return out
-
     def _buffers(self, rows: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Two [rows, kv_heads * head_dim] views of the workspace, which grows by half again
         when too small, so contexts growing a token per step do not reallocate it every step."""
@@ -441,8 +312,6 @@ class TorchAttentionBackend(AttentionBackend):
             self._plan, self._plan_md = self._make_plan(md, block_size, q_per_kv, query.dtype), md
         plan = self._plan
         assert plan is not None
-        if self.batch_invariant:
-            return self._invariant_forward(query, k_cache, v_cache, plan, scale)
         if len(plan.decode_groups) == 1 and plan.decode_groups[0].rows is None:
             return self._decode(query, k_cache, v_cache, plan.decode_groups[0], scale)
         k_slots = k_cache.view(-1, n_kv * d)
