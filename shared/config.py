@@ -19,6 +19,12 @@ import msgspec
 
 ENV_PREFIX = "NOVAINFER_"
 BUNDLED_MODEL = "smollm2"
+DEFAULT_CACHE_DIR = "~/.cache/novainfer"
+
+
+def resolve_cache_dir(cache_dir: str | None = None) -> str:
+    """The cache directory every process uses for EngineConfig.cache_dir (None: the default)."""
+    return os.path.expanduser(cache_dir or DEFAULT_CACHE_DIR)
 
 
 class EngineConfig(msgspec.Struct, kw_only=True):
@@ -101,7 +107,8 @@ class EngineConfig(msgspec.Struct, kw_only=True):
     grammar_compile_threads: int = 2
     """Threads compiling grammars beside the engine's step loop."""
     cache_dir: str | None = None
-    """Where slow conversions (e.g. the tokenizer built from GGUF metadata) are cached; default ~/.cache/novainfer."""
+    """Where slow conversions (the tokenizer built from GGUF metadata, int4 weights, the fused CPU
+    kernels) are cached; default ~/.cache/novainfer (resolve_cache_dir)."""
     speculative_method: Literal["none", "ngram", "suffix"] = "none"
     """Model-free speculative decoding: ngram proposes the continuation of the latest earlier
     occurrence of the request's last n tokens in its own prompt and output; suffix proposes

@@ -33,8 +33,8 @@ from services.engine_core.run_mode import describe, resolve_device, resolve_dtyp
 from services.engine_core.sampler import Sampler, SamplingBatch
 from services.engine_core.speculative.verify import verify_drafts
 from services.engine_core.structured_output import RequestGrammar, fill_bitmask
-from services.engine_core.weight_loader import engine_cache_dir, load_model
-from shared.config import EngineConfig, available_cores
+from services.engine_core.weight_loader import load_model
+from shared.config import EngineConfig, available_cores, resolve_cache_dir
 from shared.model_info import max_model_len
 from shared.protocol import TokenLogprob
 
@@ -193,7 +193,7 @@ class ModelRunner:
     def _compile_decode(self) -> CompiledDecode | None:
         # Like graph capture, compiling only buys speed: a host without a working C++ compiler
         # (Inductor needs one) must cost speed, not the service.
-        use_cache_dir(engine_cache_dir(self.config))
+        use_cache_dir(resolve_cache_dir(self.config.cache_dir))
         try:
             compiled = CompiledDecode(self.model, self.backend, self.config.max_num_seqs)
             compiled.compile(self.kv_caches)
@@ -212,7 +212,7 @@ class ModelRunner:
                 log.info("fused CPU decode not used: %s", why_not)
             return None
         t0 = time.perf_counter()
-        ext = fused_extension.load(engine_cache_dir(self.config))
+        ext = fused_extension.load(resolve_cache_dir(self.config.cache_dir))
         if ext is None:  # already warned
             return None
         try:

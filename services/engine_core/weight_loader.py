@@ -27,7 +27,7 @@ from services.engine_core.model_config import ModelConfig
 from services.engine_core.models import CausalLM, build_model, int4
 from services.engine_core.models.int4 import Int4Layer, Int4Weight
 from services.engine_core.run_mode import resolve_quantization
-from shared.config import EngineConfig
+from shared.config import EngineConfig, resolve_cache_dir
 from shared.model_files import ModelFiles, ModelFormat, resolve_model
 from shared.model_info import max_model_len
 
@@ -96,7 +96,7 @@ def load_model(engine_config: EngineConfig, device: torch.device, dtype: torch.d
     weight types are known."""
     files = resolve_model(engine_config.model)
     layer_types: frozenset[str] = frozenset()
-    cache_dir = engine_cache_dir(engine_config)
+    cache_dir = resolve_cache_dir(engine_config.cache_dir)
     if files.format is ModelFormat.GGUF:
         cfg, layer_types, weights = _gguf_weights(files.path, cache_dir)
     else:
@@ -161,11 +161,6 @@ def init_random_weights(model: CausalLM, seed: int) -> None:
             param.zero_()
         else:
             param.normal_(0.0, INIT_STD, generator=gen)
-
-
-def engine_cache_dir(engine_config: EngineConfig) -> str:
-    """Where the engine caches slow conversions (dequantized weights, compiled kernels)."""
-    return os.path.expanduser(engine_config.cache_dir or "~/.cache/novainfer")
 
 
 def _safetensors_weights(files: ModelFiles) -> Iterator[tuple[str, torch.Tensor]]:

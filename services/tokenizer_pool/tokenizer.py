@@ -32,7 +32,7 @@ import msgspec
 import tokenizers
 
 from services.tokenizer_pool.tool_prompt import messages_for_template, template_renders_tools
-from shared.config import BUNDLED_MODEL, EngineConfig
+from shared.config import BUNDLED_MODEL, EngineConfig, resolve_cache_dir
 from shared.errors import InvalidRequest
 from shared.model_files import ModelFiles, ModelFormat, bundled_model_path, resolve_model
 from shared.model_info import eos_token_ids, max_model_len, model_info
@@ -289,8 +289,7 @@ def _stat(path: str) -> os.stat_result | None:
 
 
 def cache_root(cache_dir: str | None) -> str:
-    base = cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "novainfer")
-    return os.path.join(base, "tokenizers")
+    return os.path.join(resolve_cache_dir(cache_dir), "tokenizers")
 
 
 def cached_tokenizer_dir(source: TokenizerSource, cache_dir: str | None) -> str:

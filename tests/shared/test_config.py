@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 import pytest
 
@@ -13,6 +14,7 @@ from shared.config import (
     config_to_args,
     field_docs,
     parse_config,
+    resolve_cache_dir,
 )
 
 
@@ -106,3 +108,15 @@ def test_exact_mode_flag_and_its_conflicts() -> None:
     engine = parse_config([]).engine
     assert (engine.dtype, engine.quantization, engine.exact) == ("auto", "auto", False)
     assert config_to_args(parse_config(["--exact"])) == ["--exact"]
+
+
+def test_one_default_cache_dir(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tokenizer pool, the weight loader and the fused CPU kernels cache under one directory."""
+    from services.engine_core.fused_cpu import extension
+    from services.tokenizer_pool.tokenizer import cache_root
+
+    assert resolve_cache_dir() == os.path.expanduser("~/.cache/novainfer") == extension.DEFAULT_CACHE_DIR
+    assert cache_root(None) == os.path.join(resolve_cache_dir(), "tokenizers")
+    monkeypatch.setenv("HOME", "/home/someone")
+    assert resolve_cache_dir("~/cache") == "/home/someone/cache"
+    assert cache_root("~/cache") == "/home/someone/cache/tokenizers"

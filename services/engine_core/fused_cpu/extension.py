@@ -23,6 +23,8 @@ from types import ModuleType
 
 import torch
 
+from shared.config import resolve_cache_dir
+
 log = logging.getLogger(__name__)
 
 CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
@@ -31,7 +33,7 @@ HEADERS = ("common.h", "norm.h", "rope.h", "activation.h", "attention.h")
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-std=c++17")
 LDFLAGS = ("-fopenmp",)
 _DONE = "built"
-DEFAULT_CACHE_DIR = os.path.expanduser("~/.cache/novainfer")  # weight_loader.engine_cache_dir's default
+DEFAULT_CACHE_DIR = resolve_cache_dir()
 
 
 def _cpu_flags() -> str:
