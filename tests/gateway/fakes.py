@@ -47,6 +47,9 @@ from shared.zmq_utils import pull_socket, push_socket
 
 MODEL = "test-model"
 TOKENS = ["Hello", ",", " world"]
+RUN_MODE = "bfloat16+int4+int8-lm-head+fused-decode"
+"""What the CPU default reports for the bundled model (run_mode.describe; the gateway tests do not
+import torch to derive it, tests/engine_core/test_run_mode.py checks describe gives it)."""
 HEARTBEAT_S = 0.05
 TIMEOUT_S = 2.0  # a fake worker that misses heartbeats this long is silent; 1 s flaked on a loaded 2-core machine
 
@@ -176,7 +179,7 @@ class FakeWorker:
                     stats = EngineStats(
                         engine_index=0,
                         timestamp=time.time(),
-                        run_mode="bfloat16+int4",
+                        run_mode=RUN_MODE,
                         num_running=1,
                         num_waiting=2,
                         kv_usage=0.25,
