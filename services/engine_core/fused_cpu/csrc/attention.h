@@ -17,6 +17,7 @@
 
 #include <algorithm>
 #include <limits>
+#include <memory>
 #include <vector>
 
 #include "common.h"
@@ -273,7 +274,11 @@ inline void paged_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
     for (int64_t t = starts[r]; t < starts[r + 1]; ++t) row_base[t + 1] = row_base[t] + splits;
   }
   const int64_t states = row_base[T] * n_heads;
-  std::vector<float> acc(states * d), mx(states, -std::numeric_limits<float>::infinity()), sum(states, 0.f);
+  // The outputs are left unset here (zeroing a long verify step's would cost more than its
+  // attention): each work item zeroes those of the rows that see its split; the merge skips the
+  // others (sum 0).
+  std::unique_ptr<float[]> acc(new float[states * d]);
+  std::vector<float> mx(states, -std::numeric_limits<float>::infinity()), sum(states, 0.f);
 
   int64_t max_q_len = 1;
   for (int64_t r = 0; r < R; ++r) max_q_len = std::max<int64_t>(max_q_len, starts[r + 1] - starts[r]);
@@ -290,6 +295,10 @@ inline void paged_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
       const int64_t first = split * kSplitTokens, last = std::min(len, first + kSplitTokens);
       const int64_t first_pos = len - q_len;  // the position of the request's first row
       const int32_t* table = tables + r * table_stride;
+      for (int64_t i = std::max<int64_t>(0, first - first_pos); i < q_len; ++i) {
+        float* a = acc.get() + ((row_base[row0 + i] + split) * n_heads + g * G) * d;
+        std::fill(a, a + G * d, 0.f);
+      }
       for (int64_t c0 = first; c0 < last; c0 += kChunk) {
         const int64_t n = std::min(kChunk, last - c0);
         chunk.load(kc, vc, table, bs, n_kv, g, c0, n);
@@ -302,7 +311,7 @@ inline void paged_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
           const int64_t visible = std::min(n, first_pos + i + 1 - c0);
           for (int64_t h = 0; h < G; ++h, ++nq) {
             queries[nq] = qp + (t * n_heads + g * G + h) * d;
-            heads[nq] = {acc.data() + (slot + h) * d, mx.data() + slot + h, sum.data() + slot + h, visible};
+            heads[nq] = {acc.get() + (slot + h) * d, mx.data() + slot + h, sum.data() + slot + h, visible};
           }
         }
         qk_chunk(queries.data(), nq, chunk.keys.data(), d, sc, score.data());
@@ -328,7 +337,7 @@ inline void paged_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
           if (sum[idx] == 0.f) continue;
           const float w = std::exp(mx[idx] - top);
           total += w * sum[idx];
-          scale_add(o.data(), 1.f, w, acc.data() + idx * d, d);
+          scale_add(o.data(), 1.f, w, acc.get() + idx * d, d);
         }
         bf16* dst = op + (t * n_heads + hq) * d;
         const float inv = 1.f / total;
