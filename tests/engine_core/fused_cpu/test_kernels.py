@@ -90,11 +90,19 @@ def test_rope_write_kv(ext: ModuleType, n_heads: int, n_kv: int, d: int, variant
 
 
 def cached_step(
-    query_lens: list[int], context_lens: list[int], n_heads: int, n_kv: int, d: int, seed: int = 0
+    query_lens: list[int],
+    context_lens: list[int],
+    n_heads: int,
+    n_kv: int,
+    d: int,
+    seed: int = 0,
+    block_size: int = 16,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata, float]:
     """A step's q (fp32) and its bf16 paged caches with the step's own K/V already written (as
     rope_write_kv leaves them), over build_paged_batch's NaN-poisoned, shuffled blocks."""
-    batch = build_paged_batch(query_lens, context_lens, num_heads=n_heads, num_kv_heads=n_kv, head_dim=d, seed=seed)
+    batch = build_paged_batch(
+        query_lens, context_lens, num_heads=n_heads, num_kv_heads=n_kv, head_dim=d, seed=seed, block_size=block_size
+    )
     k_cache, v_cache, md = batch.k_cache.to(BF16), batch.v_cache.to(BF16), batch.md
     k_cache.view(-1, n_kv, d).index_copy_(0, md.slot_mapping, batch.key.to(BF16))
     v_cache.view(-1, n_kv, d).index_copy_(0, md.slot_mapping, batch.value.to(BF16))
@@ -153,3 +161,12 @@ def test_paged_attention(
     for r in range(md.num_reqs):  # per request: a short one's error is not hidden by a long one's
         rows = slice(int(md.query_start_loc[r]), int(md.query_start_loc[r + 1]))
         assert rel_error(out.view_as(ref)[rows], ref[rows]) < 1e-2, f"request {r}"
+
+
+@pytest.mark.parametrize("block_size", [1, 5, 32, 256])
+def test_paged_attention_any_block_size(ext: ModuleType, block_size: int) -> None:
+    """Blocks smaller than a chunk, not dividing it, and larger than a split."""
+    query_lens, context_lens = [3, 1, 9], [300, 40, 0]
+    q, k_cache, v_cache, md, scale = cached_step(query_lens, context_lens, 9, 3, 64, block_size=block_size)
+    ref = reference_attention(q, k_cache.float(), v_cache.float(), md, scale)
+    assert rel_error(paged(ext, q, k_cache, v_cache, md, scale).view_as(ref), ref) < 1e-2
