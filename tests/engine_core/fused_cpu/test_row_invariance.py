@@ -141,5 +141,14 @@ def test_paged_attention_verify_rows_equal_decode_rows(ext: ModuleType) -> None:
             row = start + j
             decode = paged(ext, q[row : row + 1], k_cache, v_cache, single(md, r, ctx + j + 1), scale)
             assert torch.equal(decode, step[row : row + 1]), f"request {r}, row {j}"
+        # Alone, a short request's rows are dealt out over several work items (as many as the
+        # threads want); at 1 thread, over fewer.
         group = paged(ext, q[start : start + q_len], k_cache, v_cache, single(md, r, ctx + q_len, q_len), scale)
         assert torch.equal(group, step[start : start + q_len]), f"request {r} alone"
+        before = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            group = paged(ext, q[start : start + q_len], k_cache, v_cache, single(md, r, ctx + q_len, q_len), scale)
+        finally:
+            torch.set_num_threads(before)
+        assert torch.equal(group, step[start : start + q_len]), f"request {r} alone, 1 thread"

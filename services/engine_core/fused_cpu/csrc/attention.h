@@ -261,17 +261,33 @@ inline void paged_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
   bf16* op = bf16_data_mut(out);
   const float sc = float(scale);
 
-  // Work items (request, split, KV head), in that order; per row, its request's splits' states
-  // (unnormalised output [n_heads, d], running max and sum [n_heads]) from row_base[t] on.
-  std::vector<int64_t> item_req, item_split, row_base(T + 1, 0);
+  // Per row, its request's splits' states (unnormalised output [n_heads, d], running max and
+  // sum [n_heads]) from row_base[t] on.
+  std::vector<int64_t> row_base(T + 1, 0);
+  int64_t max_q_len = 1, total_splits = 0;
   for (int64_t r = 0; r < R; ++r) {
-    TORCH_CHECK(starts[r + 1] - starts[r] <= lens[r], "request ", r, " has more rows than context");
+    const int64_t q_len = starts[r + 1] - starts[r];
+    TORCH_CHECK(q_len <= lens[r], "request ", r, " has more rows than context");
     const int64_t splits = at::divup(int64_t(lens[r]), kSplitTokens);
-    for (int64_t s = 0; s < splits; ++s) {
-      item_req.push_back(r);
-      item_split.push_back(s);
-    }
     for (int64_t t = starts[r]; t < starts[r + 1]; ++t) row_base[t + 1] = row_base[t] + splits;
+    max_q_len = std::max(max_q_len, q_len);
+    total_splits += splits;
+  }
+  // Work items (request, split, part of its rows, KV head). A step of a few short requests has
+  // fewer (request, split, KV head) triples than several threads want (4 each): then a verify
+  // group's rows are dealt out in up to `parts` parts, each re-reading the split (cheap next to
+  // idle threads). Which item computes a head never changes its arithmetic.
+  const int64_t threads = at::get_num_threads(), want = threads > 1 ? 4 * threads : 1;
+  const int64_t parts = std::min(max_q_len, at::divup(want, std::max<int64_t>(1, total_splits * n_kv)));
+  struct Work {
+    int64_t req, split, row_begin, row_end;
+  };
+  std::vector<Work> work;
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t q_len = starts[r + 1] - starts[r], p = std::min(parts, q_len);
+    for (int64_t s = 0; s * kSplitTokens < lens[r]; ++s) {
+      for (int64_t i = 0; i < p; ++i) work.push_back({r, s, i * q_len / p, (i + 1) * q_len / p});
+    }
   }
   const int64_t states = row_base[T] * n_heads;
   // The outputs are left unset here (zeroing a long verify step's would cost more than its
@@ -279,23 +295,22 @@ inline void paged_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
   // others (sum 0).
   std::unique_ptr<float[]> acc(new float[states * d]);
   std::vector<float> mx(states, -std::numeric_limits<float>::infinity()), sum(states, 0.f);
-
-  int64_t max_q_len = 1;
-  for (int64_t r = 0; r < R; ++r) max_q_len = std::max<int64_t>(max_q_len, starts[r + 1] - starts[r]);
   const int64_t max_heads = max_q_len * G;  // query heads one work item updates
 
-  at::parallel_for(0, int64_t(item_req.size()) * n_kv, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, int64_t(work.size()) * n_kv, 1, [&](int64_t begin, int64_t end) {
     ChunkKV chunk(d);
     std::vector<float> score(max_heads * kChunk);
     std::vector<const float*> queries(max_heads);
     std::vector<HeadState> heads(max_heads);
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t r = item_req[item / n_kv], split = item_split[item / n_kv], g = item % n_kv;
+      const Work& w = work[item / n_kv];
+      const int64_t r = w.req, split = w.split, g = item % n_kv;
       const int64_t len = lens[r], row0 = starts[r], q_len = starts[r + 1] - row0;
-      const int64_t first = split * kSplitTokens, last = std::min(len, first + kSplitTokens);
       const int64_t first_pos = len - q_len;  // the position of the request's first row
+      // Up to the split's end or the part's last row, whichever comes first.
+      const int64_t first = split * kSplitTokens, last = std::min(first + kSplitTokens, first_pos + w.row_end);
       const int32_t* table = tables + r * table_stride;
-      for (int64_t i = std::max<int64_t>(0, first - first_pos); i < q_len; ++i) {
+      for (int64_t i = std::max(w.row_begin, first - first_pos); i < w.row_end; ++i) {
         float* a = acc.get() + ((row_base[row0 + i] + split) * n_heads + g * G) * d;
         std::fill(a, a + G * d, 0.f);
       }
@@ -304,9 +319,9 @@ inline void paged_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
         chunk.load(kc, vc, table, bs, n_kv, g, c0, n);
         // Causal: row i sees positions up to first_pos + i, so this chunk's first `visible`
         // tokens; rows before i0 see none of it.
-        const int64_t i0 = std::max<int64_t>(0, c0 - first_pos);
+        const int64_t i0 = std::max(w.row_begin, c0 - first_pos);
         int64_t nq = 0;
-        for (int64_t i = i0; i < q_len; ++i) {
+        for (int64_t i = i0; i < w.row_end; ++i) {
           const int64_t t = row0 + i, slot = (row_base[t] + split) * n_heads + g * G;
           const int64_t visible = std::min(n, first_pos + i + 1 - c0);
           for (int64_t h = 0; h < G; ++h, ++nq) {
