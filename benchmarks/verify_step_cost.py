@@ -9,7 +9,8 @@ split into its parts, timed on their own in the same round:
   forward   the model's forward over the B (1 + k) rows (linear layers + attention)
   linear    of that, the layers' matmuls alone, at the same row count (int4 or dense, as the
             step picks: the fused CPU step takes the int4 copies for up to int4_max_rows
-            requests however many drafts they verify, the eager path by rows, models/int4.py)
+            requests however many drafts they verify, else the dense ones; the eager path
+            picks by rows, models/int4.py)
   lm_head   compute_logits over the B (1 + k) sampled rows (int8 head: models/int8.py)
   rest      execute - prepare - forward - lm_head: sampling rows, draft acceptance, logprobs
 Every round times every (B, k) once and the medians are reported, since the machine is shared;
@@ -103,7 +104,9 @@ def is_fused(runner: ModelRunner, md: AttentionMetadata) -> bool:
 
 def uses_int4(runner: ModelRunner, md: AttentionMetadata) -> bool:
     """Whether the step multiplies by the layers' int4 copies (as the fused step or the eager one picks)."""
-    return is_fused(runner, md) or runner.model.layers[0].int4_for(md.num_tokens) is not None
+    if runner.fused is not None and runner.fused.can_run(md):
+        return runner.fused.uses_int4(md)
+    return runner.model.layers[0].int4_for(md.num_tokens) is not None
 
 
 def linear_layers(runner: ModelRunner, x: torch.Tensor, int4: bool) -> None:

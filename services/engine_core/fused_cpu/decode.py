@@ -2,19 +2,22 @@
 
 The default CPU mode (bf16 activations, int4 layer matrices, models/int4.py) spends a
 single-stream decode step mostly on issuing ~900 small eager ops, not on reading weights
-(docs/benchmarks.md, the decode profile). Here a decode step of up to int4_max_rows requests,
-each a decode row or a decode row and the speculative drafts it verifies, is one call into C++
-that runs the whole forward: the int4 matmuls are torch's own kernel, the norms, RoPE + KV-cache
-write, SiLU x mul and paged attention fused kernels (csrc/*.h, after sgl-kernel's CPU kernels).
-Prefill chunks, larger batches and every mode but bf16 + int4 (the exact mode in particular)
-keep the eager path.
+(docs/benchmarks.md, the decode profile). Here a decode step, each request a decode row or a
+decode row and the speculative drafts it verifies, is one call into C++ that runs the whole
+forward: the matmuls are torch's own kernels, the norms, RoPE + KV-cache write, SiLU x mul and
+paged attention fused kernels (csrc/*.h, after sgl-kernel's CPU kernels).
+Prefill chunks, steps on the dense weights of more than MAX_ROWS rows and every mode but
+bf16 + int4 (the exact mode in particular) keep the eager path.
 
 Which weights: the int4 copies whenever the step's requests are few enough for them (what a
-step of the same requests without drafts multiplies by), however many rows the drafts add. Each
-fused kernel is row-invariant (a row's result does not depend on the step's other rows or their
-count: the int4 matmul and the int8 LM head by test, the attention by its fixed KV splits), so a
-draft verified here gets the bits it would get decoded alone, and greedy output is the same with
-speculation on or off (tests/engine_core/fused_cpu/test_verify.py).
+step of the same requests without drafts multiplies by), however many rows the drafts add; else
+the dense bf16 weights (oneDNN's matmul, as the eager path). Each fused kernel of an int4 step
+is row-invariant (a row's result does not depend on the step's other rows or their count: the
+int4 matmul and the int8 LM head by test, the attention by its fixed KV splits), so a draft
+verified there gets the bits it would get decoded alone, and greedy output is the same with
+speculation on or off (tests/engine_core/fused_cpu/test_verify.py). The dense matmul is not
+row-invariant (oneDNN picks kernels and blockings by the row count), so in steps of more
+requests a draft's logits may differ from its lone decode's in the last bits.
 
 Numerics: the fused kernels accumulate in fp32 and round once where the eager ops round after
 each op (and keep q in fp32), so outputs differ from the eager fast mode in the last bf16 bits;
@@ -46,6 +49,16 @@ def supported(model: CausalLM, dtype: torch.dtype, device: torch.device) -> str 
     return None
 
 
+MATRICES = ("qkv", "o", "gate_up", "down")
+MAX_ROWS = 512
+"""The most rows a step on the dense weights runs fused, past which it runs eagerly. The fused
+step saves the eager path's per-op dispatch (~870 ops), which matters less as rows grow, and its
+kernels are no slower than the eager ones at any size measured (fused vs eager forward, min of
+15 interleaved, SmolLM2, 300-token contexts, shared 2-core AMX machine: decode-only steps of
+32-128 requests 1.3-1.6x faster; with 4 drafts each, 160-640 rows, 1.0-1.25x); 512 rows covers
+128 requests verifying 3 drafts each, or 64 verifying 7."""
+
+
 class FusedDecode:
     def __init__(self, ext: ModuleType, model: CausalLM) -> None:
         layers = model.layers
@@ -62,7 +75,8 @@ class FusedDecode:
 
         cfg = model.cfg
         first = layers[0]
-        self.max_rows = first.int4_max_rows
+        self.int4_max_requests = first.int4_max_rows
+        self.max_rows = MAX_ROWS
         self._decoder: Any = ext.FusedDecoder(
             model.embed,
             model.rope_cos,
@@ -83,12 +97,20 @@ class FusedDecode:
             first.eps,
             first.scale,
         )
+        self._decoder.set_dense_weights(*([getattr(layer, f"{m}_weight") for layer in layers] for m in MATRICES))
         self._kv_caches: list[tuple[Tensor, Tensor]] | None = None
+
+    def uses_int4(self, md: AttentionMetadata) -> bool:
+        """Whether a step multiplies by the int4 copies: by its number of requests, as the step
+        of the same requests without drafts would."""
+        return md.num_reqs <= self.int4_max_requests
 
     def can_run(self, md: AttentionMetadata) -> bool:
         """A step of decodes (one new token per request, each with the drafts it verifies, if
-        any), of few enough requests for the int4 copies."""
-        return md.num_tokens - md.num_draft_tokens == md.num_reqs and md.num_reqs <= self.max_rows
+        any): on the int4 copies however many rows, on the dense weights up to max_rows."""
+        if md.num_tokens - md.num_draft_tokens != md.num_reqs:
+            return False  # a prefill chunk
+        return self.uses_int4(md) or md.num_tokens <= self.max_rows
 
     def run(
         self, input_ids: Tensor, positions: Tensor, kv_caches: list[tuple[Tensor, Tensor]], md: AttentionMetadata
@@ -98,5 +120,5 @@ class FusedDecode:
             self._decoder.set_kv_caches([k for k, _ in kv_caches], [v for _, v in kv_caches])
             self._kv_caches = kv_caches
         return self._decoder.forward(
-            input_ids, positions, md.block_tables, md.seq_lens, md.query_start_loc, md.slot_mapping
+            input_ids, positions, md.block_tables, md.seq_lens, md.query_start_loc, md.slot_mapping, self.uses_int4(md)
         )

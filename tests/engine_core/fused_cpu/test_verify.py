@@ -22,7 +22,8 @@ from shared.config import EngineConfig
 from shared.protocol import SamplingParams
 from tests.engine_core.fused_cpu.conftest import decode_metadata
 from tests.engine_core.fused_cpu.test_decode import _prefilled
-from tests.engine_core.speculative.test_spec_engine import GREEDY, check_all_proposers, prompts_for
+from tests.engine_core.speculative.test_spec_engine import GREEDY, check_all_proposers, prompts_for, spec_engine
+from tests.engine_core.speculative.test_spec_engine import run as run_engine
 
 pytestmark = pytest.mark.skipif(
     torch.cuda.is_available() or not cpu_has_native_bf16(), reason="the fused path is the bf16 CPU default's"
@@ -75,23 +76,43 @@ def drafted(next_ids: torch.Tensor, drafts: list[int], seed: int) -> list[list[i
 
 
 def test_runs_decode_and_verify_steps(runner: ModelRunner) -> None:
-    """Steps of decodes with or without drafts, of up to the int4 copies' number of requests;
-    prefill chunks and more requests stay eager."""
+    """Steps of decodes with or without drafts: on the int4 copies up to their number of
+    requests, however many rows; on the dense weights past it, up to MAX_ROWS rows. Prefill
+    chunks stay eager."""
     fused = runner.fused
     assert isinstance(fused, FusedDecode)
-    limit = fused.max_rows
-    assert fused.can_run(decode_metadata(limit, 10, 16)[2])
-    assert not fused.can_run(decode_metadata(limit + 1, 10, 16)[2])
-    table = torch.arange(limit * 4, dtype=I32).view(limit, 4)
-    tokens = [[5] * (1 + (i % 5)) for i in range(limit)]
-    _, _, md = verify_step(table, [20] * limit, tokens, 16)
-    assert md.num_tokens > limit and fused.can_run(md)  # rows past the cut-off: it counts requests
+    limit = fused.int4_max_requests
+    md = decode_metadata(limit, 10, 16)[2]
+    assert fused.can_run(md) and fused.uses_int4(md)
+    md = decode_metadata(limit + 1, 10, 16)[2]
+    assert fused.can_run(md) and not fused.uses_int4(md)
+
+    def step(requests: int, drafts: int) -> AttentionMetadata:
+        blocks = -(-(21 + drafts) // 16)
+        table = torch.arange(requests * blocks, dtype=I32).view(requests, blocks)
+        return verify_step(table, [20] * requests, [[5] * (1 + drafts)] * requests, 16)[2]
+
+    md = step(limit, 32)
+    assert md.num_tokens > limit and fused.can_run(md) and fused.uses_int4(md)  # it counts requests
+    md = step(limit + 1, 3)
+    assert fused.can_run(md) and not fused.uses_int4(md)
+    assert not fused.can_run(step(limit + 1, fused.max_rows // (limit + 1)))  # more rows than MAX_ROWS
+    md = step(limit, 3)
     md.num_draft_tokens -= 1  # one row that is not a draft: a prefill chunk
     assert not fused.can_run(md)
 
 
 @torch.inference_mode()
-@pytest.mark.parametrize(("contexts", "drafts"), [([40], [8]), ([512], [3]), ([17, 3, 64], [2, 0, 5])])
+@pytest.mark.parametrize(
+    ("contexts", "drafts"),
+    [
+        ([40], [8]),
+        ([512], [3]),
+        ([17, 3, 64], [2, 0, 5]),
+        ([5 + 9 * i for i in range(12)], [0] * 12),  # more requests than int4 serves: dense weights
+        ([5 + 9 * i for i in range(10)], [i % 4 for i in range(10)]),
+    ],
+)
 def test_logits_close_to_eager(runner: ModelRunner, contexts: list[int], drafts: list[int]) -> None:
     caches, md0, next_ids, _ = _prefilled(runner, contexts, room=1 + max(drafts))
     copies = [(k.clone(), v.clone()) for k, v in caches]
@@ -184,3 +205,24 @@ def test_greedy_unchanged_with_32_drafts(ext: ModuleType, counted_verify_steps: 
     params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
     check_all_proposers("tiny-llama", prompts_for(512, seed=9), params, k=32, quantization="int4", **DEFAULT_MODE)
     assert max(counted_verify_steps) + 5 > 128
+
+
+def test_more_requests_run_fused_on_the_dense_weights(ext: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
+    """12 requests, past the int4 cut-off: their decode and verification steps still run fused
+    (on the dense bf16 weights). Greedy output may differ from speculation off there (the dense
+    matmul is not row-invariant), so only that it runs, finishes and frees every block is checked."""
+    steps: list[tuple[int, int, bool]] = []
+    run = FusedDecode.run
+
+    def recording(self: FusedDecode, *args: object) -> torch.Tensor:
+        md = args[-1]
+        assert isinstance(md, AttentionMetadata)
+        steps.append((md.num_reqs, md.num_draft_tokens, self.uses_int4(md)))
+        return run(self, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(FusedDecode, "run", recording)
+    prompts = prompts_for(512, seed=11) * 3  # 15 prompts
+    engine = spec_engine("tiny-llama", k=3, quantization="int4", max_num_seqs=16, **DEFAULT_MODE)
+    out = run_engine(engine, prompts[:12], GREEDY)
+    assert all(len(tokens) == GREEDY.max_tokens for tokens in out.values())
+    assert any(reqs > 8 and drafts and not int4 for reqs, drafts, int4 in steps)

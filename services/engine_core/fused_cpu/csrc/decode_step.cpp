@@ -1,10 +1,10 @@
 // One C++ call per decode step of a Llama-family model in the CPU fast mode (bf16 activations,
 // int4 layer matrices), its requests' rows each one new token or one token and the drafts it
-// verifies: embedding, 30 layers of norm -> int4 q|k|v -> RoPE + KV write -> paged attention ->
-// int4 o + residual + norm -> int4 gate|up -> SiLU x mul -> int4 down + residual + norm, and the
-// final norm. Python issues one call a step instead of ~900 ops;
-// the matmuls are torch's own int4 kernel (aten::_weight_int4pack_mm_for_cpu, what
-// models/int4.py calls), the rest the kernels in the headers beside this file.
+// verifies: embedding, 30 layers of norm -> q|k|v -> RoPE + KV write -> paged attention -> o +
+// residual + norm -> gate|up -> SiLU x mul -> down + residual + norm, and the final norm. Python
+// issues one call a step instead of ~900 ops; the matmuls are torch's own int4 kernel
+// (aten::_weight_int4pack_mm_for_cpu, what models/int4.py calls) or, for steps of more requests,
+// its dense bf16 matmul (as the eager path), the rest the kernels in the headers beside this file.
 // torch/extension.h would pull in the whole C++ frontend (torch::nn, ...) and double the build
 // time: ATen and the pybind11 casters for tensors are all this needs.
 #include <ATen/ATen.h>
@@ -25,9 +25,16 @@ namespace {
 
 constexpr int64_t kInt4Group = 32;  // models/int4.py GROUP
 
-at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales_zeros) {
-  return at::_weight_int4pack_mm_for_cpu(x, packed, kInt4Group, scales_zeros);
-}
+// One of a layer's matrices in both copies the model keeps: int4 for steps of few requests,
+// dense bf16 (oneDNN's matmul, AMX where the CPU has it) for larger ones.
+struct Matrix {
+  std::vector<at::Tensor> packed, scales_zeros, dense;
+
+  at::Tensor operator()(const at::Tensor& x, size_t layer, bool int4) const {
+    if (int4) return at::_weight_int4pack_mm_for_cpu(x, packed[layer], kInt4Group, scales_zeros[layer]);
+    return at::linear(x, dense[layer]);
+  }
+};
 
 const at::Tensor* opt(const std::vector<at::Tensor>& v, size_t i) { return v.empty() ? nullptr : &v[i]; }
 
@@ -49,13 +56,14 @@ class FusedDecoder {
                std::vector<at::Tensor> down_sz, int64_t n_heads, int64_t n_kv, int64_t head_dim, double eps,
                double scale)
       : embed_(std::move(embed)), cos_(std::move(rope_cos)), sin_(std::move(rope_sin)),
-        final_norm_(std::move(final_norm)), attn_norm_(std::move(attn_norm)), qkv_(std::move(qkv)),
-        qkv_sz_(std::move(qkv_sz)), qkv_bias_(std::move(qkv_bias)), q_norm_(std::move(q_norm)),
-        k_norm_(std::move(k_norm)), o_(std::move(o)), o_sz_(std::move(o_sz)), mlp_norm_(std::move(mlp_norm)),
-        gate_up_(std::move(gate_up)), gate_up_sz_(std::move(gate_up_sz)), down_(std::move(down)),
-        down_sz_(std::move(down_sz)), layout_{n_heads, n_kv, head_dim}, eps_(eps), scale_(scale) {
+        final_norm_(std::move(final_norm)), attn_norm_(std::move(attn_norm)), qkv_{std::move(qkv), std::move(qkv_sz)},
+        qkv_bias_(std::move(qkv_bias)), q_norm_(std::move(q_norm)), k_norm_(std::move(k_norm)),
+        o_{std::move(o), std::move(o_sz)}, mlp_norm_(std::move(mlp_norm)),
+        gate_up_{std::move(gate_up), std::move(gate_up_sz)}, down_{std::move(down), std::move(down_sz)},
+        layout_{n_heads, n_kv, head_dim}, eps_(eps), scale_(scale) {
     const size_t L = attn_norm_.size();
-    for (const auto* v : {&qkv_, &qkv_sz_, &o_, &o_sz_, &mlp_norm_, &gate_up_, &gate_up_sz_, &down_, &down_sz_}) {
+    for (const auto* v : {&qkv_.packed, &qkv_.scales_zeros, &o_.packed, &o_.scales_zeros, &mlp_norm_,
+                          &gate_up_.packed, &gate_up_.scales_zeros, &down_.packed, &down_.scales_zeros}) {
       TORCH_CHECK(v->size() == L, "every per-layer list needs one tensor per layer");
     }
     for (const auto* v : {&qkv_bias_, &q_norm_, &k_norm_}) {
@@ -65,6 +73,20 @@ class FusedDecoder {
     for (auto* t : {&embed_, &cos_, &sin_, &final_norm_}) check_bf16(*t, "embed, rope tables and norms");
     for (const auto& t : attn_norm_) check_bf16(t, "attn_norm");
     for (const auto& t : mlp_norm_) check_bf16(t, "mlp_norm");
+  }
+
+  // The layers' dense bf16 matrices (the model's own tensors), for steps of more requests than
+  // the int4 copies serve.
+  void set_dense_weights(std::vector<at::Tensor> qkv, std::vector<at::Tensor> o, std::vector<at::Tensor> gate_up,
+                         std::vector<at::Tensor> down) {
+    for (const auto* v : {&qkv, &o, &gate_up, &down}) {
+      TORCH_CHECK(v->size() == attn_norm_.size(), "one dense matrix per layer");
+      for (const auto& t : *v) check_bf16(t, "dense weights");
+    }
+    qkv_.dense = std::move(qkv);
+    o_.dense = std::move(o);
+    gate_up_.dense = std::move(gate_up);
+    down_.dense = std::move(down);
   }
 
   void set_kv_caches(std::vector<at::Tensor> k_caches, std::vector<at::Tensor> v_caches) {
@@ -80,11 +102,14 @@ class FusedDecoder {
   // max_blocks], seq_lens: int32 [R] (context after this step) and query_start_loc: int32 [R + 1]
   // (request r's rows are query_start_loc[r]:query_start_loc[r + 1]), one per request, as in
   // attention/base.py's AttentionMetadata. A request's rows are consecutive positions ending at
-  // its seq_len: one decode row, or a decode row and the drafts it verifies. Returns the
-  // final-normed hidden states [T, hidden] (bf16).
+  // its seq_len: one decode row, or a decode row and the drafts it verifies. int4: multiply by
+  // the int4 copies, else by the dense weights (set_dense_weights). Returns the final-normed
+  // hidden states [T, hidden] (bf16).
   at::Tensor forward(const at::Tensor& input_ids, const at::Tensor& positions, const at::Tensor& block_tables,
-                     const at::Tensor& seq_lens, const at::Tensor& query_start_loc, const at::Tensor& slot_mapping) {
+                     const at::Tensor& seq_lens, const at::Tensor& query_start_loc, const at::Tensor& slot_mapping,
+                     bool int4) {
     TORCH_CHECK(!k_caches_.empty(), "set_kv_caches first");
+    TORCH_CHECK(int4 || !qkv_.dense.empty(), "set_dense_weights first");
     TORCH_CHECK(input_ids.dim() == 1 && positions.sizes() == input_ids.sizes() &&
                     slot_mapping.sizes() == input_ids.sizes() && block_tables.size(0) == seq_lens.size(0) &&
                     query_start_loc.size(0) == seq_lens.size(0) + 1,
@@ -109,7 +134,7 @@ class FusedDecoder {
     add_rms_norm<float>(h, nullptr, attn_norm_[0], eps_, x);
     const size_t L = attn_norm_.size();
     for (size_t i = 0; i < L; ++i) {
-      at::Tensor qkv = int4_mm(x, qkv_[i], qkv_sz_[i]);
+      at::Tensor qkv = qkv_(x, i, int4);
       {
         // Named for torch.profiler (benchmarks/decode_profile.py); free when it is off.
         RECORD_FUNCTION("novainfer::rope_write_kv", std::vector<c10::IValue>());
@@ -120,18 +145,18 @@ class FusedDecoder {
         RECORD_FUNCTION("novainfer::paged_attention", std::vector<c10::IValue>());
         paged_attention(q, k_caches_[i], v_caches_[i], tables, starts, lens, scale_, attn);
       }
-      at::Tensor o = int4_mm(attn, o_[i], o_sz_[i]);
+      at::Tensor o = o_(attn, i, int4);
       {
         RECORD_FUNCTION("novainfer::add_rms_norm", std::vector<c10::IValue>());
         add_rms_norm<float>(h, &o, mlp_norm_[i], eps_, x);
       }
-      at::Tensor gate_up = int4_mm(x, gate_up_[i], gate_up_sz_[i]);
+      at::Tensor gate_up = gate_up_(x, i, int4);
       at::Tensor act = at::empty({T, gate_up.size(1) / 2}, embed_.options());
       {
         RECORD_FUNCTION("novainfer::silu_mul", std::vector<c10::IValue>());
         silu_mul(gate_up, act);
       }
-      at::Tensor down = int4_mm(act, down_[i], down_sz_[i]);
+      at::Tensor down = down_(act, i, int4);
       {
         RECORD_FUNCTION("novainfer::add_rms_norm", std::vector<c10::IValue>());
         add_rms_norm<float>(h, &down, i + 1 < L ? attn_norm_[i + 1] : final_norm_, eps_, x);
@@ -142,8 +167,13 @@ class FusedDecoder {
 
  private:
   at::Tensor embed_, cos_, sin_, final_norm_;
-  std::vector<at::Tensor> attn_norm_, qkv_, qkv_sz_, qkv_bias_, q_norm_, k_norm_, o_, o_sz_, mlp_norm_, gate_up_,
-      gate_up_sz_, down_, down_sz_, k_caches_, v_caches_;
+  std::vector<at::Tensor> attn_norm_;
+  Matrix qkv_;
+  std::vector<at::Tensor> qkv_bias_, q_norm_, k_norm_;
+  Matrix o_;
+  std::vector<at::Tensor> mlp_norm_;
+  Matrix gate_up_, down_;
+  std::vector<at::Tensor> k_caches_, v_caches_;
   QKVLayout layout_;
   double eps_, scale_;
 };
@@ -160,6 +190,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                     std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
                     std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>, int64_t, int64_t,
                     int64_t, double, double>())
+      .def("set_dense_weights", &FusedDecoder::set_dense_weights)
       .def("set_kv_caches", &FusedDecoder::set_kv_caches)
       .def("forward", &FusedDecoder::forward, py::call_guard<py::gil_scoped_release>());
 
