@@ -220,7 +220,14 @@ class ModelRunner:
         except Exception:
             log.warning("the fused CPU decode path failed to start: running decode steps eagerly", exc_info=True)
             return None
-        log.info("fused CPU decode kernels ready in %.2fs", time.perf_counter() - t0)
+        log.info(
+            "fused CPU decode kernels ready in %.2fs (int4 steps up to %d requests; dense ones up to %d rows, "
+            "their matmuls row-invariant in chunks of %d rows)",
+            time.perf_counter() - t0,
+            fused.int4_max_requests,
+            fused.max_rows,
+            fused.dense_chunk,
+        )
         return fused
 
     def _decode_graphs(self, make_graph: Callable[[], Graph] | None = None) -> DecodeGraphs:

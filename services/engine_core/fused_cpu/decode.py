@@ -16,8 +16,10 @@ is row-invariant (a row's result does not depend on the step's other rows or the
 int4 matmul and the int8 LM head by test, the attention by its fixed KV splits), so a draft
 verified there gets the bits it would get decoded alone, and greedy output is the same with
 speculation on or off (tests/engine_core/fused_cpu/test_verify.py). The dense matmul is not
-row-invariant (oneDNN picks kernels and blockings by the row count), so in steps of more
-requests a draft's logits may differ from its lone decode's in the last bits.
+row-invariant across row counts (oneDNN picks its kernel by the count), but up to some count
+(32 on an AMX Xeon; row_invariant_chunk checks it at start-up) every row gets its lone bits: a
+dense step of up to that many requests runs its matmuls in chunks of that many rows, so its
+drafts get their decodes' bits too; past it a draft's logits may differ in the last bits.
 
 Numerics: the fused kernels accumulate in fp32 and round once where the eager ops round after
 each op (and keep q in fp32), so outputs differ from the eager fast mode in the last bf16 bits;
@@ -30,6 +32,7 @@ from types import ModuleType
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from services.engine_core.attention.base import AttentionMetadata
@@ -57,6 +60,32 @@ kernels are no slower than the eager ones at any size measured (fused vs eager f
 15 interleaved, SmolLM2, 300-token contexts, shared 2-core AMX machine: decode-only steps of
 32-128 requests 1.3-1.6x faster; with 4 drafts each, 160-640 rows, 1.0-1.25x); 512 rows covers
 128 requests verifying 3 drafts each, or 64 verifying 7."""
+
+
+_CHUNKS = (32, 16, 8, 4)
+
+
+@torch.inference_mode()
+def row_invariant_chunk(weights: list[Tensor], rows: int = 256) -> int:
+    """The largest row count (of _CHUNKS) up to which the dense bf16 matmul gives every row the
+    bits it gets alone, for each of the weights; 0 if none.
+
+    oneDNN picks its kernel (and so its summation order) by the row count: on the 2-core AMX
+    Xeon every call of up to 32 rows gives each row exactly its lone (1-row) bits, and calls of
+    33 or more rows another kernel's (test_row_invariance.py). That depends on the CPU's ISA and
+    oneDNN's heuristics, so it is checked here, on random rows, instead of assumed."""
+    gen = torch.Generator().manual_seed(0)
+    chunks = list(_CHUNKS)
+    for w in weights:
+        x = torch.randn(rows, w.shape[1], generator=gen).to(w.dtype)
+        lone = torch.cat([F.linear(x[i : i + 1], w) for i in range(rows)])
+        while chunks:
+            c = chunks[0]
+            chunked = torch.cat([F.linear(x[s : s + c], w) for s in range(0, rows, c)])
+            if torch.equal(chunked, lone):
+                break
+            chunks.pop(0)
+    return chunks[0] if chunks else 0
 
 
 class FusedDecode:
@@ -97,8 +126,16 @@ class FusedDecode:
             first.eps,
             first.scale,
         )
-        self._decoder.set_dense_weights(*([getattr(layer, f"{m}_weight") for layer in layers] for m in MATRICES))
+        dense = [[getattr(layer, f"{m}_weight") for layer in layers] for m in MATRICES]
+        self._decoder.set_dense_weights(*dense)
+        self.dense_chunk = row_invariant_chunk([matrices[0] for matrices in dense])
         self._kv_caches: list[tuple[Tensor, Tensor]] | None = None
+
+    def _dense_chunk(self, md: AttentionMetadata) -> int:
+        """Rows per dense matmul call: dense_chunk where the step's requests fit in one chunk (so
+        their decode step without drafts is one call, and a draft's row gets its lone decode's
+        bits), else all rows in one call (0)."""
+        return self.dense_chunk if md.num_reqs <= self.dense_chunk else 0
 
     def uses_int4(self, md: AttentionMetadata) -> bool:
         """Whether a step multiplies by the int4 copies: by its number of requests, as the step
@@ -120,5 +157,12 @@ class FusedDecode:
             self._decoder.set_kv_caches([k for k, _ in kv_caches], [v for _, v in kv_caches])
             self._kv_caches = kv_caches
         return self._decoder.forward(
-            input_ids, positions, md.block_tables, md.seq_lens, md.query_start_loc, md.slot_mapping, self.uses_int4(md)
+            input_ids,
+            positions,
+            md.block_tables,
+            md.seq_lens,
+            md.query_start_loc,
+            md.slot_mapping,
+            self.uses_int4(md),
+            self._dense_chunk(md),
         )

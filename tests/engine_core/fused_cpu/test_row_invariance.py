@@ -11,8 +11,10 @@ from types import ModuleType
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from services.engine_core.attention.base import AttentionMetadata
+from services.engine_core.fused_cpu.decode import row_invariant_chunk
 from services.engine_core.models.int4 import Int4Weight
 from services.engine_core.models.int8 import Int8Weight
 from tests.engine_core.fused_cpu.test_kernels import cached_step, paged, rope_tables
@@ -152,3 +154,18 @@ def test_paged_attention_verify_rows_equal_decode_rows(ext: ModuleType) -> None:
         finally:
             torch.set_num_threads(before)
         assert torch.equal(group, step[start : start + q_len]), f"request {r} alone, 1 thread"
+
+
+@pytest.mark.parametrize("out_features, in_features", [(960, 576), (3072, 576), (576, 1536), (128, 64)])
+def test_dense_matmul_in_row_invariant_chunks(out_features: int, in_features: int) -> None:
+    """oneDNN's bf16 matmul in calls of row_invariant_chunk rows (what a fused dense step runs)
+    gives every row its lone bits, wherever it sits in the call and whatever the other rows."""
+    weight = (0.05 * randn(out_features, in_features)).to(BF16)
+    chunk = row_invariant_chunk([weight])
+    if not chunk:
+        pytest.skip("no row-invariant chunk of oneDNN's dense matmul on this CPU")
+    x = randn(3 * chunk, in_features, seed=1).to(BF16)
+    lone = torch.cat([F.linear(x[i : i + 1], weight) for i in range(x.shape[0])])
+    for start in range(0, 2 * chunk + 1, max(1, chunk // 4)):
+        for m in (1, chunk // 2 + 1, chunk):
+            assert torch.equal(F.linear(x[start : start + m], weight), lone[start : start + m]), (start, m)

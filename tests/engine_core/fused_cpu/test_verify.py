@@ -22,7 +22,14 @@ from shared.config import EngineConfig
 from shared.protocol import SamplingParams
 from tests.engine_core.fused_cpu.conftest import decode_metadata
 from tests.engine_core.fused_cpu.test_decode import _prefilled
-from tests.engine_core.speculative.test_spec_engine import GREEDY, check_all_proposers, prompts_for, spec_engine
+from tests.engine_core.speculative.test_spec_engine import (
+    GREEDY,
+    OracleProposer,
+    check_all_proposers,
+    make_engine,
+    prompts_for,
+    spec_engine,
+)
 from tests.engine_core.speculative.test_spec_engine import run as run_engine
 
 pytestmark = pytest.mark.skipif(
@@ -126,17 +133,31 @@ def test_logits_close_to_eager(runner: ModelRunner, contexts: list[int], drafts:
 
 
 @torch.inference_mode()
-@pytest.mark.parametrize(("contexts", "drafts"), [([40], [8]), ([130, 3, 64, 7], [3, 0, 8, 1])])
-def test_rows_equal_lone_decodes(runner: ModelRunner, contexts: list[int], drafts: list[int]) -> None:
+@pytest.mark.parametrize(
+    ("contexts", "drafts"),
+    [
+        ([40], [8]),
+        ([130, 3, 64, 7], [3, 0, 8, 1]),
+        # More requests than the int4 copies serve: dense weights, in row-invariant chunks.
+        ([5 + 13 * i for i in range(10)], [2 + i % 5 for i in range(10)]),  # 50 rows
+    ],
+)
+def test_rows_equal_lone_decodes(
+    runner: ModelRunner, contexts: list[int], drafts: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Every row of a verification step (hidden states and logits) is bit-identical to decoding
     its token alone, one step per token, after the tokens before it."""
     assert runner.fused is not None
+    if len(contexts) > runner.fused.int4_max_requests and not runner.fused.dense_chunk >= len(contexts):
+        pytest.skip("oneDNN's dense matmul gives no row-invariant chunk of this many rows here")
     caches, md0, next_ids, _ = _prefilled(runner, contexts, room=1 + max(drafts))
     lone_caches = [(k.clone(), v.clone()) for k, v in caches]
     tokens = drafted(next_ids, drafts, 1)
     ids, pos, md = verify_step(md0.block_tables, contexts, tokens, runner.block_size)
     hidden = runner.fused.run(ids, pos, caches, md)
-    logits = runner.model.compute_logits(hidden)
+    logits = runner.model.compute_logits(hidden, len(contexts))
+    if not runner.fused.uses_int4(md):  # the lone decodes on the weights this step's requests use
+        monkeypatch.setattr(runner.fused, "int4_max_requests", 0)
     row = 0
     for i, (context, request_tokens) in enumerate(zip(contexts, tokens, strict=True)):
         for j, token in enumerate(request_tokens):
@@ -208,9 +229,11 @@ def test_greedy_unchanged_with_32_drafts(ext: ModuleType, counted_verify_steps: 
 
 
 def test_more_requests_run_fused_on_the_dense_weights(ext: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
-    """12 requests, past the int4 cut-off: their decode and verification steps still run fused
-    (on the dense bf16 weights). Greedy output may differ from speculation off there (the dense
-    matmul is not row-invariant), so only that it runs, finishes and frees every block is checked."""
+    """12 requests, past the int4 cut-off: their decode and verification steps run fused on the
+    dense bf16 weights, in row-invariant chunks, and greedy output is the same with speculation
+    on or off while the batch stays past the cut-off (always-right and always-wrong proposers:
+    every request advances alike, so none finishes early and leaves a batch of int4 size). On
+    the bundled model: its matrices are where oneDNN's kernels depend on the row count."""
     steps: list[tuple[int, int, bool]] = []
     run = FusedDecode.run
 
@@ -221,8 +244,17 @@ def test_more_requests_run_fused_on_the_dense_weights(ext: ModuleType, monkeypat
         return run(self, *args)  # type: ignore[arg-type]
 
     monkeypatch.setattr(FusedDecode, "run", recording)
-    prompts = prompts_for(512, seed=11) * 3  # 15 prompts
-    engine = spec_engine("tiny-llama", k=3, quantization="int4", max_num_seqs=16, **DEFAULT_MODE)
-    out = run_engine(engine, prompts[:12], GREEDY)
-    assert all(len(tokens) == GREEDY.max_tokens for tokens in out.values())
-    assert any(reqs > 8 and drafts and not int4 for reqs, drafts, int4 in steps)
+    tok = load_tokenizer(EngineConfig())
+    texts = ["def add(a, b):\n    return a + b\n\n" * 2, "The capital of France is", "1, 2, 3, 4, 5, 6,"]
+    prompts = [tok.encode(f"{i}. {texts[i % 3]}") for i in range(12)]
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    reference = run_engine(make_engine("smollm2", max_num_seqs=16, **DEFAULT_MODE), prompts, params)
+    for wrong in (False, True):
+        proposer = OracleProposer(reference, 49152, wrong=wrong)
+        engine = spec_engine("smollm2", proposer, k=4, max_num_seqs=16, **DEFAULT_MODE)
+        assert engine.runner.fused is not None
+        if engine.runner.fused.dense_chunk < 12:
+            pytest.skip("oneDNN's dense matmul gives no row-invariant chunk of 12 rows here")
+        steps.clear()
+        assert run_engine(engine, prompts, params) == reference, f"wrong={wrong}"
+        assert all(reqs == 12 and not int4 for reqs, _, int4 in steps) and any(drafts for _, drafts, _ in steps)

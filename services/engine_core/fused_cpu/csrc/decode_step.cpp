@@ -12,6 +12,7 @@
 #include <pybind11/stl.h>
 #include <torch/csrc/utils/pybind.h>
 
+#include <algorithm>
 #include <optional>
 #include <vector>
 
@@ -30,9 +31,19 @@ constexpr int64_t kInt4Group = 32;  // models/int4.py GROUP
 struct Matrix {
   std::vector<at::Tensor> packed, scales_zeros, dense;
 
-  at::Tensor operator()(const at::Tensor& x, size_t layer, bool int4) const {
+  // chunk > 0: the dense product in calls of at most chunk rows. oneDNN picks its kernel by the
+  // row count, and up to some count (32 on an AMX Xeon) a row's bits are those of the row alone;
+  // calls that small keep a step's rows row-invariant (fused_cpu/decode.py dense_chunk).
+  at::Tensor operator()(const at::Tensor& x, size_t layer, bool int4, int64_t chunk) const {
     if (int4) return at::_weight_int4pack_mm_for_cpu(x, packed[layer], kInt4Group, scales_zeros[layer]);
-    return at::linear(x, dense[layer]);
+    const int64_t T = x.size(0);
+    if (chunk <= 0 || T <= chunk) return at::linear(x, dense[layer]);
+    at::Tensor out = at::empty({T, dense[layer].size(0)}, x.options());
+    for (int64_t s = 0; s < T; s += chunk) {
+      const int64_t m = std::min(chunk, T - s);
+      out.narrow(0, s, m).copy_(at::linear(x.narrow(0, s, m), dense[layer]));
+    }
+    return out;
   }
 };
 
@@ -103,11 +114,11 @@ class FusedDecoder {
   // (request r's rows are query_start_loc[r]:query_start_loc[r + 1]), one per request, as in
   // attention/base.py's AttentionMetadata. A request's rows are consecutive positions ending at
   // its seq_len: one decode row, or a decode row and the drafts it verifies. int4: multiply by
-  // the int4 copies, else by the dense weights (set_dense_weights). Returns the final-normed
-  // hidden states [T, hidden] (bf16).
+  // the int4 copies, else by the dense weights (set_dense_weights), in calls of at most
+  // dense_chunk rows if it is > 0. Returns the final-normed hidden states [T, hidden] (bf16).
   at::Tensor forward(const at::Tensor& input_ids, const at::Tensor& positions, const at::Tensor& block_tables,
                      const at::Tensor& seq_lens, const at::Tensor& query_start_loc, const at::Tensor& slot_mapping,
-                     bool int4) {
+                     bool int4, int64_t dense_chunk) {
     TORCH_CHECK(!k_caches_.empty(), "set_kv_caches first");
     TORCH_CHECK(int4 || !qkv_.dense.empty(), "set_dense_weights first");
     TORCH_CHECK(input_ids.dim() == 1 && positions.sizes() == input_ids.sizes() &&
@@ -134,7 +145,7 @@ class FusedDecoder {
     add_rms_norm<float>(h, nullptr, attn_norm_[0], eps_, x);
     const size_t L = attn_norm_.size();
     for (size_t i = 0; i < L; ++i) {
-      at::Tensor qkv = qkv_(x, i, int4);
+      at::Tensor qkv = qkv_(x, i, int4, dense_chunk);
       {
         // Named for torch.profiler (benchmarks/decode_profile.py); free when it is off.
         RECORD_FUNCTION("novainfer::rope_write_kv", std::vector<c10::IValue>());
@@ -145,18 +156,18 @@ class FusedDecoder {
         RECORD_FUNCTION("novainfer::paged_attention", std::vector<c10::IValue>());
         paged_attention(q, k_caches_[i], v_caches_[i], tables, starts, lens, scale_, attn);
       }
-      at::Tensor o = o_(attn, i, int4);
+      at::Tensor o = o_(attn, i, int4, dense_chunk);
       {
         RECORD_FUNCTION("novainfer::add_rms_norm", std::vector<c10::IValue>());
         add_rms_norm<float>(h, &o, mlp_norm_[i], eps_, x);
       }
-      at::Tensor gate_up = gate_up_(x, i, int4);
+      at::Tensor gate_up = gate_up_(x, i, int4, dense_chunk);
       at::Tensor act = at::empty({T, gate_up.size(1) / 2}, embed_.options());
       {
         RECORD_FUNCTION("novainfer::silu_mul", std::vector<c10::IValue>());
         silu_mul(gate_up, act);
       }
-      at::Tensor down = down_(act, i, int4);
+      at::Tensor down = down_(act, i, int4, dense_chunk);
       {
         RECORD_FUNCTION("novainfer::add_rms_norm", std::vector<c10::IValue>());
         add_rms_norm<float>(h, &down, i + 1 < L ? attn_norm_[i + 1] : final_norm_, eps_, x);
