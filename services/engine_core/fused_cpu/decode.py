@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from services.engine_core.attention.base import AttentionMetadata
+from services.engine_core.fused_cpu.int4_matmul import repack
 from services.engine_core.models.llama import CausalLM
 
 
@@ -99,8 +100,8 @@ class FusedDecode:
             return [] if values[0] is None else [v.contiguous() for v in values]
 
         def packed(matrix: str) -> tuple[list[Tensor], list[Tensor]]:
-            weights = [getattr(w, matrix) for w in q4]
-            return [w.packed for w in weights], [w.scales_zeros for w in weights]
+            pairs = [repack(getattr(w, matrix)) for w in q4]
+            return [p for p, _ in pairs], [sz for _, sz in pairs]
 
         cfg = model.cfg
         first = layers[0]

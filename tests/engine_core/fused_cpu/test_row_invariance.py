@@ -2,7 +2,8 @@
 the other rows of the call are and however many there are. Together these make a fused step's
 row the same bits as a lone decode of that token (test_verify.py), so verifying drafts there
 does not change greedy output. The dense bf16 matmul (oneDNN) is not row-invariant, which is
-why a step picks its weights by its number of requests, not rows (fused_cpu/decode.py)."""
+why a step picks its weights by its number of requests, not rows (fused_cpu/decode.py).
+"""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 
 from services.engine_core.attention.base import AttentionMetadata
 from services.engine_core.fused_cpu.decode import row_invariant_chunk
+from services.engine_core.fused_cpu.int4_matmul import repack
 from services.engine_core.models.int4 import Int4Weight
 from services.engine_core.models.int8 import Int8Weight
 from tests.engine_core.fused_cpu.test_kernels import cached_step, paged, rope_tables
@@ -40,11 +42,30 @@ def rows_of(kernel: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> 
 
 
 @pytest.mark.parametrize("out_features, in_features", [(960, 576), (3072, 576), (576, 1536), (128, 64)])
-def test_int4_matmul(out_features: int, in_features: int) -> None:
-    """torch's _weight_int4pack_mm_for_cpu, SmolLM2's four layer shapes and a tiny one: up to 72
-    rows (8 requests verifying 8 drafts each)."""
+def test_torch_int4_matmul(out_features: int, in_features: int) -> None:
+    """torch's _weight_int4pack_mm_for_cpu (the eager path's int4 kernel), SmolLM2's four layer
+    shapes and a tiny one: up to 72 rows (8 requests verifying 8 drafts each)."""
     weight = Int4Weight.quantize(randn(out_features, in_features).to(BF16))
     assert_row_invariant(rows_of(weight, randn(72, in_features, seed=1).to(BF16)), 72)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("out_features, in_features", [(960, 576), (576, 576), (3072, 576), (576, 1536), (80, 64)])
+def test_int4_matmul(ext: ModuleType, out_features: int, in_features: int, threads: int) -> None:
+    """The fused step's int4 matmul (csrc/int4_matmul.h), SmolLM2's four layer shapes and a tiny
+    one with a partial column strip, at 1..80 rows (its in-register path up to 4 rows, its tiled
+    path past them) and 1 and 2 threads: every row its lone bits, the same at either count."""
+    packed, scales_zeros = repack(Int4Weight.quantize(randn(out_features, in_features).to(BF16)))
+    x = randn(80, in_features, seed=1).to(BF16)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        lone = torch.cat([ext.int4_matmul(x[i : i + 1], packed, scales_zeros) for i in range(80)])
+        assert_row_invariant(lambda rows: ext.int4_matmul(x[rows].contiguous(), packed, scales_zeros), 80)
+        assert torch.equal(ext.int4_matmul(x, packed, scales_zeros), lone)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(ext.int4_matmul(x, packed, scales_zeros), lone), "another thread count, other bits"
 
 
 def test_int8_lm_head() -> None:

@@ -2,9 +2,9 @@
 // int4 layer matrices), its requests' rows each one new token or one token and the drafts it
 // verifies: embedding, 30 layers of norm -> q|k|v -> RoPE + KV write -> paged attention -> o +
 // residual + norm -> gate|up -> SiLU x mul -> down + residual + norm, and the final norm. Python
-// issues one call a step instead of ~900 ops; the matmuls are torch's own int4 kernel
-// (aten::_weight_int4pack_mm_for_cpu, what models/int4.py calls) or, for steps of more requests,
-// its dense bf16 matmul (as the eager path), the rest the kernels in the headers beside this file.
+// issues one call a step instead of ~900 ops; the matmuls are the row-invariant int4 kernel of
+// int4_matmul.h (weights dequantized once per call, for all rows) or, for steps of more requests,
+// torch's dense bf16 matmul (as the eager path), the rest the kernels in the headers beside this file.
 // torch/extension.h would pull in the whole C++ frontend (torch::nn, ...) and double the build
 // time: ATen and the pybind11 casters for tensors are all this needs.
 #include <ATen/ATen.h>
@@ -18,16 +18,16 @@
 
 #include "activation.h"
 #include "attention.h"
+#include "int4_matmul.h"
 #include "norm.h"
 #include "rope.h"
 
 namespace novainfer {
 namespace {
 
-constexpr int64_t kInt4Group = 32;  // models/int4.py GROUP
-
-// One of a layer's matrices in both copies the model keeps: int4 for steps of few requests,
-// dense bf16 (oneDNN's matmul, AMX where the CPU has it) for larger ones.
+// One of a layer's matrices in both copies the model keeps: int4 (int4_matmul.h's layout,
+// fused_cpu/int4_matmul.py) for steps of few requests, dense bf16 (oneDNN's matmul, AMX where
+// the CPU has it) for larger ones.
 struct Matrix {
   std::vector<at::Tensor> packed, scales_zeros, dense;
 
@@ -35,7 +35,7 @@ struct Matrix {
   // row count, and up to some count (32 on an AMX Xeon) a row's bits are those of the row alone;
   // calls that small keep a step's rows row-invariant (fused_cpu/decode.py dense_chunk).
   at::Tensor operator()(const at::Tensor& x, size_t layer, bool int4, int64_t chunk) const {
-    if (int4) return at::_weight_int4pack_mm_for_cpu(x, packed[layer], kInt4Group, scales_zeros[layer]);
+    if (int4) return int4_matmul(x, packed[layer], scales_zeros[layer]);
     const int64_t T = x.size(0);
     if (chunk <= 0 || T <= chunk) return at::linear(x, dense[layer]);
     at::Tensor out = at::empty({T, dense[layer].size(0)}, x.options());
@@ -205,7 +205,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("set_kv_caches", &FusedDecoder::set_kv_caches)
       .def("forward", &FusedDecoder::forward, py::call_guard<py::gil_scoped_release>());
 
-  // The kernels one by one, for the tests (tests/engine_core/fused_cpu/).
+  // The kernels one by one, for the tests (tests/engine_core/fused_cpu/) and benchmarks.
+  m.def("int4_matmul", &novainfer::int4_matmul, py::call_guard<py::gil_scoped_release>(),
+        "x [M, K] bf16 @ W.T -> [M, N] bf16, W as fused_cpu/int4_matmul.py repack()s it");
   m.def(
       "add_rms_norm",
       [](at::Tensor h, std::optional<at::Tensor> delta, at::Tensor weight, double eps) {
