@@ -4,8 +4,10 @@ The default CPU mode (bf16 activations, int4 layer matrices, models/int4.py) spe
 single-stream decode step mostly on issuing ~900 small eager ops, not on reading weights
 (docs/benchmarks.md, the decode profile). Here a decode step, each request a decode row or a
 decode row and the speculative drafts it verifies, is one call into C++ that runs the whole
-forward: the matmuls are torch's own kernels, the norms, RoPE + KV-cache write, SiLU x mul and
-paged attention fused kernels (csrc/*.h, after sgl-kernel's CPU kernels).
+forward: the int4 matmuls NovaInfer's own kernel (csrc/int4_matmul.h: the weights dequantized
+once per call for all rows, repacked by int4_matmul.py), the dense ones torch's, the norms, RoPE
++ KV-cache write, SiLU x mul and paged attention fused kernels (csrc/*.h, after sgl-kernel's CPU
+kernels).
 Prefill chunks, steps on the dense weights of more than MAX_ROWS rows and every mode but
 bf16 + int4 (the exact mode in particular) keep the eager path.
 

@@ -7,8 +7,11 @@ scales and zeros (no requantization: the products use exactly the values (q - 8)
 into that kernel's layout at start-up.
 
 torch's packed layout is an implementation detail of its build (its nibble order depends on the
-CPU capability it was built for), so it is not decoded by hand: packing probe matrices whose q
-spell each position's index in base 16 shows where torch puts every nibble, for each shape once.
+CPU capability it was built for), so it is not assumed: where packing a random probe of the
+matrix's shape gives the bytes this layout gives (torch's AVX-512 build, out % 64 == 0), the
+model's packed tensor is used as it is (no copy, no start-up cost); else packing probe matrices
+whose q spell each position's index in base 16 shows where torch puts every nibble, and q is
+unpacked and packed again.
 """
 
 from __future__ import annotations
@@ -53,16 +56,35 @@ def unpack_q(weight: Int4Weight) -> Tensor:
     return q.view(n, k)
 
 
-def repack(weight: Int4Weight) -> tuple[Tensor, Tensor]:
-    """(packed uint8 [ceil(out / 64), in, 32], scales_zeros bf16 [in / 32, 2, out]) for
-    csrc/int4_matmul.h: byte d of (block b, input k) holds column 64b + d in its low nibble and
-    64b + 32 + d in its high one."""
-    q = unpack_q(weight)
+def pack(q: Tensor) -> Tensor:
+    """q (0..15) [out, in] in csrc/int4_matmul.h's layout, uint8 [ceil(out / 64), in, 32]: byte
+    d of (block b, input k) holds column 64b + d in its low nibble and 64b + 32 + d in its high
+    one (zero past out)."""
     n, k = q.shape
     blocks = -(-n // BLOCK)
     padded = torch.zeros(blocks * BLOCK, k, dtype=torch.uint8)
     padded[:n] = q
     halves = padded.view(blocks, 2, BLOCK // 2, k)
-    packed = (halves[:, 0] | (halves[:, 1] << 4)).transpose(1, 2).contiguous()
+    return (halves[:, 0] | (halves[:, 1] << 4)).transpose(1, 2).contiguous()
+
+
+@functools.cache
+def _torch_layout_is_ours(n: int, k: int) -> bool:
+    """Whether torch packs an [n, k] matrix exactly as pack() does."""
+    if n % BLOCK:
+        return False
+    q = torch.randint(0, 16, (n, k), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+    return packed.numel() == n * k // 2 and torch.equal(packed.view(-1), pack(q.to(torch.uint8)).view(-1))
+
+
+def repack(weight: Int4Weight) -> tuple[Tensor, Tensor]:
+    """(packed uint8 [ceil(out / 64), in, 32] as pack() lays it out, scales_zeros bf16
+    [in / 32, 2, out]) for csrc/int4_matmul.h."""
+    n, k = weight.scales_zeros.shape[1], weight.scales_zeros.shape[0] * GROUP
+    if _torch_layout_is_ours(n, k):
+        packed = weight.packed.view(n // BLOCK, k, BLOCK // 2)  # the model's own bytes, shared
+    else:
+        packed = pack(unpack_q(weight))
     scales_zeros = weight.scales_zeros.transpose(1, 2).contiguous()  # [in / 32, out, 2] -> [in / 32, 2, out]
     return packed, scales_zeros

@@ -10,7 +10,7 @@ from types import ModuleType
 import pytest
 import torch
 
-from services.engine_core.fused_cpu.int4_matmul import repack, unpack_q
+from services.engine_core.fused_cpu.int4_matmul import pack, repack, unpack_q
 from services.engine_core.models.int4 import GROUP, Int4Weight
 
 BF16 = torch.bfloat16
@@ -47,9 +47,11 @@ def test_unpack_q_recovers_the_quantized_values(out_features: int, in_features: 
 
 @pytest.mark.parametrize("out_features, in_features", SHAPES)
 def test_repacked_layout(out_features: int, in_features: int) -> None:
+    """Whether it shares torch's bytes or unpacks and packs again, the layout pack() documents."""
     weight = Int4Weight.quantize(randn(out_features, in_features))
     packed, scales_zeros = repack(weight)
     q = unpack_q(weight)
+    assert torch.equal(packed, pack(q))
     blocks = -(-out_features // 64)
     assert packed.shape == (blocks, in_features, 32) and packed.dtype == torch.uint8
     assert scales_zeros.shape == (in_features // GROUP, 2, out_features)
