@@ -82,9 +82,8 @@ def repack(weight: Int4Weight) -> tuple[Tensor, Tensor]:
     """(packed uint8 [ceil(out / 64), in, 32] as pack() lays it out, scales_zeros bf16
     [in / 32, 2, out]) for csrc/int4_matmul.h."""
     n, k = weight.scales_zeros.shape[1], weight.scales_zeros.shape[0] * GROUP
-    if _torch_layout_is_ours(n, k):
-        packed = weight.packed.view(n // BLOCK, k, BLOCK // 2)  # the model's own bytes, shared
-    else:
-        packed = pack(unpack_q(weight))
+    # Where torch's layout is the kernel's, the model's own bytes, shared.
+    ours = _torch_layout_is_ours(n, k)
+    packed = weight.packed.view(n // BLOCK, k, BLOCK // 2) if ours else pack(unpack_q(weight))
     scales_zeros = weight.scales_zeros.transpose(1, 2).contiguous()  # [in / 32, out, 2] -> [in / 32, 2, out]
     return packed, scales_zeros
