@@ -44,6 +44,24 @@ def test_default_mode_uses_it(runners: tuple[ModelRunner, ModelRunner]) -> None:
     assert eager.fused is None and eager.mode == "bfloat16+int4+int8-lm-head"
 
 
+def assert_fused_logits_close(
+    runner: ModelRunner,
+    ids: torch.Tensor,
+    pos: torch.Tensor,
+    caches: list[tuple[torch.Tensor, torch.Tensor]],
+    copies: list[tuple[torch.Tensor, torch.Tensor]],
+    md: AttentionMetadata,
+) -> None:
+    """The fused step's logits (on caches) against the eager model's (on copies of them)."""
+    assert runner.fused is not None and runner.fused.can_run(md)
+    got = runner.model.compute_logits(runner.fused.run(ids, pos, caches, md))
+    ref = runner.model.compute_logits(runner.model(ids, pos, copies, md, runner.backend))
+    cos = torch.nn.functional.cosine_similarity(got, ref, dim=-1)
+    # Typically > 0.9999; rows differ in how much rounding their 30 layers amplify.
+    assert cos.mean() > 0.999 and cos.min() > 0.99, cos
+    assert (got.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.75
+
+
 def _prefilled(
     runner: ModelRunner, contexts: list[int], room: int = 1
 ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], AttentionMetadata, torch.Tensor, torch.Tensor]:
@@ -84,13 +102,7 @@ def test_logits_close_to_eager(runners: tuple[ModelRunner, ModelRunner], context
     assert fused.fused is not None and len(contexts) <= fused.fused.max_rows  # >= 8 everywhere
     caches, md, ids, pos = _prefilled(fused, contexts)
     copies = [(k.clone(), v.clone()) for k, v in caches]
-    assert fused.fused is not None and fused.fused.can_run(md)
-    got = fused.model.compute_logits(fused.fused.run(ids, pos, caches, md))
-    ref = fused.model.compute_logits(fused.model(ids, pos, copies, md, fused.backend))
-    cos = torch.nn.functional.cosine_similarity(got, ref, dim=-1)
-    # Typically > 0.9999; rows differ in how much rounding their 30 layers amplify.
-    assert cos.mean() > 0.999 and cos.min() > 0.99, cos
-    assert (got.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.75
+    assert_fused_logits_close(fused, ids, pos, caches, copies, md)
     # This step's K/V went to its slots (and nowhere else), equal up to the rounding that
     # accumulates over the layers.
     n_kv, d = caches[0][0].shape[2:]

@@ -48,6 +48,18 @@ def test_silu_mul(ext: ModuleType, rows: int, inter: int) -> None:
     assert rel_error(ext.silu_mul(gate_up), F.silu(gate) * up) < 1e-2
 
 
+def rope_inputs(
+    rows: int, n_heads: int, n_kv: int, d: int, variant: str
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """qkv [rows, (n_heads + 2 n_kv) d] and the variant's bias (Qwen2) or q/k norms (Qwen3)."""
+    width = (n_heads + 2 * n_kv) * d
+    qkv = randn(rows, width, seed=1).to(BF16)
+    bias = randn(width, seed=2).to(BF16) if variant == "qwen2-bias" else None
+    q_norm = (1 + 0.1 * randn(d, seed=3)).to(BF16) if variant == "qwen3-qk-norm" else None
+    k_norm = (1 + 0.1 * randn(d, seed=4)).to(BF16) if variant == "qwen3-qk-norm" else None
+    return qkv, bias, q_norm, k_norm
+
+
 def rope_tables(max_pos: int, d: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The model's layout (CausalLM.rope_cos / rope_sin): cos twice, sin with its first half negated."""
     inv_freq = 1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))
@@ -60,11 +72,7 @@ def rope_tables(max_pos: int, d: int) -> tuple[torch.Tensor, torch.Tensor]:
 @pytest.mark.parametrize("variant", ["llama", "qwen2-bias", "qwen3-qk-norm"])
 def test_rope_write_kv(ext: ModuleType, n_heads: int, n_kv: int, d: int, variant: str) -> None:
     rows, blocks, bs, eps = 3, 8, 16, 1e-6
-    width = (n_heads + 2 * n_kv) * d
-    qkv = randn(rows, width, seed=1).to(BF16)
-    bias = randn(width, seed=2).to(BF16) if variant == "qwen2-bias" else None
-    q_norm = (1 + 0.1 * randn(d, seed=3)).to(BF16) if variant == "qwen3-qk-norm" else None
-    k_norm = (1 + 0.1 * randn(d, seed=4)).to(BF16) if variant == "qwen3-qk-norm" else None
+    qkv, bias, q_norm, k_norm = rope_inputs(rows, n_heads, n_kv, d, variant)
     cos, sin = rope_tables(1000, d)
     positions = torch.tensor([0, 17, 999])
     slots = torch.tensor([5, 40, 127])  # three blocks, one at the cache's last slot

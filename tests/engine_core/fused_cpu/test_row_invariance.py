@@ -19,7 +19,7 @@ from services.engine_core.fused_cpu.decode import row_invariant_chunk
 from services.engine_core.fused_cpu.int4_matmul import repack
 from services.engine_core.models.int4 import Int4Weight
 from services.engine_core.models.int8 import Int8Weight
-from tests.engine_core.fused_cpu.test_kernels import cached_step, paged, rope_tables
+from tests.engine_core.fused_cpu.test_kernels import cached_step, paged, rope_inputs, rope_tables
 
 BF16 = torch.bfloat16
 
@@ -91,11 +91,7 @@ def test_add_rms_norm_and_silu_mul(ext: ModuleType) -> None:
 def test_rope_write_kv(ext: ModuleType, variant: str) -> None:
     """q (returned) and the k and v written to the cache."""
     n_heads, n_kv, d, bs, n = 9, 3, 64, 16, 40
-    width = (n_heads + 2 * n_kv) * d
-    qkv = randn(n, width, seed=1).to(BF16)
-    bias = randn(width, seed=2).to(BF16) if variant == "qwen2-bias" else None
-    q_norm = (1 + 0.1 * randn(d, seed=3)).to(BF16) if variant == "qwen3-qk-norm" else None
-    k_norm = (1 + 0.1 * randn(d, seed=4)).to(BF16) if variant == "qwen3-qk-norm" else None
+    qkv, bias, q_norm, k_norm = rope_inputs(n, n_heads, n_kv, d, variant)
     cos, sin = rope_tables(1000, d)
     positions = torch.randint(0, 1000, (n,), generator=torch.Generator().manual_seed(5))
     slots = torch.randperm(4 * n, generator=torch.Generator().manual_seed(6))[:n]

@@ -21,7 +21,7 @@ from services.tokenizer_pool.tokenizer import load_tokenizer
 from shared.config import EngineConfig
 from shared.protocol import SamplingParams
 from tests.engine_core.fused_cpu.conftest import decode_metadata
-from tests.engine_core.fused_cpu.test_decode import _prefilled
+from tests.engine_core.fused_cpu.test_decode import _prefilled, assert_fused_logits_close
 from tests.engine_core.speculative.test_spec_engine import (
     GREEDY,
     OracleProposer,
@@ -124,12 +124,7 @@ def test_logits_close_to_eager(runner: ModelRunner, contexts: list[int], drafts:
     caches, md0, next_ids, _ = _prefilled(runner, contexts, room=1 + max(drafts))
     copies = [(k.clone(), v.clone()) for k, v in caches]
     ids, pos, md = verify_step(md0.block_tables, contexts, drafted(next_ids, drafts, 0), runner.block_size)
-    assert runner.fused is not None and runner.fused.can_run(md)
-    got = runner.model.compute_logits(runner.fused.run(ids, pos, caches, md))
-    ref = runner.model.compute_logits(runner.model(ids, pos, copies, md, runner.backend))
-    cos = torch.nn.functional.cosine_similarity(got, ref, dim=-1)
-    assert cos.mean() > 0.999 and cos.min() > 0.99, cos
-    assert (got.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.75
+    assert_fused_logits_close(runner, ids, pos, caches, copies, md)
 
 
 @torch.inference_mode()
