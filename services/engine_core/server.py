@@ -13,6 +13,7 @@ engine: the gateway fails requests only when the process is really gone.
 
 from __future__ import annotations
 
+import gc
 import logging
 import signal
 import threading
@@ -216,10 +217,24 @@ class EngineCoreServer:
         self.ctx.destroy(linger=0)
 
 
+def freeze_startup_heap() -> None:
+    """Move every object alive after start-up out of the garbage collector's sight.
+
+    The imported modules (torch and the rest) and the model are ~170k tracked objects that
+    live as long as the process, and Python's collector walks all of them at every collection
+    of its oldest generation: ~190 ms on the shared 2-core machine, a stall of every stream. Those collections come once the objects created since the last one reach a
+    quarter of the heap, and the suffix proposer's tries add up to 24 objects per token (a
+    stall every ~2k tokens served). Frozen (as vLLM's engine core does), they are never walked
+    again, and a collection costs what the objects created while serving do."""
+    gc.collect()
+    gc.freeze()
+
+
 def main(config: Config, started: float | None = None) -> None:
     """started: time.monotonic() when the process started, to log where start-up time goes."""
     imported = time.monotonic()
     server = EngineCoreServer(config)
+    freeze_startup_heap()
     if started is not None:
         log.info(
             "engine core %d started in %.1fs: %.1fs of imports, %.1fs to load the model and allocate the KV cache",

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from services.engine_core.sampler import Sampler, SamplingBatch, apply_penalties
+from services.engine_core.sampler import Sampler, SamplingBatch, apply_penalties, first_argmax
 from shared.protocol import SamplingParams
 
 SP = SamplingParams
@@ -54,6 +54,24 @@ def test_greedy_is_argmax_in_mixed_batch():
     assert tokens.dtype == torch.int64 and tokens.shape == (12,)
     assert torch.equal(tokens[greedy], logits[greedy].argmax(-1))
     assert torch.equal(sample([SP(temperature=0.0)] * 12, logits).token_ids, logits.argmax(-1))
+
+
+@pytest.mark.parametrize("vocab", [2048, 5000, 49152, 49155])
+def test_first_argmax_is_the_first_maximal_index(vocab):
+    """The blocked argmax picks what max(dim) does: the first maximum, across and within
+    blocks, in a short last block, among ties, -inf masks and an all -inf row."""
+    gen = torch.Generator().manual_seed(vocab)
+    for rows in (1, 2, 9, 40):
+        x = torch.randint(-4, 4, (rows, vocab), generator=gen).float()
+        x[x < -3] = float("-inf")
+        x[0] = float("-inf")
+        if rows > 2:
+            x[1, -1] = 10.0  # the maximum in the short last block (alone there, or shared)
+            x[2, 1023:1026] = 10.0  # a tie across a block boundary
+        assert torch.equal(first_argmax(x), x.max(-1).indices)
+        y = torch.randn(rows, vocab, generator=gen)
+        assert torch.equal(first_argmax(y), y.argmax(-1))
+        assert torch.equal(first_argmax(y.bfloat16()), y.bfloat16().max(-1).indices)
 
 
 @pytest.mark.parametrize(
