@@ -222,10 +222,11 @@ def freeze_startup_heap() -> None:
 
     The imported modules (torch and the rest) and the model are ~170k tracked objects that
     live as long as the process, and Python's collector walks all of them at every collection
-    of its oldest generation: ~190 ms on the shared 2-core machine, a stall of every stream. Those collections come once the objects created since the last one reach a
-    quarter of the heap, and the suffix proposer's tries add up to 24 objects per token (a
-    stall every ~2k tokens served). Frozen (as vLLM's engine core does), they are never walked
-    again, and a collection costs what the objects created while serving do."""
+    of its oldest generation: ~190 ms on the shared 2-core machine, a stall of every stream.
+    Those collections come once the objects created since the last one reach a quarter of the
+    heap, and the suffix proposer's tries add up to 24 objects per token (a stall every ~2k
+    tokens served). Frozen (as vLLM's engine core does), they are never walked again, and a
+    collection costs what the objects created while serving do."""
     gc.collect()
     gc.freeze()
 
