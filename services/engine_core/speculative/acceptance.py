@@ -3,15 +3,16 @@
 A rejected draft costs verification compute for nothing. With adaptive draft lengths (the
 default) the request keeps a running estimate of its acceptance rate alpha, and the draft
 length is the one with the best expected tokens per unit of step time (draft_length.py); when
-that is 0 the request backs off (exponentially, capped) and then probes afresh with one draft,
-so text that starts repeating its input later is still sped up; a probe that fails backs off
-again at once (it is the test, not the start of another run of failing drafts). With a fixed draft length a
+that is 0 the request backs off (exponentially, capped) and then probes afresh with the
+drafts the prior alpha pays for (as many as cost what one does: 2 in the CPU default), so text
+that starts repeating its input later is still sped up; a probe that fails backs off again at
+once (it is the test, not the start of another run of failing drafts). With a fixed draft length a
 request whose acceptance stays low over a window backs off the same way.
 """
 
 from __future__ import annotations
 
-from services.engine_core.speculative.draft_length import best_draft_length
+from services.engine_core.speculative.draft_length import StepPlan
 
 _WINDOW = 16
 """Fixed draft length: draft tokens judged together."""
@@ -66,20 +67,21 @@ class AcceptanceTracker:
         """The estimated chance that a draft is accepted, given the drafts before it were."""
         return self._accepted_sum / self._tried_sum
 
-    def draft_length(self, max_k: int, num_decodes: int, relative_slope: float, relative_fixed: float = 0.0) -> int:
-        """Adaptive: the drafts to propose this step (0: decode plainly). Called once per step the request decodes."""
+    def draft_length(self, max_k: int, plan: StepPlan) -> int:
+        """Adaptive: the drafts to propose this step (0: decode plainly), given the step's drafts
+        so far. Called once per step the request decodes."""
         if self._skip > 0:
             self._skip -= 1
             return 0
         self._probing = False
         if self._probe:
             # The backoff ran out: the text may have changed since (a model that starts quoting
-            # or looping), so alpha starts again from the prior, and one cheap draft probes it.
+            # or looping), so alpha starts again from the prior, and the drafts it pays for probe it.
             self._probe = False
             self._probing = True
             self._reset_alpha()
-            return 1
-        k = best_draft_length(self.alpha, max_k, num_decodes, relative_slope, relative_fixed)
+            return max(plan.best(self.alpha, max_k), 1)
+        k = plan.best(self.alpha, max_k)
         if k > 0:
             return k
         self._back_off()
