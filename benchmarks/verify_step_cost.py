@@ -7,10 +7,12 @@ rows a request; the drafts are always wrong, which costs the same as right ones)
 split into its parts, timed on their own in the same round:
   prepare   ModelRunner._prepare (block tables, slots, metadata: host-side Python)
   forward   the model's forward over the B (1 + k) rows (linear layers + attention)
-  linear    of that, the layers' matmuls alone, at the same row count (int4 or dense, as the
-            step picks: the fused CPU step takes the int4 copies for up to int4_max_rows
-            requests however many drafts they verify, else the dense ones; the eager path
-            picks by rows, models/int4.py)
+  linear    of that, the layers' matmuls alone, at the same row count, with the kernel the
+            step runs (the fused CPU step: its own int4 kernel, fused_cpu/csrc/int4_matmul.h,
+            for up to int4_max_rows requests however many drafts they verify, else the dense
+            weights; the eager path picks by rows, models/int4.py)
+  attention of that, the fused step's paged attention alone over the step's rows and the
+            requests' contexts, every layer (fused steps only; 0 otherwise)
   lm_head   compute_logits over the B (1 + k) sampled rows (int8 head: models/int8.py)
   rest      execute - prepare - forward - lm_head: sampling rows, draft acceptance, logprobs
 Every round times every (B, k) once and the medians are reported, since the machine is shared;
@@ -42,13 +44,14 @@ from machine_info import machine_info, write_results  # noqa: E402
 
 from services.engine_core.attention.base import AttentionMetadata  # noqa: E402
 from services.engine_core.batch import ScheduledBatch  # noqa: E402
+from services.engine_core.fused_cpu.decode import MATRICES  # noqa: E402
 from services.engine_core.model_runner import ModelRunner  # noqa: E402
 from services.engine_core.request import Request, RequestStatus  # noqa: E402
 from shared.config import EngineConfig, available_cores  # noqa: E402
 from shared.protocol import SamplingParams  # noqa: E402
 
 RESULTS = os.path.join(HERE, "results", "verify_step_cost.json")
-PARTS = ("execute", "prepare", "forward", "linear", "lm_head")
+PARTS = ("execute", "prepare", "forward", "linear", "attention", "lm_head")
 
 
 def make_requests(runner: ModelRunner, batch: int, context: int, max_drafts: int) -> list[Request]:
@@ -93,9 +96,25 @@ def time_parts(runner: ModelRunner, batch: ScheduledBatch) -> dict[str, float]:
     out["lm_head"] = time.perf_counter() - t0
     x = torch.randn(ids.shape[0], runner.model_config.hidden_size, dtype=runner.dtype)
     t0 = time.perf_counter()
-    linear_layers(runner, x, uses_int4(runner, md))
+    linear_layers(runner, x, md)
     out["linear"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    attention_layers(runner, md)
+    out["attention"] = time.perf_counter() - t0
     return out
+
+
+def attention_layers(runner: ModelRunner, md: AttentionMetadata) -> None:
+    """The fused step's paged attention of every layer over md's rows (random queries; the
+    cache as the step left it), where the step runs fused."""
+    fused = runner.fused
+    if fused is None or not fused.can_run(md):
+        return
+    mc = runner.model_config
+    q = torch.randn(md.num_tokens, mc.num_heads, mc.head_dim)
+    scale = mc.head_dim**-0.5
+    for k_cache, v_cache in runner.kv_caches:
+        fused.ext.paged_attention(q, k_cache, v_cache, md.block_tables, md.query_start_loc, md.seq_lens, scale)
 
 
 def is_fused(runner: ModelRunner, md: AttentionMetadata) -> bool:
@@ -109,11 +128,18 @@ def uses_int4(runner: ModelRunner, md: AttentionMetadata) -> bool:
     return runner.model.layers[0].int4_for(md.num_tokens) is not None
 
 
-def linear_layers(runner: ModelRunner, x: torch.Tensor, int4: bool) -> None:
+def linear_layers(runner: ModelRunner, x: torch.Tensor, md: AttentionMetadata) -> None:
     """The four matmuls of every layer at x's row count, with the kernel the step picks."""
     mc = runner.model_config
     heads_x = torch.empty(x.shape[0], mc.num_heads * mc.head_dim, dtype=x.dtype)
     act = torch.empty(x.shape[0], mc.intermediate_size, dtype=x.dtype)
+    int4 = uses_int4(runner, md)
+    fused = runner.fused
+    if fused is not None and fused.can_run(md) and int4:
+        for i in range(len(runner.model.layers)):
+            for m, rows in zip(MATRICES, (x, heads_x, x, act), strict=True):
+                fused.ext.int4_matmul(rows, *fused.int4[m][i])
+        return
     for layer in runner.model.layers:
         q4 = layer.int4
         if int4 and q4 is not None:

@@ -101,8 +101,13 @@ class FusedDecode:
             values = [getattr(layer, attr) for layer in layers]
             return [] if values[0] is None else [v.contiguous() for v in values]
 
+        self.ext = ext
+        # Per matrix, per layer: (packed, scales_zeros) in csrc/int4_matmul.h's layout (shared
+        # with the C++ decoder; benchmarks/verify_step_cost.py times ext.int4_matmul on them).
+        self.int4 = {m: [repack(getattr(w, m)) for w in q4] for m in MATRICES}
+
         def packed(matrix: str) -> tuple[list[Tensor], list[Tensor]]:
-            pairs = [repack(getattr(w, matrix)) for w in q4]
+            pairs = self.int4[matrix]
             return [p for p, _ in pairs], [sz for _, sz in pairs]
 
         cfg = model.cfg
