@@ -29,6 +29,7 @@ from services.engine_core.fused_cpu import decode as fused_decode
 from services.engine_core.fused_cpu import extension as fused_extension
 from services.engine_core.models.int4 import Int4Weight
 from services.engine_core.models.int8 import Int8Weight
+from services.engine_core.request import Request
 from services.engine_core.run_mode import describe, resolve_device, resolve_dtype, use_batch_invariant_blas
 from services.engine_core.sampler import Sampler, SamplingBatch
 from services.engine_core.speculative.verify import verify_drafts
@@ -41,6 +42,12 @@ from shared.protocol import TokenLogprob
 log = logging.getLogger(__name__)
 
 _MODE_HINT = " (--exact: float32, token for token with transformers and batch-invariant)"
+
+
+def _decodes(req: Request, n: int, drafts: list[int]) -> bool:
+    """Whether a request's rows this step decode: its one new token is an output token (sampled
+    by the last step), followed by the drafts it verifies; else they are a prefill chunk."""
+    return n == 1 + len(drafts) and req.num_computed_tokens >= req.num_prompt_tokens
 
 
 class ModelRunner:
@@ -221,12 +228,12 @@ class ModelRunner:
             log.warning("the fused CPU decode path failed to start: running decode steps eagerly", exc_info=True)
             return None
         log.info(
-            "fused CPU decode kernels ready in %.2fs (int4 steps up to %d requests; dense ones up to %d rows, "
-            "their matmuls row-invariant in chunks of %d rows)",
+            "fused CPU kernels ready in %.2fs (decode rows on int4 for steps of up to %d decoding requests, else "
+            "dense in row-invariant chunks of %d rows; prefill rows dense in calls of %d rows)",
             time.perf_counter() - t0,
             fused.int4_max_requests,
-            fused.max_rows,
             fused.dense_chunk,
+            fused.prefill_block,
         )
         return fused
 
@@ -254,14 +261,23 @@ class ModelRunner:
         slots: list[int] = []
         query_start = [0]
         seq_lens: list[int] = []
-        sample_rows: list[int] = []
+        query_lens: list[int] = []
         num_drafts = 0
+        # Decode requests (one new output token, and its drafts) first, then prefill chunks: the
+        # fused CPU path multiplies the two row sets by different weights (fused_cpu/decode.py).
+        decodes = [
+            _decodes(r, n, batch.drafts(i))
+            for i, (r, n) in enumerate(zip(batch.requests, batch.num_new_tokens, strict=True))
+        ]
+        order = [i for i, d in enumerate(decodes) if d] + [i for i, d in enumerate(decodes) if not d]
+        first_row = [0] * len(batch.requests)
         # Filled row by row through numpy: building a nested list and converting it costs 3x
         # as much (1.7 vs 0.55 ms for 256 requests x 129 blocks).
         max_blocks = max(len(r.block_table) for r in batch.requests)
         tables = torch.zeros((len(batch.requests), max_blocks), dtype=torch.int32, pin_memory=self._pin)
         table_rows = tables.numpy()
-        for i, (req, n) in enumerate(zip(batch.requests, batch.num_new_tokens, strict=True)):
+        for row, i in enumerate(order):
+            req, n = batch.requests[i], batch.num_new_tokens[i]
             start = req.num_computed_tokens
             end = start + n
             drafts = batch.drafts(i)
@@ -270,14 +286,19 @@ class ModelRunner:
             num_drafts += len(drafts)
             positions.extend(range(start, end))
             table = req.block_table
-            table_rows[i, : len(table)] = table
+            table_rows[row, : len(table)] = table
             for blk in range(start // bs, (end - 1) // bs + 1):  # per block, not per token
                 base = (table[blk] - blk) * bs
                 slots.extend(range(base + max(start, blk * bs), base + min(end, (blk + 1) * bs)))
+            first_row[i] = query_start[-1]
             query_start.append(query_start[-1] + n)
+            query_lens.append(n)
             seq_lens.append(end)
-            if batch.sample_flags[i]:  # every draft position too: each is verified
-                sample_rows.extend(range(query_start[-1] - 1 - len(drafts), query_start[-1]))
+        # In the batch's order (execute() reads the sampled rows so): every draft position too, each is verified.
+        sample_rows: list[int] = []
+        for i, n in enumerate(batch.num_new_tokens):
+            if batch.sample_flags[i]:
+                sample_rows.extend(range(first_row[i] + n - 1 - len(batch.drafts(i)), first_row[i] + n))
 
         i32 = torch.int32
         md = AttentionMetadata(
@@ -289,9 +310,10 @@ class ModelRunner:
             slot_mapping=self._to_device(slots, torch.long),
             max_query_len=max(batch.num_new_tokens),
             max_seq_len=max(seq_lens),
-            query_lens_cpu=list(batch.num_new_tokens),
+            query_lens_cpu=query_lens,
             seq_lens_cpu=seq_lens,
             num_draft_tokens=num_drafts,
+            num_prefill_reqs=decodes.count(False),
         )
         ids = self._to_device(input_ids, torch.long)
         pos = self._to_device(positions, torch.long)

@@ -40,6 +40,10 @@ class AttentionMetadata:
     num_draft_tokens: int = 0
     """Of num_tokens, the speculative drafts this step verifies (each request's rows are its
     new tokens, then its drafts): the step without them is num_tokens - num_draft_tokens rows."""
+    num_prefill_reqs: int = 0
+    """Of num_reqs, the last ones are prefill chunks (prompt rows, or a preempted request's
+    recompute); the others decode, each one new token and its drafts (model_runner orders them
+    so). The fused CPU path multiplies the two row sets differently (fused_cpu/decode.py)."""
 
     @property
     def is_pure_decode(self) -> bool:

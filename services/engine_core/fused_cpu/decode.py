@@ -56,16 +56,16 @@ def supported(model: CausalLM, dtype: torch.dtype, device: torch.device) -> str 
 
 
 MATRICES = ("qkv", "o", "gate_up", "down")
-MAX_ROWS = 512
-"""The most rows a step on the dense weights runs fused, past which it runs eagerly. The fused
-step saves the eager path's per-op dispatch (~870 ops), which matters less as rows grow, and its
-kernels are no slower than the eager ones at any size measured (fused vs eager forward, min of
-15 interleaved, SmolLM2, 300-token contexts, shared 2-core AMX machine: decode-only steps of
-32-128 requests 1.3-1.6x faster; with 4 drafts each, 160-640 rows, 1.0-1.25x); 512 rows covers
-128 requests verifying 3 drafts each, or 64 verifying 7."""
-
-
 _CHUNKS = (32, 16, 8, 4)
+PREFILL_BLOCKS = (128, 64)
+"""Candidate row counts of the prefill rows' dense calls, largest first (the first that
+position_invariant_block accepts). A call costs about the same whatever part of it is padding, so
+this trades the padding of a short prompt's last call against the slower small calls of a long
+one (docs/benchmarks.md, fused prefill)."""
+
+
+def _lone(x: Tensor, w: Tensor) -> Tensor:
+    return torch.cat([F.linear(x[i : i + 1], w) for i in range(x.shape[0])])
 
 
 @torch.inference_mode()
@@ -81,7 +81,7 @@ def row_invariant_chunk(weights: list[Tensor], rows: int = 256) -> int:
     chunks = list(_CHUNKS)
     for w in weights:
         x = torch.randn(rows, w.shape[1], generator=gen).to(w.dtype)
-        lone = torch.cat([F.linear(x[i : i + 1], w) for i in range(rows)])
+        lone = _lone(x, w)
         while chunks:
             c = chunks[0]
             chunked = torch.cat([F.linear(x[s : s + c], w) for s in range(0, rows, c)])
@@ -89,6 +89,37 @@ def row_invariant_chunk(weights: list[Tensor], rows: int = 256) -> int:
                 break
             chunks.pop(0)
     return chunks[0] if chunks else 0
+
+
+@torch.inference_mode()
+def position_invariant_block(weights: list[Tensor], candidates: tuple[int, ...] = PREFILL_BLOCKS) -> int:
+    """The first of candidates, B, for which a dense bf16 matmul of exactly B rows gives each row
+    the same bits wherever it sits among the B rows and whatever the others hold (zero padding
+    included), for each of the weights; 0 if none.
+
+    The prefill rows are multiplied in calls of B rows (the last one padded), so a prompt row's
+    bits, and so its K/V, do not depend on how the scheduler cut the prompt into chunks or on
+    what else the step holds. oneDNN computes a row of a fixed-shape call by the same sequence of
+    operations wherever it sits (its tiles all whole for such B); checked here on random rows, as
+    row_invariant_chunk is, since that is oneDNN's choice, not a promise."""
+    gen = torch.Generator().manual_seed(1)
+    for b in candidates:
+        ok = True
+        for w in weights:
+            x = torch.randn(2 * b, w.shape[1], generator=gen).to(w.dtype)
+            ref = F.linear(x[:b], w)
+            for shift in (1, b // 2 + 3, b - 1):  # row j at index j - shift, beside other rows
+                if not torch.equal(F.linear(x[shift : shift + b], w)[: b - shift], ref[shift:]):
+                    ok = False
+            for m in (1, b // 3):  # the last call of a prefill: m rows and zero padding
+                padded = torch.cat([x[:m], torch.zeros(b - m, w.shape[1], dtype=w.dtype)])
+                if not torch.equal(F.linear(padded, w)[:m], ref[:m]):
+                    ok = False
+            if not ok:
+                break
+        if ok:
+            return b
+    return 0
 
 
 class FusedDecode:
@@ -113,7 +144,6 @@ class FusedDecode:
         cfg = model.cfg
         first = layers[0]
         self.int4_max_requests = first.int4_max_rows
-        self.max_rows = MAX_ROWS
         self._decoder: Any = ext.FusedDecoder(
             model.embed,
             model.rope_cos,
@@ -136,31 +166,39 @@ class FusedDecode:
         )
         dense = [[getattr(layer, f"{m}_weight") for layer in layers] for m in MATRICES]
         self._decoder.set_dense_weights(*dense)
-        self.dense_chunk = row_invariant_chunk([matrices[0] for matrices in dense])
+        first_layer = [matrices[0] for matrices in dense]
+        self.dense_chunk = row_invariant_chunk(first_layer)
+        # The prefill rows' calls: of B rows where oneDNN's kernel for B rows is position-invariant,
+        # else of up to dense_chunk rows (lone bits: any such call), else (neither holds) all
+        # rows in one call, and a prompt's K/V then depend on its chunking in the last bits.
+        self.prefill_block = position_invariant_block(first_layer) or self.dense_chunk
         self._kv_caches: list[tuple[Tensor, Tensor]] | None = None
 
+    @staticmethod
+    def decode_rows(md: AttentionMetadata) -> int:
+        """The rows of the step's decode requests (the first num_reqs - num_prefill_reqs)."""
+        return md.num_tokens - sum(md.query_lens_cpu[md.num_reqs - md.num_prefill_reqs :])
+
     def _dense_chunk(self, md: AttentionMetadata) -> int:
-        """Rows per dense matmul call: dense_chunk where the step's requests fit in one chunk (so
-        their decode step without drafts is one call, and a draft's row gets its lone decode's
-        bits), else all rows in one call (0)."""
-        return self.dense_chunk if md.num_reqs <= self.dense_chunk else 0
+        """Rows per dense matmul call of the decode rows: dense_chunk where the step's decode
+        requests fit in one chunk (so their step without drafts is one call, and a draft's row
+        gets its lone decode's bits), else all decode rows in one call (0)."""
+        return self.dense_chunk if md.num_reqs - md.num_prefill_reqs <= self.dense_chunk else 0
 
     def uses_int4(self, md: AttentionMetadata) -> bool:
-        """Whether a step multiplies by the int4 copies: by its number of requests, as the step
-        of the same requests without drafts would."""
-        return md.num_reqs <= self.int4_max_requests
+        """Whether the step's decode rows multiply by the int4 copies: by its number of decode
+        requests, as the step of the same requests without drafts or prefill chunks would."""
+        return md.num_reqs - md.num_prefill_reqs <= self.int4_max_requests
 
     def can_run(self, md: AttentionMetadata) -> bool:
-        """A step of decodes (one new token per request, each with the drafts it verifies, if
-        any): on the int4 copies however many rows, on the dense weights up to max_rows."""
-        if md.num_tokens - md.num_draft_tokens != md.num_reqs:
-            return False  # a prefill chunk
-        return self.uses_int4(md) or md.num_tokens <= self.max_rows
+        """Any step whose decode requests (all but the last num_prefill_reqs) are one new token
+        each, with the drafts it verifies, if any: what model_runner makes."""
+        return self.decode_rows(md) - md.num_draft_tokens == md.num_reqs - md.num_prefill_reqs
 
     def run(
         self, input_ids: Tensor, positions: Tensor, kv_caches: list[tuple[Tensor, Tensor]], md: AttentionMetadata
     ) -> Tensor:
-        """The final hidden states [num_tokens, hidden] of a decode step."""
+        """The final hidden states [num_tokens, hidden] of a step."""
         if kv_caches is not self._kv_caches:
             self._decoder.set_kv_caches([k for k, _ in kv_caches], [v for _, v in kv_caches])
             self._kv_caches = kv_caches
@@ -171,6 +209,8 @@ class FusedDecode:
             md.seq_lens,
             md.query_start_loc,
             md.slot_mapping,
+            self.decode_rows(md),
             self.uses_int4(md),
             self._dense_chunk(md),
+            self.prefill_block,
         )

@@ -99,7 +99,7 @@ def test_logits_close_to_eager(runners: tuple[ModelRunner, ModelRunner], context
     """One decode step after real (random-token) prompts, fused vs eager on copies of one cache.
     (A cache of random K/V would not do: the model amplifies rounding chaotically on such input.)"""
     fused, _ = runners
-    assert fused.fused is not None and len(contexts) <= fused.fused.max_rows  # >= 8 everywhere
+    assert fused.fused is not None
     caches, md, ids, pos = _prefilled(fused, contexts)
     copies = [(k.clone(), v.clone()) for k, v in caches]
     assert_fused_logits_close(fused, ids, pos, caches, copies, md)

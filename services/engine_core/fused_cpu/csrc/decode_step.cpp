@@ -1,10 +1,11 @@
-// One C++ call per decode step of a Llama-family model in the CPU fast mode (bf16 activations,
-// int4 layer matrices), its requests' rows each one new token or one token and the drafts it
-// verifies: embedding, 30 layers of norm -> q|k|v -> RoPE + KV write -> paged attention -> o +
-// residual + norm -> gate|up -> SiLU x mul -> down + residual + norm, and the final norm. Python
-// issues one call a step instead of ~900 ops; the matmuls are the row-invariant int4 kernel of
-// int4_matmul.h (weights dequantized once per call, for all rows) or, for steps of more requests,
-// torch's dense bf16 matmul (as the eager path), the rest the kernels in the headers beside this file.
+// One C++ call per step of a Llama-family model in the CPU fast mode (bf16 activations, int4
+// layer matrices), its requests' rows each one new token, one token and the drafts it verifies,
+// or a prefill chunk: embedding, 30 layers of norm -> q|k|v -> RoPE + KV write -> paged attention
+// -> o + residual + norm -> gate|up -> SiLU x mul -> down + residual + norm, and the final norm.
+// Python issues one call a step instead of ~900 ops; the matmuls are the row-invariant int4
+// kernel of int4_matmul.h (weights dequantized once per call, for all rows) or torch's dense bf16
+// matmul, in calls sized so that a row's bits do not depend on the other rows (RowPlan), the rest
+// the kernels in the headers beside this file.
 // torch/extension.h would pull in the whole C++ frontend (torch::nn, ...) and double the build
 // time: ATen and the pybind11 casters for tensors are all this needs.
 #include <ATen/ATen.h>
@@ -25,18 +26,42 @@
 namespace novainfer {
 namespace {
 
+// How a step's rows are multiplied. Rows [0, decode_rows) are its decodes (each request's new
+// token and the drafts it verifies): by the weights their step would use without the prefill
+// chunks (int4, or dense in calls of at most decode_chunk rows), so their bits are that step's.
+// The rest are prefill chunks' rows: by the dense weights in calls of exactly prefill_block rows,
+// the last one padded with zero rows, so a prompt row's bits depend on the row alone, not on how
+// the scheduler cut the prompt into chunks or what shares the step (fused_cpu/decode.py).
+struct RowPlan {
+  int64_t decode_rows;
+  bool int4;
+  int64_t decode_chunk;   // > 0: dense decode rows in calls of at most this many rows; else one call
+  int64_t prefill_block;  // > 0: prefill rows in calls of exactly this many rows; else one call
+};
+
 // One of a layer's matrices in both copies the model keeps: int4 (int4_matmul.h's layout,
 // fused_cpu/int4_matmul.py) for steps of few requests, dense bf16 (oneDNN's matmul, AMX where
-// the CPU has it) for larger ones.
+// the CPU has it) for larger ones and for prefill rows.
 struct Matrix {
   std::vector<at::Tensor> packed, scales_zeros, dense;
 
+  at::Tensor operator()(const at::Tensor& x, size_t layer, const RowPlan& plan) const {
+    const int64_t T = x.size(0), D = plan.decode_rows;
+    if (D == T) return decodes(x, layer, plan);
+    at::Tensor out = at::empty({T, dense[layer].size(0)}, x.options());
+    if (D > 0) out.narrow(0, 0, D).copy_(decodes(x.narrow(0, 0, D), layer, plan));
+    at::Tensor rest = out.narrow(0, D, T - D);
+    prefill(x.narrow(0, D, T - D), layer, plan.prefill_block, rest);
+    return out;
+  }
+
+ private:
   // chunk > 0: the dense product in calls of at most chunk rows. oneDNN picks its kernel by the
   // row count, and up to some count (32 on an AMX Xeon) a row's bits are those of the row alone;
   // calls that small keep a step's rows row-invariant (fused_cpu/decode.py dense_chunk).
-  at::Tensor operator()(const at::Tensor& x, size_t layer, bool int4, int64_t chunk) const {
-    if (int4) return int4_matmul(x, packed[layer], scales_zeros[layer]);
-    const int64_t T = x.size(0);
+  at::Tensor decodes(const at::Tensor& x, size_t layer, const RowPlan& plan) const {
+    if (plan.int4) return int4_matmul(x, packed[layer], scales_zeros[layer]);
+    const int64_t T = x.size(0), chunk = plan.decode_chunk;
     if (chunk <= 0 || T <= chunk) return at::linear(x, dense[layer]);
     at::Tensor out = at::empty({T, dense[layer].size(0)}, x.options());
     for (int64_t s = 0; s < T; s += chunk) {
@@ -44,6 +69,29 @@ struct Matrix {
       out.narrow(0, s, m).copy_(at::linear(x.narrow(0, s, m), dense[layer]));
     }
     return out;
+  }
+
+  // x [P, K] -> out [P, N] in dense calls of exactly `block` rows: oneDNN's kernel for a fixed
+  // row count computes each row by the same sequence of operations wherever it sits in the call
+  // and whatever the other rows hold (decode.py checks it at start-up), so every call having
+  // that count makes a row's bits its own.
+  void prefill(const at::Tensor& x, size_t layer, int64_t block, at::Tensor& out) const {
+    const at::Tensor& w = dense[layer];
+    const int64_t P = x.size(0);
+    if (block <= 0) {
+      out.copy_(at::linear(x, w));
+      return;
+    }
+    for (int64_t s = 0; s < P; s += block) {
+      const int64_t m = std::min(block, P - s);
+      if (m == block) {
+        out.narrow(0, s, m).copy_(at::linear(x.narrow(0, s, m), w));
+      } else {
+        at::Tensor padded = at::zeros({block, x.size(1)}, x.options());
+        padded.narrow(0, 0, m).copy_(x.narrow(0, s, m));
+        out.narrow(0, s, m).copy_(at::linear(padded, w).narrow(0, 0, m));
+      }
+    }
   }
 };
 
@@ -113,14 +161,19 @@ class FusedDecoder {
   // max_blocks], seq_lens: int32 [R] (context after this step) and query_start_loc: int32 [R + 1]
   // (request r's rows are query_start_loc[r]:query_start_loc[r + 1]), one per request, as in
   // attention/base.py's AttentionMetadata. A request's rows are consecutive positions ending at
-  // its seq_len: one decode row, or a decode row and the drafts it verifies. int4: multiply by
-  // the int4 copies, else by the dense weights (set_dense_weights), in calls of at most
-  // dense_chunk rows if it is > 0. Returns the final-normed hidden states [T, hidden] (bf16).
+  // its seq_len: one decode row, a decode row and the drafts it verifies, or a prefill chunk.
+  // The decode requests come first, their rows [0, decode_rows); their matmuls by the int4
+  // copies if int4, else by the dense weights (set_dense_weights) in calls of at most
+  // decode_chunk rows if it is > 0; the prefill rows' by the dense weights in calls of exactly
+  // prefill_block rows if it is > 0 (RowPlan). Returns the final-normed hidden states [T,
+  // hidden] (bf16).
   at::Tensor forward(const at::Tensor& input_ids, const at::Tensor& positions, const at::Tensor& block_tables,
                      const at::Tensor& seq_lens, const at::Tensor& query_start_loc, const at::Tensor& slot_mapping,
-                     bool int4, int64_t dense_chunk) {
+                     int64_t decode_rows, bool int4, int64_t decode_chunk, int64_t prefill_block) {
     TORCH_CHECK(!k_caches_.empty(), "set_kv_caches first");
-    TORCH_CHECK(int4 || !qkv_.dense.empty(), "set_dense_weights first");
+    TORCH_CHECK(decode_rows >= 0 && decode_rows <= input_ids.size(0), "decode_rows must be within the step's rows");
+    TORCH_CHECK((int4 && decode_rows == input_ids.size(0)) || !qkv_.dense.empty(), "set_dense_weights first");
+    const RowPlan plan{decode_rows, int4, decode_chunk, prefill_block};
     TORCH_CHECK(input_ids.dim() == 1 && positions.sizes() == input_ids.sizes() &&
                     slot_mapping.sizes() == input_ids.sizes() && block_tables.size(0) == seq_lens.size(0) &&
                     query_start_loc.size(0) == seq_lens.size(0) + 1,
@@ -145,7 +198,7 @@ class FusedDecoder {
     add_rms_norm<float>(h, nullptr, attn_norm_[0], eps_, x);
     const size_t L = attn_norm_.size();
     for (size_t i = 0; i < L; ++i) {
-      at::Tensor qkv = qkv_(x, i, int4, dense_chunk);
+      at::Tensor qkv = qkv_(x, i, plan);
       {
         // Named for torch.profiler (benchmarks/decode_profile.py); free when it is off.
         RECORD_FUNCTION("novainfer::rope_write_kv", std::vector<c10::IValue>());
@@ -156,18 +209,18 @@ class FusedDecoder {
         RECORD_FUNCTION("novainfer::paged_attention", std::vector<c10::IValue>());
         paged_attention(q, k_caches_[i], v_caches_[i], tables, starts, lens, scale_, attn);
       }
-      at::Tensor o = o_(attn, i, int4, dense_chunk);
+      at::Tensor o = o_(attn, i, plan);
       {
         RECORD_FUNCTION("novainfer::add_rms_norm", std::vector<c10::IValue>());
         add_rms_norm<float>(h, &o, mlp_norm_[i], eps_, x);
       }
-      at::Tensor gate_up = gate_up_(x, i, int4, dense_chunk);
+      at::Tensor gate_up = gate_up_(x, i, plan);
       at::Tensor act = at::empty({T, gate_up.size(1) / 2}, embed_.options());
       {
         RECORD_FUNCTION("novainfer::silu_mul", std::vector<c10::IValue>());
         silu_mul(gate_up, act);
       }
-      at::Tensor down = down_(act, i, int4, dense_chunk);
+      at::Tensor down = down_(act, i, plan);
       {
         RECORD_FUNCTION("novainfer::add_rms_norm", std::vector<c10::IValue>());
         add_rms_norm<float>(h, &down, i + 1 < L ? attn_norm_[i + 1] : final_norm_, eps_, x);
