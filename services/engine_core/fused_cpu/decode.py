@@ -1,31 +1,40 @@
-"""Decode steps of the CPU fast mode as one C++ call (csrc/decode_step.cpp).
+"""Steps of the CPU fast mode as one C++ call (csrc/decode_step.cpp).
 
 The default CPU mode (bf16 activations, int4 layer matrices, models/int4.py) spends a
 single-stream decode step mostly on issuing ~900 small eager ops, not on reading weights
-(docs/benchmarks.md, the decode profile). Here a decode step, each request a decode row or a
-decode row and the speculative drafts it verifies, is one call into C++ that runs the whole
-forward: the int4 matmuls NovaInfer's own kernel (csrc/int4_matmul.h: the weights dequantized
-once per call for all rows, repacked by int4_matmul.py), the dense ones torch's, the norms, RoPE
-+ KV-cache write, SiLU x mul and paged attention fused kernels (csrc/*.h, after sgl-kernel's CPU
-kernels).
-Prefill chunks, steps on the dense weights of more than MAX_ROWS rows and every mode but
-bf16 + int4 (the exact mode in particular) keep the eager path.
+(docs/benchmarks.md, the decode profile). Here a step, each request a decode row, a decode row
+and the speculative drafts it verifies, or a prefill chunk, is one call into C++ that runs the
+whole forward: the int4 matmuls NovaInfer's own kernel (csrc/int4_matmul.h: the weights
+dequantized once per call for all rows, repacked by int4_matmul.py), the dense ones torch's, the
+norms, RoPE + KV-cache write, SiLU x mul and paged attention fused kernels (csrc/*.h, after
+sgl-kernel's CPU kernels). Every mode but bf16 + int4 (the exact mode in particular) keeps the
+eager path.
 
-Which weights: the int4 copies whenever the step's requests are few enough for them (what a
-step of the same requests without drafts multiplies by), however many rows the drafts add; else
-the dense bf16 weights (oneDNN's matmul, as the eager path). Each fused kernel of an int4 step
-is row-invariant (a row's result does not depend on the step's other rows or their count: the
-int4 matmul and the int8 LM head by test, the attention by its fixed KV splits), so a draft
-verified there gets the bits it would get decoded alone, and greedy output is the same with
-speculation on or off (tests/engine_core/fused_cpu/test_verify.py). The dense matmul is not
-row-invariant across row counts (oneDNN picks its kernel by the count), but up to some count
-(32 on an AMX Xeon; row_invariant_chunk checks it at start-up) every row gets its lone bits: a
-dense step of up to that many requests runs its matmuls in chunks of that many rows, so its
-drafts get their decodes' bits too; past it a draft's logits may differ in the last bits.
+Which weights, by row set (model_runner puts the decoding requests first,
+AttentionMetadata.num_prefill_reqs says where the prefill chunks start):
+- decode rows (and their drafts): the int4 copies whenever the step's decoding requests are few
+  enough for them (what a step of the same requests without drafts or prefill chunks multiplies
+  by), however many rows the drafts add; else the dense bf16 weights (oneDNN's matmul, as the
+  eager path). Each fused kernel of an int4 step is row-invariant (a row's result does not
+  depend on the step's other rows or their count: the int4 matmul and the int8 LM head by test,
+  the attention by its fixed KV splits), so a draft verified there gets the bits it would get
+  decoded alone, and greedy output is the same with speculation on or off
+  (tests/engine_core/fused_cpu/test_verify.py). The dense matmul is not row-invariant across
+  row counts (oneDNN picks its kernel by the count), but up to some count (32 on an AMX Xeon;
+  row_invariant_chunk checks it at start-up) every row gets its lone bits: the decode rows of
+  up to that many requests are multiplied in chunks of that many rows, so their drafts get
+  their decodes' bits too; past it a draft's logits may differ in the last bits.
+- prefill rows: the dense weights (int4 at hundreds of rows costs twice as much), in calls of
+  exactly prefill_block rows, the last one zero-padded, where oneDNN computes a row by the same
+  operations wherever it sits in the call and whatever the other rows hold
+  (position_invariant_block checks it at start-up). Lone-bits chunks would do too but cost 2-3x
+  as much at 512 rows. So a prompt's K/V do not depend on how the scheduler cut it into chunks
+  or on what shared its steps, both of which speculation changes
+  (tests/engine_core/fused_cpu/test_mixed.py).
 
 Numerics: the fused kernels accumulate in fp32 and round once where the eager ops round after
-each op (and keep q in fp32), so outputs differ from the eager fast mode in the last bf16 bits;
-greedy tokens mostly agree (tests/engine_core/fused_cpu/test_decode.py).
+each op (and keep q and the residual stream in fp32), so outputs differ from the eager fast mode
+in the last bf16 bits; greedy tokens mostly agree (tests/engine_core/fused_cpu/test_decode.py).
 """
 
 from __future__ import annotations
@@ -61,7 +70,7 @@ PREFILL_BLOCKS = (128, 64)
 """Candidate row counts of the prefill rows' dense calls, largest first (the first that
 position_invariant_block accepts). A call costs about the same whatever part of it is padding, so
 this trades the padding of a short prompt's last call against the slower small calls of a long
-one (docs/benchmarks.md, fused prefill)."""
+one (benchmarks/prefill_step_cost.py)."""
 
 
 def _lone(x: Tensor, w: Tensor) -> Tensor:
