@@ -27,9 +27,10 @@ AttentionMetadata.num_prefill_reqs says where the prefill chunks start):
 - prefill rows: the dense weights (int4 at hundreds of rows costs twice as much), in calls of
   exactly prefill_block rows, the last one zero-padded, where oneDNN computes a row by the same
   operations wherever it sits in the call and whatever the other rows hold
-  (position_invariant_block checks it at start-up). Lone-bits chunks would do too but cost 2-3x
-  as much at 512 rows. So a prompt's K/V do not depend on how the scheduler cut it into chunks
-  or on what shared its steps, both of which speculation changes
+  (position_invariant_block checks it at start-up; lone-bits chunks would do too but cost more
+  at hundreds of rows: benchmarks/prefill_step_cost.py --prefill-block 128 32). So a prompt's
+  K/V do not depend on how the scheduler cut it into chunks or on what shared its steps, both of
+  which speculation changes
   (tests/engine_core/fused_cpu/test_mixed.py).
 
 Numerics: the fused kernels accumulate in fp32 and round once where the eager ops round after
