@@ -58,10 +58,14 @@ class Blocks:
         return list(range(self.next - n, self.next))
 
 
-def request(rid: str, prompt: list[int], blocks: list[int], computed: int) -> Request:
-    r = Request(rid, prompt, SamplingParams(temperature=0.0, max_tokens=10_000))
+def request(rid: str, prompt: list[int], blocks: list[int], decoding: bool = False) -> Request:
+    """A running request on the given blocks: a prompt to prefill, or (decoding) one whose last
+    token is an output token, the rest in the cache."""
+    r = Request(rid, prompt[:-1] if decoding else prompt, SamplingParams(temperature=0.0, max_tokens=10_000))
+    if decoding:
+        r.append_output_token(prompt[-1])
+        r.num_computed_tokens = len(prompt) - 1
     r.status = RequestStatus.RUNNING
-    r.num_computed_tokens = computed
     r.block_table = blocks
     return r
 
@@ -129,17 +133,17 @@ def main() -> int:
         runner = runners[kind]
         blocks = Blocks(runner)
         state[name] = {
-            "prompts": {n: request(f"p{n}", prompt_of(n, n), blocks.take(n), 0) for n in prompt_tokens},
+            "prompts": {n: request(f"p{n}", prompt_of(n, n), blocks.take(n)) for n in prompt_tokens},
             "decodes": [
                 request(
                     f"d{i}",
                     prompt_of(args.context, 100 + i),
                     blocks.take(args.context + args.drafts + 1),
-                    args.context - 1,
+                    decoding=True,
                 )
                 for i in range(args.batch)
             ],
-            "chunk": request("c", prompt_of(args.chunk, 7), blocks.take(args.chunk), 0),
+            "chunk": request("c", prompt_of(args.chunk, 7), blocks.take(args.chunk)),
         }
     samples: dict[tuple[str, str], list[float]] = {}
 

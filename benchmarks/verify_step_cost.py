@@ -64,9 +64,10 @@ def make_requests(runner: ModelRunner, batch: int, context: int, max_drafts: int
     reqs = []
     for i in range(batch):
         prompt = torch.randint(100, 40000, (context,), generator=gen).tolist()
-        r = Request(f"r{i}", prompt, SamplingParams(temperature=0.0, max_tokens=10_000))
+        r = Request(f"r{i}", prompt[:-1], SamplingParams(temperature=0.0, max_tokens=10_000))
+        r.append_output_token(prompt[-1])  # this step's decode row: an output token, as the engine's
         r.status = RequestStatus.RUNNING
-        r.num_computed_tokens = context - 1  # the last prompt token is this step's decode row
+        r.num_computed_tokens = context - 1
         r.block_table = list(range(i * blocks, (i + 1) * blocks))
         reqs.append(r)
     return reqs

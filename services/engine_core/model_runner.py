@@ -45,9 +45,10 @@ _MODE_HINT = " (--exact: float32, token for token with transformers and batch-in
 
 
 def _decodes(req: Request, n: int, drafts: list[int]) -> bool:
-    """Whether a request's rows this step decode: its one new token is an output token (sampled
-    by the last step), followed by the drafts it verifies; else they are a prefill chunk."""
-    return n == 1 + len(drafts) and req.num_computed_tokens >= req.num_prompt_tokens
+    """Whether a request's rows this step decode: its one new token followed by the drafts it
+    verifies, that token an output token (sampled by the last step) or drafts following it;
+    else they are a prefill chunk (a 1-token one too: the prompt's K/V must not depend on it)."""
+    return n == 1 + len(drafts) and (bool(drafts) or req.num_computed_tokens >= req.num_prompt_tokens)
 
 
 class ModelRunner:
