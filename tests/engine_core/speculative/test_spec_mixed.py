@@ -102,5 +102,7 @@ def test_greedy_unchanged_bundled_model() -> None:
         "Summarize: the quick brown fox jumps over the lazy dog. The dog sleeps. The fox runs away.",
     ]
     prompts = [tok.encode(f"{i}. {texts[i % len(texts)]}") for i in range(9)]
-    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    # With mixed steps on the eager path (before they ran fused) 3-4 of these 9 outputs differed
+    # with speculation on; the random-weight models above have no near-ties this short.
+    params = SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True)
     check("smollm2", prompts, params, 4, ("suffix",))
