@@ -228,9 +228,11 @@ class ModelRunner:
         except Exception:
             log.warning("the fused CPU decode path failed to start: running decode steps eagerly", exc_info=True)
             return None
+        # A verify step's dense LM head rows in the chunks its layers' rows use (CausalLM.compute_logits).
+        self.model.dense_head_chunk = fused.dense_chunk
         log.info(
             "fused CPU kernels ready in %.2fs (decode rows on int4 for steps of up to %d decoding requests, else "
-            "dense in row-invariant chunks of %d rows; prefill rows dense in calls of %d rows)",
+            "dense in row-invariant chunks of %d rows, 0: none; prefill rows dense in calls of %d rows)",
             time.perf_counter() - t0,
             fused.int4_max_requests,
             fused.dense_chunk,

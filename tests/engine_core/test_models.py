@@ -10,6 +10,7 @@ two requests interleaved in the same steps.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import random
 
@@ -36,13 +37,14 @@ TINY = ["tiny-llama", "tiny-qwen2", "tiny-qwen3"]
 # --- helpers ------------------------------------------------------------------------
 
 
-def hf_tiny_model(name: str, tmp_path) -> torch.nn.Module:
-    """transformers' model for one of our tiny configs, with weights large enough that
-    attention is far from uniform (so position/mask bugs show) and non-trivial norms."""
+def hf_tiny_model(name: str, tmp_path, **overrides: object) -> torch.nn.Module:
+    """transformers' model for one of our tiny configs (with `overrides` of its fields), with
+    weights large enough that attention is far from uniform (so position/mask bugs show) and
+    non-trivial norms."""
     cfg_dir = tmp_path / "cfg"
     cfg_dir.mkdir()
     with open(resolve_model(name).path) as f:
-        (cfg_dir / "config.json").write_text(f.read())
+        (cfg_dir / "config.json").write_text(json.dumps({**json.load(f), **overrides}))
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(cfg_dir), dtype=torch.float32)
     with torch.no_grad():

@@ -5,6 +5,7 @@ is float32 with nothing else."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -70,8 +71,10 @@ def test_describe() -> None:
 def test_runner_reports_its_resolved_mode() -> None:
     small = dict(model="tiny-llama", device="cpu", kv_cache_bytes=1 << 20, max_num_batched_tokens=64)
     default = ModelRunner(EngineConfig(**small))  # type: ignore[arg-type]
-    # Random weights are float: auto adds no int4 copies.
-    assert default.mode == ("bfloat16" if cpu_has_native_bf16() else "float32")
+    # Random weights are float: auto adds no int4 copies; in bf16, where a C++ compiler built the
+    # fused kernels, decode steps run them on the dense weights.
+    fused = cpu_has_native_bf16() and shutil.which(os.environ.get("CXX", "c++")) is not None
+    assert default.mode == ("bfloat16" if cpu_has_native_bf16() else "float32") + "+fused-decode" * fused
     assert default.model.layers[0].int4 is None
     exact = ModelRunner(EngineConfig(**small, exact=True))  # type: ignore[arg-type]
     assert exact.mode == "exact (float32)" and exact.dtype == torch.float32

@@ -1,29 +1,33 @@
 """Steps of the CPU fast mode as one C++ call (csrc/decode_step.cpp).
 
-The default CPU mode (bf16 activations, int4 layer matrices, models/int4.py) spends a
-single-stream decode step mostly on issuing ~900 small eager ops, not on reading weights
-(docs/benchmarks.md, the decode profile). Here a step, each request a decode row, a decode row
+The default CPU mode (bf16 activations; for a 4-bit GGUF, int4 layer matrices, models/int4.py)
+spends a single-stream decode step mostly on issuing ~900 small eager ops, not on reading
+weights (docs/benchmarks.md, the decode profile). Here a step, each request a decode row, a decode row
 and the speculative drafts it verifies, or a prefill chunk, is one call into C++ that runs the
 whole forward: the int4 matmuls NovaInfer's own kernel (csrc/int4_matmul.h: the weights
 dequantized once per call for all rows, repacked by int4_matmul.py), the dense ones torch's, the
 norms, RoPE + KV-cache write, SiLU x mul and paged attention fused kernels (csrc/*.h, after
-sgl-kernel's CPU kernels). Every mode but bf16 + int4 (the exact mode in particular) keeps the
-eager path.
+sgl-kernel's CPU kernels). It runs for any model in bf16 on a CPU, with int4 copies (a
+Q4_0/Q4_1 GGUF, or --quantization int4) or without (a float checkpoint, e.g. a Hugging Face
+directory: every row on the dense weights); every other mode (float32, the exact mode in
+particular) keeps the eager path.
 
 Which weights, by row set (model_runner puts the decoding requests first,
 AttentionMetadata.num_prefill_reqs says where the prefill chunks start):
-- decode rows (and their drafts): the int4 copies whenever the step's decoding requests are few
-  enough for them (what a step of the same requests without drafts or prefill chunks multiplies
-  by), however many rows the drafts add; else the dense bf16 weights (oneDNN's matmul, as the
-  eager path). Each fused kernel of an int4 step is row-invariant (a row's result does not
-  depend on the step's other rows or their count: the int4 matmul and the int8 LM head by test,
-  the attention by its fixed KV splits), so a draft verified there gets the bits it would get
-  decoded alone, and greedy output is the same with speculation on or off
-  (tests/engine_core/fused_cpu/test_verify.py). The dense matmul is not row-invariant across
+- decode rows (and their drafts): the int4 copies whenever the model has them and the step's
+  decoding requests are few enough for them (what a step of the same requests without drafts
+  or prefill chunks multiplies by), however many rows the drafts add; else the dense bf16
+  weights (oneDNN's matmul, as the eager path). Each fused kernel of an int4 step is
+  row-invariant (a row's result does not depend on the step's other rows or their count: the
+  int4 matmul and the int8 LM head by test, the attention by its fixed KV splits), so a draft
+  verified there gets the bits it would get decoded alone, and greedy output is the same with
+  speculation on or off (tests/engine_core/fused_cpu/test_verify.py). The dense matmul is not row-invariant across
   row counts (oneDNN picks its kernel by the count), but up to some count (32 on an AMX Xeon;
-  row_invariant_chunk checks it at start-up) every row gets its lone bits: the decode rows of
-  up to that many requests are multiplied in chunks of that many rows, so their drafts get
-  their decodes' bits too; past it a draft's logits may differ in the last bits.
+  row_invariant_chunk checks it at start-up, the LM head included) every row gets its lone
+  bits: the decode rows of up to that many requests are multiplied (and, with a dense LM head,
+  their logits computed: CausalLM.dense_head_chunk) in chunks of that many rows, so their drafts
+  get their decodes' bits too (a float checkpoint's: test_float_checkpoint.py); past it a
+  draft's logits may differ in the last bits.
 - prefill rows: the dense weights (int4 at hundreds of rows costs twice as much), in calls of
   exactly prefill_block rows, the last one zero-padded, where oneDNN computes a row by the same
   operations wherever it sits in the call and whatever the other rows hold
@@ -58,8 +62,6 @@ def supported(model: CausalLM, dtype: torch.dtype, device: torch.device) -> str 
         return "not on a CPU"
     if dtype != torch.bfloat16:
         return f"activations are {str(dtype).removeprefix('torch.')}, the kernels are bf16"
-    if model.layers[0].int4 is None:
-        return "the layers have no int4 weights"
     if model.cfg.head_dim % 2:
         return "an odd head_dim"
     return None
@@ -67,6 +69,9 @@ def supported(model: CausalLM, dtype: torch.dtype, device: torch.device) -> str 
 
 MATRICES = ("qkv", "o", "gate_up", "down")
 _CHUNKS = (32, 16, 8, 4)
+_HEAD_PROBE_ROWS = 4096
+"""The LM head rows row_invariant_chunk probes: the whole head (49152 rows for SmolLM2) would
+take seconds of start-up; a slice keeps its K and its kind of shape (many output columns)."""
 PREFILL_BLOCKS = (128, 64)
 """Candidate row counts of the prefill rows' dense calls, largest first (the first that
 position_invariant_block accepts). A call costs about the same whatever part of it is padding, so
@@ -135,49 +140,45 @@ def position_invariant_block(weights: list[Tensor], candidates: tuple[int, ...] 
 class FusedDecode:
     def __init__(self, ext: ModuleType, model: CausalLM) -> None:
         layers = model.layers
-        q4 = [layer.int4 for layer in layers]
-        assert all(w is not None for w in q4)
 
         def each(attr: str) -> list[Tensor]:
             values = [getattr(layer, attr) for layer in layers]
             return [] if values[0] is None else [v.contiguous() for v in values]
 
         self.ext = ext
-        # Per matrix, per layer: (packed, scales_zeros) in csrc/int4_matmul.h's layout (shared
-        # with the C++ decoder; benchmarks/verify_step_cost.py times ext.int4_matmul on them).
-        self.int4 = {m: [repack(getattr(w, m)) for w in q4] for m in MATRICES}
-
-        def packed(matrix: str) -> tuple[list[Tensor], list[Tensor]]:
-            pairs = self.int4[matrix]
-            return [p for p, _ in pairs], [sz for _, sz in pairs]
-
         cfg = model.cfg
         first = layers[0]
-        self.int4_max_requests = first.int4_max_rows
+        dense = [[getattr(layer, f"{m}_weight") for layer in layers] for m in MATRICES]
         self._decoder: Any = ext.FusedDecoder(
             model.embed,
             model.rope_cos,
             model.rope_sin,
             model.norm,
             each("attn_norm"),
-            *packed("qkv"),
             each("qkv_bias"),
             each("q_norm"),
             each("k_norm"),
-            *packed("o"),
             each("mlp_norm"),
-            *packed("gate_up"),
-            *packed("down"),
+            *dense,
             cfg.num_heads,
             cfg.num_kv_heads,
             cfg.head_dim,
             first.eps,
             first.scale,
         )
-        dense = [[getattr(layer, f"{m}_weight") for layer in layers] for m in MATRICES]
-        self._decoder.set_dense_weights(*dense)
+        # A model without int4 copies (a float checkpoint) multiplies every row by the dense weights.
+        self.int4_max_requests = first.int4_max_rows if first.int4 is not None else 0
+        # Per matrix, per layer: (packed, scales_zeros) in csrc/int4_matmul.h's layout (shared
+        # with the C++ decoder; benchmarks/verify_step_cost.py times ext.int4_matmul on them).
+        self.int4: dict[str, list[tuple[Tensor, Tensor]]] = {}
+        if self.int4_max_requests:
+            self.int4 = {m: [repack(getattr(layer.int4, m)) for layer in layers] for m in MATRICES}
+            self._decoder.set_int4_weights(
+                *(side for m in MATRICES for side in ([p for p, _ in self.int4[m]], [sz for _, sz in self.int4[m]]))
+            )
         first_layer = [matrices[0] for matrices in dense]
-        self.dense_chunk = row_invariant_chunk(first_layer)
+        head = model.embed if model.lm_head is None else model.lm_head
+        self.dense_chunk = row_invariant_chunk([*first_layer, head[:_HEAD_PROBE_ROWS]])
         # The prefill rows' calls: of B rows where oneDNN's kernel for B rows is position-invariant,
         # else of up to dense_chunk rows (lone bits: any such call), else (neither holds) all
         # rows in one call, and a prompt's K/V then depend on its chunking in the last bits.
@@ -198,7 +199,7 @@ class FusedDecode:
     def uses_int4(self, md: AttentionMetadata) -> bool:
         """Whether the step's decode rows multiply by the int4 copies: by its number of decode
         requests, as the step of the same requests without drafts or prefill chunks would."""
-        return md.num_reqs - md.num_prefill_reqs <= self.int4_max_requests
+        return self.int4_max_requests > 0 and md.num_reqs - md.num_prefill_reqs <= self.int4_max_requests
 
     def can_run(self, md: AttentionMetadata) -> bool:
         """Any step whose decode requests (all but the last num_prefill_reqs) are one new token

@@ -204,6 +204,9 @@ class CausalLM(nn.Module):
         # Set by quantize_lm_head: steps of up to lm_head_max_rows logits rows multiply by it instead.
         self.lm_head_quantized: Int4Weight | Int8Weight | None = None
         self.lm_head_max_rows = 0
+        # Set where decode steps run fused (fused_cpu/decode.py dense_chunk): the most rows per
+        # dense head call for which every row gets its lone bits (0: one call for all rows).
+        self.dense_head_chunk = 0
         # Angles in float32 then cast, as transformers does, so bf16 models round the same way.
         positions = torch.arange(max_positions or cfg.max_position_embeddings, dtype=torch.float32)
         angles = torch.outer(positions, rope_inv_freq(cfg)).to(device)
@@ -266,11 +269,17 @@ class CausalLM(nn.Module):
         rows_without_drafts: in a step that verifies drafts, the rows it would have without them
         (one per sampled request). The head is chosen by that count, so a draft's logits come
         from the head its lone decode would use: the quantized kernels are row-invariant
-        (tests/engine_core/fused_cpu/test_row_invariance.py), so they are then the same bits."""
+        (tests/engine_core/fused_cpu/test_row_invariance.py), so they are then the same bits. The
+        dense head is not row-invariant across row counts, but calls of up to dense_head_chunk
+        rows give each row its lone bits: the rows go in calls of that many where the step
+        without drafts would be one call."""
         rows = hidden.shape[0] if rows_without_drafts is None else rows_without_drafts
         if self.lm_head_quantized is not None and rows <= self.lm_head_max_rows:
             return self.lm_head_quantized(hidden).float()
         head = self.embed if self.lm_head is None else self.lm_head
+        chunk = self.dense_head_chunk
+        if rows <= chunk < hidden.shape[0]:
+            return torch.cat([F.linear(part, head) for part in hidden.split(chunk)]).float()
         return F.linear(hidden, head).float()
 
     def weight_targets(self) -> dict[str, Tensor]:

@@ -1,10 +1,12 @@
-"""The built fused CPU extension, shared by the tests here; they skip where there is no C++
-compiler (the engine then runs its eager path, which test_decode.py checks)."""
+"""The built fused CPU extension, shared by the tests here (they skip where there is no C++
+compiler: the engine then runs its eager path, which test_decode.py checks), a decode step's
+metadata, and a count of the fused steps that verify drafts."""
 
 from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterator
 from types import ModuleType
 
 import pytest
@@ -12,6 +14,7 @@ import torch
 
 from services.engine_core.attention.base import AttentionMetadata
 from services.engine_core.fused_cpu import extension
+from services.engine_core.fused_cpu.decode import FusedDecode
 
 
 @pytest.fixture(scope="session")
@@ -46,3 +49,20 @@ def decode_metadata(batch: int, context: int, block_size: int) -> tuple[torch.Te
     )
     ids = torch.randint(0, 1000, (batch,), generator=torch.Generator().manual_seed(batch))
     return ids, torch.tensor([s - 1 for s in seq_lens]), md
+
+
+@pytest.fixture
+def counted_verify_steps(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
+    """The number of draft tokens of each fused step that verified any."""
+    counts: list[int] = []
+    run = FusedDecode.run
+
+    def counting(self: FusedDecode, *args: object) -> torch.Tensor:
+        md = args[-1]
+        assert isinstance(md, AttentionMetadata)
+        if md.num_draft_tokens:
+            counts.append(md.num_draft_tokens)
+        return run(self, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(FusedDecode, "run", counting)
+    yield counts

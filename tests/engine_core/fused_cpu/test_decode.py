@@ -51,15 +51,28 @@ def assert_fused_logits_close(
     caches: list[tuple[torch.Tensor, torch.Tensor]],
     copies: list[tuple[torch.Tensor, torch.Tensor]],
     md: AttentionMetadata,
+    min_argmax_agreement: float = 0.75,
 ) -> None:
-    """The fused step's logits (on caches) against the eager model's (on copies of them)."""
+    """The fused step's logits (on caches) against the eager model's (on copies of them): close,
+    the same argmax in most rows (min_argmax_agreement) and, where the argmax differs, a near-tie
+    in the eager logits."""
     assert runner.fused is not None and runner.fused.can_run(md)
     got = runner.model.compute_logits(runner.fused.run(ids, pos, caches, md))
     ref = runner.model.compute_logits(runner.model(ids, pos, copies, md, runner.backend))
     cos = torch.nn.functional.cosine_similarity(got, ref, dim=-1)
     # Typically > 0.9999; rows differ in how much rounding their 30 layers amplify.
     assert cos.mean() > 0.999 and cos.min() > 0.99, cos
-    assert (got.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.75
+    same = got.argmax(-1) == ref.argmax(-1)
+    assert same.float().mean() >= min_argmax_agreement
+    gap = ref.max(-1).values - ref.gather(1, got.argmax(-1, keepdim=True))[:, 0]
+    assert (gap[~same] <= 0.02 * ref.abs().amax(-1)[~same]).all(), (gap, ref.abs().amax(-1))
+
+
+def token_range(runner: ModelRunner) -> tuple[int, int]:
+    """Where random tokens are drawn from: ordinary ones of the bundled model's vocabulary, or
+    any but the first few of a tiny model's."""
+    vocab = runner.model_config.vocab_size
+    return (100, 20000) if vocab > 20000 else (3, vocab)
 
 
 def _prefilled(
@@ -75,7 +88,7 @@ def _prefilled(
     gen = torch.Generator().manual_seed(len(contexts))
     next_ids = []
     for i, n in enumerate(contexts):
-        prompt = torch.randint(100, 20000, (n,), generator=gen)
+        prompt = torch.randint(*token_range(runner), (n,), generator=gen)
         slots = table[i].long().repeat_interleave(bs) * bs + torch.arange(bs).repeat(per_req)
         md = AttentionMetadata(
             1, n, torch.tensor([0, n], dtype=torch.int32), torch.tensor([n], dtype=torch.int32), table[i : i + 1],

@@ -7,7 +7,6 @@ the default mode, for up to int4_max_rows requests, whatever the proposer and k.
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
 from types import ModuleType
 
 import pytest
@@ -76,10 +75,12 @@ def verify_step(
     return torch.tensor(ids), torch.tensor(positions), md
 
 
-def drafted(next_ids: torch.Tensor, drafts: list[int], seed: int) -> list[list[int]]:
-    """Each request's next token followed by drafts[i] random drafts."""
+def drafted(
+    next_ids: torch.Tensor, drafts: list[int], seed: int, tokens: tuple[int, int] = (100, 20000)
+) -> list[list[int]]:
+    """Each request's next token followed by drafts[i] random drafts (from the range `tokens`)."""
     rng = random.Random(seed)
-    return [[int(t)] + [rng.randrange(100, 20000) for _ in range(k)] for t, k in zip(next_ids, drafts, strict=True)]
+    return [[int(t)] + [rng.randrange(*tokens) for _ in range(k)] for t, k in zip(next_ids, drafts, strict=True)]
 
 
 def test_runs_decode_and_verify_steps(runner: ModelRunner) -> None:
@@ -159,23 +160,6 @@ def test_rows_equal_lone_decodes(
             assert torch.equal(lone[0], hidden[row]), (i, j)
             assert torch.equal(runner.model.compute_logits(lone)[0], logits[row]), (i, j)
             row += 1
-
-
-@pytest.fixture
-def counted_verify_steps(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
-    """The number of draft tokens of each fused step that verified any."""
-    counts: list[int] = []
-    run = FusedDecode.run
-
-    def counting(self: FusedDecode, *args: object) -> torch.Tensor:
-        md = args[-1]
-        assert isinstance(md, AttentionMetadata)
-        if md.num_draft_tokens:
-            counts.append(md.num_draft_tokens)
-        return run(self, *args)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(FusedDecode, "run", counting)
-    yield counts
 
 
 DEFAULT_MODE: dict[str, object] = dict(exact=False)

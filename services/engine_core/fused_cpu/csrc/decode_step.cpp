@@ -1,7 +1,8 @@
-// One C++ call per step of a Llama-family model in the CPU fast mode (bf16 activations, int4
-// layer matrices), its requests' rows each one new token, one token and the drafts it verifies,
-// or a prefill chunk: embedding, 30 layers of norm -> q|k|v -> RoPE + KV write -> paged attention
-// -> o + residual + norm -> gate|up -> SiLU x mul -> down + residual + norm, and the final norm.
+// One C++ call per step of a Llama-family model in the CPU fast mode (bf16 activations, dense
+// bf16 layer matrices and, for a 4-bit checkpoint, their int4 copies), its requests' rows each
+// one new token, one token and the drafts it verifies, or a prefill chunk: embedding, 30 layers
+// of norm -> q|k|v -> RoPE + KV write -> paged attention -> o + residual + norm -> gate|up ->
+// SiLU x mul -> down + residual + norm, and the final norm.
 // Python issues one call a step instead of ~900 ops; the matmuls are the row-invariant int4
 // kernel of int4_matmul.h (weights dequantized once per call, for all rows) or torch's dense bf16
 // matmul, in calls sized so that a row's bits do not depend on the other rows (RowPlan), the rest
@@ -39,9 +40,9 @@ struct RowPlan {
   int64_t prefill_block;  // > 0: prefill rows in calls of exactly this many rows; else one call
 };
 
-// One of a layer's matrices in both copies the model keeps: int4 (int4_matmul.h's layout,
-// fused_cpu/int4_matmul.py) for steps of few requests, dense bf16 (oneDNN's matmul, AMX where
-// the CPU has it) for larger ones and for prefill rows.
+// One of a layer's matrices in the copies the model keeps: dense bf16 (oneDNN's matmul, AMX where
+// the CPU has it) and, where the model has them, int4 (int4_matmul.h's layout,
+// fused_cpu/int4_matmul.py) for the decode rows of steps of few requests.
 struct Matrix {
   std::vector<at::Tensor> packed, scales_zeros, dense;
 
@@ -107,24 +108,19 @@ void check_bf16(const at::Tensor& t, const char* name) {
 // The model's weights, held by reference (the tensors the Python model owns), and its KV cache.
 class FusedDecoder {
  public:
+  // The dense bf16 matrices are the model's own tensors, one per layer; the int4 copies are
+  // optional (set_int4_weights).
   FusedDecoder(at::Tensor embed, at::Tensor rope_cos, at::Tensor rope_sin, at::Tensor final_norm,
-               std::vector<at::Tensor> attn_norm, std::vector<at::Tensor> qkv, std::vector<at::Tensor> qkv_sz,
-               std::vector<at::Tensor> qkv_bias, std::vector<at::Tensor> q_norm, std::vector<at::Tensor> k_norm,
-               std::vector<at::Tensor> o, std::vector<at::Tensor> o_sz, std::vector<at::Tensor> mlp_norm,
-               std::vector<at::Tensor> gate_up, std::vector<at::Tensor> gate_up_sz, std::vector<at::Tensor> down,
-               std::vector<at::Tensor> down_sz, int64_t n_heads, int64_t n_kv, int64_t head_dim, double eps,
-               double scale)
+               std::vector<at::Tensor> attn_norm, std::vector<at::Tensor> qkv_bias, std::vector<at::Tensor> q_norm,
+               std::vector<at::Tensor> k_norm, std::vector<at::Tensor> mlp_norm, std::vector<at::Tensor> qkv,
+               std::vector<at::Tensor> o, std::vector<at::Tensor> gate_up, std::vector<at::Tensor> down,
+               int64_t n_heads, int64_t n_kv, int64_t head_dim, double eps, double scale)
       : embed_(std::move(embed)), cos_(std::move(rope_cos)), sin_(std::move(rope_sin)),
-        final_norm_(std::move(final_norm)), attn_norm_(std::move(attn_norm)), qkv_{std::move(qkv), std::move(qkv_sz)},
-        qkv_bias_(std::move(qkv_bias)), q_norm_(std::move(q_norm)), k_norm_(std::move(k_norm)),
-        o_{std::move(o), std::move(o_sz)}, mlp_norm_(std::move(mlp_norm)),
-        gate_up_{std::move(gate_up), std::move(gate_up_sz)}, down_{std::move(down), std::move(down_sz)},
+        final_norm_(std::move(final_norm)), attn_norm_(std::move(attn_norm)), qkv_bias_(std::move(qkv_bias)),
+        q_norm_(std::move(q_norm)), k_norm_(std::move(k_norm)), mlp_norm_(std::move(mlp_norm)),
         layout_{n_heads, n_kv, head_dim}, eps_(eps), scale_(scale) {
     const size_t L = attn_norm_.size();
-    for (const auto* v : {&qkv_.packed, &qkv_.scales_zeros, &o_.packed, &o_.scales_zeros, &mlp_norm_,
-                          &gate_up_.packed, &gate_up_.scales_zeros, &down_.packed, &down_.scales_zeros}) {
-      TORCH_CHECK(v->size() == L, "every per-layer list needs one tensor per layer");
-    }
+    TORCH_CHECK(mlp_norm_.size() == L, "one mlp_norm per layer");
     for (const auto* v : {&qkv_bias_, &q_norm_, &k_norm_}) {
       TORCH_CHECK(v->empty() || v->size() == L, "optional per-layer lists are empty or one per layer");
     }
@@ -132,20 +128,33 @@ class FusedDecoder {
     for (auto* t : {&embed_, &cos_, &sin_, &final_norm_}) check_bf16(*t, "embed, rope tables and norms");
     for (const auto& t : attn_norm_) check_bf16(t, "attn_norm");
     for (const auto& t : mlp_norm_) check_bf16(t, "mlp_norm");
-  }
-
-  // The layers' dense bf16 matrices (the model's own tensors), for steps of more requests than
-  // the int4 copies serve.
-  void set_dense_weights(std::vector<at::Tensor> qkv, std::vector<at::Tensor> o, std::vector<at::Tensor> gate_up,
-                         std::vector<at::Tensor> down) {
     for (const auto* v : {&qkv, &o, &gate_up, &down}) {
-      TORCH_CHECK(v->size() == attn_norm_.size(), "one dense matrix per layer");
+      TORCH_CHECK(v->size() == L, "one dense matrix per layer");
       for (const auto& t : *v) check_bf16(t, "dense weights");
     }
     qkv_.dense = std::move(qkv);
     o_.dense = std::move(o);
     gate_up_.dense = std::move(gate_up);
     down_.dense = std::move(down);
+  }
+
+  // The layers' int4 copies (int4_matmul.h's layout: packed weights and their scales and zeros),
+  // for the decode rows of steps of as few requests as they serve.
+  void set_int4_weights(std::vector<at::Tensor> qkv, std::vector<at::Tensor> qkv_sz, std::vector<at::Tensor> o,
+                        std::vector<at::Tensor> o_sz, std::vector<at::Tensor> gate_up,
+                        std::vector<at::Tensor> gate_up_sz, std::vector<at::Tensor> down,
+                        std::vector<at::Tensor> down_sz) {
+    for (const auto* v : {&qkv, &qkv_sz, &o, &o_sz, &gate_up, &gate_up_sz, &down, &down_sz}) {
+      TORCH_CHECK(v->size() == attn_norm_.size(), "one int4 matrix (and scales and zeros) per layer");
+    }
+    qkv_.packed = std::move(qkv);
+    qkv_.scales_zeros = std::move(qkv_sz);
+    o_.packed = std::move(o);
+    o_.scales_zeros = std::move(o_sz);
+    gate_up_.packed = std::move(gate_up);
+    gate_up_.scales_zeros = std::move(gate_up_sz);
+    down_.packed = std::move(down);
+    down_.scales_zeros = std::move(down_sz);
   }
 
   void set_kv_caches(std::vector<at::Tensor> k_caches, std::vector<at::Tensor> v_caches) {
@@ -163,7 +172,7 @@ class FusedDecoder {
   // attention/base.py's AttentionMetadata. A request's rows are consecutive positions ending at
   // its seq_len: one decode row, a decode row and the drafts it verifies, or a prefill chunk.
   // The decode requests come first, their rows [0, decode_rows); their matmuls by the int4
-  // copies if int4, else by the dense weights (set_dense_weights) in calls of at most
+  // copies (set_int4_weights) if int4, else by the dense weights in calls of at most
   // decode_chunk rows if it is > 0; the prefill rows' by the dense weights in calls of exactly
   // prefill_block rows if it is > 0 (RowPlan). Returns the final-normed hidden states [T,
   // hidden] (bf16).
@@ -172,7 +181,7 @@ class FusedDecoder {
                      int64_t decode_rows, bool int4, int64_t decode_chunk, int64_t prefill_block) {
     TORCH_CHECK(!k_caches_.empty(), "set_kv_caches first");
     TORCH_CHECK(decode_rows >= 0 && decode_rows <= input_ids.size(0), "decode_rows must be within the step's rows");
-    TORCH_CHECK((int4 && decode_rows == input_ids.size(0)) || !qkv_.dense.empty(), "set_dense_weights first");
+    TORCH_CHECK(!int4 || decode_rows == 0 || !qkv_.packed.empty(), "set_int4_weights first");
     const RowPlan plan{decode_rows, int4, decode_chunk, prefill_block};
     TORCH_CHECK(input_ids.dim() == 1 && positions.sizes() == input_ids.sizes() &&
                     slot_mapping.sizes() == input_ids.sizes() && block_tables.size(0) == seq_lens.size(0) &&
@@ -251,10 +260,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   py::class_<FusedDecoder>(m, "FusedDecoder")
       .def(py::init<at::Tensor, at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>,
                     std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
-                    std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
                     std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>, int64_t, int64_t,
                     int64_t, double, double>())
-      .def("set_dense_weights", &FusedDecoder::set_dense_weights)
+      .def("set_int4_weights", &FusedDecoder::set_int4_weights)
       .def("set_kv_caches", &FusedDecoder::set_kv_caches)
       .def("forward", &FusedDecoder::forward, py::call_guard<py::gil_scoped_release>());
 
