@@ -9,7 +9,8 @@ that an accepted request always ends. When the launcher reports a child dead (it
 it), the requests that child had started fail at once and those it had not are parked and
 resubmitted once it reports again; so are new requests that arrive meanwhile and have no
 other engine or worker to go to. A parked request waits at most serve.restart_wait_s, then
-fails with 503 + Retry-After. Tokenize / detokenize calls: worker_rpcs.py.
+fails with 503 + Retry-After. Where a request goes and whether it is admitted: admission.py;
+the handle an HTTP handler drains: request_handle.py; tokenize / detokenize calls: worker_rpcs.py.
 """
 
 from __future__ import annotations
@@ -26,9 +27,11 @@ import msgspec
 import zmq
 import zmq.asyncio
 
-from services.gateway.engine_router import EngineRouter, prompt_text
+from services.gateway.admission import Admission, DuplicateRequest, Overloaded
+from services.gateway.engine_router import EngineRouter
 from services.gateway.liveness import ENGINE, RETRY_AFTER_S, WORKER, Component, Liveness, ServiceUnavailable
 from services.gateway.metrics import GatewayMetrics, RequestTimer
+from services.gateway.request_handle import ChildState, RequestHandle
 from services.gateway.worker_rpcs import WorkerRpcs
 from shared.config import Config
 from shared.protocol import (
@@ -48,69 +51,10 @@ from shared.protocol import (
     WorkerHeartbeat,
     decoder,
     encode,
-    shard,
 )
 from shared.zmq_utils import new_async_context, pull_socket, push_socket
 
 log = logging.getLogger(__name__)
-
-
-class Overloaded(Exception):
-    """More requests in flight than serve.max_queued_requests."""
-
-
-class DuplicateRequest(Exception):
-    """A client-chosen request id (X-Request-Id) that is already in flight."""
-
-
-class RequestHandle:
-    """One API request: its child engine requests and the deltas not yet consumed."""
-
-    __slots__ = ("_event", "_pending", "child_ids", "request_id")
-
-    def __init__(self, request_id: str, child_ids: list[str]) -> None:
-        self.request_id = request_id
-        self.child_ids = child_ids
-        self._pending: list[RequestDelta] = []
-        self._event = asyncio.Event()
-
-    def push(self, delta: RequestDelta) -> None:
-        self._pending.append(delta)
-        self._event.set()
-
-    async def next_batch(self) -> list[RequestDelta]:
-        """Every delta received since the last call (waits for at least one)."""
-        while not self._pending:
-            self._event.clear()
-            await self._event.wait()
-        batch, self._pending = self._pending, []
-        return batch
-
-
-class ChildState:
-    """Per engine request bookkeeping: where it was routed, and its latency timer."""
-
-    __slots__ = ("engine", "handle", "parked_at", "request", "timer", "wire_id", "worker")
-
-    def __init__(
-        self, handle: RequestHandle, request: GenerateRequest, worker: int, engine: int, timer: RequestTimer
-    ) -> None:
-        self.handle = handle
-        self.request = request
-        """Kept to resubmit it if its engine or worker dies before it started."""
-        self.wire_id = request.request_id
-        """Its id towards the workers; a resubmitted request gets a new one, so that nothing the
-        dead incarnation still sends can be taken for the new one's output."""
-        self.worker = worker
-        self.engine = engine
-        self.parked_at: float | None = None
-        """Monotonic time since which it waits for a restarted engine or worker (its own died
-        before it started, or it arrived while the one it needs was restarting); None: sent."""
-        self.timer = timer
-
-    @property
-    def parked(self) -> bool:
-        return self.parked_at is not None
 
 
 class PoolClient:
@@ -129,6 +73,7 @@ class PoolClient:
         n_engines = len(serve.engine_addrs) or serve.num_engines
         self.router = EngineRouter(n_engines, serve.engine_routing)
         self.liveness = Liveness(len(serve.tokenizer_addrs), n_engines, self.timeout_s)
+        self.admission = Admission(self.liveness, self.router, self.restart_wait_s)
         self._requests: dict[str, RequestHandle] = {}
         self._children: dict[str, ChildState] = {}
         self._rpcs = WorkerRpcs(self.liveness, self.timeout_s, serve.heartbeat_s, self._send_worker)
@@ -199,38 +144,6 @@ class PoolClient:
             return "the server is shutting down"
         return self.liveness.health()
 
-    def _worker_of(self, child_id: str) -> int:
-        return shard(child_id, self.liveness.count(WORKER))
-
-    def _live_engines(self) -> list[int]:
-        return [e for e in range(self.liveness.count(ENGINE)) if self.liveness.problem(ENGINE, e) is None]
-
-    def _route_problem(self, child_id: str) -> tuple[str, bool] | None:
-        """Why a child request cannot be sent now (its worker is down, or every engine is), and
-        whether that is a restart worth waiting for; None when it can be sent."""
-        liveness = self.liveness
-        worker = self._worker_of(child_id)
-        worker_problem = liveness.problem(WORKER, worker)
-        if worker_problem is not None:
-            return worker_problem, liveness.restarting((WORKER, worker))
-        if self._live_engines():
-            return None
-        engines = range(liveness.count(ENGINE))
-        waitable = any(liveness.restarting((ENGINE, e)) for e in engines)
-        return liveness.problem(ENGINE, 0) or "no engine is up", waitable
-
-    def _route_engine(self, child: GenerateRequest) -> int:
-        """The router's engine for this request, or the least busy live one when that one is down."""
-        router = self.router
-        engine = router.route(prompt_text(child) if router.num_engines > 1 else "")
-        live = self._live_engines()
-        if live and engine not in live:
-            router.finished(engine)
-            engine = min(live, key=router.in_flight.__getitem__)
-            router.in_flight[engine] += 1
-        child.engine = engine
-        return engine
-
     async def _watchdog(self) -> None:
         interval = max(0.02, min(self.config.serve.heartbeat_s, self.timeout_s / 4))
         while True:
@@ -267,22 +180,6 @@ class PoolClient:
         if workers:
             self._rpcs.on_workers_down(workers, prefix + "no tokenizer worker is up")
 
-    def _check_admission(self, child_ids: list[str]) -> bool:
-        """Raise ServiceUnavailable when the request cannot be served now; True when it must
-        wait for a restart (parked), False when it can be sent at once."""
-        if self._closing:
-            raise ServiceUnavailable("the server is shutting down")
-        wait = False
-        for cid in child_ids:
-            route_problem = self._route_problem(cid)
-            if route_problem is None:
-                continue
-            problem, waitable = route_problem
-            if not waitable or self.restart_wait_s <= 0:
-                raise ServiceUnavailable(f"the inference service is unavailable: {problem}", RETRY_AFTER_S)
-            wait = True
-        return wait
-
     # --- generation ----------------------------------------------------------------
 
     @property
@@ -292,7 +189,7 @@ class PoolClient:
     def submit(self, request_id: str, children: list[GenerateRequest]) -> RequestHandle:
         """Send the child requests of one API request, or park them when what they need is
         restarting; raises ServiceUnavailable / Overloaded."""
-        wait = self._check_admission([c.request_id for c in children])
+        wait = self.admission.check([c.request_id for c in children], self._closing)
         if len(self._requests) >= self.max_in_flight:
             raise Overloaded(f"too many requests in flight ({self.max_in_flight}); retry later")
         if request_id in self._requests:
@@ -302,8 +199,8 @@ class PoolClient:
         arrival, arrival_wall = time.monotonic(), time.time()
         for child in children:
             child.arrival_time = arrival_wall
-            worker = self._worker_of(child.request_id)
-            child.engine = self._route_engine(child)
+            worker = self.admission.worker_of(child.request_id)
+            child.engine = self.admission.route_engine(child)
             state = ChildState(handle, child, worker, child.engine, RequestTimer(arrival, arrival_wall))
             self._children[child.request_id] = state
             if wait:
@@ -386,22 +283,22 @@ class PoolClient:
         """Send the parked requests again, as soon as a worker and an engine can take them:
         under a new wire id, so a new route too (another engine or worker when there are
         several) and no confusion with what the dead incarnation may still send."""
-        if not self._live_engines():
+        if not self.admission.live_engines():
             return
         for cid, child in self._children.items():
             if not child.parked:
                 continue
             ids = (f"{cid}.{uuid.uuid4().hex[:8]}" for _ in range(16))
-            wire_id = next((w for w in ids if self.liveness.problem(WORKER, self._worker_of(w)) is None), None)
+            wire_id = next((w for w in ids if self.liveness.problem(WORKER, self.admission.worker_of(w)) is None), None)
             if wire_id is None:
                 continue  # no live worker: wait for the restart
             self._resubmitted.pop(child.wire_id, None)
             child.wire_id = wire_id
             self._resubmitted[wire_id] = cid
             request = msgspec.structs.replace(child.request, request_id=wire_id)
-            child.worker = self._worker_of(wire_id)
+            child.worker = self.admission.worker_of(wire_id)
             self.router.finished(child.engine)
-            child.engine = self._route_engine(request)
+            child.engine = self.admission.route_engine(request)
             child.parked_at = None
             log.info("resubmitting %s as %s to engine %d", cid, wire_id, child.engine)
             self._outputs[child.worker].send(encode(request))

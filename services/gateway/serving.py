@@ -14,6 +14,7 @@ from typing import Any, Protocol
 import msgspec
 from aiohttp import web
 
+from services.gateway.admission import DuplicateRequest, Overloaded
 from services.gateway.liveness import ServiceUnavailable
 from services.gateway.openai_api import (
     ApiError,
@@ -26,7 +27,8 @@ from services.gateway.openai_api import (
     parse_chat,
     parse_completion,
 )
-from services.gateway.pool_client import DuplicateRequest, Overloaded, PoolClient, RequestHandle
+from services.gateway.pool_client import PoolClient
+from services.gateway.request_handle import RequestHandle
 from services.gateway.responses import ResponseCollector, StreamEncoder
 from services.gateway.responses_api import ResponseRequest, input_messages, parse_responses, responses_param
 from services.gateway.responses_output import output_items, response_object, responses_usage, status_of
