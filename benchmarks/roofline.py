@@ -18,6 +18,7 @@ shared. Writes benchmarks/results/roofline.json with machine_info.
 
     .venv/bin/python benchmarks/roofline.py                       # full run (a few minutes)
     .venv/bin/python benchmarks/roofline.py --quick --modes fp32  # smoke check
+    .venv/bin/python benchmarks/roofline.py --model DIR --modes default default-eager  # another checkpoint
 """
 
 from __future__ import annotations
@@ -155,17 +156,20 @@ def step_flops(runner: ModelRunner, batch: int, context: int) -> float:
     return 2.0 * batch * (mc.num_layers * per_layer + mc.vocab_size * mc.hidden_size)
 
 
-def engine_config(mode: str, threads: int, **extra: Any) -> EngineConfig:
+def engine_config(mode: str, threads: int, model: str | None, **extra: Any) -> EngineConfig:
+    """model: a checkpoint path or name; None: the bundled model."""
     overrides, _ = MODES[mode]
+    if model is not None:
+        extra["model"] = model
     return EngineConfig(num_threads=threads, max_num_seqs=MAX_NUM_SEQS, **{**overrides, **extra})
 
 
-def startup_child(mode: str, threads: int, cache_dir: str) -> None:
+def startup_child(mode: str, threads: int, model: str | None, cache_dir: str) -> None:
     """Run in a subprocess: construction to first token, printed as JSON on the last line."""
     # Only cache_dir counts as built: a cold start builds the fused decode kernels too.
     fused_extension.DEFAULT_CACHE_DIR = cache_dir
     t0 = time.perf_counter()
-    runner = ModelRunner(engine_config(mode, threads, cache_dir=cache_dir, kv_cache_bytes=64 << 20))
+    runner = ModelRunner(engine_config(mode, threads, model, cache_dir=cache_dir, kv_cache_bytes=64 << 20))
     t1 = time.perf_counter()
     ids, pos, md = decode_metadata(1, 0, runner.block_size)
     decode_step(runner, ids, pos, md)
@@ -173,7 +177,7 @@ def startup_child(mode: str, threads: int, cache_dir: str) -> None:
     print(json.dumps({"construct_s": t1 - t0, "first_token_s": t2 - t1, "construct_to_first_token_s": t2 - t0}))
 
 
-def startup(mode: str, threads: int, quick: bool) -> dict[str, Any]:
+def startup(mode: str, threads: int, model: str | None, quick: bool) -> dict[str, Any]:
     """Cold (fresh weight and Inductor caches) then warm (the same caches), each a new process."""
     out: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="novainfer-roofline-") as tmp:
@@ -181,6 +185,7 @@ def startup(mode: str, threads: int, quick: bool) -> dict[str, Any]:
         for run in ("cold", "warm"):
             cmd = [sys.executable, __file__, "--startup-child", mode, "--threads", str(threads), "--cache-dir", tmp]
             cmd += ["--quick"] if quick else []
+            cmd += ["--model", model] if model is not None else []
             t0 = time.perf_counter()
             p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
             if p.returncode != 0:
@@ -193,6 +198,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--model", help="a checkpoint (GGUF file, Hugging Face directory) or config name; default: bundled")
     p.add_argument("--context", type=int, default=512, help="tokens of context of every decode step")
     p.add_argument("--batch", type=int, default=64, help="the large decode batch")
     p.add_argument("--rounds", type=int, default=7, help="interleaved rounds over the modes")
@@ -208,7 +214,7 @@ def main() -> int:
         global MAX_NUM_SEQS
         MAX_NUM_SEQS = 8
     if args.startup_child:
-        startup_child(args.startup_child, args.threads, args.cache_dir)
+        startup_child(args.startup_child, args.threads, args.model, args.cache_dir)
         return 0
     if args.quick:
         args.context, args.batch, args.rounds, args.steps = 64, 8, 2, 2
@@ -218,6 +224,7 @@ def main() -> int:
         "machine": machine_info(),
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "threads": args.threads,
+        "model": args.model or "bundled",
         "context": args.context,
         "batch": args.batch,
         "quick": args.quick,
@@ -230,7 +237,7 @@ def main() -> int:
     runners: dict[str, ModelRunner] = {}
     for mode in args.modes:
         t0 = time.perf_counter()
-        runners[mode] = runner = ModelRunner(engine_config(mode, args.threads, kv_cache_bytes=64 << 20))
+        runners[mode] = runner = ModelRunner(engine_config(mode, args.threads, args.model, kv_cache_bytes=64 << 20))
         # A KV cache just large enough for the large batch, each request on its own blocks.
         blocks = args.batch * -(-(args.context + 1) // runner.block_size)
         runner.kv_caches, runner.num_blocks = runner._allocate_kv_cache(blocks), blocks
@@ -288,7 +295,7 @@ def main() -> int:
     runners.clear()
     if not args.no_startup:
         for mode in args.modes:
-            out["modes"][mode]["startup"] = s = startup(mode, args.threads, args.quick)
+            out["modes"][mode]["startup"] = s = startup(mode, args.threads, args.model, args.quick)
             print(
                 f"{mode}: start-up to first token cold {s['cold']['construct_to_first_token_s']:.1f}s, "
                 f"warm {s['warm']['construct_to_first_token_s']:.1f}s",
