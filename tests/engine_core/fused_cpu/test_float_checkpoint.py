@@ -20,7 +20,7 @@ from services.engine_core.model_runner import ModelRunner
 from services.engine_core.run_mode import cpu_has_native_bf16
 from shared.config import EngineConfig
 from tests.engine_core.fused_cpu.test_decode import _prefilled, assert_fused_logits_close, token_range
-from tests.engine_core.fused_cpu.test_verify import drafted, verify_step
+from tests.engine_core.fused_cpu.test_verify import assert_rows_equal_lone_decodes, drafted, verify_step
 from tests.engine_core.speculative.test_spec_engine import GREEDY, check_all_proposers, prompts_for
 from tests.engine_core.test_models import hf_tiny_model
 
@@ -89,26 +89,10 @@ def test_logits_close_to_eager(runner: ModelRunner, contexts: list[int], drafts:
 
 
 @torch.inference_mode()
-def test_verify_rows_equal_lone_decodes(runner: ModelRunner) -> None:
-    """Every row of a verify step gets the bits of its token decoded alone, logits included: 4
-    requests with 0-15 drafts, 40 rows, more than a dense chunk (so the layers' and the dense LM
-    head's rows go in several calls)."""
-    assert runner.fused is not None
-    contexts, drafts = [30, 5, 61, 12], [12, 0, 9, 15]
-    caches, md0, next_ids, _ = _prefilled(runner, contexts, room=1 + max(drafts))
-    lone_caches = [(k.clone(), v.clone()) for k, v in caches]
-    tokens = drafted(next_ids, drafts, 1, token_range(runner))
-    ids, pos, md = verify_step(md0.block_tables, contexts, tokens, runner.block_size)
-    hidden = runner.fused.run(ids, pos, caches, md)
-    logits = runner.model.compute_logits(hidden, len(contexts))
-    row = 0
-    for i, (context, request_tokens) in enumerate(zip(contexts, tokens, strict=True)):
-        for j, token in enumerate(request_tokens):
-            one = verify_step(md0.block_tables[i : i + 1], [context + j], [[token]], runner.block_size)
-            lone = runner.fused.run(*one[:2], lone_caches, one[2])
-            assert torch.equal(lone[0], hidden[row]), (i, j)
-            assert torch.equal(runner.model.compute_logits(lone)[0], logits[row]), (i, j)
-            row += 1
+def test_verify_rows_equal_lone_decodes(runner: ModelRunner, monkeypatch: pytest.MonkeyPatch) -> None:
+    """4 requests with 0-15 drafts, 40 rows, more than a dense chunk: the layers' and the dense
+    LM head's rows go in several calls, and each row still gets the bits of its lone decode."""
+    assert_rows_equal_lone_decodes(runner, [30, 5, 61, 12], [12, 0, 9, 15], monkeypatch)
 
 
 @pytest.mark.parametrize("k", [2, 8])

@@ -20,7 +20,7 @@ from services.tokenizer_pool.tokenizer import load_tokenizer
 from shared.config import EngineConfig
 from shared.protocol import SamplingParams
 from tests.engine_core.fused_cpu.conftest import decode_metadata
-from tests.engine_core.fused_cpu.test_decode import _prefilled, assert_fused_logits_close
+from tests.engine_core.fused_cpu.test_decode import _prefilled, assert_fused_logits_close, token_range
 from tests.engine_core.speculative.test_spec_engine import (
     GREEDY,
     OracleProposer,
@@ -144,9 +144,19 @@ def test_rows_equal_lone_decodes(
     assert runner.fused is not None
     if len(contexts) > runner.fused.int4_max_requests and not runner.fused.dense_chunk >= len(contexts):
         pytest.skip("oneDNN's dense matmul gives no row-invariant chunk of this many rows here")
+    assert_rows_equal_lone_decodes(runner, contexts, drafts, monkeypatch)
+
+
+def assert_rows_equal_lone_decodes(
+    runner: ModelRunner, contexts: list[int], drafts: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every row of the step where request i (contexts[i] tokens of a random prompt in) verifies
+    drafts[i] random drafts, hidden states and logits, is bit-identical to decoding its token
+    alone, one step per token, after the tokens before it."""
+    assert runner.fused is not None
     caches, md0, next_ids, _ = _prefilled(runner, contexts, room=1 + max(drafts))
     lone_caches = [(k.clone(), v.clone()) for k, v in caches]
-    tokens = drafted(next_ids, drafts, 1)
+    tokens = drafted(next_ids, drafts, 1, token_range(runner))
     ids, pos, md = verify_step(md0.block_tables, contexts, tokens, runner.block_size)
     hidden = runner.fused.run(ids, pos, caches, md)
     logits = runner.model.compute_logits(hidden, len(contexts))
