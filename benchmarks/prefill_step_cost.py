@@ -10,6 +10,8 @@ fused C++ step, and with --no-fused-cpu-decode, the eager path) and times ModelR
 The fused step multiplies prefill rows by the dense weights in calls of exactly prefill_block
 rows (fused_cpu/decode.py; position-invariant, so a prompt's K/V do not depend on its chunking):
 --prefill-block times other sizes too (0: all rows in one call, the floor, not invariant).
+The fused/B paths run every step fused (fused_cpu/decode.py's PREFILL_ATTENTION_LIMIT lifted);
+the "engine" path is what the engine does, fused within that limit and eager past it.
 Every round times every point once and medians are reported (the machine is shared). Writes
 benchmarks/results/prefill_step_cost.json with machine_info.
 
@@ -36,6 +38,7 @@ sys.path.insert(0, HERE)
 from machine_info import machine_info, write_results  # noqa: E402
 
 from services.engine_core.batch import ScheduledBatch  # noqa: E402
+from services.engine_core.fused_cpu import decode as fused_decode  # noqa: E402
 from services.engine_core.model_runner import ModelRunner  # noqa: E402
 from services.engine_core.request import Request, RequestStatus  # noqa: E402
 from shared.config import EngineConfig, available_cores  # noqa: E402
@@ -126,8 +129,9 @@ def main() -> int:
     sizes = args.prefill_block if args.prefill_block is not None else [blocks_default]
     print(f"run mode {runners['fused'].mode}, {threads} threads; prefill calls of {blocks_default} rows", flush=True)
 
-    # (path, prefill_block) -> runner setting
-    paths = [(f"fused/{b}", "fused", b) for b in sizes] + [("eager", "eager", None)]
+    # (path, runner, prefill_block): fused/B with the prefill attention limit lifted
+    paths = [(f"fused/{b}", "fused", b) for b in sizes] + [("engine", "fused", None), ("eager", "eager", None)]
+    limit = fused_decode.PREFILL_ATTENTION_LIMIT
     state: dict[str, dict[str, Any]] = {}
     for name, kind, _ in paths:
         runner = runners[kind]
@@ -149,9 +153,9 @@ def main() -> int:
 
     def point(name: str, kind: str, block: int | None) -> None:
         runner = runners[kind]
-        if block is not None:
-            assert runner.fused is not None
-            runner.fused.prefill_block = block
+        fused_decode.PREFILL_ATTENTION_LIMIT = sys.maxsize if block is not None else limit
+        if runner.fused is not None:
+            runner.fused.prefill_block = block if block is not None else blocks_default
         st = state[name]
         for n, req in st["prompts"].items():
             samples.setdefault((name, f"prefill {n}"), []).append(time_prefill(runner, req, args.chunk))
@@ -188,6 +192,7 @@ def main() -> int:
         "drafts": args.drafts,
         "context": args.context,
         "prefill_block_default": blocks_default,
+        "prefill_attention_limit": limit,
         "rounds": rounds,
         "quick": args.quick,
         "points": results,

@@ -72,6 +72,15 @@ _CHUNKS = (32, 16, 8, 4)
 _HEAD_PROBE_ROWS = 4096
 """The LM head rows row_invariant_chunk probes: the whole head (49152 rows for SmolLM2) would
 take seconds of start-up; a slice keeps its K and its kind of shape (many output columns)."""
+PREFILL_ATTENTION_LIMIT = 384 * 384
+"""A step runs fused only while its prefill chunks' attention, the sum over them of rows x
+context, stays within this; past it the whole step runs eagerly. The fused attention takes a
+chunk's rows one query head at a time in fp32, where the eager path's SDPA uses matrix products:
+on the quiet 2-core AMX Xeon a prompt's prefill was faster fused up to 256 tokens (124 vs 172
+ms), even at 384 (202 vs 185) and 1.6x / 2.4x slower at 512 / 2048 tokens
+(benchmarks/prefill_step_cost.py). Within the limit a prompt's K/V do not depend on its chunking;
+past it (long prompts, or chunks deep into a long context) they may in the last bits, as on the
+eager path."""
 PREFILL_BLOCKS = (128, 64)
 """Candidate row counts of the prefill rows' dense calls, largest first (the first that
 position_invariant_block accepts). A call costs about the same whatever part of it is padding, so
@@ -201,10 +210,20 @@ class FusedDecode:
         requests, as the step of the same requests without drafts or prefill chunks would."""
         return self.int4_max_requests > 0 and md.num_reqs - md.num_prefill_reqs <= self.int4_max_requests
 
+    @staticmethod
+    def prefill_attention(md: AttentionMetadata) -> int:
+        """The step's prefill chunks' attention: the sum of their rows x their context."""
+        first = md.num_reqs - md.num_prefill_reqs
+        return sum(q * s for q, s in zip(md.query_lens_cpu[first:], md.seq_lens_cpu[first:], strict=True))
+
     def can_run(self, md: AttentionMetadata) -> bool:
-        """Any step whose decode requests (all but the last num_prefill_reqs) are one new token
-        each, with the drafts it verifies, if any: what model_runner makes."""
-        return self.decode_rows(md) - md.num_draft_tokens == md.num_reqs - md.num_prefill_reqs
+        """A step whose decode requests (all but the last num_prefill_reqs) are one new token
+        each, with the drafts it verifies, if any (what model_runner makes), and whose prefill
+        chunks' attention is within PREFILL_ATTENTION_LIMIT."""
+        return (
+            self.decode_rows(md) - md.num_draft_tokens == md.num_reqs - md.num_prefill_reqs
+            and self.prefill_attention(md) <= PREFILL_ATTENTION_LIMIT
+        )
 
     def run(
         self, input_ids: Tensor, positions: Tensor, kv_caches: list[tuple[Tensor, Tensor]], md: AttentionMetadata

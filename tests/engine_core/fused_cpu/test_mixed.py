@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from services.engine_core.attention.base import AttentionMetadata
-from services.engine_core.fused_cpu.decode import FusedDecode, position_invariant_block
+from services.engine_core.fused_cpu.decode import PREFILL_ATTENTION_LIMIT, FusedDecode, position_invariant_block
 from services.engine_core.model_runner import ModelRunner
 from services.engine_core.run_mode import cpu_has_native_bf16
 from shared.config import EngineConfig
@@ -59,6 +59,21 @@ def step_tokens(next_ids: torch.Tensor, drafts: list[int], chunks: list[int], rn
         [int(t), *random_tokens(k, rng)] if k >= 0 else random_tokens(n, rng)
         for t, k, n in zip(next_ids, drafts, chunks, strict=True)
     ]
+
+
+@pytest.mark.parametrize(
+    ("context", "chunk", "fused"),
+    [(0, 384, True), (0, 385, False), (1600, 64, True), (2000, 100, False)],
+)
+def test_steps_past_the_prefill_attention_limit_run_eagerly(
+    runner: ModelRunner, context: int, chunk: int, fused: bool
+) -> None:
+    """A step whose prefill chunk's rows x context pass PREFILL_ATTENTION_LIMIT (a long prompt,
+    or a chunk deep into a long one) runs on the eager path, whose SDPA is faster there."""
+    assert PREFILL_ATTENTION_LIMIT == 384 * 384
+    table = torch.arange(2 * 256, dtype=torch.int32).view(2, 256)
+    _, _, md = mixed_step(table, [10, context], [[1], [5] * chunk], [0, -1], runner.block_size)
+    assert runner.fused is not None and runner.fused.can_run(md) is fused
 
 
 @torch.inference_mode()
