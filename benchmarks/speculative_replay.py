@@ -51,8 +51,8 @@ import speculative as spec  # noqa: E402
 from machine_info import machine_info  # noqa: E402
 
 from novainfer.llm import LLM  # noqa: E402
-from services.engine_core.speculative.acceptance import AcceptanceTracker, plan_drafts  # noqa: E402
-from services.engine_core.speculative.draft_length import StepCost  # noqa: E402
+from services.engine_core.speculative.acceptance import AcceptanceTracker  # noqa: E402
+from services.engine_core.speculative.draft_length import StepCost, StepPlan  # noqa: E402
 from services.engine_core.speculative.proposer import Proposer, make_proposer  # noqa: E402
 from shared.config import EngineConfig  # noqa: E402
 from shared.protocol import SamplingParams  # noqa: E402
@@ -129,14 +129,13 @@ class StepCosts:
         return ",".join(f"{k}:{c:.3f}" for k, c in zip(self.ks[1:], self.costs[1:], strict=True))
 
 
-def measured_cost(path: str = STEP_COST_RESULTS, batch: int = 1) -> str:
-    """A verify_step_cost.py run's points of a batch size as `--cost` text, by the step's draft
-    tokens in all (FALLBACK_COST, single-stream, without one)."""
+def measured_cost(path: str = STEP_COST_RESULTS) -> str:
+    """The single-stream points of a verify_step_cost.py run as `--cost` text (FALLBACK_COST without one)."""
     if not os.path.exists(path):
         return FALLBACK_COST
     with open(path) as f:
-        points = [p for p in json.load(f)["points"] if p["batch"] == batch and p["drafts"] > 0]
-    return ",".join(f"{batch * p['drafts']}:{p['x_no_drafts']:.3f}" for p in points) or FALLBACK_COST
+        points = [p for p in json.load(f)["points"] if p["batch"] == 1 and p["drafts"] > 0]
+    return ",".join(f"{p['drafts']}:{p['x_no_drafts']:.3f}" for p in points) or FALLBACK_COST
 
 
 class Replayer:
@@ -152,42 +151,31 @@ class Replayer:
         self.step_cost = StepCost()
         self.jitter = jitter
         self.rng = random.Random(seed)
-        self.propose_s = 0.0
-        self.propose_calls = 0
 
-    def _drafts(self, requests: list[dict[str, Any]]) -> list[list[int]]:
-        """The engine's drafts (engine.py, _propose) for the requests of a step; each request's
-        "found": whether its proposer had any (when asked)."""
+    def _draft_length(self, tracker: AcceptanceTracker) -> int:
+        """The engine's choice (engine.py, _propose) for a request decoding alone."""
         max_k = self.config.k
-
-        def propose(i: int) -> list[int]:
-            r = requests[i]
-            t0 = time.perf_counter()
-            drafts = self.proposer.propose(r["id"], r["tokens"], len(r["prompt"]), max_k)[:max_k]
-            self.propose_s += time.perf_counter() - t0
-            self.propose_calls += 1
-            r["found"] = bool(drafts)
-            return drafts
-
-        for r in requests:
-            r["found"] = True  # not asked: a backoff (adaptive) or a low window (fixed)
-        trackers = [r["tracker"] for r in requests]
         if self.config.fixed:
-            return [propose(i) if t.should_propose() else [] for i, t in enumerate(trackers)]
-        return plan_drafts(trackers, propose, self.step_cost)
+            return max_k if tracker.should_propose() else 0
+        return tracker.draft_length(max_k, StepPlan(self.step_cost, 1))
 
     def item(self, request_id: str, prompt: list[int], output: list[int]) -> dict[str, Any]:
         """The decode steps of one request (its first token comes from its prefill)."""
+        tokens = [*prompt, *output[:1]]
         tracker = AcceptanceTracker(adaptive=not self.config.fixed)
-        r: dict[str, Any] = {"id": request_id, "prompt": prompt, "tokens": [*prompt, *output[:1]], "tracker": tracker}
         steps = drafts = drafted = accepted = chose_none = proposed_none = 0
-        cost = 0.0
-        self.propose_s, self.propose_calls = 0.0, 0
+        cost = propose_s = 0.0
         i = 1
         while i < len(output):
-            guess = self._drafts([r])[0]
-            chose_none += not guess and r["found"]
-            proposed_none += not r["found"]
+            k = self._draft_length(tracker)
+            guess: list[int] = []
+            if k > 0:
+                t0 = time.perf_counter()
+                guess = self.proposer.propose(request_id, tokens, len(prompt), k)[:k]
+                propose_s += time.perf_counter() - t0
+                proposed_none += not guess
+            else:
+                chose_none += 1
             run = 0
             while run < len(guess) and i + run < len(output) and guess[run] == output[i + run]:
                 run += 1
@@ -197,14 +185,13 @@ class Replayer:
                 drafted += len(guess)
                 accepted += run
             new = output[i : i + run + 1]
-            r["tokens"] += new
+            tokens += new
             i += len(new)
             steps += 1
             step = self.costs(len(guess))
             cost += step
             noise = 1.0 + self.jitter * (2.0 * self.rng.random() - 1.0)
             self.step_cost.record(1, len(guess), step * DECODE_S * noise)
-        tokens = r["tokens"]
         self.proposer.finish(request_id, tokens, len(prompt))
         return {
             "decode_tokens": len(output) - 1 if output else 0,
@@ -215,73 +202,8 @@ class Replayer:
             "draft_tokens": drafted,
             "accepted_tokens": accepted,
             "cost_steps": cost,
-            "propose_s": self.propose_s,
-            "propose_calls": self.propose_calls,
+            "propose_s": propose_s,
         }
-
-    def batch(self, requests: list[tuple[list[int], list[int]]], concurrency: int) -> dict[str, Any]:
-        """The requests (prompt, output) served concurrency at a time, continuously batched: a
-        request's slot goes to the next one when it ends; the rows of a step choose their
-        drafts together as engine.py does (plan_draft_lengths), and the step costs `costs` of its draft
-        tokens in all. Steps are counted against the same requests served without drafts.
-        (Prefills are left out: each request starts at its first decode.)"""
-        waiting = list(reversed(list(enumerate(requests))))
-        active: list[dict[str, Any]] = []
-        t = dict.fromkeys(("decode_tokens", "rows", "drafting_rows", "no_draft_chosen", "no_draft_found"), 0)
-        t |= {"steps": 0, "draft_tokens": 0, "accepted_tokens": 0, "cost_steps": 0.0}
-        while waiting or active:
-            while waiting and len(active) < concurrency:
-                n, (prompt, output) = waiting.pop()
-                if len(output) > 1:
-                    tracker = AcceptanceTracker(adaptive=not self.config.fixed)
-                    active.append({"id": f"r{n}", "prompt": prompt, "out": output, "i": 1, "tracker": tracker})
-                    active[-1]["tokens"] = [*prompt, output[0]]
-                    t["decode_tokens"] += len(output) - 1
-            guesses = self._drafts(active)
-            num_drafts = 0
-            for r, guess in zip(active, guesses, strict=True):
-                t["no_draft_chosen"] += not guess and r["found"]
-                t["no_draft_found"] += not r["found"]
-                r["guess"] = guess
-                num_drafts += len(guess)
-            for r in active:
-                guess, out, i = r["guess"], r["out"], r["i"]
-                run = 0
-                while run < len(guess) and i + run < len(out) and guess[run] == out[i + run]:
-                    run += 1
-                if guess:
-                    r["tracker"].record(len(guess), run)
-                    t["drafting_rows"] += 1
-                    t["draft_tokens"] += len(guess)
-                    t["accepted_tokens"] += run
-                r["tokens"] += out[i : i + run + 1]
-                r["i"] = i + run + 1
-            t["steps"] += 1
-            t["rows"] += len(active)
-            step = self.costs(num_drafts)
-            t["cost_steps"] += step
-            noise = 1.0 + self.jitter * (2.0 * self.rng.random() - 1.0)
-            self.step_cost.record(len(active), num_drafts, step * DECODE_S * noise)
-            for r in [r for r in active if r["i"] >= len(r["out"])]:
-                self.proposer.finish(r["id"], r["tokens"], len(r["prompt"]))
-                active.remove(r)
-        off = off_steps([len(o) - 1 for _, o in requests if len(o) > 1], concurrency)
-        return t | {
-            "off_steps": off,
-            "tokens_per_row": t["decode_tokens"] / t["rows"] if t["rows"] else None,
-            "draft_tokens_per_row": t["draft_tokens"] / t["rows"] if t["rows"] else None,
-            "acceptance_rate": t["accepted_tokens"] / t["draft_tokens"] if t["draft_tokens"] else None,
-            "speedup": off / t["cost_steps"] if t["cost_steps"] else None,
-        }
-
-
-def off_steps(lengths: list[int], concurrency: int) -> int:
-    """Steps to decode requests of these lengths concurrency at a time, one token a step each."""
-    slots = [0] * min(concurrency, len(lengths))
-    for n in lengths:  # each request takes the slot that frees first
-        slots.sort()
-        slots[0] += n
-    return max(slots, default=0)
 
 
 def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -294,7 +216,9 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "acceptance_rate": t["accepted_tokens"] / drafted if drafted else None,
         "mean_accepted_length": 1 + t["accepted_tokens"] / drafts if drafts else None,
         "speedup": t["decode_tokens"] / t["cost_steps"] if t.get("cost_steps") else None,
-        "propose_ms_per_call": 1000 * t["propose_s"] / t["propose_calls"] if t.get("propose_calls") else None,
+        "propose_ms_per_call": 1000 * t["propose_s"] / (drafts + t["no_draft_found"])
+        if drafts + t.get("no_draft_found", 0)
+        else None,
     }
 
 
@@ -350,19 +274,6 @@ def make_parser() -> argparse.ArgumentParser:
         help="k:cost,... a step verifying k drafts in decode steps (default: verify_step_cost.json's single stream)",
     )
     p.add_argument(
-        "--batch-concurrency",
-        type=int,
-        nargs="*",
-        default=[8],
-        help="also replay the workloads continuously batched this many at a time (none: single stream only)",
-    )
-    p.add_argument(
-        "--batch-cost",
-        default=None,
-        help="D:cost,... a step of the batch verifying D draft tokens in all, in plain steps "
-        "(default: verify_step_cost.json's batch-8 points, used for every batch size)",
-    )
-    p.add_argument(
         "--jitter", type=float, default=0.05, help="+- share of noise on the step times StepCost learns from"
     )
     p.add_argument("--exact", action="store_true", help="generate the outputs in the exact mode")
@@ -406,20 +317,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"mean acc. length {t['mean_accepted_length'] or 0:.2f}",
                 flush=True,
             )
-    batch_costs = StepCosts(args.batch_cost or measured_cost(batch=8))
-    out["config"]["batch_cost"] = str(batch_costs)
-    for c in args.batch_concurrency:
-        for w in args.workloads:
-            requests = [(o["prompt_ids"], o["output_ids"]) for o in saved[w]]
-            for config in configs:
-                b = Replayer(config, batch_costs, args.jitter).batch(requests, c)
-                out.setdefault("batched", {}).setdefault(f"c{c}", {}).setdefault(w, {})[config.name] = b
-                print(
-                    f"c={c} {w:<15} {config.name:<22} x{b['speedup']:.2f}  steps {b['steps']} (off {b['off_steps']})  "
-                    f"tok/row {b['tokens_per_row']:.2f}  draft tok/row {b['draft_tokens_per_row']:.2f}  "
-                    f"acceptance {b['acceptance_rate'] or 0:.0%}",
-                    flush=True,
-                )
     cp.save(out, args.output)
     print(f"wrote {args.output}")
     return 0

@@ -15,8 +15,8 @@ from services.engine_core.block_manager import BlockManager
 from services.engine_core.model_runner import ModelRunner
 from services.engine_core.request import Request, RequestStatus
 from services.engine_core.scheduler import Scheduler
-from services.engine_core.speculative.acceptance import AcceptanceTracker, plan_drafts
-from services.engine_core.speculative.draft_length import StepCost
+from services.engine_core.speculative.acceptance import AcceptanceTracker
+from services.engine_core.speculative.draft_length import StepCost, StepPlan
 from services.engine_core.speculative.proposer import make_proposer
 from services.engine_core.structured_output import CompileJob, GrammarError, StructuredOutputManager
 from shared.config import EngineConfig
@@ -244,23 +244,18 @@ class LLMEngine:
             req.spec_token_ids = []
             if req.num_tokens - req.num_computed_tokens == 1:
                 decodes.append(req)
-        if not self._adaptive_k:
-            for req in decodes:
-                if req.spec_acceptance.should_propose():
-                    req.spec_token_ids = self._proposal(req, max_k)
-            return
-        # Every request's proposal first: the step's drafts are then allocated over them together.
-        trackers = [req.spec_acceptance for req in decodes]
-        drafts = plan_drafts(trackers, lambda i: self._proposal(decodes[i], max_k), self._step_cost)
-        for req, d in zip(decodes, drafts, strict=True):
-            req.spec_token_ids = d
-
-    def _proposal(self, req: Request, k: int) -> list[int]:
-        assert self.proposer is not None
-        drafts = self.proposer.propose(req.request_id, req.all_token_ids, req.num_prompt_tokens, k)[:k]
-        if drafts and req.grammar is not None:
-            drafts = drafts[: req.grammar.validate(drafts)]
-        return drafts
+        # The requests choose their draft lengths in turn, each given the drafts of those before it.
+        plan = StepPlan(self._step_cost, len(decodes)) if self._adaptive_k else None
+        for req in decodes:
+            tracker = req.spec_acceptance
+            k = tracker.draft_length(max_k, plan) if plan is not None else max_k * tracker.should_propose()
+            if k > 0:
+                drafts = self.proposer.propose(req.request_id, req.all_token_ids, req.num_prompt_tokens, k)[:k]
+                if drafts and req.grammar is not None:
+                    drafts = drafts[: req.grammar.validate(drafts)]
+                req.spec_token_ids = drafts
+                if plan is not None:
+                    plan.add(len(drafts), tracker.alpha)
 
     def _count_acceptance(self, batch: ScheduledBatch, sampled: list[list[int]]) -> None:
         for i, drafts in enumerate(batch.spec_token_ids):

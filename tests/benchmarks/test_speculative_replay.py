@@ -91,25 +91,3 @@ def test_main_on_saved_outputs(tmp_path: str) -> None:
         data = json.load(f)
     assert set(data["replays"]["grounded"]) == {"ngram:k=4:fixed", "suffix:k=8"}
     assert data["replays"]["grounded"]["ngram:k=4:fixed"]["total"]["speedup"] > 1.5
-
-
-def test_off_steps_fill_slots_as_requests_end() -> None:
-    assert sr.off_steps([10, 10, 10], 1) == 30
-    assert sr.off_steps([10, 4, 6], 2) == 10  # 4 then 6 in one slot, 10 in the other
-    assert sr.off_steps([], 8) == 0
-
-
-def test_batched_replay_of_one_stream_is_the_single_stream_replay() -> None:
-    source = list(range(100, 200))
-    requests = [([1, *source, 2], source), ([3, *source[:50], 4], source[:50])]
-    costs = sr.StepCosts("1:1.0,2:1.0,3:1.1,4:2.0,8:3.0")
-    config = sr.ReplayConfig.parse("suffix:k=8")
-    single = sr.Replayer(config, costs)
-    rows = [single.item(f"r{i}", p, o) for i, (p, o) in enumerate(requests)]
-    b = sr.Replayer(config, costs).batch(requests, 1)
-    assert b["steps"] == sum(r["steps"] for r in rows) and b["off_steps"] == 148
-    assert b["cost_steps"] == pytest.approx(sum(r["cost_steps"] for r in rows))
-    # Two at a time: fewer steps, the same tokens, every draft of the copies still accepted.
-    two = sr.Replayer(config, sr.StepCosts("2:1.0,4:1.0,6:1.1,8:2.0,16:3.0")).batch(requests, 2)
-    assert two["decode_tokens"] == 148 and two["steps"] < b["steps"]
-    assert two["off_steps"] == 99 and two["acceptance_rate"] > 0.9

@@ -12,9 +12,7 @@ request whose acceptance stays low over a window backs off the same way.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-
-from services.engine_core.speculative.draft_length import StepCost, StepPlan
+from services.engine_core.speculative.draft_length import StepPlan
 
 _WINDOW = 16
 """Fixed draft length: draft tokens judged together."""
@@ -70,16 +68,11 @@ class AcceptanceTracker:
         return self._accepted_sum / self._tried_sum
 
     def draft_length(self, max_k: int, plan: StepPlan) -> int:
-        """Adaptive, a request alone in its step: the drafts to propose (0: decode plainly)."""
-        alpha = self.plan_alpha()
-        return 0 if alpha is None else self.planned(plan.best(alpha, max_k))
-
-    def plan_alpha(self) -> float | None:
-        """Adaptive: the acceptance rate to plan this step's drafts with (StepPlan.allocate), or
-        None while backing off. Called once per step the request decodes; planned() then."""
+        """Adaptive: the drafts to propose this step (0: decode plainly), given the step's drafts
+        so far. Called once per step the request decodes."""
         if self._skip > 0:
             self._skip -= 1
-            return None
+            return 0
         self._probing = False
         if self._probe:
             # The backoff ran out: the text may have changed since (a model that starts quoting
@@ -87,17 +80,13 @@ class AcceptanceTracker:
             self._probe = False
             self._probing = True
             self._reset_alpha()
-        return self.alpha
-
-    def planned(self, k: int) -> int:
-        """The drafts to propose, given the k planned at plan_alpha()'s rate: a probe drafts at
-        least one; no drafts otherwise backs off."""
-        if self._probing:
-            return max(k, 1)
-        if k == 0:
-            self._back_off()
-            self._skip -= 1  # this step is the first of them
-        return k
+            return max(plan.best(self.alpha, max_k), 1)
+        k = plan.best(self.alpha, max_k)
+        if k > 0:
+            return k
+        self._back_off()
+        self._skip -= 1  # this step is the first of them
+        return 0
 
     def _back_off(self) -> None:
         """No drafts for the next backoff steps (doubling from the last, capped), then a probe."""
@@ -133,16 +122,3 @@ class AcceptanceTracker:
         else:
             self._backoff = 0
         self._proposed = self._accepted = 0
-
-
-def plan_drafts(
-    trackers: Sequence[AcceptanceTracker], propose: Callable[[int], list[int]], cost: StepCost
-) -> list[list[int]]:
-    """Adaptive: the drafts of each request decoding this step (its tracker; propose(i): request
-    i's proposal, up to the most drafts allowed), cut to the lengths allocated over the requests
-    together from their acceptance rates, what each has to propose, and the learnt step cost
-    (StepPlan). A request with nothing to propose decodes plainly, and does not back off."""
-    alphas = [t.plan_alpha() for t in trackers]
-    proposals = [propose(i) if a is not None else [] for i, a in enumerate(alphas)]
-    ks = StepPlan(cost, len(trackers)).allocate([a or 0.0 for a in alphas], [len(p) for p in proposals])
-    return [p[: t.planned(k)] if p else [] for t, p, k in zip(trackers, proposals, ks, strict=True)]

@@ -13,22 +13,18 @@ from two online estimates:
   it were (AcceptanceTracker), so a draft run of k yields g(k) = alpha + ... + alpha^k
   tokens beyond the target's own.
 
-The drafts of a step are allocated over its requests together (StepPlan): request r's j-th
-draft is worth alpha_r^j expected tokens, so the best D drafts of the step are the D most
-valuable over all requests, and D is the one that gives the step the most tokens per unit of
-time: B + G(D) tokens for 1 + c(D) plain steps; 0 (plain decodes) when no draft pays for
-itself. A request's drafts are capped at what its proposer has (proposals come first). This
-is the "expected gain vs cost" rule of dynamic speculation lengths (e.g. DISCO, and
-SGLang's/vLLM's acceptance-driven draft lengths), with the cost measured on the machine
-rather than assumed.
+The requests of a step choose in turn (StepPlan): with B decode rows and the drafts chosen
+before it (D drafts, G expected tokens), request r drafting k makes the step yield
+B + G + g(k) tokens at a cost of 1 + c(D + k) plain steps; k is the argmax of that rate, 0 (a
+plain decode) when no draft pays for itself. This is the "expected gain vs cost" rule of
+dynamic speculation lengths (e.g. DISCO, and SGLang's/vLLM's acceptance-driven draft
+lengths), with the cost measured on the machine rather than assumed.
 """
 
 from __future__ import annotations
 
 import bisect
-import heapq
 import math
-from collections.abc import Sequence
 
 _PRIOR_SLOPE = 0.1
 """Where nothing was measured: a token (a draft, or a decode row) costs this share of a step's
@@ -61,8 +57,8 @@ class StepCost:
     counts are the same say nothing, so long runs without drafts keep what was learnt.
 
     c is read monotone in D (more drafts never cost less); a count not measured costs at most
-    the one below it plus, per draft, the lesser of the prior slope and that one's mean cost per
-    draft, and at most the straight line between the measured counts around it."""
+    the one below it plus the prior slope per draft, and at most the straight line between the
+    measured counts around it."""
 
     __slots__ = ("_last", "_log", "_updates")
 
@@ -114,73 +110,58 @@ class StepCost:
 
     def relative(self, num_decodes: int, num_drafts: int) -> float:
         """c_B(D): what num_drafts draft tokens add to a step of num_decodes decode rows, as a share of it."""
-        return self.curve(num_decodes, num_drafts)[num_drafts]
-
-    def curve(self, num_decodes: int, max_drafts: int) -> list[float]:
-        """[c_B(0), ..., c_B(max_drafts)] for B = num_decodes."""
+        if num_drafts <= 0:
+            return 0.0
         prior = _PRIOR_SLOPE / (1.0 + _PRIOR_SLOPE * num_decodes)
-        table = self._log.get(num_decodes, {})
+        floor = _MIN_SLOPE * num_drafts
+        table = self._log.get(num_decodes)
+        if not table:
+            return max(prior * num_drafts, floor)
         ds = sorted(table)
         cs: list[float] = []  # measured costs, made monotone in D
         for d in ds:
             cs.append(max(math.expm1(table[d]), cs[-1] if cs else 0.0))
-        out = [0.0]
-        for num_drafts in range(1, max_drafts + 1):
-            i = bisect.bisect_left(ds, num_drafts)
-            if i < len(ds) and ds[i] == num_drafts:
-                c = cs[i]
-            else:
-                # Not measured: at most the count below it plus the lesser of the prior slope and
-                # that count's mean cost per draft (optimism, so that one step tries it: a cost
-                # curve can be flat, then jump), and, below the most measured, at most the
-                # straight line between the counts around it.
-                d0, c0 = (ds[i - 1], cs[i - 1]) if i > 0 else (0, 0.0)
-                c = c0 + min(prior, c0 / d0 if d0 else prior) * (num_drafts - d0)
-                if i < len(ds):
-                    c = min(c, c0 + (cs[i] - c0) * (num_drafts - d0) / (ds[i] - d0))
-            out.append(max(c, _MIN_SLOPE * num_drafts))
-        return out
+        i = bisect.bisect_left(ds, num_drafts)
+        if i < len(ds) and ds[i] == num_drafts:
+            return max(cs[i], floor)
+        # Not measured: at most the prior's slope past the count below it (optimism, so that
+        # one step tries it: a cost curve can be flat, then jump), and, below the most
+        # measured, at most the straight line between the counts around it.
+        d0, c0 = (ds[i - 1], cs[i - 1]) if i > 0 else (0, 0.0)
+        c = c0 + prior * (num_drafts - d0)
+        if i < len(ds):
+            c = min(c, c0 + (cs[i] - c0) * (num_drafts - d0) / (ds[i] - d0))
+        return max(c, floor)
 
 
 class StepPlan:
-    """One step's drafts, allocated over its decode requests together: a request's j-th draft
-    is worth alpha^j expected tokens (it counts only if the ones before it were accepted), so
-    for any number D of drafts in the step the best are the D most valuable ones over all
-    requests (each request's are worth less and less), and D is the one whose drafts give the
-    step the most tokens per unit of time, B + G(D) tokens for 1 + c_B(D) plain steps."""
+    """One step's drafts as its decode requests choose them in turn: each picks the k that
+    gives the whole step the most tokens per unit of time, given the drafts chosen before it."""
 
-    __slots__ = ("cost", "num_decodes")
+    __slots__ = ("cost", "drafts", "num_decodes", "tokens")
 
     def __init__(self, cost: StepCost, num_decodes: int) -> None:
         self.cost = cost
         self.num_decodes = num_decodes
-
-    def allocate(self, alphas: Sequence[float], caps: Sequence[int]) -> list[int]:
-        """The draft length of each request (0 to its cap: the drafts it has), given its acceptance rate."""
-        ks = [0] * len(alphas)
-        heap = [(-a, r) for r, a in enumerate(alphas) if a > 0.0 and caps[r] > 0]
-        if not heap:
-            return ks
-        heapq.heapify(heap)
-        curve = self.cost.curve(self.num_decodes, sum(caps[r] for _, r in heap))
-        tokens = float(self.num_decodes)
-        best_rate, best_n = tokens, 0
-        order: list[int] = []
-        while heap:
-            neg_gain, r = heapq.heappop(heap)
-            order.append(r)
-            ks[r] += 1
-            tokens -= neg_gain
-            rate = tokens / (1.0 + curve[len(order)])
-            if rate > best_rate:
-                best_rate, best_n = rate, len(order)
-            if ks[r] < caps[r]:
-                heapq.heappush(heap, (neg_gain * alphas[r], r))
-        ks = [0] * len(alphas)
-        for r in order[:best_n]:
-            ks[r] += 1
-        return ks
+        self.drafts = 0
+        """Draft tokens chosen so far."""
+        self.tokens = float(num_decodes)
+        """Tokens the step is expected to yield so far: one per decode row and the drafts' g(k)."""
 
     def best(self, alpha: float, max_k: int) -> int:
-        """The draft length of a request alone in the plan."""
-        return self.allocate([alpha], [max_k])[0]
+        """argmax over k in [0, max_k] of (tokens + alpha + ... + alpha^k) / (1 + c(drafts + k))."""
+        best_k = 0
+        best_rate = self.tokens / (1.0 + self.cost.relative(self.num_decodes, self.drafts))
+        gain, term = 0.0, 1.0
+        for k in range(1, max_k + 1):
+            term *= alpha
+            gain += term
+            rate = (self.tokens + gain) / (1.0 + self.cost.relative(self.num_decodes, self.drafts + k))
+            if rate > best_rate:
+                best_k, best_rate = k, rate
+        return best_k
+
+    def add(self, num_drafts: int, alpha: float) -> None:
+        """A request's drafts (as many as its proposer found, at most what it chose)."""
+        self.drafts += num_drafts
+        self.tokens += sum(alpha**j for j in range(1, num_drafts + 1))

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from services.engine_core.speculative.acceptance import AcceptanceTracker, plan_drafts
+from services.engine_core.speculative.acceptance import AcceptanceTracker
 from services.engine_core.speculative.draft_length import StepCost, StepPlan
 
 CPU_DEFAULT = {1: 1.0, 2: 1.005, 3: 1.10, 4: 1.57, 5: 2.26, 6: 2.15, 7: 2.44, 8: 2.42}
@@ -55,10 +55,9 @@ def test_between_and_past_the_measured_counts() -> None:
     cost = learnt({2: 1.1, 4: 1.5})
     assert cost.relative(1, 1) == pytest.approx(0.05)  # from 0 to the first measured count
     prior = 0.1 / 1.1
-    # Not measured: the count below it plus the lesser of the prior slope and that count's
-    # mean cost per draft (optimism: one step measures it), at most the line between the
-    # counts around it.
-    assert cost.relative(1, 3) == pytest.approx(0.1 + 0.05)
+    # Not measured: the count below it plus the prior slope (optimism: one step measures it),
+    # at most the line between the counts around it.
+    assert cost.relative(1, 3) == pytest.approx(0.1 + prior)
     assert learnt({2: 1.1, 4: 1.2}).relative(1, 3) == pytest.approx(0.15)
     assert cost.relative(1, 6) == pytest.approx(0.5 + 2 * prior)  # past the last: the prior slope
     noisy = learnt({4: 1.5, 8: 1.3})
@@ -110,37 +109,16 @@ def test_drafts_that_fail_do_not_pay_even_when_nearly_free() -> None:
     assert StepPlan(cost, 1).best(0.3, 8) >= 2
 
 
-def test_the_drafts_of_a_step_go_where_they_are_worth_most() -> None:
-    """Two decode rows, drafts free up to 2 in the step, then a whole step more: the two free
-    drafts go to the request likelier to have them accepted (its second draft is worth more
-    than the other's first), and no request drafts past them."""
+def test_requests_of_a_step_choose_in_turn() -> None:
+    """Two decode rows, drafts free up to 2 in the step, then a whole step more: the first
+    request takes the free ones, the second (alone it would draft 2 too) then drafts none."""
     cost = learnt({1: 1.0, 2: 1.0, 3: 2.0, 4: 2.0}, num_decodes=2)
-    assert StepPlan(cost, 2).allocate([0.9, 0.5], [4, 4]) == [2, 0]
-    assert StepPlan(cost, 2).allocate([0.6, 0.7], [4, 4]) == [1, 1]
-    # A request with nothing to propose (cap 0) leaves its share to the others.
-    assert StepPlan(cost, 2).allocate([0.9, 0.95], [1, 0]) == [1, 0]
+    plan = StepPlan(cost, 2)
+    assert plan.best(0.9, 4) == 2
+    plan.add(2, 0.9)
+    assert plan.drafts == 2 and plan.tokens == pytest.approx(2 + 0.9 + 0.81)
+    assert plan.best(0.9, 4) == 0
     assert StepPlan(cost, 2).best(0.9, 4) == 2
-
-
-def test_plan_drafts_cuts_proposals_to_the_allocation() -> None:
-    cost = learnt(CPU_DEFAULT)
-    fresh = AcceptanceTracker(adaptive=True)
-    backing_off = AcceptanceTracker(adaptive=True)
-    for _ in range(10):
-        backing_off.record(4, 0)
-    assert backing_off.draft_length(8, StepPlan(cost, 1)) == 0  # from now on it backs off
-    asked = []
-
-    def propose(i: int) -> list[int]:
-        asked.append(i)
-        return [7] * 8
-
-    assert plan_drafts([fresh, backing_off], propose, cost) == [[7, 7], []]
-    assert asked == [0]  # a request backing off is not asked
-    # Nothing to propose: no drafts, and no backoff (the next step asks again).
-    empty = AcceptanceTracker(adaptive=True)
-    assert plan_drafts([empty], lambda i: [], cost) == [[]]
-    assert plan_drafts([empty], lambda i: [5, 6], cost) == [[5, 6]]
 
 
 def test_the_costly_first_draft_of_an_eager_verification_step() -> None:

@@ -153,10 +153,8 @@ def test_greedy_unchanged_with_adaptive_draft_lengths(method: str) -> None:
     assert run(right, prompts, GREEDY) == reference
     stats = right.stats()
     assert stats.spec_num_accepted_tokens == stats.spec_num_draft_tokens > 0
-    # Always right: the draft length grows past what the prior acceptance pays for (how far
-    # depends on what the machine's steps cost: the drafts of the step's requests are
-    # allocated together, against the measured cost of the step's draft tokens).
-    assert stats.spec_num_accepted_tokens_per_pos[2] > 0
+    # Always right: the draft length grows to the most allowed.
+    assert stats.spec_num_accepted_tokens_per_pos[7] > 0
 
 
 def test_adaptive_draft_length_stops_wrong_drafts() -> None:
