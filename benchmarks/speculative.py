@@ -30,9 +30,17 @@ with those of `off` (`outputs_same_as_off`). `random` and `structured` requests 
 the same tokens (in the exact mode). The suffix method's corpus of earlier outputs grows
 across points, as it would on a server.
 
-Writes benchmarks/results/speculative.json (with machine_info).
+`--paired` starts every method's server at once and sends each request (each batch of c at
+concurrency c) to each server in turn, alternating which goes first, and adds each method's
+paired ratios against `off` (median, geometric mean, bootstrap interval): the interleaved A/B
+that cancels this VM's minute-to-minute drift (benchmarks/speculative_paired.py). The same
+requests, flags and JSON fields otherwise.
+
+Writes benchmarks/results/speculative.json (with machine_info), or --output.
 
     .venv/bin/python benchmarks/speculative.py                          # the full run
+    .venv/bin/python benchmarks/speculative.py --paired --mode novainfer --methods off suffix \
+        --workloads grounded --concurrency 1 --min-requests 12 --k 8   # off vs suffix, interleaved
     .venv/bin/python benchmarks/speculative.py --concurrency 1 --min-requests 2 \\
         --requests-per-conc 1 --output-len 16 --output /tmp/spec.json    # a smoke run
     .venv/bin/python benchmarks/speculative.py --workloads structured --concurrency 1 8 \\
@@ -506,6 +514,11 @@ def make_parser() -> argparse.ArgumentParser:
         "differently by batch size)",
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--paired",
+        action="store_true",
+        help="every method's server at once, each request (or batch of c) to each in turn: paired ratios vs off",
+    )
     p.add_argument("--output", default=RESULTS)
     return p
 
@@ -513,6 +526,11 @@ def make_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     signal.signal(signal.SIGTERM, cp._interrupt)  # a killed run still stops the server it started
+    if args.paired:
+        # Imported here: speculative_paired builds on this module's workloads and counters.
+        import speculative_paired
+
+        return speculative_paired.main(args)
     out: dict[str, Any] = {
         "benchmark": "speculative",
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
