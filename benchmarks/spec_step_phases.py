@@ -12,7 +12,15 @@ start-up heap frozen as the server freezes it) for each method, and times every 
   sampler   the sampler over those rows
   update    scheduler.update (acceptance, rollback, stops)
   other     the rest of the step: sampling metadata, acceptance, outputs, step-cost record
+  emit      after the step, what the engine-core process does with its outputs: the engine's
+            stats and the msgspec encoding of the step's EngineOutputs message (server._flush)
   detok     the tokenizer pool's incremental detokenizer per output message (RequestStream)
+
+`--clock cpu` times with time.thread_time instead of the wall clock: with `--threads 1` every
+op runs on the calling thread, so that is the step's CPU time, which other processes on a
+shared machine do not inflate (the wall clock, with 2 threads, is what a quiet machine serves).
+The tokenizer pool's and the gateway's own CPU per served step, in their processes, is what
+`speculative.py --paired` reports (`process_cpu_ms_per_step`).
 
 Steps are grouped by kind (prefill or mixed; decode-only by the draft tokens they verify,
 k = 0..K). Also the collector's pauses (gc) over the run. Medians and means per group, ms.
@@ -21,6 +29,7 @@ histogram of k is the figure to compare with TPOT x tokens per step.
 
     .venv/bin/python benchmarks/spec_step_phases.py                                # off, suffix, ngram; 12 requests
     .venv/bin/python benchmarks/spec_step_phases.py --methods suffix --requests 2  # a smoke run
+    .venv/bin/python benchmarks/spec_step_phases.py --threads 1 --clock cpu        # on a shared machine
 
 Writes benchmarks/results/spec_step_phases.json (with machine_info).
 """
@@ -49,18 +58,20 @@ from novainfer.llm import LLM  # noqa: E402
 from services.engine_core.attention.base import AttentionMetadata  # noqa: E402
 from services.engine_core.server import freeze_startup_heap  # noqa: E402
 from services.tokenizer_pool.detokenizer import RequestStream  # noqa: E402
-from shared.protocol import SamplingParams  # noqa: E402
+from shared.protocol import EngineOutputs, SamplingParams, encode  # noqa: E402
 
 RESULTS = os.path.join(HERE, "results", "spec_step_phases.json")
 PHASES = ("propose", "schedule", "prepare", "forward", "lm_head", "sampler", "update")
+CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.thread_time}
 
 
 class StepTimer:
     """Wraps the engine's phases (instance attributes shadowing the methods) and records,
     per step, the seconds of each and the step's shape."""
 
-    def __init__(self, llm: LLM) -> None:
+    def __init__(self, llm: LLM, clock: Callable[[], float]) -> None:
         engine = llm.engine
+        self.clock = clock
         runner = engine.runner
         self.steps: list[dict[str, Any]] = []
         self.cur: dict[str, Any] = {}
@@ -84,9 +95,13 @@ class StepTimer:
 
         def timed_step() -> Any:
             self.cur = {}
-            t0 = time.perf_counter()
+            t0 = clock()
             out = step()
-            self.cur["step"] = time.perf_counter() - t0
+            t1 = clock()
+            self.cur["step"] = t1 - t0
+            # What the engine-core process sends once a step is done (server._flush).
+            encode(EngineOutputs(engine_index=0, outputs=out, stats=engine.stats()))
+            self.cur["emit"] = clock() - t1
             if "shape" in self.cur:
                 self.steps.append(self.cur)
             return out
@@ -97,26 +112,27 @@ class StepTimer:
         fn: Callable[..., Any] = getattr(obj, name)
 
         def timed(*args: Any, **kwargs: Any) -> Any:
-            t0 = time.perf_counter()
+            t0 = self.clock()
             try:
                 return fn(*args, **kwargs)
             finally:
-                self.cur[key] = self.cur.get(key, 0.0) + time.perf_counter() - t0
+                self.cur[key] = self.cur.get(key, 0.0) + self.clock() - t0
 
         setattr(obj, name, timed)
 
 
 class GcPauses:
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self.clock = clock
         self.pauses: list[float] = []
         self._t0 = 0.0
         gc.callbacks.append(self._callback)
 
     def _callback(self, phase: str, info: dict[str, Any]) -> None:
         if phase == "start":
-            self._t0 = time.perf_counter()
+            self._t0 = self.clock()
         else:
-            self.pauses.append(time.perf_counter() - self._t0)
+            self.pauses.append(self.clock() - self._t0)
 
     def close(self) -> None:
         gc.callbacks.remove(self._callback)
@@ -136,7 +152,7 @@ def summarize(steps: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, group in sorted(groups.items(), key=lambda kv: (len(kv[0]), kv[0])):
         row: dict[str, Any] = {"steps": len(group), "fused": sum(s["shape"][3] for s in group)}
-        for phase in ("step", *PHASES):
+        for phase in ("step", *PHASES, "emit"):
             values = [s.get(phase, 0.0) * 1000 for s in group]
             row[phase + "_ms"] = {"median": statistics.median(values), "mean": statistics.fmean(values)}
         other = [1000 * (s["step"] - sum(s.get(p, 0.0) for p in PHASES)) for s in group]
@@ -153,17 +169,18 @@ def run_method(method: str, args: argparse.Namespace) -> dict[str, Any]:
     greedy = SamplingParams(max_tokens=args.output_len, temperature=0.0)
     llm.generate("Hello there", SamplingParams(max_tokens=16, temperature=0.0), use_tqdm=False)  # warm-up
     freeze_startup_heap()  # as the engine-core process does
-    timer = StepTimer(llm)
-    pauses = GcPauses()
+    clock = CLOCKS[args.clock]
+    timer = StepTimer(llm, clock)
+    pauses = GcPauses(clock)
     detok: list[float] = []
     process = RequestStream.process
 
     def timed_process(stream: RequestStream, out: Any) -> Any:
-        t0 = time.perf_counter()
+        t0 = clock()
         try:
             return process(stream, out)
         finally:
-            detok.append(time.perf_counter() - t0)
+            detok.append(clock() - t0)
 
     RequestStream.process = timed_process  # type: ignore[method-assign]
     tokens = 0
@@ -187,7 +204,7 @@ def run_method(method: str, args: argparse.Namespace) -> dict[str, Any]:
     print(line, flush=True)
     groups = summarize(steps)
     for name, row in groups.items():
-        parts = "  ".join(f"{p} {row[p + '_ms']['median']:.2f}" for p in ("step", *PHASES, "other"))
+        parts = "  ".join(f"{p} {row[p + '_ms']['median']:.2f}" for p in ("step", *PHASES, "other", "emit"))
         print(f"  {name:<14} n={row['steps']:<4} {parts}", flush=True)
     return {
         "method": method,
@@ -215,6 +232,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--k", type=int, default=8)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument(
+        "--clock",
+        choices=list(CLOCKS),
+        default="wall",
+        help="wall: time.perf_counter; cpu: time.thread_time (with --threads 1, the step's CPU time)",
+    )
     p.add_argument("--output", default=RESULTS)
     args = p.parse_args(argv)
     out: dict[str, Any] = {
