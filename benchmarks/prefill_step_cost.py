@@ -7,16 +7,23 @@ fused C++ step, and with --no-fused-cpu-decode, the eager path) and times ModelR
             model part of TTFT
   mixed     one step of --batch decoding requests (--context tokens in, --drafts drafts each)
             beside a --chunk-token prefill chunk, and the same step without the chunk
+  attention one layer's attention of a --prompt-tokens prompt in one chunk: the fused step's
+            prefill kernel (csrc/prefill_attention.h), the per-head paged kernel prefill rows
+            took before it (csrc/attention.h, still the decode rows'), and torch SDPA in bf16
+            (the eager path's attention), on the same random q/K/V
 The fused step multiplies prefill rows by the dense weights in calls of exactly prefill_block
 rows (fused_cpu/decode.py; position-invariant, so a prompt's K/V do not depend on its chunking):
---prefill-block times other sizes too (0: all rows in one call, the floor, not invariant).
-The fused/B paths run every step fused (fused_cpu/decode.py's PREFILL_ATTENTION_LIMIT lifted);
-the "engine" path is what the engine does, fused within that limit and eager past it.
-Every round times every point once and medians are reported (the machine is shared). Writes
-benchmarks/results/prefill_step_cost.json with machine_info.
+--prefill-block times other sizes too (0: all rows in one call, the floor, not invariant); its
+prefill rows' attention is csrc/prefill_attention.h's kernel. The engine runs every step fused,
+however long its prefill chunks. Every round times every point once, the paths alternated, and
+medians are reported (the machine is shared); at --threads 1 the times are the thread's CPU time
+(time.thread_time: the fused call and oneDNN then run on the calling thread), which a busy
+machine disturbs less than wall time. Writes benchmarks/results/prefill_step_cost.json with
+machine_info.
 
     .venv/bin/python benchmarks/prefill_step_cost.py                # 512/2048 tokens, chunk 1024 (~3 min)
     .venv/bin/python benchmarks/prefill_step_cost.py --quick        # a smoke check
+    .venv/bin/python benchmarks/prefill_step_cost.py --threads 1 --prompt-tokens 256 512 2048 4096
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ import time
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -38,7 +46,6 @@ sys.path.insert(0, HERE)
 from machine_info import machine_info, write_results  # noqa: E402
 
 from services.engine_core.batch import ScheduledBatch  # noqa: E402
-from services.engine_core.fused_cpu import decode as fused_decode  # noqa: E402
 from services.engine_core.model_runner import ModelRunner  # noqa: E402
 from services.engine_core.request import Request, RequestStatus  # noqa: E402
 from shared.config import EngineConfig, available_cores  # noqa: E402
@@ -77,16 +84,20 @@ def prompt_of(n: int, seed: int) -> list[int]:
     return torch.randint(100, 40000, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
+clock = time.perf_counter
+"""Wall time; main() makes it the thread's CPU time at one thread."""
+
+
 @torch.inference_mode()
 def time_prefill(runner: ModelRunner, req: Request, chunk: int) -> float:
     """Seconds from the prompt's first chunk to its first token."""
     n = req.num_prompt_tokens
-    t0 = time.perf_counter()
+    t0 = clock()
     for start in range(0, n, chunk):
         req.num_computed_tokens = start
         m = min(chunk, n - start)
         runner.execute(ScheduledBatch([req], [m], [start + m == n]))
-    return time.perf_counter() - t0
+    return clock() - t0
 
 
 @torch.inference_mode()
@@ -95,9 +106,40 @@ def time_step(runner: ModelRunner, decodes: list[Request], drafts: int, prefill:
     n = [1 + drafts] * len(decodes) + ([chunk] if prefill is not None else [])
     spec = [[1] * drafts for _ in decodes] + ([[]] if prefill is not None else [])
     batch = ScheduledBatch(reqs, n, [True] * len(decodes) + [False] * (prefill is not None), spec_token_ids=spec)
-    t0 = time.perf_counter()
+    t0 = clock()
     runner.execute(batch)
-    return time.perf_counter() - t0
+    return clock() - t0
+
+
+def attention_inputs(runner: ModelRunner, n: int) -> dict[str, Any]:
+    """Random q (fp32) and a bf16 paged K/V cache of an n-token prompt, for the model's heads."""
+    cfg = runner.model.cfg
+    heads, n_kv, d, bs = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, 16
+    gen = torch.Generator().manual_seed(n)
+    blocks = -(-n // bs)
+    k = torch.randn(blocks, bs, n_kv, d, generator=gen).to(torch.bfloat16)
+    v = torch.randn(blocks, bs, n_kv, d, generator=gen).to(torch.bfloat16)
+    q = torch.randn(n, heads, d, generator=gen)
+    g = heads // n_kv
+    # The eager backend's layout: each KV head's query heads as one SDPA batch entry, K/V broadcast.
+    kv = [x.view(-1, n_kv, d)[:n].transpose(0, 1)[:, None].expand(n_kv, g, n, d) for x in (k, v)]
+    return {
+        "paged": (q, k, v, torch.arange(blocks, dtype=torch.int32)[None], torch.tensor([0, n], dtype=torch.int32)),
+        "lens": torch.tensor([n], dtype=torch.int32),
+        "sdpa": (q.to(torch.bfloat16).transpose(0, 1).reshape(n_kv, g, n, d), *kv),
+        "scale": d**-0.5,
+    }
+
+
+@torch.inference_mode()
+def time_attention(ext: Any, inputs: dict[str, Any], kernel: str) -> float:
+    t0 = clock()
+    if kernel == "sdpa":
+        F.scaled_dot_product_attention(*inputs["sdpa"], is_causal=True, scale=inputs["scale"])
+    else:
+        fn = ext.prefill_attention if kernel == "prefill" else ext.paged_attention
+        fn(*inputs["paged"], inputs["lens"], inputs["scale"])
+    return clock() - t0
 
 
 def main() -> int:
@@ -111,13 +153,23 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--kv-cache-mib", type=int, default=512)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: the engine's, one per core)")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        help="the engine's --dtype (bfloat16 runs the fused step on a CPU "
+        "without native bf16, where auto picks float32: slow, for a check only)",
+    )
     p.add_argument("--quick", action="store_true", help="a smoke check, not figures")
     p.add_argument("--output", default=RESULTS)
     args = p.parse_args()
     prompt_tokens = [min(args.prompt_tokens)] if args.quick else args.prompt_tokens
     rounds = 1 if args.quick else args.rounds
     threads = args.threads or available_cores()
-    base = EngineConfig(num_threads=threads, kv_cache_bytes=args.kv_cache_mib << 20, max_num_seqs=args.batch + 1)
+    global clock
+    clock = time.thread_time if threads == 1 else time.perf_counter
+    base = EngineConfig(
+        num_threads=threads, kv_cache_bytes=args.kv_cache_mib << 20, max_num_seqs=args.batch + 1, dtype=args.dtype
+    )
     runners = {
         "fused": ModelRunner(base),
         "eager": ModelRunner(EngineConfig(**{**_fields(base), "fused_cpu_decode": False})),
@@ -129,9 +181,8 @@ def main() -> int:
     sizes = args.prefill_block if args.prefill_block is not None else [blocks_default]
     print(f"run mode {runners['fused'].mode}, {threads} threads; prefill calls of {blocks_default} rows", flush=True)
 
-    # (path, runner, prefill_block): fused/B with the prefill attention limit lifted
-    paths = [(f"fused/{b}", "fused", b) for b in sizes] + [("engine", "fused", None), ("eager", "eager", None)]
-    limit = fused_decode.PREFILL_ATTENTION_LIMIT
+    # (path, runner, prefill_block)
+    paths = [(f"fused/{b}", "fused", b) for b in sizes] + [("eager", "eager", None)]
     state: dict[str, dict[str, Any]] = {}
     for name, kind, _ in paths:
         runner = runners[kind]
@@ -153,9 +204,8 @@ def main() -> int:
 
     def point(name: str, kind: str, block: int | None) -> None:
         runner = runners[kind]
-        fused_decode.PREFILL_ATTENTION_LIMIT = sys.maxsize if block is not None else limit
-        if runner.fused is not None:
-            runner.fused.prefill_block = block if block is not None else blocks_default
+        if runner.fused is not None and block is not None:
+            runner.fused.prefill_block = block
         st = state[name]
         for n, req in st["prompts"].items():
             samples.setdefault((name, f"prefill {n}"), []).append(time_prefill(runner, req, args.chunk))
@@ -166,12 +216,22 @@ def main() -> int:
             time_step(runner, st["decodes"], args.drafts, st["chunk"], args.chunk)
         )
 
+    kernels = {"attn/prefill": "prefill", "attn/per-head": "paged", "attn/sdpa": "sdpa"}
+    attention = {n: attention_inputs(runners["fused"], n) for n in prompt_tokens}
+
+    def attention_point() -> None:
+        for n, inputs in attention.items():
+            for name, kernel in kernels.items():
+                samples.setdefault((name, f"attention {n}"), []).append(time_attention(fused.ext, inputs, kernel))
+
     for args_ in paths:
         point(*args_)  # warm-up
+    attention_point()
     samples.clear()
     for _ in range(rounds):
         for args_ in paths:
             point(*args_)
+        attention_point()
     fused.prefill_block = blocks_default
 
     results: list[dict[str, Any]] = []
@@ -179,7 +239,8 @@ def main() -> int:
         med = statistics.median(s) * 1e3
         results.append({"path": name, "what": what, "median_ms": med, "samples": len(s)})
     for what in sorted({w for _, w in samples}):
-        cells = "  ".join(f"{name} {statistics.median(samples[(name, what)]) * 1e3:8.1f}" for name, _, _ in paths)
+        names = [name for name, w in samples if w == what]
+        cells = "  ".join(f"{name} {statistics.median(samples[(name, what)]) * 1e3:8.1f}" for name in names)
         print(f"{what:>16} ms: {cells}", flush=True)
     out = {
         "benchmark": "prefill_step_cost",
@@ -192,7 +253,7 @@ def main() -> int:
         "drafts": args.drafts,
         "context": args.context,
         "prefill_block_default": blocks_default,
-        "prefill_attention_limit": limit,
+        "clock": "thread_time" if threads == 1 else "perf_counter",
         "rounds": rounds,
         "quick": args.quick,
         "points": results,

@@ -7,10 +7,11 @@ and the speculative drafts it verifies, or a prefill chunk, is one call into C++
 whole forward: the int4 matmuls NovaInfer's own kernel (csrc/int4_matmul.h: the weights
 dequantized once per call for all rows, repacked by int4_matmul.py), the dense ones torch's, the
 norms, RoPE + KV-cache write, SiLU x mul and paged attention fused kernels (csrc/*.h, after
-sgl-kernel's CPU kernels). It runs for any model in bf16 on a CPU, with int4 copies (a
-Q4_0/Q4_1 GGUF, or --quantization int4) or without (a float checkpoint, e.g. a Hugging Face
-directory: every row on the dense weights); every other mode (float32, the exact mode in
-particular) keeps the eager path.
+sgl-kernel's CPU kernels; the decode and draft rows' attention csrc/attention.h, the prefill
+rows', whatever the chunk's length, csrc/prefill_attention.h). It runs for any model in bf16
+on a CPU, with int4 copies (a Q4_0/Q4_1 GGUF, or --quantization int4) or without (a float
+checkpoint, e.g. a Hugging Face directory: every row on the dense weights); every other mode
+(float32, the exact mode in particular) keeps the eager path.
 
 Which weights, by row set (model_runner puts the decoding requests first,
 AttentionMetadata.num_prefill_reqs says where the prefill chunks start):
@@ -34,8 +35,11 @@ AttentionMetadata.num_prefill_reqs says where the prefill chunks start):
   (position_invariant_block checks it at start-up; lone-bits chunks would do too but cost more
   at hundreds of rows: benchmarks/prefill_step_cost.py --prefill-block 128 32). So a prompt's
   K/V do not depend on how the scheduler cut it into chunks or on what shared its steps, both of
-  which speculation changes
-  (tests/engine_core/fused_cpu/test_mixed.py).
+  which speculation changes (tests/engine_core/fused_cpu/test_mixed.py); their attention is
+  csrc/prefill_attention.h's flash-attention tiles over key blocks at fixed absolute positions,
+  row-invariant too (test_prefill_attention.py), and fast enough that every step runs fused
+  however long its prefill chunks (benchmarks/prefill_step_cost.py), so decode rows never take
+  the eager path's bits because a long prompt shares their step.
 
 Numerics: the fused kernels accumulate in fp32 and round once where the eager ops round after
 each op (and keep q and the residual stream in fp32), so outputs differ from the eager fast mode
@@ -72,15 +76,6 @@ _CHUNKS = (32, 16, 8, 4)
 _HEAD_PROBE_ROWS = 4096
 """The LM head rows row_invariant_chunk probes: the whole head (49152 rows for SmolLM2) would
 take seconds of start-up; a slice keeps its K and its kind of shape (many output columns)."""
-PREFILL_ATTENTION_LIMIT = 384 * 384
-"""A step runs fused only while its prefill chunks' attention, the sum over them of rows x
-context, stays within this; past it the whole step runs eagerly. The fused attention takes a
-chunk's rows one query head at a time in fp32, where the eager path's SDPA uses matrix products:
-on the quiet 2-core AMX Xeon a prompt's prefill was faster fused up to 256 tokens (124 vs 172
-ms), even at 384 (202 vs 185) and 1.6x / 2.4x slower at 512 / 2048 tokens
-(benchmarks/prefill_step_cost.py). Within the limit a prompt's K/V do not depend on its chunking;
-past it (long prompts, or chunks deep into a long context) they may in the last bits, as on the
-eager path."""
 PREFILL_BLOCKS = (128, 64)
 """Candidate row counts of the prefill rows' dense calls, largest first (the first that
 position_invariant_block accepts). A call costs about the same whatever part of it is padding, so
@@ -210,20 +205,11 @@ class FusedDecode:
         requests, as the step of the same requests without drafts or prefill chunks would."""
         return self.int4_max_requests > 0 and md.num_reqs - md.num_prefill_reqs <= self.int4_max_requests
 
-    @staticmethod
-    def prefill_attention(md: AttentionMetadata) -> int:
-        """The step's prefill chunks' attention: the sum of their rows x their context."""
-        first = md.num_reqs - md.num_prefill_reqs
-        return sum(q * s for q, s in zip(md.query_lens_cpu[first:], md.seq_lens_cpu[first:], strict=True))
-
     def can_run(self, md: AttentionMetadata) -> bool:
         """A step whose decode requests (all but the last num_prefill_reqs) are one new token
-        each, with the drafts it verifies, if any (what model_runner makes), and whose prefill
-        chunks' attention is within PREFILL_ATTENTION_LIMIT."""
-        return (
-            self.decode_rows(md) - md.num_draft_tokens == md.num_reqs - md.num_prefill_reqs
-            and self.prefill_attention(md) <= PREFILL_ATTENTION_LIMIT
-        )
+        each, with the drafts it verifies, if any (what model_runner makes): every step
+        model_runner makes, however long its prefill chunks."""
+        return self.decode_rows(md) - md.num_draft_tokens == md.num_reqs - md.num_prefill_reqs
 
     def run(
         self, input_ids: Tensor, positions: Tensor, kv_caches: list[tuple[Tensor, Tensor]], md: AttentionMetadata

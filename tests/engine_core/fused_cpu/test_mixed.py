@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from services.engine_core.attention.base import AttentionMetadata
-from services.engine_core.fused_cpu.decode import PREFILL_ATTENTION_LIMIT, FusedDecode, position_invariant_block
+from services.engine_core.fused_cpu.decode import FusedDecode, position_invariant_block
 from services.engine_core.model_runner import ModelRunner
 from services.engine_core.run_mode import cpu_has_native_bf16
 from shared.config import EngineConfig
@@ -61,19 +61,16 @@ def step_tokens(next_ids: torch.Tensor, drafts: list[int], chunks: list[int], rn
     ]
 
 
-@pytest.mark.parametrize(
-    ("context", "chunk", "fused"),
-    [(0, 384, True), (0, 385, False), (1600, 64, True), (2000, 100, False)],
-)
-def test_steps_past_the_prefill_attention_limit_run_eagerly(
-    runner: ModelRunner, context: int, chunk: int, fused: bool
-) -> None:
-    """A step whose prefill chunk's rows x context pass PREFILL_ATTENTION_LIMIT (a long prompt,
-    or a chunk deep into a long one) runs on the eager path, whose SDPA is faster there."""
-    assert PREFILL_ATTENTION_LIMIT == 384 * 384
-    table = torch.arange(2 * 256, dtype=torch.int32).view(2, 256)
+@pytest.mark.parametrize(("context", "chunk"), [(0, 384), (0, 2048), (1600, 64), (2000, 1000)])
+def test_steps_with_long_prefill_chunks_run_fused(runner: ModelRunner, context: int, chunk: int) -> None:
+    """However long its prefill chunks (a long prompt, or a chunk deep into one), a step runs as
+    the one fused call: the prefill rows take prefill_attention.h's kernel, as fast as the eager
+    path's SDPA (benchmarks/prefill_step_cost.py), so the decode rows beside them keep their
+    decode step's bits (test_decode_rows_unchanged_by_prefill)."""
+    blocks = -(-(context + chunk) // runner.block_size)
+    table = torch.arange(2 * blocks, dtype=torch.int32).view(2, blocks)
     _, _, md = mixed_step(table, [10, context], [[1], [5] * chunk], [0, -1], runner.block_size)
-    assert runner.fused is not None and runner.fused.can_run(md) is fused
+    assert runner.fused is not None and runner.fused.can_run(md)
 
 
 @torch.inference_mode()
@@ -107,13 +104,17 @@ def test_logits_close_to_eager(runner: ModelRunner, contexts: list[int], drafts:
     [
         ([17, 3, 64, 40], [2, 0, 5, -1], [0, 0, 0, 100]),  # int4
         ([5 + 9 * i for i in range(10)] + [20], [i % 3 for i in range(10)] + [-1], [0] * 10 + [150]),  # dense
+        # A chunk past the old 384 x 384 limit (which ran such steps eagerly): int4, then dense.
+        ([30, 200, 500], [4, 0, -1], [0, 0, 700]),
+        ([5 + 9 * i for i in range(10)] + [300], [i % 3 for i in range(10)] + [-1], [0] * 10 + [500]),
     ],
 )
 def test_decode_rows_unchanged_by_prefill(
     runner: ModelRunner, contexts: list[int], drafts: list[int], chunks: list[int]
 ) -> None:
     """The decode and draft rows of a mixed step are bit for bit those of the same step without
-    its prefill chunk, on the weights that step uses (int4 for a few requests, else dense)."""
+    its prefill chunk, on the weights that step uses (int4 for a few requests, else dense),
+    however long the chunk."""
     fused = runner.fused
     assert isinstance(fused, FusedDecode)
     caches, md0, next_ids, _ = _prefilled(runner, contexts, room=max(chunks) + 1 + max(drafts))
@@ -157,26 +158,45 @@ def _prefill_in_chunks(
 
 
 @torch.inference_mode()
-@pytest.mark.parametrize("others", [[], [40, 7], [5 + 9 * i for i in range(10)]])
-def test_prompt_kv_independent_of_chunking(runner: ModelRunner, others: list[int]) -> None:
-    """A 300-token prompt prefilled in one step alone, and in chunks of 1, 37, 130 and 132 tokens
-    each beside decoding requests (none, 2 on int4, 10 on dense weights): the same K/V bits in
-    every layer, and the same last row."""
+@pytest.mark.parametrize(
+    ("length", "chunks", "others", "threads"),
+    [
+        (300, [1, 37, 130, 132], [], 2),
+        (300, [1, 37, 130, 132], [40, 7], 2),
+        (300, [1, 37, 130, 132], [5 + 9 * i for i in range(10)], 2),
+        # Past the old 384 x 384 limit (whose steps ran eagerly), at one thread against two.
+        (1100, [1, 400, 63, 636], [40, 7], 1),
+        (1100, [700, 1, 399], [], 2),
+    ],
+)
+def test_prompt_kv_independent_of_chunking(
+    runner: ModelRunner, length: int, chunks: list[int], others: list[int], threads: int
+) -> None:
+    """A prompt prefilled in one step alone (at 2 threads), and in chunks of the given sizes
+    each beside decoding requests (none, 2 on int4, 10 on dense weights) at `threads` threads:
+    the same K/V bits in every layer, and the same last row."""
     assert runner.fused is not None
     if runner.fused.prefill_block == 0:
         pytest.skip("oneDNN's dense matmul gives no position-invariant call size here")
-    caches, md0, next_ids, _ = _prefilled(runner, [1, *others], room=310)
-    one_caches = [(k.clone(), v.clone()) for k, v in caches]
-    prompt = random_tokens(300, random.Random(2))
-    lone = _prefill_in_chunks(runner, one_caches, md0, next_ids, prompt, [300], [], 3)
-    if others:
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        caches, md0, next_ids, _ = _prefilled(runner, [1, *others], room=length + 10)
         one_caches = [(k.clone(), v.clone()) for k, v in caches]
-        # Alone, then beside decodes in one step.
-        assert torch.equal(_prefill_in_chunks(runner, one_caches, md0, next_ids, prompt, [300], others, 3), lone)
-    last = _prefill_in_chunks(runner, caches, md0, next_ids, prompt, [1, 37, 130, 132], others, 4)
+        prompt = random_tokens(length, random.Random(2))
+        lone = _prefill_in_chunks(runner, one_caches, md0, next_ids, prompt, [length], [], 3)
+        if others:
+            one_caches = [(k.clone(), v.clone()) for k, v in caches]
+            # Alone, then beside decodes in one step.
+            beside = _prefill_in_chunks(runner, one_caches, md0, next_ids, prompt, [length], others, 3)
+            assert torch.equal(beside, lone)
+        torch.set_num_threads(threads)
+        last = _prefill_in_chunks(runner, caches, md0, next_ids, prompt, chunks, others, 4)
+    finally:
+        torch.set_num_threads(before)
     assert torch.equal(last, lone)
     bs = runner.block_size
-    slots = torch.tensor([int(md0.block_tables[0, p // bs]) * bs + p % bs for p in range(1, 301)])
+    slots = torch.tensor([int(md0.block_tables[0, p // bs]) * bs + p % bs for p in range(1, length + 1)])
     n_kv, d = caches[0][0].shape[2:]
     for (k, v), (k1, v1) in zip(caches, one_caches, strict=True):
         assert torch.equal(k.view(-1, n_kv, d)[slots], k1.view(-1, n_kv, d)[slots])

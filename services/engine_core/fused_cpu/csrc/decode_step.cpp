@@ -22,6 +22,7 @@
 #include "attention.h"
 #include "int4_matmul.h"
 #include "norm.h"
+#include "prefill_attention.h"
 #include "rope.h"
 
 namespace novainfer {
@@ -95,6 +96,26 @@ struct Matrix {
     }
   }
 };
+
+// Attention by row kind: the decode requests' rows (decodes and the drafts they verify, the first
+// decode_reqs requests) by paged_attention, as in the step without the prefill chunks, so their
+// bits are that step's; the prefill chunks' rows by prefill_attention, whose bits for a row do
+// not depend on how its prompt was chunked, so a chunk of one row (a chunk boundary) takes it too.
+void step_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                    const at::Tensor& tables, const at::Tensor& starts, const at::Tensor& lens, int64_t decode_reqs,
+                    int64_t decode_rows, double scale, at::Tensor& out) {
+  const int64_t R = lens.size(0);
+  if (decode_reqs == R) {
+    paged_attention(q, k_cache, v_cache, tables, starts, lens, scale, out);
+    return;
+  }
+  if (decode_reqs > 0) {
+    at::Tensor decode_out = out.narrow(0, 0, decode_rows);
+    paged_attention(q.narrow(0, 0, decode_rows), k_cache, v_cache, tables.narrow(0, 0, decode_reqs),
+                    starts.narrow(0, 0, decode_reqs + 1), lens.narrow(0, 0, decode_reqs), scale, decode_out);
+  }
+  prefill_attention(q, k_cache, v_cache, tables, starts, lens, decode_reqs, scale, out);
+}
 
 const at::Tensor* opt(const std::vector<at::Tensor>& v, size_t i) { return v.empty() ? nullptr : &v[i]; }
 
@@ -198,6 +219,9 @@ class FusedDecoder {
     at::Tensor lens = seq_lens.contiguous(), starts = query_start_loc.contiguous();
     const int32_t* qs = starts.data_ptr<int32_t>();
     TORCH_CHECK(qs[0] == 0 && qs[seq_lens.size(0)] == T, "query_start_loc must run from 0 to the number of rows");
+    int64_t decode_reqs = 0;
+    while (decode_reqs < seq_lens.size(0) && qs[decode_reqs + 1] <= decode_rows) ++decode_reqs;
+    TORCH_CHECK(qs[decode_reqs] == decode_rows, "decode_rows must end a request's rows");
     // The residual stream in fp32: SmolLM2's reaches ~700 in a few dimensions and later layers
     // cancel most of it, where a bf16 stream (1 ulp = 4 at 700) loses the small remainder.
     at::Tensor h = embed_.index_select(0, input_ids).to(at::kFloat);
@@ -216,7 +240,7 @@ class FusedDecoder {
       }
       {
         RECORD_FUNCTION("novainfer::paged_attention", std::vector<c10::IValue>());
-        paged_attention(q, k_caches_[i], v_caches_[i], tables, starts, lens, scale_, attn);
+        step_attention(q, k_caches_[i], v_caches_[i], tables, starts, lens, decode_reqs, decode_rows, scale_, attn);
       }
       at::Tensor o = o_(attn, i, plan);
       {
@@ -321,4 +345,23 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         return out;
       },
       "paged causal attention of q [T, heads, d] (fp32), rows grouped by request -> [T, heads * d] (bf16)");
+  m.def(
+      "prefill_attention",
+      [](at::Tensor q, at::Tensor k_cache, at::Tensor v_cache, at::Tensor block_tables, at::Tensor query_start_loc,
+         at::Tensor seq_lens, double scale) {
+        TORCH_CHECK(q.scalar_type() == at::kFloat && q.is_contiguous() && q.dim() == 3,
+                    "q must be a contiguous fp32 [T, heads, d]");
+        TORCH_CHECK(block_tables.scalar_type() == at::kInt && query_start_loc.scalar_type() == at::kInt &&
+                        seq_lens.scalar_type() == at::kInt,
+                    "block tables, query_start_loc and seq_lens int32");
+        TORCH_CHECK(query_start_loc.numel() == seq_lens.numel() + 1 && block_tables.size(0) == seq_lens.numel() &&
+                        query_start_loc[-1].item<int64_t>() == q.size(0),
+                    "one block table and seq_len per request, query_start_loc [R + 1] ending at T");
+        at::Tensor out = at::empty({q.size(0), q.size(1) * q.size(2)}, k_cache.options());
+        at::Tensor tables = block_tables.stride(1) == 1 ? block_tables : block_tables.contiguous();
+        novainfer::prefill_attention(q, k_cache, v_cache, tables, query_start_loc.contiguous(), seq_lens.contiguous(),
+                                     0, scale, out);
+        return out;
+      },
+      "prefill_attention.h's kernel, every request a prefill chunk: q [T, heads, d] (fp32) -> [T, heads * d] (bf16)");
 }
