@@ -61,7 +61,7 @@ def test_first_argmax_is_the_first_maximal_index(vocab):
     """The blocked argmax picks what max(dim) does: the first maximum, across and within
     blocks, in a short last block, among ties, -inf masks and an all -inf row."""
     gen = torch.Generator().manual_seed(vocab)
-    for rows in (1, 2, 9, 40, 130):
+    for rows in (1, 2, 3, 9, 40, 130):
         x = torch.randint(-4, 4, (rows, vocab), generator=gen).float()
         x[x < -3] = float("-inf")
         x[0] = float("-inf")
