@@ -178,3 +178,36 @@ def test_paged_attention_any_block_size(ext: ModuleType, block_size: int) -> Non
     q, k_cache, v_cache, md, scale = cached_step(query_lens, context_lens, 9, 3, 64, block_size=block_size)
     ref = reference_attention(q, k_cache.float(), v_cache.float(), md, scale)
     assert rel_error(paged(ext, q, k_cache, v_cache, md, scale).view_as(ref), ref) < 1e-2
+
+
+@pytest.mark.parametrize("d", [64, 128, 16, 40])  # 40: not whole 16-dimension blocks, the scalar transpose
+@pytest.mark.parametrize("group", [1, 3, 8])  # query heads per KV head
+def test_paged_attention_keys_transposed(ext: ModuleType, d: int, group: int) -> None:
+    """QK over each chunk's keys transposed to [d, kChunk] (one FMA chain per score over the
+    dimensions in order): verify groups of 1..12 rows at odd contexts (short last chunks, a split
+    boundary crossed) against the float reference, every row the bits of a lone decode row at its
+    position, at 1 and 2 threads."""
+    n_kv = 2
+    query_lens, contexts = [1, 2, 3, 5, 8, 12], [0, 31, 33, 127, 250, 517]
+    q, k_cache, v_cache, md, scale = cached_step(query_lens, contexts, group * n_kv, n_kv, d, seed=d + group)
+    ref = reference_attention(q, k_cache.float(), v_cache.float(), md, scale)
+    before = torch.get_num_threads()
+    try:
+        steps = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            step = paged(ext, q, k_cache, v_cache, md, scale)
+            for r, q_len in enumerate(query_lens):
+                rows = slice(int(md.query_start_loc[r]), int(md.query_start_loc[r + 1]))
+                assert rel_error(step.view_as(ref)[rows], ref[rows]) < 1e-2, f"request {r}"
+                for j in range(q_len):
+                    row = rows.start + j
+                    lone = ext.paged_attention(
+                        q[row : row + 1].contiguous(), k_cache, v_cache, md.block_tables[r : r + 1],
+                        torch.tensor([0, 1], dtype=torch.int32), md.seq_lens[r : r + 1] - (q_len - 1 - j), scale,
+                    )  # fmt: skip
+                    assert torch.equal(lone, step[row : row + 1]), f"request {r}, row {j}, {threads} threads"
+            steps.append(step)
+        assert torch.equal(steps[0], steps[1]), "1 and 2 threads, other bits"
+    finally:
+        torch.set_num_threads(before)

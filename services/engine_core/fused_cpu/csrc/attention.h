@@ -40,90 +40,128 @@ static_assert(kSplitTokens % kChunk == 0, "chunks never straddle a split");
 // Accumulator vectors a micro-kernel keeps in registers: half the register file (32 zmm with
 // AVX-512, 16 ymm otherwise), the other half for operands.
 constexpr int64_t kAccVecs = fVec::size() == 16 ? 16 : 8;
-static_assert(kChunk % 16 == 0, "a chunk is whole 16-key groups");
+static_assert(kChunk % 16 == 0, "a chunk is whole 8-key transpose blocks and whole vectors");
 
 // A chunk of one KV head's context, read from the paged cache and converted to fp32 once for
-// every query head of its work item: keys and values [kChunk, d], the keys past a short last
-// chunk zero (scores nobody reads, computed with the rest).
+// every query head of its work item: the keys transposed, [d, kChunk] (zero past a short last
+// chunk: scores nobody reads, computed with the rest), so that QK is FMAs of broadcast query
+// elements into kChunk scores at once with no horizontal sums; the values [kChunk, d].
 struct ChunkKV {
-  std::vector<float> keys, values;
+  std::vector<float> keys_t, values;
   int64_t d;
 
-  explicit ChunkKV(int64_t d_) : keys(kChunk * d_, 0.f), values(kChunk * d_), d(d_) {}
+  explicit ChunkKV(int64_t d_) : keys_t(d_ * kChunk), values(kChunk * d_), d(d_) {}
 
   void load(const bf16* kc, const bf16* vc, const int32_t* table, int64_t bs, int64_t n_kv, int64_t g, int64_t c0,
-            int64_t n) {
-    for (int64_t j = 0; j < n; ++j) {
+            int64_t n, const bf16* zeros) {
+    const bf16* rows[kChunk];
+    for (int64_t j = 0; j < kChunk; ++j) {
       const int64_t pos = c0 + j;
+      if (j >= n) {
+        rows[j] = zeros;  // d zeros: a short chunk's missing keys, never a slot past the context
+        continue;
+      }
       const int64_t offset = ((int64_t(table[pos / bs]) * bs + pos % bs) * n_kv + g) * d;
-      to_float(kc + offset, keys.data() + j * d, d);
+      rows[j] = kc + offset;
       to_float(vc + offset, values.data() + j * d, d);
     }
-    std::fill(keys.begin() + n * d, keys.end(), 0.f);
+    transpose_keys(rows);
   }
-};
 
-#if defined(CPU_CAPABILITY_AVX512)
-// Lane k of the result = the sum of a[k]'s 16 lanes, the 16 sums by one pairwise tree of
-// shuffles and adds (45 instructions where 16 separate horizontal sums take ~140).
-inline __m512 reduce_add_16(const __m512* a) {
-  __m512 b[8], c[4], d[2];
-  // b[k]: per 128-bit lane, [a[2k] lanes 0+2, a[2k] lanes 1+3, a[2k+1] 0+2, a[2k+1] 1+3]
-  for (int k = 0; k < 8; ++k) {
-    b[k] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * k], a[2 * k + 1], 0x44),
-                         _mm512_shuffle_f32x4(a[2 * k], a[2 * k + 1], 0xEE));
-  }
-  // c[m]: 128-bit lane L holds the 4 partial sums of a[4m + L]
-  for (int m = 0; m < 4; ++m) {
-    c[m] = _mm512_add_ps(_mm512_shuffle_f32x4(b[2 * m], b[2 * m + 1], 0x88),
-                         _mm512_shuffle_f32x4(b[2 * m], b[2 * m + 1], 0xDD));
-  }
-  // d[n]: in lane L, [a[8n + L] 0+2, 1+3, a[8n + 4 + L] 0+2, 1+3]
-  for (int n = 0; n < 2; ++n) {
-    d[n] = _mm512_add_ps(_mm512_shuffle_ps(c[2 * n], c[2 * n + 1], 0x44),
-                         _mm512_shuffle_ps(c[2 * n], c[2 * n + 1], 0xEE));
-  }
-  // element 4L + i holds the sum of a[4i + L]; put the sum of a[k] at element k
-  const __m512 e = _mm512_add_ps(_mm512_shuffle_ps(d[0], d[1], 0x88), _mm512_shuffle_ps(d[0], d[1], 0xDD));
-  const __m512i order = _mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0);
-  return _mm512_permutexvar_ps(order, e);
-}
-
-// s[0:16] = scale * dot(q, keys[j]) for 16 keys [16, D].
-template <int64_t D>
-inline void qk_16(const float* q, const float* keys, float scale, float* s) {
-  constexpr int64_t V = D / 16;
-  __m512 qv[V], dots[16];
-  for (int64_t v = 0; v < V; ++v) qv[v] = _mm512_loadu_ps(q + v * 16);
-  for (int64_t j = 0; j < 16; ++j) {
-    __m512 a = _mm512_mul_ps(qv[0], _mm512_loadu_ps(keys + j * D));
-    for (int64_t v = 1; v < V; ++v) a = _mm512_fmadd_ps(qv[v], _mm512_loadu_ps(keys + j * D + v * 16), a);
-    dots[j] = a;
-  }
-  _mm512_storeu_ps(s, _mm512_mul_ps(reduce_add_16(dots), _mm512_set1_ps(scale)));
-}
-#endif
-
-// Scores [nq, kChunk] of nq query heads against a chunk's keys [kChunk, d] (zero past its end).
-// Every head's scores are computed the same way whatever the others.
-inline void qk_chunk(const float* const* qs, int64_t nq, const float* keys, int64_t d, float scale, float* s) {
-#if defined(CPU_CAPABILITY_AVX512)
-  if (d == 64 || d == 128) {
-    for (int64_t h = 0; h < nq; ++h) {
-      for (int64_t j = 0; j < kChunk; j += 16) {
-        if (d == 64) {
-          qk_16<64>(qs[h], keys + j * 64, scale, s + h * kChunk + j);
-        } else {
-          qk_16<128>(qs[h], keys + j * 128, scale, s + h * kChunk + j);
+ private:
+  // keys_t[i, j] = float(rows[j][i]).
+  void transpose_keys(const bf16* const* rows) {
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+    if (d % 16 == 0) {
+      // Blocks of 8 keys x 16 dimensions: the dimension pairs (2p, 2p + 1) as 32-bit words, an
+      // 8 x 8 transpose of the words, then each word split into its two bf16 halves as fp32.
+      const __m256i high = _mm256_set1_epi32(int32_t(0xFFFF0000u));
+      for (int64_t j0 = 0; j0 < kChunk; j0 += 8) {
+        for (int64_t i0 = 0; i0 < d; i0 += 16) {
+          __m256 r[8];
+          for (int64_t k = 0; k < 8; ++k) {
+            r[k] = _mm256_castsi256_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows[j0 + k] + i0)));
+          }
+          __m256 w[8];
+          transpose_8x8(r, w);  // w[p] = the 8 keys' pair p
+          for (int64_t p = 0; p < 8; ++p) {
+            const __m256i x = _mm256_castps_si256(w[p]);
+            float* even = keys_t.data() + (i0 + 2 * p) * kChunk + j0;
+            _mm256_storeu_ps(even, _mm256_castsi256_ps(_mm256_slli_epi32(x, 16)));
+            _mm256_storeu_ps(even + kChunk, _mm256_castsi256_ps(_mm256_and_si256(x, high)));
+          }
         }
       }
+      return;
     }
-    return;
+#endif
+    for (int64_t j = 0; j < kChunk; ++j) {
+      for (int64_t i = 0; i < d; ++i) keys_t[i * kChunk + j] = float(rows[j][i]);
+    }
+  }
+
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+  // out[c] = lane c of every r[k], in k order.
+  static void transpose_8x8(const __m256* r, __m256* out) {
+    __m256 t[8], u[8];
+    for (int k = 0; k < 4; ++k) {
+      t[2 * k] = _mm256_unpacklo_ps(r[2 * k], r[2 * k + 1]);
+      t[2 * k + 1] = _mm256_unpackhi_ps(r[2 * k], r[2 * k + 1]);
+    }
+    for (int h = 0; h < 2; ++h) {  // rows 4h .. 4h + 3
+      u[4 * h] = _mm256_shuffle_ps(t[4 * h], t[4 * h + 2], 0x44);
+      u[4 * h + 1] = _mm256_shuffle_ps(t[4 * h], t[4 * h + 2], 0xEE);
+      u[4 * h + 2] = _mm256_shuffle_ps(t[4 * h + 1], t[4 * h + 3], 0x44);
+      u[4 * h + 3] = _mm256_shuffle_ps(t[4 * h + 1], t[4 * h + 3], 0xEE);
+    }
+    for (int c = 0; c < 4; ++c) {
+      out[c] = _mm256_permute2f128_ps(u[c], u[4 + c], 0x20);
+      out[c + 4] = _mm256_permute2f128_ps(u[c], u[4 + c], 0x31);
+    }
   }
 #endif
-  for (int64_t h = 0; h < nq; ++h) {
-    for (int64_t j = 0; j < kChunk; ++j) s[h * kChunk + j] = dot(qs[h], keys + j * d, d) * scale;
+};
+
+// Scores s[m, 0:kChunk] = scale * dot(q_m, keys[j]) of M query heads, each a chain of FMAs over
+// the dimensions in order (s = q[0] k[0], then s += q[i] k[i]), in registers: a head's bits are
+// the same in any group of heads, of any M.
+template <int64_t M>
+inline void qk_heads(const float* const* qs, const float* keys_t, int64_t d, float scale, float* s) {
+  constexpr int64_t C = kChunk / fVec::size();
+  fVec acc[M][C];
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t c = 0; c < C; ++c) acc[m][c] = fVec(0.f);
   }
+  for (int64_t i = 0; i < d; ++i) {
+    fVec k[C];
+    for (int64_t c = 0; c < C; ++c) k[c] = fVec::loadu(keys_t + i * kChunk + c * fVec::size());
+    for (int64_t m = 0; m < M; ++m) {
+      const fVec q(qs[m][i]);
+      for (int64_t c = 0; c < C; ++c) acc[m][c] = at::vec::fmadd(q, k[c], acc[m][c]);
+    }
+  }
+  const fVec vs(scale);
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t c = 0; c < C; ++c) (acc[m][c] * vs).store(s + m * kChunk + c * fVec::size());
+  }
+}
+
+// Heads per qk_heads call: its accumulators fill half the register file.
+constexpr int64_t kQKHeads = std::max<int64_t>(1, kAccVecs / (kChunk / fVec::size()));
+
+template <int64_t M = kQKHeads>
+inline void qk_rest(const float* const* qs, int64_t count, const float* keys_t, int64_t d, float scale, float* s) {
+  if constexpr (M > 0) {
+    if (count == M) return qk_heads<M>(qs, keys_t, d, scale, s);
+    qk_rest<M - 1>(qs, count, keys_t, d, scale, s);
+  }
+}
+
+// Scores [nq, kChunk] of nq query heads against a chunk's transposed keys [d, kChunk].
+inline void qk_chunk(const float* const* qs, int64_t nq, const float* keys_t, int64_t d, float scale, float* s) {
+  int64_t h = 0;
+  for (; h + kQKHeads <= nq; h += kQKHeads) qk_heads<kQKHeads>(qs + h, keys_t, d, scale, s + h * kChunk);
+  qk_rest(qs + h, nq - h, keys_t, d, scale, s + h * kChunk);
 }
 
 // A query head's running state in one split: unnormalised output [d], max and sum of exp, and
@@ -296,6 +334,7 @@ inline void paged_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
   std::unique_ptr<float[]> acc(new float[states * d]);
   std::vector<float> mx(states, -std::numeric_limits<float>::infinity()), sum(states, 0.f);
   const int64_t max_heads = max_q_len * G;  // query heads one work item updates
+  const std::vector<bf16> zeros(d, bf16(0.f));
 
   at::parallel_for(0, int64_t(work.size()) * n_kv, 1, [&](int64_t begin, int64_t end) {
     ChunkKV chunk(d);
@@ -316,7 +355,7 @@ inline void paged_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
       }
       for (int64_t c0 = first; c0 < last; c0 += kChunk) {
         const int64_t n = std::min(kChunk, last - c0);
-        chunk.load(kc, vc, table, bs, n_kv, g, c0, n);
+        chunk.load(kc, vc, table, bs, n_kv, g, c0, n, zeros.data());
         // Causal: row i sees positions up to first_pos + i, so this chunk's first `visible`
         // tokens; rows before i0 see none of it.
         const int64_t i0 = std::max(w.row_begin, c0 - first_pos);
@@ -329,7 +368,7 @@ inline void paged_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
             heads[nq] = {acc.get() + (slot + h) * d, mx.data() + slot + h, sum.data() + slot + h, visible};
           }
         }
-        qk_chunk(queries.data(), nq, chunk.keys.data(), d, sc, score.data());
+        qk_chunk(queries.data(), nq, chunk.keys_t.data(), d, sc, score.data());
         online_softmax_pv(heads.data(), nq, score.data(), chunk.values.data(), d);
       }
     }
