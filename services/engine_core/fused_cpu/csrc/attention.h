@@ -5,8 +5,9 @@
 // into splits so that even one request with a few KV heads gives every thread work; each
 // (request, KV head, split) work item runs an online softmax in fp32 over its tokens for all the
 // query heads of all the request's rows that share the KV head, so each K/V row is read and
-// converted once for a verify group's 1 + k rows x G heads; a second pass merges each row's
-// splits by their log-sum-exp.
+// converted once for a verify group's 1 + k rows x G heads; the item that completes a row's
+// splits for its KV head merges them by their log-sum-exp, in the same parallel region (one
+// fork-join a call; each thread's chunk and score buffers kept across calls).
 //
 // Batch-invariant: the splits are fixed runs of kSplitTokens positions, merged in order, and a
 // head's arithmetic does not depend on which heads share its work item, so a row's output bits
@@ -16,6 +17,7 @@
 #pragma once
 
 #include <algorithm>
+#include <atomic>
 #include <limits>
 #include <memory>
 #include <vector>
@@ -48,9 +50,14 @@ static_assert(kChunk % 16 == 0, "a chunk is whole 8-key transpose blocks and who
 // elements into kChunk scores at once with no horizontal sums; the values [kChunk, d].
 struct ChunkKV {
   std::vector<float> keys_t, values;
-  int64_t d;
+  int64_t d = 0;
 
-  explicit ChunkKV(int64_t d_) : keys_t(d_ * kChunk), values(kChunk * d_), d(d_) {}
+  // Sized for head size d_ (a thread keeps one across calls: no allocation per call).
+  void reset(int64_t d_) {
+    d = d_;
+    keys_t.resize(d * kChunk);
+    values.resize(kChunk * d);
+  }
 
   void load(const bf16* kc, const bf16* vc, const int32_t* table, int64_t bs, int64_t n_kv, int64_t g, int64_t c0,
             int64_t n, const bf16* zeros) {
@@ -278,6 +285,36 @@ inline void online_softmax_pv(const HeadState* heads, int64_t nq, float* s, cons
   }
 }
 
+// Grows v to at least n elements (a thread's scratch, kept across calls).
+template <typename T>
+inline T* at_least(std::vector<T>& v, int64_t n) {
+  if (int64_t(v.size()) < n) v.resize(n);
+  return v.data();
+}
+
+// Merges a row's splits for the query heads [h0, h0 + count), in split order: weights
+// exp(m_s - max_s m_s); the splits past the row's position (a verify group's earlier rows) have
+// l = 0 and m = -inf and are skipped, so a row merges exactly what a decode row at its position
+// merges.
+inline void merge_splits(const float* acc, const float* mx, const float* sum, int64_t base, int64_t splits,
+                         int64_t n_heads, int64_t h0, int64_t count, int64_t d, float* o, bf16* dst) {
+  for (int64_t hq = h0; hq < h0 + count; ++hq) {
+    float top = -std::numeric_limits<float>::infinity();
+    for (int64_t s = 0; s < splits; ++s) top = std::max(top, mx[(base + s) * n_heads + hq]);
+    std::fill(o, o + d, 0.f);
+    float total = 0.f;
+    for (int64_t s = 0; s < splits; ++s) {
+      const int64_t idx = (base + s) * n_heads + hq;
+      if (sum[idx] == 0.f) continue;
+      const float w = std::exp(mx[idx] - top);
+      total += w * sum[idx];
+      scale_add(o, 1.f, w, acc + idx * d, d);
+    }
+    const float inv = 1.f / total;
+    for (int64_t i = 0; i < d; ++i) dst[hq * d + i] = bf16(o[i] * inv);
+  }
+}
+
 // q [T, n_heads, d] fp32; k_cache / v_cache [blocks, bs, n_kv, d] bf16; block_tables [R, >= blocks
 // of the request's context] int32; query_start_loc [R + 1] int32 (request r's rows are
 // query_start_loc[r] .. query_start_loc[r + 1] - 1); seq_lens [R] int32 (the context after this
@@ -311,46 +348,66 @@ inline void paged_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
     max_q_len = std::max(max_q_len, q_len);
     total_splits += splits;
   }
-  // Work items (request, split, part of its rows, KV head). A step of a few short requests has
+  // Work items (part of a request's rows, split, KV head). A step of a few short requests has
   // fewer (request, split, KV head) triples than several threads want (4 each): then a verify
   // group's rows are dealt out in up to `parts` parts, each re-reading the split (cheap next to
   // idle threads). Which item computes a head never changes its arithmetic.
   const int64_t threads = at::get_num_threads(), want = threads > 1 ? 4 * threads : 1;
   const int64_t parts = std::min(max_q_len, at::divup(want, std::max<int64_t>(1, total_splits * n_kv)));
-  struct Work {
-    int64_t req, split, row_begin, row_end;
+  struct Part {
+    int64_t req, row_begin, row_end, splits;
   };
+  struct Work {
+    int64_t part, split;
+  };
+  std::vector<Part> part_list;
   std::vector<Work> work;
   for (int64_t r = 0; r < R; ++r) {
     const int64_t q_len = starts[r + 1] - starts[r], p = std::min(parts, q_len);
-    for (int64_t s = 0; s * kSplitTokens < lens[r]; ++s) {
-      for (int64_t i = 0; i < p; ++i) work.push_back({r, s, i * q_len / p, (i + 1) * q_len / p});
+    const int64_t splits = at::divup(int64_t(lens[r]), kSplitTokens);
+    for (int64_t i = 0; i < p; ++i) part_list.push_back({r, i * q_len / p, (i + 1) * q_len / p, splits});
+    for (int64_t s = 0; s < splits; ++s) {
+      for (int64_t i = 0; i < p; ++i) work.push_back({int64_t(part_list.size()) - p + i, s});
     }
   }
   const int64_t states = row_base[T] * n_heads;
   // The outputs are left unset here (zeroing a long verify step's would cost more than its
   // attention): each work item zeroes those of the rows that see its split; the merge skips the
   // others (sum 0).
-  std::unique_ptr<float[]> acc(new float[states * d]);
-  std::vector<float> mx(states, -std::numeric_limits<float>::infinity()), sum(states, 0.f);
+  // Allocated per call (a long prefill chunk's states would stay resident if kept).
+  std::unique_ptr<float[]> acc_buf(new float[states * d]);
+  std::vector<float> mx_buf(states, -std::numeric_limits<float>::infinity()), sum_buf(states, 0.f);
+  float* acc = acc_buf.get();
+  float* mx = mx_buf.data();
+  float* sum = sum_buf.data();
+  // Per (part, KV head), its splits done: the item that completes them merges the part's rows
+  // for the KV head's query heads, in the same parallel region (one fork-join a call).
+  std::unique_ptr<std::atomic<int64_t>[]> done(new std::atomic<int64_t>[part_list.size() * n_kv]);
+  for (size_t i = 0; i < part_list.size() * n_kv; ++i) done[i].store(0, std::memory_order_relaxed);
   const int64_t max_heads = max_q_len * G;  // query heads one work item updates
   const std::vector<bf16> zeros(d, bf16(0.f));
 
   at::parallel_for(0, int64_t(work.size()) * n_kv, 1, [&](int64_t begin, int64_t end) {
-    ChunkKV chunk(d);
-    std::vector<float> score(max_heads * kChunk);
-    std::vector<const float*> queries(max_heads);
-    std::vector<HeadState> heads(max_heads);
+    thread_local ChunkKV chunk;
+    thread_local std::vector<float> score_buf, o_buf;
+    thread_local std::vector<const float*> queries_buf;
+    thread_local std::vector<HeadState> heads_buf;
+    chunk.reset(d);
+    float* score = at_least(score_buf, max_heads * kChunk);
+    float* o = at_least(o_buf, d);
+    const float** queries = at_least(queries_buf, max_heads);
+    HeadState* heads = at_least(heads_buf, max_heads);
     for (int64_t item = begin; item < end; ++item) {
       const Work& w = work[item / n_kv];
-      const int64_t r = w.req, split = w.split, g = item % n_kv;
+      const Part& part = part_list[w.part];
+      const int64_t r = part.req, split = w.split, g = item % n_kv;
       const int64_t len = lens[r], row0 = starts[r], q_len = starts[r + 1] - row0;
       const int64_t first_pos = len - q_len;  // the position of the request's first row
       // Up to the split's end or the part's last row, whichever comes first.
-      const int64_t first = split * kSplitTokens, last = std::min(first + kSplitTokens, first_pos + w.row_end);
+      const int64_t first = split * kSplitTokens, last = std::min(first + kSplitTokens, first_pos + part.row_end);
       const int32_t* table = tables + r * table_stride;
-      for (int64_t i = std::max(w.row_begin, first - first_pos); i < w.row_end; ++i) {
-        float* a = acc.get() + ((row_base[row0 + i] + split) * n_heads + g * G) * d;
+      for (int64_t i = std::max(part.row_begin, first - first_pos); i < part.row_end; ++i) {
+        float* a = acc + ((row_base[row0 + i] + split) * n_heads + g * G) * d;
         std::fill(a, a + G * d, 0.f);
       }
       for (int64_t c0 = first; c0 < last; c0 += kChunk) {
@@ -358,44 +415,26 @@ inline void paged_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
         chunk.load(kc, vc, table, bs, n_kv, g, c0, n, zeros.data());
         // Causal: row i sees positions up to first_pos + i, so this chunk's first `visible`
         // tokens; rows before i0 see none of it.
-        const int64_t i0 = std::max(w.row_begin, c0 - first_pos);
+        const int64_t i0 = std::max(part.row_begin, c0 - first_pos);
         int64_t nq = 0;
-        for (int64_t i = i0; i < w.row_end; ++i) {
+        for (int64_t i = i0; i < part.row_end; ++i) {
           const int64_t t = row0 + i, slot = (row_base[t] + split) * n_heads + g * G;
           const int64_t visible = std::min(n, first_pos + i + 1 - c0);
           for (int64_t h = 0; h < G; ++h, ++nq) {
             queries[nq] = qp + (t * n_heads + g * G + h) * d;
-            heads[nq] = {acc.get() + (slot + h) * d, mx.data() + slot + h, sum.data() + slot + h, visible};
+            heads[nq] = {acc + (slot + h) * d, mx + slot + h, sum + slot + h, visible};
           }
         }
-        qk_chunk(queries.data(), nq, chunk.keys_t.data(), d, sc, score.data());
-        online_softmax_pv(heads.data(), nq, score.data(), chunk.values.data(), d);
+        qk_chunk(queries, nq, chunk.keys_t.data(), d, sc, score);
+        online_softmax_pv(heads, nq, score, chunk.values.data(), d);
       }
-    }
-  });
-
-  // Merge each row's splits, in split order: weights exp(m_s - max_s m_s); the splits past the
-  // row's position (a verify group's earlier rows) have l = 0 and m = -inf and are skipped, so
-  // a row merges exactly what a decode row at its position merges.
-  at::parallel_for(0, T, rows_grain(n_heads * d), [&](int64_t begin, int64_t end) {
-    std::vector<float> o(d);
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t splits = row_base[t + 1] - row_base[t];
-      for (int64_t hq = 0; hq < n_heads; ++hq) {
-        float top = -std::numeric_limits<float>::infinity();
-        for (int64_t s = 0; s < splits; ++s) top = std::max(top, mx[(row_base[t] + s) * n_heads + hq]);
-        std::fill(o.begin(), o.end(), 0.f);
-        float total = 0.f;
-        for (int64_t s = 0; s < splits; ++s) {
-          const int64_t idx = (row_base[t] + s) * n_heads + hq;
-          if (sum[idx] == 0.f) continue;
-          const float w = std::exp(mx[idx] - top);
-          total += w * sum[idx];
-          scale_add(o.data(), 1.f, w, acc.get() + idx * d, d);
+      // acq_rel: the merging item sees every other item's states of the part and KV head.
+      if (done[w.part * n_kv + g].fetch_add(1, std::memory_order_acq_rel) + 1 == part.splits) {
+        for (int64_t i = part.row_begin; i < part.row_end; ++i) {
+          const int64_t t = row0 + i;
+          merge_splits(acc, mx, sum, row_base[t], row_base[t + 1] - row_base[t], n_heads, g * G, G, d, o,
+                       op + t * n_heads * d);
         }
-        bf16* dst = op + (t * n_heads + hq) * d;
-        const float inv = 1.f / total;
-        for (int64_t i = 0; i < d; ++i) dst[i] = bf16(o[i] * inv);
       }
     }
   });
