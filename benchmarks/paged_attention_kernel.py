@@ -7,21 +7,31 @@ being verified), two ways on the same cache and queries:
            per (request, KV head, split) for all 1 + k rows
   per_row  the same rows, each attended as its own decode row (a block table per row and
            seq_len = its position + 1): each row re-reads its whole context
-k = 0 (pure decode) is the same call both ways. The two are timed alternately in every round
-(A/B interleaved, the machine is shared) and the medians reported, with grouped / per_row:
-wall time, or with --threads 1 the calling thread's CPU time (a loaded machine's preemptions
-left out). Writes benchmarks/results/paged_attention_kernel.json with machine_info.
+k = 0 (pure decode) is the same call both ways. With --baseline REF, a third: the grouped call
+of the kernel as git REF has it (its csrc/ built aside), for an A/B of a kernel change. They are
+timed alternately in every round (interleaved, the machine is shared) and the medians reported,
+with grouped / per_row (and grouped / baseline): wall time, or with --threads 1 the calling
+thread's CPU time (a loaded machine's preemptions left out). Per (B, context), also the first
+row's cost (k = 0) and each further row's (the least-squares slope over the k given, per
+request). Writes benchmarks/results/paged_attention_kernel.json with machine_info.
 
     .venv/bin/python benchmarks/paged_attention_kernel.py             # B 1 and 8, k 0/4/8, contexts 128..2048
     .venv/bin/python benchmarks/paged_attention_kernel.py --quick     # a smoke check
+    .venv/bin/python benchmarks/paged_attention_kernel.py --batch 1 --drafts 0 1 2 3 4 5 6 7 \
+        --context 600 --threads 1 --baseline main~1                   # rows 1..8 of one request, A/B
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import os
+import shutil
 import statistics
+import subprocess
 import sys
+import tarfile
+import tempfile
 import time
 from collections.abc import Callable
 from types import ModuleType
@@ -74,6 +84,48 @@ class Case:
         )
 
 
+def build_baseline(ref: str) -> ModuleType:
+    """The extension as git `ref` has its csrc/, built in a temporary directory. Its FusedDecoder
+    class is registered module-local so that it loads beside this tree's."""
+    csrc = "services/engine_core/fused_cpu/csrc"
+    archive = subprocess.run(["git", "-C", ROOT, "archive", ref, csrc], check=True, capture_output=True).stdout
+    work = tempfile.mkdtemp(prefix="paged_attention_baseline_")
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(work, filter="data")
+    src = os.path.join(work, csrc)
+    main_cpp = os.path.join(src, extension.SOURCES[0])
+    with open(main_cpp) as f:
+        text = f.read()
+    with open(main_cpp, "w") as f:
+        f.write(text.replace('(m, "FusedDecoder")', '(m, "FusedDecoder", py::module_local())'))
+    import ninja
+    from torch.utils import cpp_extension
+
+    os.environ["PATH"] = os.pathsep.join((ninja.BIN_DIR, os.environ.get("PATH", "")))
+    build = os.path.join(work, "build")
+    os.makedirs(build)
+    try:
+        return cpp_extension.load(
+            name="paged_attention_baseline",
+            sources=[os.path.join(src, s) for s in extension.SOURCES],
+            extra_cflags=extension.cflags(),
+            extra_ldflags=list(extension.LDFLAGS),
+            extra_include_paths=[src],
+            build_directory=build,
+            verbose=False,
+        )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def slope(xs: list[int], ys: list[float]) -> float:
+    """The least-squares slope of ys over xs (0 for a single point)."""
+    if len(xs) < 2:
+        return 0.0
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum((x - mx) ** 2 for x in xs)
+
+
 def time_call(fn: Callable[[], Any], reps: int, clock: Callable[[], float]) -> float:
     """Mean microseconds per call over reps calls (after one warm-up)."""
     fn()
@@ -91,6 +143,7 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--reps", type=int, default=10, help="calls per timing")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: one per core, as the engine)")
+    p.add_argument("--baseline", default=None, help="a git ref whose kernel to time beside this tree's")
     p.add_argument("--quick", action="store_true", help="a smoke check, not figures")
     p.add_argument("--output", default=RESULTS)
     args = p.parse_args()
@@ -105,24 +158,53 @@ def main() -> int:
     if ext is None:
         raise SystemExit("the fused CPU kernels did not build here (see the warning above)")
 
+    base = build_baseline(args.baseline) if args.baseline else None
+
     cases = {(b, k, c): Case(b, k, c) for b in args.batch for k in args.drafts for c in args.context}
-    times: dict[tuple[int, int, int], dict[str, list[float]]] = {key: {"grouped": [], "per_row": []} for key in cases}
+    names = ("grouped", "per_row") + (("baseline",) if base else ())
+    times: dict[tuple[int, int, int], dict[str, list[float]]] = {key: {n: [] for n in names} for key in cases}
     for _ in range(args.rounds):
         for key, case in cases.items():
-            for name, fn in (("grouped", case.grouped(ext)), ("per_row", case.per_row(ext))):
+            calls = [("grouped", case.grouped(ext)), ("per_row", case.per_row(ext))]
+            if base:
+                calls.append(("baseline", case.grouped(base)))
+            for name, fn in calls:
                 times[key][name].append(time_call(fn, args.reps, clock))
 
     rows = []
     what = "CPU time" if threads == 1 else "wall time"
     print(f"{threads} threads; microseconds ({what}) per layer call, medians of {args.rounds} rounds")
-    print(f"{'B':>3} {'k':>3} {'context':>8} {'grouped':>9} {'per_row':>9} {'ratio':>6}")
+    extra = f" {'baseline':>9} {'ratio':>6}" if base else ""
+    print(f"{'B':>3} {'k':>3} {'context':>8} {'grouped':>9} {'per_row':>9} {'ratio':>6}{extra}")
     for (b, k, c), t in times.items():
         grouped, per_row = statistics.median(t["grouped"]), statistics.median(t["per_row"])
-        rows.append(
-            {"batch": b, "drafts": k, "context": c, "grouped_us": grouped, "per_row_us": per_row,
-             "grouped_over_per_row": grouped / per_row}
-        )  # fmt: skip
-        print(f"{b:>3} {k:>3} {c:>8} {grouped:>9.1f} {per_row:>9.1f} {grouped / per_row:>6.2f}")
+        row = {"batch": b, "drafts": k, "context": c, "grouped_us": grouped, "per_row_us": per_row,
+               "grouped_over_per_row": grouped / per_row}  # fmt: skip
+        line = f"{b:>3} {k:>3} {c:>8} {grouped:>9.1f} {per_row:>9.1f} {grouped / per_row:>6.2f}"
+        if base:
+            baseline = statistics.median(t["baseline"])
+            row |= {"baseline_us": baseline, "grouped_over_baseline": grouped / baseline}
+            line += f" {baseline:>9.1f} {grouped / baseline:>6.2f}"
+        rows.append(row)
+        print(line)
+    # Per (B, context): the first row of each request (k = 0) and each further row (the slope
+    # over k, per request), this tree's and the baseline's.
+    costs = []
+    for b in args.batch:
+        for c in args.context:
+            ks = sorted(args.drafts)
+            cost: dict[str, Any] = {"batch": b, "context": c}
+            for name in ("grouped",) + (("baseline",) if base else ()):
+                us = [statistics.median(times[(b, k, c)][name]) for k in ks]
+                first = us[0] / b if ks[0] == 0 else None
+                cost[name] = {"first_row_us": first, "per_extra_row_us": slope(ks, us) / b}
+            costs.append(cost)
+            parts = [
+                f"{name} first row {v['first_row_us'] or float('nan'):.1f}, per extra row {v['per_extra_row_us']:.1f}"
+                for name, v in cost.items()
+                if isinstance(v, dict)
+            ]
+            print(f"B={b} context {c}: us per request per layer: " + "; ".join(parts))
     out = {
         "benchmark": "paged_attention_kernel",
         "machine": machine_info(),
@@ -131,7 +213,9 @@ def main() -> int:
         "shape": {"n_heads": N_HEADS, "n_kv_heads": N_KV, "head_dim": HEAD_DIM, "block_size": BLOCK},
         "rounds": args.rounds,
         "quick": args.quick,
+        "baseline": args.baseline,
         "results": rows,
+        "row_costs": costs,
     }
     write_results(args.output, out)
     return 0
