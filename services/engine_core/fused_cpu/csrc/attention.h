@@ -157,10 +157,10 @@ inline void qk_heads(const float* const* qs, const float* keys_t, int64_t d, flo
 constexpr int64_t kQKHeads = std::max<int64_t>(1, kAccVecs / (kChunk / fVec::size()));
 
 template <int64_t M = kQKHeads>
-inline void qk_rest(const float* const* qs, int64_t count, const float* keys_t, int64_t d, float scale, float* s) {
+inline void qk_heads_rest(const float* const* qs, int64_t count, const float* keys_t, int64_t d, float scale, float* s) {
   if constexpr (M > 0) {
     if (count == M) return qk_heads<M>(qs, keys_t, d, scale, s);
-    qk_rest<M - 1>(qs, count, keys_t, d, scale, s);
+    qk_heads_rest<M - 1>(qs, count, keys_t, d, scale, s);
   }
 }
 
@@ -168,7 +168,7 @@ inline void qk_rest(const float* const* qs, int64_t count, const float* keys_t, 
 inline void qk_chunk(const float* const* qs, int64_t nq, const float* keys_t, int64_t d, float scale, float* s) {
   int64_t h = 0;
   for (; h + kQKHeads <= nq; h += kQKHeads) qk_heads<kQKHeads>(qs + h, keys_t, d, scale, s + h * kChunk);
-  qk_rest(qs + h, nq - h, keys_t, d, scale, s + h * kChunk);
+  qk_heads_rest(qs + h, nq - h, keys_t, d, scale, s + h * kChunk);
 }
 
 // A query head's running state in one split: unnormalised output [d], max and sum of exp, and
