@@ -27,6 +27,7 @@ from services.engine_core.compiled_decode import CompiledDecode, use_cache_dir
 from services.engine_core.cuda_graph import DecodeGraphs, Graph
 from services.engine_core.fused_cpu import decode as fused_decode
 from services.engine_core.fused_cpu import extension as fused_extension
+from services.engine_core.models import dense
 from services.engine_core.models.int4 import Int4Weight
 from services.engine_core.models.int8 import Int8Weight
 from services.engine_core.request import Request
@@ -99,6 +100,8 @@ class ModelRunner:
             fused=self.fused is not None,
         )
         log.info("run mode: %s%s", self.mode, _MODE_HINT if self.device.type == "cpu" and not config.exact else "")
+        if config.exact and self.device.type == "cpu":
+            self._pad_dense_calls()
         if config.exact and self.device.type == "cpu" and not blas_invariant:
             log.warning(
                 "exact mode without MKL's strict CNR mode (MKL_CBWR=AUTO,STRICT, read at this process's first "
@@ -209,6 +212,26 @@ class ModelRunner:
         except Exception:
             log.warning("compiling the decode step failed: running every step eagerly", exc_info=True)
             return None
+
+    def _pad_dense_calls(self) -> None:
+        """The exact mode's batch invariance where the float32 GEMM needs help: the smallest row
+        count from which its calls agree, measured here (models/dense.py), pads smaller calls."""
+        t0 = time.perf_counter()
+        layer = self.model.layers[0]
+        head = self.model.embed if self.model.lm_head is None else self.model.lm_head
+        weights = [layer.qkv_weight, layer.o_weight, layer.gate_up_weight, layer.down_weight, head[:4096]]
+        rows = dense.min_invariant_rows(weights)
+        if rows > 1:
+            self.model.pad_dense_calls(rows)
+            log.info(
+                "exact mode: this CPU's float32 GEMM rounds calls of fewer than %d rows differently: padding "
+                "them to %d rows (probed in %.2fs)",
+                rows,
+                rows,
+                time.perf_counter() - t0,
+            )
+        elif rows == 0:
+            log.warning("exact mode: no padding makes this CPU's float32 GEMM row-invariant: logits vary by batch")
 
     def _fused_decode(self) -> fused_decode.FusedDecode | None:
         """The fused C++ decode path where it applies (fused_cpu/decode.py), else None."""

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from services.engine_core.attention.base import AttentionBackend, AttentionMetadata
 from services.engine_core.model_config import ModelConfig
-from services.engine_core.models import int4
+from services.engine_core.models import dense, int4
 from services.engine_core.models.int4 import Int4Layer, Int4Weight
 from services.engine_core.models.int8 import Int8Weight
 
@@ -111,6 +111,8 @@ class DecoderLayer(nn.Module):
         # Set by quantize_int4: steps of up to int4_max_rows rows use these instead.
         self.int4_max_rows = 0
         self.int4: Int4Layer | None = None
+        # Set by CausalLM.pad_dense_calls: dense calls of fewer rows are padded to this many.
+        self.min_dense_rows = 1
 
     @torch.no_grad()
     def quantize_int4(self, max_rows: int) -> None:
@@ -148,7 +150,7 @@ class DecoderLayer(nn.Module):
             if self.qkv_bias is not None:
                 qkv += self.qkv_bias
         else:
-            qkv = F.linear(x, self.qkv_weight, self.qkv_bias)
+            qkv = dense.linear(x, self.qkv_weight, self.qkv_bias, self.min_dense_rows)
         # q and k sit side by side in qkv, so they are normalised and rotated as one tensor.
         qk, v = qkv.view(t, n + 2 * n_kv, d).split((n + n_kv, n_kv), dim=1)
         if self.q_norm is not None and self.k_norm is not None:
@@ -166,15 +168,18 @@ class DecoderLayer(nn.Module):
         if q4 is not None:
             h.add_(q4.o(attn))
         else:
-            h.addmm_(attn, self.o_weight.t())
+            dense.addmm_(h, attn, self.o_weight.t(), self.min_dense_rows)
         x = F.rms_norm(h, self.hidden_shape, self.mlp_norm, self.eps)
-        gate_up = q4.gate_up(x) if q4 is not None else F.linear(x, self.gate_up_weight)
+        if q4 is not None:
+            gate_up = q4.gate_up(x)
+        else:
+            gate_up = dense.linear(x, self.gate_up_weight, min_rows=self.min_dense_rows)
         gate, up = gate_up.chunk(2, dim=-1)
         act = F.silu(gate, inplace=True).mul_(up)
         if q4 is not None:
             h.add_(q4.down(act))
         else:
-            h.addmm_(act, self.down_weight.t())
+            dense.addmm_(h, act, self.down_weight.t(), self.min_dense_rows)
         return h
 
 
@@ -207,6 +212,8 @@ class CausalLM(nn.Module):
         # Set where decode steps run fused (fused_cpu/decode.py dense_chunk): the most rows per
         # dense head call for which every row gets its lone bits (0: one call for all rows).
         self.dense_head_chunk = 0
+        # Set by pad_dense_calls (the exact mode where the GEMM needs it: models/dense.py).
+        self.min_dense_rows = 1
         # Angles in float32 then cast, as transformers does, so bf16 models round the same way.
         positions = torch.arange(max_positions or cfg.max_position_embeddings, dtype=torch.float32)
         angles = torch.outer(positions, rope_inv_freq(cfg)).to(device)
@@ -263,6 +270,13 @@ class CausalLM(nn.Module):
         self.lm_head_quantized, self.lm_head_max_rows = Int4Weight.quantize(head), int4.max_rows(head.dtype)
         return True
 
+    def pad_dense_calls(self, min_rows: int) -> None:
+        """Every dense matmul (the layers' and the LM head's) of fewer than min_rows rows is padded
+        to min_rows (models/dense.py)."""
+        self.min_dense_rows = min_rows
+        for layer in self.layers:
+            layer.min_dense_rows = min_rows
+
     def compute_logits(self, hidden: Tensor, rows_without_drafts: int | None = None) -> Tensor:
         """hidden [N, hidden] (rows of forward's output) -> float32 logits [N, vocab].
 
@@ -280,7 +294,7 @@ class CausalLM(nn.Module):
         chunk = self.dense_head_chunk
         if rows <= chunk < hidden.shape[0]:
             return torch.cat([F.linear(part, head) for part in hidden.split(chunk)]).float()
-        return F.linear(hidden, head).float()
+        return dense.linear(hidden, head, min_rows=self.min_dense_rows).float()
 
     def weight_targets(self) -> dict[str, Tensor]:
         """Every checkpoint tensor the model expects, by HF name, mapped to the view of our
