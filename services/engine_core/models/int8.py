@@ -49,6 +49,12 @@ class Int8Weight:
         except (AttributeError, RuntimeError, NotImplementedError) as e:
             log.info("oneDNN int8 matmul unavailable (%s): the int8 LM head uses _weight_int8pack_mm", e)
             self._packed = None
+        if self._packed is not None and not _onednn_is_exact_enough(values, scales):
+            log.info(
+                "oneDNN's int8 matmul is inexact on this CPU (no VNNI: its u8 x s8 pair sums saturate): "
+                "the int8 LM head uses _weight_int8pack_mm"
+            )
+            self._packed = None
 
     @classmethod
     @torch.no_grad()
@@ -89,3 +95,29 @@ class Int8Weight:
     def dequantize(self) -> Tensor:
         """The weight matrix the kernel multiplies by, as float32 (for tests and error checks)."""
         return self.values.float() * self.scales[:, None]
+
+
+_PROBE_ROWS = 512
+"""Output rows of the weight the start-up check multiplies (a slice: the whole head would cost
+start-up time; saturation shows on any rows with large weights)."""
+
+
+@torch.no_grad()
+def _onednn_is_exact_enough(values: Tensor, scales: Tensor) -> bool:
+    """Whether oneDNN's u8 x s8 matmul computes these weights as their int8 values say. Without
+    VNNI (AVX512_VNNI, AVX-VNNI or AMX) oneDNN multiplies with vpmaddubsw, whose int16 pair sums
+    saturate (255 x 127 x 2 > 32767), so a large activation times a large weight comes out wrong
+    (a 2-core AMD EPYC with AVX2: 5 % relative error on random rows, and a zero row's logits not
+    zero). Checked on a slice of the weight against the same product in float32: a row of zeros,
+    and random rows, whose 8-bit activations alone cost well under 1 %."""
+    rows = min(_PROBE_ROWS, values.shape[0])
+    probe = Int8Weight.__new__(Int8Weight)
+    probe.values, probe.scales = values[:rows], scales[:rows]
+    probe._zero_points = torch.zeros(rows, dtype=torch.long)
+    probe._packed = torch.ops.onednn.qlinear_prepack(probe.values, None)
+    x = torch.randn(4, values.shape[1], generator=torch.Generator().manual_seed(0))
+    x[0] = 0.0
+    got, want = probe(x), x @ probe.dequantize().t()
+    if not torch.equal(got[0], torch.zeros_like(got[0])):
+        return False
+    return bool(((got[1:] - want[1:]).norm() / want[1:].norm()) < 1e-2)
