@@ -29,7 +29,18 @@ log = logging.getLogger(__name__)
 
 CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
 SOURCES = ("decode_step.cpp",)
-HEADERS = ("common.h", "norm.h", "rope.h", "activation.h", "attention.h", "prefill_attention.h", "int4_matmul.h")
+HEADERS = (
+    "common.h",
+    "norm.h",
+    "rope.h",
+    "activation.h",
+    "attention.h",
+    "prefill_attention.h",
+    "int4_layout.h",
+    "int4_matmul.h",
+    "int4_matmul_avx2.h",
+    "int4_matmul_avx512.h",
+)
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-std=c++17")
 LDFLAGS = ("-fopenmp",)
 _DONE = "built"

@@ -75,6 +75,30 @@ def test_int4_matmul_equals_torch_int4_kernel(ext: ModuleType, out_features: int
         torch.testing.assert_close(ours, torch_out, atol=1e-2, rtol=1e-2)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("out_features", [8, 20, 100])
+def test_int4_matmul_partial_columns(ext: ModuleType, out_features: int, threads: int) -> None:
+    """N not a multiple of a strip (64) or of a vector (16 columns on AVX-512, 8 on AVX2): column
+    n's bits are those it gets in a wider matrix (where nothing is masked), at every row blocking
+    of each instruction set's kernel (1..20, 33 and 80 rows) and 1 and 2 threads."""
+    in_features, wide = 96, 144
+    q = torch.randint(0, 16, (wide, in_features), generator=torch.Generator().manual_seed(2), dtype=torch.uint8)
+    scales_zeros = (0.05 * randn(in_features // GROUP, 2, wide, seed=3)).to(BF16)
+    x = randn(80, in_features, seed=1).to(BF16)
+    w = (q.double() - 8) * scales_zeros[:, 0].double().repeat_interleave(GROUP, 0).T
+    w += scales_zeros[:, 1].double().repeat_interleave(GROUP, 0).T
+    narrow = pack(q[:out_features]), scales_zeros[..., :out_features].contiguous()
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        full = ext.int4_matmul(x, pack(q), scales_zeros)
+        torch.testing.assert_close(full.double(), x.double() @ w.T, atol=2e-2, rtol=1e-2)
+        for rows in [*range(1, 21), 33, 80]:
+            assert torch.equal(ext.int4_matmul(x[:rows].contiguous(), *narrow), full[:rows, :out_features]), rows
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_int4_matmul_rejects_mismatched_shapes(ext: ModuleType) -> None:
     packed, scales_zeros = repack(Int4Weight.quantize(randn(64, 64)))
     with pytest.raises(RuntimeError, match="disagree"):
