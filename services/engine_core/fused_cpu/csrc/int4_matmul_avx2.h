@@ -4,19 +4,25 @@
 // A strip's 64 columns are eight vectors of 8: vector v < 4 is the low nibbles of bytes 8v ..
 // 8v + 7 of an input's 32, v >= 4 the high nibbles of bytes 8 (v - 4) ..; vectors v and v + 4
 // share their 8 bytes (a "chunk"), widened once for both. A unit, a thread's piece of work, is
-// J / 2 chunks of a strip (J vectors) for every row, in row blocks of at most R rows whose R x J
-// accumulators stay in registers over all of K; a block after the first dequantizes the unit's
-// weights again from L1/L2 (its bytes and its fp32 scales, converted once per unit).
+// J / 2 chunks of a strip (J vectors) for every row:
+//   - up to 10 rows: in row blocks of at most R whose R x J accumulators stay in registers over
+//     all of K; a block after the first dequantizes the unit's weights again from L1/L2;
+//   - past that: the unit is dequantized kTileK inputs at a time into an L1 tile that blocks of
+//     up to kTileRows rows then multiply, their accumulators stored and reloaded between tiles.
+// The scales and zeros are converted to fp32 once per unit, out of the blocks' loops.
 //
 // Why this blocking (benchmarks/int4_matmul_kernel.py on a 2-core Zen 3 EPYC): dequantizing 8
 // weights takes ~4.5 vector ops besides their fmas (widen, half shared by the chunk's two
 // vectors; mask or shift; subtract 8; convert; fma with the scale and zero), and each row one
-// fma; every op cost about the same there. So one chunk (J = 2) a unit, with up to 5 rows a block
-// (10 accumulators, 2 weights, a broadcast, temporaries: the 16 registers), multiplies each
-// dequantized weight into the most rows; wider units (J = 4, 8) fit fewer rows and were slower
-// from 3 rows on, units of one vector (J = 1, 12 rows) slower throughout. A decode row (M = 1)
-// takes half strips (J = 4): as fast as J = 2 with the weights in cache and as fast as whole
-// strips from memory, and 18 units for N = 576 where two threads split 9 strips 5:4.
+// fma. One chunk (J = 2) a unit with up to 5 rows a block (10 accumulators, 2 weights, a
+// broadcast, temporaries: the 16 registers) was the fastest from 2 rows on; wider units (J = 4,
+// 8) fit fewer rows and were slower from 3 rows on, units of one vector (J = 1, 12 rows) slower
+// throughout. A decode row (M = 1) takes half strips (J = 4): as fast as J = 2 with the weights
+// in cache and as fast as whole strips from memory, and 18 units for N = 576 where two threads
+// split 9 strips 5:4. The tile, with 6 rows a block, is as fast as registers alone at 11-14
+// rows (one block fewer) and 13-25 % faster from 15 rows on, but 20 % slower at 6-10 (its
+// blocks, which only multiply, cost as much as the register blocks that also dequantize: each
+// accumulator's chain of fmas, one per input, bounds both).
 #pragma once
 
 #include <immintrin.h>
@@ -36,14 +42,19 @@ constexpr int kStripVectors = 8;
 struct Int4Plan {
   int J;
   int rows;
+  bool tiled;
 };
 
-// Most rows a block keeps in registers for each J.
-constexpr int kRowsJ4 = 1, kRowsJ2 = 5;
+// Most rows a block keeps in registers for each J, and a tiled block's (R J accumulators, J
+// weights and a broadcast: 15 of the 16 registers).
+constexpr int kRowsJ4 = 1, kRowsJ2 = 5, kTileRows = 6;
+// Inputs per tile: 256 x 16 fp32 = 16 KB, L1-resident.
+constexpr int64_t kTileK = 8 * kInt4Group;
 
 inline Int4Plan int4_plan(int64_t M) {
-  if (M == 1) return {4, kRowsJ4};
-  return {2, kRowsJ2};
+  if (M == 1) return {4, kRowsJ4, false};
+  if (M <= 2 * kRowsJ2) return {2, kRowsJ2, false};
+  return {2, kTileRows, true};
 }
 
 inline int64_t int4_units(const Int4Plan& plan, int64_t blocks) { return blocks * (kStripVectors / plan.J); }
@@ -157,7 +168,92 @@ void int4_block(const float* x, int64_t K, const uint8_t* bytes, const float* sc
   }
 }
 
+// The tiled path: inputs [k0, k1) of the unit's J vectors, dequantized into tile[k - k0][J][8].
+template <int J>
+void int4_dequant_tile(const uint8_t* bytes, const float* scales, int64_t k0, int64_t k1, float* tile) {
+  constexpr int C = J / 2;
+  for (int64_t g = k0 / kInt4Group; g < k1 / kInt4Group; ++g) {
+    __m256 s[J], z[J];
+    NOVAINFER_UNROLL
+    for (int j = 0; j < J; ++j) {
+      s[j] = _mm256_loadu_ps(scales + (g * 2 * J + j) * 8);
+      z[j] = _mm256_loadu_ps(scales + (g * 2 * J + J + j) * 8);
+    }
+    for (int64_t k = g * kInt4Group; k < (g + 1) * kInt4Group; ++k) {
+      if (k % 2 == 0) _mm_prefetch(reinterpret_cast<const char*>(bytes + (k + kPrefetchK) * 32), _MM_HINT_T0);
+      float* t = tile + (k - k0) * J * 8;
+      NOVAINFER_UNROLL
+      for (int c = 0; c < C; ++c) {
+        const __m256i chunk = int4_chunk(bytes + k * 32 + 8 * c);
+        _mm256_store_ps(t + c * 8, int4_dequant<false>(chunk, s[c], z[c]));
+        _mm256_store_ps(t + (C + c) * 8, int4_dequant<true>(chunk, s[C + c], z[C + c]));
+      }
+    }
+  }
+}
+
+// R rows times a tile of kk inputs, accumulating into acc [R][J][8]: the same fmas, in the same
+// order, as int4_block.
+template <int R, int J>
+void int4_tile_block(const float* x, int64_t K, const float* tile, int64_t kk, float* acc_buf) {
+  __m256 acc[R][J];
+  NOVAINFER_UNROLL
+  for (int r = 0; r < R; ++r) {
+    NOVAINFER_UNROLL
+    for (int j = 0; j < J; ++j) acc[r][j] = _mm256_loadu_ps(acc_buf + (r * J + j) * 8);
+  }
+  for (int64_t k = 0; k < kk; ++k) {
+    __m256 w[J];
+    NOVAINFER_UNROLL
+    for (int j = 0; j < J; ++j) w[j] = _mm256_load_ps(tile + (k * J + j) * 8);
+    NOVAINFER_UNROLL
+    for (int r = 0; r < R; ++r) {
+      const __m256 xv = _mm256_broadcast_ss(x + r * K + k);
+      NOVAINFER_UNROLL
+      for (int j = 0; j < J; ++j) acc[r][j] = _mm256_fmadd_ps(xv, w[j], acc[r][j]);
+    }
+  }
+  NOVAINFER_UNROLL
+  for (int r = 0; r < R; ++r) {
+    NOVAINFER_UNROLL
+    for (int j = 0; j < J; ++j) _mm256_storeu_ps(acc_buf + (r * J + j) * 8, acc[r][j]);
+  }
+}
+
 #undef NOVAINFER_UNROLL
+
+template <int R, int J>
+void int4_tile_rows(const float* x, int64_t K, const float* tile, int64_t kk, float* acc_buf, int64_t m) {
+  if constexpr (R > 0) {
+    if (m == R) return int4_tile_block<R, J>(x, K, tile, kk, acc_buf);
+    int4_tile_rows<R - 1, J>(x, K, tile, kk, acc_buf, m);
+  }
+}
+
+// Every row times a unit, a tile of inputs at a time: each weight dequantized once for all the
+// row blocks, which store and reload their accumulators between tiles.
+template <int J>
+void int4_unit_tiled(const float* x, int64_t M, int64_t K, const uint8_t* bytes, const float* scales, int64_t N,
+                     const int64_t* col, bf16* out, int64_t rows) {
+  alignas(32) thread_local float tile[kTileK * J * 8];
+  thread_local std::vector<float> acc;
+  acc.assign(M * J * 8, 0.f);
+  const int64_t blocks = (M + rows - 1) / rows;
+  for (int64_t k0 = 0; k0 < K; k0 += kTileK) {
+    const int64_t k1 = std::min(K, k0 + kTileK);
+    int4_dequant_tile<J>(bytes, scales, k0, k1, tile);
+    for (int64_t blk = 0, m0 = 0; blk < blocks; ++blk) {
+      const int64_t m1 = M * (blk + 1) / blocks;
+      int4_tile_rows<kTileRows, J>(x + m0 * K + k0, K, tile, k1 - k0, acc.data() + m0 * J * 8, m1 - m0);
+      m0 = m1;
+    }
+  }
+  for (int j = 0; j < J; ++j) {
+    const int64_t ncols = std::clamp<int64_t>(N - col[j], 0, 8);
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t c = 0; c < ncols; ++c) out[m * N + col[j] + c] = bf16(acc[(m * J + j) * 8 + c]);
+  }
+}
 
 // int4_block<m, J> for a run-time m in 1..R.
 template <int R, int J>
@@ -173,7 +269,7 @@ void int4_block_rows(const float* x, int64_t K, const uint8_t* bytes, const floa
 // of at most `rows` <= R rows.
 template <int R, int J>
 void int4_unit_j(const float* x, int64_t M, int64_t K, const uint8_t* packed, const bf16* sz, int64_t N, int64_t unit,
-                 bf16* out, int64_t rows) {
+                 bf16* out, int64_t rows, bool tiled) {
   constexpr int C = J / 2;
   const int64_t b = unit / (kStripVectors / J), chunk0 = unit % (kStripVectors / J) * C;
   int64_t col[J];
@@ -192,6 +288,9 @@ void int4_unit_j(const float* x, int64_t M, int64_t K, const uint8_t* packed, co
       for (int j = 0; j < J; ++j)
         _mm256_storeu_ps(scales.data() + ((g * 2 + h) * J + j) * 8,
                          int4_load_bf16x8(sz + (g * 2 + h) * N + col[j], N - col[j]));
+  if constexpr (J == 2) {  // the plans tile half strips only
+    if (tiled) return int4_unit_tiled<J>(x, M, K, bytes, scales.data(), N, col, out, rows);
+  }
   const int64_t blocks = (M + rows - 1) / rows;
   for (int64_t blk = 0, m0 = 0; blk < blocks; ++blk) {
     const int64_t m1 = M * (blk + 1) / blocks;
@@ -202,8 +301,8 @@ void int4_unit_j(const float* x, int64_t M, int64_t K, const uint8_t* packed, co
 
 inline void int4_unit(const Int4Plan& plan, const float* x, int64_t M, int64_t K, const uint8_t* packed,
                       const bf16* sz, int64_t N, int64_t unit, bf16* out) {
-  if (plan.J == 4) return int4_unit_j<kRowsJ4, 4>(x, M, K, packed, sz, N, unit, out, plan.rows);
-  int4_unit_j<kRowsJ2, 2>(x, M, K, packed, sz, N, unit, out, plan.rows);
+  if (plan.J == 4) return int4_unit_j<kRowsJ4, 4>(x, M, K, packed, sz, N, unit, out, plan.rows, plan.tiled);
+  int4_unit_j<kRowsJ2, 2>(x, M, K, packed, sz, N, unit, out, plan.rows, plan.tiled);
 }
 
 }  // namespace novainfer
