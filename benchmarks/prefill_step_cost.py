@@ -1,7 +1,8 @@
 """What a prompt's prefill costs in the fused CPU step against the eager path, offline.
 
 Builds the engine's ModelRunner twice (the bundled SmolLM2-135M in the CPU default: with the
-fused C++ step, and with --no-fused-cpu-decode, the eager path) and times ModelRunner.execute:
+fused C++ step, and with --no-fused-cpu-decode, the eager path, which on a CPU without native
+bf16 is the float32 mode the fused `+fp32-dense` default replaces) and times ModelRunner.execute:
   prefill   a --prompt-tokens prompt (e.g. 512 and 2048), in chunks of --chunk tokens (the
             scheduler's --max-num-batched-tokens), from the first chunk to its first token: the
             model part of TTFT
@@ -156,9 +157,10 @@ def main() -> int:
     p.add_argument(
         "--dtype",
         default="auto",
-        help="the engine's --dtype (bfloat16 runs the fused step on a CPU "
-        "without native bf16, where auto picks float32: slow, for a check only)",
+        help="the engine's --dtype (auto: the default's; bfloat16 on a CPU without native bf16: the fused step "
+        "on emulated bf16 matmuls, slow, for a check only)",
     )
+    p.add_argument("--quantization", default="auto", help="the engine's --quantization (none: a float checkpoint's)")
     p.add_argument("--quick", action="store_true", help="a smoke check, not figures")
     p.add_argument("--output", default=RESULTS)
     args = p.parse_args()
@@ -168,7 +170,11 @@ def main() -> int:
     global clock
     clock = time.thread_time if threads == 1 else time.perf_counter
     base = EngineConfig(
-        num_threads=threads, kv_cache_bytes=args.kv_cache_mib << 20, max_num_seqs=args.batch + 1, dtype=args.dtype
+        num_threads=threads,
+        kv_cache_bytes=args.kv_cache_mib << 20,
+        max_num_seqs=args.batch + 1,
+        dtype=args.dtype,
+        quantization=args.quantization,
     )
     runners = {
         "fused": ModelRunner(base),

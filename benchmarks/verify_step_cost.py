@@ -17,11 +17,15 @@ split into its parts, timed on their own in the same round:
   rest      execute - prepare - forward - lm_head: sampling rows, draft acceptance, logprobs
 Every round times every (B, k) once and the medians are reported, since the machine is shared;
 ratios are against k = 0 at the same B. Also reports which kernel the step picks and whether it
-ran as one fused C++ call (fused_cpu/decode.py). Writes
-benchmarks/results/verify_step_cost.json with machine_info.
+ran as one fused C++ call (fused_cpu/decode.py). --eager times the same engine with
+--no-fused-cpu-decode beside it, every point of both in each round (on a CPU without native bf16
+that is the eager float32 mode the fused `+fp32-dense` default replaces). At --threads 1 the
+times are the thread's CPU time (time.thread_time), which a shared machine disturbs less than
+wall time. Writes benchmarks/results/verify_step_cost.json with machine_info.
 
     .venv/bin/python benchmarks/verify_step_cost.py                            # B 1 and 8, k 0..8 (~2 min)
     .venv/bin/python benchmarks/verify_step_cost.py --quick                    # a smoke check
+    .venv/bin/python benchmarks/verify_step_cost.py --batch 1 --drafts 0 8 --context 500 --threads 1 --eager
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ from machine_info import machine_info, write_results  # noqa: E402
 
 from services.engine_core.attention.base import AttentionMetadata  # noqa: E402
 from services.engine_core.batch import ScheduledBatch  # noqa: E402
-from services.engine_core.fused_cpu.decode import MATRICES  # noqa: E402
+from services.engine_core.fused_cpu.decode import MATRICES, padded_rows  # noqa: E402
 from services.engine_core.model_runner import ModelRunner  # noqa: E402
 from services.engine_core.request import Request, RequestStatus  # noqa: E402
 from shared.config import EngineConfig, available_cores  # noqa: E402
@@ -79,29 +83,33 @@ def step_batch(reqs: list[Request], k: int) -> ScheduledBatch:
     return ScheduledBatch(reqs, [1 + k] * len(reqs), [True] * len(reqs), spec_token_ids=drafts if k else [])
 
 
+clock = time.perf_counter
+"""Wall time; main() makes it the thread's CPU time at one thread."""
+
+
 @torch.inference_mode()
 def time_parts(runner: ModelRunner, batch: ScheduledBatch) -> dict[str, float]:
     out: dict[str, float] = {}
-    t0 = time.perf_counter()
+    t0 = clock()
     runner.execute(batch)
-    out["execute"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
+    out["execute"] = clock() - t0
+    t0 = clock()
     ids, pos, md, sample_rows = runner._prepare(batch)
-    out["prepare"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
+    out["prepare"] = clock() - t0
+    t0 = clock()
     hidden = runner.forward(ids, pos, md)
-    out["forward"] = time.perf_counter() - t0
+    out["forward"] = clock() - t0
     rows = hidden.index_select(0, torch.tensor(sample_rows))
-    t0 = time.perf_counter()
+    t0 = clock()
     runner.model.compute_logits(rows, len(batch.requests))
-    out["lm_head"] = time.perf_counter() - t0
+    out["lm_head"] = clock() - t0
     x = torch.randn(ids.shape[0], runner.model_config.hidden_size, dtype=runner.dtype)
-    t0 = time.perf_counter()
+    t0 = clock()
     linear_layers(runner, x, md)
-    out["linear"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
+    out["linear"] = clock() - t0
+    t0 = clock()
     attention_layers(runner, md)
-    out["attention"] = time.perf_counter() - t0
+    out["attention"] = clock() - t0
     return out
 
 
@@ -145,9 +153,13 @@ def linear_layers(runner: ModelRunner, x: torch.Tensor, md: AttentionMetadata) -
         q4 = layer.int4
         if int4 and q4 is not None:
             q4.qkv(x), q4.o(heads_x), q4.gate_up(x), q4.down(act)
-        else:
-            x @ layer.qkv_weight.t(), heads_x @ layer.o_weight.t()
-            x @ layer.gate_up_weight.t(), act @ layer.down_weight.t()
+            continue
+        weights = (layer.qkv_weight, layer.o_weight, layer.gate_up_weight, layer.down_weight)
+        for rows, w in zip((x, heads_x, x, act), weights, strict=True):
+            if fused is not None and fused.can_run(md):  # its dense call: fp32 weights on bf16 rows, padded
+                fused.ext.dense_matmul(rows, w, padded_rows(rows.shape[0], fused.row_multiple))
+            else:
+                rows @ w.t()
 
 
 def main() -> int:
@@ -160,36 +172,49 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=25)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: the engine's, one per core)")
     p.add_argument("--exact", action="store_true", help="the exact float32 mode instead of the default")
+    p.add_argument("--eager", action="store_true", help="also the mode with --no-fused-cpu-decode, alternated")
+    p.add_argument("--quantization", default="auto", help="the engine's --quantization (none: a float checkpoint's)")
     p.add_argument("--quick", action="store_true", help="a smoke check, not figures")
     p.add_argument("--output", default=RESULTS)
     args = p.parse_args()
     drafts = [0, 2] if args.quick else args.drafts
     rounds = 2 if args.quick else args.rounds
     threads = args.threads or available_cores()
-    config = EngineConfig(num_threads=threads, exact=args.exact, max_num_seqs=max(args.batch))
-    runner = ModelRunner(config)
-    print(f"run mode {runner.mode}, {threads} threads; int4 up to {runner.model.layers[0].int4_max_rows} rows, "
-          f"quantized LM head up to {runner.model.lm_head_max_rows}", flush=True)  # fmt: skip
-    requests = {b: make_requests(runner, b, args.context, max(drafts)) for b in args.batch}
-    points = [(b, k) for b in args.batch for k in drafts]
-    samples: dict[tuple[int, int], dict[str, list[float]]] = {pt: {n: [] for n in PARTS} for pt in points}
-    for b, k in points:
-        time_parts(runner, step_batch(requests[b], k))  # warm-up
+    global clock
+    clock = time.thread_time if threads == 1 else time.perf_counter
+    config = EngineConfig(
+        num_threads=threads, exact=args.exact, max_num_seqs=max(args.batch), quantization=args.quantization
+    )
+    runners = {"default": ModelRunner(config)}
+    if args.eager:
+        runners["eager"] = ModelRunner(EngineConfig(**{**_fields(config), "fused_cpu_decode": False}))
+    for path, runner in runners.items():
+        print(f"{path}: run mode {runner.mode}, {threads} threads; int4 up to "
+              f"{runner.model.layers[0].int4_max_rows} rows, quantized LM head up to {runner.model.lm_head_max_rows}",
+              flush=True)  # fmt: skip
+    requests = {(p, b): make_requests(r, b, args.context, max(drafts)) for p, r in runners.items() for b in args.batch}
+    points = [(p, b, k) for p in runners for b in args.batch for k in drafts]
+    samples: dict[tuple[str, int, int], dict[str, list[float]]] = {pt: {n: [] for n in PARTS} for pt in points}
+    for p, b, k in points:
+        time_parts(runners[p], step_batch(requests[(p, b)], k))  # warm-up
     for _ in range(rounds):
-        for b, k in points:
-            for name, s in time_parts(runner, step_batch(requests[b], k)).items():
-                samples[(b, k)][name].append(s)
+        for p, b, k in points:
+            for name, s in time_parts(runners[p], step_batch(requests[(p, b)], k)).items():
+                samples[(p, b, k)][name].append(s)
 
     results: list[dict[str, Any]] = []
-    for b in args.batch:
-        base = statistics.median(samples[(b, drafts[0])]["execute"])
-        print(f"batch {b}: ms (x the step without drafts)")
+    for p, b in ((p, b) for p in runners for b in args.batch):
+        runner = runners[p]
+        base = statistics.median(samples[(p, b, drafts[0])]["execute"])
+        print(f"{p} ({runner.mode}), batch {b}: ms (x the step without drafts)")
         for k in drafts:
-            med = {n: statistics.median(v) * 1e3 for n, v in samples[(b, k)].items()}
+            med = {n: statistics.median(v) * 1e3 for n, v in samples[(p, b, k)].items()}
             med["rest"] = med["execute"] - med["prepare"] - med["forward"] - med["lm_head"]
             rows = b * (1 + k)
-            md = runner._prepare(step_batch(requests[b], k))[2]
+            md = runner._prepare(step_batch(requests[(p, b)], k))[2]
             entry = {
+                "path": p,
+                "run_mode": runner.mode,
                 "batch": b,
                 "drafts": k,
                 "rows": rows,
@@ -208,17 +233,22 @@ def main() -> int:
         "benchmark": "verify_step_cost",
         "machine": machine_info(),
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "run_mode": runner.mode,
+        "run_mode": runners["default"].mode,
         "threads": threads,
+        "clock": "thread_time" if threads == 1 else "perf_counter",
         "context": args.context,
         "rounds": rounds,
         "quick": args.quick,
-        "int4_max_rows": runner.model.layers[0].int4_max_rows,
-        "lm_head_max_rows": runner.model.lm_head_max_rows,
+        "int4_max_rows": runners["default"].model.layers[0].int4_max_rows,
+        "lm_head_max_rows": runners["default"].model.lm_head_max_rows,
         "points": results,
     }
     write_results(args.output, out)
     return 0
+
+
+def _fields(config: EngineConfig) -> dict:
+    return {f: getattr(config, f) for f in config.__struct_fields__}
 
 
 if __name__ == "__main__":

@@ -31,7 +31,13 @@ from services.engine_core.models import dense
 from services.engine_core.models.int4 import Int4Weight
 from services.engine_core.models.int8 import Int8Weight
 from services.engine_core.request import Request
-from services.engine_core.run_mode import describe, resolve_device, resolve_dtype, use_batch_invariant_blas
+from services.engine_core.run_mode import (
+    describe,
+    fused_fp32_dense,
+    resolve_device,
+    resolve_dtype,
+    use_batch_invariant_blas,
+)
 from services.engine_core.sampler import Sampler, SamplingBatch
 from services.engine_core.speculative.verify import verify_drafts
 from services.engine_core.structured_output import RequestGrammar, fill_bitmask
@@ -56,7 +62,11 @@ class ModelRunner:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self.device = resolve_device(config.device)
+        # The activations' (and KV cache's) dtype, and the large matrices'.
         self.dtype = resolve_dtype(config, self.device)
+        self.weight_dtype = self.dtype
+        if fused_fp32_dense(config, self.device) and fused_extension.load(resolve_cache_dir(config.cache_dir)):
+            self.dtype, self.weight_dtype = torch.bfloat16, torch.float32
         if config.compile_decode and self.device.type != "cpu":
             raise ValueError("--compile-decode is for CPUs (on CUDA, decode steps replay CUDA graphs)")
         if self.device.type == "cpu":
@@ -67,7 +77,7 @@ class ModelRunner:
         blas_invariant = config.exact and self.device.type == "cpu" and use_batch_invariant_blas()
 
         t0 = time.perf_counter()
-        self.model, self.model_config = load_model(config, self.device, self.dtype)
+        self.model, self.model_config = load_model(config, self.device, self.dtype, self.weight_dtype)
         self.load_time_s = time.perf_counter() - t0
         self.max_model_len = max_model_len(config)
         if config.max_model_len and config.max_model_len > self.max_model_len:
@@ -98,6 +108,7 @@ class ModelRunner:
             compiled=self.compiled is not None,
             exact=config.exact,
             fused=self.fused is not None,
+            weight_dtype=self.weight_dtype,
         )
         log.info("run mode: %s%s", self.mode, _MODE_HINT if self.device.type == "cpu" and not config.exact else "")
         if config.exact and self.device.type == "cpu":
@@ -252,14 +263,17 @@ class ModelRunner:
             log.warning("the fused CPU decode path failed to start: running decode steps eagerly", exc_info=True)
             return None
         # A verify step's dense LM head rows in the chunks its layers' rows use (CausalLM.compute_logits).
-        self.model.dense_head_chunk = fused.dense_chunk
+        self.model.dense_head_chunk, self.model.dense_head_multiple = fused.dense_chunk, fused.row_multiple
         log.info(
             "fused CPU kernels ready in %.2fs (decode rows on int4 for steps of up to %d decoding requests, else "
-            "dense in row-invariant chunks of %d rows, 0: none; prefill rows dense in calls of %d rows)",
+            "dense in row-invariant chunks of %d rows, 0: none; prefill rows dense in calls of %d rows; %s dense "
+            "calls padded to a multiple of %d rows)",
             time.perf_counter() - t0,
             fused.int4_max_requests,
             fused.dense_chunk,
             fused.prefill_block,
+            str(self.weight_dtype).removeprefix("torch."),
+            fused.row_multiple,
         )
         return fused
 

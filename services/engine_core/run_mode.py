@@ -9,6 +9,19 @@ matrices for steps of few rows when the checkpoint itself stores them as 4-bit G
 is never re-quantized unless asked (--quantization int4): that would lose quality nobody
 chose. On CUDA the default is bfloat16 without int4 (its kernel is CPU-only).
 
+Every step of that mode runs as one call into the fused C++ kernels (fused_cpu/), whose rows do
+not depend on each other, so speculation never changes greedy output. A CPU without native bf16
+(an AVX2 EPYC, say) emulates bf16 matmuls, ~6x slower than fp32 ones, so there the default keeps
+bf16 activations (and KV cache) but fp32 dense weights (the layers', the embedding, the LM head):
+the fused step multiplies its bf16 rows by them in fp32 and rounds the products to bf16
+(`bfloat16+int4+int8-lm-head+fused-decode+fp32-dense` for the bundled model), where the fused
+kernels build (fused_fp32_dense). A float checkpoint too (`bfloat16+fused-decode+fp32-dense`),
+for the same guarantee, at a price: with no int4 copies every decode row is a dense call padded
+to the row multiple MKL needs to be row-invariant (4 on an AVX2 EPYC, where one row alone takes
+its faster GEMV kernel), so a single-stream decode step costs ~1.6x the eager float32 mode's
+there, while a verify step of 1 + 8 rows costs less (docs/benchmarks.md). Where the kernels do
+not build, or with --dtype float32 or --no-fused-cpu-decode, such a CPU runs eager float32.
+
 The exact mode (--exact) is float32 with nothing else: greedy output is token for token
 transformers' and does not depend on what else is in the batch. It is what the parity tests
 run. On a CPU it is batch-invariant to the bit: a token's logits are the same whatever else is
@@ -88,6 +101,20 @@ def cpu_has_native_bf16() -> bool:
     return bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))
 
 
+def fused_fp32_dense(config: EngineConfig, device: torch.device) -> bool:
+    """Whether this engine's default, if the fused C++ kernels build (the caller checks), is the
+    fused step with bf16 activations and fp32 dense weights: on a CPU without native bf16, with
+    nothing asked that rules it out (a dtype, --exact, --compile-decode, --no-fused-cpu-decode)."""
+    return (
+        device.type == "cpu"
+        and config.dtype == "auto"
+        and not config.exact
+        and config.fused_cpu_decode
+        and not config.compile_decode
+        and not cpu_has_native_bf16()
+    )
+
+
 def resolve_dtype(config: EngineConfig, device: torch.device) -> torch.dtype:
     if config.exact:
         return torch.float32
@@ -116,14 +143,23 @@ def resolve_quantization(config: EngineConfig, device: torch.device, layer_types
 
 
 def describe(
-    dtype: torch.dtype, int4: bool, lm_head: str | None, compiled: bool, exact: bool, fused: bool = False
+    dtype: torch.dtype,
+    int4: bool,
+    lm_head: str | None,
+    compiled: bool,
+    exact: bool,
+    fused: bool = False,
+    weight_dtype: torch.dtype | None = None,
 ) -> str:
     """The mode in a few words, as the start-up log and /v1/models show it: 'exact (float32)',
     'bfloat16+int4+int8-lm-head+fused-decode', 'float32+int4+int4-lm-head+compiled', ...
-    lm_head: the quantized LM head's kind ('int8', 'int4') or None for a dense one."""
+    lm_head: the quantized LM head's kind ('int8', 'int4') or None for a dense one; weight_dtype:
+    the dense weights' dtype where it is not dtype's (the activations'): '+fp32-dense'."""
     name = str(dtype).removeprefix("torch.")
     if exact:
         return f"exact ({name})"
     parts = [name] + ["int4"] * int4 + [f"{lm_head}-lm-head"] * (lm_head is not None)
     parts += ["compiled"] * compiled + ["fused-decode"] * fused
+    if weight_dtype is not None and weight_dtype != dtype:
+        parts.append({torch.float32: "fp32", torch.bfloat16: "bf16"}.get(weight_dtype, str(weight_dtype)) + "-dense")
     return "+".join(parts)

@@ -90,10 +90,13 @@ _GGUF_LAYER_NAMES = {
 _GGUF_LAYER_RE = re.compile(r"blk\.(\d+)\.(.+)")
 
 
-def load_model(engine_config: EngineConfig, device: torch.device, dtype: torch.dtype) -> tuple[CausalLM, ModelConfig]:
-    """The model in `dtype` on `device`, with int4 copies of its layer matrices where the
-    (resolved) quantization says so: run_mode.resolve_quantization, once the checkpoint's
-    weight types are known."""
+def load_model(
+    engine_config: EngineConfig, device: torch.device, dtype: torch.dtype, weight_dtype: torch.dtype | None = None
+) -> tuple[CausalLM, ModelConfig]:
+    """The model in `dtype` on `device` (its large matrices in weight_dtype if given: CausalLM),
+    with int4 copies of its layer matrices where the (resolved) quantization says so:
+    run_mode.resolve_quantization, once the checkpoint's weight types are known."""
+    weight_dtype = weight_dtype or dtype
     files = resolve_model(engine_config.model)
     layer_types: frozenset[str] = frozenset()
     cache_dir = resolve_cache_dir(engine_config.cache_dir)
@@ -105,7 +108,9 @@ def load_model(engine_config: EngineConfig, device: torch.device, dtype: torch.d
     if engine_config.int4_lm_head and quantization != "int4":
         raise ValueError("--int4-lm-head needs int4 quantization (--quantization int4, or auto on a Q4_0/Q4_1 GGUF)")
     # The RoPE table needs no more rows than the context every process enforces.
-    model = build_model(cfg, dtype=dtype, device=device, max_positions=max_model_len(engine_config, files))
+    model = build_model(
+        cfg, dtype=dtype, device=device, max_positions=max_model_len(engine_config, files), weight_dtype=weight_dtype
+    )
     if files.format is ModelFormat.GGUF:
         model.load_weights(weights)
     elif files.format is ModelFormat.HF_DIR:
@@ -116,9 +121,8 @@ def load_model(engine_config: EngineConfig, device: torch.device, dtype: torch.d
         # Packing costs about as long as loading the rest (0.6 s for SmolLM2): a GGUF's int4
         # copies are cached beside its dequantized weights, keyed by the file and the dense dtype
         # they are packed from.
-        int4_cache = (
-            _gguf_cache_path(files.path, cache_dir, f"int4-{dtype}") if files.format is ModelFormat.GGUF else None
-        )
+        is_gguf = files.format is ModelFormat.GGUF
+        int4_cache = _gguf_cache_path(files.path, cache_dir, f"int4-{weight_dtype}") if is_gguf else None
         _add_int4_copies(model, layer_types, int4_cache)
         if engine_config.int4_lm_head:
             if not model.quantize_lm_head(4):

@@ -24,14 +24,15 @@ def test_default_mode_is_reported_and_serves(tmp_path: Path) -> None:
         client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0, timeout=120)
         # /health answered 200, so every engine has reported, and with it its mode.
         (card,) = client.models.list().data
-        dtype = "bfloat16" if torch.cuda.is_available() or cpu_has_native_bf16() else "float32"
         # The bundled model is a Q4_1 GGUF: int4 copies of its layers and an int8 LM head on a CPU,
-        # and, in bf16 where a C++ compiler built the fused kernels, the fused decode step.
+        # and, where a C++ compiler built the fused kernels, the fused step with bf16 activations
+        # (its dense weights fp32 on a CPU without native bf16); else bf16 or float32 eagerly.
         if torch.cuda.is_available():
-            expected = dtype
+            expected = "bfloat16"
+        elif shutil.which(os.environ.get("CXX", "c++")) is not None:
+            expected = "bfloat16+int4+int8-lm-head+fused-decode" + ("" if cpu_has_native_bf16() else "+fp32-dense")
         else:
-            fused = dtype == "bfloat16" and shutil.which(os.environ.get("CXX", "c++")) is not None
-            expected = f"{dtype}+int4+int8-lm-head" + ("+fused-decode" if fused else "")
+            expected = ("bfloat16" if cpu_has_native_bf16() else "float32") + "+int4+int8-lm-head"
         assert card.to_dict()["run_mode"] == expected
         resp = client.chat.completions.create(
             model=MODEL,

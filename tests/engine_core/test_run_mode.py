@@ -20,6 +20,7 @@ from services.engine_core.run_mode import (
     blas_batch_invariant,
     cpu_has_native_bf16,
     describe,
+    fused_fp32_dense,
     resolve_dtype,
     resolve_quantization,
 )
@@ -38,6 +39,52 @@ def test_auto_dtype_is_bf16_where_the_cpu_has_bf16_dot_products(monkeypatch, nat
     assert resolve_dtype(EngineConfig(exact=True), CUDA) == torch.float32
     assert resolve_dtype(EngineConfig(dtype="float32"), CPU) == torch.float32
     assert resolve_dtype(EngineConfig(dtype="bfloat16"), CPU) == torch.bfloat16
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_fused_fp32_dense_only_by_default_on_a_cpu_without_native_bf16(monkeypatch, native: bool) -> None:
+    monkeypatch.setattr(run_mode, "cpu_has_native_bf16", lambda: native)
+    assert fused_fp32_dense(EngineConfig(), CPU) == (not native)
+    assert not fused_fp32_dense(EngineConfig(), CUDA)
+    for asked in (
+        dict(exact=True),
+        dict(dtype="float32"),
+        dict(dtype="bfloat16"),
+        dict(fused_cpu_decode=False),
+        dict(compile_decode=True),
+    ):
+        assert not fused_fp32_dense(EngineConfig(**asked), CPU), asked  # type: ignore[arg-type]
+
+
+def _cpu_without_native_bf16(monkeypatch: pytest.MonkeyPatch, builds: bool) -> None:
+    """This process sees a CPU without native bf16 whose fused kernels build, or not."""
+    from services.engine_core.fused_cpu import extension
+
+    monkeypatch.setattr(run_mode, "cpu_has_native_bf16", lambda: False)
+    if not builds:
+        monkeypatch.setattr(extension, "load", lambda cache_dir: None)
+    elif shutil.which(os.environ.get("CXX", "c++")) is None:
+        pytest.skip("no C++ compiler: the fused CPU kernels cannot be built here")
+
+
+@pytest.mark.parametrize("builds", [True, False])
+def test_default_without_native_bf16(monkeypatch: pytest.MonkeyPatch, builds: bool) -> None:
+    """On a CPU without native bf16 the default is the fused step with bf16 activations and fp32
+    dense weights where the kernels build (a float checkpoint's too: random weights here), else
+    the eager float32 mode; --dtype float32 stays eager."""
+    _cpu_without_native_bf16(monkeypatch, builds)
+    small = dict(model="tiny-llama", device="cpu", kv_cache_bytes=1 << 20, max_num_batched_tokens=64)
+    runner = ModelRunner(EngineConfig(**small))  # type: ignore[arg-type]
+    layer = runner.model.layers[0]
+    if builds:
+        assert runner.mode == "bfloat16+fused-decode+fp32-dense" and runner.fused is not None
+        assert runner.dtype == torch.bfloat16 and runner.kv_caches[0][0].dtype == torch.bfloat16
+        assert layer.qkv_weight.dtype == runner.model.embed.dtype == torch.float32
+        assert layer.attn_norm.dtype == torch.bfloat16
+    else:
+        assert runner.mode == "float32" and runner.fused is None and layer.qkv_weight.dtype == torch.float32
+    asked = ModelRunner(EngineConfig(**small, dtype="float32"))  # type: ignore[arg-type]
+    assert asked.mode == "float32" and asked.fused is None
 
 
 def test_native_bf16_follows_the_cpu_flags() -> None:
@@ -68,15 +115,22 @@ def test_describe() -> None:
         describe(torch.bfloat16, True, "int8", False, exact=False, fused=True)
         == "bfloat16+int4+int8-lm-head+fused-decode"
     )
+    assert (
+        describe(torch.bfloat16, True, "int8", False, exact=False, fused=True, weight_dtype=torch.float32)
+        == "bfloat16+int4+int8-lm-head+fused-decode+fp32-dense"
+    )
+    assert describe(torch.float32, True, None, False, exact=False, weight_dtype=torch.float32) == "float32+int4"
 
 
 def test_runner_reports_its_resolved_mode() -> None:
     small = dict(model="tiny-llama", device="cpu", kv_cache_bytes=1 << 20, max_num_batched_tokens=64)
     default = ModelRunner(EngineConfig(**small))  # type: ignore[arg-type]
-    # Random weights are float: auto adds no int4 copies; in bf16, where a C++ compiler built the
-    # fused kernels, decode steps run them on the dense weights.
-    fused = cpu_has_native_bf16() and shutil.which(os.environ.get("CXX", "c++")) is not None
-    assert default.mode == ("bfloat16" if cpu_has_native_bf16() else "float32") + "+fused-decode" * fused
+    # Random weights are float: auto adds no int4 copies; where a C++ compiler built the fused
+    # kernels, decode steps run them on the dense weights (fp32 ones without native bf16).
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        assert default.mode == ("bfloat16" if cpu_has_native_bf16() else "float32")
+    else:
+        assert default.mode == "bfloat16+fused-decode" + ("" if cpu_has_native_bf16() else "+fp32-dense")
     assert default.model.layers[0].int4 is None
     exact = ModelRunner(EngineConfig(**small, exact=True))  # type: ignore[arg-type]
     assert exact.mode == "exact (float32)" and exact.dtype == torch.float32

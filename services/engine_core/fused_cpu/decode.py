@@ -8,29 +8,37 @@ whole forward: the int4 matmuls NovaInfer's own kernel (csrc/int4_matmul.h: the 
 dequantized once per call for all rows, repacked by int4_matmul.py), the dense ones torch's, the
 norms, RoPE + KV-cache write, SiLU x mul and paged attention fused kernels (csrc/*.h, after
 sgl-kernel's CPU kernels; the decode and draft rows' attention csrc/attention.h, the prefill
-rows', whatever the chunk's length, csrc/prefill_attention.h). It runs for any model in bf16
-on a CPU, with int4 copies (a Q4_0/Q4_1 GGUF, or --quantization int4) or without (a float
-checkpoint, e.g. a Hugging Face directory: every row on the dense weights); every other mode
-(float32, the exact mode in particular) keeps the eager path.
+rows', whatever the chunk's length, csrc/prefill_attention.h). It runs for any model with bf16
+activations on a CPU, with int4 copies (a Q4_0/Q4_1 GGUF, or --quantization int4) or without (a
+float checkpoint, e.g. a Hugging Face directory: every row on the dense weights); every other
+mode (--dtype float32, the exact mode in particular) keeps the eager path.
+
+The dense weights are bf16 where the CPU multiplies bf16 natively, else fp32 (run_mode.py: the
+default on such a CPU is `...+fused-decode+fp32-dense`): oneDNN emulates bf16 there, ~6x slower
+than MKL's fp32 GEMM, so the step converts a dense call's bf16 rows to fp32, multiplies by MKL and
+rounds the product to bf16 (csrc/dense_matmul.h). The probes below run on the weights the step
+multiplies by, in their dtype, so they find what that library does on this CPU.
 
 Which weights, by row set (model_runner puts the decoding requests first,
 AttentionMetadata.num_prefill_reqs says where the prefill chunks start):
 - decode rows (and their drafts): the int4 copies whenever the model has them and the step's
   decoding requests are few enough for them (what a step of the same requests without drafts
-  or prefill chunks multiplies by), however many rows the drafts add; else the dense bf16
-  weights (oneDNN's matmul, as the eager path). Each fused kernel of an int4 step is
+  or prefill chunks multiplies by), however many rows the drafts add; else the dense weights
+  (oneDNN's bf16 matmul or MKL's fp32 one). Each fused kernel of an int4 step is
   row-invariant (a row's result does not depend on the step's other rows or their count: the
   int4 matmul and the int8 LM head by test, the attention by its fixed KV splits), so a draft
   verified there gets the bits it would get decoded alone, and greedy output is the same with
   speculation on or off (tests/engine_core/fused_cpu/test_verify.py). The dense matmul is not row-invariant across
-  row counts (oneDNN picks its kernel by the count), but up to some count (32 on an AMX Xeon;
-  row_invariant_chunk checks it at start-up, the LM head included) every row gets its lone
-  bits: the decode rows of up to that many requests are multiplied (and, with a dense LM head,
-  their logits computed: CausalLM.dense_head_chunk) in chunks of that many rows, so their drafts
+  row counts (the library picks its kernel by the count), but up to some count (32 on an AMX
+  Xeon; row_invariant_chunk checks it at start-up, the LM head included), with every call padded
+  to a multiple of some rows where the library needs it (4 for MKL's fp32 GEMM on an AVX2 EPYC:
+  dense_calls), every row gets its lone bits: the decode rows of up to that many requests are
+  multiplied (and, with a dense LM head, their logits computed: CausalLM.dense_head_chunk) in
+  chunks of that many rows, so their drafts
   get their decodes' bits too (a float checkpoint's: test_float_checkpoint.py); past it a
   draft's logits may differ in the last bits.
 - prefill rows: the dense weights (int4 at hundreds of rows costs twice as much), in calls of
-  exactly prefill_block rows, the last one zero-padded, where oneDNN computes a row by the same
+  exactly prefill_block rows, the last one zero-padded, where the library computes a row by the same
   operations wherever it sits in the call and whatever the other rows hold
   (position_invariant_block checks it at start-up; lone-bits chunks would do too but cost more
   at hundreds of rows: benchmarks/prefill_step_cost.py --prefill-block 128 32). So a prompt's
@@ -61,11 +69,13 @@ from services.engine_core.models.llama import CausalLM
 
 
 def supported(model: CausalLM, dtype: torch.dtype, device: torch.device) -> str | None:
-    """Why the fused path cannot run this model, or None when it can."""
+    """Why the fused path cannot run this model, or None when it can. dtype: the activations'."""
     if device.type != "cpu":
         return "not on a CPU"
     if dtype != torch.bfloat16:
         return f"activations are {str(dtype).removeprefix('torch.')}, the kernels are bf16"
+    if model.layers[0].qkv_weight.dtype not in (torch.bfloat16, torch.float32):
+        return f"dense weights are {str(model.layers[0].qkv_weight.dtype).removeprefix('torch.')}, not bf16 or fp32"
     if model.cfg.head_dim % 2:
         return "an odd head_dim"
     return None
@@ -73,6 +83,8 @@ def supported(model: CausalLM, dtype: torch.dtype, device: torch.device) -> str 
 
 MATRICES = ("qkv", "o", "gate_up", "down")
 _CHUNKS = (32, 16, 8, 4)
+_MULTIPLES = (1, 2, 4, 8)
+"""Row counts a dense call may be padded to a multiple of, smallest first (dense_calls)."""
 _HEAD_PROBE_ROWS = 4096
 """The LM head rows row_invariant_chunk probes: the whole head (49152 rows for SmolLM2) would
 take seconds of start-up; a slice keeps its K and its kind of shape (many output columns)."""
@@ -83,56 +95,86 @@ this trades the padding of a short prompt's last call against the slower small c
 one (benchmarks/prefill_step_cost.py)."""
 
 
-def _lone(x: Tensor, w: Tensor) -> Tensor:
-    return torch.cat([F.linear(x[i : i + 1], w) for i in range(x.shape[0])])
+def dense_call(x: Tensor, w: Tensor, rows: int) -> Tensor:
+    """The product csrc/dense_matmul.h computes for bf16 rows x, as one call of `rows` rows (x,
+    then zero rows), before it rounds an fp32 product to bf16 (so a probe of it sees every bit)."""
+    x = x.to(w.dtype)
+    if rows > x.shape[0]:
+        return F.linear(torch.cat([x, x.new_zeros(rows - x.shape[0], x.shape[1])]), w)[: x.shape[0]]
+    return F.linear(x, w)
+
+
+def padded_rows(m: int, multiple: int) -> int:
+    return -(-m // multiple) * multiple
+
+
+def _rows(n: int, k: int, gen: torch.Generator) -> Tensor:
+    """n random activation rows (bf16, as the step's)."""
+    return torch.randn(n, k, generator=gen).to(torch.bfloat16)
 
 
 @torch.inference_mode()
-def row_invariant_chunk(weights: list[Tensor], rows: int = 256) -> int:
-    """The largest row count (of _CHUNKS) up to which the dense bf16 matmul gives every row the
-    bits it gets alone, for each of the weights; 0 if none.
+def row_invariant_chunk(weights: list[Tensor], multiple: int = 1, rows: int = 256) -> int:
+    """The largest row count C (of _CHUNKS, a multiple of `multiple`) up to which a dense call
+    whose rows are padded to a multiple of `multiple` gives every row the bits it gets alone (its
+    call padded alike), for each of the weights; 0 if none.
 
-    oneDNN picks its kernel (and so its summation order) by the row count: on the 2-core AMX
-    Xeon every call of up to 32 rows gives each row exactly its lone (1-row) bits, and calls of
-    33 or more rows another kernel's (test_row_invariance.py). That depends on the CPU's ISA and
-    oneDNN's heuristics, so it is checked here, on random rows, instead of assumed."""
+    oneDNN and MKL pick their kernel (and so the summation order) by the row count: on the 2-core
+    AMX Xeon every bf16 call of up to 32 rows gives each row exactly its lone (1-row) bits, and
+    calls of 33 or more rows another kernel's (test_row_invariance.py); on a 2-core AVX2 EPYC an
+    fp32 call of 1-3, 5-7 or 9 rows rounds differently from one of a multiple of 4, which all
+    agree. That depends on the CPU's ISA and the libraries' heuristics, so it is checked here, on
+    random rows, instead of assumed: calls of C rows and of every multiple of `multiple` up to C."""
     gen = torch.Generator().manual_seed(0)
-    chunks = list(_CHUNKS)
+    chunks = [c for c in _CHUNKS if c % multiple == 0]
     for w in weights:
-        x = torch.randn(rows, w.shape[1], generator=gen).to(w.dtype)
-        lone = _lone(x, w)
+        if not chunks:
+            break
+        x = _rows(rows, w.shape[1], gen)
+        lone = torch.cat([dense_call(x[i : i + 1], w, multiple) for i in range(rows)])
         while chunks:
             c = chunks[0]
-            chunked = torch.cat([F.linear(x[s : s + c], w) for s in range(0, rows, c)])
-            if torch.equal(chunked, lone):
+            chunked = torch.cat([dense_call(x[s : s + c], w, c) for s in range(0, rows, c)])
+            sizes = range(multiple, c, multiple)
+            if torch.equal(chunked, lone) and all(torch.equal(dense_call(x[:m], w, m), lone[:m]) for m in sizes):
                 break
             chunks.pop(0)
     return chunks[0] if chunks else 0
 
 
+def dense_calls(weights: list[Tensor]) -> tuple[int, int]:
+    """(row multiple, chunk): the smallest multiple of _MULTIPLES for which row_invariant_chunk
+    finds a chunk, and that chunk; (1, 0) if none does. 1 for oneDNN's bf16 matmul on an AMX Xeon
+    (no padding), 4 for MKL's fp32 one on an AVX2 EPYC."""
+    for multiple in _MULTIPLES:
+        chunk = row_invariant_chunk(weights, multiple)
+        if chunk:
+            return multiple, chunk
+    return 1, 0
+
+
 @torch.inference_mode()
 def position_invariant_block(weights: list[Tensor], candidates: tuple[int, ...] = PREFILL_BLOCKS) -> int:
-    """The first of candidates, B, for which a dense bf16 matmul of exactly B rows gives each row
-    the same bits wherever it sits among the B rows and whatever the others hold (zero padding
+    """The first of candidates, B, for which a dense call of exactly B rows gives each row the
+    same bits wherever it sits among the B rows and whatever the others hold (zero padding
     included), for each of the weights; 0 if none.
 
     The prefill rows are multiplied in calls of B rows (the last one padded), so a prompt row's
     bits, and so its K/V, do not depend on how the scheduler cut the prompt into chunks or on
-    what else the step holds. oneDNN computes a row of a fixed-shape call by the same sequence of
-    operations wherever it sits (its tiles all whole for such B); checked here on random rows, as
-    row_invariant_chunk is, since that is oneDNN's choice, not a promise."""
+    what else the step holds. oneDNN (bf16) and MKL (fp32) compute a row of a fixed-shape call by
+    the same sequence of operations wherever it sits (its tiles all whole for such B); checked here
+    on random rows, as row_invariant_chunk is, since that is the libraries' choice, not a promise."""
     gen = torch.Generator().manual_seed(1)
     for b in candidates:
         ok = True
         for w in weights:
-            x = torch.randn(2 * b, w.shape[1], generator=gen).to(w.dtype)
-            ref = F.linear(x[:b], w)
+            x = _rows(2 * b, w.shape[1], gen)
+            ref = dense_call(x[:b], w, b)
             for shift in (1, b // 2 + 3, b - 1):  # row j at index j - shift, beside other rows
-                if not torch.equal(F.linear(x[shift : shift + b], w)[: b - shift], ref[shift:]):
+                if not torch.equal(dense_call(x[shift : shift + b], w, b)[: b - shift], ref[shift:]):
                     ok = False
             for m in (1, b // 3):  # the last call of a prefill: m rows and zero padding
-                padded = torch.cat([x[:m], torch.zeros(b - m, w.shape[1], dtype=w.dtype)])
-                if not torch.equal(F.linear(padded, w)[:m], ref[:m]):
+                if not torch.equal(dense_call(x[:m], w, b), ref[:m]):
                     ok = False
             if not ok:
                 break
@@ -182,10 +224,12 @@ class FusedDecode:
             )
         first_layer = [matrices[0] for matrices in dense]
         head = model.embed if model.lm_head is None else model.lm_head
-        self.dense_chunk = row_invariant_chunk([*first_layer, head[:_HEAD_PROBE_ROWS]])
-        # The prefill rows' calls: of B rows where oneDNN's kernel for B rows is position-invariant,
-        # else of up to dense_chunk rows (lone bits: any such call), else (neither holds) all
-        # rows in one call, and a prompt's K/V then depend on its chunking in the last bits.
+        # Every dense call padded to a multiple of row_multiple rows; decode rows in calls of up to
+        # dense_chunk rows, where each row gets its lone bits.
+        self.row_multiple, self.dense_chunk = dense_calls([*first_layer, head[:_HEAD_PROBE_ROWS]])
+        # The prefill rows' calls: of B rows where the kernel for B rows is position-invariant,
+        # else of dense_chunk rows (lone bits: any such call), else (neither holds) all rows in
+        # one call, and a prompt's K/V then depend on its chunking in the last bits.
         self.prefill_block = position_invariant_block(first_layer) or self.dense_chunk
         self._kv_caches: list[tuple[Tensor, Tensor]] | None = None
 
@@ -229,4 +273,5 @@ class FusedDecode:
             self.uses_int4(md),
             self._dense_chunk(md),
             self.prefill_block,
+            self.row_multiple,
         )

@@ -15,8 +15,10 @@ def build_model(
     dtype: torch.dtype = torch.float32,
     device: torch.device | None = None,
     max_positions: int | None = None,
+    weight_dtype: torch.dtype | None = None,
 ) -> CausalLM:
-    """An uninitialised model (fill it with CausalLM.load_weights or random init)."""
+    """An uninitialised model (fill it with CausalLM.load_weights or random init); weight_dtype:
+    its large matrices' dtype, if not dtype (CausalLM)."""
     if cfg.architecture not in SUPPORTED_ARCHITECTURES:
         raise ValueError(f"no model for architecture {cfg.architecture!r}")
-    return CausalLM(cfg, dtype=dtype, device=device, max_positions=max_positions)
+    return CausalLM(cfg, dtype=dtype, device=device, max_positions=max_positions, weight_dtype=weight_dtype)

@@ -21,18 +21,26 @@ CANDIDATES = (1, 2, 4, 8, 16, 32)
 """Row counts min_invariant_rows tries, smallest first."""
 
 
-def linear(x: Tensor, w: Tensor, bias: Tensor | None = None, min_rows: int = 1) -> Tensor:
-    """F.linear(x, w, bias), x padded with zero rows to at least min_rows rows."""
+def linear(x: Tensor, w: Tensor, bias: Tensor | None = None, min_rows: int = 1, multiple: int = 1) -> Tensor:
+    """F.linear(x, w, bias), x padded with zero rows to at least min_rows rows and to a multiple
+    of `multiple`. Weights of another dtype than x (fp32 dense weights under bf16 activations:
+    fused_cpu/decode.py) multiply x converted to theirs, the product converted back."""
     t = x.shape[0]
-    if t >= min_rows:
+    rows = max(min_rows, -(-t // multiple) * multiple)
+    if w.dtype != x.dtype:
+        out = linear(x.to(w.dtype), w, None, rows).to(x.dtype)
+        return out if bias is None else out.add_(bias)
+    if t >= rows:
         return F.linear(x, w, bias)
-    return F.linear(_pad(x, min_rows), w, bias)[:t]
+    return F.linear(_pad(x, rows), w, bias)[:t]
 
 
 def addmm_(h: Tensor, a: Tensor, w_t: Tensor, min_rows: int = 1) -> Tensor:
     """h += a @ w_t in place (one addmm, as the model folds its residual adds), both padded to
     at least min_rows rows."""
     t = h.shape[0]
+    if w_t.dtype != h.dtype:
+        return h.add_(linear(a, w_t.t(), min_rows=min_rows))
     if t >= min_rows:
         return h.addmm_(a, w_t)
     return h.copy_(_pad(h, min_rows).addmm_(_pad(a, min_rows), w_t)[:t])

@@ -11,6 +11,11 @@ matmuls (addmm_), because a CPU decode step of one token is bound by reading wei
 and by per-op dispatch, not by FLOPs. Parameters are plain tensors with
 requires_grad=False, allocated uninitialised in the target dtype/device: the loader
 fills them (load_weights) and nothing here ever needs autograd.
+
+The large matrices (the layers' four, the embedding, the LM head) may have their own dtype,
+weight_dtype: fp32 under bf16 activations on a CPU without native bf16, where the fused C++ step
+multiplies its bf16 rows by fp32 weights (fused_cpu/decode.py). The eager forward then converts
+at those matmuls (models/dense.py); it serves as the tests' reference there, not for speed.
 """
 
 from __future__ import annotations
@@ -86,7 +91,9 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device | None) -> None:
+    def __init__(
+        self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device | None, weight_dtype: torch.dtype | None = None
+    ) -> None:
         super().__init__()
         hidden, d = cfg.hidden_size, cfg.head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, d
@@ -99,15 +106,16 @@ class DecoderLayer(nn.Module):
             "gate_up_weight": (cfg.intermediate_size, cfg.intermediate_size),
         }
         qkv_rows = sum(self.shard_sizes["qkv_weight"])
+        wdtype = weight_dtype or dtype
         self.attn_norm = _param((hidden,), dtype, device)
-        self.qkv_weight = _param((qkv_rows, hidden), dtype, device)
+        self.qkv_weight = _param((qkv_rows, hidden), wdtype, device)
         self.qkv_bias = _param((qkv_rows,), dtype, device) if cfg.attention_bias else None
         self.q_norm = _param((d,), dtype, device) if cfg.qk_norm else None
         self.k_norm = _param((d,), dtype, device) if cfg.qk_norm else None
-        self.o_weight = _param((hidden, cfg.num_heads * d), dtype, device)
+        self.o_weight = _param((hidden, cfg.num_heads * d), wdtype, device)
         self.mlp_norm = _param((hidden,), dtype, device)
-        self.gate_up_weight = _param((2 * cfg.intermediate_size, hidden), dtype, device)
-        self.down_weight = _param((hidden, cfg.intermediate_size), dtype, device)
+        self.gate_up_weight = _param((2 * cfg.intermediate_size, hidden), wdtype, device)
+        self.down_weight = _param((hidden, cfg.intermediate_size), wdtype, device)
         # Set by quantize_int4: steps of up to int4_max_rows rows use these instead.
         self.int4_max_rows = 0
         self.int4: Int4Layer | None = None
@@ -194,24 +202,30 @@ class CausalLM(nn.Module):
         dtype: torch.dtype = torch.float32,
         device: torch.device | None = None,
         max_positions: int | None = None,
+        weight_dtype: torch.dtype | None = None,
     ) -> None:
-        """max_positions: how many positions the RoPE table covers (default the model's context)."""
+        """max_positions: how many positions the RoPE table covers (default the model's context);
+        weight_dtype: the large matrices' dtype (default dtype, the activations')."""
         super().__init__()
         self.cfg = cfg
+        self.dtype = dtype
         self.hidden_shape = (cfg.hidden_size,)
-        self.embed = _param((cfg.vocab_size, cfg.hidden_size), dtype, device)
+        wdtype = weight_dtype or dtype
+        self.embed = _param((cfg.vocab_size, cfg.hidden_size), wdtype, device)
         # An nn.ModuleList (registers the layers); torch's stubs do not let it say it holds DecoderLayers.
         self.layers: Sequence[DecoderLayer] = nn.ModuleList(  # type: ignore[assignment]
-            DecoderLayer(cfg, dtype, device) for _ in range(cfg.num_layers)
+            DecoderLayer(cfg, dtype, device, wdtype) for _ in range(cfg.num_layers)
         )
         self.norm = _param((cfg.hidden_size,), dtype, device)
-        self.lm_head = None if cfg.tie_word_embeddings else _param((cfg.vocab_size, cfg.hidden_size), dtype, device)
+        self.lm_head = None if cfg.tie_word_embeddings else _param((cfg.vocab_size, cfg.hidden_size), wdtype, device)
         # Set by quantize_lm_head: steps of up to lm_head_max_rows logits rows multiply by it instead.
         self.lm_head_quantized: Int4Weight | Int8Weight | None = None
         self.lm_head_max_rows = 0
-        # Set where decode steps run fused (fused_cpu/decode.py dense_chunk): the most rows per
-        # dense head call for which every row gets its lone bits (0: one call for all rows).
+        # Set where decode steps run fused (fused_cpu/decode.py dense_calls): the most rows per
+        # dense head call for which every row gets its lone bits (0: one call for all rows), and
+        # the multiple of rows every dense head call is padded to.
         self.dense_head_chunk = 0
+        self.dense_head_multiple = 1
         # Set by pad_dense_calls (the exact mode where the GEMM needs it: models/dense.py).
         self.min_dense_rows = 1
         # Angles in float32 then cast, as transformers does, so bf16 models round the same way.
@@ -230,7 +244,7 @@ class CausalLM(nn.Module):
         backend: AttentionBackend,
     ) -> Tensor:
         """input_ids, positions: int64 [T]. Returns the final-normed hidden states [T, hidden]."""
-        h = F.embedding(input_ids, self.embed)
+        h = F.embedding(input_ids, self.embed).to(self.dtype)
         cos = self.rope_cos.index_select(0, positions).unsqueeze(1)
         sin = self.rope_sin.index_select(0, positions).unsqueeze(1)
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches, strict=True):
@@ -286,15 +300,18 @@ class CausalLM(nn.Module):
         (tests/engine_core/fused_cpu/test_row_invariance.py), so they are then the same bits. The
         dense head is not row-invariant across row counts, but calls of up to dense_head_chunk
         rows give each row its lone bits: the rows go in calls of that many where the step
-        without drafts would be one call."""
+        without drafts would be one call (each padded to a multiple of dense_head_multiple rows).
+        A head of another dtype than hidden's (fp32 under bf16 activations) multiplies the rows
+        converted to its own, and its logits are not rounded to the activations' dtype."""
         rows = hidden.shape[0] if rows_without_drafts is None else rows_without_drafts
         if self.lm_head_quantized is not None and rows <= self.lm_head_max_rows:
             return self.lm_head_quantized(hidden).float()
         head = self.embed if self.lm_head is None else self.lm_head
-        chunk = self.dense_head_chunk
+        hidden = hidden.to(head.dtype)
+        chunk, multiple = self.dense_head_chunk, self.dense_head_multiple
         if rows <= chunk < hidden.shape[0]:
-            return torch.cat([F.linear(part, head) for part in hidden.split(chunk)]).float()
-        return dense.linear(hidden, head, min_rows=self.min_dense_rows).float()
+            return torch.cat([dense.linear(part, head, multiple=multiple) for part in hidden.split(chunk)]).float()
+        return dense.linear(hidden, head, min_rows=self.min_dense_rows, multiple=multiple).float()
 
     def weight_targets(self) -> dict[str, Tensor]:
         """Every checkpoint tensor the model expects, by HF name, mapped to the view of our

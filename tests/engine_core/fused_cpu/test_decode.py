@@ -14,14 +14,11 @@ import torch
 from services.engine_core.attention.base import AttentionMetadata
 from services.engine_core.fused_cpu import extension
 from services.engine_core.model_runner import ModelRunner
-from services.engine_core.run_mode import cpu_has_native_bf16
 from shared.config import EngineConfig
 from tests.engine_core.conftest import rel_error
-from tests.engine_core.fused_cpu.conftest import decode_metadata
+from tests.engine_core.fused_cpu.conftest import decode_metadata, default_mode
 
-pytestmark = pytest.mark.skipif(
-    torch.cuda.is_available() or not cpu_has_native_bf16(), reason="the fused path is the bf16 CPU default's"
-)
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the fused path is the CPU default's")
 
 CONFIG = EngineConfig(kv_cache_bytes=64 << 20, max_num_seqs=8)
 
@@ -40,8 +37,8 @@ def _fields(config: EngineConfig) -> dict:
 
 def test_default_mode_uses_it(runners: tuple[ModelRunner, ModelRunner]) -> None:
     fused, eager = runners
-    assert fused.fused is not None and fused.mode == "bfloat16+int4+int8-lm-head+fused-decode"
-    assert eager.fused is None and eager.mode == "bfloat16+int4+int8-lm-head"
+    assert fused.fused is not None and fused.mode == default_mode()
+    assert eager.fused is None and eager.mode == default_mode(fused=False)
 
 
 def assert_fused_logits_close(
@@ -51,11 +48,20 @@ def assert_fused_logits_close(
     caches: list[tuple[torch.Tensor, torch.Tensor]],
     copies: list[tuple[torch.Tensor, torch.Tensor]],
     md: AttentionMetadata,
-    min_argmax_agreement: float = 0.75,
+    min_argmax_agreement: float | None = None,
 ) -> None:
     """The fused step's logits (on caches) against the eager model's (on copies of them): close,
-    the same argmax in most rows (min_argmax_agreement) and, where the argmax differs, a near-tie
-    in the eager logits."""
+    the same argmax in most rows (min_argmax_agreement: by default 0.75, 0.6 with fp32 dense
+    weights) and, where the argmax differs, a near-tie in the eager logits.
+
+    With fp32 dense weights (a CPU without native bf16) the eager reference is the further from
+    float32: it rounds the embedding, every product and the residual stream to bf16, where the
+    fused step keeps the embedding and the stream in fp32 and rounds each product once. On random
+    drafts, whose logits have near-ties (3 requests verifying 2, 0 and 5, 2-core AVX2 EPYC), the
+    fused argmax agreed with that eager path's in 7 of 10 rows and with eager float32's in 8,
+    while the eager path agreed with float32 in 5."""
+    if min_argmax_agreement is None:
+        min_argmax_agreement = 0.75 if runner.weight_dtype == runner.dtype else 0.6
     assert runner.fused is not None and runner.fused.can_run(md)
     got = runner.model.compute_logits(runner.fused.run(ids, pos, caches, md))
     ref = runner.model.compute_logits(runner.model(ids, pos, copies, md, runner.backend))
@@ -124,7 +130,8 @@ def test_logits_close_to_eager(runners: tuple[ModelRunner, ModelRunner], context
     for (k, v), (k_ref, v_ref) in zip(caches, copies, strict=True):
         for got_c, ref_c in ((k, k_ref), (v, v_ref)):
             got_c, ref_c = got_c.view(-1, n_kv, d), ref_c.view(-1, n_kv, d)
-            assert rel_error(got_c[written], ref_c[written]) < 0.05
+            # (The eager path rounds more with fp32 dense weights: assert_fused_logits_close.)
+            assert rel_error(got_c[written], ref_c[written]) < (0.05 if fused.weight_dtype == fused.dtype else 0.07)
             assert torch.equal(got_c[~written], ref_c[~written])
 
 
@@ -170,7 +177,7 @@ def test_failed_build_falls_back_to_eager(
     monkeypatch.setenv("CXX", "false")
     with caplog.at_level(logging.WARNING):
         runner = ModelRunner(EngineConfig(**{**_fields(CONFIG), "cache_dir": str(tmp_path)}))
-    assert runner.fused is None and runner.mode == "bfloat16+int4+int8-lm-head"
+    assert runner.fused is None and runner.mode == default_mode(fused=False)
     assert [r for r in caplog.records if "fused CPU decode kernels are unavailable" in r.getMessage()]
     ids, pos, md = decode_metadata(1, 3, runner.block_size)
     with torch.inference_mode():

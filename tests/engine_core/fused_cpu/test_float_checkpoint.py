@@ -17,16 +17,14 @@ import pytest
 import torch
 
 from services.engine_core.model_runner import ModelRunner
-from services.engine_core.run_mode import cpu_has_native_bf16
 from shared.config import EngineConfig
+from tests.engine_core.fused_cpu.conftest import default_mode
 from tests.engine_core.fused_cpu.test_decode import _prefilled, assert_fused_logits_close, token_range
 from tests.engine_core.fused_cpu.test_verify import assert_rows_equal_lone_decodes, drafted, verify_step
 from tests.engine_core.speculative.test_spec_engine import GREEDY, check_all_proposers, prompts_for
 from tests.engine_core.test_models import hf_tiny_model
 
-pytestmark = pytest.mark.skipif(
-    torch.cuda.is_available() or not cpu_has_native_bf16(), reason="the fused path is the bf16 CPU default's"
-)
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the fused path is the CPU default's")
 
 TINY = ["tiny-llama", "tiny-qwen2", "tiny-qwen3"]
 
@@ -56,7 +54,7 @@ def runner(ext: ModuleType, bf16_dir: str) -> ModelRunner:
 def test_runs_every_decode_step_fused(runner: ModelRunner, bf16_dir: str) -> None:
     """The default mode (no int4: the checkpoint is not 4-bit) with the fused path; every step
     of decodes runs it, on the dense weights, in chunks that keep rows row-invariant."""
-    assert runner.mode == "bfloat16+fused-decode" and runner.model.layers[0].int4 is None
+    assert runner.mode == default_mode(int4=False) and runner.model.layers[0].int4 is None
     fused = runner.fused
     assert fused is not None and fused.int4_max_requests == 0 and fused.dense_chunk >= 8
     assert runner.model.dense_head_chunk == fused.dense_chunk
@@ -64,7 +62,7 @@ def test_runs_every_decode_step_fused(runner: ModelRunner, bf16_dir: str) -> Non
         md = verify_step(*_step(requests, drafts, runner.block_size))[2]
         assert fused.can_run(md) and not fused.uses_int4(md)
     off = ModelRunner(EngineConfig(model=bf16_dir, kv_cache_bytes=16 << 20, fused_cpu_decode=False))
-    assert off.fused is None and off.mode == "bfloat16"
+    assert off.fused is None and off.mode == default_mode(int4=False, fused=False)
 
 
 def _step(requests: int, drafts: int, block_size: int) -> tuple[torch.Tensor, list[int], list[list[int]], int]:

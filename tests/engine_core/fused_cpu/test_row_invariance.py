@@ -1,8 +1,9 @@
 """Row invariance of every kernel a fused CPU step runs: a row's result is bit-identical whatever
 the other rows of the call are and however many there are. Together these make a fused step's
 row the same bits as a lone decode of that token (test_verify.py), so verifying drafts there
-does not change greedy output. The dense bf16 matmul (oneDNN) is not row-invariant, which is
-why a step picks its weights by its number of requests, not rows (fused_cpu/decode.py).
+does not change greedy output. The dense matmul (oneDNN's bf16, MKL's fp32) is not row-invariant,
+which is why a step picks its weights by its number of requests, not rows, and multiplies dense
+rows in calls the start-up probes found row-invariant (fused_cpu/decode.py).
 """
 
 from __future__ import annotations
@@ -12,10 +13,9 @@ from types import ModuleType
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from services.engine_core.attention.base import AttentionMetadata
-from services.engine_core.fused_cpu.decode import row_invariant_chunk
+from services.engine_core.fused_cpu.decode import dense_call, dense_calls, padded_rows
 from services.engine_core.fused_cpu.int4_matmul import repack
 from services.engine_core.models.int4 import Int4Weight
 from services.engine_core.models.int8 import Int8Weight
@@ -175,16 +175,34 @@ def test_paged_attention_verify_rows_equal_decode_rows(ext: ModuleType) -> None:
         assert torch.equal(group, step[start : start + q_len]), f"request {r} alone, 1 thread"
 
 
+DENSE_DTYPES = [BF16, torch.float32]
+"""The fused step's dense weights: bf16 where the CPU has native bf16, fp32 elsewhere."""
+
+
+@pytest.mark.parametrize("dtype", DENSE_DTYPES)
 @pytest.mark.parametrize("out_features, in_features", [(960, 576), (3072, 576), (576, 1536), (128, 64)])
-def test_dense_matmul_in_row_invariant_chunks(out_features: int, in_features: int) -> None:
-    """oneDNN's bf16 matmul in calls of row_invariant_chunk rows (what a fused dense step runs)
-    gives every row its lone bits, wherever it sits in the call and whatever the other rows."""
-    weight = (0.05 * randn(out_features, in_features)).to(BF16)
-    chunk = row_invariant_chunk([weight])
+def test_dense_matmul_in_row_invariant_chunks(
+    ext: ModuleType, out_features: int, in_features: int, dtype: torch.dtype
+) -> None:
+    """The step's dense matmul (csrc/dense_matmul.h: oneDNN's bf16 matmul, or MKL's fp32 one on
+    bf16 rows) in calls of up to the probed chunk, each padded to the probed multiple of rows
+    (dense_calls: what a fused dense step runs), gives every row its lone bits, wherever it sits
+    in the call and whatever the other rows; and the probes see the very product the step
+    computes (decode.dense_call, before the step rounds an fp32 product to bf16)."""
+    weight = (0.05 * randn(out_features, in_features)).to(dtype)
+    multiple, chunk = dense_calls([weight])
     if not chunk:
-        pytest.skip("no row-invariant chunk of oneDNN's dense matmul on this CPU")
+        pytest.skip(f"no row-invariant chunk of the dense {dtype} matmul on this CPU")
     x = randn(3 * chunk, in_features, seed=1).to(BF16)
-    lone = torch.cat([F.linear(x[i : i + 1], weight) for i in range(x.shape[0])])
+
+    def call(rows: torch.Tensor) -> torch.Tensor:
+        return ext.dense_matmul(rows, weight, padded_rows(rows.shape[0], multiple))
+
+    lone = torch.cat([call(x[i : i + 1]) for i in range(x.shape[0])])
     for start in range(0, 2 * chunk + 1, max(1, chunk // 4)):
-        for m in (1, chunk // 2 + 1, chunk):
-            assert torch.equal(F.linear(x[start : start + m], weight), lone[start : start + m]), (start, m)
+        for m in (1, 3, chunk // 2 + 1, chunk):
+            assert torch.equal(call(x[start : start + m]), lone[start : start + m]), (start, m)
+    for m in (1, 5, chunk):
+        for rows in (m, padded_rows(m, multiple), 2 * chunk):
+            want = dense_call(x[:m], weight, rows).to(BF16)
+            assert torch.equal(ext.dense_matmul(x[:m], weight, rows), want), (m, rows)

@@ -15,7 +15,6 @@ import torch
 from services.engine_core.attention.base import AttentionMetadata
 from services.engine_core.fused_cpu.decode import FusedDecode
 from services.engine_core.model_runner import ModelRunner
-from services.engine_core.run_mode import cpu_has_native_bf16
 from services.tokenizer_pool.tokenizer import load_tokenizer
 from shared.config import EngineConfig
 from shared.protocol import SamplingParams
@@ -31,9 +30,7 @@ from tests.engine_core.speculative.test_spec_engine import (
 )
 from tests.engine_core.speculative.test_spec_engine import run as run_engine
 
-pytestmark = pytest.mark.skipif(
-    torch.cuda.is_available() or not cpu_has_native_bf16(), reason="the fused path is the bf16 CPU default's"
-)
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the fused path is the CPU default's")
 
 I32 = torch.int32
 
@@ -216,11 +213,12 @@ def test_greedy_unchanged_with_32_drafts(ext: ModuleType, counted_verify_steps: 
 
 
 def test_more_requests_run_fused_on_the_dense_weights(ext: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
-    """12 requests, past the int4 cut-off: their decode and verification steps run fused on the
-    dense bf16 weights, in row-invariant chunks, and greedy output is the same with speculation
-    on or off while the batch stays past the cut-off (always-right and always-wrong proposers:
-    every request advances alike, so none finishes early and leaves a batch of int4 size). On
-    the bundled model: its matrices are where oneDNN's kernels depend on the row count."""
+    """4 requests more than the int4 cut-off (12 with AMX, 20 without): their decode and
+    verification steps run fused on the dense weights (bf16, or fp32 without native bf16), in
+    row-invariant chunks, and greedy output is the same with speculation on or off while the batch
+    stays past the cut-off (always-right and always-wrong proposers: every request advances alike,
+    so none finishes early and leaves a batch of int4 size). On the bundled model: its matrices
+    are where the libraries' kernels depend on the row count."""
     steps: list[tuple[int, int, bool]] = []
     run = FusedDecode.run
 
@@ -234,15 +232,19 @@ def test_more_requests_run_fused_on_the_dense_weights(ext: ModuleType, monkeypat
     monkeypatch.setattr(FusedDecode, "run", recording)
     tok = load_tokenizer(EngineConfig())
     texts = ["def add(a, b):\n    return a + b\n\n" * 2, "The capital of France is", "1, 2, 3, 4, 5, 6,"]
-    prompts = [tok.encode(f"{i}. {texts[i % 3]}") for i in range(12)]
     params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
-    reference = run_engine(make_engine("smollm2", max_num_seqs=16, **DEFAULT_MODE), prompts, params)
+    # Every prompt prefilled in the first step, so that every later step decodes all n requests.
+    big: dict[str, object] = dict(max_num_seqs=32, kv_cache_bytes=64 << 20, max_num_batched_tokens=1024)
+    plain = make_engine("smollm2", **big, **DEFAULT_MODE)
+    assert plain.runner.fused is not None
+    n = plain.runner.fused.int4_max_requests + 4
+    if plain.runner.fused.dense_chunk < n:
+        pytest.skip(f"the dense matmul gives no row-invariant chunk of {n} rows here")
+    prompts = [tok.encode(f"{i}. {texts[i % 3]}") for i in range(n)]
+    reference = run_engine(plain, prompts, params)
     for wrong in (False, True):
         proposer = OracleProposer(reference, 49152, wrong=wrong)
-        engine = spec_engine("smollm2", proposer, k=4, max_num_seqs=16, **DEFAULT_MODE)
-        assert engine.runner.fused is not None
-        if engine.runner.fused.dense_chunk < 12:
-            pytest.skip("oneDNN's dense matmul gives no row-invariant chunk of 12 rows here")
+        engine = spec_engine("smollm2", proposer, k=4, **big, **DEFAULT_MODE)
         steps.clear()
         assert run_engine(engine, prompts, params) == reference, f"wrong={wrong}"
-        assert all(reqs == 12 and not int4 for reqs, _, int4 in steps) and any(drafts for _, drafts, _ in steps)
+        assert all(reqs == n and not int4 for reqs, _, int4 in steps) and any(drafts for _, drafts, _ in steps)

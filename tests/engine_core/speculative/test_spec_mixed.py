@@ -14,15 +14,12 @@ import torch
 from services.engine_core.attention.base import AttentionMetadata
 from services.engine_core.engine import LLMEngine
 from services.engine_core.fused_cpu.decode import FusedDecode
-from services.engine_core.run_mode import cpu_has_native_bf16
 from services.tokenizer_pool.tokenizer import load_tokenizer
 from shared.config import EngineConfig
 from shared.protocol import SamplingParams
 from tests.engine_core.speculative.test_spec_engine import OracleProposer, make_engine, spec_engine
 
-pytestmark = pytest.mark.skipif(
-    torch.cuda.is_available() or not cpu_has_native_bf16(), reason="the fused path is the bf16 CPU default's"
-)
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the fused path is the CPU default's")
 
 # 8 running at most (int4 decode rows throughout: a batch that crosses the int4 cut-off changes
 # weights, and so outputs, whatever speculation does); 24 tokens a step: prompts are chunked and

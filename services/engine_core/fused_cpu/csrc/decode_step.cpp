@@ -1,11 +1,12 @@
 // One C++ call per step of a Llama-family model in the CPU fast mode (bf16 activations, dense
-// bf16 layer matrices and, for a 4-bit checkpoint, their int4 copies), its requests' rows each
+// layer matrices, bf16 or, on a CPU without native bf16, fp32, and, for a 4-bit checkpoint, their
+// int4 copies), its requests' rows each
 // one new token, one token and the drafts it verifies, or a prefill chunk: embedding, 30 layers
 // of norm -> q|k|v -> RoPE + KV write -> paged attention -> o + residual + norm -> gate|up ->
 // SiLU x mul -> down + residual + norm, and the final norm.
 // Python issues one call a step instead of ~900 ops; the matmuls are the row-invariant int4
-// kernel of int4_matmul.h (weights dequantized once per call, for all rows) or torch's dense bf16
-// matmul, in calls sized so that a row's bits do not depend on the other rows (RowPlan), the rest
+// kernel of int4_matmul.h (weights dequantized once per call, for all rows) or torch's dense
+// matmul (dense_matmul.h), in calls sized so that a row's bits do not depend on the other rows (RowPlan), the rest
 // the kernels in the headers beside this file.
 // torch/extension.h would pull in the whole C++ frontend (torch::nn, ...) and double the build
 // time: ATen and the pybind11 casters for tensors are all this needs.
@@ -20,6 +21,7 @@
 
 #include "activation.h"
 #include "attention.h"
+#include "dense_matmul.h"
 #include "int4_matmul.h"
 #include "norm.h"
 #include "prefill_attention.h"
@@ -33,66 +35,64 @@ namespace {
 // chunks (int4, or dense in calls of at most decode_chunk rows), so their bits are that step's.
 // The rest are prefill chunks' rows: by the dense weights in calls of exactly prefill_block rows,
 // the last one padded with zero rows, so a prompt row's bits depend on the row alone, not on how
-// the scheduler cut the prompt into chunks or what shares the step (fused_cpu/decode.py).
+// the scheduler cut the prompt into chunks or what shares the step (fused_cpu/decode.py). Every
+// other dense call is padded with zero rows to a multiple of row_multiple rows (1 for oneDNN's
+// bf16 matmul; 4 for MKL's fp32 one on an AVX2 EPYC, whose calls of other counts round otherwise).
 struct RowPlan {
   int64_t decode_rows;
   bool int4;
   int64_t decode_chunk;   // > 0: dense decode rows in calls of at most this many rows; else one call
   int64_t prefill_block;  // > 0: prefill rows in calls of exactly this many rows; else one call
+  int64_t row_multiple;   // >= 1: a dense call's rows padded to a multiple of this
 };
 
-// One of a layer's matrices in the copies the model keeps: dense bf16 (oneDNN's matmul, AMX where
-// the CPU has it) and, where the model has them, int4 (int4_matmul.h's layout,
-// fused_cpu/int4_matmul.py) for the decode rows of steps of few requests.
+// One of a layer's matrices in the copies the model keeps: dense (bf16 or fp32: dense_matmul.h)
+// and, where the model has them, int4 (int4_matmul.h's layout, fused_cpu/int4_matmul.py) for the
+// decode rows of steps of few requests.
 struct Matrix {
   std::vector<at::Tensor> packed, scales_zeros, dense;
 
   at::Tensor operator()(const at::Tensor& x, size_t layer, const RowPlan& plan) const {
     const int64_t T = x.size(0), D = plan.decode_rows;
-    if (D == T) return decodes(x, layer, plan);
+    if (D == T && plan.int4) return int4_matmul(x, packed[layer], scales_zeros[layer]);
     at::Tensor out = at::empty({T, dense[layer].size(0)}, x.options());
-    if (D > 0) out.narrow(0, 0, D).copy_(decodes(x.narrow(0, 0, D), layer, plan));
-    at::Tensor rest = out.narrow(0, D, T - D);
-    prefill(x.narrow(0, D, T - D), layer, plan.prefill_block, rest);
+    if (D > 0) {
+      at::Tensor decode_out = out.narrow(0, 0, D);
+      if (plan.int4) {
+        decode_out.copy_(int4_matmul(x.narrow(0, 0, D), packed[layer], scales_zeros[layer]));
+      } else {
+        decodes(x.narrow(0, 0, D), layer, plan, decode_out);
+      }
+    }
+    if (D < T) prefill(x.narrow(0, D, T - D), layer, plan, out.narrow(0, D, T - D));
     return out;
   }
 
  private:
-  // chunk > 0: the dense product in calls of at most chunk rows. oneDNN picks its kernel by the
-  // row count, and up to some count (32 on an AMX Xeon) a row's bits are those of the row alone;
-  // calls that small keep a step's rows row-invariant (fused_cpu/decode.py dense_chunk).
-  at::Tensor decodes(const at::Tensor& x, size_t layer, const RowPlan& plan) const {
-    if (plan.int4) return int4_matmul(x, packed[layer], scales_zeros[layer]);
-    const int64_t T = x.size(0), chunk = plan.decode_chunk;
-    if (chunk <= 0 || T <= chunk) return at::linear(x, dense[layer]);
-    at::Tensor out = at::empty({T, dense[layer].size(0)}, x.options());
+  // chunk > 0: the dense product in calls of at most chunk rows. The libraries pick their kernel
+  // by the row count, and up to some count (32 on an AMX Xeon) a row's bits are those of the row
+  // alone; calls that small keep a step's rows row-invariant (fused_cpu/decode.py dense_chunk).
+  void decodes(const at::Tensor& x, size_t layer, const RowPlan& plan, at::Tensor out) const {
+    const int64_t T = x.size(0), chunk = plan.decode_chunk > 0 ? plan.decode_chunk : T;
     for (int64_t s = 0; s < T; s += chunk) {
       const int64_t m = std::min(chunk, T - s);
-      out.narrow(0, s, m).copy_(at::linear(x.narrow(0, s, m), dense[layer]));
+      dense_matmul_into(x.narrow(0, s, m), dense[layer], padded_rows(m, plan.row_multiple), out.narrow(0, s, m));
     }
-    return out;
   }
 
-  // x [P, K] -> out [P, N] in dense calls of exactly `block` rows: oneDNN's kernel for a fixed
-  // row count computes each row by the same sequence of operations wherever it sits in the call
-  // and whatever the other rows hold (decode.py checks it at start-up), so every call having
-  // that count makes a row's bits its own.
-  void prefill(const at::Tensor& x, size_t layer, int64_t block, at::Tensor& out) const {
-    const at::Tensor& w = dense[layer];
-    const int64_t P = x.size(0);
+  // x [P, K] -> out [P, N] in dense calls of exactly `block` rows: a fixed row count's kernel
+  // computes each row by the same sequence of operations wherever it sits in the call and
+  // whatever the other rows hold (decode.py checks it at start-up), so every call having that
+  // count makes a row's bits its own.
+  void prefill(const at::Tensor& x, size_t layer, const RowPlan& plan, at::Tensor out) const {
+    const int64_t P = x.size(0), block = plan.prefill_block;
     if (block <= 0) {
-      out.copy_(at::linear(x, w));
+      dense_matmul_into(x, dense[layer], padded_rows(P, plan.row_multiple), out);
       return;
     }
     for (int64_t s = 0; s < P; s += block) {
       const int64_t m = std::min(block, P - s);
-      if (m == block) {
-        out.narrow(0, s, m).copy_(at::linear(x.narrow(0, s, m), w));
-      } else {
-        at::Tensor padded = at::zeros({block, x.size(1)}, x.options());
-        padded.narrow(0, 0, m).copy_(x.narrow(0, s, m));
-        out.narrow(0, s, m).copy_(at::linear(padded, w).narrow(0, 0, m));
-      }
+      dense_matmul_into(x.narrow(0, s, m), dense[layer], block, out.narrow(0, s, m));
     }
   }
 };
@@ -124,13 +124,21 @@ void check_bf16(const at::Tensor& t, const char* name) {
               " must be a contiguous bf16 CPU tensor");
 }
 
+// The dense weights (and the embedding) are bf16, or fp32 where the CPU has no native bf16
+// (dense_matmul.h).
+void check_dense(const at::Tensor& t, at::ScalarType dtype, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == dtype && t.is_contiguous(), name,
+              " must be contiguous CPU tensors, all bf16 or all fp32");
+}
+
 }  // namespace
 
 // The model's weights, held by reference (the tensors the Python model owns), and its KV cache.
 class FusedDecoder {
  public:
-  // The dense bf16 matrices are the model's own tensors, one per layer; the int4 copies are
-  // optional (set_int4_weights).
+  // The dense matrices (bf16, or fp32: dense_matmul.h) are the model's own tensors, one per
+  // layer; the int4 copies are optional (set_int4_weights). The embedding is bf16 or fp32 (its rows
+  // start the fp32 residual stream), every other tensor bf16.
   FusedDecoder(at::Tensor embed, at::Tensor rope_cos, at::Tensor rope_sin, at::Tensor final_norm,
                std::vector<at::Tensor> attn_norm, std::vector<at::Tensor> qkv_bias, std::vector<at::Tensor> q_norm,
                std::vector<at::Tensor> k_norm, std::vector<at::Tensor> mlp_norm, std::vector<at::Tensor> qkv,
@@ -146,12 +154,17 @@ class FusedDecoder {
       TORCH_CHECK(v->empty() || v->size() == L, "optional per-layer lists are empty or one per layer");
     }
     TORCH_CHECK(head_dim % 2 == 0 && n_heads % n_kv == 0, "need an even head_dim and n_heads % n_kv == 0");
-    for (auto* t : {&embed_, &cos_, &sin_, &final_norm_}) check_bf16(*t, "embed, rope tables and norms");
+    for (auto* t : {&cos_, &sin_, &final_norm_}) check_bf16(*t, "rope tables and norms");
+    TORCH_CHECK(embed_.scalar_type() == at::kBFloat16 || embed_.scalar_type() == at::kFloat,
+                "the embedding must be bf16 or fp32");
     for (const auto& t : attn_norm_) check_bf16(t, "attn_norm");
     for (const auto& t : mlp_norm_) check_bf16(t, "mlp_norm");
+    TORCH_CHECK(!qkv.empty(), "at least one layer");
+    const at::ScalarType dense_dtype = qkv[0].scalar_type();
+    TORCH_CHECK(dense_dtype == at::kBFloat16 || dense_dtype == at::kFloat, "dense weights must be bf16 or fp32");
     for (const auto* v : {&qkv, &o, &gate_up, &down}) {
       TORCH_CHECK(v->size() == L, "one dense matrix per layer");
-      for (const auto& t : *v) check_bf16(t, "dense weights");
+      for (const auto& t : *v) check_dense(t, dense_dtype, "dense weights");
     }
     qkv_.dense = std::move(qkv);
     o_.dense = std::move(o);
@@ -195,15 +208,18 @@ class FusedDecoder {
   // The decode requests come first, their rows [0, decode_rows); their matmuls by the int4
   // copies (set_int4_weights) if int4, else by the dense weights in calls of at most
   // decode_chunk rows if it is > 0; the prefill rows' by the dense weights in calls of exactly
-  // prefill_block rows if it is > 0 (RowPlan). Returns the final-normed hidden states [T,
-  // hidden] (bf16).
+  // prefill_block rows if it is > 0; other dense calls padded to a multiple of row_multiple rows
+  // (RowPlan). Returns the final-normed hidden states [T, hidden] (bf16).
   at::Tensor forward(const at::Tensor& input_ids, const at::Tensor& positions, const at::Tensor& block_tables,
                      const at::Tensor& seq_lens, const at::Tensor& query_start_loc, const at::Tensor& slot_mapping,
-                     int64_t decode_rows, bool int4, int64_t decode_chunk, int64_t prefill_block) {
+                     int64_t decode_rows, bool int4, int64_t decode_chunk, int64_t prefill_block,
+                     int64_t row_multiple) {
     TORCH_CHECK(!k_caches_.empty(), "set_kv_caches first");
     TORCH_CHECK(decode_rows >= 0 && decode_rows <= input_ids.size(0), "decode_rows must be within the step's rows");
     TORCH_CHECK(!int4 || decode_rows == 0 || !qkv_.packed.empty(), "set_int4_weights first");
-    const RowPlan plan{decode_rows, int4, decode_chunk, prefill_block};
+    TORCH_CHECK(row_multiple >= 1 && (prefill_block <= 0 || prefill_block % row_multiple == 0),
+                "row_multiple >= 1, dividing prefill_block");
+    const RowPlan plan{decode_rows, int4, decode_chunk, prefill_block, row_multiple};
     TORCH_CHECK(input_ids.dim() == 1 && positions.sizes() == input_ids.sizes() &&
                     slot_mapping.sizes() == input_ids.sizes() && block_tables.size(0) == seq_lens.size(0) &&
                     query_start_loc.size(0) == seq_lens.size(0) + 1,
@@ -225,9 +241,10 @@ class FusedDecoder {
     // The residual stream in fp32: SmolLM2's reaches ~700 in a few dimensions and later layers
     // cancel most of it, where a bf16 stream (1 ulp = 4 at 700) loses the small remainder.
     at::Tensor h = embed_.index_select(0, input_ids).to(at::kFloat);
-    at::Tensor x = at::empty({T, h.size(1)}, embed_.options());
+    const at::TensorOptions bf16_options = h.options().dtype(at::kBFloat16);
+    at::Tensor x = at::empty({T, h.size(1)}, bf16_options);
     at::Tensor q = at::empty({T, n, d}, h.options());
-    at::Tensor attn = at::empty({T, n * d}, embed_.options());
+    at::Tensor attn = at::empty({T, n * d}, bf16_options);
     add_rms_norm<float>(h, nullptr, attn_norm_[0], eps_, x);
     const size_t L = attn_norm_.size();
     for (size_t i = 0; i < L; ++i) {
@@ -248,7 +265,7 @@ class FusedDecoder {
         add_rms_norm<float>(h, &o, mlp_norm_[i], eps_, x);
       }
       at::Tensor gate_up = gate_up_(x, i, plan);
-      at::Tensor act = at::empty({T, gate_up.size(1) / 2}, embed_.options());
+      at::Tensor act = at::empty({T, gate_up.size(1) / 2}, bf16_options);
       {
         RECORD_FUNCTION("novainfer::silu_mul", std::vector<c10::IValue>());
         silu_mul(gate_up, act);
@@ -291,7 +308,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("forward", &FusedDecoder::forward, py::call_guard<py::gil_scoped_release>());
 
   // The kernels one by one, for the tests (tests/engine_core/fused_cpu/) and benchmarks.
-  m.def("int4_matmul", &novainfer::int4_matmul, py::call_guard<py::gil_scoped_release>(),
+  m.def("dense_matmul", &novainfer::dense_matmul, py::call_guard<py::gil_scoped_release>(),
+        "x [M, K] bf16 @ w.T -> [M, N] bf16, w [N, K] bf16 or fp32, as one call of `rows` >= M rows "
+        "(zero-padded)");  m.def("int4_matmul", &novainfer::int4_matmul, py::call_guard<py::gil_scoped_release>(),
         "x [M, K] bf16 @ W.T -> [M, N] bf16, W as fused_cpu/int4_matmul.py repack()s it");
   m.def(
       "add_rms_norm",
