@@ -254,11 +254,12 @@ class ModelRunner:
                 log.info("fused CPU decode not used: %s", why_not)
             return None
         t0 = time.perf_counter()
-        ext = fused_extension.load(resolve_cache_dir(self.config.cache_dir))
+        cache_dir = resolve_cache_dir(self.config.cache_dir)
+        ext = fused_extension.load(cache_dir)
         if ext is None:  # already warned
             return None
         try:
-            fused = fused_decode.FusedDecode(ext, self.model)
+            fused = fused_decode.FusedDecode(ext, self.model, cache_dir)
         except Exception:
             log.warning("the fused CPU decode path failed to start: running decode steps eagerly", exc_info=True)
             return None

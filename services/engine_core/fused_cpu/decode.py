@@ -65,6 +65,7 @@ from torch import Tensor
 
 from services.engine_core.attention.base import AttentionMetadata
 from services.engine_core.fused_cpu.int4_matmul import repack
+from services.engine_core.fused_cpu.probe_cache import cached_probes
 from services.engine_core.models.llama import CausalLM
 
 
@@ -184,7 +185,9 @@ def position_invariant_block(weights: list[Tensor], candidates: tuple[int, ...] 
 
 
 class FusedDecode:
-    def __init__(self, ext: ModuleType, model: CausalLM) -> None:
+    def __init__(self, ext: ModuleType, model: CausalLM, cache_dir: str | None = None) -> None:
+        """cache_dir: where the start-up probes' answer is kept for later starts (probe_cache.py;
+        None: probed every time)."""
         layers = model.layers
 
         def each(attr: str) -> list[Tensor]:
@@ -226,11 +229,16 @@ class FusedDecode:
         head = model.embed if model.lm_head is None else model.lm_head
         # Every dense call padded to a multiple of row_multiple rows; decode rows in calls of up to
         # dense_chunk rows, where each row gets its lone bits.
-        self.row_multiple, self.dense_chunk = dense_calls([*first_layer, head[:_HEAD_PROBE_ROWS]])
-        # The prefill rows' calls: of B rows where the kernel for B rows is position-invariant,
-        # else of dense_chunk rows (lone bits: any such call), else (neither holds) all rows in
-        # one call, and a prompt's K/V then depend on its chunking in the last bits.
-        self.prefill_block = position_invariant_block(first_layer) or self.dense_chunk
+        probed = [*first_layer, head[:_HEAD_PROBE_ROWS]]
+
+        def probe() -> tuple[int, int, int]:
+            multiple, chunk = dense_calls(probed)
+            # The prefill rows' calls: of B rows where the kernel for B rows is position-invariant,
+            # else of dense_chunk rows (lone bits: any such call), else (neither holds) all rows in
+            # one call, and a prompt's K/V then depend on its chunking in the last bits.
+            return multiple, chunk, position_invariant_block(first_layer) or chunk
+
+        self.row_multiple, self.dense_chunk, self.prefill_block = cached_probes(cache_dir, probed, probe)
         self._kv_caches: list[tuple[Tensor, Tensor]] | None = None
 
     @staticmethod
