@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib.util
 import json
 import math
 import os
@@ -567,6 +568,8 @@ def main() -> int:
         plot(runs, args.img_prefix)
         print(markdown(runs))
         return 0
+    if importlib.util.find_spec("matplotlib") is None:  # before the run, not after its 20 minutes
+        sys.exit("matplotlib missing (the plots need it): .venv/bin/pip install -e '.[bench]'")
     if "llamacpp" in args.servers and not os.access(LLAMA_BUILDS["native"], os.X_OK):
         sys.exit(f"{LLAMA_BUILDS['native']} missing: run benchmarks/peers/setup_llamacpp.sh first")
     out: dict[str, Any] = {
