@@ -12,6 +12,10 @@ Writes benchmarks/results/int4_matmul_kernel.json (per matrix and per whole laye
     .venv/bin/python benchmarks/int4_matmul_kernel.py --threads 1
     .venv/bin/python benchmarks/int4_matmul_kernel.py --threads 2 --output benchmarks/results/int4_matmul_kernel_2t.json
     .venv/bin/python benchmarks/int4_matmul_kernel.py --quick
+    .venv/bin/python benchmarks/int4_matmul_kernel.py --threads 1 --baseline main --rows 1 2 4 8 9 16 33 80
+
+--baseline REF also builds the kernels of git REF's csrc/ and times them in the same rounds
+("baseline_int4"), for a before/after that a shared machine's drift does not skew.
 """
 
 from __future__ import annotations
@@ -19,7 +23,9 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
@@ -44,15 +50,27 @@ ROWS = [1, 2, 4, 8, 9, 12, 16, 24, 32, 40, 48, 64, 72, 80]
 KERNELS = ["novainfer_int4", "torch_int4pack", "bf16"]
 
 
-def kernels(weight: torch.Tensor, ext: Any) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+def kernels(weight: torch.Tensor, ext: Any, base: Any) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
     q4 = Int4Weight.quantize(weight)
     packed, scales_zeros = repack(q4)
     dense = weight.to(torch.bfloat16)
-    return {
+    fns: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
         "novainfer_int4": lambda x: ext.int4_matmul(x, packed, scales_zeros),
         "torch_int4pack": lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(x, q4.packed, GROUP, q4.scales_zeros),
         "bf16": lambda x: F.linear(x, dense),
     }
+    if base is not None:
+        fns["baseline_int4"] = lambda x: base.int4_matmul(x, packed, scales_zeros)
+    return fns
+
+
+def baseline_extension(ref: str, workdir: str) -> Any:
+    """The fused kernels built from git ref's csrc/ (extracted into workdir)."""
+    root = os.path.dirname(HERE)
+    csrc = "services/engine_core/fused_cpu/csrc"
+    archive = subprocess.run(["git", "-C", root, "archive", ref, csrc], check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", workdir], input=archive, check=True)
+    return extension.load(extension.DEFAULT_CACHE_DIR, csrc=os.path.join(workdir, csrc))
 
 
 def main() -> int:
@@ -61,19 +79,23 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=31)
     p.add_argument("--rows", type=int, nargs="+", default=ROWS)
     p.add_argument("--quick", action="store_true", help="a smoke check, not figures")
+    p.add_argument("--baseline", metavar="REF", help="also time git REF's kernels (before/after, alternated)")
     p.add_argument("--output", default=RESULTS)
     args = p.parse_args()
     ext = extension.load(extension.DEFAULT_CACHE_DIR)
-    if ext is None:
+    workdir = tempfile.TemporaryDirectory()
+    base = baseline_extension(args.baseline, workdir.name) if args.baseline else None
+    if ext is None or (args.baseline and base is None):
         print("the fused CPU kernels did not build here (see the warning)", file=sys.stderr)
         return 1
+    kernel_names = KERNELS + (["baseline_int4"] if base is not None else [])
     torch.set_num_threads(args.threads)
     rows_list = [1, 9, 72] if args.quick else args.rows
     rounds = 3 if args.quick else args.rounds
     clock = time.thread_time if args.threads == 1 else time.perf_counter
     torch.manual_seed(0)
 
-    fns = {name: kernels(torch.randn(n, k) * 0.05, ext) for name, (n, k) in MATRICES.items()}
+    fns = {name: kernels(torch.randn(n, k) * 0.05, ext, base) for name, (n, k) in MATRICES.items()}
     xs = {
         (name, rows): torch.randn(rows, k).to(torch.bfloat16) for name, (_, k) in MATRICES.items() for rows in rows_list
     }
@@ -82,23 +104,30 @@ def main() -> int:
         for kn, fn in fns[name].items():
             fn(x)  # warm-up
             samples[(name, rows, kn)] = []
-    for _ in range(rounds):
+    for r in range(rounds):
         for (name, rows), x in xs.items():
-            for kn, fn in fns[name].items():
+            # Every other round in reverse, so that no kernel always follows the same one (the
+            # dense one's weights evict the int4 ones' from the caches).
+            order = list(fns[name].items())
+            for kn, fn in order[:: 1 if r % 2 == 0 else -1]:
                 t0 = clock()
                 fn(x)
                 samples[(name, rows, kn)].append(clock() - t0)
 
     median_us = {
-        name: {rows: {kn: statistics.median(samples[(name, rows, kn)]) * 1e6 for kn in KERNELS} for rows in rows_list}
+        name: {
+            rows: {kn: statistics.median(samples[(name, rows, kn)]) * 1e6 for kn in kernel_names} for rows in rows_list
+        }
         for name in MATRICES
     }
-    layer_us = {rows: {kn: sum(median_us[m][rows][kn] for m in MATRICES) for kn in KERNELS} for rows in rows_list}
-    print(f"{'rows':>4}  " + "  ".join(f"{kn:>15}" for kn in KERNELS) + "   (a layer's four matrices, us)")
+    layer_us = {rows: {kn: sum(median_us[m][rows][kn] for m in MATRICES) for kn in kernel_names} for rows in rows_list}
+    print(f"{'rows':>4}  " + "  ".join(f"{kn:>15}" for kn in kernel_names) + "   (a layer's four matrices, us)")
     for rows in rows_list:
         t = layer_us[rows]
-        speedup = t["torch_int4pack"] / t["novainfer_int4"]
-        print(f"{rows:>4}  " + "  ".join(f"{t[kn]:15.0f}" for kn in KERNELS) + f"   torch/novainfer {speedup:.2f}x")
+        line = f"   torch/novainfer {t['torch_int4pack'] / t['novainfer_int4']:.2f}x"
+        if base is not None:
+            line += f"  novainfer/baseline {t['novainfer_int4'] / t['baseline_int4']:.3f}"
+        print(f"{rows:>4}  " + "  ".join(f"{t[kn]:15.0f}" for kn in kernel_names) + line)
     out = {
         "benchmark": "int4_matmul_kernel",
         "machine": machine_info(),
@@ -107,6 +136,7 @@ def main() -> int:
         "clock": "thread_time" if args.threads == 1 else "perf_counter",
         "rounds": rounds,
         "quick": args.quick,
+        "baseline": args.baseline,
         "matrices": MATRICES,
         "median_us": median_us,
         "layer_us": layer_us,
@@ -114,6 +144,10 @@ def main() -> int:
             rows: layer_us[rows]["torch_int4pack"] / layer_us[rows]["novainfer_int4"] for rows in rows_list
         },
     }
+    if base is not None:
+        out["novainfer_over_baseline_layer"] = {
+            rows: layer_us[rows]["novainfer_int4"] / layer_us[rows]["baseline_int4"] for rows in rows_list
+        }
     write_results(args.output, out)
     return 0
 

@@ -75,10 +75,13 @@ def cflags() -> list[str]:
     return [*CFLAGS, *_capability_flags()]
 
 
-def build_key() -> str:
+def build_key(csrc: str = CSRC) -> str:
     h = hashlib.sha256()
     for name in SOURCES + HEADERS:
-        with open(os.path.join(CSRC, name), "rb") as f:
+        path = os.path.join(csrc, name)
+        if csrc != CSRC and not os.path.exists(path):
+            continue  # another version's sources (a benchmark's baseline) may lack a newer header
+        with open(path, "rb") as f:
             h.update(name.encode() + b"\0" + f.read())
     for part in (torch.__version__, sys.version, _cpu_flags(), os.environ.get("CXX", "c++"), " ".join(cflags())):
         h.update(part.encode() + b"\0")
@@ -98,14 +101,15 @@ _modules: dict[str, ModuleType | None] = {}
 """Loaded (or failed) builds by key: each is built and imported at most once per process."""
 
 
-def load(cache_dir: str) -> ModuleType | None:
+def load(cache_dir: str, csrc: str = CSRC) -> ModuleType | None:
     """The built extension module, building it into cache_dir/fused_cpu/ first if neither
     cache_dir nor the default cache dir holds this build; None (after one warning) when it
-    cannot be built or loaded here."""
-    key = build_key()
+    cannot be built or loaded here. csrc: the sources (another version's, for a benchmark's
+    before/after in one process)."""
+    key = build_key(csrc)
     if key not in _modules:
         try:
-            _modules[key] = _load(cache_dir, key)
+            _modules[key] = _load(cache_dir, key, csrc)
         except Exception as e:  # a missing compiler, a failed build, a module that does not import
             lines = str(e).strip().splitlines()
             log.warning(
@@ -118,7 +122,7 @@ def load(cache_dir: str) -> ModuleType | None:
     return _modules[key]
 
 
-def _load(cache_dir: str, key: str) -> ModuleType:
+def _load(cache_dir: str, key: str, csrc: str) -> ModuleType:
     name = f"novainfer_fused_cpu_{key}"
     # A build is the same wherever it lies: one made under the default cache dir serves an
     # engine given another (tests, benchmarks' fresh cache dirs) without a second build.
@@ -140,10 +144,10 @@ def _load(cache_dir: str, key: str) -> ModuleType:
     t0 = time.perf_counter()
     module = cpp_extension.load(
         name=name,
-        sources=[os.path.join(CSRC, s) for s in SOURCES],
+        sources=[os.path.join(csrc, s) for s in SOURCES],
         extra_cflags=cflags(),
         extra_ldflags=list(LDFLAGS),
-        extra_include_paths=[CSRC],
+        extra_include_paths=[csrc],
         build_directory=build_dir,
         verbose=False,
     )

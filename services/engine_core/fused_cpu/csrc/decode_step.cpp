@@ -298,7 +298,9 @@ namespace py = pybind11;
 using novainfer::FusedDecoder;
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  py::class_<FusedDecoder>(m, "FusedDecoder")
+  // Local to this module: two builds of these sources can then load in one process (a
+  // benchmark's before/after, benchmarks/int4_matmul_kernel.py --baseline).
+  py::class_<FusedDecoder>(m, "FusedDecoder", py::module_local())
       .def(py::init<at::Tensor, at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>,
                     std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
                     std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>, int64_t, int64_t,

@@ -5,7 +5,9 @@
 // 8v + 7 of an input's 32, v >= 4 the high nibbles of bytes 8 (v - 4) ..; vectors v and v + 4
 // share their 8 bytes (a "chunk"), widened once for both. A unit, a thread's piece of work, is
 // J / 2 chunks of a strip (J vectors) for every row:
-//   - up to 10 rows: in row blocks of at most R whose R x J accumulators stay in registers over
+//   - one row (a decode step): half strips (J = 4) straight from the packed bytes and the bf16
+//     scales and zeros, each group's converted in the loop (int4_row);
+//   - 2 to 10 rows: in row blocks of at most R whose R x J accumulators stay in registers over
 //     all of K; a block after the first dequantizes the unit's weights again from L1/L2;
 //   - past that: the unit is dequantized kTileK inputs at a time into an L1 tile that blocks of
 //     up to kTileRows rows then multiply, their accumulators stored and reloaded between tiles.
@@ -50,6 +52,10 @@ struct Int4Plan {
 constexpr int kRowsJ4 = 1, kRowsJ2 = 5, kTileRows = 6;
 // Inputs per tile: 256 x 16 fp32 = 16 KB, L1-resident.
 constexpr int64_t kTileK = 8 * kInt4Group;
+// A decode row's prefetch distances: bytes 128 inputs (4 KB of a strip) ahead, scales and zeros
+// two groups ahead (benchmarks/int4_matmul_kernel.py: 64 inputs, as the blocks, was ~5 % slower
+// with the weights from memory).
+constexpr int64_t kRowPrefetchK = 4 * kInt4Group, kRowPrefetchGroups = 2;
 
 inline Int4Plan int4_plan(int64_t M) {
   if (M == 1) return {4, kRowsJ4, false};
@@ -70,6 +76,12 @@ inline __m256 int4_load_bf16x8(const bf16* p, int64_t n) {
     v = _mm_load_si128(reinterpret_cast<const __m128i*>(tmp));
   }
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
+}
+
+// 8 bf16 values as fp32.
+inline __m256 int4_bf16x8(const bf16* p) {
+  return _mm256_castsi256_ps(
+      _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
 }
 
 // A chunk's 8 bytes widened to int32 lanes.
@@ -220,8 +232,6 @@ void int4_tile_block(const float* x, int64_t K, const float* tile, int64_t kk, f
   }
 }
 
-#undef NOVAINFER_UNROLL
-
 template <int R, int J>
 void int4_tile_rows(const float* x, int64_t K, const float* tile, int64_t kk, float* acc_buf, int64_t m) {
   if constexpr (R > 0) {
@@ -255,6 +265,47 @@ void int4_unit_tiled(const float* x, int64_t M, int64_t K, const uint8_t* bytes,
   }
 }
 
+// One row (a decode step) times the J vectors of a unit (bytes, col: as int4_block), straight
+// from the packed bytes and the bf16 scales and zeros: each group's are converted as the loop
+// reaches them and prefetched kRowPrefetchGroups ahead, the bytes kRowPrefetchK inputs ahead.
+// Full: every column of the unit < N (no masked scales).
+template <int J, bool Full>
+void int4_row(const float* x, int64_t K, const uint8_t* bytes, const bf16* sz, int64_t N, const int64_t* col,
+              bf16* out) {
+  constexpr int C = J / 2;
+  __m256 acc[1][J];
+  NOVAINFER_UNROLL
+  for (int j = 0; j < J; ++j) acc[0][j] = _mm256_setzero_ps();
+  const int64_t groups = K / kInt4Group;
+  for (int64_t g = 0; g < groups; ++g) {
+    __m256 s[J], z[J];
+    NOVAINFER_UNROLL
+    for (int j = 0; j < J; ++j) {
+      const bf16* p = sz + g * 2 * N + col[j];
+      s[j] = Full ? int4_bf16x8(p) : int4_load_bf16x8(p, N - col[j]);
+      z[j] = Full ? int4_bf16x8(p + N) : int4_load_bf16x8(p + N, N - col[j]);
+    }
+    if (g + kRowPrefetchGroups < groups) {
+      // The unit's scales and zeros of a group: two pieces of 16 columns in each of two rows.
+      const bf16* p = sz + (g + kRowPrefetchGroups) * 2 * N;
+      for (const bf16* q : {p + col[0], p + col[C], p + N + col[0], p + N + col[C]})
+        _mm_prefetch(reinterpret_cast<const char*>(q), _MM_HINT_T0);
+    }
+    for (int64_t k = g * kInt4Group; k < (g + 1) * kInt4Group; k += 2) {
+      _mm_prefetch(reinterpret_cast<const char*>(bytes + (k + kRowPrefetchK) * 32), _MM_HINT_T0);
+      int4_block_step<1, J>(x, K, k, bytes, s, z, acc);
+      int4_block_step<1, J>(x, K, k + 1, bytes, s, z, acc);
+    }
+  }
+  alignas(32) float tmp[J][8];
+  NOVAINFER_UNROLL
+  for (int j = 0; j < J; ++j) _mm256_store_ps(tmp[j], acc[0][j]);
+  for (int j = 0; j < J; ++j) {
+    const int64_t ncols = std::clamp<int64_t>(N - col[j], 0, 8);
+    for (int64_t c = 0; c < ncols; ++c) out[col[j] + c] = bf16(tmp[j][c]);
+  }
+}
+
 // int4_block<m, J> for a run-time m in 1..R.
 template <int R, int J>
 void int4_block_rows(const float* x, int64_t K, const uint8_t* bytes, const float* scales, int64_t N,
@@ -279,6 +330,10 @@ void int4_unit_j(const float* x, int64_t M, int64_t K, const uint8_t* packed, co
   }
   if (col[0] >= N) return;  // wholly past N (the unit's lowest column)
   const uint8_t* bytes = packed + b * K * 32 + 8 * chunk0;
+  if (M == 1) {
+    if (col[J - 1] + 8 <= N) return int4_row<J, true>(x, K, bytes, sz, N, col, out);
+    return int4_row<J, false>(x, K, bytes, sz, N, col, out);
+  }
   // The unit's scales and zeros in fp32, once for all its row blocks, and out of the blocks'
   // loops, whose registers all go to the accumulators.
   thread_local std::vector<float> scales;
@@ -304,5 +359,7 @@ inline void int4_unit(const Int4Plan& plan, const float* x, int64_t M, int64_t K
   if (plan.J == 4) return int4_unit_j<kRowsJ4, 4>(x, M, K, packed, sz, N, unit, out, plan.rows, plan.tiled);
   int4_unit_j<kRowsJ2, 2>(x, M, K, packed, sz, N, unit, out, plan.rows, plan.tiled);
 }
+
+#undef NOVAINFER_UNROLL
 
 }  // namespace novainfer
