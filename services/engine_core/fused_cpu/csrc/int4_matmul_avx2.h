@@ -5,13 +5,13 @@
 // 8v + 7 of an input's 32, v >= 4 the high nibbles of bytes 8 (v - 4) ..; vectors v and v + 4
 // share their 8 bytes (a "chunk"), widened once for both. A unit, a thread's piece of work, is
 // J / 2 chunks of a strip (J vectors) for every row:
-//   - one row (a decode step): half strips (J = 4) straight from the packed bytes and the bf16
-//     scales and zeros, each group's converted in the loop (int4_row);
-//   - 2 to 10 rows: in row blocks of at most R whose R x J accumulators stay in registers over
-//     all of K; a block after the first dequantizes the unit's weights again from L1/L2;
+//   - up to 10 rows: in row blocks of at most R whose R x J accumulators stay in registers over
+//     all of K; a block after the first dequantizes the unit's weights again from L1/L2. A block
+//     reads the bf16 scales and zeros itself, each group's converted as its loop reaches them
+//     and prefetched ahead like the bytes (int4_block);
 //   - past that: the unit is dequantized kTileK inputs at a time into an L1 tile that blocks of
-//     up to kTileRows rows then multiply, their accumulators stored and reloaded between tiles.
-// The scales and zeros are converted to fp32 once per unit, out of the blocks' loops.
+//     up to kTileRows rows then multiply, their accumulators stored and reloaded between tiles;
+//     its scales and zeros are converted to fp32 once per unit, out of the tile's loops.
 //
 // Why this blocking (benchmarks/int4_matmul_kernel.py on a 2-core Zen 3 EPYC): dequantizing 8
 // weights takes ~4.5 vector ops besides their fmas (widen, half shared by the chunk's two
@@ -24,7 +24,11 @@
 // split 9 strips 5:4. The tile, with 6 rows a block, is as fast as registers alone at 11-14
 // rows (one block fewer) and 13-25 % faster from 15 rows on, but 20 % slower at 6-10 (its
 // blocks, which only multiply, cost as much as the register blocks that also dequantize: each
-// accumulator's chain of fmas, one per input, bounds both).
+// accumulator's chain of fmas, one per input, bounds both). Converting a block's scales in its
+// loop, rather than into an fp32 buffer before it, made 1 row 0.83x as long, 2-4 rows
+// 0.93-0.97x (0.84-0.93x with the weights from memory, as in a decode step), 8-10 rows
+// unchanged; prefetching the bytes 128 inputs ahead rather than 64 gained ~5 % from memory
+// (session 9: the same benchmark, and a scratch harness over 30 layers' matrices).
 #pragma once
 
 #include <immintrin.h>
@@ -52,10 +56,9 @@ struct Int4Plan {
 constexpr int kRowsJ4 = 1, kRowsJ2 = 5, kTileRows = 6;
 // Inputs per tile: 256 x 16 fp32 = 16 KB, L1-resident.
 constexpr int64_t kTileK = 8 * kInt4Group;
-// A decode row's prefetch distances: bytes 128 inputs (4 KB of a strip) ahead, scales and zeros
-// two groups ahead (benchmarks/int4_matmul_kernel.py: 64 inputs, as the blocks, was ~5 % slower
-// with the weights from memory).
-constexpr int64_t kRowPrefetchK = 4 * kInt4Group, kRowPrefetchGroups = 2;
+// A register block's prefetch distances: bytes 128 inputs (4 KB of a strip) ahead, scales and
+// zeros two groups ahead (the tile's dequantization keeps int4_layout.h's kPrefetchK).
+constexpr int64_t kBlockPrefetchK = 4 * kInt4Group, kPrefetchGroups = 2;
 
 inline Int4Plan int4_plan(int64_t M) {
   if (M == 1) return {4, kRowsJ4, false};
@@ -138,45 +141,6 @@ inline void int4_block_step(const float* x, int64_t K, int64_t k, const uint8_t*
       NOVAINFER_UNROLL
       for (int j = 0; j < J; ++j) acc[r][j] = _mm256_fmadd_ps(xv, w[j], acc[r][j]);
     }
-  }
-}
-
-// R rows (x and out at the block's first row) times the J vectors of a unit (bytes: the strip's
-// bytes at the unit's first chunk; scales: the unit's, [K / 32][scale, zero][J][8]; col[j]:
-// vector j's first column), over all of K.
-template <int R, int J>
-void int4_block(const float* x, int64_t K, const uint8_t* bytes, const float* scales, int64_t N, const int64_t* col,
-                bf16* out) {
-  __m256 acc[R][J];
-  NOVAINFER_UNROLL
-  for (int r = 0; r < R; ++r) {
-    NOVAINFER_UNROLL
-    for (int j = 0; j < J; ++j) acc[r][j] = _mm256_setzero_ps();
-  }
-  for (int64_t g = 0; g < K / kInt4Group; ++g) {
-    __m256 s[J], z[J];
-    NOVAINFER_UNROLL
-    for (int j = 0; j < J; ++j) {
-      s[j] = _mm256_loadu_ps(scales + (g * 2 * J + j) * 8);
-      z[j] = _mm256_loadu_ps(scales + (g * 2 * J + J + j) * 8);
-    }
-    // Two inputs a 64-byte line of the strip: one prefetch a line.
-    for (int64_t k = g * kInt4Group; k < (g + 1) * kInt4Group; k += 2) {
-      _mm_prefetch(reinterpret_cast<const char*>(bytes + (k + kPrefetchK) * 32), _MM_HINT_T0);
-      int4_block_step<R, J>(x, K, k, bytes, s, z, acc);
-      int4_block_step<R, J>(x, K, k + 1, bytes, s, z, acc);
-    }
-  }
-  alignas(32) float tmp[R][J][8];
-  NOVAINFER_UNROLL
-  for (int r = 0; r < R; ++r) {
-    NOVAINFER_UNROLL
-    for (int j = 0; j < J; ++j) _mm256_store_ps(tmp[r][j], acc[r][j]);
-  }
-  for (int j = 0; j < J; ++j) {
-    const int64_t ncols = std::clamp<int64_t>(N - col[j], 0, 8);
-    for (int r = 0; r < R; ++r)
-      for (int64_t c = 0; c < ncols; ++c) out[r * N + col[j] + c] = bf16(tmp[r][j][c]);
   }
 }
 
@@ -265,17 +229,21 @@ void int4_unit_tiled(const float* x, int64_t M, int64_t K, const uint8_t* bytes,
   }
 }
 
-// One row (a decode step) times the J vectors of a unit (bytes, col: as int4_block), straight
+// R rows (x and out at the block's first row) times the J vectors of a unit (bytes: the strip's
+// bytes at the unit's first chunk; col[j]: vector j's first column), over all of K, straight
 // from the packed bytes and the bf16 scales and zeros: each group's are converted as the loop
-// reaches them and prefetched kRowPrefetchGroups ahead, the bytes kRowPrefetchK inputs ahead.
+// reaches them and prefetched kPrefetchGroups ahead, the bytes kBlockPrefetchK inputs ahead.
 // Full: every column of the unit < N (no masked scales).
-template <int J, bool Full>
-void int4_row(const float* x, int64_t K, const uint8_t* bytes, const bf16* sz, int64_t N, const int64_t* col,
+template <int R, int J, bool Full>
+void int4_block(const float* x, int64_t K, const uint8_t* bytes, const bf16* sz, int64_t N, const int64_t* col,
               bf16* out) {
   constexpr int C = J / 2;
-  __m256 acc[1][J];
+  __m256 acc[R][J];
   NOVAINFER_UNROLL
-  for (int j = 0; j < J; ++j) acc[0][j] = _mm256_setzero_ps();
+  for (int r = 0; r < R; ++r) {
+    NOVAINFER_UNROLL
+    for (int j = 0; j < J; ++j) acc[r][j] = _mm256_setzero_ps();
+  }
   const int64_t groups = K / kInt4Group;
   for (int64_t g = 0; g < groups; ++g) {
     __m256 s[J], z[J];
@@ -285,34 +253,41 @@ void int4_row(const float* x, int64_t K, const uint8_t* bytes, const bf16* sz, i
       s[j] = Full ? int4_bf16x8(p) : int4_load_bf16x8(p, N - col[j]);
       z[j] = Full ? int4_bf16x8(p + N) : int4_load_bf16x8(p + N, N - col[j]);
     }
-    if (g + kRowPrefetchGroups < groups) {
+    if (g + kPrefetchGroups < groups) {
       // The unit's scales and zeros of a group: two pieces of 16 columns in each of two rows.
-      const bf16* p = sz + (g + kRowPrefetchGroups) * 2 * N;
+      const bf16* p = sz + (g + kPrefetchGroups) * 2 * N;
       for (const bf16* q : {p + col[0], p + col[C], p + N + col[0], p + N + col[C]})
         _mm_prefetch(reinterpret_cast<const char*>(q), _MM_HINT_T0);
     }
     for (int64_t k = g * kInt4Group; k < (g + 1) * kInt4Group; k += 2) {
-      _mm_prefetch(reinterpret_cast<const char*>(bytes + (k + kRowPrefetchK) * 32), _MM_HINT_T0);
-      int4_block_step<1, J>(x, K, k, bytes, s, z, acc);
-      int4_block_step<1, J>(x, K, k + 1, bytes, s, z, acc);
+      _mm_prefetch(reinterpret_cast<const char*>(bytes + (k + kBlockPrefetchK) * 32), _MM_HINT_T0);
+      int4_block_step<R, J>(x, K, k, bytes, s, z, acc);
+      int4_block_step<R, J>(x, K, k + 1, bytes, s, z, acc);
     }
   }
-  alignas(32) float tmp[J][8];
+  alignas(32) float tmp[R][J][8];
   NOVAINFER_UNROLL
-  for (int j = 0; j < J; ++j) _mm256_store_ps(tmp[j], acc[0][j]);
+  for (int r = 0; r < R; ++r) {
+    NOVAINFER_UNROLL
+    for (int j = 0; j < J; ++j) _mm256_store_ps(tmp[r][j], acc[r][j]);
+  }
   for (int j = 0; j < J; ++j) {
     const int64_t ncols = std::clamp<int64_t>(N - col[j], 0, 8);
-    for (int64_t c = 0; c < ncols; ++c) out[col[j] + c] = bf16(tmp[j][c]);
+    for (int r = 0; r < R; ++r)
+      for (int64_t c = 0; c < ncols; ++c) out[r * N + col[j] + c] = bf16(tmp[r][j][c]);
   }
 }
 
 // int4_block<m, J> for a run-time m in 1..R.
 template <int R, int J>
-void int4_block_rows(const float* x, int64_t K, const uint8_t* bytes, const float* scales, int64_t N,
-                     const int64_t* col, bf16* out, int64_t m) {
+void int4_block_rows(const float* x, int64_t K, const uint8_t* bytes, const bf16* sz, int64_t N, const int64_t* col,
+                     bf16* out, int64_t m) {
   if constexpr (R > 0) {
-    if (m == R) return int4_block<R, J>(x, K, bytes, scales, N, col, out);
-    int4_block_rows<R - 1, J>(x, K, bytes, scales, N, col, out, m);
+    if (m == R) {
+      if (col[J - 1] + 8 <= N) return int4_block<R, J, true>(x, K, bytes, sz, N, col, out);
+      return int4_block<R, J, false>(x, K, bytes, sz, N, col, out);
+    }
+    int4_block_rows<R - 1, J>(x, K, bytes, sz, N, col, out, m);
   }
 }
 
@@ -330,12 +305,17 @@ void int4_unit_j(const float* x, int64_t M, int64_t K, const uint8_t* packed, co
   }
   if (col[0] >= N) return;  // wholly past N (the unit's lowest column)
   const uint8_t* bytes = packed + b * K * 32 + 8 * chunk0;
-  if (M == 1) {
-    if (col[J - 1] + 8 <= N) return int4_row<J, true>(x, K, bytes, sz, N, col, out);
-    return int4_row<J, false>(x, K, bytes, sz, N, col, out);
+  if (!tiled) {
+    const int64_t blocks = (M + rows - 1) / rows;
+    for (int64_t blk = 0, m0 = 0; blk < blocks; ++blk) {
+      const int64_t m1 = M * (blk + 1) / blocks;
+      int4_block_rows<R, J>(x + m0 * K, K, bytes, sz, N, col, out + m0 * N, m1 - m0);
+      m0 = m1;
+    }
+    return;
   }
-  // The unit's scales and zeros in fp32, once for all its row blocks, and out of the blocks'
-  // loops, whose registers all go to the accumulators.
+  // The tile's dequantization runs in its own loop, so the unit's scales and zeros are
+  // converted to fp32 once, for all of it.
   thread_local std::vector<float> scales;
   scales.resize(K / kInt4Group * 2 * J * 8);
   for (int64_t g = 0; g < K / kInt4Group; ++g)
@@ -343,15 +323,7 @@ void int4_unit_j(const float* x, int64_t M, int64_t K, const uint8_t* packed, co
       for (int j = 0; j < J; ++j)
         _mm256_storeu_ps(scales.data() + ((g * 2 + h) * J + j) * 8,
                          int4_load_bf16x8(sz + (g * 2 + h) * N + col[j], N - col[j]));
-  if constexpr (J == 2) {  // the plans tile half strips only
-    if (tiled) return int4_unit_tiled<J>(x, M, K, bytes, scales.data(), N, col, out, rows);
-  }
-  const int64_t blocks = (M + rows - 1) / rows;
-  for (int64_t blk = 0, m0 = 0; blk < blocks; ++blk) {
-    const int64_t m1 = M * (blk + 1) / blocks;
-    int4_block_rows<R, J>(x + m0 * K, K, bytes, scales.data(), N, col, out + m0 * N, m1 - m0);
-    m0 = m1;
-  }
+  int4_unit_tiled<J>(x, M, K, bytes, scales.data(), N, col, out, rows);
 }
 
 inline void int4_unit(const Int4Plan& plan, const float* x, int64_t M, int64_t K, const uint8_t* packed,
