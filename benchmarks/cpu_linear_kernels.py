@@ -1,16 +1,22 @@
 """Which CPU matmul kernel is fastest for each of SmolLM2's weight matrices at each batch size.
 
-Candidates, all in torch 2.13 without custom C++: dense float32 and bfloat16 `F.linear` (oneDNN;
-AMX for bf16 where the CPU has it), and the weight-only kernels `_weight_int4pack_mm_for_cpu`
-(4-bit groups of 32, what --quantization int4 uses) and `_weight_int8pack_mm` (8-bit, one scale
-per output row), both with bfloat16 activations, and oneDNN's int8 x int8 matmul with the
-activations quantized per row (models/int8.py, the int8 LM head's kernel). Rows 1..256 stand for the step's batch size.
+Candidates: dense float32 and bfloat16 `F.linear` (oneDNN; AMX for bf16 where the CPU has it), the
+weight-only kernels `_weight_int4pack_mm_for_cpu` (4-bit groups of 32, what --quantization int4
+uses) and `_weight_int8pack_mm` (8-bit, one scale per output row), both with bfloat16
+activations, oneDNN's int8 x int8 matmul with the activations quantized per row (models/int8.py,
+the int8 LM head's kernel where the CPU has VNNI), and, where the fused CPU extension builds, its
+int8 kernel (fused_cpu/csrc/int8_matmul.h: the same int8 values and scales times the bf16 rows in
+fp32; the head's kernel without VNNI). Rows 1..256 stand for the step's batch size.
 Each (matrix, rows) times every kernel interleaved, repeated, and keeps the median, because the
-machine is shared. Reports per rows the fastest kernel summed over a layer's four matrices (and
-the LM head), and the weight bytes each kernel reads. Writes benchmarks/results/cpu_linear_kernels.json.
+machine is shared; at --threads 1 the times are the thread's CPU time (time.thread_time).
+Reports per rows the fastest kernel summed over a layer's four matrices (and the LM head), the
+weight bytes each kernel reads, and up to how many rows each weight-only kernel beats each dense
+one. Writes benchmarks/results/cpu_linear_kernels.json.
 
     .venv/bin/python benchmarks/cpu_linear_kernels.py
     .venv/bin/python benchmarks/cpu_linear_kernels.py --quick
+    .venv/bin/python benchmarks/cpu_linear_kernels.py --matrices lm_head --kernels fp32 int8pack int8_fused \
+        --rows 1 2 4 9 16 32 64 128 --threads 1 --output benchmarks/results/cpu_linear_kernels_int8_fused_1thread.json
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ sys.path.insert(0, HERE)
 
 from machine_info import machine_info, write_results  # noqa: E402
 
+from services.engine_core.fused_cpu import extension  # noqa: E402
 from services.engine_core.models.int4 import GROUP, Int4Weight  # noqa: E402
 from services.engine_core.models.int8 import Int8Weight  # noqa: E402
 
@@ -39,7 +46,8 @@ RESULTS = os.path.join(HERE, "results", "cpu_linear_kernels.json")
 # SmolLM2-135M: name -> (out, in) of the fused matrices (q|k|v, o, gate|up, down) and the LM head.
 MATRICES = {"qkv": (960, 576), "o": (576, 576), "gate_up": (3072, 576), "down": (576, 1536), "lm_head": (49152, 576)}
 ROWS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
-KERNELS = ["fp32", "bf16", "int4pack", "int8pack", "int8_onednn"]
+KERNELS = ["fp32", "bf16", "int4pack", "int8pack", "int8_onednn", "int8_fused"]
+DENSE = ("bf16", "fp32")
 
 
 def kernels(weight: torch.Tensor) -> dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], int, torch.dtype]]:
@@ -50,7 +58,8 @@ def kernels(weight: torch.Tensor) -> dict[str, tuple[Callable[[torch.Tensor], to
     q8 = (weight / scale[:, None]).round().clamp(-127, 127).to(torch.int8)
     scale8 = scale.to(torch.bfloat16)
     w8a8 = Int8Weight.quantize(weight)
-    return {
+    ext = extension.load(extension.DEFAULT_CACHE_DIR)
+    found: dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], int, torch.dtype]] = {
         "fp32": (lambda x: F.linear(x, weight), weight.nbytes, torch.float32),
         "bf16": (lambda x: F.linear(x, bf16), bf16.nbytes, torch.bfloat16),
         "int4pack": (
@@ -65,7 +74,12 @@ def kernels(weight: torch.Tensor) -> dict[str, tuple[Callable[[torch.Tensor], to
         ),
         # int8 x int8 through oneDNN, activations quantized per row (what the int8 LM head runs).
         "int8_onednn": (w8a8, w8a8.nbytes, torch.bfloat16),
+        # The same int8 values and scales through the fused extension's kernel (bf16 rows in fp32).
+        "int8_fused": (lambda x: ext.int8_matmul(x, w8a8.values, w8a8.scales), w8a8.nbytes, torch.bfloat16),
     }
+    if ext is None:
+        del found["int8_fused"]
+    return found
 
 
 def main() -> int:
@@ -79,6 +93,8 @@ def main() -> int:
     p.add_argument("--output", default=RESULTS)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    # One thread computes on the calling thread: its CPU time, which other processes disturb less.
+    clock = time.thread_time if args.threads == 1 else time.perf_counter
     rows_list = [1, 16, 64] if args.quick else args.rows
     rounds = 2 if args.quick else args.rounds
     torch.manual_seed(0)
@@ -101,9 +117,9 @@ def main() -> int:
             for rows in rows_list:
                 for kn, (fn, _, dt) in ks.items():
                     x = xs[rows][dt]
-                    t0 = time.perf_counter()
+                    t0 = clock()
                     fn(x)
-                    samples[rows][kn].append(time.perf_counter() - t0)
+                    samples[rows][kn].append(clock() - t0)
         times[name] = {}
         for rows in rows_list:
             times[name][rows] = {kn: statistics.median(s) * 1e6 for kn, s in samples[rows].items()}
@@ -123,26 +139,28 @@ def main() -> int:
             r["lm_head_us"] = times["lm_head"][rows]
             r["fastest_lm_head_kernel"] = min(r["lm_head_us"], key=r["lm_head_us"].__getitem__)
         per_rows[rows] = r
-    # Where each weight-only kernel stops beating dense bf16 (what int4.MAX_ROWS and the int8
-    # head's cutoff are chosen from): the largest row count up to which it wins at every count.
-    crossover: dict[str, dict[str, int]] = {}
+    # Where each weight-only kernel stops beating each dense one (what int4.MAX_ROWS and the int8
+    # head's cutoffs are chosen from: bf16 where the CPU has native bf16, else fp32): the largest
+    # row count up to which it wins at every count.
+    crossover: dict[str, dict[str, dict[str, int]]] = {dense: {} for dense in DENSE}
     for name, by_rows in times.items():
-        for kn in ("int4pack", "int8_onednn"):
-            if kn in ks and "bf16" in ks:
-                wins = [rows for rows in rows_list if by_rows[rows][kn] < by_rows[rows]["bf16"]]
-                last = 0
-                for rows in rows_list:
-                    if rows not in wins:
-                        break
-                    last = rows
-                crossover.setdefault(name, {})[kn] = last
+        for dense in DENSE:
+            for kn in ("int4pack", "int8_onednn", "int8_fused"):
+                if kn in ks and dense in ks:
+                    last = 0
+                    for rows in rows_list:
+                        if by_rows[rows][kn] >= by_rows[rows][dense]:
+                            break
+                        last = rows
+                    crossover[dense].setdefault(name, {})[kn] = last
     if layer and all(("int4pack" in ks, "bf16" in ks)):
         wins_layer = [
             rows for rows in rows_list if per_rows[rows]["layer_us"]["int4pack"] < per_rows[rows]["layer_us"]["bf16"]
         ]
         print(f"int4pack beats bf16 for a whole layer at rows {wins_layer}")
-    for name, c in crossover.items():
-        print(f"{name:<8} beats dense bf16 up to rows: " + ", ".join(f"{kn} {v}" for kn, v in c.items()))
+    for dense, by_name in crossover.items():
+        for name, c in by_name.items():
+            print(f"{name:<8} beats dense {dense} up to rows: " + ", ".join(f"{kn} {v}" for kn, v in c.items()))
     out = {
         "benchmark": "cpu_linear_kernels",
         "machine": machine_info(),
@@ -153,7 +171,9 @@ def main() -> int:
         "weight_bytes": bytes_read,
         "median_us": times,
         "per_rows": per_rows,
-        "beats_bf16_up_to_rows": crossover,
+        "clock": "thread_time" if args.threads == 1 else "perf_counter",
+        "beats_bf16_up_to_rows": crossover["bf16"],
+        "beats_fp32_up_to_rows": crossover["fp32"],
         "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA", "default"),
     }
     write_results(args.output, out)

@@ -16,8 +16,10 @@ split into its parts, timed on their own in the same round:
   lm_head   compute_logits over the B (1 + k) sampled rows (int8 head: models/int8.py)
   rest      execute - prepare - forward - lm_head: sampling rows, draft acceptance, logprobs
 Every round times every (B, k) once and the medians are reported, since the machine is shared;
-ratios are against k = 0 at the same B. Also reports which kernel the step picks and whether it
-ran as one fused C++ call (fused_cpu/decode.py). --eager times the same engine with
+ratios are against k = 0 at the same B. --int8-head-kernels times, beside it, the same engine
+with its int8 LM head on oneDNN's int8 matmul and on torch's weight-only kernel (on a CPU without
+VNNI, where it runs fused_cpu/csrc/int8_matmul.h: int8_head_runners). Also reports which kernel
+the step picks and whether it ran as one fused C++ call (fused_cpu/decode.py). --eager times the same engine with
 --no-fused-cpu-decode beside it, every point of both in each round (on a CPU without native bf16
 that is the eager float32 mode the fused `+fp32-dense` default replaces). At --threads 1 the
 times are the thread's CPU time (time.thread_time), which a shared machine disturbs less than
@@ -26,6 +28,7 @@ wall time. Writes benchmarks/results/verify_step_cost.json with machine_info.
     .venv/bin/python benchmarks/verify_step_cost.py                            # B 1 and 8, k 0..8 (~2 min)
     .venv/bin/python benchmarks/verify_step_cost.py --quick                    # a smoke check
     .venv/bin/python benchmarks/verify_step_cost.py --batch 1 --drafts 0 8 --context 500 --threads 1 --eager
+    .venv/bin/python benchmarks/verify_step_cost.py --batch 1 --drafts 0 8 --context 500 --threads 1 --int8-head-kernels
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ from services.engine_core.attention.base import AttentionMetadata  # noqa: E402
 from services.engine_core.batch import ScheduledBatch  # noqa: E402
 from services.engine_core.fused_cpu.decode import MATRICES, padded_rows  # noqa: E402
 from services.engine_core.model_runner import ModelRunner  # noqa: E402
+from services.engine_core.models.int8 import Int8Weight  # noqa: E402
 from services.engine_core.request import Request, RequestStatus  # noqa: E402
 from shared.config import EngineConfig, available_cores  # noqa: E402
 from shared.protocol import SamplingParams  # noqa: E402
@@ -173,6 +177,12 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: the engine's, one per core)")
     p.add_argument("--exact", action="store_true", help="the exact float32 mode instead of the default")
     p.add_argument("--eager", action="store_true", help="also the mode with --no-fused-cpu-decode, alternated")
+    p.add_argument(
+        "--int8-head-kernels",
+        action="store_true",
+        help="also the default with its int8 LM head on oneDNN's int8 matmul and on torch's _weight_int8pack_mm, "
+        "alternated (on a CPU without VNNI, where it runs the fused extension's kernel)",
+    )
     p.add_argument("--quantization", default="auto", help="the engine's --quantization (none: a float checkpoint's)")
     p.add_argument("--quick", action="store_true", help="a smoke check, not figures")
     p.add_argument("--output", default=RESULTS)
@@ -188,6 +198,8 @@ def main() -> int:
     runners = {"default": ModelRunner(config)}
     if args.eager:
         runners["eager"] = ModelRunner(EngineConfig(**{**_fields(config), "fused_cpu_decode": False}))
+    if args.int8_head_kernels:
+        runners.update(int8_head_runners(config))
     for path, runner in runners.items():
         print(f"{path}: run mode {runner.mode}, {threads} threads; int4 up to "
               f"{runner.model.layers[0].int4_max_rows} rows, quantized LM head up to {runner.model.lm_head_max_rows}",
@@ -245,6 +257,22 @@ def main() -> int:
     }
     write_results(args.output, out)
     return 0
+
+
+def int8_head_runners(config: EngineConfig) -> dict[str, ModelRunner]:
+    """Engines whose int8 LM head runs oneDNN's int8 matmul (the start-up check bypassed: what a CPU
+    without VNNI ran before the check caught its saturation for every model) and torch's weight-only
+    kernel (the fallback without a compiler), for a CPU where it runs the fused extension's."""
+    runners = {"int8-onednn": ModelRunner(config), "int8-weight-only": ModelRunner(config)}
+    for name, runner in runners.items():
+        head = runner.model.lm_head_quantized
+        if not isinstance(head, Int8Weight) or head.uses_onednn:
+            raise SystemExit("--int8-head-kernels: this engine's LM head does not run the fused int8 kernel")
+        head.use_kernel(None)
+        if name == "int8-onednn":
+            head._packed = torch.ops.onednn.qlinear_prepack(head.values, None)
+        runner.model.lm_head_max_rows = 16  # the weight-only kernel's cutoff, past the steps timed here
+    return runners
 
 
 def _fields(config: EngineConfig) -> dict:

@@ -79,6 +79,7 @@ class ModelRunner:
         t0 = time.perf_counter()
         self.model, self.model_config = load_model(config, self.device, self.dtype, self.weight_dtype)
         self.load_time_s = time.perf_counter() - t0
+        self._fused_int8_head()
         self.max_model_len = max_model_len(config)
         if config.max_model_len and config.max_model_len > self.max_model_len:
             log.warning(
@@ -243,6 +244,21 @@ class ModelRunner:
             )
         elif rows == 0:
             log.warning("exact mode: no padding makes this CPU's float32 GEMM row-invariant: logits vary by batch")
+
+    def _fused_int8_head(self) -> None:
+        """The int8 LM head multiplies by the fused extension's int8 kernel where oneDNN's int8
+        matmul is not used (a CPU without VNNI: models/int8.py), in the fused mode and the eager
+        one alike (a build, once, where the fused mode did not build it: --no-fused-cpu-decode
+        asks for neither)."""
+        head = self.model.lm_head_quantized
+        if not isinstance(head, Int8Weight) or head.uses_onednn or not self.config.fused_cpu_decode:
+            return
+        ext = fused_extension.load(resolve_cache_dir(self.config.cache_dir))
+        if ext is None:  # already warned: the weight-only fallback
+            return
+        head.use_kernel(ext.int8_matmul)
+        self.model.lm_head_max_rows = head.max_rows
+        log.info("the int8 LM head multiplies by the fused CPU extension's kernel (up to %d rows)", head.max_rows)
 
     def _fused_decode(self) -> fused_decode.FusedDecode | None:
         """The fused C++ decode path where it applies (fused_cpu/decode.py), else None."""

@@ -54,6 +54,14 @@ def test_a_row_does_not_depend_on_the_others() -> None:
         assert torch.equal(q(x[i : i + 1])[0], batch[i])
 
 
+def test_onednn_only_where_it_does_not_saturate() -> None:
+    """The largest weights times the largest activations: int16 pair sums saturate without VNNI,
+    whatever a model's weights, so oneDNN multiplies only where it gets them right (else the
+    weight-only kernel, whose bf16 rounding of the activations is exact for ones)."""
+    q = Int8Weight(torch.full((8, 64), 127, dtype=torch.int8), torch.ones(8))
+    assert torch.equal(q(torch.ones(2, 64)), torch.full((2, 8), 127.0 * 64))
+
+
 def test_zero_rows_stay_finite() -> None:
     weight = torch.zeros(16, 32)
     weight[1] = 1.0

@@ -1,6 +1,7 @@
 """The fused decode path in the engine: where it applies (the CPU default, bf16 + int4; which
-steps: test_verify.py), that its decode steps' logits and greedy tokens stay close to the eager fast mode's on the
-bundled model, that the exact mode never uses it, and that a failed build falls back cleanly."""
+steps: test_verify.py; the int8 LM head's kernel), that its decode steps' logits and greedy
+tokens stay close to the eager fast mode's on the bundled model, that the exact mode never uses
+it, and that a failed build falls back cleanly."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ import torch
 from services.engine_core.attention.base import AttentionMetadata
 from services.engine_core.fused_cpu import extension
 from services.engine_core.model_runner import ModelRunner
+from services.engine_core.models import int8
+from services.engine_core.models.int8 import Int8Weight
 from shared.config import EngineConfig
 from tests.engine_core.conftest import rel_error
 from tests.engine_core.fused_cpu.conftest import decode_metadata, default_mode
@@ -39,6 +42,21 @@ def test_default_mode_uses_it(runners: tuple[ModelRunner, ModelRunner]) -> None:
     fused, eager = runners
     assert fused.fused is not None and fused.mode == default_mode()
     assert eager.fused is None and eager.mode == default_mode(fused=False)
+
+
+def test_int8_head_runs_the_extension_kernel(runners: tuple[ModelRunner, ModelRunner]) -> None:
+    """Where oneDNN's int8 matmul is not used (a CPU without VNNI: models/int8.py), the default's
+    int8 LM head multiplies by the extension's kernel up to its own cutoff; --no-fused-cpu-decode
+    keeps torch's weight-only kernel."""
+    fused, eager = runners
+    head, eager_head = fused.model.lm_head_quantized, eager.model.lm_head_quantized
+    assert isinstance(head, Int8Weight) and isinstance(eager_head, Int8Weight)
+    if head.uses_onednn:
+        assert head._kernel is None and fused.model.lm_head_max_rows == int8.MAX_ROWS
+        return
+    assert fused.fused is not None and head._kernel is fused.fused.ext.int8_matmul
+    assert fused.model.lm_head_max_rows == head.max_rows == int8.MAX_ROWS_KERNEL
+    assert eager_head._kernel is None and eager.model.lm_head_max_rows == eager_head.max_rows < int8.MAX_ROWS_KERNEL
 
 
 def assert_fused_logits_close(
@@ -178,6 +196,8 @@ def test_failed_build_falls_back_to_eager(
     with caplog.at_level(logging.WARNING):
         runner = ModelRunner(EngineConfig(**{**_fields(CONFIG), "cache_dir": str(tmp_path)}))
     assert runner.fused is None and runner.mode == default_mode(fused=False)
+    head = runner.model.lm_head_quantized
+    assert isinstance(head, Int8Weight) and head._kernel is None  # oneDNN's or the weight-only kernel
     assert [r for r in caplog.records if "fused CPU decode kernels are unavailable" in r.getMessage()]
     ids, pos, md = decode_metadata(1, 3, runner.block_size)
     with torch.inference_mode():

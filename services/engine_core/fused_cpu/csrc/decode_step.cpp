@@ -7,7 +7,8 @@
 // Python issues one call a step instead of ~900 ops; the matmuls are the row-invariant int4
 // kernel of int4_matmul.h (weights dequantized once per call, for all rows) or torch's dense
 // matmul (dense_matmul.h), in calls sized so that a row's bits do not depend on the other rows (RowPlan), the rest
-// the kernels in the headers beside this file.
+// the kernels in the headers beside this file. The module also carries the int8 LM head's kernel
+// (int8_matmul.h), which models/int8.py calls on the step's output where oneDNN's is inexact.
 // torch/extension.h would pull in the whole C++ frontend (torch::nn, ...) and double the build
 // time: ATen and the pybind11 casters for tensors are all this needs.
 #include <ATen/ATen.h>
@@ -23,6 +24,7 @@
 #include "attention.h"
 #include "dense_matmul.h"
 #include "int4_matmul.h"
+#include "int8_matmul.h"
 #include "norm.h"
 #include "prefill_attention.h"
 #include "rope.h"
@@ -312,8 +314,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // The kernels one by one, for the tests (tests/engine_core/fused_cpu/) and benchmarks.
   m.def("dense_matmul", &novainfer::dense_matmul, py::call_guard<py::gil_scoped_release>(),
         "x [M, K] bf16 @ w.T -> [M, N] bf16, w [N, K] bf16 or fp32, as one call of `rows` >= M rows "
-        "(zero-padded)");  m.def("int4_matmul", &novainfer::int4_matmul, py::call_guard<py::gil_scoped_release>(),
+        "(zero-padded)");
+  m.def("int4_matmul", &novainfer::int4_matmul, py::call_guard<py::gil_scoped_release>(),
         "x [M, K] bf16 @ W.T -> [M, N] bf16, W as fused_cpu/int4_matmul.py repack()s it");
+  m.def("int8_matmul", &novainfer::int8_matmul, py::call_guard<py::gil_scoped_release>(),
+        "x [M, K] bf16 or fp32 @ (q * scale[:, None]).T -> [M, N] fp32, q int8 [N, K], scale fp32 [N] "
+        "(the int8 LM head where oneDNN's int8 matmul is inexact: models/int8.py)");
   m.def(
       "add_rms_norm",
       [](at::Tensor h, std::optional<at::Tensor> delta, at::Tensor weight, double eps) {
