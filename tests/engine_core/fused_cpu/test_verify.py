@@ -201,7 +201,7 @@ def test_lm_head_chosen_by_rows_without_drafts(runner: ModelRunner) -> None:
     model = runner.model
     hidden = torch.randn(model.lm_head_max_rows + 12, model.cfg.hidden_size).to(torch.bfloat16)
     logits = model.compute_logits(hidden, 5)
-    for row in (0, 77, hidden.shape[0] - 1):
+    for row in (0, hidden.shape[0] // 2, hidden.shape[0] - 1):
         assert torch.equal(logits[row], model.compute_logits(hidden[row : row + 1])[0])
 
 
