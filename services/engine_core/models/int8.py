@@ -45,8 +45,10 @@ _MAX_ROWS_FALLBACK = 16
 
 MAX_ROWS_KERNEL = 64
 """Up to how many rows the fused extension's int8 kernel beats the dense fp32 head (benchmarks/
-cpu_linear_kernels.py, SmolLM2's head, one thread, 2-core AVX2 EPYC, shared, 2026-12-02): 3.5 vs
-13 ms at 1 row, 12 vs 43 at 9, 38 vs 70 at 32, 77 vs 100 at 64, 176 vs 160 at 128."""
+cpu_linear_kernels.py, SmolLM2's head, one thread, CPU time, 2-core AVX2 EPYC, loaded shared
+machine, 2026-12-02 18:10 UTC): 4.2 vs 16.4 ms at 1 row, 9.4 vs 49.7 at 9, 37.5 vs 85.2 at 32,
+60.6 vs 113.7 at 64, 152 vs 172 at 128 (an earlier blocking: 176 vs 160). The cut-off counts a
+step's requests, whose drafts multiply its rows: 64 keeps a margin."""
 
 Int8Kernel = Callable[[Tensor, Tensor, Tensor], Tensor]
 """(x [rows, in] bf16 or float32, values int8 [out, in], scales float32 [out]) -> x @ (values *
