@@ -7,7 +7,9 @@ being verified), two ways on the same cache and queries:
            per (request, KV head, split) for all 1 + k rows
   per_row  the same rows, each attended as its own decode row (a block table per row and
            seq_len = its position + 1): each row re-reads its whole context
-k = 0 (pure decode) is the same call both ways. With --baseline REF, a third: the grouped call
+k = 0 (pure decode) is the same call both ways. --layers N gives each call the next of N layers'
+caches, as a step's 30 layer calls have (by default one: its K/V stay in L2 from call to call,
+which a step's do not). With --baseline REF, a third: the grouped call
 of the kernel as git REF has it (its csrc/ built aside), for an A/B of a kernel change. They are
 timed alternately in every round (interleaved, the machine is shared) and the medians reported,
 with grouped / per_row (and grouped / baseline): wall time, or with --threads 1 the calling
@@ -17,6 +19,8 @@ request). Writes benchmarks/results/paged_attention_kernel.json with machine_inf
 
     .venv/bin/python benchmarks/paged_attention_kernel.py             # B 1 and 8, k 0/4/8, contexts 128..2048
     .venv/bin/python benchmarks/paged_attention_kernel.py --quick     # a smoke check
+    .venv/bin/python benchmarks/paged_attention_kernel.py --batch 1 --drafts 0 8 --context 128 500 2000 \
+        --threads 1 --layers 30 --baseline main                       # a step's K/V traffic, A/B
     .venv/bin/python benchmarks/paged_attention_kernel.py --batch 1 --drafts 0 1 2 3 4 5 6 7 \
         --context 600 --threads 1 --baseline main~1                   # rows 1..8 of one request, A/B
 """
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import itertools
 import os
 import shutil
 import statistics
@@ -56,15 +61,17 @@ N_HEADS, N_KV, HEAD_DIM, BLOCK = 9, 3, 64, 16  # SmolLM2-135M
 class Case:
     """B requests of `context` tokens before this step, each with 1 + k rows, on shuffled blocks."""
 
-    def __init__(self, batch: int, k: int, context: int) -> None:
+    def __init__(self, batch: int, k: int, context: int, layers: int = 1) -> None:
         gen = torch.Generator().manual_seed(batch * 1000 + k)
         q_len = 1 + k
         seq_lens = [context + q_len + i for i in range(batch)]  # lengths that differ a little
         blocks = -(-max(seq_lens) // BLOCK)
         table = torch.randperm(batch * blocks, generator=gen).to(torch.int32).view(batch, blocks)
         shape = (batch * blocks, BLOCK, N_KV, HEAD_DIM)
-        self.k_cache = torch.randn(shape, generator=gen).to(torch.bfloat16)
-        self.v_cache = torch.randn(shape, generator=gen).to(torch.bfloat16)
+        self.caches = [
+            (torch.randn(shape, generator=gen).to(torch.bfloat16), torch.randn(shape, generator=gen).to(torch.bfloat16))
+            for _ in range(layers)
+        ]
         self.q = torch.randn(batch * q_len, N_HEADS, HEAD_DIM, generator=gen)
         self.tables, self.seq_lens = table, torch.tensor(seq_lens, dtype=torch.int32)
         self.starts = torch.arange(0, batch * q_len + 1, q_len, dtype=torch.int32)
@@ -74,14 +81,22 @@ class Case:
         self.row_starts = torch.arange(batch * q_len + 1, dtype=torch.int32)
 
     def grouped(self, ext: ModuleType) -> Callable[[], Any]:
-        return lambda: ext.paged_attention(
-            self.q, self.k_cache, self.v_cache, self.tables, self.starts, self.seq_lens, HEAD_DIM**-0.5
-        )
+        return self._calls(ext, self.tables, self.starts, self.seq_lens)
 
     def per_row(self, ext: ModuleType) -> Callable[[], Any]:
-        return lambda: ext.paged_attention(
-            self.q, self.k_cache, self.v_cache, self.row_tables, self.row_starts, self.row_lens, HEAD_DIM**-0.5
-        )
+        return self._calls(ext, self.row_tables, self.row_starts, self.row_lens)
+
+    def _calls(
+        self, ext: ModuleType, tables: torch.Tensor, starts: torch.Tensor, lens: torch.Tensor
+    ) -> Callable[[], Any]:
+        """A call on the next layer's caches each time."""
+        layers = itertools.cycle(self.caches)
+
+        def call() -> Any:
+            k_cache, v_cache = next(layers)
+            return ext.paged_attention(self.q, k_cache, v_cache, tables, starts, lens, HEAD_DIM**-0.5)
+
+        return call
 
 
 def build_baseline(ref: str) -> ModuleType:
@@ -144,6 +159,7 @@ def main() -> int:
     p.add_argument("--reps", type=int, default=10, help="calls per timing")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: one per core, as the engine)")
     p.add_argument("--baseline", default=None, help="a git ref whose kernel to time beside this tree's")
+    p.add_argument("--layers", type=int, default=1, help="layers' caches, a call on each in turn (a step: 30)")
     p.add_argument("--quick", action="store_true", help="a smoke check, not figures")
     p.add_argument("--output", default=RESULTS)
     args = p.parse_args()
@@ -160,15 +176,17 @@ def main() -> int:
 
     base = build_baseline(args.baseline) if args.baseline else None
 
-    cases = {(b, k, c): Case(b, k, c) for b in args.batch for k in args.drafts for c in args.context}
+    cases = {(b, k, c): Case(b, k, c, args.layers) for b in args.batch for k in args.drafts for c in args.context}
     names = ("grouped", "per_row") + (("baseline",) if base else ())
     times: dict[tuple[int, int, int], dict[str, list[float]]] = {key: {n: [] for n in names} for key in cases}
-    for _ in range(args.rounds):
+    # Made once: with --layers, each goes on through the layers from round to round.
+    calls = {key: [("grouped", case.grouped(ext)), ("per_row", case.per_row(ext))] for key, case in cases.items()}
+    if base:
         for key, case in cases.items():
-            calls = [("grouped", case.grouped(ext)), ("per_row", case.per_row(ext))]
-            if base:
-                calls.append(("baseline", case.grouped(base)))
-            for name, fn in calls:
+            calls[key].append(("baseline", case.grouped(base)))
+    for _ in range(args.rounds):
+        for key in cases:
+            for name, fn in calls[key]:
                 times[key][name].append(time_call(fn, args.reps, clock))
 
     rows = []
@@ -213,6 +231,7 @@ def main() -> int:
         "shape": {"n_heads": N_HEADS, "n_kv_heads": N_KV, "head_dim": HEAD_DIM, "block_size": BLOCK},
         "rounds": args.rounds,
         "quick": args.quick,
+        "layers": args.layers,
         "baseline": args.baseline,
         "results": rows,
         "row_costs": costs,

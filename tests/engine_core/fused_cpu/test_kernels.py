@@ -126,7 +126,7 @@ def paged(
 
 @pytest.mark.parametrize(
     "n_heads, n_kv, d",
-    [(9, 3, 64), (4, 2, 16), (8, 8, 128), (4, 1, 32), (6, 2, 40)],
+    [(9, 3, 64), (4, 2, 16), (8, 8, 128), (4, 1, 32), (6, 2, 40), (6, 3, 128)],  # 3 x 128: KV head groups of 2 and 1
 )
 @pytest.mark.parametrize(
     "context_lens",
@@ -144,7 +144,7 @@ def test_paged_attention_decode_rows(ext: ModuleType, n_heads: int, n_kv: int, d
 
 @pytest.mark.parametrize(
     "n_heads, n_kv, d",
-    [(9, 3, 64), (4, 2, 16), (8, 8, 128), (4, 1, 32), (6, 2, 40)],
+    [(9, 3, 64), (4, 2, 16), (8, 8, 128), (4, 1, 32), (6, 2, 40), (6, 3, 128)],  # 3 x 128: KV head groups of 2 and 1
 )
 @pytest.mark.parametrize(
     "query_lens, context_lens",

@@ -149,12 +149,15 @@ def test_paged_attention_decode_rows(ext: ModuleType) -> None:
         torch.set_num_threads(before)
 
 
-def test_paged_attention_verify_rows_equal_decode_rows(ext: ModuleType) -> None:
+@pytest.mark.parametrize("n_heads, n_kv, d", [(9, 3, 64), (6, 3, 128)])
+def test_paged_attention_verify_rows_equal_decode_rows(ext: ModuleType, n_heads: int, n_kv: int, d: int) -> None:
     """Every row of a verify group (a decode row and its drafts: consecutive positions of one
     request, sharing each KV read), in a step mixed with other requests, gets exactly the bits a
-    lone decode row at its position gets from the same cache."""
+    lone decode row at its position gets from the same cache. A work item takes all of a split's
+    KV heads (3 x 128: groups of 2 and 1) where a step has splits enough for the threads, else
+    one KV head (a lone short request at 2 threads): the same bits either way."""
     query_lens, contexts = [9, 1, 4, 17], [250, 900, 0, 1020]  # groups across split boundaries
-    q, k_cache, v_cache, md, scale = cached_step(query_lens, contexts, 9, 3, 64, seed=7)
+    q, k_cache, v_cache, md, scale = cached_step(query_lens, contexts, n_heads, n_kv, d, seed=7)
     step = paged(ext, q, k_cache, v_cache, md, scale)
     for r, (q_len, ctx) in enumerate(zip(query_lens, contexts, strict=True)):
         start = int(md.query_start_loc[r])

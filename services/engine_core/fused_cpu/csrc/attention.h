@@ -3,11 +3,13 @@
 // design follows sgl-kernel's decode_attention_cpu and extend_attention_cpu (sgl-project/sglang,
 // sgl-kernel/csrc/cpu, Apache-2.0; none of their code is copied): flash decoding, the context cut
 // into splits so that even one request with a few KV heads gives every thread work; each
-// (request, KV head, split) work item runs an online softmax in fp32 over its tokens for all the
-// query heads of all the request's rows that share the KV head, so each K/V row is read and
-// converted once for a verify group's 1 + k rows x G heads; the item that completes a row's
-// splits for its KV head merges them by their log-sum-exp, in the same parallel region (one
-// fork-join a call; each thread's chunk and score buffers kept across calls).
+// (request, split, KV heads) work item runs an online softmax in fp32 over its tokens, per KV
+// head, for all the query heads of all the request's rows that share it, so each K/V row is
+// read and converted once for a verify group's 1 + k rows x G heads; an item takes all of a
+// slot's KV heads where the step has splits enough for the threads (its K/V read in address
+// order: ChunkKV), one otherwise; the item that completes a row's splits for its KV heads merges
+// them by their log-sum-exp, in the same parallel region (one fork-join a call; each thread's
+// chunk and score buffers kept across calls).
 //
 // Batch-invariant: the splits are fixed runs of kSplitTokens positions, merged in order, and a
 // head's arithmetic does not depend on which heads share its work item, so a row's output bits
@@ -34,6 +36,9 @@ constexpr int64_t kChunk = 32;
 constexpr int64_t kSplitTokens = 128;
 
 static_assert(kSplitTokens % kChunk == 0, "chunks never straddle a split");
+// Floats of a work item's chunk buffers (ChunkKV) at most: its KV heads' keys and values stay
+// in L1 and L2 (48 KiB for SmolLM2's 3 heads of 64).
+constexpr int64_t kChunkFloats = 16384;
 
 // The micro-kernels of paged_attention. Each computes every query head's values with the same
 // sequence of operations whether it runs alone or beside others (the heads of a group only
@@ -44,66 +49,96 @@ static_assert(kSplitTokens % kChunk == 0, "chunks never straddle a split");
 constexpr int64_t kAccVecs = fVec::size() == 16 ? 16 : 8;
 static_assert(kChunk % 16 == 0, "a chunk is whole 8-key transpose blocks and whole vectors");
 
-// A chunk of one KV head's context, read from the paged cache and converted to fp32 once for
-// every query head of its work item: the keys transposed, [d, kChunk] (zero past a short last
-// chunk: scores nobody reads, computed with the rest), so that QK is FMAs of broadcast query
-// elements into kChunk scores at once with no horizontal sums; the values [kChunk, d].
+// slots[j] = the element offset of position c0 + j's slot (its n_kv heads' rows, KV head 0
+// first) in a paged cache [blocks, bs, n_kv, d], for j < n: a block's positions are consecutive
+// slots (no division a position).
+inline void slot_offsets(const int32_t* table, int64_t bs, int64_t n_kv, int64_t d, int64_t c0, int64_t n,
+                         int64_t* slots) {
+  const int64_t slot = n_kv * d;
+  int64_t b = c0 / bs, in_block = c0 % bs;
+  for (int64_t j = 0; j < n;) {
+    const int64_t run = std::min(bs - in_block, n - j);
+    const int64_t base = (int64_t(table[b]) * bs + in_block) * slot;
+    for (int64_t i = 0; i < run; ++i) slots[j + i] = base + i * slot;
+    j += run;
+    ++b;
+    in_block = 0;
+  }
+}
+
+// A chunk of the context for the KV heads [g0, g0 + heads) of a work item, read from the paged
+// cache and converted to fp32 once for every query head of the item: per KV head, the keys
+// transposed, [d, kChunk] (zero past a short last chunk: scores nobody reads, computed with the
+// rest), so that QK is FMAs of broadcast query elements into kChunk scores at once with no
+// horizontal sums; the values [kChunk, d]. An item takes every KV head of a slot where it can:
+// its reads then run through each slot's K (and V) rows in address order, which the hardware
+// prefetchers follow; a KV head's rows alone are 2 d bytes every 2 n_kv d, which they do not,
+// and a decode step's K/V come from memory (the layers' weights stream through the caches
+// between two layers' attention): reading them by KV head made the kernel wait on its loads
+// (benchmarks/paged_attention_kernel.py --layers).
 struct ChunkKV {
-  std::vector<float> keys_t, values;
+  std::vector<float> keys_t_buf, values_buf;
   int64_t d = 0;
 
-  // Sized for head size d_ (a thread keeps one across calls: no allocation per call).
-  void reset(int64_t d_) {
+  // Sized for `heads` KV heads of size d_ (a thread keeps one across calls: no allocation a call).
+  void reset(int64_t d_, int64_t heads) {
     d = d_;
-    keys_t.resize(d * kChunk);
-    values.resize(kChunk * d);
+    if (int64_t(keys_t_buf.size()) < heads * d * kChunk) {
+      keys_t_buf.resize(heads * d * kChunk);
+      values_buf.resize(heads * kChunk * d);
+    }
   }
 
-  void load(const bf16* kc, const bf16* vc, const int32_t* table, int64_t bs, int64_t n_kv, int64_t g, int64_t c0,
-            int64_t n, const bf16* zeros) {
-    const bf16* rows[kChunk];
-    for (int64_t j = 0; j < kChunk; ++j) {
-      const int64_t pos = c0 + j;
-      if (j >= n) {
-        rows[j] = zeros;  // d zeros: a short chunk's missing keys, never a slot past the context
-        continue;
-      }
-      const int64_t offset = ((int64_t(table[pos / bs]) * bs + pos % bs) * n_kv + g) * d;
-      rows[j] = kc + offset;
-      to_float(vc + offset, values.data() + j * d, d);
+  float* keys_t(int64_t h) { return keys_t_buf.data() + h * d * kChunk; }
+  float* values(int64_t h) { return values_buf.data() + h * kChunk * d; }
+
+  void load(const bf16* kc, const bf16* vc, const int32_t* table, int64_t bs, int64_t n_kv, int64_t g0,
+            int64_t heads, int64_t c0, int64_t n, const bf16* zeros) {
+    int64_t slots[kChunk];
+    slot_offsets(table, bs, n_kv, d, c0, n, slots);
+    for (int64_t j = 0; j < n; ++j) {
+      for (int64_t h = 0; h < heads; ++h) to_float(vc + slots[j] + (g0 + h) * d, values(h) + j * d, d);
     }
-    transpose_keys(rows);
+    for (int64_t j0 = 0; j0 < kChunk; j0 += 8) {
+      for (int64_t h = 0; h < heads; ++h) {
+        const bf16* rows[8];
+        for (int64_t j = 0; j < 8; ++j) {
+          // d zeros: a short chunk's missing keys, never a slot past the context
+          rows[j] = j0 + j < n ? kc + slots[j0 + j] + (g0 + h) * d : zeros;
+        }
+        transpose_keys(rows, keys_t(h) + j0);
+      }
+    }
   }
 
  private:
-  // keys_t[i, j] = float(rows[j][i]).
-  void transpose_keys(const bf16* const* rows) {
+  // out[i * kChunk + j] = float(rows[j][i]) for 8 keys j (out: a head's keys_t at the block's
+  // first key).
+  void transpose_keys(const bf16* const* rows, float* out) const {
 #if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
     if (d % 16 == 0) {
       // Blocks of 8 keys x 16 dimensions: the dimension pairs (2p, 2p + 1) as 32-bit words, an
       // 8 x 8 transpose of the words, then each word split into its two bf16 halves as fp32.
       const __m256i high = _mm256_set1_epi32(int32_t(0xFFFF0000u));
-      for (int64_t j0 = 0; j0 < kChunk; j0 += 8) {
-        for (int64_t i0 = 0; i0 < d; i0 += 16) {
-          __m256 r[8];
-          for (int64_t k = 0; k < 8; ++k) {
-            r[k] = _mm256_castsi256_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows[j0 + k] + i0)));
-          }
-          __m256 w[8];
-          transpose_8x8(r, w);  // w[p] = the 8 keys' pair p
-          for (int64_t p = 0; p < 8; ++p) {
-            const __m256i x = _mm256_castps_si256(w[p]);
-            float* even = keys_t.data() + (i0 + 2 * p) * kChunk + j0;
-            _mm256_storeu_ps(even, _mm256_castsi256_ps(_mm256_slli_epi32(x, 16)));
-            _mm256_storeu_ps(even + kChunk, _mm256_castsi256_ps(_mm256_and_si256(x, high)));
-          }
+      for (int64_t i0 = 0; i0 < d; i0 += 16) {
+        __m256 r[8];
+        for (int64_t k = 0; k < 8; ++k) {
+          r[k] = _mm256_castsi256_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows[k] + i0)));
+        }
+        __m256 w[8];
+        transpose_8x8(r, w);  // w[p] = the 8 keys' pair p
+        for (int64_t p = 0; p < 8; ++p) {
+          const __m256i x = _mm256_castps_si256(w[p]);
+          float* even = out + (i0 + 2 * p) * kChunk;
+          _mm256_storeu_ps(even, _mm256_castsi256_ps(_mm256_slli_epi32(x, 16)));
+          _mm256_storeu_ps(even + kChunk, _mm256_castsi256_ps(_mm256_and_si256(x, high)));
         }
       }
       return;
     }
 #endif
-    for (int64_t j = 0; j < kChunk; ++j) {
-      for (int64_t i = 0; i < d; ++i) keys_t[i * kChunk + j] = float(rows[j][i]);
+    for (int64_t j = 0; j < 8; ++j) {
+      for (int64_t i = 0; i < d; ++i) out[i * kChunk + j] = float(rows[j][i]);
     }
   }
 
@@ -292,6 +327,21 @@ inline T* at_least(std::vector<T>& v, int64_t n) {
   return v.data();
 }
 
+// A thread's buffers, kept across calls (no allocation a call).
+struct PagedScratch {
+  ChunkKV chunk;
+  std::vector<float> score, o;
+  std::vector<const float*> queries;
+  std::vector<HeadState> heads;
+};
+
+// Looked up once a parallel region: a thread_local used in the kernel's loops cost a
+// __tls_get_addr call (and a vzeroupper) a key row in this shared library.
+[[gnu::noinline]] inline PagedScratch& thread_scratch() {
+  thread_local PagedScratch scratch;
+  return scratch;
+}
+
 // Merges a row's splits for the query heads [h0, h0 + count), in split order: weights
 // exp(m_s - max_s m_s); the splits past the row's position (a verify group's earlier rows) have
 // l = 0 and m = -inf and are skipped, so a row merges exactly what a decode row at its position
@@ -348,12 +398,20 @@ inline void paged_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
     max_q_len = std::max(max_q_len, q_len);
     total_splits += splits;
   }
-  // Work items (part of a request's rows, split, KV head). A step of a few short requests has
-  // fewer (request, split, KV head) triples than several threads want (4 each): then a verify
-  // group's rows are dealt out in up to `parts` parts, each re-reading the split (cheap next to
-  // idle threads). Which item computes a head never changes its arithmetic.
-  const int64_t threads = at::get_num_threads(), want = threads > 1 ? 4 * threads : 1;
-  const int64_t parts = std::min(max_q_len, at::divup(want, std::max<int64_t>(1, total_splits * n_kv)));
+  // Work items (part of a request's rows, split, group of KV heads). An item takes all the KV
+  // heads (as many as kChunkFloats holds: ChunkKV) where there are splits enough for the
+  // threads; a step of a few short requests has fewer (request, split) pairs than several
+  // threads want: then an item takes one KV head, and if (request, split, KV head) triples are
+  // still fewer than 4 a thread, a verify group's rows are dealt out in up to `parts` parts,
+  // each re-reading the split (cheap next to idle threads). Which item computes a head never
+  // changes its arithmetic.
+  const int64_t threads = at::get_num_threads();
+  int64_t kv_per_item = std::clamp<int64_t>(kChunkFloats / (2 * d * kChunk), 1, n_kv), parts = 1;
+  if (threads > 1 && total_splits < 2 * threads) {
+    kv_per_item = 1;
+    parts = std::min(max_q_len, at::divup(4 * threads, std::max<int64_t>(1, total_splits * n_kv)));
+  }
+  const int64_t groups = at::divup(n_kv, kv_per_item);
   struct Part {
     int64_t req, row_begin, row_end, splits;
   };
@@ -380,59 +438,61 @@ inline void paged_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
   float* acc = acc_buf.get();
   float* mx = mx_buf.data();
   float* sum = sum_buf.data();
-  // Per (part, KV head), its splits done: the item that completes them merges the part's rows
-  // for the KV head's query heads, in the same parallel region (one fork-join a call).
-  std::unique_ptr<std::atomic<int64_t>[]> done(new std::atomic<int64_t>[part_list.size() * n_kv]);
-  for (size_t i = 0; i < part_list.size() * n_kv; ++i) done[i].store(0, std::memory_order_relaxed);
-  const int64_t max_heads = max_q_len * G;  // query heads one work item updates
+  // Per (part, KV head group), its splits done: the item that completes them merges the part's
+  // rows for the group's query heads, in the same parallel region (one fork-join a call).
+  std::unique_ptr<std::atomic<int64_t>[]> done(new std::atomic<int64_t>[part_list.size() * groups]);
+  for (size_t i = 0; i < part_list.size() * groups; ++i) done[i].store(0, std::memory_order_relaxed);
+  const int64_t max_heads = max_q_len * G;  // query heads of one KV head that a work item updates
   const std::vector<bf16> zeros(d, bf16(0.f));
 
-  at::parallel_for(0, int64_t(work.size()) * n_kv, 1, [&](int64_t begin, int64_t end) {
-    thread_local ChunkKV chunk;
-    thread_local std::vector<float> score_buf, o_buf;
-    thread_local std::vector<const float*> queries_buf;
-    thread_local std::vector<HeadState> heads_buf;
-    chunk.reset(d);
-    float* score = at_least(score_buf, max_heads * kChunk);
-    float* o = at_least(o_buf, d);
-    const float** queries = at_least(queries_buf, max_heads);
-    HeadState* heads = at_least(heads_buf, max_heads);
+  at::parallel_for(0, int64_t(work.size()) * groups, 1, [&](int64_t begin, int64_t end) {
+    PagedScratch& scratch = thread_scratch();
+    ChunkKV& chunk = scratch.chunk;
+    chunk.reset(d, kv_per_item);
+    float* score = at_least(scratch.score, max_heads * kChunk);
+    float* o = at_least(scratch.o, d);
+    const float** queries = at_least(scratch.queries, max_heads);
+    HeadState* heads = at_least(scratch.heads, max_heads);
     for (int64_t item = begin; item < end; ++item) {
-      const Work& w = work[item / n_kv];
+      const Work& w = work[item / groups];
       const Part& part = part_list[w.part];
-      const int64_t r = part.req, split = w.split, g = item % n_kv;
+      const int64_t group = item % groups, g0 = group * kv_per_item, kv = std::min(kv_per_item, n_kv - g0);
+      const int64_t r = part.req, split = w.split;
       const int64_t len = lens[r], row0 = starts[r], q_len = starts[r + 1] - row0;
       const int64_t first_pos = len - q_len;  // the position of the request's first row
       // Up to the split's end or the part's last row, whichever comes first.
       const int64_t first = split * kSplitTokens, last = std::min(first + kSplitTokens, first_pos + part.row_end);
       const int32_t* table = tables + r * table_stride;
       for (int64_t i = std::max(part.row_begin, first - first_pos); i < part.row_end; ++i) {
-        float* a = acc + ((row_base[row0 + i] + split) * n_heads + g * G) * d;
-        std::fill(a, a + G * d, 0.f);
+        float* a = acc + ((row_base[row0 + i] + split) * n_heads + g0 * G) * d;
+        std::fill(a, a + kv * G * d, 0.f);
       }
       for (int64_t c0 = first; c0 < last; c0 += kChunk) {
         const int64_t n = std::min(kChunk, last - c0);
-        chunk.load(kc, vc, table, bs, n_kv, g, c0, n, zeros.data());
+        chunk.load(kc, vc, table, bs, n_kv, g0, kv, c0, n, zeros.data());
         // Causal: row i sees positions up to first_pos + i, so this chunk's first `visible`
         // tokens; rows before i0 see none of it.
         const int64_t i0 = std::max(part.row_begin, c0 - first_pos);
-        int64_t nq = 0;
-        for (int64_t i = i0; i < part.row_end; ++i) {
-          const int64_t t = row0 + i, slot = (row_base[t] + split) * n_heads + g * G;
-          const int64_t visible = std::min(n, first_pos + i + 1 - c0);
-          for (int64_t h = 0; h < G; ++h, ++nq) {
-            queries[nq] = qp + (t * n_heads + g * G + h) * d;
-            heads[nq] = {acc + (slot + h) * d, mx + slot + h, sum + slot + h, visible};
+        for (int64_t h = 0; h < kv; ++h) {
+          const int64_t g = g0 + h;
+          int64_t nq = 0;
+          for (int64_t i = i0; i < part.row_end; ++i) {
+            const int64_t t = row0 + i, slot = (row_base[t] + split) * n_heads + g * G;
+            const int64_t visible = std::min(n, first_pos + i + 1 - c0);
+            for (int64_t e = 0; e < G; ++e, ++nq) {
+              queries[nq] = qp + (t * n_heads + g * G + e) * d;
+              heads[nq] = {acc + (slot + e) * d, mx + slot + e, sum + slot + e, visible};
+            }
           }
+          qk_chunk(queries, nq, chunk.keys_t(h), d, sc, score);
+          online_softmax_pv(heads, nq, score, chunk.values(h), d);
         }
-        qk_chunk(queries, nq, chunk.keys_t.data(), d, sc, score);
-        online_softmax_pv(heads, nq, score, chunk.values.data(), d);
       }
-      // acq_rel: the merging item sees every other item's states of the part and KV head.
-      if (done[w.part * n_kv + g].fetch_add(1, std::memory_order_acq_rel) + 1 == part.splits) {
+      // acq_rel: the merging item sees every other item's states of the part and group.
+      if (done[w.part * groups + group].fetch_add(1, std::memory_order_acq_rel) + 1 == part.splits) {
         for (int64_t i = part.row_begin; i < part.row_end; ++i) {
           const int64_t t = row0 + i;
-          merge_splits(acc, mx, sum, row_base[t], row_base[t + 1] - row_base[t], n_heads, g * G, G, d, o,
+          merge_splits(acc, mx, sum, row_base[t], row_base[t + 1] - row_base[t], n_heads, g0 * G, kv * G, d, o,
                        op + t * n_heads * d);
         }
       }
