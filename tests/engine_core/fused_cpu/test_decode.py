@@ -69,8 +69,8 @@ def assert_fused_logits_close(
     min_argmax_agreement: float | None = None,
 ) -> None:
     """The fused step's logits (on caches) against the eager model's (on copies of them): close,
-    the same argmax in most rows (min_argmax_agreement: by default 0.75, 0.6 with fp32 dense
-    weights) and, where the argmax differs, a near-tie in the eager logits.
+    the same argmax in most rows of a step of 8 or more (min_argmax_agreement: by default 0.75,
+    0.6 with fp32 dense weights) and, where the argmax differs, a near-tie in the eager logits.
 
     With fp32 dense weights (a CPU without native bf16) the eager reference is the further from
     float32: it rounds the embedding, every product and the residual stream to bf16, where the
@@ -87,9 +87,12 @@ def assert_fused_logits_close(
     # Typically > 0.9999; rows differ in how much rounding their 30 layers amplify.
     assert cos.mean() > 0.999 and cos.min() > 0.99, cos
     same = got.argmax(-1) == ref.argmax(-1)
-    assert same.float().mean() >= min_argmax_agreement
     gap = ref.max(-1).values - ref.gather(1, got.argmax(-1, keepdim=True))[:, 0]
     assert (gap[~same] <= 0.02 * ref.abs().amax(-1)[~same]).all(), (gap, ref.abs().amax(-1))
+    # A fraction of a few rows says little: one near-tie in 3 rows (2-core Zen 4 EPYC, native bf16:
+    # a gap of 0.20 on logits up to 22.8) is 0.67. There the near-tie check above carries it.
+    if len(same) >= 8:
+        assert same.float().mean() >= min_argmax_agreement, (same, gap)
 
 
 def token_range(runner: ModelRunner) -> tuple[int, int]:
