@@ -11,7 +11,7 @@ k = 0 (pure decode) is the same call both ways. --layers N gives each call the n
 caches, as a step's 30 layer calls have (by default one: its K/V stay in L2 from call to call,
 which a step's do not). With --baseline REF, a third: the grouped call
 of the kernel as git REF has it (its csrc/ built aside), for an A/B of a kernel change. They are
-timed alternately in every round (interleaved, the machine is shared) and the medians reported,
+timed alternately in every round, each first in turn (interleaved, the machine is shared) and the medians reported,
 with grouped / per_row (and grouped / baseline): wall time, or with --threads 1 the calling
 thread's CPU time (a loaded machine's preemptions left out). Per (B, context), also the first
 row's cost (k = 0) and each further row's (the least-squares slope over the k given, per
@@ -184,9 +184,12 @@ def main() -> int:
     if base:
         for key, case in cases.items():
             calls[key].append(("baseline", case.grouped(base)))
-    for _ in range(args.rounds):
+    for i in range(args.rounds):
         for key in cases:
-            for name, fn in calls[key]:
+            # Each its turn first: the first call after another case's ran slower (a k = 0 call,
+            # the same one three ways, 104 / 74 / 64 us first / second / third, AVX-512 Zen 4).
+            turn = i % len(calls[key])
+            for name, fn in calls[key][turn:] + calls[key][:turn]:
                 times[key][name].append(time_call(fn, args.reps, clock))
 
     rows = []

@@ -61,15 +61,40 @@ def _cpu_flags() -> str:
     return platform.processor() or platform.machine()
 
 
-def _capability_flags() -> list[str]:
-    """The CPU_CAPABILITY ATen's own kernels use on this CPU, for its at::vec types: AVX-512 where
-    the CPU has the parts ATen's AVX-512 build needs, else AVX2, else its portable code."""
-    flags = set(_cpu_flags().split())
+CAPABILITIES = ("default", "avx2", "avx512")
+"""ATen's x86 CPU capabilities, narrowest first."""
+
+
+def capability(cpu_flags: str, requested: str | None) -> str:
+    """The CPU_CAPABILITY ATen's own kernels use on this CPU: AVX-512 where the CPU has the parts
+    ATen's AVX-512 build needs, else AVX2, else its portable code; narrower where
+    ATEN_CPU_CAPABILITY (`requested`) asks for one, as ATen's dispatch does."""
+    flags = set(cpu_flags.split())
     if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags:
+        best = "avx512"
+    elif {"avx2", "fma"} <= flags:
+        best = "avx2"
+    else:
+        best = "default"
+    asked = (requested or "").lower()
+    if asked in CAPABILITIES and CAPABILITIES.index(asked) < CAPABILITIES.index(best):
+        return asked
+    return best
+
+
+def _capability_flags() -> list[str]:
+    """The defines of the capability for the at::vec types; below the CPU's own (an AVX2 build
+    on an AVX-512 host: ATEN_CPU_CAPABILITY=avx2, to run the AVX2 code where it is tested), also
+    the -march=native features above it turned off, so that the kernels chosen by the compiler's
+    macros (int4_matmul.h: __AVX512F__) are the same ones such a CPU gets."""
+    cpu_flags = _cpu_flags()
+    cap = capability(cpu_flags, os.environ.get("ATEN_CPU_CAPABILITY"))
+    if cap == "avx512":
         return ["-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"]
-    if {"avx2", "fma"} <= flags:
-        return ["-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
-    return ["-DCPU_CAPABILITY=DEFAULT"]
+    has = set(cpu_flags.split())
+    if cap == "avx2":
+        return ["-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2", *(["-mno-avx512f"] if "avx512f" in has else [])]
+    return ["-DCPU_CAPABILITY=DEFAULT", *(["-mno-avx"] if "avx" in has else [])]
 
 
 def cflags() -> list[str]:

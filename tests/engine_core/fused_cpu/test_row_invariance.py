@@ -15,10 +15,12 @@ import pytest
 import torch
 
 from services.engine_core.attention.base import AttentionMetadata
+from services.engine_core.attention.torch_backend import reference_attention
 from services.engine_core.fused_cpu.decode import dense_call, dense_calls, padded_rows
 from services.engine_core.fused_cpu.int4_matmul import repack
 from services.engine_core.models.int4 import Int4Weight
 from services.engine_core.models.int8 import Int8Weight
+from tests.engine_core.conftest import rel_error
 from tests.engine_core.fused_cpu.test_kernels import cached_step, paged, rope_inputs, rope_tables
 
 BF16 = torch.bfloat16
@@ -176,6 +178,34 @@ def test_paged_attention_verify_rows_equal_decode_rows(ext: ModuleType, n_heads:
         finally:
             torch.set_num_threads(before)
         assert torch.equal(group, step[start : start + q_len]), f"request {r} alone, 1 thread"
+
+
+@pytest.mark.parametrize(
+    "n_heads, n_kv, d",
+    # G = 3, 5, 8, 1 query heads a KV head; d = 40: 5 vectors (a block of 2 and a single vector
+    # left over on AVX2), 16: 2 vectors, 128: 16
+    [(9, 3, 64), (5, 1, 64), (16, 2, 64), (4, 4, 128), (10, 2, 40), (3, 3, 16)],
+)
+@pytest.mark.parametrize("drafts", [1, 3, 8])
+def test_paged_attention_register_blocks(ext: ModuleType, n_heads: int, n_kv: int, d: int, drafts: int) -> None:
+    """The micro-kernels' register blocks of query heads (a verify group's 1 + k rows x G heads
+    of a KV head, 6 a block on AVX2 and 8 or 4 on AVX-512, the chunk's last heads in smaller
+    blocks with more key or value vectors each) x vectors of keys or dimensions: every row of a
+    verify group, whatever block its heads fall in, gets exactly the bits a lone decode row at
+    its position gets. Groups end at every kind of position: in a 16-token block and a 32-token
+    chunk, on their boundaries, across a 128-token split."""
+    contexts = [0, 14, 15, 16, 31, 32, 33, 120, 127, 128, 250, 517]
+    q_len = 1 + drafts
+    q, k_cache, v_cache, md, scale = cached_step([q_len] * len(contexts), contexts, n_heads, n_kv, d, seed=d + drafts)
+    ref = reference_attention(q, k_cache.float(), v_cache.float(), md, scale)
+    step = paged(ext, q, k_cache, v_cache, md, scale)
+    for r, ctx in enumerate(contexts):
+        rows = slice(r * q_len, (r + 1) * q_len)
+        assert rel_error(step.view_as(ref)[rows], ref[rows]) < 1e-2, f"context {ctx}"
+        for j in range(q_len):
+            row = rows.start + j
+            decode = paged(ext, q[row : row + 1], k_cache, v_cache, single(md, r, ctx + j + 1), scale)
+            assert torch.equal(decode, step[row : row + 1]), f"context {ctx}, row {j}"
 
 
 DENSE_DTYPES = [BF16, torch.float32]

@@ -5,11 +5,12 @@
 // into splits so that even one request with a few KV heads gives every thread work; each
 // (request, split, KV heads) work item runs an online softmax in fp32 over its tokens, per KV
 // head, for all the query heads of all the request's rows that share it, so each K/V row is
-// read and converted once for a verify group's 1 + k rows x G heads; an item takes all of a
-// slot's KV heads where the step has splits enough for the threads (its K/V read in address
-// order: ChunkKV), one otherwise; the item that completes a row's splits for its KV heads merges
-// them by their log-sum-exp, in the same parallel region (one fork-join a call; each thread's
-// chunk and score buffers kept across calls).
+// read and converted once for a verify group's 1 + k rows x G heads, and its micro-kernels take
+// those heads in register blocks (each fp32 key or value vector loaded feeds several heads'
+// FMAs); an item takes all of a slot's KV heads where the step has splits enough for the
+// threads (its K/V read in address order: ChunkKV), one otherwise; the item that completes a
+// row's splits for its KV heads merges them by their log-sum-exp, in the same parallel region
+// (one fork-join a call; each thread's chunk and score buffers kept across calls).
 //
 // Batch-invariant: the splits are fixed runs of kSplitTokens positions, merged in order, and a
 // head's arithmetic does not depend on which heads share its work item, so a row's output bits
@@ -36,18 +37,10 @@ constexpr int64_t kChunk = 32;
 constexpr int64_t kSplitTokens = 128;
 
 static_assert(kSplitTokens % kChunk == 0, "chunks never straddle a split");
+static_assert(kChunk % 16 == 0, "a chunk is whole 8-key transpose blocks and whole vectors");
 // Floats of a work item's chunk buffers (ChunkKV) at most: its KV heads' keys and values stay
 // in L1 and L2 (48 KiB for SmolLM2's 3 heads of 64).
 constexpr int64_t kChunkFloats = 16384;
-
-// The micro-kernels of paged_attention. Each computes every query head's values with the same
-// sequence of operations whether it runs alone or beside others (the heads of a group only
-// share loads and fill the FMA pipeline), which keeps a row's bits independent of its group.
-
-// Accumulator vectors a micro-kernel keeps in registers: half the register file (32 zmm with
-// AVX-512, 16 ymm otherwise), the other half for operands.
-constexpr int64_t kAccVecs = fVec::size() == 16 ? 16 : 8;
-static_assert(kChunk % 16 == 0, "a chunk is whole 8-key transpose blocks and whole vectors");
 
 // slots[j] = the element offset of position c0 + j's slot (its n_kv heads' rows, KV head 0
 // first) in a paged cache [blocks, bs, n_kv, d], for j < n: a block's positions are consecutive
@@ -164,12 +157,46 @@ struct ChunkKV {
 #endif
 };
 
-// Scores s[m, 0:kChunk] = scale * dot(q_m, keys[j]) of M query heads, each a chain of FMAs over
-// the dimensions in order (s = q[0] k[0], then s += q[i] k[i]), in registers: a head's bits are
-// the same in any group of heads, of any M.
-template <int64_t M>
-inline void qk_heads(const float* const* qs, const float* keys_t, int64_t d, float scale, float* s) {
-  constexpr int64_t C = kChunk / fVec::size();
+// The micro-kernels of paged_attention: register blocks of M query heads (a verify group's rows x
+// the G heads of a KV head, consecutive) x a few vectors of keys (QK) or of the head's
+// dimensions (PV), as a GEMM's micro-kernel blocks its output (BLIS's 6 x 16 single-precision
+// block on AVX2): each key or value vector loaded feeds M heads' accumulators, each broadcast
+// query element or probability those of the block's vectors. Every output element is one chain
+// of FMAs in a fixed order (over the dimensions for a score, over the chunk's tokens for an
+// output) whatever block computes it, so a head's bits are the same in any group of heads and
+// any blocking: a verify row's are those of the same row alone as a decode row.
+
+// Vector registers (AVX2's 16 ymm, AVX-512's 32 zmm), and the accumulators of a full block: 12
+// ymm (operand vectors and a broadcast beside them), 16 zmm.
+constexpr int64_t kVecRegs = fVec::size() == 16 ? 32 : 16;
+constexpr int64_t kBlockAccs = fVec::size() == 16 ? 16 : 12;
+constexpr int64_t kKeyVecs = kChunk / fVec::size();  // vectors of a chunk's keys
+
+// Key vectors of a full QK block (2: 16 keys on AVX2, the whole chunk on AVX-512) and its heads.
+constexpr int64_t kQKVecs = 2;
+constexpr int64_t kQKHeads = kBlockAccs / kQKVecs;
+static_assert(kKeyVecs % kQKVecs == 0, "whole QK blocks a chunk");
+// Dimension vectors of a full PV block and its heads (AVX2: 6 heads x 16 dimensions; AVX-512: 4
+// heads x 64).
+constexpr int64_t kPVVecs = fVec::size() == 16 ? 4 : 2;
+constexpr int64_t kPVHeads = kBlockAccs / kPVVecs;
+static_assert(kPVHeads * kPVVecs + kPVVecs + 1 <= kVecRegs, "a full PV block fits the registers");
+
+// The vectors of a block of m < full heads (a chunk's last heads): the most, up to `most` and
+// dividing it, whose m x v accumulators fit a block and, with the v operand vectors and a
+// broadcast, the registers (no spills: AVX-512's 1 head takes 8 output vectors, AVX2's 4).
+constexpr int64_t block_vecs(int64_t m, int64_t most) {
+  int64_t v = most;
+  while (v > 1 && (m * v > kBlockAccs || m * v + v + 1 > kVecRegs || most % v != 0)) --v;
+  return v;
+}
+static_assert(kQKHeads * kQKVecs + kQKVecs + 1 <= kVecRegs, "a full QK block fits the registers");
+
+// Scores s[m, 0:C W] = scale * dot(q_m, keys[j]) of M query heads and C vectors of keys (keys_t:
+// the block's first key of a chunk's [d, kChunk]; s: its first score of rows kChunk apart), each
+// a chain of FMAs over the dimensions in order (s = q[0] k[0], then s += q[i] k[i]).
+template <int64_t M, int64_t C>
+inline void qk_block(const float* const* qs, const float* keys_t, int64_t d, float scale, float* s) {
   fVec acc[M][C];
   for (int64_t m = 0; m < M; ++m) {
     for (int64_t c = 0; c < C; ++c) acc[m][c] = fVec(0.f);
@@ -188,22 +215,29 @@ inline void qk_heads(const float* const* qs, const float* keys_t, int64_t d, flo
   }
 }
 
-// Heads per qk_heads call: its accumulators fill half the register file.
-constexpr int64_t kQKHeads = std::max<int64_t>(1, kAccVecs / (kChunk / fVec::size()));
+// A chunk's scores of M heads, in blocks of C key vectors.
+template <int64_t M, int64_t C>
+inline void qk_heads(const float* const* qs, const float* keys_t, int64_t d, float scale, float* s) {
+  for (int64_t c0 = 0; c0 < kKeyVecs; c0 += C) {
+    const int64_t j0 = c0 * fVec::size();
+    qk_block<M, C>(qs, keys_t + j0, d, scale, s + j0);
+  }
+}
 
-template <int64_t M = kQKHeads>
-inline void qk_heads_rest(const float* const* qs, int64_t count, const float* keys_t, int64_t d, float scale, float* s) {
+// The last count < kQKHeads heads of a chunk.
+template <int64_t M = kQKHeads - 1>
+inline void qk_rest(const float* const* qs, int64_t count, const float* keys_t, int64_t d, float scale, float* s) {
   if constexpr (M > 0) {
-    if (count == M) return qk_heads<M>(qs, keys_t, d, scale, s);
-    qk_heads_rest<M - 1>(qs, count, keys_t, d, scale, s);
+    if (count == M) return qk_heads<M, block_vecs(M, kKeyVecs)>(qs, keys_t, d, scale, s);
+    qk_rest<M - 1>(qs, count, keys_t, d, scale, s);
   }
 }
 
 // Scores [nq, kChunk] of nq query heads against a chunk's transposed keys [d, kChunk].
 inline void qk_chunk(const float* const* qs, int64_t nq, const float* keys_t, int64_t d, float scale, float* s) {
   int64_t h = 0;
-  for (; h + kQKHeads <= nq; h += kQKHeads) qk_heads<kQKHeads>(qs + h, keys_t, d, scale, s + h * kChunk);
-  qk_heads_rest(qs + h, nq - h, keys_t, d, scale, s + h * kChunk);
+  for (; h + kQKHeads <= nq; h += kQKHeads) qk_heads<kQKHeads, kQKVecs>(qs + h, keys_t, d, scale, s + h * kChunk);
+  qk_rest(qs + h, nq - h, keys_t, d, scale, s + h * kChunk);
 }
 
 // A query head's running state in one split: unnormalised output [d], max and sum of exp, and
@@ -215,52 +249,58 @@ struct HeadState {
   int64_t visible;
 };
 
-// acc_m = acc_m * correction_m + sum_j p_m[j] * values[j] for M heads seeing the same n tokens,
-// the accumulators in registers (head size D a compile-time constant).
-template <int64_t M, int64_t D>
-inline void pv_block(const HeadState* heads, const float* corrections, const float* const* ps, const float* values,
-                     int64_t n) {
-  constexpr int64_t V = D / fVec::size();
+// acc_m[i0 : i0 + V W] = acc_m * correction_m + sum_j p_m[j] values[j] for M heads seeing the
+// same n tokens (p_m: rows kChunk apart), the accumulators in registers: per element, one
+// product by the correction, then one FMA a token in order.
+template <int64_t M, int64_t V>
+inline void pv_block(const HeadState* heads, const float* corrections, const float* p, const float* values, int64_t d,
+                     int64_t i0, int64_t n) {
   fVec a[M][V];
   for (int64_t m = 0; m < M; ++m) {
-    for (int64_t v = 0; v < V; ++v) a[m][v] = fVec::loadu(heads[m].acc + v * fVec::size()) * fVec(corrections[m]);
+    const fVec correction(corrections[m]);
+    for (int64_t v = 0; v < V; ++v) a[m][v] = fVec::loadu(heads[m].acc + i0 + v * fVec::size()) * correction;
   }
   for (int64_t j = 0; j < n; ++j) {
     fVec x[V];
-    for (int64_t v = 0; v < V; ++v) x[v] = fVec::loadu(values + j * D + v * fVec::size());
+    for (int64_t v = 0; v < V; ++v) x[v] = fVec::loadu(values + j * d + i0 + v * fVec::size());
     for (int64_t m = 0; m < M; ++m) {
-      const fVec pj(ps[m][j]);
+      const fVec pj(p[m * kChunk + j]);
       for (int64_t v = 0; v < V; ++v) a[m][v] = at::vec::fmadd(pj, x[v], a[m][v]);
     }
   }
   for (int64_t m = 0; m < M; ++m) {
-    for (int64_t v = 0; v < V; ++v) a[m][v].store(heads[m].acc + v * fVec::size());
+    for (int64_t v = 0; v < V; ++v) a[m][v].store(heads[m].acc + i0 + v * fVec::size());
   }
 }
 
-template <int64_t D>
-constexpr int64_t pv_heads() {
-  return std::max<int64_t>(1, kAccVecs / (D / fVec::size()));
+// PV of M heads over the dimensions [i0, d) (d a multiple of the vector size): blocks of V
+// vectors, the rest in blocks of V / 2, V / 4, ... (d = 64 in one block of 4 zmm where V = 8).
+template <int64_t M, int64_t V>
+inline void pv_heads(const HeadState* heads, const float* corrections, const float* p, const float* values, int64_t d,
+                     int64_t n, int64_t i0 = 0) {
+  for (; i0 + V * fVec::size() <= d; i0 += V * fVec::size()) pv_block<M, V>(heads, corrections, p, values, d, i0, n);
+  if constexpr (V > 1) {
+    if (i0 < d) pv_heads<M, V / 2>(heads, corrections, p, values, d, n, i0);
+  }
 }
 
-template <int64_t D, int64_t M = pv_heads<D>()>
-inline void pv_rest(const HeadState* heads, int64_t count, const float* corrections, const float* const* ps,
-                    const float* values, int64_t n) {
+// The last count < kPVHeads heads of a run.
+template <int64_t M = kPVHeads - 1>
+inline void pv_rest(const HeadState* heads, int64_t count, const float* corrections, const float* p,
+                    const float* values, int64_t d, int64_t n) {
   if constexpr (M > 0) {
-    if (count == M) return pv_block<M, D>(heads, corrections, ps, values, n);
-    pv_rest<D, M - 1>(heads, count, corrections, ps, values, n);
+    if (count == M) return pv_heads<M, block_vecs(M, 8)>(heads, corrections, p, values, d, n);
+    pv_rest<M - 1>(heads, count, corrections, p, values, d, n);
   }
 }
 
-// The heads [first, first + count) see the same tokens: PV in groups of pv_heads<D>().
-template <int64_t D>
-inline void pv_group(const HeadState* heads, int64_t count, const float* corrections, const float* const* ps,
-                     const float* values) {
-  const int64_t n = heads[0].visible;
-  constexpr int64_t M = pv_heads<D>();
-  int64_t h = 0;
-  for (; h + M <= count; h += M) pv_block<M, D>(heads + h, corrections + h, ps + h, values, n);
-  pv_rest<D>(heads + h, count - h, corrections + h, ps + h, values, n);
+// exp(delta), delta = the old running max - the new: std::exp's own value, without calling it
+// where that value is exact (an unchanged max: exp(0) = 1; a head's first chunk, max -inf:
+// exp(-inf) = 0), which most chunks are.
+inline float correction(float delta) {
+  if (delta == 0.f) return 1.f;
+  if (delta == -std::numeric_limits<float>::infinity()) return 0.f;
+  return std::exp(delta);
 }
 
 // Folds a chunk into nq heads' states: each head's scores (s [nq, kChunk], overwritten by their
@@ -269,7 +309,6 @@ inline void pv_group(const HeadState* heads, int64_t count, const float* correct
 inline void online_softmax_pv(const HeadState* heads, int64_t nq, float* s, const float* values, int64_t d) {
   constexpr int64_t kRun = 64;  // heads per run at most (a longer run is cut: each head is on its own anyway)
   float corrections[kRun];
-  const float* ps[kRun];
   for (int64_t first = 0; first < nq;) {
     // A run of heads that see the same tokens.
     int64_t count = 1;
@@ -298,21 +337,23 @@ inline void online_softmax_pv(const HeadState* heads, int64_t nq, float* s, cons
         p[j] = std::exp(p[j] - new_max);
         chunk_sum += p[j];
       }
-      corrections[e] = std::exp(*hs.max - new_max);  // 0 on a head's first chunk (max = -inf)
+      corrections[e] = correction(*hs.max - new_max);
       *hs.sum = *hs.sum * corrections[e] + chunk_sum;
       *hs.max = new_max;
-      ps[e] = p;
     }
     const HeadState* run = heads + first;
-    if (d == 64 && 64 % fVec::size() == 0) {
-      pv_group<64>(run, count, corrections, ps, values);
-    } else if (d == 128 && 128 % fVec::size() == 0) {
-      pv_group<128>(run, count, corrections, ps, values);
+    const float* p = s + first * kChunk;
+    const int64_t n = run[0].visible;
+    if (d % fVec::size() == 0) {
+      int64_t h = 0;
+      for (; h + kPVHeads <= count; h += kPVHeads) {
+        pv_heads<kPVHeads, kPVVecs>(run + h, corrections + h, p + h * kChunk, values, d, n);
+      }
+      pv_rest(run + h, count - h, corrections + h, p + h * kChunk, values, d, n);
     } else {
       for (int64_t e = 0; e < count; ++e) {
-        const int64_t n = run[e].visible;
         for (int64_t j = 0; j < n; ++j) {
-          scale_add(run[e].acc, j == 0 ? corrections[e] : 1.f, ps[e][j], values + j * d, d);
+          scale_add(run[e].acc, j == 0 ? corrections[e] : 1.f, p[e * kChunk + j], values + j * d, d);
         }
       }
     }
