@@ -6,7 +6,12 @@ uses) and `_weight_int8pack_mm` (8-bit, one scale per output row), both with bfl
 activations, oneDNN's int8 x int8 matmul with the activations quantized per row (models/int8.py,
 the int8 LM head's kernel where the CPU has VNNI), and, where the fused CPU extension builds, its
 int8 kernel (fused_cpu/csrc/int8_matmul.h: the same int8 values and scales times the bf16 rows in
-fp32; the head's kernel without VNNI). Rows 1..256 stand for the step's batch size.
+fp32; the head's kernel without VNNI) and its bf16 kernel (fused_cpu/csrc/bf16_matmul.h, `bf16_fused`:
+bf16 weights times bf16 rows in fp32, row-invariant; a float checkpoint's decode rows on a CPU
+without native bf16), beside what that CPU's library runs on the same bf16 weights: fp32 copies
+made per call (`fp32_widened`), and fp32 weights in calls padded to a multiple of 4 rows
+(`fp32_padded4`: the fused step's decode rows before bf16_matmul.h). Rows 1..256 stand for the
+step's batch size.
 Each (matrix, rows) times every kernel interleaved, repeated, and keeps the median, because the
 machine is shared; at --threads 1 the times are the thread's CPU time (time.thread_time).
 Reports per rows the fastest kernel summed over a layer's four matrices (and the LM head), the
@@ -17,6 +22,8 @@ one. Writes benchmarks/results/cpu_linear_kernels.json.
     .venv/bin/python benchmarks/cpu_linear_kernels.py --quick
     .venv/bin/python benchmarks/cpu_linear_kernels.py --matrices lm_head --kernels fp32 int8pack int8_fused \
         --rows 1 2 4 9 16 32 64 128 --threads 1 --output benchmarks/results/cpu_linear_kernels_int8_fused_1thread.json
+    .venv/bin/python benchmarks/cpu_linear_kernels.py --kernels fp32 fp32_padded4 fp32_widened bf16_fused \
+        --rows 1 2 4 9 16 32 64 128 --threads 1 --output benchmarks/results/cpu_linear_kernels_bf16_fused_1thread.json
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ sys.path.insert(0, HERE)
 from machine_info import machine_info, write_results  # noqa: E402
 
 from services.engine_core.fused_cpu import extension  # noqa: E402
+from services.engine_core.models import dense as dense_calls  # noqa: E402
 from services.engine_core.models.int4 import GROUP, Int4Weight  # noqa: E402
 from services.engine_core.models.int8 import Int8Weight  # noqa: E402
 
@@ -46,8 +54,18 @@ RESULTS = os.path.join(HERE, "results", "cpu_linear_kernels.json")
 # SmolLM2-135M: name -> (out, in) of the fused matrices (q|k|v, o, gate|up, down) and the LM head.
 MATRICES = {"qkv": (960, 576), "o": (576, 576), "gate_up": (3072, 576), "down": (576, 1536), "lm_head": (49152, 576)}
 ROWS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
-KERNELS = ["fp32", "bf16", "int4pack", "int8pack", "int8_onednn", "int8_fused"]
-DENSE = ("bf16", "fp32")
+KERNELS = [
+    "fp32",
+    "bf16",
+    "int4pack",
+    "int8pack",
+    "int8_onednn",
+    "int8_fused",
+    "bf16_fused",
+    "fp32_widened",
+    "fp32_padded4",
+]
+DENSE = ("bf16", "fp32", "fp32_widened")
 
 
 def kernels(weight: torch.Tensor) -> dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], int, torch.dtype]]:
@@ -76,9 +94,12 @@ def kernels(weight: torch.Tensor) -> dict[str, tuple[Callable[[torch.Tensor], to
         "int8_onednn": (w8a8, w8a8.nbytes, torch.bfloat16),
         # The same int8 values and scales through the fused extension's kernel (bf16 rows in fp32).
         "int8_fused": (lambda x: ext.int8_matmul(x, w8a8.values, w8a8.scales), w8a8.nbytes, torch.bfloat16),
+        "bf16_fused": (lambda x: ext.bf16_matmul(x, bf16), bf16.nbytes, torch.bfloat16),
+        "fp32_widened": (lambda x: F.linear(x.float(), bf16.float()), bf16.nbytes, torch.bfloat16),
+        "fp32_padded4": (lambda x: dense_calls.linear(x, weight, multiple=4), weight.nbytes, torch.bfloat16),
     }
     if ext is None:
-        del found["int8_fused"]
+        del found["int8_fused"], found["bf16_fused"]
     return found
 
 
@@ -145,7 +166,7 @@ def main() -> int:
     crossover: dict[str, dict[str, dict[str, int]]] = {dense: {} for dense in DENSE}
     for name, by_rows in times.items():
         for dense in DENSE:
-            for kn in ("int4pack", "int8_onednn", "int8_fused"):
+            for kn in ("int4pack", "int8_onednn", "int8_fused", "bf16_fused"):
                 if kn in ks and dense in ks:
                     last = 0
                     for rows in rows_list:
@@ -174,6 +195,7 @@ def main() -> int:
         "clock": "thread_time" if args.threads == 1 else "perf_counter",
         "beats_bf16_up_to_rows": crossover["bf16"],
         "beats_fp32_up_to_rows": crossover["fp32"],
+        "beats_fp32_widened_up_to_rows": crossover["fp32_widened"],
         "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA", "default"),
     }
     write_results(args.output, out)

@@ -9,8 +9,9 @@ split into its parts, timed on their own in the same round:
   forward   the model's forward over the B (1 + k) rows (linear layers + attention)
   linear    of that, the layers' matmuls alone, at the same row count, with the kernel the
             step runs (the fused CPU step: its own int4 kernel, fused_cpu/csrc/int4_matmul.h,
-            for up to int4_max_rows requests however many drafts they verify, else the dense
-            weights; the eager path picks by rows, models/int4.py)
+            for up to int4_max_rows requests however many drafts they verify, else, with bf16
+            dense weights on a CPU without native bf16, its bf16 kernel, csrc/bf16_matmul.h,
+            else the dense weights; the eager path picks by rows, models/int4.py)
   attention of that, the fused step's paged attention alone over the step's rows and the
             requests' contexts, every layer (fused steps only; 0 otherwise)
   lm_head   compute_logits over the B (1 + k) sampled rows (int8 head: models/int8.py)
@@ -21,7 +22,8 @@ with its int8 LM head on oneDNN's int8 matmul and on torch's weight-only kernel 
 VNNI, where it runs fused_cpu/csrc/int8_matmul.h: int8_head_runners). Also reports which kernel
 the step picks and whether it ran as one fused C++ call (fused_cpu/decode.py). --eager times the same engine with
 --no-fused-cpu-decode beside it, every point of both in each round (on a CPU without native bf16
-that is the eager float32 mode the fused `+fp32-dense` default replaces). At --threads 1 the
+that is the eager float32 mode the fused default replaces; --no-native-bf16 runs that CPU's modes on
+one with native bf16). At --threads 1 the
 times are the thread's CPU time (time.thread_time), which a shared machine disturbs less than
 wall time. Writes benchmarks/results/verify_step_cost.json with machine_info.
 
@@ -29,6 +31,8 @@ wall time. Writes benchmarks/results/verify_step_cost.json with machine_info.
     .venv/bin/python benchmarks/verify_step_cost.py --quick                    # a smoke check
     .venv/bin/python benchmarks/verify_step_cost.py --batch 1 --drafts 0 8 --context 500 --threads 1 --eager
     .venv/bin/python benchmarks/verify_step_cost.py --batch 1 --drafts 0 8 --context 500 --threads 1 --int8-head-kernels
+    .venv/bin/python benchmarks/verify_step_cost.py --batch 1 --drafts 0 8 --context 500 --threads 1 --eager \
+        --quantization none --no-native-bf16    # a float checkpoint as on a CPU without native bf16
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ sys.path.insert(0, HERE)
 
 from machine_info import machine_info, write_results  # noqa: E402
 
+from services.engine_core import run_mode  # noqa: E402
 from services.engine_core.attention.base import AttentionMetadata  # noqa: E402
 from services.engine_core.batch import ScheduledBatch  # noqa: E402
 from services.engine_core.fused_cpu.decode import MATRICES, padded_rows  # noqa: E402
@@ -160,7 +165,10 @@ def linear_layers(runner: ModelRunner, x: torch.Tensor, md: AttentionMetadata) -
             continue
         weights = (layer.qkv_weight, layer.o_weight, layer.gate_up_weight, layer.down_weight)
         for rows, w in zip((x, heads_x, x, act), weights, strict=True):
-            if fused is not None and fused.can_run(md):  # its dense call: fp32 weights on bf16 rows, padded
+            if fused is not None and fused.can_run(md) and fused.uses_bf16_rows(md):  # bf16 weights, own kernel
+                fused.ext.bf16_matmul(rows, w, True)
+            elif fused is not None and fused.can_run(md):  # its dense call: fp32 weights on bf16 rows, padded
+                w = w.float() if fused.widen else w
                 fused.ext.dense_matmul(rows, w, padded_rows(rows.shape[0], fused.row_multiple))
             else:
                 rows @ w.t()
@@ -184,6 +192,12 @@ def main() -> int:
         "alternated (on a CPU without VNNI, where it runs the fused extension's kernel)",
     )
     p.add_argument("--quantization", default="auto", help="the engine's --quantization (none: a float checkpoint's)")
+    p.add_argument(
+        "--no-native-bf16",
+        action="store_true",
+        help="run the modes of a CPU without native bf16 (run_mode.cpu_has_native_bf16 patched to false in this "
+        "process): on a CPU with it, that path's figures on this CPU, not an AVX2 CPU's",
+    )
     p.add_argument("--quick", action="store_true", help="a smoke check, not figures")
     p.add_argument("--output", default=RESULTS)
     args = p.parse_args()
@@ -192,6 +206,8 @@ def main() -> int:
     threads = args.threads or available_cores()
     global clock
     clock = time.thread_time if threads == 1 else time.perf_counter
+    if args.no_native_bf16:
+        run_mode.cpu_has_native_bf16 = lambda: False  # before any runner: the modes resolve by it
     config = EngineConfig(
         num_threads=threads, exact=args.exact, max_num_seqs=max(args.batch), quantization=args.quantization
     )
@@ -232,6 +248,9 @@ def main() -> int:
                 "rows": rows,
                 "fused": is_fused(runner, md),
                 "int4_layers": uses_int4(runner, md),
+                "bf16_kernel_layers": runner.fused is not None
+                and is_fused(runner, md)
+                and runner.fused.uses_bf16_rows(md),
                 "quantized_lm_head": runner.model.lm_head_quantized is not None
                 and b <= runner.model.lm_head_max_rows,  # chosen by the rows without drafts
                 "median_ms": med,
@@ -239,7 +258,9 @@ def main() -> int:
             }
             results.append(entry)
             cells = "  ".join(f"{n} {v:6.1f}" for n, v in med.items())
-            kernel = ("int4" if entry["int4_layers"] else "dense") + (" fused" if entry["fused"] else "")
+            kernel = ("int4" if entry["int4_layers"] else "bf16" if entry["bf16_kernel_layers"] else "dense") + (
+                " fused" if entry["fused"] else ""
+            )
             print(f"  k {k} ({rows:>3} rows, {kernel:>10}): {cells}  = {entry['x_no_drafts']:.2f}x", flush=True)
     out = {
         "benchmark": "verify_step_cost",
@@ -251,6 +272,7 @@ def main() -> int:
         "context": args.context,
         "rounds": rounds,
         "quick": args.quick,
+        "no_native_bf16_forced": args.no_native_bf16,
         "int4_max_rows": runners["default"].model.layers[0].int4_max_rows,
         "lm_head_max_rows": runners["default"].model.lm_head_max_rows,
         "points": results,

@@ -78,6 +78,17 @@ class ModelRunner:
 
         t0 = time.perf_counter()
         self.model, self.model_config = load_model(config, self.device, self.dtype, self.weight_dtype)
+        if (
+            self.weight_dtype != self.dtype
+            and self.model.layers[0].int4 is None
+            and fused_decode.supported(self.model, self.dtype, self.device) is None
+        ):
+            # A float checkpoint on a CPU without native bf16: its dense weights in bf16, as where
+            # the CPU has it, for the fused step's own bf16 kernel (fused_cpu/decode.py: half the
+            # bytes of fp32 ones a decode row streams, and a verify row its lone decode's bits).
+            # Not where the fused step cannot run the model: eager bf16 matmuls are emulated there.
+            self.model.cast_dense(self.dtype)
+            self.weight_dtype = self.dtype
         self.load_time_s = time.perf_counter() - t0
         self._fused_int8_head()
         self.max_model_len = max_model_len(config)
@@ -279,17 +290,24 @@ class ModelRunner:
         except Exception:
             log.warning("the fused CPU decode path failed to start: running decode steps eagerly", exc_info=True)
             return None
-        # A verify step's dense LM head rows in the chunks its layers' rows use (CausalLM.compute_logits).
+        # A verify step's dense LM head rows in the chunks its layers' rows use (CausalLM.compute_logits),
+        # or on the bf16 kernel its layers' decode rows use.
         self.model.dense_head_chunk, self.model.dense_head_multiple = fused.dense_chunk, fused.row_multiple
+        if fused.widen:
+            self.model.widen_head = True
+            if fused.bf16_rows_max_requests:
+                self.model.bf16_head_kernel = ext.bf16_matmul
+                self.model.bf16_head_max_rows = fused.bf16_rows_max_requests
         log.info(
             "fused CPU kernels ready in %.2fs (decode rows on int4 for steps of up to %d decoding requests, else "
-            "dense in row-invariant chunks of %d rows, 0: none; prefill rows dense in calls of %d rows; %s dense "
-            "calls padded to a multiple of %d rows)",
+            "on the bf16 kernel for up to %d, else dense in row-invariant chunks of %d rows, 0: none; prefill rows "
+            "dense in calls of %d rows; %s dense calls padded to a multiple of %d rows)",
             time.perf_counter() - t0,
             fused.int4_max_requests,
+            fused.bf16_rows_max_requests,
             fused.dense_chunk,
             fused.prefill_block,
-            str(self.weight_dtype).removeprefix("torch."),
+            "fp32 (of bf16 weights)" if fused.widen else str(self.weight_dtype).removeprefix("torch."),
             fused.row_multiple,
         )
         return fused

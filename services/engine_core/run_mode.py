@@ -12,15 +12,16 @@ chose. On CUDA the default is bfloat16 without int4 (its kernel is CPU-only).
 Every step of that mode runs as one call into the fused C++ kernels (fused_cpu/), whose rows do
 not depend on each other, so speculation never changes greedy output. A CPU without native bf16
 (an AVX2 EPYC, say) emulates bf16 matmuls, ~6x slower than fp32 ones, so there the default keeps
-bf16 activations (and KV cache) but fp32 dense weights (the layers', the embedding, the LM head):
-the fused step multiplies its bf16 rows by them in fp32 and rounds the products to bf16
-(`bfloat16+int4+int8-lm-head+fused-decode+fp32-dense` for the bundled model), where the fused
-kernels build (fused_fp32_dense). A float checkpoint too (`bfloat16+fused-decode+fp32-dense`),
-for the same guarantee, at a price: with no int4 copies every decode row is a dense call padded
-to the row multiple MKL needs to be row-invariant (4 on an AVX2 EPYC, where one row alone takes
-its faster GEMV kernel), so a single-stream decode step costs ~1.6x the eager float32 mode's
-there, while a verify step of 1 + 8 rows costs less (docs/benchmarks.md). Where the kernels do
-not build, or with --dtype float32 or --no-fused-cpu-decode, such a CPU runs eager float32.
+bf16 activations (and KV cache) but, for a model with int4 copies, fp32 dense weights (the
+layers', the embedding, the LM head): the fused step multiplies its bf16 rows by them in fp32 and
+rounds the products to bf16 (`bfloat16+int4+int8-lm-head+fused-decode+fp32-dense` for the bundled
+model), where the fused kernels build (fused_fp32_dense). A float checkpoint runs the fused step
+there too, for the same guarantee, with its dense weights in bf16 (`bfloat16+fused-decode`, as on
+a CPU with native bf16; ModelRunner casts them once loaded): its decode rows and LM head go through
+the extension's own row-invariant bf16 kernel (fused_cpu/csrc/bf16_matmul.h, half the bytes of
+fp32 weights and no padded library calls), prefill rows through MKL on fp32 copies made per step
+(docs/benchmarks.md). Where the kernels do not build, or with --dtype float32 or
+--no-fused-cpu-decode, such a CPU runs eager float32.
 
 The exact mode (--exact) is float32 with nothing else: greedy output is token for token
 transformers' and does not depend on what else is in the batch. It is what the parity tests
@@ -103,7 +104,8 @@ def cpu_has_native_bf16() -> bool:
 
 def fused_fp32_dense(config: EngineConfig, device: torch.device) -> bool:
     """Whether this engine's default, if the fused C++ kernels build (the caller checks), is the
-    fused step with bf16 activations and fp32 dense weights: on a CPU without native bf16, with
+    fused step with bf16 activations and fp32 dense weights (bf16 ones where the model turns out to
+    have no int4 copies: ModelRunner casts a float checkpoint's): on a CPU without native bf16, with
     nothing asked that rules it out (a dtype, --exact, --compile-decode, --no-fused-cpu-decode)."""
     return (
         device.type == "cpu"

@@ -69,18 +69,21 @@ def _cpu_without_native_bf16(monkeypatch: pytest.MonkeyPatch, builds: bool) -> N
 
 @pytest.mark.parametrize("builds", [True, False])
 def test_default_without_native_bf16(monkeypatch: pytest.MonkeyPatch, builds: bool) -> None:
-    """On a CPU without native bf16 the default is the fused step with bf16 activations and fp32
-    dense weights where the kernels build (a float checkpoint's too: random weights here), else
-    the eager float32 mode; --dtype float32 stays eager."""
+    """On a CPU without native bf16 the default is the fused step with bf16 activations where the
+    kernels build, else the eager float32 mode; --dtype float32 stays eager. A float checkpoint
+    (random weights here) keeps bf16 dense weights there, for the fused bf16 kernel (a 4-bit one,
+    with int4 copies, fp32 ones: `+fp32-dense`, tests/e2e/test_run_mode.py)."""
     _cpu_without_native_bf16(monkeypatch, builds)
     small = dict(model="tiny-llama", device="cpu", kv_cache_bytes=1 << 20, max_num_batched_tokens=64)
     runner = ModelRunner(EngineConfig(**small))  # type: ignore[arg-type]
     layer = runner.model.layers[0]
     if builds:
-        assert runner.mode == "bfloat16+fused-decode+fp32-dense" and runner.fused is not None
+        assert runner.mode == "bfloat16+fused-decode" and runner.fused is not None
         assert runner.dtype == torch.bfloat16 and runner.kv_caches[0][0].dtype == torch.bfloat16
-        assert layer.qkv_weight.dtype == runner.model.embed.dtype == torch.float32
+        assert layer.qkv_weight.dtype == runner.model.embed.dtype == torch.bfloat16
         assert layer.attn_norm.dtype == torch.bfloat16
+        assert runner.fused.widen and runner.fused.bf16_rows_max_requests > 0
+        assert runner.model.bf16_head_kernel is not None and runner.model.widen_head
     else:
         assert runner.mode == "float32" and runner.fused is None and layer.qkv_weight.dtype == torch.float32
     asked = ModelRunner(EngineConfig(**small, dtype="float32"))  # type: ignore[arg-type]
@@ -126,11 +129,11 @@ def test_runner_reports_its_resolved_mode() -> None:
     small = dict(model="tiny-llama", device="cpu", kv_cache_bytes=1 << 20, max_num_batched_tokens=64)
     default = ModelRunner(EngineConfig(**small))  # type: ignore[arg-type]
     # Random weights are float: auto adds no int4 copies; where a C++ compiler built the fused
-    # kernels, decode steps run them on the dense weights (fp32 ones without native bf16).
+    # kernels, decode steps run them on the dense bf16 weights.
     if shutil.which(os.environ.get("CXX", "c++")) is None:
         assert default.mode == ("bfloat16" if cpu_has_native_bf16() else "float32")
     else:
-        assert default.mode == "bfloat16+fused-decode" + ("" if cpu_has_native_bf16() else "+fp32-dense")
+        assert default.mode == "bfloat16+fused-decode"
     assert default.model.layers[0].int4 is None
     exact = ModelRunner(EngineConfig(**small, exact=True))  # type: ignore[arg-type]
     assert exact.mode == "exact (float32)" and exact.dtype == torch.float32

@@ -13,22 +13,29 @@ activations on a CPU, with int4 copies (a Q4_0/Q4_1 GGUF, or --quantization int4
 float checkpoint, e.g. a Hugging Face directory: every row on the dense weights); every other
 mode (--dtype float32, the exact mode in particular) keeps the eager path.
 
-The dense weights are bf16 where the CPU multiplies bf16 natively, else fp32 (run_mode.py: the
-default on such a CPU is `...+fused-decode+fp32-dense`): oneDNN emulates bf16 there, ~6x slower
+The dense weights are bf16, except for a 4-bit checkpoint's on a CPU without native bf16, where
+they are fp32 (run_mode.py: `...+fused-decode+fp32-dense`): oneDNN emulates bf16 there, ~6x slower
 than MKL's fp32 GEMM, so the step converts a dense call's bf16 rows to fp32, multiplies by MKL and
-rounds the product to bf16 (csrc/dense_matmul.h). The probes below run on the weights the step
-multiplies by, in their dtype, so they find what that library does on this CPU.
+rounds the product to bf16 (csrc/dense_matmul.h). A float checkpoint keeps bf16 dense weights on
+such a CPU too (widen): its decode rows go through the extension's own row-invariant kernel on
+them (csrc/bf16_matmul.h: half the bytes of fp32 weights, and no padded calls), and the library
+calls that remain (prefill rows, steps of many requests) multiply fp32 copies made once a step per
+matrix. The probes below run on the weights the library multiplies, in their dtype, so they find
+what that library does on this CPU.
 
 Which weights, by row set (model_runner puts the decoding requests first,
 AttentionMetadata.num_prefill_reqs says where the prefill chunks start):
 - decode rows (and their drafts): the int4 copies whenever the model has them and the step's
   decoding requests are few enough for them (what a step of the same requests without drafts
-  or prefill chunks multiplies by), however many rows the drafts add; else the dense weights
-  (oneDNN's bf16 matmul or MKL's fp32 one). Each fused kernel of an int4 step is
+  or prefill chunks multiplies by), however many rows the drafts add; else, with bf16 dense
+  weights on a CPU without native bf16, csrc/bf16_matmul.h's kernel on them, for steps of up to
+  BF16_ROWS_MAX_REQUESTS decoding requests, chosen alike; else the dense weights
+  (oneDNN's bf16 matmul or MKL's fp32 one). Each fused kernel of such a step is
   row-invariant (a row's result does not depend on the step's other rows or their count: the
-  int4 matmul and the int8 LM head by test, the attention by its fixed KV splits), so a draft
+  int4 and bf16 matmuls and the int8 LM head by test, the attention by its fixed KV splits), so a draft
   verified there gets the bits it would get decoded alone, and greedy output is the same with
-  speculation on or off (tests/engine_core/fused_cpu/test_verify.py). The dense matmul is not row-invariant across
+  speculation on or off (tests/engine_core/fused_cpu/test_verify.py, test_float_checkpoint.py).
+  The dense matmul is not row-invariant across
   row counts (the library picks its kernel by the count), but up to some count (32 on an AMX
   Xeon; row_invariant_chunk checks it at start-up, the LM head included), with every call padded
   to a multiple of some rows where the library needs it (4 for MKL's fp32 GEMM on an AVX2 EPYC:
@@ -56,6 +63,7 @@ in the last bf16 bits; greedy tokens mostly agree (tests/engine_core/fused_cpu/t
 
 from __future__ import annotations
 
+import logging
 from types import ModuleType
 from typing import Any
 
@@ -63,10 +71,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from services.engine_core import run_mode
 from services.engine_core.attention.base import AttentionMetadata
 from services.engine_core.fused_cpu.int4_matmul import repack
 from services.engine_core.fused_cpu.probe_cache import cached_probes
 from services.engine_core.models.llama import CausalLM
+
+log = logging.getLogger(__name__)
 
 
 def supported(model: CausalLM, dtype: torch.dtype, device: torch.device) -> str | None:
@@ -94,6 +105,14 @@ PREFILL_BLOCKS = (128, 64)
 position_invariant_block accepts). A call costs about the same whatever part of it is padding, so
 this trades the padding of a short prompt's last call against the slower small calls of a long
 one (benchmarks/prefill_step_cost.py)."""
+
+
+BF16_ROWS_MAX_REQUESTS = 64
+"""The most decoding requests a step's decode rows go through csrc/bf16_matmul.h for (bf16 dense
+weights on a CPU without native bf16); past it the library, on fp32 copies made once a step. The
+kernel's rows cost about their fmas, like sgemm's, so the cut-off only bounds where it was measured
+(benchmarks/cpu_linear_kernels.py --kernels bf16_fused fp32_widened)."""
+_BF16_PROBE_ROWS = 16
 
 
 def dense_call(x: Tensor, w: Tensor, rows: int) -> Tensor:
@@ -184,6 +203,21 @@ def position_invariant_block(weights: list[Tensor], candidates: tuple[int, ...] 
     return 0
 
 
+@torch.inference_mode()
+def bf16_rows_invariant(ext: ModuleType, weights: list[Tensor], rows: int = _BF16_PROBE_ROWS) -> bool:
+    """Whether ext.bf16_matmul gives every row its lone bits in calls of 1..rows rows (every row
+    blocking of csrc/bf16_matmul.h), for each of the weights: true by its construction (a fixed
+    sequence of fp32 operations per element), checked at start-up as the libraries' kernels are,
+    since a compiler that contracted or reordered it would break what speculation relies on."""
+    gen = torch.Generator().manual_seed(3)
+    for w in weights:
+        x = _rows(rows, w.shape[1], gen)
+        lone = torch.cat([ext.bf16_matmul(x[i : i + 1], w) for i in range(rows)])
+        if not all(torch.equal(ext.bf16_matmul(x[:m], w), lone[:m]) for m in range(2, rows + 1)):
+            return False
+    return True
+
+
 class FusedDecode:
     def __init__(self, ext: ModuleType, model: CausalLM, cache_dir: str | None = None) -> None:
         """cache_dir: where the start-up probes' answer is kept for later starts (probe_cache.py;
@@ -227,16 +261,25 @@ class FusedDecode:
             )
         first_layer = [matrices[0] for matrices in dense]
         head = model.embed if model.lm_head is None else model.lm_head
-        # Every dense call padded to a multiple of row_multiple rows; decode rows in calls of up to
+        # bf16 weights the library would multiply emulated (a float checkpoint on a CPU without
+        # native bf16): its calls on fp32 copies, the decode rows on the extension's bf16 kernel.
+        self.widen = first_layer[0].dtype == torch.bfloat16 and not run_mode.cpu_has_native_bf16()
+        self.bf16_rows_max_requests = 0
+        if self.widen:
+            if bf16_rows_invariant(ext, [*first_layer, head[:_HEAD_PROBE_ROWS]]):
+                self.bf16_rows_max_requests = BF16_ROWS_MAX_REQUESTS
+            else:
+                log.warning("the fused bf16 matmul is not row-invariant here: decode rows on the dense library's")
+        # Every library call padded to a multiple of row_multiple rows; decode rows in calls of up to
         # dense_chunk rows, where each row gets its lone bits.
-        probed = [*first_layer, head[:_HEAD_PROBE_ROWS]]
+        probed = [w.float() if self.widen else w for w in (*first_layer, head[:_HEAD_PROBE_ROWS])]
 
         def probe() -> tuple[int, int, int]:
             multiple, chunk = dense_calls(probed)
             # The prefill rows' calls: of B rows where the kernel for B rows is position-invariant,
             # else of dense_chunk rows (lone bits: any such call), else (neither holds) all rows in
             # one call, and a prompt's K/V then depend on its chunking in the last bits.
-            return multiple, chunk, position_invariant_block(first_layer) or chunk
+            return multiple, chunk, position_invariant_block(probed[: len(first_layer)]) or chunk
 
         self.row_multiple, self.dense_chunk, self.prefill_block = cached_probes(cache_dir, probed, probe)
         self._kv_caches: list[tuple[Tensor, Tensor]] | None = None
@@ -256,6 +299,12 @@ class FusedDecode:
         """Whether the step's decode rows multiply by the int4 copies: by its number of decode
         requests, as the step of the same requests without drafts or prefill chunks would."""
         return self.int4_max_requests > 0 and md.num_reqs - md.num_prefill_reqs <= self.int4_max_requests
+
+    def uses_bf16_rows(self, md: AttentionMetadata) -> bool:
+        """Whether the step's decode rows go through csrc/bf16_matmul.h (not the int4 copies): by
+        its number of decode requests, as uses_int4."""
+        requests = md.num_reqs - md.num_prefill_reqs
+        return not self.uses_int4(md) and 0 < requests <= self.bf16_rows_max_requests
 
     def can_run(self, md: AttentionMetadata) -> bool:
         """A step whose decode requests (all but the last num_prefill_reqs) are one new token
@@ -279,7 +328,9 @@ class FusedDecode:
             md.slot_mapping,
             self.decode_rows(md),
             self.uses_int4(md),
+            self.uses_bf16_rows(md),
             self._dense_chunk(md),
             self.prefill_block,
             self.row_multiple,
+            self.widen,
         )

@@ -41,6 +41,7 @@ HEADERS = (
     "int4_matmul_avx2.h",
     "int4_matmul_avx512.h",
     "int8_matmul.h",
+    "bf16_matmul.h",
     "dense_matmul.h",
 )
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-std=c++17")

@@ -13,16 +13,17 @@ requires_grad=False, allocated uninitialised in the target dtype/device: the loa
 fills them (load_weights) and nothing here ever needs autograd.
 
 The large matrices (the layers' four, the embedding, the LM head) may have their own dtype,
-weight_dtype: fp32 under bf16 activations on a CPU without native bf16, where the fused C++ step
-multiplies its bf16 rows by fp32 weights (fused_cpu/decode.py). The eager forward then converts
-at those matmuls (models/dense.py); it serves as the tests' reference there, not for speed.
+weight_dtype: fp32 under bf16 activations on a CPU without native bf16 for a 4-bit checkpoint,
+where the fused C++ step multiplies its bf16 rows by fp32 weights (fused_cpu/decode.py). The eager
+forward then converts at those matmuls (models/dense.py); it serves as the tests' reference there,
+not for speed (as it does, on emulated bf16 matmuls, for a float checkpoint's bf16 weights there).
 """
 
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +35,8 @@ from services.engine_core.models import dense, int4
 from services.engine_core.models.int4 import Int4Layer, Int4Weight
 from services.engine_core.models.int8 import Int8Weight
 
+_DENSE = ("qkv_weight", "o_weight", "gate_up_weight", "down_weight")
+"""A layer's large matrices (weight_dtype)."""
 # HF parameter names of one layer -> (our attribute, index of the shard in a fused weight).
 _LAYER_WEIGHTS: dict[str, tuple[str, int | None]] = {
     "input_layernorm.weight": ("attn_norm", None),
@@ -226,6 +229,13 @@ class CausalLM(nn.Module):
         # the multiple of rows every dense head call is padded to.
         self.dense_head_chunk = 0
         self.dense_head_multiple = 1
+        # Set where bf16 dense weights sit on a CPU without native bf16 (fused_cpu/decode.py widen):
+        # steps of up to bf16_head_max_rows logits rows (without drafts) take the extension's
+        # row-invariant bf16 kernel, x [M, K] @ head.T -> fp32 (csrc/bf16_matmul.h), and larger
+        # ones an fp32 copy of the head (widen_head), which the library multiplies natively.
+        self.bf16_head_kernel: Callable[[Tensor, Tensor], Tensor] | None = None
+        self.bf16_head_max_rows = 0
+        self.widen_head = False
         # Set by pad_dense_calls (the exact mode where the GEMM needs it: models/dense.py).
         self.min_dense_rows = 1
         # Angles in float32 then cast, as transformers does, so bf16 models round the same way.
@@ -284,6 +294,16 @@ class CausalLM(nn.Module):
         self.lm_head_quantized, self.lm_head_max_rows = Int4Weight.quantize(head), int4.max_rows(head.dtype)
         return True
 
+    @torch.no_grad()
+    def cast_dense(self, dtype: torch.dtype) -> None:
+        """The large matrices (the layers' four, the embedding, the LM head) in dtype, one at a
+        time (so the memory peak is the old copy and one new matrix)."""
+        owners: list[tuple[nn.Module, str]] = [(layer, n) for layer in self.layers for n in _DENSE]
+        for module, name in [*owners, (self, "embed"), (self, "lm_head")]:
+            w = getattr(module, name)
+            if w is not None and w.dtype != dtype:
+                setattr(module, name, nn.Parameter(w.to(dtype), requires_grad=False))
+
     def pad_dense_calls(self, min_rows: int) -> None:
         """Every dense matmul (the layers' and the LM head's) of fewer than min_rows rows is padded
         to min_rows (models/dense.py)."""
@@ -306,7 +326,11 @@ class CausalLM(nn.Module):
         rows = hidden.shape[0] if rows_without_drafts is None else rows_without_drafts
         if self.lm_head_quantized is not None and rows <= self.lm_head_max_rows:
             return self.lm_head_quantized(hidden).float()
-        head = self.embed if self.lm_head is None else self.lm_head
+        head: Tensor = self.embed if self.lm_head is None else self.lm_head
+        if self.bf16_head_kernel is not None and rows <= self.bf16_head_max_rows:
+            return self.bf16_head_kernel(hidden, head)
+        if self.widen_head:
+            head = head.float()
         hidden = hidden.to(head.dtype)
         chunk, multiple = self.dense_head_chunk, self.dense_head_multiple
         if rows <= chunk < hidden.shape[0]:

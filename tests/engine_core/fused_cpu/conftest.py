@@ -12,19 +12,21 @@ from types import ModuleType
 import pytest
 import torch
 
+from services.engine_core import run_mode
 from services.engine_core.attention.base import AttentionMetadata
 from services.engine_core.fused_cpu import extension
 from services.engine_core.fused_cpu.decode import FusedDecode
-from services.engine_core.run_mode import cpu_has_native_bf16
 
 
 def default_mode(int4: bool = True, fused: bool = True) -> str:
     """The CPU default's run mode on this CPU (the bundled model's with int4, a float checkpoint's
-    without): bf16 dense weights where the CPU has native bf16, else fp32 ones in the fused step
-    (`+fp32-dense`) or, without it (fused=False: --no-fused-cpu-decode), the eager float32 mode."""
-    native = cpu_has_native_bf16()
+    without): bf16 dense weights where the CPU has native bf16 or the model no int4 copies, else
+    fp32 ones in the fused step (`+fp32-dense`) or, without it (fused=False:
+    --no-fused-cpu-decode), the eager float32 mode. Read through run_mode, so a test that
+    patches run_mode.cpu_has_native_bf16 (test_float_checkpoint.py) gets its CPU's."""
+    native = run_mode.cpu_has_native_bf16()
     mode = ("bfloat16" if native or fused else "float32") + "+int4+int8-lm-head" * int4
-    return mode + ("+fused-decode" + ("" if native else "+fp32-dense")) * fused
+    return mode + ("+fused-decode" + ("" if native or not int4 else "+fp32-dense")) * fused
 
 
 @pytest.fixture(scope="session")

@@ -1,14 +1,16 @@
 // One C++ call per step of a Llama-family model in the CPU fast mode (bf16 activations, dense
-// layer matrices, bf16 or, on a CPU without native bf16, fp32, and, for a 4-bit checkpoint, their
-// int4 copies), its requests' rows each
+// layer matrices, bf16 or, on a CPU without native bf16 for a 4-bit checkpoint, fp32, and for such
+// a checkpoint their int4 copies), its requests' rows each
 // one new token, one token and the drafts it verifies, or a prefill chunk: embedding, 30 layers
 // of norm -> q|k|v -> RoPE + KV write -> paged attention -> o + residual + norm -> gate|up ->
 // SiLU x mul -> down + residual + norm, and the final norm.
 // Python issues one call a step instead of ~900 ops; the matmuls are the row-invariant int4
-// kernel of int4_matmul.h (weights dequantized once per call, for all rows) or torch's dense
+// kernel of int4_matmul.h (weights dequantized once per call, for all rows), the row-invariant
+// bf16 one of bf16_matmul.h (bf16 weights on a CPU without native bf16) or torch's dense
 // matmul (dense_matmul.h), in calls sized so that a row's bits do not depend on the other rows (RowPlan), the rest
 // the kernels in the headers beside this file. The module also carries the int8 LM head's kernel
-// (int8_matmul.h), which models/int8.py calls on the step's output where oneDNN's is inexact.
+// (int8_matmul.h), which models/int8.py calls on the step's output where oneDNN's is inexact, and
+// bf16_matmul for a bf16 LM head's rows (models/llama.py compute_logits).
 // torch/extension.h would pull in the whole C++ frontend (torch::nn, ...) and double the build
 // time: ATen and the pybind11 casters for tensors are all this needs.
 #include <ATen/ATen.h>
@@ -22,6 +24,7 @@
 
 #include "activation.h"
 #include "attention.h"
+#include "bf16_matmul.h"
 #include "dense_matmul.h"
 #include "int4_matmul.h"
 #include "int8_matmul.h"
@@ -34,18 +37,24 @@ namespace {
 
 // How a step's rows are multiplied. Rows [0, decode_rows) are its decodes (each request's new
 // token and the drafts it verifies): by the weights their step would use without the prefill
-// chunks (int4, or dense in calls of at most decode_chunk rows), so their bits are that step's.
-// The rest are prefill chunks' rows: by the dense weights in calls of exactly prefill_block rows,
-// the last one padded with zero rows, so a prompt row's bits depend on the row alone, not on how
-// the scheduler cut the prompt into chunks or what shares the step (fused_cpu/decode.py). Every
-// other dense call is padded with zero rows to a multiple of row_multiple rows (1 for oneDNN's
-// bf16 matmul; 4 for MKL's fp32 one on an AVX2 EPYC, whose calls of other counts round otherwise).
+// chunks (int4; bf16_matmul.h's row-invariant kernel on the bf16 dense weights; or the library's
+// dense matmul in calls of at most decode_chunk rows), so their bits are that step's.
+// The rest are prefill chunks' rows: by the library's dense matmul in calls of exactly
+// prefill_block rows, the last one padded with zero rows, so a prompt row's bits depend on the row
+// alone, not on how the scheduler cut the prompt into chunks or what shares the step
+// (fused_cpu/decode.py). Every other dense call is padded with zero rows to a multiple of
+// row_multiple rows (1 for oneDNN's bf16 matmul; 4 for MKL's fp32 one on an AVX2 EPYC, whose calls
+// of other counts round otherwise). widen: the library multiplies fp32 copies of bf16 dense weights
+// (made once a step per matrix, for its calls: a CPU without native bf16, where oneDNN emulates
+// bf16 ~6x slower than MKL's sgemm).
 struct RowPlan {
   int64_t decode_rows;
   bool int4;
-  int64_t decode_chunk;   // > 0: dense decode rows in calls of at most this many rows; else one call
+  bool bf16_rows;         // the decode rows by bf16_matmul (bf16 dense weights; int4 false)
+  int64_t decode_chunk;   // > 0: library decode rows in calls of at most this many rows; else one call
   int64_t prefill_block;  // > 0: prefill rows in calls of exactly this many rows; else one call
-  int64_t row_multiple;   // >= 1: a dense call's rows padded to a multiple of this
+  int64_t row_multiple;   // >= 1: a library call's rows padded to a multiple of this
+  bool widen;             // library calls on fp32 copies of bf16 weights
 };
 
 // One of a layer's matrices in the copies the model keeps: dense (bf16 or fp32: dense_matmul.h)
@@ -58,15 +67,24 @@ struct Matrix {
     const int64_t T = x.size(0), D = plan.decode_rows;
     if (D == T && plan.int4) return int4_matmul(x, packed[layer], scales_zeros[layer]);
     at::Tensor out = at::empty({T, dense[layer].size(0)}, x.options());
+    if (D == T && plan.bf16_rows) {
+      bf16_matmul_into(x, dense[layer], out);
+      return out;
+    }
+    // The weights the library multiplies, converted once for all of this step's calls.
+    const bool library_decodes = D > 0 && !plan.int4 && !plan.bf16_rows;
+    const at::Tensor w = (library_decodes || D < T) && plan.widen ? dense[layer].to(at::kFloat) : dense[layer];
     if (D > 0) {
       at::Tensor decode_out = out.narrow(0, 0, D);
       if (plan.int4) {
         decode_out.copy_(int4_matmul(x.narrow(0, 0, D), packed[layer], scales_zeros[layer]));
+      } else if (plan.bf16_rows) {
+        bf16_matmul_into(x.narrow(0, 0, D), dense[layer], decode_out);
       } else {
-        decodes(x.narrow(0, 0, D), layer, plan, decode_out);
+        decodes(x.narrow(0, 0, D), w, plan, decode_out);
       }
     }
-    if (D < T) prefill(x.narrow(0, D, T - D), layer, plan, out.narrow(0, D, T - D));
+    if (D < T) prefill(x.narrow(0, D, T - D), w, plan, out.narrow(0, D, T - D));
     return out;
   }
 
@@ -74,11 +92,11 @@ struct Matrix {
   // chunk > 0: the dense product in calls of at most chunk rows. The libraries pick their kernel
   // by the row count, and up to some count (32 on an AMX Xeon) a row's bits are those of the row
   // alone; calls that small keep a step's rows row-invariant (fused_cpu/decode.py dense_chunk).
-  void decodes(const at::Tensor& x, size_t layer, const RowPlan& plan, at::Tensor out) const {
+  static void decodes(const at::Tensor& x, const at::Tensor& w, const RowPlan& plan, at::Tensor out) {
     const int64_t T = x.size(0), chunk = plan.decode_chunk > 0 ? plan.decode_chunk : T;
     for (int64_t s = 0; s < T; s += chunk) {
       const int64_t m = std::min(chunk, T - s);
-      dense_matmul_into(x.narrow(0, s, m), dense[layer], padded_rows(m, plan.row_multiple), out.narrow(0, s, m));
+      dense_matmul_into(x.narrow(0, s, m), w, padded_rows(m, plan.row_multiple), out.narrow(0, s, m));
     }
   }
 
@@ -86,15 +104,15 @@ struct Matrix {
   // computes each row by the same sequence of operations wherever it sits in the call and
   // whatever the other rows hold (decode.py checks it at start-up), so every call having that
   // count makes a row's bits its own.
-  void prefill(const at::Tensor& x, size_t layer, const RowPlan& plan, at::Tensor out) const {
+  static void prefill(const at::Tensor& x, const at::Tensor& w, const RowPlan& plan, at::Tensor out) {
     const int64_t P = x.size(0), block = plan.prefill_block;
     if (block <= 0) {
-      dense_matmul_into(x, dense[layer], padded_rows(P, plan.row_multiple), out);
+      dense_matmul_into(x, w, padded_rows(P, plan.row_multiple), out);
       return;
     }
     for (int64_t s = 0; s < P; s += block) {
       const int64_t m = std::min(block, P - s);
-      dense_matmul_into(x.narrow(0, s, m), dense[layer], block, out.narrow(0, s, m));
+      dense_matmul_into(x.narrow(0, s, m), w, block, out.narrow(0, s, m));
     }
   }
 };
@@ -208,20 +226,24 @@ class FusedDecoder {
   // attention/base.py's AttentionMetadata. A request's rows are consecutive positions ending at
   // its seq_len: one decode row, a decode row and the drafts it verifies, or a prefill chunk.
   // The decode requests come first, their rows [0, decode_rows); their matmuls by the int4
-  // copies (set_int4_weights) if int4, else by the dense weights in calls of at most
-  // decode_chunk rows if it is > 0; the prefill rows' by the dense weights in calls of exactly
-  // prefill_block rows if it is > 0; other dense calls padded to a multiple of row_multiple rows
-  // (RowPlan). Returns the final-normed hidden states [T, hidden] (bf16).
+  // copies (set_int4_weights) if int4, else by bf16_matmul.h's kernel if bf16_rows (bf16 dense
+  // weights), else by the library's dense matmul in calls of at most decode_chunk rows if it is
+  // > 0; the prefill rows' by the library's in calls of exactly prefill_block rows if it is > 0;
+  // other library calls padded to a multiple of row_multiple rows, and on fp32 copies of bf16
+  // weights if widen (RowPlan). Returns the final-normed hidden states [T, hidden] (bf16).
   at::Tensor forward(const at::Tensor& input_ids, const at::Tensor& positions, const at::Tensor& block_tables,
                      const at::Tensor& seq_lens, const at::Tensor& query_start_loc, const at::Tensor& slot_mapping,
-                     int64_t decode_rows, bool int4, int64_t decode_chunk, int64_t prefill_block,
-                     int64_t row_multiple) {
+                     int64_t decode_rows, bool int4, bool bf16_rows, int64_t decode_chunk, int64_t prefill_block,
+                     int64_t row_multiple, bool widen) {
     TORCH_CHECK(!k_caches_.empty(), "set_kv_caches first");
     TORCH_CHECK(decode_rows >= 0 && decode_rows <= input_ids.size(0), "decode_rows must be within the step's rows");
     TORCH_CHECK(!int4 || decode_rows == 0 || !qkv_.packed.empty(), "set_int4_weights first");
+    TORCH_CHECK(!(int4 && bf16_rows), "the decode rows on int4 or on bf16_matmul, not both");
+    const bool bf16_weights = qkv_.dense[0].scalar_type() == at::kBFloat16;
+    TORCH_CHECK(bf16_weights || (!bf16_rows && !widen), "bf16_rows and widen need bf16 dense weights");
     TORCH_CHECK(row_multiple >= 1 && (prefill_block <= 0 || prefill_block % row_multiple == 0),
                 "row_multiple >= 1, dividing prefill_block");
-    const RowPlan plan{decode_rows, int4, decode_chunk, prefill_block, row_multiple};
+    const RowPlan plan{decode_rows, int4, bf16_rows, decode_chunk, prefill_block, row_multiple, widen};
     TORCH_CHECK(input_ids.dim() == 1 && positions.sizes() == input_ids.sizes() &&
                     slot_mapping.sizes() == input_ids.sizes() && block_tables.size(0) == seq_lens.size(0) &&
                     query_start_loc.size(0) == seq_lens.size(0) + 1,
@@ -317,6 +339,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "(zero-padded)");
   m.def("int4_matmul", &novainfer::int4_matmul, py::call_guard<py::gil_scoped_release>(),
         "x [M, K] bf16 @ W.T -> [M, N] bf16, W as fused_cpu/int4_matmul.py repack()s it");
+  m.def(
+      "bf16_matmul",
+      [](const at::Tensor& x, const at::Tensor& w, bool bf16_out) {
+        if (!bf16_out) return novainfer::bf16_matmul(x, w);
+        at::Tensor out = at::empty({x.size(0), w.size(0)}, x.options().dtype(at::kBFloat16));
+        novainfer::bf16_matmul_into(x, w, out);  // what a fused step's layer gets
+        return out;
+      },
+      py::arg("x"), py::arg("w"), py::arg("bf16_out") = false, py::call_guard<py::gil_scoped_release>(),
+      "x [M, K] bf16 or fp32 @ w.T -> [M, N] fp32 (bf16 if bf16_out), w bf16 [N, K] (row-invariant: "
+      "csrc/bf16_matmul.h)");
   m.def("int8_matmul", &novainfer::int8_matmul, py::call_guard<py::gil_scoped_release>(),
         "x [M, K] bf16 or fp32 @ (q * scale[:, None]).T -> [M, N] fp32, q int8 [N, K], scale fp32 [N] "
         "(the int8 LM head where oneDNN's int8 matmul is inexact: models/int8.py)");
