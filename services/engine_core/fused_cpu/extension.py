@@ -40,6 +40,7 @@ HEADERS = (
     "int4_matmul.h",
     "int4_matmul_avx2.h",
     "int4_matmul_avx512.h",
+    "lane_dot.h",
     "int8_matmul.h",
     "bf16_matmul.h",
     "dense_matmul.h",

@@ -7,12 +7,11 @@ from __future__ import annotations
 
 from types import ModuleType
 
-import numpy as np
 import pytest
 import torch
 
 from services.engine_core.fused_cpu.decode import bf16_rows_invariant
-from tests.engine_core.fused_cpu.test_int8_matmul import fma
+from tests.engine_core.fused_cpu.lane_dot import lane_dot
 
 BF16 = torch.bfloat16
 # SmolLM2's four layer matrices and head, a tiny one, and odd ones: N not a multiple of any unit's
@@ -49,14 +48,7 @@ def test_the_product_in_fp32(ext: ModuleType, out_features: int, in_features: in
 def reference(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """The header's definition of every element, step by step in numpy."""
     xs, ws = x.float().numpy(), w.float().numpy()
-    k8 = xs.shape[1] // 8 * 8
-    p = np.zeros((xs.shape[0], ws.shape[0], 8), dtype=np.float32)
-    for k in range(k8):
-        p[..., k % 8] = fma(xs[:, None, k], ws[None, :, k], p[..., k % 8])
-    s = ((p[..., 0] + p[..., 4]) + (p[..., 2] + p[..., 6])) + ((p[..., 1] + p[..., 5]) + (p[..., 3] + p[..., 7]))
-    for k in range(k8, xs.shape[1]):
-        s = fma(xs[:, None, k], ws[None, :, k], s)
-    return torch.from_numpy(s)
+    return torch.from_numpy(lane_dot(xs, ws))
 
 
 @pytest.mark.parametrize("out_features, in_features", [(80, 64), (13, 67), (7, 5)])

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 from types import ModuleType
 
-import numpy as np
 import pytest
 import torch
 
 from services.engine_core.models import int8
 from services.engine_core.models.int8 import Int8Weight
+from tests.engine_core.fused_cpu.lane_dot import lane_dot
 
 BF16 = torch.bfloat16
 # SmolLM2's head, a tiny one, and odd ones: N not a multiple of any unit's columns (8, 4, 2), K
@@ -50,23 +50,10 @@ def test_the_dequantized_matrix_in_fp32(
         assert ((out.double() - want).abs() <= bound).all()
 
 
-def fma(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
-    """fp32 fma, through float64: a * b is exact there, and the sum rounded twice is the once
-    rounded one but where it falls within 2^-29 of a midpoint between fp32 values (not here)."""
-    return (a.astype(np.float64) * b.astype(np.float64) + c.astype(np.float64)).astype(np.float32)
-
-
 def reference(x: torch.Tensor, q: Int8Weight) -> torch.Tensor:
     """The header's definition of every element, step by step in numpy."""
     xs, w, scale = x.float().numpy(), q.values.float().numpy(), q.scales.numpy()
-    k8 = xs.shape[1] // 8 * 8
-    p = np.zeros((xs.shape[0], w.shape[0], 8), dtype=np.float32)
-    for k in range(k8):
-        p[..., k % 8] = fma(xs[:, None, k], w[None, :, k], p[..., k % 8])
-    s = ((p[..., 0] + p[..., 4]) + (p[..., 2] + p[..., 6])) + ((p[..., 1] + p[..., 5]) + (p[..., 3] + p[..., 7]))
-    for k in range(k8, xs.shape[1]):
-        s = fma(xs[:, None, k], w[None, :, k], s)
-    return torch.from_numpy(s * scale[None, :])
+    return torch.from_numpy(lane_dot(xs, w) * scale[None, :])
 
 
 @pytest.mark.parametrize("out_features, in_features", [(80, 64), (13, 67), (7, 5)])

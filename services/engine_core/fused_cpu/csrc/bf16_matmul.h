@@ -27,14 +27,9 @@
 #include <cstring>
 
 #include "common.h"
-
-#if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
-#endif
+#include "lane_dot.h"
 
 namespace novainfer {
-
-constexpr int64_t kBf16Lanes = 8;
 
 // float(b), exact: a bf16 is the top half of its fp32.
 inline float bf16_bits_to_float(uint16_t b) {
@@ -42,11 +37,6 @@ inline float bf16_bits_to_float(uint16_t b) {
   float f;
   std::memcpy(&f, &u, sizeof f);
   return f;
-}
-
-// The fixed sum of the eight lanes (the AVX2 reduction below computes exactly this).
-inline float bf16_lanes_reduce(const float* p) {
-  return ((p[0] + p[4]) + (p[2] + p[6])) + ((p[1] + p[5]) + (p[3] + p[7]));
 }
 
 // s continued over the inputs past K8: the end of every path.
@@ -59,29 +49,6 @@ inline void bf16_store(float* out, float v) { *out = v; }
 inline void bf16_store(bf16* out, float v) { *out = bf16(v); }  // round to nearest even, as at::copy_
 
 #if defined(__AVX2__) && defined(__FMA__)
-
-// A call's blocking, int8_matmul.h's: units of C columns (C * K contiguous weights), rows in equal
-// blocks of at most R, each block's R x C accumulators in registers over all of K (a block after the
-// first reads the unit's weights again, from L1). One row takes 8 columns, 2-3 rows 4, more rows 2
-// in blocks of up to 6: R x C <= 12 leaves the 16 ymm registers room for a weight vector and a
-// row's inputs.
-struct Bf16Plan {
-  int C;
-  int R;
-};
-
-inline Bf16Plan bf16_plan(int64_t M) {
-  if (M == 1) return {8, 1};
-  if (M <= 3) return {4, 3};
-  return {2, 6};
-}
-
-// p[0..7] of an accumulator reduced in bf16_lanes_reduce's order.
-inline float bf16_hsum(__m256 a) {
-  const __m128 q = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));  // p[i] + p[i + 4]
-  const __m128 r = _mm_add_ps(q, _mm_movehl_ps(q, q));                                   // (q0 + q2), (q1 + q3)
-  return _mm_cvtss_f32(_mm_add_ss(r, _mm_movehdup_ps(r)));
-}
 
 // Eight bf16 weights as fp32: each widened to 32 bits and shifted into the top half.
 inline __m256 bf16_load8(const uint16_t* w) {
@@ -101,12 +68,12 @@ void bf16_block(const float* x, int64_t K, const uint16_t* w, int64_t N, T* out)
     NOVAINFER_UNROLL
     for (int c = 0; c < C; ++c) acc[r][c] = _mm256_setzero_ps();
   }
-  const int64_t K8 = K / kBf16Lanes * kBf16Lanes;
+  const int64_t K8 = K / kDotLanes * kDotLanes;
   // The next C columns' weights (the next unit's, where this is a first row block), at the rate
   // these are read: a column's 2K bytes are too short a stream for the hardware prefetcher alone
   // (int8_matmul.h measured 8.0 vs 2.7 ms for a head read from DRAM at one row).
   const char* next = reinterpret_cast<const char*>(w + C * K);
-  for (int64_t k = 0; k < K8; k += kBf16Lanes) {
+  for (int64_t k = 0; k < K8; k += kDotLanes) {
     // 16 bytes of each of C columns per step: one 64-byte line every 4 steps for each column.
     if (k % 32 == 0) {
       NOVAINFER_UNROLL
@@ -122,7 +89,7 @@ void bf16_block(const float* x, int64_t K, const uint16_t* w, int64_t N, T* out)
   NOVAINFER_UNROLL
   for (int r = 0; r < R; ++r) {
     NOVAINFER_UNROLL
-    for (int c = 0; c < C; ++c) bf16_store(out + r * N + c, bf16_finish(bf16_hsum(acc[r][c]), x + r * K, w + c * K, K8, K));
+    for (int c = 0; c < C; ++c) bf16_store(out + r * N + c, bf16_finish(lanes_hsum(acc[r][c]), x + r * K, w + c * K, K8, K));
   }
 }
 
@@ -151,7 +118,7 @@ void bf16_columns(const float* x, int64_t M, int64_t K, const uint16_t* w, int64
 
 // Columns [u * C, (u + 1) * C) of every row; a last, partial unit one column at a time.
 template <typename T>
-void bf16_unit(const Bf16Plan& plan, const float* x, int64_t M, int64_t K, const uint16_t* w, int64_t N, int64_t u,
+void bf16_unit(const LanePlan& plan, const float* x, int64_t M, int64_t K, const uint16_t* w, int64_t N, int64_t u,
                T* out) {
   const int64_t n0 = u * plan.C, ncols = std::min<int64_t>(plan.C, N - n0);
   if (ncols == plan.C && plan.C == 8) return bf16_columns<1, 8>(x, M, K, w, N, n0, plan.R, out);
@@ -163,23 +130,17 @@ void bf16_unit(const Bf16Plan& plan, const float* x, int64_t M, int64_t K, const
 #else
 
 // The portable path: the same operations, per element.
-struct Bf16Plan {
-  int C;
-};
-
-inline Bf16Plan bf16_plan(int64_t) { return {16}; }
-
 template <typename T>
-void bf16_unit(const Bf16Plan& plan, const float* x, int64_t M, int64_t K, const uint16_t* w, int64_t N, int64_t u,
+void bf16_unit(const LanePlan& plan, const float* x, int64_t M, int64_t K, const uint16_t* w, int64_t N, int64_t u,
                T* out) {
-  const int64_t K8 = K / kBf16Lanes * kBf16Lanes;
+  const int64_t K8 = K / kDotLanes * kDotLanes;
   for (int64_t n = u * plan.C; n < std::min<int64_t>(N, (u + 1) * plan.C); ++n) {
     for (int64_t m = 0; m < M; ++m) {
-      float p[kBf16Lanes] = {};
+      float p[kDotLanes] = {};
       for (int64_t k = 0; k < K8; ++k) {
-        p[k % kBf16Lanes] = std::fma(x[m * K + k], bf16_bits_to_float(w[n * K + k]), p[k % kBf16Lanes]);
+        p[k % kDotLanes] = std::fma(x[m * K + k], bf16_bits_to_float(w[n * K + k]), p[k % kDotLanes]);
       }
-      bf16_store(out + m * N + n, bf16_finish(bf16_lanes_reduce(p), x + m * K, w + n * K, K8, K));
+      bf16_store(out + m * N + n, bf16_finish(lanes_reduce(p), x + m * K, w + n * K, K8, K));
     }
   }
 }
@@ -203,7 +164,7 @@ inline void bf16_matmul_into(const at::Tensor& x, const at::Tensor& w, at::Tenso
   const at::Tensor xf = x.scalar_type() == at::kFloat ? x.contiguous() : x.contiguous().to(at::kFloat);
   const float* xp = xf.data_ptr<float>();
   const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
-  const Bf16Plan plan = bf16_plan(M);
+  const LanePlan plan = lane_plan(M);
   const int64_t units = (N + plan.C - 1) / plan.C;
   const bool to_bf16 = dst.scalar_type() == at::kBFloat16;
   float* of = to_bf16 ? nullptr : dst.data_ptr<float>();

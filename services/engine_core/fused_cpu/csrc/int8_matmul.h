@@ -26,17 +26,9 @@
 #include <vector>
 
 #include "common.h"
-
-#if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
-#endif
+#include "lane_dot.h"
 
 namespace novainfer {
-
-constexpr int64_t kInt8Lanes = 8;
-
-// The fixed sum of the eight lanes (the AVX2 reduction below computes exactly this).
-inline float int8_reduce(const float* p) { return ((p[0] + p[4]) + (p[2] + p[6])) + ((p[1] + p[5]) + (p[3] + p[7])); }
 
 // s continued over the inputs past K8, then scaled: the end of every path.
 inline float int8_finish(float s, const float* x, const int8_t* q, int64_t K8, int64_t K, float scale) {
@@ -45,31 +37,6 @@ inline float int8_finish(float s, const float* x, const int8_t* q, int64_t K8, i
 }
 
 #if defined(__AVX2__) && defined(__FMA__)
-
-// A call's blocking: units of C columns (C * K contiguous weight bytes), rows in equal blocks of
-// at most R, each block's R x C accumulators in registers over all of K (a block after the first
-// reads the unit's weights again from L1: C * K bytes, 1.2 KB for SmolLM2's head at C = 2).
-// Eight or more accumulators hide the fma latency (4 cycles, 2 pipes), and R x C <= 12 leaves the
-// 16 ymm registers room for a weight vector and a row's inputs: one row takes 8 columns, 2-3 rows
-// 4, more rows 2 in blocks of up to 6 (at 9 rows ~10-25 % faster than 3 columns in blocks of 4,
-// 1 thread, 2-core AVX2 EPYC, shared). Also on AVX-512 CPUs: the same bits.
-struct Int8Plan {
-  int C;
-  int R;
-};
-
-inline Int8Plan int8_plan(int64_t M) {
-  if (M == 1) return {8, 1};
-  if (M <= 3) return {4, 3};
-  return {2, 6};
-}
-
-// p[0..7] of an accumulator reduced in int8_reduce's order.
-inline float int8_hsum(__m256 a) {
-  const __m128 q = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));  // p[i] + p[i + 4]
-  const __m128 r = _mm_add_ps(q, _mm_movehl_ps(q, q));                                   // (q0 + q2), (q1 + q3)
-  return _mm_cvtss_f32(_mm_add_ss(r, _mm_movehdup_ps(r)));
-}
 
 #define NOVAINFER_UNROLL _Pragma("GCC unroll 16")
 
@@ -83,12 +50,12 @@ void int8_block(const float* x, int64_t K, const int8_t* q, const float* scale, 
     NOVAINFER_UNROLL
     for (int c = 0; c < C; ++c) acc[r][c] = _mm256_setzero_ps();
   }
-  const int64_t K8 = K / kInt8Lanes * kInt8Lanes;
+  const int64_t K8 = K / kDotLanes * kDotLanes;
   // The next C columns' bytes (the next unit's, where this is a first row block), at the rate
   // these are read: a column's K bytes are too short a stream for the hardware prefetcher. One
   // row took 8.0 ms for SmolLM2's head without it, 2.7 with it (28 MB from DRAM, 1 thread).
   const char* next = reinterpret_cast<const char*>(q + C * K);
-  for (int64_t k = 0; k < K8; k += kInt8Lanes) {
+  for (int64_t k = 0; k < K8; k += kDotLanes) {
     _mm_prefetch(next + k * C, _MM_HINT_T0);
     NOVAINFER_UNROLL
     for (int c = 0; c < C; ++c) {
@@ -102,7 +69,7 @@ void int8_block(const float* x, int64_t K, const int8_t* q, const float* scale, 
   for (int r = 0; r < R; ++r) {
     NOVAINFER_UNROLL
     for (int c = 0; c < C; ++c) {
-      out[r * N + c] = int8_finish(int8_hsum(acc[r][c]), x + r * K, q + c * K, K8, K, scale[c]);
+      out[r * N + c] = int8_finish(lanes_hsum(acc[r][c]), x + r * K, q + c * K, K8, K, scale[c]);
     }
   }
 }
@@ -132,7 +99,7 @@ void int8_columns(const float* x, int64_t M, int64_t K, const int8_t* q, const f
 }
 
 // Columns [u * C, (u + 1) * C) of every row; a last, partial unit one column at a time.
-inline void int8_unit(const Int8Plan& plan, const float* x, int64_t M, int64_t K, const int8_t* q, const float* scale,
+inline void int8_unit(const LanePlan& plan, const float* x, int64_t M, int64_t K, const int8_t* q, const float* scale,
                       int64_t N, int64_t u, float* out) {
   const int64_t n0 = u * plan.C, ncols = std::min<int64_t>(plan.C, N - n0);
   if (ncols == plan.C && plan.C == 8) return int8_columns<1, 8>(x, M, K, q, scale, N, n0, plan.R, out);
@@ -144,20 +111,14 @@ inline void int8_unit(const Int8Plan& plan, const float* x, int64_t M, int64_t K
 #else
 
 // The portable path: the same operations, per element.
-struct Int8Plan {
-  int C;
-};
-
-inline Int8Plan int8_plan(int64_t) { return {16}; }
-
-inline void int8_unit(const Int8Plan& plan, const float* x, int64_t M, int64_t K, const int8_t* q, const float* scale,
+inline void int8_unit(const LanePlan& plan, const float* x, int64_t M, int64_t K, const int8_t* q, const float* scale,
                       int64_t N, int64_t u, float* out) {
-  const int64_t K8 = K / kInt8Lanes * kInt8Lanes;
+  const int64_t K8 = K / kDotLanes * kDotLanes;
   for (int64_t n = u * plan.C; n < std::min<int64_t>(N, (u + 1) * plan.C); ++n) {
     for (int64_t m = 0; m < M; ++m) {
-      float p[kInt8Lanes] = {};
-      for (int64_t k = 0; k < K8; ++k) p[k % kInt8Lanes] = std::fma(x[m * K + k], float(q[n * K + k]), p[k % kInt8Lanes]);
-      out[m * N + n] = int8_finish(int8_reduce(p), x + m * K, q + n * K, K8, K, scale[n]);
+      float p[kDotLanes] = {};
+      for (int64_t k = 0; k < K8; ++k) p[k % kDotLanes] = std::fma(x[m * K + k], float(q[n * K + k]), p[k % kDotLanes]);
+      out[m * N + n] = int8_finish(lanes_reduce(p), x + m * K, q + n * K, K8, K, scale[n]);
     }
   }
 }
@@ -183,7 +144,7 @@ inline at::Tensor int8_matmul(const at::Tensor& x, const at::Tensor& q, const at
   const int8_t* qp = q.data_ptr<int8_t>();
   const float* sp = scale.data_ptr<float>();
   float* o = out.data_ptr<float>();
-  const Int8Plan plan = int8_plan(M);
+  const LanePlan plan = lane_plan(M);
   const int64_t units = (N + plan.C - 1) / plan.C;
   at::parallel_for(0, units, 1, [&](int64_t begin, int64_t end) {
     for (int64_t u = begin; u < end; ++u) int8_unit(plan, xp, M, K, qp, sp, N, u, o);
