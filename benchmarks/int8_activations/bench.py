@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -162,11 +161,10 @@ def main() -> int:
                 for kn in kernels
             ]
             print(f"{m:>4} " + " ".join(f"{c:>22}" for c in cells))
-    rev = subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     out = {
         "benchmark": "int8_activations_vs_int4",
         "machine": machine_info(),
-        "git_rev": rev,
+        "git_rev": vnni.git_rev(),
         "started_at": t_start,
         "ended_at": t_end,
         "threads": args.threads,
@@ -180,10 +178,7 @@ def main() -> int:
         "variants": VARIANTS,
     }
     path = args.output or os.path.join(RESULTS, f"bench_{'plans_' if args.plans else ''}{args.threads}t.json")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(out, f, indent=1)
-    print("wrote", path)
+    vnni.write_json(path, out)
     return 0
 
 

@@ -10,10 +10,8 @@ weights come from L2/L3 there: a kernel-throughput figure, not a step's.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -125,11 +123,10 @@ def main() -> int:
             f"rows {m:>2}: current {med[m]['current'][clock]:6.2f}  best VNNI {b} {vn[b]:6.2f}  "
             f"({med[m]['current'][clock] / vn[b]:.2f}x)  all: " + " ".join(f"{kn} {t:.2f}" for kn, t in vn.items())
         )
-    rev = subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     out = {
         "benchmark": "int8_activations_vs_int4_model_pass",
         "machine": machine_info(),
-        "git_rev": rev,
+        "git_rev": vnni.git_rev(),
         "started_at": t_start,
         "ended_at": t_end,
         "threads": args.threads,
@@ -141,9 +138,7 @@ def main() -> int:
         "best_vnni_plan": best,
     }
     path = args.output or os.path.join(RESULTS, f"bench_model_{args.threads}t.json")
-    with open(path, "w") as f:
-        json.dump(out, f, indent=1)
-    print("wrote", path)
+    vnni.write_json(path, out)
     return 0
 
 

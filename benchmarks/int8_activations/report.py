@@ -26,6 +26,33 @@ def load(threads: int) -> dict | None:
         return json.load(f)
 
 
+def print_projection(verify_path: str, title: str, labels: tuple[str, str], ms: dict[str, tuple[float, float]]) -> None:
+    """The verify step's cost with its linear time reduced by what the probe saves: ms maps rows to
+    (current, VNNI) linear ms for the 30 layers."""
+    with open(verify_path) as f:
+        verify = json.load(f)
+    print(f"\n### {title}\n")
+    print(
+        f"| rows | execute ms | linear ms | {labels[0]} | {labels[1]} | projected linear | "
+        "projected execute | x plain decode now | x plain decode projected |"
+    )
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    base_now = base_proj = None
+    for point in verify["points"]:
+        m = str(point["rows"])
+        if m not in ms:
+            continue
+        ex, lin = point["median_ms"]["execute"], point["median_ms"]["linear"]
+        cur, vn = ms[m]
+        proj = ex - (cur - vn)
+        if base_now is None or base_proj is None:
+            base_now, base_proj = ex, proj
+        print(
+            f"| {m} | {ex:.2f} | {lin:.2f} | {cur:.2f} | {vn:.2f} | {lin - (cur - vn):.2f} | {proj:.2f} | "
+            f"{ex / base_now:.2f} | {proj / base_proj:.2f} |"
+        )
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--verify", default="benchmarks/results/verify_step_cost_zen4.json")
@@ -83,29 +110,13 @@ def main() -> None:
             extra = f"{ec:.3f} | {ev:.3f}" if m != rows[0] else "- | -"
             print(f"| {m} | {c:.2f} | {v:.2f} | {c / v:.2f}x | {extra} |")
     if 2 in model and os.path.exists(args.verify):
-        with open(args.verify) as f:
-            verify = json.load(f)
         med = model[2]["median_ms_per_pass"]
-        print("\n### projected step cost from the whole-pass figures (2 threads; verify_step_cost_zen4.json)\n")
-        print(
-            "| rows | execute ms | linear ms | pass current | pass VNNI | projected linear | projected execute | "
-            "x plain decode now | x plain decode projected |"
+        print_projection(
+            args.verify,
+            "projected step cost from the whole-pass figures (2 threads; verify_step_cost_zen4.json)",
+            ("pass current", "pass VNNI"),
+            {m: (med[m]["current"]["wall"], med[m][plan]["wall"]) for m in med},
         )
-        print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-        base_now = base_proj = None
-        for point in verify["points"]:
-            m = str(point["rows"])
-            if m not in med:
-                continue
-            ex, lin = point["median_ms"]["execute"], point["median_ms"]["linear"]
-            cur, vn = med[m]["current"]["wall"], med[m][plan]["wall"]
-            proj = ex - (cur - vn)
-            if base_now is None:
-                base_now, base_proj = ex, proj
-            print(
-                f"| {m} | {ex:.2f} | {lin:.2f} | {cur:.2f} | {vn:.2f} | {lin - (cur - vn):.2f} | {proj:.2f} | "
-                f"{ex / base_now:.2f} | {proj / base_proj:.2f} |"
-            )
     runs = []
     for name in sorted(os.listdir(os.path.join(RESULTS))):
         if name.startswith("bench_model_2t_"):
@@ -143,29 +154,13 @@ def main() -> None:
                 f"{proj:.2f} | {ex / base_now:.2f} | {proj / base_proj:.2f} |"
             )
     if 2 in by_threads and os.path.exists(args.verify):
-        with open(args.verify) as f:
-            verify = json.load(f)
         layer = by_threads[2]["layer_us"]["fused"]
-        print("\n### projected step cost (2 threads, context 500; verify_step_cost_zen4.json's figures)\n")
-        print(
-            "| rows | execute ms | linear ms | kernel current x30 | kernel VNNI x30 | projected linear | "
-            "projected execute | x plain decode now | x plain decode projected |"
+        print_projection(
+            args.verify,
+            "projected step cost (2 threads, context 500; verify_step_cost_zen4.json's figures)",
+            ("kernel current x30", "kernel VNNI x30"),
+            {m: (layer[m]["current"]["wall"] * 30 / 1e3, layer[m]["vnni"]["wall"] * 30 / 1e3) for m in layer},
         )
-        print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-        base_now = base_proj = None
-        for point in verify["points"]:
-            m = str(point["rows"])
-            if m not in layer:
-                continue
-            ex, lin = point["median_ms"]["execute"], point["median_ms"]["linear"]
-            cur, vn = layer[m]["current"]["wall"] * 30 / 1e3, layer[m]["vnni"]["wall"] * 30 / 1e3
-            proj = ex - (cur - vn)
-            if base_now is None:
-                base_now, base_proj = ex, proj
-            print(
-                f"| {m} | {ex:.2f} | {lin:.2f} | {cur:.2f} | {vn:.2f} | {lin - (cur - vn):.2f} | {proj:.2f} | "
-                f"{ex / base_now:.2f} | {proj / base_proj:.2f} |"
-            )
 
 
 if __name__ == "__main__":

@@ -3,7 +3,9 @@ into its layout (no requantization: the same (q - 8) * s + z values)."""
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 import tempfile
 from dataclasses import dataclass
 from types import ModuleType
@@ -96,3 +98,16 @@ def dequantize(weight: Int4Weight) -> Tensor:
     s = sz[..., 0].t().repeat_interleave(GROUP, dim=1)
     z = sz[..., 1].t().repeat_interleave(GROUP, dim=1)
     return (q - 8) * s + z
+
+
+def git_rev() -> str:
+    """The checkout's commit, for a result's record."""
+    root = os.path.dirname(os.path.dirname(HERE))
+    return subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+
+
+def write_json(path: str, out: dict) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(out, f, indent=1)
+    print("wrote", path)
