@@ -4,8 +4,9 @@ The default CPU mode (bf16 activations; for a 4-bit GGUF, int4 layer matrices, m
 spends a single-stream decode step mostly on issuing ~900 small eager ops, not on reading
 weights (docs/benchmarks.md, the decode profile). Here a step, each request a decode row, a decode row
 and the speculative drafts it verifies, or a prefill chunk, is one call into C++ that runs the
-whole forward: the int4 matmuls NovaInfer's own kernel (csrc/int4_matmul.h: the weights
-dequantized once per call for all rows, repacked by int4_matmul.py), the dense ones torch's, the
+whole forward: the int4 matmuls NovaInfer's own kernel (csrc/int4_matmul.h: the rows quantized
+to int8 per 32-input block, integer dot products with the int4 weights repacked by
+int4_matmul.py, so extra rows cost little), the dense ones torch's, the
 norms, RoPE + KV-cache write, SiLU x mul and paged attention fused kernels (csrc/*.h, after
 sgl-kernel's CPU kernels; the decode and draft rows' attention csrc/attention.h, the prefill
 rows', whatever the chunk's length, csrc/prefill_attention.h). It runs for any model with bf16
@@ -58,7 +59,11 @@ AttentionMetadata.num_prefill_reqs says where the prefill chunks start):
 
 Numerics: the fused kernels accumulate in fp32 and round once where the eager ops round after
 each op (and keep q and the residual stream in fp32), so outputs differ from the eager fast mode
-in the last bf16 bits; greedy tokens mostly agree (tests/engine_core/fused_cpu/test_decode.py).
+in the last bf16 bits, except in the int4 rows: their activations are quantized to int8 per row
+and 32-input block (llama.cpp's q8_1 scheme; the eager path's torch kernel multiplies bf16
+activations), which costs 0.4-0.9 % of a row's rms per product and +0.49 % perplexity on SmolLM2
+(benchmarks/int8_activations/README.md), so fused and eager int4 steps differ by more than last
+bits there. Greedy tokens mostly agree (tests/engine_core/fused_cpu/test_decode.py).
 """
 
 from __future__ import annotations

@@ -37,6 +37,7 @@ HEADERS = (
     "attention.h",
     "prefill_attention.h",
     "int4_layout.h",
+    "quantize_rows.h",
     "int4_matmul.h",
     "int4_matmul_avx2.h",
     "int4_matmul_avx512.h",

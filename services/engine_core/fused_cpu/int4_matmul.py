@@ -1,17 +1,17 @@
 """The int4 matrices in the layout of the fused step's own int4 matmul (csrc/int4_matmul.h).
 
-models/int4.py keeps each layer matrix packed for torch's `_weight_int4pack_mm_for_cpu`, whose
-kernel unpacks the weights again for every few rows; the fused step's kernel dequantizes each
-64-column strip once per call, for all rows, and is row-invariant. This repacks the same q,
-scales and zeros (no requantization: the products use exactly the values (q - 8) * scale + zero)
-into that kernel's layout at start-up.
+The fused step multiplies every int4 row (decode and verify alike) by int4 weights and int8
+activations: x quantized per row and 32-input block (llama.cpp's q8_1 scheme), then integer dot
+products (AVX512-VNNI's vpdpbusd where the CPU has it), so a step's extra rows cost 2.5-3.2x
+less than with the fp32-dequantizing kernel before it, for +0.49 % perplexity on SmolLM2 (this
+kernel's prototype on a Zen 4: benchmarks/int8_activations/README.md). It reads the weights in its own layout
+(csrc/int4_layout.h), so models/int4.py's q, scales and zeros (packed for torch's
+`_weight_int4pack_mm_for_cpu`, whose nibble order is an implementation detail of torch's build)
+are unpacked and packed again at start-up: the same values (q - 8) * scale + zero, no
+requantization.
 
-torch's packed layout is an implementation detail of its build (its nibble order depends on the
-CPU capability it was built for), so it is not assumed: where packing a random probe of the
-matrix's shape gives the bytes this layout gives (torch's AVX-512 build, out % 64 == 0), the
-model's packed tensor is used as it is (no copy, no start-up cost); else packing probe matrices
-whose q spell each position's index in base 16 shows where torch puts every nibble, and q is
-unpacked and packed again.
+torch's layout is not assumed: packing probe matrices whose q spell each position's index in
+base 16 shows where torch puts every nibble (_source_index).
 """
 
 from __future__ import annotations
@@ -23,8 +23,10 @@ from torch import Tensor
 
 from services.engine_core.models.int4 import GROUP, Int4Weight
 
-BLOCK = 64
-"""Output columns per strip (kInt4Block)."""
+VECTOR = 16
+"""Output columns per vector (csrc/int4_layout.h kInt4Vector): out % VECTOR == 0 is required."""
+CHUNK = 8
+"""Inputs per 64-byte line (kInt4Chunk)."""
 
 
 def _nibbles(packed: Tensor) -> Tensor:
@@ -57,33 +59,20 @@ def unpack_q(weight: Int4Weight) -> Tensor:
 
 
 def pack(q: Tensor) -> Tensor:
-    """q (0..15) [out, in] in csrc/int4_matmul.h's layout, uint8 [ceil(out / 64), in, 32]: byte
-    d of (block b, input k) holds column 64b + d in its low nibble and 64b + 32 + d in its high
-    one (zero past out)."""
+    """q (0..15) [out, in] in csrc/int4_layout.h's layout, uint8 [out / 16, in / 8, 64]: byte
+    4 l + i of (vector v, chunk c) holds q[16 v + l, 8 c + i] in its low nibble and
+    q[16 v + l, 8 c + 4 + i] in its high one."""
     n, k = q.shape
-    blocks = -(-n // BLOCK)
-    padded = torch.zeros(blocks * BLOCK, k, dtype=torch.uint8)
-    padded[:n] = q
-    halves = padded.view(blocks, 2, BLOCK // 2, k)
-    return (halves[:, 0] | (halves[:, 1] << 4)).transpose(1, 2).contiguous()
-
-
-@functools.cache
-def _torch_layout_is_ours(n: int, k: int) -> bool:
-    """Whether torch packs an [n, k] matrix exactly as pack() does."""
-    if n % BLOCK:
-        return False
-    q = torch.randint(0, 16, (n, k), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
-    return packed.numel() == n * k // 2 and torch.equal(packed.view(-1), pack(q.to(torch.uint8)).view(-1))
+    if n % VECTOR or k % CHUNK:
+        raise ValueError(f"int4 packing needs out % {VECTOR} == 0 and in % {CHUNK} == 0, got {(n, k)}")
+    v = q.to(torch.uint8).view(n // VECTOR, VECTOR, k // CHUNK, 2, CHUNK // 2)  # [vector, lane, chunk, half, i]
+    lines = v[:, :, :, 0] | (v[:, :, :, 1] << 4)  # [vector, lane, chunk, i]
+    return lines.permute(0, 2, 1, 3).contiguous().view(n // VECTOR, k // CHUNK, 64)
 
 
 def repack(weight: Int4Weight) -> tuple[Tensor, Tensor]:
-    """(packed uint8 [ceil(out / 64), in, 32] as pack() lays it out, scales_zeros bf16
+    """(packed uint8 [out / 16, in / 8, 64] as pack() lays it out, scales_zeros bf16
     [in / 32, 2, out]) for csrc/int4_matmul.h."""
-    n, k = weight.scales_zeros.shape[1], weight.scales_zeros.shape[0] * GROUP
-    # Where torch's layout is the kernel's, the model's own bytes, shared.
-    ours = _torch_layout_is_ours(n, k)
-    packed = weight.packed.view(n // BLOCK, k, BLOCK // 2) if ours else pack(unpack_q(weight))
+    packed = pack(unpack_q(weight))
     scales_zeros = weight.scales_zeros.transpose(1, 2).contiguous()  # [in / 32, out, 2] -> [in / 32, 2, out]
     return packed, scales_zeros

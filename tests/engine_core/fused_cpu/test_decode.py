@@ -70,7 +70,18 @@ def assert_fused_logits_close(
 ) -> None:
     """The fused step's logits (on caches) against the eager model's (on copies of them): close,
     the same argmax in most rows of a step of 8 or more (min_argmax_agreement: by default 0.75,
-    0.6 with fp32 dense weights) and, where the argmax differs, a near-tie in the eager logits.
+    0.6 with fp32 dense weights or int4 rows) and, where the argmax differs, a near-tie in the
+    eager logits (a gap of at most 2 % of the largest logit, 4 % where the step's rows take the
+    int4 copies).
+
+    The fused step's int4 rows quantize their activations to int8 (csrc/int4_matmul.h; the eager
+    path's torch kernel keeps them bf16): 0.4-0.9 % of a row's rms per product, and the model
+    amplifies it on random drafts as it does any rounding. test_verify.py's steps (5 cases x 4
+    draft seeds, this 2-core Zen 4, 2026-12-03 08:46 UTC): gaps up to 2.7 % of the largest logit
+    (10 requests verifying 0-3 drafts each) and argmax agreement down to 0.70 in steps of 8 or
+    more rows (3 requests verifying 2, 0 and 5), cosine >= 0.9994; an eager reference whose int4
+    products take the fused kernel too was no closer (its differences are the chaotic
+    amplification, not the scheme).
 
     With fp32 dense weights (a CPU without native bf16) the eager reference is the further from
     float32: it rounds the embedding, every product and the residual stream to bf16, where the
@@ -78,9 +89,10 @@ def assert_fused_logits_close(
     drafts, whose logits have near-ties (3 requests verifying 2, 0 and 5, 2-core AVX2 EPYC), the
     fused argmax agreed with that eager path's in 7 of 10 rows and with eager float32's in 8,
     while the eager path agreed with float32 in 5."""
-    if min_argmax_agreement is None:
-        min_argmax_agreement = 0.75 if runner.weight_dtype == runner.dtype else 0.6
     assert runner.fused is not None and runner.fused.can_run(md)
+    int4 = runner.fused.uses_int4(md)
+    if min_argmax_agreement is None:
+        min_argmax_agreement = 0.75 if runner.weight_dtype == runner.dtype and not int4 else 0.6
     got = runner.model.compute_logits(runner.fused.run(ids, pos, caches, md))
     ref = runner.model.compute_logits(runner.model(ids, pos, copies, md, runner.backend))
     cos = torch.nn.functional.cosine_similarity(got, ref, dim=-1)
@@ -88,7 +100,8 @@ def assert_fused_logits_close(
     assert cos.mean() > 0.999 and cos.min() > 0.99, cos
     same = got.argmax(-1) == ref.argmax(-1)
     gap = ref.max(-1).values - ref.gather(1, got.argmax(-1, keepdim=True))[:, 0]
-    assert (gap[~same] <= 0.02 * ref.abs().amax(-1)[~same]).all(), (gap, ref.abs().amax(-1))
+    near_tie = 0.04 if int4 else 0.02
+    assert (gap[~same] <= near_tie * ref.abs().amax(-1)[~same]).all(), (gap, ref.abs().amax(-1))
     # A fraction of a few rows says little: one near-tie in 3 rows (2-core Zen 4 EPYC, native bf16:
     # a gap of 0.20 on logits up to 22.8) is 0.67. There the near-tie check above carries it.
     if len(same) >= 8:

@@ -52,13 +52,14 @@ def test_torch_int4_matmul(out_features: int, in_features: int) -> None:
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("out_features, in_features", [(960, 576), (576, 576), (3072, 576), (576, 1536), (80, 64)])
+@pytest.mark.parametrize(
+    "out_features, in_features", [(960, 576), (576, 576), (3072, 576), (576, 1536), (80, 64), (80, 96)]
+)
 def test_int4_matmul(ext: ModuleType, out_features: int, in_features: int, threads: int) -> None:
-    """The fused step's int4 matmul (csrc/int4_matmul.h), SmolLM2's four layer shapes and a tiny
-    one with a partial column strip, at 1..80 rows (every row blocking of the kernel this CPU
-    compiles: on AVX-512 whole strips in registers up to 6 rows, half strips up to 12, tiles past
-    them; on AVX2 half strips for 1 row, chunks of 16 columns in blocks of up to 5 rows, tiles past
-    10) and 1 and 2 threads: every row its lone bits, the same at either count."""
+    """The fused step's int4 matmul (csrc/int4_matmul.h: int8 activations), SmolLM2's layer shapes
+    and tiny ones with a partial unit (80 columns: 5 vectors; K = 96: 3 groups, not a multiple of
+    64), at 1..80 rows (every row blocking: blocks of up to 3 rows on AVX-512) and 1 and 2 threads:
+    every row its lone bits, the same at either count."""
     packed, scales_zeros = repack(Int4Weight.quantize(randn(out_features, in_features).to(BF16)))
     x = randn(80, in_features, seed=1).to(BF16)
     before = torch.get_num_threads()

@@ -5,7 +5,8 @@
 // of norm -> q|k|v -> RoPE + KV write -> paged attention -> o + residual + norm -> gate|up ->
 // SiLU x mul -> down + residual + norm, and the final norm.
 // Python issues one call a step instead of ~900 ops; the matmuls are the row-invariant int4
-// kernel of int4_matmul.h (weights dequantized once per call, for all rows), the row-invariant
+// kernel of int4_matmul.h (int4 weights x the rows quantized to int8 per 32-input block: integer
+// dot products, so extra rows cost little), the row-invariant
 // bf16 one of bf16_matmul.h (bf16 weights on a CPU without native bf16) or torch's dense
 // matmul (dense_matmul.h), in calls sized so that a row's bits do not depend on the other rows (RowPlan), the rest
 // the kernels in the headers beside this file. The module also carries the int8 LM head's kernel
@@ -338,7 +339,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "x [M, K] bf16 @ w.T -> [M, N] bf16, w [N, K] bf16 or fp32, as one call of `rows` >= M rows "
         "(zero-padded)");
   m.def("int4_matmul", &novainfer::int4_matmul, py::call_guard<py::gil_scoped_release>(),
-        "x [M, K] bf16 @ W.T -> [M, N] bf16, W as fused_cpu/int4_matmul.py repack()s it");
+        "x [M, K] bf16 (quantized to int8 per row and 32-block) @ W.T -> [M, N] bf16, W as "
+        "fused_cpu/int4_matmul.py repack()s it");
+  m.def("quantize_rows", &novainfer::quantize_rows_tensors, py::call_guard<py::gil_scoped_release>(),
+        "x [M, K] bf16 -> the int4 matmul's int8 activations: (q int8 [M, K], d, c, s fp32 [M, K / 32])");
   m.def(
       "bf16_matmul",
       [](const at::Tensor& x, const at::Tensor& w, bool bf16_out) {
