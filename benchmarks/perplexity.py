@@ -55,6 +55,10 @@ MODES: dict[str, tuple[dict[str, Any], int]] = {
     # What `novainfer serve` runs out of the box (run_mode.py; here bf16 + int4 where the CPU has
     # native bf16): steps the int4 copies serve, so that int4, if chosen, is used.
     "default": ({}, 16),
+    # The default's fused C++ step (fused_cpu/), its rows as a decoding request's: each step one
+    # new token and the drafts it verifies, the rows decoding and speculation multiply (the int4
+    # copies' kernel, int8 activations), where `default` scores the eager model's ops.
+    "default-fused": ({}, 16),
     # The default without its fused C++ decode step (--no-fused-cpu-decode): the eager ops.
     "default-eager": ({"fused_cpu_decode": False}, 16),
     # The exact mode (--exact is the same: float32, no int4, eager).
@@ -75,10 +79,11 @@ def chunks(tokens: list[int], ctx: int, bos: int | None) -> list[list[int]]:
 
 
 @torch.inference_mode()
-def chunk_nll(runner: ModelRunner, chunk: list[int], step: int) -> list[float]:
+def chunk_nll(runner: ModelRunner, chunk: list[int], step: int, fused: bool = False) -> list[float]:
     """Negative log-likelihoods of chunk[first+1:] (first = len // 2), through the runner's
     model and KV cache: one request whose block table is blocks 0..n-1, so token i sits in
-    slot i."""
+    slot i. fused: each step through the fused C++ step as a decoding request's token and the
+    drafts it verifies (its decode rows), not the eager model."""
     n, bs = len(chunk), runner.block_size
     table = torch.arange(-(-n // bs), dtype=torch.int32).unsqueeze(0)
     ids = torch.tensor(chunk, dtype=torch.long)
@@ -98,8 +103,13 @@ def chunk_nll(runner: ModelRunner, chunk: list[int], step: int) -> list[float]:
             max_seq_len=end,
             query_lens_cpu=[end - start],
             seq_lens_cpu=[end],
+            num_draft_tokens=end - start - 1 if fused else 0,
         )
-        hidden = runner.model(ids[start:end], torch.arange(start, end), runner.kv_caches, md, runner.backend)
+        if fused:
+            assert runner.fused is not None
+            hidden = runner.fused.run(ids[start:end], torch.arange(start, end), runner.kv_caches, md)
+        else:
+            hidden = runner.model(ids[start:end], torch.arange(start, end), runner.kv_caches, md, runner.backend)
         logits.append(runner.model.compute_logits(hidden))
     first = n // 2
     logp = torch.cat(logits)[first : n - 1].log_softmax(-1)
@@ -120,6 +130,9 @@ def novainfer_mode(mode: str, text: str, ctx: int, threads: int) -> dict[str, An
     t0 = time.perf_counter()
     runner = ModelRunner(config)
     startup_s = time.perf_counter() - t0
+    fused = mode == "default-fused"
+    if fused and runner.fused is None:
+        raise RuntimeError("default-fused: the fused CPU step does not run here (see the engine's log)")
     if step:
         step = runner.model.layers[0].int4_max_rows or step
     tok = load_tokenizer(config)
@@ -130,7 +143,7 @@ def novainfer_mode(mode: str, text: str, ctx: int, threads: int) -> dict[str, An
     t0 = time.perf_counter()
     nll: list[float] = []
     for c in chunks(tokens, ctx, bos):
-        nll += chunk_nll(runner, c, step)
+        nll += chunk_nll(runner, c, step, fused)
     return {
         **summarize(nll),
         "tokens": len(tokens),

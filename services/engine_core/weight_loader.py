@@ -297,17 +297,17 @@ def _write_int4_cache(model: CausalLM, path: str) -> None:
         for name, weight in zip(Int4Layer._fields, layer.int4, strict=True):
             tensors[f"{i}.{name}.packed"] = weight.packed
             tensors[f"{i}.{name}.scales_zeros"] = weight.scales_zeros
-    _save_atomically(path, tensors, {}, "int4 weight copies")
+    save_atomically(path, tensors, {}, "int4 weight copies")
 
 
 def _write_gguf_cache(
     path: str, cfg: ModelConfig, layer_types: frozenset[str], tensors: dict[str, torch.Tensor]
 ) -> None:
     metadata = {_CACHE_CONFIG_KEY: cfg.to_json(), _CACHE_TYPES_KEY: ",".join(sorted(layer_types))}
-    _save_atomically(path, tensors, metadata, "dequantized GGUF weights")
+    save_atomically(path, tensors, metadata, "dequantized GGUF weights")
 
 
-def _save_atomically(path: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str], what: str) -> None:
+def save_atomically(path: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str], what: str) -> None:
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)

@@ -78,8 +78,8 @@ from torch import Tensor
 
 from services.engine_core import run_mode
 from services.engine_core.attention.base import AttentionMetadata
-from services.engine_core.fused_cpu.int4_matmul import repack
 from services.engine_core.fused_cpu.probe_cache import cached_probes
+from services.engine_core.fused_cpu.repack_cache import cached_repack
 from services.engine_core.models.llama import CausalLM
 
 log = logging.getLogger(__name__)
@@ -225,8 +225,8 @@ def bf16_rows_invariant(ext: ModuleType, weights: list[Tensor], rows: int = _BF1
 
 class FusedDecode:
     def __init__(self, ext: ModuleType, model: CausalLM, cache_dir: str | None = None) -> None:
-        """cache_dir: where the start-up probes' answer is kept for later starts (probe_cache.py;
-        None: probed every time)."""
+        """cache_dir: where the start-up probes' answer (probe_cache.py) and the int4 copies in
+        the kernel's layout (repack_cache.py) are kept for later starts (None: redone every time)."""
         layers = model.layers
 
         def each(attr: str) -> list[Tensor]:
@@ -260,7 +260,8 @@ class FusedDecode:
         # with the C++ decoder; benchmarks/verify_step_cost.py times ext.int4_matmul on them).
         self.int4: dict[str, list[tuple[Tensor, Tensor]]] = {}
         if self.int4_max_requests:
-            self.int4 = {m: [repack(getattr(layer.int4, m)) for layer in layers] for m in MATRICES}
+            repacked = iter(cached_repack(cache_dir, [getattr(layer.int4, m) for m in MATRICES for layer in layers]))
+            self.int4 = {m: [next(repacked) for _ in layers] for m in MATRICES}
             self._decoder.set_int4_weights(
                 *(side for m in MATRICES for side in ([p for p, _ in self.int4[m]], [sz for _, sz in self.int4[m]]))
             )

@@ -27,6 +27,9 @@ VECTOR = 16
 """Output columns per vector (csrc/int4_layout.h kInt4Vector): out % VECTOR == 0 is required."""
 CHUNK = 8
 """Inputs per 64-byte line (kInt4Chunk)."""
+LAYOUT_VERSION = 2
+"""Bumped whenever pack()'s layout changes (repack_cache.py keys the repacked bytes by it; 1 was
+the fp32-dequantizing kernel's [out / 64, in, 32])."""
 
 
 def _nibbles(packed: Tensor) -> Tensor:
