@@ -30,7 +30,8 @@
 // (tests/engine_core/fused_cpu/test_row_invariance.py): a draft verified in a step gets its lone
 // decode's bits, on every instruction set alike (each equals the torch reference
 // tests/engine_core/fused_cpu/int4_reference.py bit for bit: test_int4_matmul.py). The kernels
-// for each instruction set: int4_matmul_avx512.h; elsewhere the portable loops below.
+// for each instruction set: int4_matmul_avx512.h, int4_matmul_avx2.h; elsewhere the portable
+// loops below.
 #pragma once
 
 #include <cmath>
@@ -41,8 +42,8 @@
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 #include "int4_matmul_avx512.h"
-// An AVX2 kernel's slot: #elif defined(__AVX2__) && defined(__FMA__); until then AVX2 CPUs take
-// the portable loops.
+#elif defined(__AVX2__) && defined(__FMA__)
+#include "int4_matmul_avx2.h"
 #else
 
 namespace novainfer {

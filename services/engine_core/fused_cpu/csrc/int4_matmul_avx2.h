@@ -1,335 +1,201 @@
-// int4_matmul.h's kernel on AVX2 + FMA (16 ymm registers of 8 floats): the same layout, the same
-// fmas in the same order, so the same bits as the AVX-512 and portable paths.
+// int4_matmul.h's kernel on AVX2 + FMA (16 ymm registers of 8 lanes): the same integer dot
+// products and the same fp32 epilogue per group as the AVX-512 kernel, so the same bits.
 //
-// A strip's 64 columns are eight vectors of 8: vector v < 4 is the low nibbles of bytes 8v ..
-// 8v + 7 of an input's 32, v >= 4 the high nibbles of bytes 8 (v - 4) ..; vectors v and v + 4
-// share their 8 bytes (a "chunk"), widened once for both. A unit, a thread's piece of work, is
-// J / 2 chunks of a strip (J vectors) for every row:
-//   - up to 10 rows: in row blocks of at most R whose R x J accumulators stay in registers over
-//     all of K; a block after the first dequantizes the unit's weights again from L1/L2. A block
-//     reads the bf16 scales and zeros itself, each group's converted as its loop reaches them
-//     and prefetched ahead like the bytes (int4_block);
-//   - past that: the unit is dequantized kTileK inputs at a time into an L1 tile that blocks of
-//     up to kTileRows rows then multiply, their accumulators stored and reloaded between tiles;
-//     its scales and zeros are converted to fp32 once per unit, out of the tile's loops.
+// A 64-byte line of the layout (int4_layout.h) is two ymm "halves" of 8 columns; in each 32-bit
+// lane l, byte 4 l + i holds column l's q of input i of the chunk (low nibble) and of input
+// 4 + i (high nibble). Per row, chunk and half, the integer dot of the chunk's 8 inputs is
+//   - with AVX-VNNI (__AVXVNNI__): two vpdpbusd (u8 q x s8 xq, four products into each int32
+//     lane), as the AVX-512 kernel's, 8 lanes wide;
+//   - else two vpmaddubsw (u8 q x s8 xq -> s16 sums of pairs, |pair| <= 2 * 15 * 128 = 3840: no
+//     saturation) added into an int16 accumulator per row and half for the whole group (each
+//     int16 lane sums 16 products: |sum| <= 16 * 15 * 128 = 30720 < 32768, no wrap), widened
+//     once a group by vpmaddwd with ones into the int32 dot of the group's 32 inputs.
+// Integer sums are exact in any order, so either gives the AVX-512 kernel's int32 dots; then per
+// group in order g = 0..G-1 the same three fp32 ops, u = fma(float(dot), d, c),
+// acc = fma(u, s, acc), acc = fma(z, sx, acc) from acc = 0, and the output bf16(acc).
 //
-// Why this blocking (benchmarks/int4_matmul_kernel.py on a 2-core Zen 3 EPYC): dequantizing 8
-// weights takes ~4.5 vector ops besides their fmas (widen, half shared by the chunk's two
-// vectors; mask or shift; subtract 8; convert; fma with the scale and zero), and each row one
-// fma. One chunk (J = 2) a unit with up to 5 rows a block (10 accumulators, 2 weights, a
-// broadcast, temporaries: the 16 registers) was the fastest from 2 rows on; wider units (J = 4,
-// 8) fit fewer rows and were slower from 3 rows on, units of one vector (J = 1, 12 rows) slower
-// throughout. A decode row (M = 1) takes half strips (J = 4): as fast as J = 2 with the weights
-// in cache and as fast as whole strips from memory, and 18 units for N = 576 where two threads
-// split 9 strips 5:4. The tile, with 6 rows a block, is as fast as registers alone at 11-14
-// rows (one block fewer) and 13-25 % faster from 15 rows on, but 20 % slower at 6-10 (its
-// blocks, which only multiply, cost as much as the register blocks that also dequantize: each
-// accumulator's chain of fmas, one per input, bounds both). Converting a block's scales in its
-// loop, rather than into an fp32 buffer before it, made 1 row 0.83x as long, 2-4 rows
-// 0.93-0.97x (0.84-0.93x with the weights from memory, as in a decode step), 8-10 rows
-// unchanged; prefetching the bytes 128 inputs ahead rather than 64 gained ~5 % from memory
-// (session 9: the same benchmark, and a scratch harness over 30 layers' matrices).
+// Why this blocking (chosen by counting, not timed: no timing slot for this work; the AVX-512
+// kernel's plan was timed, benchmarks/int8_activations/README.md). Per group, a block of R rows
+// times H halves costs, in vector ops: shared by its rows, per chunk and half the nibbles (and;
+// shift, and) and per half the group's scales and zeros (widen + shift, twice): 16 H; per row and
+// half, 8 vpmaddubsw, 7 adds (the first into the zeroed accumulator folds away), vpmaddwd, a
+// conversion and 3 fma: 20 (12 with AVX-VNNI); besides loads (the rows' xq broadcasts, d, c and
+// sx). So 20 + 16 / R ops per row, half and group: only R matters, and R is bounded by the 16
+// registers: R H fp32 accumulators, R H integer ones, 2 H nibble vectors, 2 broadcasts and the
+// nibble mask. H = 1 fits R = 5 (15 registers; 23.2 ops, against 36 at R = 1 and 28 at R = 2,
+// the most rows H = 2 fits; GCC 12 keeps two of the five fp32 accumulators on the stack in the
+// vpmaddubsw path, a load and a store each a group beside ~120 vector ops, and none with
+// AVX-VNNI: seen in its assembly). A lone row (decode) takes H = 2: a vector's whole 64-byte
+// line at once, one sequential stream (its op count is the same for any H). A unit, a thread's
+// piece of work, is 2 vectors (32 columns) for every row: N = 576 gives 18 units, which two
+// threads split 9:9. The block shapes change no bits: every row does the same integer dots and
+// fp32 ops whatever its block.
 #pragma once
 
 #include <immintrin.h>
 
 #include <algorithm>
 #include <cstring>
-#include <vector>
 
 #include "int4_layout.h"
+#include "quantize_rows.h"
 
 namespace novainfer {
 
-constexpr int kStripVectors = 8;
+constexpr int64_t kInt4Half = 8;  // columns per ymm
+constexpr int64_t kInt4Halves = kInt4Vector / kInt4Half;  // ymm per vector (per 64-byte line)
+constexpr int64_t kInt4UnitVectors = 2;  // vectors per unit
+constexpr int kInt4BlockRows = 5;  // most rows a block of one half keeps in registers
 
-// A call's blocking: units of J vectors of a strip (J = 2 or 4), rows in equal blocks of at most
-// `rows`.
+// A call's blocking: rows in equal blocks of at most `rows`, each over `halves` halves (1 or 2).
 struct Int4Plan {
-  int J;
   int rows;
-  bool tiled;
+  int halves;
 };
 
-// Most rows a block keeps in registers for each J, and a tiled block's (R J accumulators, J
-// weights and a broadcast: 15 of the 16 registers).
-constexpr int kRowsJ4 = 1, kRowsJ2 = 5, kTileRows = 6;
-// Inputs per tile: 256 x 16 fp32 = 16 KB, L1-resident.
-constexpr int64_t kTileK = 8 * kInt4Group;
-// A register block's prefetch distances: bytes 128 inputs (4 KB of a strip) ahead, scales and
-// zeros two groups ahead (the tile's dequantization keeps int4_layout.h's kPrefetchK).
-constexpr int64_t kBlockPrefetchK = 4 * kInt4Group, kPrefetchGroups = 2;
+inline Int4Plan int4_plan(int64_t M) { return M == 1 ? Int4Plan{1, 2} : Int4Plan{kInt4BlockRows, 1}; }
 
-inline Int4Plan int4_plan(int64_t M) {
-  if (M == 1) return {4, kRowsJ4, false};
-  if (M <= 2 * kRowsJ2) return {2, kRowsJ2, false};
-  return {2, kTileRows, true};
-}
+inline int64_t int4_units(const Int4Plan&, int64_t vectors) { return (vectors + kInt4UnitVectors - 1) / kInt4UnitVectors; }
 
-inline int64_t int4_units(const Int4Plan& plan, int64_t blocks) { return blocks * (kStripVectors / plan.J); }
-
-// 8 bf16 values from p, of which n (may be < 1 or > 8) exist, as fp32 (0 past n).
-inline __m256 int4_load_bf16x8(const bf16* p, int64_t n) {
-  __m128i v;
-  if (n >= 8) {
-    v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  } else {
-    alignas(16) uint16_t tmp[8] = {};
-    if (n > 0) std::memcpy(tmp, p, n * sizeof(bf16));
-    v = _mm_load_si128(reinterpret_cast<const __m128i*>(tmp));
-  }
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
-}
-
-// 8 bf16 values as fp32.
+// 8 bf16 values as fp32 (exact).
 inline __m256 int4_bf16x8(const bf16* p) {
   return _mm256_castsi256_ps(
       _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
 }
 
-// A chunk's 8 bytes widened to int32 lanes.
-inline __m256i int4_chunk(const uint8_t* p) {
-  return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+// Four int8 xq (one 32-bit word) in every lane.
+inline __m256i int4_xq4(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return _mm256_set1_epi32(v);
 }
 
-// fma(q - 8, scale, zero) for the low or high nibbles of a widened chunk: q - 8 is exact in
-// int32 and in its conversion (vpermps picks by 3 index bits on AVX2, so no LUT as on AVX-512).
-template <bool High>
-inline __m256 int4_dequant(__m256i chunk, __m256 s, __m256 z) {
-  const __m256i q = High ? _mm256_srli_epi32(chunk, 4) : _mm256_and_si256(chunk, _mm256_set1_epi32(15));
-  return _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(q, _mm256_set1_epi32(8))), s, z);
+#if defined(__AVXVNNI__)
+// The running dot: int32 lanes.
+inline __m256i int4_dot_add(__m256i dot, __m256i lo, __m256i hi, __m256i xl, __m256i xh) {
+  return _mm256_dpbusd_avx_epi32(_mm256_dpbusd_avx_epi32(dot, lo, xl), hi, xh);
 }
+inline __m256i int4_dot_int32(__m256i dot) { return dot; }
+#else
+// The running dot: int16 pairs of each int32 lane (bounds above).
+inline __m256i int4_dot_add(__m256i dot, __m256i lo, __m256i hi, __m256i xl, __m256i xh) {
+  return _mm256_add_epi16(dot, _mm256_add_epi16(_mm256_maddubs_epi16(lo, xl), _mm256_maddubs_epi16(hi, xh)));
+}
+inline __m256i int4_dot_int32(__m256i dot) { return _mm256_madd_epi16(dot, _mm256_set1_epi16(1)); }
+#endif
 
-// The loops over a block's rows, vectors and chunks are unrolled explicitly: GCC otherwise keeps
-// the accumulator array in memory and stores it every input.
+// The running dot in a register here: without it GCC reassociates a group's int16 adds (they
+// are associative) into one sum at the group's end, keeping all 8 R H products live until then
+// (spilled to the stack, with the accumulators: seen in its -O3 assembly).
+inline void int4_keep(__m256i& v) { asm("" : "+x"(v)); }
+
+// The loops over a block's rows and halves are unrolled explicitly, so that the accumulator
+// arrays stay in registers.
 #define NOVAINFER_UNROLL _Pragma("GCC unroll 16")
 
-// One input k of an R x J block: acc[r][j] = fma(x[r, k], w[k, vector j], acc[r][j]), where
-// vector j of the unit is the low nibbles of chunk j (j < J / 2), else the high ones of chunk
-// j - J / 2. The registers decide the order: with fewer rows than vectors the rows' broadcasts
-// stay live and each weight is used as it is made; with more, the J weights stay live and each
-// row's broadcast is used at once.
-template <int R, int J>
-inline void int4_block_step(const float* x, int64_t K, int64_t k, const uint8_t* bytes, const __m256* s,
-                            const __m256* z, __m256 (&acc)[R][J]) {
-  constexpr int C = J / 2;
-  if constexpr (R < J) {
-    __m256 xv[R];
+// Rows m0 .. m0 + R - 1 times halves h0 .. h0 + H - 1 (columns 8 h0 ..), over all of K.
+template <int R, int H>
+void int4_block(const QuantizedRows& qr, int64_t m0, int64_t K, const uint8_t* packed, const bf16* sz, int64_t N,
+                int64_t h0, bf16* out) {
+  const int64_t G = K / kInt4Group, lines = K / kInt4Chunk;
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  const uint8_t* half[H];
+  NOVAINFER_UNROLL
+  for (int h = 0; h < H; ++h)
+    half[h] = packed + (h0 + h) / kInt4Halves * lines * 64 + (h0 + h) % kInt4Halves * kInt4Half * 4;
+  const int8_t* xq = qr.q.data() + m0 * K;
+  __m256 acc[R][H];
+  NOVAINFER_UNROLL
+  for (int r = 0; r < R; ++r) {
     NOVAINFER_UNROLL
-    for (int r = 0; r < R; ++r) xv[r] = _mm256_broadcast_ss(x + r * K + k);
+    for (int h = 0; h < H; ++h) acc[r][h] = _mm256_setzero_ps();
+  }
+  for (int64_t g = 0; g < G; ++g) {
+    __m256i dot[R][H];
     NOVAINFER_UNROLL
-    for (int c = 0; c < C; ++c) {
-      const __m256i chunk = int4_chunk(bytes + k * 32 + 8 * c);
-      const __m256 lo = int4_dequant<false>(chunk, s[c], z[c]);
+    for (int r = 0; r < R; ++r) {
       NOVAINFER_UNROLL
-      for (int r = 0; r < R; ++r) acc[r][c] = _mm256_fmadd_ps(xv[r], lo, acc[r][c]);
-      const __m256 hi = int4_dequant<true>(chunk, s[C + c], z[C + c]);
-      NOVAINFER_UNROLL
-      for (int r = 0; r < R; ++r) acc[r][C + c] = _mm256_fmadd_ps(xv[r], hi, acc[r][C + c]);
+      for (int h = 0; h < H; ++h) dot[r][h] = _mm256_setzero_si256();
     }
-  } else {
-    __m256 w[J];
     NOVAINFER_UNROLL
-    for (int c = 0; c < C; ++c) {
-      const __m256i chunk = int4_chunk(bytes + k * 32 + 8 * c);
-      w[c] = int4_dequant<false>(chunk, s[c], z[c]);
-      w[C + c] = int4_dequant<true>(chunk, s[C + c], z[C + c]);
+    for (int i = 0; i < kInt4Group / kInt4Chunk; ++i) {
+      const int64_t c = g * (kInt4Group / kInt4Chunk) + i;
+      __m256i lo[H], hi[H];
+      NOVAINFER_UNROLL
+      for (int h = 0; h < H; ++h) {
+        const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(half[h] + c * 64));
+        lo[h] = _mm256_and_si256(raw, low4);
+        hi[h] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low4);
+      }
+      NOVAINFER_UNROLL
+      for (int r = 0; r < R; ++r) {
+        const __m256i xl = int4_xq4(xq + r * K + c * kInt4Chunk), xh = int4_xq4(xq + r * K + c * kInt4Chunk + 4);
+        NOVAINFER_UNROLL
+        for (int h = 0; h < H; ++h) dot[r][h] = int4_dot_add(dot[r][h], lo[h], hi[h], xl, xh);
+      }
+      NOVAINFER_UNROLL
+      for (int r = 0; r < R; ++r) {
+        NOVAINFER_UNROLL
+        for (int h = 0; h < H; ++h) int4_keep(dot[r][h]);
+      }
+    }
+    __m256 s[H], z[H];
+    NOVAINFER_UNROLL
+    for (int h = 0; h < H; ++h) {
+      s[h] = int4_bf16x8(sz + 2 * g * N + (h0 + h) * kInt4Half);
+      z[h] = int4_bf16x8(sz + (2 * g + 1) * N + (h0 + h) * kInt4Half);
     }
     NOVAINFER_UNROLL
     for (int r = 0; r < R; ++r) {
-      const __m256 xv = _mm256_broadcast_ss(x + r * K + k);
+      const int64_t i = (m0 + r) * G + g;
+      const __m256 d = _mm256_set1_ps(qr.d[i]), cc = _mm256_set1_ps(qr.c[i]), sx = _mm256_set1_ps(qr.s[i]);
       NOVAINFER_UNROLL
-      for (int j = 0; j < J; ++j) acc[r][j] = _mm256_fmadd_ps(xv, w[j], acc[r][j]);
-    }
-  }
-}
-
-// The tiled path: inputs [k0, k1) of the unit's J vectors, dequantized into tile[k - k0][J][8].
-template <int J>
-void int4_dequant_tile(const uint8_t* bytes, const float* scales, int64_t k0, int64_t k1, float* tile) {
-  constexpr int C = J / 2;
-  for (int64_t g = k0 / kInt4Group; g < k1 / kInt4Group; ++g) {
-    __m256 s[J], z[J];
-    NOVAINFER_UNROLL
-    for (int j = 0; j < J; ++j) {
-      s[j] = _mm256_loadu_ps(scales + (g * 2 * J + j) * 8);
-      z[j] = _mm256_loadu_ps(scales + (g * 2 * J + J + j) * 8);
-    }
-    for (int64_t k = g * kInt4Group; k < (g + 1) * kInt4Group; ++k) {
-      if (k % 2 == 0) _mm_prefetch(reinterpret_cast<const char*>(bytes + (k + kPrefetchK) * 32), _MM_HINT_T0);
-      float* t = tile + (k - k0) * J * 8;
-      NOVAINFER_UNROLL
-      for (int c = 0; c < C; ++c) {
-        const __m256i chunk = int4_chunk(bytes + k * 32 + 8 * c);
-        _mm256_store_ps(t + c * 8, int4_dequant<false>(chunk, s[c], z[c]));
-        _mm256_store_ps(t + (C + c) * 8, int4_dequant<true>(chunk, s[C + c], z[C + c]));
+      for (int h = 0; h < H; ++h) {
+        // |dot| <= 32 * 15 * 128 < 2^24: its conversion is exact.
+        const __m256 u = _mm256_fmadd_ps(_mm256_cvtepi32_ps(int4_dot_int32(dot[r][h])), d, cc);
+        acc[r][h] = _mm256_fmadd_ps(u, s[h], acc[r][h]);
+        acc[r][h] = _mm256_fmadd_ps(z[h], sx, acc[r][h]);
       }
     }
   }
-}
-
-// R rows times a tile of kk inputs, accumulating into acc [R][J][8]: the same fmas, in the same
-// order, as int4_block.
-template <int R, int J>
-void int4_tile_block(const float* x, int64_t K, const float* tile, int64_t kk, float* acc_buf) {
-  __m256 acc[R][J];
-  NOVAINFER_UNROLL
+  alignas(32) float tmp[kInt4Half];
   for (int r = 0; r < R; ++r) {
-    NOVAINFER_UNROLL
-    for (int j = 0; j < J; ++j) acc[r][j] = _mm256_loadu_ps(acc_buf + (r * J + j) * 8);
-  }
-  for (int64_t k = 0; k < kk; ++k) {
-    __m256 w[J];
-    NOVAINFER_UNROLL
-    for (int j = 0; j < J; ++j) w[j] = _mm256_load_ps(tile + (k * J + j) * 8);
-    NOVAINFER_UNROLL
-    for (int r = 0; r < R; ++r) {
-      const __m256 xv = _mm256_broadcast_ss(x + r * K + k);
-      NOVAINFER_UNROLL
-      for (int j = 0; j < J; ++j) acc[r][j] = _mm256_fmadd_ps(xv, w[j], acc[r][j]);
+    for (int h = 0; h < H; ++h) {
+      _mm256_store_ps(tmp, acc[r][h]);
+      bf16* o = out + (m0 + r) * N + (h0 + h) * kInt4Half;
+      for (int64_t c = 0; c < kInt4Half; ++c) o[c] = bf16(tmp[c]);
     }
   }
-  NOVAINFER_UNROLL
-  for (int r = 0; r < R; ++r) {
-    NOVAINFER_UNROLL
-    for (int j = 0; j < J; ++j) _mm256_storeu_ps(acc_buf + (r * J + j) * 8, acc[r][j]);
-  }
 }
 
-template <int R, int J>
-void int4_tile_rows(const float* x, int64_t K, const float* tile, int64_t kk, float* acc_buf, int64_t m) {
+// int4_block<m, H> for a run-time m in 1..R.
+template <int R, int H>
+void int4_block_rows(const QuantizedRows& qr, int64_t m0, int64_t m, int64_t K, const uint8_t* packed, const bf16* sz,
+                     int64_t N, int64_t h0, bf16* out) {
   if constexpr (R > 0) {
-    if (m == R) return int4_tile_block<R, J>(x, K, tile, kk, acc_buf);
-    int4_tile_rows<R - 1, J>(x, K, tile, kk, acc_buf, m);
+    if (m == R) return int4_block<R, H>(qr, m0, K, packed, sz, N, h0, out);
+    int4_block_rows<R - 1, H>(qr, m0, m, K, packed, sz, N, h0, out);
   }
 }
 
-// Every row times a unit, a tile of inputs at a time: each weight dequantized once for all the
-// row blocks, which store and reload their accumulators between tiles.
-template <int J>
-void int4_unit_tiled(const float* x, int64_t M, int64_t K, const uint8_t* bytes, const float* scales, int64_t N,
-                     const int64_t* col, bf16* out, int64_t rows) {
-  alignas(32) thread_local float tile[kTileK * J * 8];
-  thread_local std::vector<float> acc;
-  acc.assign(M * J * 8, 0.f);
-  const int64_t blocks = (M + rows - 1) / rows;
-  for (int64_t k0 = 0; k0 < K; k0 += kTileK) {
-    const int64_t k1 = std::min(K, k0 + kTileK);
-    int4_dequant_tile<J>(bytes, scales, k0, k1, tile);
-    for (int64_t blk = 0, m0 = 0; blk < blocks; ++blk) {
-      const int64_t m1 = M * (blk + 1) / blocks;
-      int4_tile_rows<kTileRows, J>(x + m0 * K + k0, K, tile, k1 - k0, acc.data() + m0 * J * 8, m1 - m0);
+// Every row times unit u: vectors 2 u and 2 u + 1 (the last alone where N / 16 is odd).
+inline void int4_unit(const Int4Plan& plan, const QuantizedRows& qr, int64_t M, int64_t K, const uint8_t* packed,
+                      const bf16* sz, int64_t N, int64_t u, bf16* out) {
+  const int64_t vectors = N / kInt4Vector;
+  const int64_t h_begin = kInt4Halves * u * kInt4UnitVectors;
+  const int64_t h_end = kInt4Halves * std::min(vectors, (u + 1) * kInt4UnitVectors);
+  const int64_t blocks = (M + plan.rows - 1) / plan.rows;
+  for (int64_t h0 = h_begin; h0 < h_end; h0 += plan.halves) {
+    for (int64_t b = 0, m0 = 0; b < blocks; ++b) {
+      const int64_t m1 = M * (b + 1) / blocks;
+      if (plan.halves == 2) {  // plan.rows <= 2: the most H = 2 fits
+        int4_block_rows<2, 2>(qr, m0, m1 - m0, K, packed, sz, N, h0, out);
+      } else {
+        int4_block_rows<kInt4BlockRows, 1>(qr, m0, m1 - m0, K, packed, sz, N, h0, out);
+      }
       m0 = m1;
     }
   }
-  for (int j = 0; j < J; ++j) {
-    const int64_t ncols = std::clamp<int64_t>(N - col[j], 0, 8);
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t c = 0; c < ncols; ++c) out[m * N + col[j] + c] = bf16(acc[(m * J + j) * 8 + c]);
-  }
-}
-
-// R rows (x and out at the block's first row) times the J vectors of a unit (bytes: the strip's
-// bytes at the unit's first chunk; col[j]: vector j's first column), over all of K, straight
-// from the packed bytes and the bf16 scales and zeros: each group's are converted as the loop
-// reaches them and prefetched kPrefetchGroups ahead, the bytes kBlockPrefetchK inputs ahead.
-// Full: every column of the unit < N (no masked scales).
-template <int R, int J, bool Full>
-void int4_block(const float* x, int64_t K, const uint8_t* bytes, const bf16* sz, int64_t N, const int64_t* col,
-              bf16* out) {
-  constexpr int C = J / 2;
-  __m256 acc[R][J];
-  NOVAINFER_UNROLL
-  for (int r = 0; r < R; ++r) {
-    NOVAINFER_UNROLL
-    for (int j = 0; j < J; ++j) acc[r][j] = _mm256_setzero_ps();
-  }
-  const int64_t groups = K / kInt4Group;
-  for (int64_t g = 0; g < groups; ++g) {
-    __m256 s[J], z[J];
-    NOVAINFER_UNROLL
-    for (int j = 0; j < J; ++j) {
-      const bf16* p = sz + g * 2 * N + col[j];
-      s[j] = Full ? int4_bf16x8(p) : int4_load_bf16x8(p, N - col[j]);
-      z[j] = Full ? int4_bf16x8(p + N) : int4_load_bf16x8(p + N, N - col[j]);
-    }
-    if (g + kPrefetchGroups < groups) {
-      // The unit's scales and zeros of a group: two pieces of 16 columns in each of two rows.
-      const bf16* p = sz + (g + kPrefetchGroups) * 2 * N;
-      for (const bf16* q : {p + col[0], p + col[C], p + N + col[0], p + N + col[C]})
-        _mm_prefetch(reinterpret_cast<const char*>(q), _MM_HINT_T0);
-    }
-    for (int64_t k = g * kInt4Group; k < (g + 1) * kInt4Group; k += 2) {
-      _mm_prefetch(reinterpret_cast<const char*>(bytes + (k + kBlockPrefetchK) * 32), _MM_HINT_T0);
-      int4_block_step<R, J>(x, K, k, bytes, s, z, acc);
-      int4_block_step<R, J>(x, K, k + 1, bytes, s, z, acc);
-    }
-  }
-  alignas(32) float tmp[R][J][8];
-  NOVAINFER_UNROLL
-  for (int r = 0; r < R; ++r) {
-    NOVAINFER_UNROLL
-    for (int j = 0; j < J; ++j) _mm256_store_ps(tmp[r][j], acc[r][j]);
-  }
-  for (int j = 0; j < J; ++j) {
-    const int64_t ncols = std::clamp<int64_t>(N - col[j], 0, 8);
-    for (int r = 0; r < R; ++r)
-      for (int64_t c = 0; c < ncols; ++c) out[r * N + col[j] + c] = bf16(tmp[r][j][c]);
-  }
-}
-
-// int4_block<m, J> for a run-time m in 1..R.
-template <int R, int J>
-void int4_block_rows(const float* x, int64_t K, const uint8_t* bytes, const bf16* sz, int64_t N, const int64_t* col,
-                     bf16* out, int64_t m) {
-  if constexpr (R > 0) {
-    if (m == R) {
-      if (col[J - 1] + 8 <= N) return int4_block<R, J, true>(x, K, bytes, sz, N, col, out);
-      return int4_block<R, J, false>(x, K, bytes, sz, N, col, out);
-    }
-    int4_block_rows<R - 1, J>(x, K, bytes, sz, N, col, out, m);
-  }
-}
-
-// Every row times unit `unit` (strip unit / (8 / J), its chunks J / 2 at a time), in equal blocks
-// of at most `rows` <= R rows.
-template <int R, int J>
-void int4_unit_j(const float* x, int64_t M, int64_t K, const uint8_t* packed, const bf16* sz, int64_t N, int64_t unit,
-                 bf16* out, int64_t rows, bool tiled) {
-  constexpr int C = J / 2;
-  const int64_t b = unit / (kStripVectors / J), chunk0 = unit % (kStripVectors / J) * C;
-  int64_t col[J];
-  for (int c = 0; c < C; ++c) {
-    col[c] = b * kInt4Block + 8 * (chunk0 + c);
-    col[C + c] = col[c] + kInt4Block / 2;
-  }
-  if (col[0] >= N) return;  // wholly past N (the unit's lowest column)
-  const uint8_t* bytes = packed + b * K * 32 + 8 * chunk0;
-  if (!tiled) {
-    const int64_t blocks = (M + rows - 1) / rows;
-    for (int64_t blk = 0, m0 = 0; blk < blocks; ++blk) {
-      const int64_t m1 = M * (blk + 1) / blocks;
-      int4_block_rows<R, J>(x + m0 * K, K, bytes, sz, N, col, out + m0 * N, m1 - m0);
-      m0 = m1;
-    }
-    return;
-  }
-  // The tile's dequantization runs in its own loop, so the unit's scales and zeros are
-  // converted to fp32 once, for all of it.
-  thread_local std::vector<float> scales;
-  scales.resize(K / kInt4Group * 2 * J * 8);
-  for (int64_t g = 0; g < K / kInt4Group; ++g)
-    for (int h = 0; h < 2; ++h)
-      for (int j = 0; j < J; ++j)
-        _mm256_storeu_ps(scales.data() + ((g * 2 + h) * J + j) * 8,
-                         int4_load_bf16x8(sz + (g * 2 + h) * N + col[j], N - col[j]));
-  int4_unit_tiled<J>(x, M, K, bytes, scales.data(), N, col, out, rows);
-}
-
-inline void int4_unit(const Int4Plan& plan, const float* x, int64_t M, int64_t K, const uint8_t* packed,
-                      const bf16* sz, int64_t N, int64_t unit, bf16* out) {
-  if (plan.J == 4) return int4_unit_j<kRowsJ4, 4>(x, M, K, packed, sz, N, unit, out, plan.rows, plan.tiled);
-  int4_unit_j<kRowsJ2, 2>(x, M, K, packed, sz, N, unit, out, plan.rows, plan.tiled);
 }
 
 #undef NOVAINFER_UNROLL
