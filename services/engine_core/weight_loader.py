@@ -119,10 +119,12 @@ def load_model(
         init_random_weights(model, engine_config.seed)
     if quantization == "int4":
         # Packing costs about as long as loading the rest (0.6 s for SmolLM2): a GGUF's int4
-        # copies are cached beside its dequantized weights, keyed by the file and the dense dtype
-        # they are packed from.
+        # copies are cached beside its dequantized weights, keyed by the file, the dense dtype
+        # they are packed from and the CPU capability torch's kernels run at (its packed layout
+        # is that capability's: the same bytes mean other weights to its AVX2 and AVX-512 kernels).
         is_gguf = files.format is ModelFormat.GGUF
-        int4_cache = _gguf_cache_path(files.path, cache_dir, f"int4-{weight_dtype}") if is_gguf else None
+        variant = f"int4-{weight_dtype}|{torch.backends.cpu.get_cpu_capability()}"
+        int4_cache = _gguf_cache_path(files.path, cache_dir, variant) if is_gguf else None
         _add_int4_copies(model, layer_types, int4_cache)
         if engine_config.int4_lm_head:
             if not model.quantize_lm_head(4):

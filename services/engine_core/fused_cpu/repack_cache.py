@@ -26,8 +26,12 @@ log = logging.getLogger(__name__)
 
 
 def repack_key(weights: Sequence[Int4Weight]) -> str:
-    """A hash of everything the repacked tensors depend on: the layout and each copy's bytes."""
-    h = hashlib.sha256(f"int4 layout v{LAYOUT_VERSION}|{len(weights)}".encode())
+    """A hash of everything the repacked tensors depend on: the layout, each copy's bytes and the
+    CPU capability torch's int4 kernels run at, whose packed layout gives those bytes their
+    meaning (unpack_q reads them as this capability's kernels do: ATEN_CPU_CAPABILITY=avx2 on an
+    AVX-512 CPU packs the same weights into other bytes, and reads the same bytes as other weights)."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    h = hashlib.sha256(f"int4 layout v{LAYOUT_VERSION}|{capability}|{len(weights)}".encode())
     for w in weights:
         for t in (w.packed, w.scales_zeros):
             h.update(f"|{tuple(t.shape)}|{t.dtype}|".encode())

@@ -12,11 +12,12 @@ from services.engine_core.models.int4 import GROUP
 
 def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """x [M, K] bf16 -> (xq int8 [M, K], d, c, s fp32 [M, K / 32]): per row and 32-block
-    d = max|x| / 127, xq = round-half-even(x * (1 / d)), s = d * sum xq, c = -8 * s."""
+    d = max|x| / 127, xq = round-half-even(x * (1 / d)) (0 where d < FLT_MIN), s = d * sum xq,
+    c = -8 * s."""
     m, k = x.shape
     blocks = x.float().view(m, k // GROUP, GROUP)
     d = blocks.abs().amax(-1) / 127
-    inv = torch.where(d > 0, 1 / d, torch.zeros_like(d))
+    inv = torch.where(d >= torch.finfo(torch.float32).tiny, 1 / d, torch.zeros_like(d))
     xq = (blocks * inv[..., None]).round().clamp(-127, 127)
     s = d * xq.sum(-1)
     return xq.to(torch.int8).view(m, k), d, -8 * s, s

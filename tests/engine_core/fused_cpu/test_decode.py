@@ -164,8 +164,10 @@ def test_logits_close_to_eager(runners: tuple[ModelRunner, ModelRunner], context
     for (k, v), (k_ref, v_ref) in zip(caches, copies, strict=True):
         for got_c, ref_c in ((k, k_ref), (v, v_ref)):
             got_c, ref_c = got_c.view(-1, n_kv, d), ref_c.view(-1, n_kv, d)
-            # (The eager path rounds more with fp32 dense weights: assert_fused_logits_close.)
-            assert rel_error(got_c[written], ref_c[written]) < (0.05 if fused.weight_dtype == fused.dtype else 0.07)
+            # (The eager path rounds more with fp32 dense weights: assert_fused_logits_close. With
+            # them, 8 requests' K/V measured 0.073 once the int4 rows took int8 activations: the
+            # non-native-bf16 path forced on the Zen 4, AVX2 kernels, 2026-12-03.)
+            assert rel_error(got_c[written], ref_c[written]) < (0.05 if fused.weight_dtype == fused.dtype else 0.09)
             assert torch.equal(got_c[~written], ref_c[~written])
 
 

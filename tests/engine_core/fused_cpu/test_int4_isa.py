@@ -81,12 +81,14 @@ def builds() -> dict[str, Any]:
 
 
 def activations(rows: int, in_features: int, seed: int) -> torch.Tensor:
-    """Gaussian rows with 4 outlier channels x20 (as hidden states have) and an all-zero block
-    (d = 0), in bf16."""
+    """Gaussian rows with 4 outlier channels x20 (as hidden states have), an all-zero block
+    (d = 0) and, from 2 rows, a block too small for an int8 scale (treated as zeros), in bf16."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(rows, in_features, generator=g)
     x[:, torch.randperm(in_features, generator=g)[:4]] *= 20
     x[0, :GROUP] = 0
+    if rows > 1:
+        x[1, :GROUP] *= 1e-39
     return x.to(BF16)
 
 

@@ -88,6 +88,19 @@ def test_quantize_rows_rounds_half_to_even(ext: ModuleType) -> None:
     assert s.item() == 127.0 and c.item() == -8 * 127.0
 
 
+def test_quantize_rows_tiny_blocks_are_zero(ext: ModuleType) -> None:
+    """A block whose scale would be subnormal (its reciprocal inf) quantizes to zeros, as an
+    all-zero block does, whatever the instruction set (test_int4_isa.py compares them)."""
+    x = torch.zeros(1, 96)
+    x[0, :3] = torch.tensor([1e-38, -3e-39, 0.0])  # block 0: tiny; block 1: zeros; block 2: normal
+    x[0, 64:67] = torch.tensor([1.0, -0.5, 0.25])
+    q, d, c, s = ext.quantize_rows(x.to(BF16))
+    assert not q[0, :64].any() and q[0, 64:67].tolist() == [127, -64, 32]
+    assert c[0, :2].tolist() == [0.0, 0.0] and s[0, :2].tolist() == [0.0, 0.0]
+    for ours, ref in zip((q, d, c, s), int4_reference.quantize_rows(x.to(BF16)), strict=True):
+        assert torch.equal(ours, ref)
+
+
 @pytest.mark.parametrize("out_features, in_features", SHAPES)
 @pytest.mark.parametrize("rows", [1, 3, 4, 5, 9, 72])
 def test_int4_matmul_equals_reference(ext: ModuleType, out_features: int, in_features: int, rows: int) -> None:

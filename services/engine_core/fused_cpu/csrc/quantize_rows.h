@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <tuple>
 #include <vector>
 
@@ -34,10 +35,12 @@ struct QuantizedRows {
   std::vector<float> d, c, s;
 };
 
-// One block's scale and its reciprocal (0 for an all-zero block: its xq are then all 0).
+// One block's scale and its reciprocal; 0 for a block whose scale is below FLT_MIN (max |x| <
+// 1.5e-36, all zeros included): its xq are then all 0. Without that bound a subnormal d's
+// reciprocal overflows to inf and x * inf (NaN for x = 0) has no int8 value every branch agrees on.
 inline void int8_block_scale(float amax, float& d, float& inv) {
   d = amax / 127.f;
-  inv = d > 0.f ? 1.f / d : 0.f;
+  inv = d >= std::numeric_limits<float>::min() ? 1.f / d : 0.f;
 }
 
 #if defined(__AVX512F__)
