@@ -27,7 +27,8 @@ what that library does on this CPU.
 Which weights, by row set (model_runner puts the decoding requests first,
 AttentionMetadata.num_prefill_reqs says where the prefill chunks start):
 - decode rows (and their drafts): the int4 copies whenever the model has them and the step's
-  decoding requests are few enough for them (what a step of the same requests without drafts
+  decoding requests are few enough for them (models/int4.py fused_max_requests: 64 without AMX,
+  8 with; what a step of the same requests without drafts
   or prefill chunks multiplies by), however many rows the drafts add; else, with bf16 dense
   weights on a CPU without native bf16, csrc/bf16_matmul.h's kernel on them, for steps of up to
   BF16_ROWS_MAX_REQUESTS decoding requests, chosen alike; else the dense weights
@@ -80,6 +81,7 @@ from services.engine_core import run_mode
 from services.engine_core.attention.base import AttentionMetadata
 from services.engine_core.fused_cpu.probe_cache import cached_probes
 from services.engine_core.fused_cpu.repack_cache import cached_repack
+from services.engine_core.models import int4
 from services.engine_core.models.llama import CausalLM
 
 log = logging.getLogger(__name__)
@@ -255,7 +257,7 @@ class FusedDecode:
             first.scale,
         )
         # A model without int4 copies (a float checkpoint) multiplies every row by the dense weights.
-        self.int4_max_requests = first.int4_max_rows if first.int4 is not None else 0
+        self.int4_max_requests = int4.fused_max_requests(first.qkv_weight.dtype) if first.int4 is not None else 0
         # Per matrix, per layer: (packed, scales_zeros) in csrc/int4_matmul.h's layout (shared
         # with the C++ decoder; benchmarks/verify_step_cost.py times ext.int4_matmul on them).
         self.int4: dict[str, list[tuple[Tensor, Tensor]]] = {}

@@ -55,6 +55,25 @@ def max_rows(dense_dtype: torch.dtype) -> int:
     return MAX_ROWS_AMX if dense_dtype == torch.bfloat16 and _has_amx() else MAX_ROWS
 
 
+FUSED_MAX_REQUESTS = 64
+"""Without AMX, the most decoding requests whose rows (drafts included) the fused CPU step
+multiplies by the int4 copies. Its own int4 kernel (fused_cpu/csrc/int4_matmul.h: int8
+activations, integer dot products, the weights read once a call for all rows) beats the dense
+matmul at every row count measured, not only up to MAX_ROWS as torch's kernel does: a layer's
+four matrices at 32 / 64 / 128 / 288 rows took 0.62 / 1.01 / 1.94 / 4.30 ms against dense bf16's
+1.45 / 1.80 / 2.78 / 5.78 (2-core Zen 4, AVX512_BF16 without AMX, 2 threads, 2026-12-03,
+benchmarks/int4_matmul_kernel.py --threads 2 --rows 32 64 96 128 192 288), and dense float32 (a
+CPU without native bf16) is slower still. 64 requests is where it was measured (k drafts each
+make up to 64 (1 + k) rows, which the adaptive draft lengths keep short in full steps); with AMX
+the cut-off stays MAX_ROWS_AMX's, AMX's dense tiles not having been measured against this kernel."""
+
+
+def fused_max_requests(dense_dtype: torch.dtype) -> int:
+    """The most decoding requests a fused CPU step multiplies by the int4 copies (see
+    FUSED_MAX_REQUESTS)."""
+    return MAX_ROWS_AMX if dense_dtype == torch.bfloat16 and _has_amx() else FUSED_MAX_REQUESTS
+
+
 def supported(weight: Tensor) -> bool:
     n, k = weight.shape
     return weight.device.type == "cpu" and n % _N_MULTIPLE == 0 and k % GROUP == 0
