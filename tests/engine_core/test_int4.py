@@ -241,3 +241,14 @@ def test_bfloat16_model_switches_to_dense_past_its_cutoff(monkeypatch: pytest.Mo
     layer = model.layers[0]
     assert layer.int4_max_rows == MAX_ROWS_AMX
     assert layer.int4_for(MAX_ROWS_AMX) is layer.int4 and layer.int4_for(MAX_ROWS_AMX + 1) is None
+
+
+def test_fused_step_cutoff(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fused CPU step's own int4 kernel serves up to FUSED_MAX_REQUESTS decoding requests
+    without AMX (it beats the dense matmul there), AMX's cut-off with it."""
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert int4.fused_max_requests(torch.bfloat16) == MAX_ROWS_AMX
+    assert int4.fused_max_requests(torch.float32) == int4.FUSED_MAX_REQUESTS == 64
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert int4.fused_max_requests(torch.bfloat16) == int4.FUSED_MAX_REQUESTS
