@@ -62,9 +62,10 @@ Numerics: the fused kernels accumulate in fp32 and round once where the eager op
 each op (and keep q and the residual stream in fp32), so outputs differ from the eager fast mode
 in the last bf16 bits, except in the int4 rows: their activations are quantized to int8 per row
 and 32-input block (llama.cpp's q8_1 scheme; the eager path's torch kernel multiplies bf16
-activations), which costs 0.4-0.9 % of a row's rms per product and +0.49 % perplexity on SmolLM2
-(benchmarks/int8_activations/README.md), so fused and eager int4 steps differ by more than last
-bits there. Greedy tokens mostly agree (tests/engine_core/fused_cpu/test_decode.py).
+activations), which costs 0.4-0.9 % of a row's rms per product (benchmarks/int8_activations/
+README.md) and +0.30 % perplexity on SmolLM2's fused decode rows (7.8255 -> 7.8492,
+benchmarks/perplexity.py --modes default-fused), so fused and eager int4 steps differ by more than
+last bits there. Greedy tokens mostly agree (tests/engine_core/fused_cpu/test_decode.py).
 """
 
 from __future__ import annotations

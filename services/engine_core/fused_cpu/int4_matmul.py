@@ -3,8 +3,9 @@
 The fused step multiplies every int4 row (decode and verify alike) by int4 weights and int8
 activations: x quantized per row and 32-input block (llama.cpp's q8_1 scheme), then integer dot
 products (AVX512-VNNI's vpdpbusd where the CPU has it), so a step's extra rows cost 2.5-3.2x
-less than with the fp32-dequantizing kernel before it, for +0.49 % perplexity on SmolLM2 (this
-kernel's prototype on a Zen 4: benchmarks/int8_activations/README.md). It reads the weights in its own layout
+less than with the fp32-dequantizing kernel before it, for +0.30 % perplexity on SmolLM2's
+fused decode rows (docs/benchmarks.md; +0.49 % with every eager int4 row quantized alike, the
+prototype's figure: benchmarks/int8_activations/README.md). It reads the weights in its own layout
 (csrc/int4_layout.h), so models/int4.py's q, scales and zeros (packed for torch's
 `_weight_int4pack_mm_for_cpu`, whose nibble order is an implementation detail of torch's build)
 are unpacked and packed again at start-up: the same values (q - 8) * scale + zero, no
