@@ -1,8 +1,9 @@
 """The fused step's int4 matmul (fused_cpu/csrc/int4_matmul.h: weights dequantized once per
 call, row-invariant) against torch's `_weight_int4pack_mm_for_cpu` (unpacks the weights per
-block of rows) and dense bf16 `F.linear` (oneDNN, AMX where the CPU has it), on SmolLM2's four
-layer matrices, at the row counts of decode steps (1..8 requests) and of verify steps (a few
-requests each verifying k drafts: 9..80 rows).
+block of rows), dense bf16 `F.linear` (oneDNN, AMX where the CPU has it) and the fused step's
+dense call on fp32 weights (MKL's sgemm: what a CPU without native bf16 multiplies), on SmolLM2's
+four layer matrices, at the row counts of decode steps (1..8 requests), of verify steps (a few
+requests each verifying k drafts: 9..80 rows) and, with --rows, of prefill chunks (128, 512).
 
 Every round times every (matrix, rows, kernel) once, interleaved, and the median over rounds is
 kept, because the machine is shared. At one thread the clock is the thread's CPU time (the
@@ -13,6 +14,9 @@ Writes benchmarks/results/int4_matmul_kernel.json (per matrix and per whole laye
     .venv/bin/python benchmarks/int4_matmul_kernel.py --threads 2 --output benchmarks/results/int4_matmul_kernel_2t.json
     .venv/bin/python benchmarks/int4_matmul_kernel.py --quick
     .venv/bin/python benchmarks/int4_matmul_kernel.py --threads 1 --baseline main --rows 1 2 4 8 9 16 33 80
+    # A Zen 3 (AVX2, no native bf16) emulated on an AVX-512 CPU: AVX2 builds of every kernel
+    ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 \
+        .venv/bin/python benchmarks/int4_matmul_kernel.py --threads 2 --rows 128 512
 
 --baseline REF also builds the kernels of git REF's csrc/ and times them in the same rounds
 ("baseline_int4"), for a before/after that a shared machine's drift does not skew.
@@ -47,17 +51,21 @@ RESULTS = os.path.join(HERE, "results", "int4_matmul_kernel.json")
 # SmolLM2-135M: name -> (out, in) of the fused layer matrices (q|k|v, o, gate|up, down).
 MATRICES = {"qkv": (960, 576), "o": (576, 576), "gate_up": (3072, 576), "down": (576, 1536)}
 ROWS = [1, 2, 4, 8, 9, 12, 16, 24, 32, 40, 48, 64, 72, 80]
-KERNELS = ["novainfer_int4", "torch_int4pack", "bf16"]
+KERNELS = ["novainfer_int4", "torch_int4pack", "bf16", "fp32"]
 
 
 def kernels(weight: torch.Tensor, ext: Any, base: Any) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
     q4 = Int4Weight.quantize(weight)
     packed, scales_zeros = repack(q4)
     dense = weight.to(torch.bfloat16)
+    dense32 = dense.float()
     fns: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
         "novainfer_int4": lambda x: ext.int4_matmul(x, packed, scales_zeros),
         "torch_int4pack": lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(x, q4.packed, GROUP, q4.scales_zeros),
         "bf16": lambda x: F.linear(x, dense),
+        # The fused step's dense call on fp32 weights (a CPU without native bf16): bf16 rows to
+        # fp32, MKL's sgemm, the product rounded to bf16 (csrc/dense_matmul.h).
+        "fp32": lambda x: ext.dense_matmul(x, dense32, x.shape[0]),
     }
     if base is not None:
         fns["baseline_int4"] = lambda x: base.int4_matmul(x, packed, scales_zeros)

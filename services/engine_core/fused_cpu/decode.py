@@ -46,9 +46,12 @@ AttentionMetadata.num_prefill_reqs says where the prefill chunks start):
   chunks of that many rows, so their drafts
   get their decodes' bits too (a float checkpoint's: test_float_checkpoint.py); past it a
   draft's logits may differ in the last bits.
-- prefill rows: the dense weights (int4 at hundreds of rows costs twice as much), in calls of
-  exactly prefill_block rows, the last one zero-padded, where the library computes a row by the same
-  operations wherever it sits in the call and whatever the other rows hold
+- prefill rows: the dense weights (the int4 kernel is faster at hundreds of rows too, e.g. a
+  200-token prompt 146 vs 223 ms on a Zen 4, but its int8 activations cost the prefill rows +0.65 %
+  perplexity, past the +0.6 % it was held to: docs/benchmarks.md, "Prefill rows on the int4
+  kernel"), in calls of exactly prefill_block rows, the last one zero-padded, where the library
+  computes a row by the same operations wherever it sits in the call and whatever the other rows
+  hold
   (position_invariant_block checks it at start-up; lone-bits chunks would do too but cost more
   at hundreds of rows: benchmarks/prefill_step_cost.py --prefill-block 128 32). So a prompt's
   K/V do not depend on how the scheduler cut it into chunks or on what shared its steps, both of
