@@ -9,7 +9,10 @@ chunk (each token predicted from at least ctx/2 tokens of context).
 NovaInfer runs its real model code and paged KV cache, in steps of at most --step tokens:
 a dense mode takes a chunk in one step, an int4 mode takes it int4.max_rows rows at a time
 (8 over bf16 with AMX, else 16), because its int4 weights are only used for steps that small
-(what decoding does).
+(what decoding does). The default-fused-prefill modes take a chunk in one step too, as a
+prompt's prefill chunk through the fused C++ step: on the int4 copies where the default puts the
+prefill rows there (FusedDecode.prefill_int4), and (-dense) on the dense weights, for the two
+to be compared.
 
 The text, benchmarks/data/kjv_genesis_1-11.txt, is Genesis 1-11 of the King James Bible
 (public domain), as printed by Debian's `bible-kjv` package.
@@ -59,6 +62,12 @@ MODES: dict[str, tuple[dict[str, Any], int]] = {
     # new token and the drafts it verifies, the rows decoding and speculation multiply (the int4
     # copies' kernel, int8 activations), where `default` scores the eager model's ops.
     "default-fused": ({}, 16),
+    # The default's fused C++ step with each chunk as one prompt's prefill chunk (what a prompt's
+    # prefill multiplies, as llama-perplexity scores a batch): the prefill rows on the weights
+    # the default gives them (FusedDecode.prefill_int4: the int4 copies without AMX) ...
+    "default-fused-prefill": ({}, 0),
+    # ... and on the dense weights (prefill_int4 off: what the fused step ran before it).
+    "default-fused-prefill-dense": ({}, 0),
     # The default without its fused C++ decode step (--no-fused-cpu-decode): the eager ops.
     "default-eager": ({"fused_cpu_decode": False}, 16),
     # The exact mode (--exact is the same: float32, no int4, eager).
@@ -79,11 +88,12 @@ def chunks(tokens: list[int], ctx: int, bos: int | None) -> list[list[int]]:
 
 
 @torch.inference_mode()
-def chunk_nll(runner: ModelRunner, chunk: list[int], step: int, fused: bool = False) -> list[float]:
+def chunk_nll(runner: ModelRunner, chunk: list[int], step: int, fused: str = "") -> list[float]:
     """Negative log-likelihoods of chunk[first+1:] (first = len // 2), through the runner's
     model and KV cache: one request whose block table is blocks 0..n-1, so token i sits in
-    slot i. fused: each step through the fused C++ step as a decoding request's token and the
-    drafts it verifies (its decode rows), not the eager model."""
+    slot i. fused "decode": each step through the fused C++ step as a decoding request's token
+    and the drafts it verifies (its decode rows); "prefill": as a prompt's prefill chunk (its
+    prefill rows); "": the eager model."""
     n, bs = len(chunk), runner.block_size
     table = torch.arange(-(-n // bs), dtype=torch.int32).unsqueeze(0)
     ids = torch.tensor(chunk, dtype=torch.long)
@@ -103,7 +113,8 @@ def chunk_nll(runner: ModelRunner, chunk: list[int], step: int, fused: bool = Fa
             max_seq_len=end,
             query_lens_cpu=[end - start],
             seq_lens_cpu=[end],
-            num_draft_tokens=end - start - 1 if fused else 0,
+            num_draft_tokens=end - start - 1 if fused == "decode" else 0,
+            num_prefill_reqs=int(fused == "prefill"),
         )
         if fused:
             assert runner.fused is not None
@@ -130,9 +141,13 @@ def novainfer_mode(mode: str, text: str, ctx: int, threads: int) -> dict[str, An
     t0 = time.perf_counter()
     runner = ModelRunner(config)
     startup_s = time.perf_counter() - t0
-    fused = mode == "default-fused"
-    if fused and runner.fused is None:
-        raise RuntimeError("default-fused: the fused CPU step does not run here (see the engine's log)")
+    fused = {"default-fused": "decode", "default-fused-prefill": "prefill", "default-fused-prefill-dense": "prefill"}
+    kind = fused.get(mode, "")
+    if kind and runner.fused is None:
+        raise RuntimeError(f"{mode}: the fused CPU step does not run here (see the engine's log)")
+    if mode == "default-fused-prefill-dense":
+        assert runner.fused is not None
+        runner.fused.prefill_int4 = False
     if step:
         step = runner.model.layers[0].int4_max_rows or step
     tok = load_tokenizer(config)
@@ -143,9 +158,10 @@ def novainfer_mode(mode: str, text: str, ctx: int, threads: int) -> dict[str, An
     t0 = time.perf_counter()
     nll: list[float] = []
     for c in chunks(tokens, ctx, bos):
-        nll += chunk_nll(runner, c, step, fused)
+        nll += chunk_nll(runner, c, step, kind)
     return {
         **summarize(nll),
+        **({"prefill_int4": runner.fused.prefill_int4} if kind == "prefill" and runner.fused is not None else {}),
         "tokens": len(tokens),
         "run_mode": runner.mode,
         "model_load_s": runner.load_time_s,

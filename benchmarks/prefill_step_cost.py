@@ -12,10 +12,12 @@ bf16 is the float32 mode the fused `+fp32-dense` default replaces) and times Mod
             prefill kernel (csrc/prefill_attention.h), the per-head paged kernel prefill rows
             took before it (csrc/attention.h, still the decode rows'), and torch SDPA in bf16
             (the eager path's attention), on the same random q/K/V
-The fused step multiplies prefill rows by the dense weights in calls of exactly prefill_block
-rows (fused_cpu/decode.py; position-invariant, so a prompt's K/V do not depend on its chunking):
---prefill-block times other sizes too (0: all rows in one call, the floor, not invariant); its
-prefill rows' attention is csrc/prefill_attention.h's kernel. The engine runs every step fused,
+The fused step multiplies prefill rows by the int4 copies without AMX (FusedDecode.prefill_int4),
+else by the dense weights in calls of exactly prefill_block rows (fused_cpu/decode.py;
+position-invariant, so a prompt's K/V do not depend on its chunking): --prefill-block times other
+sizes of those dense calls (0: all rows in one call, the floor, not invariant; with prefill_int4
+the size is unused, the path still named fused/<size>); its prefill rows' attention is
+csrc/prefill_attention.h's kernel. The engine runs every step fused,
 however long its prefill chunks. Every round times every point once, the paths alternated, and
 medians are reported (the machine is shared); at --threads 1 the times are the thread's CPU time
 (time.thread_time: the fused call and oneDNN then run on the calling thread), which a busy

@@ -6,9 +6,10 @@ The CPU default is the fastest mode whose quality matches llama.cpp's on the sam
 where the CPU multiplies bf16 natively (AVX512_BF16 or AMX), plus int4 copies of the layer
 matrices for steps of few rows when the checkpoint itself stores them as 4-bit GGUF groups
 (Q4_0/Q4_1: the copies hold the file's own weights, see models/int4.py), which the fused step
-below multiplies by activations quantized to int8 per 32-input block, as llama.cpp multiplies
-the same file (fused_cpu/csrc/quantize_rows.h; perplexity +0.3 % against bf16 activations,
-docs/benchmarks.md: what makes a speculative verify row cheap). A float checkpoint
+below multiplies (decode rows and, without AMX, prefill rows) by activations quantized to int8 per
+32-input block, as llama.cpp multiplies the same file (fused_cpu/csrc/quantize_rows.h; perplexity
++0.3 % on the decode rows and +0.65 % on the prefill rows against bf16 activations,
+docs/benchmarks.md: what makes a speculative verify row cheap and a prefill faster). A float checkpoint
 is never re-quantized unless asked (--quantization int4): that would lose quality nobody
 chose. On CUDA the default is bfloat16 without int4 (its kernel is CPU-only).
 

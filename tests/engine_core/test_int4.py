@@ -252,3 +252,13 @@ def test_fused_step_cutoff(monkeypatch: pytest.MonkeyPatch) -> None:
     assert int4.fused_max_requests(torch.float32) == int4.FUSED_MAX_REQUESTS == 64
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
     assert int4.fused_max_requests(torch.bfloat16) == int4.FUSED_MAX_REQUESTS
+
+
+def test_fused_prefill_policy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fused step's prefill rows take the int4 copies without AMX (its kernel beats dense
+    there at hundreds of rows too), the dense weights with it."""
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert not int4.fused_prefill_int4(torch.bfloat16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert int4.fused_prefill_int4(torch.bfloat16)

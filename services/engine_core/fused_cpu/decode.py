@@ -46,15 +46,18 @@ AttentionMetadata.num_prefill_reqs says where the prefill chunks start):
   chunks of that many rows, so their drafts
   get their decodes' bits too (a float checkpoint's: test_float_checkpoint.py); past it a
   draft's logits may differ in the last bits.
-- prefill rows: the dense weights (the int4 kernel is faster at hundreds of rows too, e.g. a
-  200-token prompt 146 vs 223 ms on a Zen 4, but its int8 activations cost the prefill rows +0.65 %
-  perplexity, past the +0.6 % it was held to: docs/benchmarks.md, "Prefill rows on the int4
-  kernel"), in calls of exactly prefill_block rows, the last one zero-padded, where the library
-  computes a row by the same operations wherever it sits in the call and whatever the other rows
-  hold
-  (position_invariant_block checks it at start-up; lone-bits chunks would do too but cost more
-  at hundreds of rows: benchmarks/prefill_step_cost.py --prefill-block 128 32). So a prompt's
-  K/V do not depend on how the scheduler cut it into chunks or on what shared its steps, both of
+- prefill rows: where the model has int4 copies and the CPU no AMX (models/int4.py
+  fused_prefill_int4: FusedDecode.prefill_int4), the int4 copies too, whatever the step's decode
+  rows use: faster than the dense weights at hundreds of rows too (a 200-token prompt 146 vs 223
+  ms, a 2000-token one 2488 vs 2710 on a 2-core Zen 4; docs/benchmarks.md, "Prefill rows on the
+  int4 kernel"), for +0.65 % perplexity from the int8 activations; where the decode rows are on
+  int4 as well, one int4 call takes all of a matrix's rows. The int4 kernel gives a row its own
+  bits by construction, so no call sizes are needed there. Else (a float checkpoint, or AMX) the
+  dense weights, in calls of exactly prefill_block rows, the last one zero-padded, where the
+  library computes a row by the same operations wherever it sits in the call and whatever the
+  other rows hold (position_invariant_block checks it at start-up; lone-bits chunks would do too
+  but cost more at hundreds of rows: benchmarks/prefill_step_cost.py --prefill-block 128 32).
+  Either way a prompt's K/V do not depend on how the scheduler cut it into chunks or on what shared its steps, both of
   which speculation changes (tests/engine_core/fused_cpu/test_mixed.py); their attention is
   csrc/prefill_attention.h's flash-attention tiles over key blocks at fixed absolute positions,
   row-invariant too (test_prefill_attention.py), and fast enough that every step runs fused
@@ -67,8 +70,10 @@ in the last bf16 bits, except in the int4 rows: their activations are quantized 
 and 32-input block (llama.cpp's q8_1 scheme; the eager path's torch kernel multiplies bf16
 activations), which costs 0.4-0.9 % of a row's rms per product (benchmarks/int8_activations/
 README.md) and +0.30 % perplexity on SmolLM2's fused decode rows (7.8255 -> 7.8492,
-benchmarks/perplexity.py --modes default-fused), so fused and eager int4 steps differ by more than
-last bits there. Greedy tokens mostly agree (tests/engine_core/fused_cpu/test_decode.py).
+benchmarks/perplexity.py --modes default-fused), +0.65 % on its prefill rows (7.8279 on the dense
+weights -> 7.8785, --modes default-fused-prefill-dense default-fused-prefill), so fused and
+eager int4 steps (and prefill rows: the eager path's are dense) differ by more than last bits
+there. Greedy tokens mostly agree (tests/engine_core/fused_cpu/test_decode.py).
 """
 
 from __future__ import annotations
@@ -262,6 +267,8 @@ class FusedDecode:
         )
         # A model without int4 copies (a float checkpoint) multiplies every row by the dense weights.
         self.int4_max_requests = int4.fused_max_requests(first.qkv_weight.dtype) if first.int4 is not None else 0
+        # The prefill rows on the int4 copies too, where they beat the dense weights at hundreds of rows.
+        self.prefill_int4 = self.int4_max_requests > 0 and int4.fused_prefill_int4(first.qkv_weight.dtype)
         # Per matrix, per layer: (packed, scales_zeros) in csrc/int4_matmul.h's layout (shared
         # with the C++ decoder; benchmarks/verify_step_cost.py times ext.int4_matmul on them).
         self.int4: dict[str, list[tuple[Tensor, Tensor]]] = {}
@@ -340,6 +347,7 @@ class FusedDecode:
             md.slot_mapping,
             self.decode_rows(md),
             self.uses_int4(md),
+            self.prefill_int4,
             self.uses_bf16_rows(md),
             self._dense_chunk(md),
             self.prefill_block,

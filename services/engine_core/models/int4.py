@@ -74,6 +74,23 @@ def fused_max_requests(dense_dtype: torch.dtype) -> int:
     return MAX_ROWS_AMX if dense_dtype == torch.bfloat16 and _has_amx() else FUSED_MAX_REQUESTS
 
 
+def fused_prefill_int4(dense_dtype: torch.dtype) -> bool:
+    """Whether the fused CPU step's int4 copies also take the prefill rows (prompt chunks), not
+    the dense weights of dtype dense_dtype: yes without AMX, where its kernel is faster at
+    hundreds of rows too. A layer's four matrices at 128 / 512 rows took 2.6 / 9.7 ms against
+    dense bf16's 4.4 / 11.9, and a prompt's prefill (the model part of TTFT) of 128 / 200 / 600 /
+    2000 tokens 100 / 146 / 500 / 2488 ms against 118 / 223 / 617 / 2710 (2-core Zen 4,
+    AVX512_BF16 without AMX, 2 threads, 2026-12-03 11:22-11:32 UTC, int4_matmul_kernel.py and
+    prefill_step_cost.py). Dense fp32 (MKL: a CPU without native bf16) is slower still: with the
+    Zen 4 emulating a Zen 3 (AVX2 builds, ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2
+    MKL_ENABLE_INSTRUCTIONS=AVX2), the AVX2 int4 kernel 4.8 / 18.0 ms against fp32's 11.3 / 31.7,
+    measured under emulation only. The price is the int8 activations': perplexity 7.8279 ->
+    7.8785 (+0.65 %) with the prefill rows on int4 (benchmarks/perplexity.py --modes
+    default-fused-prefill-dense default-fused-prefill). With AMX the dense tiles, not measured
+    against this kernel, keep them."""
+    return not (dense_dtype == torch.bfloat16 and _has_amx())
+
+
 def supported(weight: Tensor) -> bool:
     n, k = weight.shape
     return weight.device.type == "cpu" and n % _N_MULTIPLE == 0 and k % GROUP == 0

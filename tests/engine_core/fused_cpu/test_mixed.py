@@ -91,7 +91,14 @@ def test_logits_close_to_eager(runner: ModelRunner, contexts: list[int], drafts:
     # As test_decode.assert_fused_logits_close, but a few hundred rows of a random-token prompt
     # hold the odd row that amplifies rounding chaotically (one of 257 here at 0.965; against a
     # float32 model, eager and fused rows alike): at most 1 % of rows past 0.99.
-    assert cos.mean() > 0.999 and (cos > 0.99).float().mean() >= 0.99 and cos.min() > 0.9, cos
+    if runner.fused.prefill_int4:
+        # Prefill rows on int4 (int8 activations, as the decode rows'; the eager path's are dense
+        # bf16): over random seeds 0-3 of these steps (Zen 4, 2026-12-03) the worst mean was 0.9986,
+        # from one row of 261 at 0.64, the same 0.64 as a decode row (the activations' int8
+        # rounding), every other row past 0.99; argmax agreement at worst 0.76.
+        assert cos.mean() > 0.998 and (cos > 0.99).float().mean() >= 0.99 and cos.min() > 0.6, cos
+    else:
+        assert cos.mean() > 0.999 and (cos > 0.99).float().mean() >= 0.99 and cos.min() > 0.9, cos
     assert (got.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.75
 
 
@@ -166,14 +173,23 @@ def _prefill_in_chunks(
         (1100, [700, 1, 399], [], 2),
     ],
 )
+@pytest.mark.parametrize("prefill_int4", [True, False], ids=["int4-prefill", "dense-prefill"])
 def test_prompt_kv_independent_of_chunking(
-    runner: ModelRunner, length: int, chunks: list[int], others: list[int], threads: int
+    runner: ModelRunner,
+    monkeypatch: pytest.MonkeyPatch,
+    length: int,
+    chunks: list[int],
+    others: list[int],
+    threads: int,
+    prefill_int4: bool,
 ) -> None:
     """A prompt prefilled in one step alone (at 2 threads), and in chunks of the given sizes
-    each beside decoding requests (none, 2 on int4, 10 on dense weights) at `threads` threads:
-    the same K/V bits in every layer, and the same last row."""
+    each beside decoding requests (none, 2 or 10 on int4) at `threads` threads: the same K/V
+    bits in every layer, and the same last row, with the prefill rows on the int4 copies or on
+    the dense weights (FusedDecode.prefill_int4; test_prefill_int4.py: beside dense decode rows)."""
     assert runner.fused is not None
-    if runner.fused.prefill_block == 0:
+    monkeypatch.setattr(runner.fused, "prefill_int4", prefill_int4)
+    if not prefill_int4 and runner.fused.prefill_block == 0:
         pytest.skip("oneDNN's dense matmul gives no position-invariant call size here")
     before = torch.get_num_threads()
     torch.set_num_threads(2)

@@ -40,10 +40,11 @@ namespace {
 // token and the drafts it verifies): by the weights their step would use without the prefill
 // chunks (int4; bf16_matmul.h's row-invariant kernel on the bf16 dense weights; or the library's
 // dense matmul in calls of at most decode_chunk rows), so their bits are that step's.
-// The rest are prefill chunks' rows: by the library's dense matmul in calls of exactly
-// prefill_block rows, the last one padded with zero rows, so a prompt row's bits depend on the row
-// alone, not on how the scheduler cut the prompt into chunks or what shares the step
-// (fused_cpu/decode.py). Every other dense call is padded with zero rows to a multiple of
+// The rest are prefill chunks' rows: by the int4 copies if prefill_int4 (int4_matmul.h: a row's
+// bits are its own by construction, whatever the call holds), else by the library's dense matmul
+// in calls of exactly prefill_block rows, the last one padded with zero rows; either way a prompt
+// row's bits depend on the row alone, not on how the scheduler cut the prompt into chunks or what
+// shares the step (fused_cpu/decode.py). Every other dense call is padded with zero rows to a multiple of
 // row_multiple rows (1 for oneDNN's bf16 matmul; 4 for MKL's fp32 one on an AVX2 EPYC, whose calls
 // of other counts round otherwise). widen: the library multiplies fp32 copies of bf16 dense weights
 // (made once a step per matrix, for its calls: a CPU without native bf16, where oneDNN emulates
@@ -51,6 +52,7 @@ namespace {
 struct RowPlan {
   int64_t decode_rows;
   bool int4;
+  bool prefill_int4;      // the prefill rows by the int4 copies (else the library's dense matmul)
   bool bf16_rows;         // the decode rows by bf16_matmul (bf16 dense weights; int4 false)
   int64_t decode_chunk;   // > 0: library decode rows in calls of at most this many rows; else one call
   int64_t prefill_block;  // > 0: prefill rows in calls of exactly this many rows; else one call
@@ -60,13 +62,16 @@ struct RowPlan {
 
 // One of a layer's matrices in the copies the model keeps: dense (bf16 or fp32: dense_matmul.h)
 // and, where the model has them, int4 (int4_matmul.h's layout, fused_cpu/int4_matmul.py) for the
-// decode rows of steps of few requests.
+// decode rows of steps of few requests and, where RowPlan says so, the prefill rows.
 struct Matrix {
   std::vector<at::Tensor> packed, scales_zeros, dense;
 
   at::Tensor operator()(const at::Tensor& x, size_t layer, const RowPlan& plan) const {
     const int64_t T = x.size(0), D = plan.decode_rows;
-    if (D == T && plan.int4) return int4_matmul(x, packed[layer], scales_zeros[layer]);
+    // Every row on int4: one call (one quantize and one fork-join), each row's bits its own.
+    if ((D == T || plan.prefill_int4) && (D == 0 || plan.int4)) {
+      return int4_matmul(x, packed[layer], scales_zeros[layer]);
+    }
     at::Tensor out = at::empty({T, dense[layer].size(0)}, x.options());
     if (D == T && plan.bf16_rows) {
       bf16_matmul_into(x, dense[layer], out);
@@ -74,7 +79,9 @@ struct Matrix {
     }
     // The weights the library multiplies, converted once for all of this step's calls.
     const bool library_decodes = D > 0 && !plan.int4 && !plan.bf16_rows;
-    const at::Tensor w = (library_decodes || D < T) && plan.widen ? dense[layer].to(at::kFloat) : dense[layer];
+    const bool library_prefill = D < T && !plan.prefill_int4;
+    const bool widened = (library_decodes || library_prefill) && plan.widen;
+    const at::Tensor w = widened ? dense[layer].to(at::kFloat) : dense[layer];
     if (D > 0) {
       at::Tensor decode_out = out.narrow(0, 0, D);
       if (plan.int4) {
@@ -85,7 +92,11 @@ struct Matrix {
         decodes(x.narrow(0, 0, D), w, plan, decode_out);
       }
     }
-    if (D < T) prefill(x.narrow(0, D, T - D), w, plan, out.narrow(0, D, T - D));
+    if (D < T && plan.prefill_int4) {
+      out.narrow(0, D, T - D).copy_(int4_matmul(x.narrow(0, D, T - D), packed[layer], scales_zeros[layer]));
+    } else if (D < T) {
+      prefill(x.narrow(0, D, T - D), w, plan, out.narrow(0, D, T - D));
+    }
     return out;
   }
 
@@ -194,7 +205,8 @@ class FusedDecoder {
   }
 
   // The layers' int4 copies (int4_matmul.h's layout: packed weights and their scales and zeros),
-  // for the decode rows of steps of as few requests as they serve.
+  // for the decode rows of steps of as few requests as they serve, and for prefill rows where
+  // forward's prefill_int4 says so.
   void set_int4_weights(std::vector<at::Tensor> qkv, std::vector<at::Tensor> qkv_sz, std::vector<at::Tensor> o,
                         std::vector<at::Tensor> o_sz, std::vector<at::Tensor> gate_up,
                         std::vector<at::Tensor> gate_up_sz, std::vector<at::Tensor> down,
@@ -229,22 +241,24 @@ class FusedDecoder {
   // The decode requests come first, their rows [0, decode_rows); their matmuls by the int4
   // copies (set_int4_weights) if int4, else by bf16_matmul.h's kernel if bf16_rows (bf16 dense
   // weights), else by the library's dense matmul in calls of at most decode_chunk rows if it is
-  // > 0; the prefill rows' by the library's in calls of exactly prefill_block rows if it is > 0;
+  // > 0; the prefill rows' by the int4 copies if prefill_int4, else by the library's in calls of
+  // exactly prefill_block rows if it is > 0;
   // other library calls padded to a multiple of row_multiple rows, and on fp32 copies of bf16
   // weights if widen (RowPlan). Returns the final-normed hidden states [T, hidden] (bf16).
   at::Tensor forward(const at::Tensor& input_ids, const at::Tensor& positions, const at::Tensor& block_tables,
                      const at::Tensor& seq_lens, const at::Tensor& query_start_loc, const at::Tensor& slot_mapping,
-                     int64_t decode_rows, bool int4, bool bf16_rows, int64_t decode_chunk, int64_t prefill_block,
-                     int64_t row_multiple, bool widen) {
+                     int64_t decode_rows, bool int4, bool prefill_int4, bool bf16_rows, int64_t decode_chunk,
+                     int64_t prefill_block, int64_t row_multiple, bool widen) {
     TORCH_CHECK(!k_caches_.empty(), "set_kv_caches first");
     TORCH_CHECK(decode_rows >= 0 && decode_rows <= input_ids.size(0), "decode_rows must be within the step's rows");
     TORCH_CHECK(!int4 || decode_rows == 0 || !qkv_.packed.empty(), "set_int4_weights first");
+    TORCH_CHECK(!prefill_int4 || decode_rows == input_ids.size(0) || !qkv_.packed.empty(), "set_int4_weights first");
     TORCH_CHECK(!(int4 && bf16_rows), "the decode rows on int4 or on bf16_matmul, not both");
     const bool bf16_weights = qkv_.dense[0].scalar_type() == at::kBFloat16;
     TORCH_CHECK(bf16_weights || (!bf16_rows && !widen), "bf16_rows and widen need bf16 dense weights");
     TORCH_CHECK(row_multiple >= 1 && (prefill_block <= 0 || prefill_block % row_multiple == 0),
                 "row_multiple >= 1, dividing prefill_block");
-    const RowPlan plan{decode_rows, int4, bf16_rows, decode_chunk, prefill_block, row_multiple, widen};
+    const RowPlan plan{decode_rows, int4, prefill_int4, bf16_rows, decode_chunk, prefill_block, row_multiple, widen};
     TORCH_CHECK(input_ids.dim() == 1 && positions.sizes() == input_ids.sizes() &&
                     slot_mapping.sizes() == input_ids.sizes() && block_tables.size(0) == seq_lens.size(0) &&
                     query_start_loc.size(0) == seq_lens.size(0) + 1,
