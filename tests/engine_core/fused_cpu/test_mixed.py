@@ -208,10 +208,21 @@ def test_prompt_kv_independent_of_chunking(
     finally:
         torch.set_num_threads(before)
     assert torch.equal(last, lone)
+    assert_prompt_kv_equal(runner, md0, length, caches, one_caches)
+
+
+def assert_prompt_kv_equal(
+    runner: ModelRunner,
+    md0: AttentionMetadata,
+    length: int,
+    caches: list[tuple[torch.Tensor, torch.Tensor]],
+    other: list[tuple[torch.Tensor, torch.Tensor]],
+) -> None:
+    """Request 0's prompt (positions 1..length) has the same K/V bits in both caches, every layer."""
     bs = runner.block_size
     slots = torch.tensor([int(md0.block_tables[0, p // bs]) * bs + p % bs for p in range(1, length + 1)])
     n_kv, d = caches[0][0].shape[2:]
-    for (k, v), (k1, v1) in zip(caches, one_caches, strict=True):
+    for (k, v), (k1, v1) in zip(caches, other, strict=True):
         assert torch.equal(k.view(-1, n_kv, d)[slots], k1.view(-1, n_kv, d)[slots])
         assert torch.equal(v.view(-1, n_kv, d)[slots], v1.view(-1, n_kv, d)[slots])
 

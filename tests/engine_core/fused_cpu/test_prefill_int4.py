@@ -20,7 +20,13 @@ from services.engine_core.model_runner import ModelRunner
 from services.engine_core.models import int4
 from shared.config import EngineConfig
 from tests.engine_core.fused_cpu.test_decode import _prefilled
-from tests.engine_core.fused_cpu.test_mixed import _prefill_in_chunks, mixed_step, random_tokens, step_tokens
+from tests.engine_core.fused_cpu.test_mixed import (
+    _prefill_in_chunks,
+    assert_prompt_kv_equal,
+    mixed_step,
+    random_tokens,
+    step_tokens,
+)
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the fused path is the CPU default's")
 
@@ -116,12 +122,7 @@ def test_prompt_kv_independent_of_chunking_beside_dense_decodes(
     lone = _prefill_in_chunks(runner, lone_caches, md0, next_ids, prompt, [length], [], 3)
     last = _prefill_in_chunks(runner, caches, md0, next_ids, prompt, chunks, others, 4)
     assert torch.equal(last, lone)
-    bs = runner.block_size
-    slots = torch.tensor([int(md0.block_tables[0, p // bs]) * bs + p % bs for p in range(1, length + 1)])
-    n_kv, d = caches[0][0].shape[2:]
-    for (k, v), (k1, v1) in zip(caches, lone_caches, strict=True):
-        assert torch.equal(k.view(-1, n_kv, d)[slots], k1.view(-1, n_kv, d)[slots])
-        assert torch.equal(v.view(-1, n_kv, d)[slots], v1.view(-1, n_kv, d)[slots])
+    assert_prompt_kv_equal(runner, md0, length, caches, lone_caches)
 
 
 @torch.inference_mode()
