@@ -1,9 +1,10 @@
-"""The fused step's int4 matmul (fused_cpu/csrc/int4_matmul.h: weights dequantized once per
-call, row-invariant) against torch's `_weight_int4pack_mm_for_cpu` (unpacks the weights per
-block of rows), dense bf16 `F.linear` (oneDNN, AMX where the CPU has it) and the fused step's
-dense call on fp32 weights (MKL's sgemm: what a CPU without native bf16 multiplies), on SmolLM2's
-four layer matrices, at the row counts of decode steps (1..8 requests), of verify steps (a few
-requests each verifying k drafts: 9..80 rows) and, with --rows, of prefill chunks (128, 512).
+"""The fused step's int4 matmul (fused_cpu/csrc/int4_matmul.h: the rows quantized to int8 per
+32-input block, integer dot products with the int4 weights, row-invariant) against torch's
+`_weight_int4pack_mm_for_cpu` (unpacks the weights per block of rows), dense bf16 `F.linear`
+(oneDNN, AMX where the CPU has it) and the fused step's dense call on fp32 weights (MKL's sgemm:
+what a CPU without native bf16 multiplies), on SmolLM2's four layer matrices, at the row counts
+of decode steps (1..8 requests), of verify steps (a few requests each verifying k drafts: 9..80
+rows) and, with --rows, of prefill chunks (128, 512).
 
 Every round times every (matrix, rows, kernel) once, interleaved, and the median over rounds is
 kept, because the machine is shared. At one thread the clock is the thread's CPU time (the
