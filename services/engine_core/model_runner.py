@@ -301,12 +301,12 @@ class ModelRunner:
         log.info(
             "fused CPU kernels ready in %.2fs (decode rows on int4 for steps of up to %d decoding requests, else "
             "on the bf16 kernel for up to %d, else dense in row-invariant chunks of %d rows, 0: none; prefill rows "
-            "dense in calls of %d rows; %s dense calls padded to a multiple of %d rows)",
+            "%s; %s dense calls padded to a multiple of %d rows)",
             time.perf_counter() - t0,
             fused.int4_max_requests,
             fused.bf16_rows_max_requests,
             fused.dense_chunk,
-            fused.prefill_block,
+            "on int4" if fused.prefill_int4 else f"dense in calls of {fused.prefill_block} rows",
             "fp32 (of bf16 weights)" if fused.widen else str(self.weight_dtype).removeprefix("torch."),
             fused.row_multiple,
         )

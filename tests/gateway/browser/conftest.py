@@ -157,7 +157,17 @@ class ChatPage:
 
         def text() -> str | bool:
             msgs = self.find_all("#chat .msg.assistant.streaming .body")
-            return bool(msgs) and len(msgs[0].text.strip("…▍ ")) >= min_chars and msgs[0].text
+            if msgs:
+                body = msgs[0].text
+            else:
+                # A short answer may stream to its end between two polls (a fast engine: 24 tokens
+                # in ~0.3 s), and then no message is streaming any more: the answer to the message
+                # just sent is the last one, an assistant's.
+                last = self.messages()
+                if self.streaming() or not last or "assistant" not in (last[-1].get_attribute("class") or "").split():
+                    return False
+                body = last[-1].find_element(By.CSS_SELECTOR, ".body").text
+            return len(body.strip("…▍ ")) >= min_chars and body
 
         return self.wait(text, "the answer started streaming")
 

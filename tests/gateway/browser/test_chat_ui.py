@@ -24,7 +24,8 @@ def test_send_streams_answer_with_stats(page: ChatPage) -> None:
     assert page.find("link[rel=icon]").get_attribute("href").endswith("/static/favicon.svg")
     page.set_settings(max_tokens=24)
     page.type_and_send("Hello! Who are you?")
-    page.wait(page.streaming, "the Stop button shows while streaming")
+    # The Stop button while streaming is checked on an endless answer (test_stop_aborts_the_engine_request):
+    # a 24-token one may be over before a poll sees it.
     answer = page.wait_streamed_text()
     assert answer
     page.wait_idle()
@@ -49,6 +50,7 @@ def test_stop_aborts_the_engine_request(page: ChatPage) -> None:
     page.set_settings(**ENDLESS)
     page.type_and_send("Write a very long story.")
     partial = page.wait_streamed_text(min_chars=10)
+    assert page.streaming(), "the Stop button shows while streaming"
     page.find("#prompt").send_keys(Keys.ESCAPE)  # Esc stops, like the Stop button
     page.wait_idle(timeout=30)
     answer = page.messages("assistant")[-1]
