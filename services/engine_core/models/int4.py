@@ -49,10 +49,16 @@ def _has_amx() -> bool:
     return bool(is_amx is not None and is_amx())
 
 
+def _dense_on_amx(dense_dtype: torch.dtype) -> bool:
+    """Whether dense weights of dense_dtype are multiplied on AMX tiles (bf16 on a CPU with AMX):
+    the one case where the dense matmul beats the int4 kernels past a few rows."""
+    return dense_dtype == torch.bfloat16 and _has_amx()
+
+
 def max_rows(dense_dtype: torch.dtype) -> int:
     """The largest step, in rows, that multiplies by the int4 copies rather than the dense
     weights of dtype dense_dtype (see MAX_ROWS_AMX and MAX_ROWS)."""
-    return MAX_ROWS_AMX if dense_dtype == torch.bfloat16 and _has_amx() else MAX_ROWS
+    return MAX_ROWS_AMX if _dense_on_amx(dense_dtype) else MAX_ROWS
 
 
 FUSED_MAX_REQUESTS = 64
@@ -71,7 +77,7 @@ the cut-off stays MAX_ROWS_AMX's, AMX's dense tiles not having been measured aga
 def fused_max_requests(dense_dtype: torch.dtype) -> int:
     """The most decoding requests a fused CPU step multiplies by the int4 copies (see
     FUSED_MAX_REQUESTS)."""
-    return MAX_ROWS_AMX if dense_dtype == torch.bfloat16 and _has_amx() else FUSED_MAX_REQUESTS
+    return MAX_ROWS_AMX if _dense_on_amx(dense_dtype) else FUSED_MAX_REQUESTS
 
 
 def fused_prefill_int4(dense_dtype: torch.dtype) -> bool:
@@ -88,7 +94,7 @@ def fused_prefill_int4(dense_dtype: torch.dtype) -> bool:
     7.8785 (+0.65 %) with the prefill rows on int4 (benchmarks/perplexity.py --modes
     default-fused-prefill-dense default-fused-prefill). With AMX the dense tiles, not measured
     against this kernel, keep them."""
-    return not (dense_dtype == torch.bfloat16 and _has_amx())
+    return not _dense_on_amx(dense_dtype)
 
 
 def supported(weight: Tensor) -> bool:
